@@ -1,0 +1,212 @@
+"""Building blocks shared by the model families: norms, rotary embeddings, paged attention
+and the expert computation.
+
+Every function here works on a flat batch of tokens (`[num_tokens, ...]`) from many
+sequences at once; which token belongs to which sequence, and where its keys and values
+live in the paged KV pool, is described by `AttentionMetadata`, built by the runner.
+
+Numerics follow the `transformers` implementations of the same families (float32 softmax in
+routers, rotary tables in float32) so greedy outputs match them token for token in float32.
+Nothing here guarantees bit-identical results with `transformers`: batching changes the
+order of floating-point reductions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x: [..., D] -> [..., D], computed in float32 like the reference implementations."""
+    dtype = x.dtype
+    xf = x.to(torch.float32)
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(dtype)
+
+
+class Rotary:
+    """Rotary position embedding for one head width.
+
+    `interleaved=False` rotates the two halves of the head (Llama/Qwen/Mixtral style);
+    `interleaved=True` rotates adjacent pairs as complex numbers (DeepSeek style).
+    Non-default rope types (yarn, dynamic, ...) take their frequencies and attention scaling
+    from `transformers`' own table so long-context configs behave as upstream.
+    """
+
+    def __init__(self, hf_config, dim: int, *, interleaved: bool) -> None:
+        params = getattr(hf_config, "rope_parameters", None) or {}
+        rope_type = params.get("rope_type", "default")
+        if rope_type == "default":
+            base = float(params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0)))
+            self.inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+            self.scaling = 1.0
+        else:
+            from transformers import modeling_rope_utils
+
+            init_fn = modeling_rope_utils.ROPE_INIT_FUNCTIONS.get(rope_type)
+            if init_fn is None:
+                raise ValueError(f"rope_parameters.rope_type: got {rope_type!r}, not supported")
+            self.inv_freq, self.scaling = init_fn(hf_config, None)
+        self.interleaved = interleaved
+
+    def freqs(self, positions: torch.Tensor) -> torch.Tensor:
+        """positions: [T] -> angles [T, dim/2] in float32."""
+        return positions[:, None].float() * self.inv_freq[None, :]
+
+    def apply(self, x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+        """x: [T, H, dim], freqs: [T, dim/2] -> rotated x of the same shape and dtype."""
+        if self.interleaved:
+            cis = torch.polar(torch.ones_like(freqs), freqs) * self.scaling
+            xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+            return torch.view_as_real(xc * cis[:, None, :]).flatten(-2).type_as(x)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.scaling).to(x.dtype)[:, None, :]
+        sin = (emb.sin() * self.scaling).to(x.dtype)[:, None, :]
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+
+@dataclasses.dataclass
+class PrefillSpan:
+    """One sequence whose step computes more than one token (a prompt chunk)."""
+
+    start: int  # first token of the span in the flat batch
+    end: int
+    context_len: int  # tokens of this sequence already in the cache before this step
+    gather_slots: torch.Tensor | None  # [context_len + span] cache slots to read; None when context_len == 0
+
+
+@dataclasses.dataclass
+class AttentionMetadata:
+    """Where every token of one step reads and writes the paged KV cache.
+
+    slot_mapping: [T] flat cache slot (block * block_size + offset) for each new token.
+    decode_*: the sequences computing exactly one token, batched into one attention call:
+      decode_token_idx [B] index of that token in the flat batch; decode_gather [B, C] cache
+      slots of the whole context (padded); decode_mask [B, C] True where a slot is real.
+    prefills: the other sequences, one attention call each.
+    """
+
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor
+    decode_token_idx: torch.Tensor | None
+    decode_gather: torch.Tensor | None
+    decode_mask: torch.Tensor | None
+    prefills: list[PrefillSpan]
+
+
+def _window_mask(q_pos: torch.Tensor, k_len: int, window: int | None) -> torch.Tensor:
+    """Causal (and optionally sliding-window) mask [Q, K]: True where attention is allowed."""
+    k_pos = torch.arange(k_len)
+    mask = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        mask &= k_pos[None, :] > (q_pos[:, None] - window)
+    return mask
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """q: [T, H, Dk], k: [T, Hkv, Dk], v: [T, Hkv, Dv]; caches [blocks, block_size, Hkv, D*].
+
+    Writes k and v into their cache slots, then attends each token to its sequence's
+    context. Returns [T, H, Dv].
+    """
+    num_kv_heads = k.shape[1]
+    k_flat = k_cache.view(-1, num_kv_heads, k_cache.shape[-1])
+    v_flat = v_cache.view(-1, num_kv_heads, v_cache.shape[-1])
+    k_flat[meta.slot_mapping] = k
+    v_flat[meta.slot_mapping] = v
+    gqa = q.shape[1] != num_kv_heads
+    out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
+
+    if meta.decode_token_idx is not None:
+        idx = meta.decode_token_idx
+        qq = q[idx].unsqueeze(2)  # [B, H, 1, Dk]
+        kk = k_flat[meta.decode_gather].transpose(1, 2)  # [B, Hkv, C, Dk]
+        vv = v_flat[meta.decode_gather].transpose(1, 2)
+        mask = meta.decode_mask[:, None, None, :]
+        o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        out[idx] = o[:, :, 0, :]
+
+    for span in meta.prefills:
+        qq = q[span.start:span.end].transpose(0, 1).unsqueeze(0)  # [1, H, S, Dk]
+        if span.gather_slots is None:
+            kk = k[span.start:span.end].transpose(0, 1).unsqueeze(0)
+            vv = v[span.start:span.end].transpose(0, 1).unsqueeze(0)
+        else:
+            kk = k_flat[span.gather_slots].transpose(0, 1).unsqueeze(0)
+            vv = v_flat[span.gather_slots].transpose(0, 1).unsqueeze(0)
+        n = span.end - span.start
+        if span.context_len == 0 and sliding_window is None:
+            o = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=scale, enable_gqa=gqa)
+        else:
+            q_pos = torch.arange(span.context_len, span.context_len + n)
+            mask = _window_mask(q_pos, span.context_len + n, sliding_window)
+            o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        out[span.start:span.end] = o[0].transpose(0, 1)
+    return out
+
+
+def dense_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """SwiGLU MLP. x: [T, H]; gate/up: [I, H]; down: [H, I] -> [T, H]."""
+    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+
+def expert_mlp(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    expert_map: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Routed experts for the tokens of this step.
+
+    x: [T, H]; w13: [E_local, 2*I, H] (gate rows then up rows); w2: [E_local, H, I];
+    topk_ids: [T, K] global expert ids; topk_weights: [T, K]; expert_map: [E_global] local
+    index of each global expert, -1 where this device does not hold it (None: all local).
+    Returns [T, H], the weighted sum over the local experts only. Tokens are grouped by
+    expert so each expert runs one matmul, experts in ascending order.
+    """
+    num_local = w13.shape[0]
+    out = torch.zeros_like(x)
+    if x.shape[0] == 0:
+        return out
+    k = topk_ids.shape[1]
+    flat = topk_ids.reshape(-1)
+    if expert_map is not None:
+        flat = expert_map[flat]
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat + 1, minlength=num_local + 1).tolist()
+    start = counts[0]  # tokens routed to experts held elsewhere sort first (-1)
+    weights = topk_weights.reshape(-1)
+    for local_id, count in enumerate(counts[1:]):
+        if count == 0:
+            continue
+        sel = order[start:start + count]
+        start += count
+        token_idx = sel // k
+        gate, up = F.linear(x[token_idx], w13[local_id]).chunk(2, dim=-1)
+        h = F.linear(F.silu(gate) * up, w2[local_id])
+        h = h * weights[sel, None]
+        out.index_add_(0, token_idx, h.to(out.dtype))
+    return out
+
+
+def yarn_mscale(scale: float, mscale: float) -> float:
+    """DeepSeek's YaRN attention-scale correction (see its reference code)."""
+    import math
+
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
