@@ -1,0 +1,185 @@
+"""The `elasticmoe` command line: serve, make-model, bench.
+
+Heavy imports (torch, transformers, fastapi) happen inside the subcommand that needs them,
+so `elasticmoe --help` is instant and the operator subcommand never loads torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pathlib
+import sys
+
+DEFAULT_FAMILY = "qwen3_moe"
+DEFAULT_PRESET = "tiny"
+# Bump when the default model's generator changes, so stale caches are not served.
+DEFAULT_MODEL_VERSION = "v1"
+
+
+def cache_dir() -> pathlib.Path:
+    base = os.environ.get("ELASTICMOE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "elasticmoe"
+    )
+    return pathlib.Path(base)
+
+
+def default_model_dir() -> pathlib.Path:
+    """The embedded default model: generated on first use, then reused from the cache."""
+    from elasticmoe_worker import modelgen
+
+    path = cache_dir() / "models" / f"{DEFAULT_FAMILY}-{DEFAULT_PRESET}-{DEFAULT_MODEL_VERSION}"
+    if (path / "config.json").is_file():
+        return path
+    logging.getLogger("elasticmoe").info(
+        "no model given: generating the embedded default (%s, preset %s) into %s", DEFAULT_FAMILY, DEFAULT_PRESET, path
+    )
+    return modelgen.make_model(DEFAULT_FAMILY, DEFAULT_PRESET, path, progress=sys.stderr.isatty())
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"got {text!r}, expected an integer >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"got {value}, expected an integer >= 1")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"got {text!r}, expected a port number 0-65535") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"got {value}, expected a port number 0-65535")
+    return value
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="serving dtype; auto = the checkpoint's (default: %(default)s)")
+    g.add_argument("--block-size", type=_positive_int, default=16, help="tokens per KV-cache block (default: %(default)s)")
+    g.add_argument("--kv-cache-mb", type=_positive_int, default=256,
+                   help="KV-cache pool size in MiB, preallocated (default: %(default)s)")
+    g.add_argument("--num-kv-blocks", type=_positive_int, default=None,
+                   help="KV-cache pool size in blocks; overrides --kv-cache-mb")
+    g.add_argument("--max-num-seqs", type=_positive_int, default=64,
+                   help="requests running at once (default: %(default)s)")
+    g.add_argument("--max-num-batched-tokens", type=_positive_int, default=512,
+                   help="tokens computed per step, prefill chunks plus decodes (default: %(default)s)")
+    g.add_argument("--max-model-len", type=_positive_int, default=None,
+                   help="context length in tokens (default: the model's, at most 4096)")
+    g.add_argument("--max-waiting", type=int, default=256,
+                   help="requests queued beyond the running ones; more are refused with 429 (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="seed for unseeded sampling (default: %(default)s)")
+
+
+def engine_config_from_args(args: argparse.Namespace):
+    from elasticmoe_worker.engine import engine as engine_mod
+
+    return engine_mod.EngineConfig(
+        dtype=args.dtype, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
+        kv_cache_bytes=args.kv_cache_mb * 2**20, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+        max_waiting=args.max_waiting, seed=args.seed,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from elasticmoe_worker.engine import async_engine
+    from elasticmoe_worker.server import api
+
+    log = logging.getLogger("elasticmoe")
+    model_dir = pathlib.Path(args.model) if args.model else default_model_dir()
+    if not model_dir.is_dir():
+        log.error("--model %s: not a directory (expected a Hugging Face checkpoint directory)", model_dir)
+        return 2
+    engine = async_engine.AsyncEngine.from_model_dir(
+        model_dir, engine_config_from_args(args), model_name=args.served_model_name or model_dir.name
+    )
+    try:
+        app = api.build_app(engine, served_model_name=args.served_model_name)
+        log.info("serving %s as %r", model_dir, engine.model_name)
+        api.run_server(app, args.host, args.port, log_level=args.log_level)
+    finally:
+        engine.shutdown()
+    return 0
+
+
+def cmd_make_model(args: argparse.Namespace) -> int:
+    from elasticmoe_worker import modelgen
+
+    path = modelgen.make_model(args.family, args.preset, args.out, seed=args.seed, dtype=args.dtype,
+                               progress=not args.no_progress)
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from elasticmoe_worker.bench import serve_bench
+
+    parser = argparse.ArgumentParser(
+        prog="elasticmoe",
+        description="Elastic, zero-downtime serving of Mixture-of-Experts LLMs.",
+    )
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="logging verbosity (default: %(default)s)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="serve a model through an OpenAI-compatible API",
+                       description="Serve a MoE checkpoint through an OpenAI-compatible HTTP API with "
+                                   "Prometheus metrics. With no --model, the embedded tiny default model is "
+                                   "generated into the cache directory ($ELASTICMOE_CACHE_DIR, default "
+                                   "~/.cache/elasticmoe) on first use.")
+    p.add_argument("--model", default=None, help="checkpoint directory (config.json, *.safetensors, tokenizer)")
+    p.add_argument("--served-model-name", default=None, help="model name in the API (default: the directory name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=_port, default=8000, help="port to listen on, 0 = any free (default: %(default)s)")
+    add_engine_arguments(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("make-model", help="write a random-initialised checkpoint of a supported family",
+                       description="Write a random-initialised MoE checkpoint in Hugging Face layout "
+                                   "(config.json, safetensors, a tokenizer trained locally). No network needed.")
+    p.add_argument("--family", required=True, choices=["qwen3_moe", "deepseek_v2", "mixtral"], help="model family")
+    p.add_argument("--preset", required=True, choices=["tiny", "small", "bench"],
+                   help="size: tiny (tests, < 5 MB), small (~70 MB), bench (1-2 GB, bfloat16)")
+    p.add_argument("--out", required=True, type=pathlib.Path, help="output directory")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weight dtype (default: the preset's)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_make_model)
+
+    p = sub.add_parser("bench", help="benchmarks", description="Benchmarks that print tables and write JSON.")
+    bench_sub = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    b = bench_sub.add_parser("serve", help="serving throughput vs transformers generate",
+                             description=serve_bench.DESCRIPTION)
+    serve_bench.add_arguments(b)
+    add_engine_arguments(b)
+    b.set_defaults(func=serve_bench.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        logging.getLogger("elasticmoe").error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
