@@ -1,0 +1,129 @@
+"""The engine driven as the HTTP server drives it: through AsyncEngine's thread."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from elasticmoe_worker.engine import async_engine, engine as engine_mod, types
+
+GREEDY = types.SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture
+def make_engine(tiny_models):
+    made = []
+
+    def make(**kw):
+        cfg = engine_mod.EngineConfig(dtype="float32", **kw)
+        e = async_engine.AsyncEngine.from_model_dir(tiny_models["qwen3_moe"], cfg)
+        made.append(e)
+        return e
+
+    yield make
+    for e in made:
+        e.shutdown()
+
+
+async def _collect(engine, rid, prompt, params):
+    text, tokens, last = "", [], None
+    async for out in engine.generate(rid, prompt, params):
+        text += out.text
+        tokens += out.token_ids
+        last = out
+    return text, tokens, last
+
+
+async def _wait_for(pred, timeout_s=10.0):
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not pred():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+def test_streams_until_length_and_frees_blocks(make_engine):
+    engine = make_engine()
+
+    async def main():
+        text, tokens, last = await _collect(engine, "r1", engine.tokenize("hello world"), GREEDY)
+        assert len(tokens) == 16 and last.finish_reason is types.FinishReason.LENGTH
+        assert last.num_output_tokens == 16
+        await _wait_for(lambda: engine.stats().kv_blocks_used == 0)
+
+    asyncio.run(main())
+
+
+def test_client_going_away_aborts_and_frees_blocks(make_engine):
+    engine = make_engine()
+    long = types.SamplingParams(max_tokens=1000, temperature=0.0, ignore_eos=True)
+
+    async def main():
+        agen = engine.generate("r1", engine.tokenize("a long one"), long)
+        first = await agen.__anext__()
+        assert not first.finished
+        await agen.aclose()  # what a disconnect does to the HTTP handler's iteration
+        await _wait_for(lambda: engine.stats().kv_blocks_used == 0 and engine.stats().num_running == 0)
+
+    asyncio.run(main())
+
+
+def test_seeded_sampling_is_reproducible_alongside_other_requests(make_engine):
+    engine = make_engine()
+    seeded = types.SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True)
+    other = types.SamplingParams(max_tokens=12, temperature=1.0, ignore_eos=True)
+
+    async def main():
+        prompt = engine.tokenize("seeded")
+        alone = await _collect(engine, "a", prompt, seeded)
+        crowd = await asyncio.gather(
+            _collect(engine, "b", prompt, seeded),
+            *[_collect(engine, f"o{i}", engine.tokenize(f"noise {i}"), other) for i in range(3)],
+        )
+        assert crowd[0][1] == alone[1]
+
+    asyncio.run(main())
+
+
+def test_stop_string_ends_the_request_without_emitting_it(make_engine):
+    engine = make_engine()
+
+    async def main():
+        prompt = engine.tokenize("stop here")
+        full, _, _ = await _collect(engine, "full", prompt, GREEDY)
+        stop = full[len(full) // 2:len(full) // 2 + 3]
+        assert stop.strip(), f"need a visible stop string, got {full!r}"
+        params = types.SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, stop=(stop,))
+        text, _, last = await _collect(engine, "stopped", prompt, params)
+        assert last.finish_reason is types.FinishReason.STOP
+        assert text == full[: full.index(stop)]
+
+    asyncio.run(main())
+
+
+def test_full_queue_is_refused(make_engine):
+    engine = make_engine(max_waiting=0)
+
+    async def main():
+        with pytest.raises(types.EngineOverloaded):
+            await _collect(engine, "r", [1, 2, 3], GREEDY)
+
+    asyncio.run(main())
+
+
+def test_failed_step_fails_requests_in_flight_and_marks_unhealthy(make_engine, monkeypatch):
+    engine = make_engine()
+
+    def boom(work):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(engine.engine.runner, "execute", boom)
+
+    async def main():
+        _, _, last = await _collect(engine, "r", [1, 2, 3], GREEDY)
+        assert last.finish_reason is types.FinishReason.ERROR and "device lost" in last.error
+        assert not engine.stats().healthy
+        with pytest.raises(types.EngineDead):
+            await _collect(engine, "r2", [1, 2, 3], GREEDY)
+
+    asyncio.run(main())
