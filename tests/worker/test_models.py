@@ -1,0 +1,67 @@
+"""Loading checkpoints: clear errors, sharded layouts, and per-device expert subsets."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from elasticmoe_worker import modelgen
+from elasticmoe_worker.models import config as config_mod
+from elasticmoe_worker.models import registry, weights
+
+
+def test_unsupported_model_type_is_named(tmp_path, tiny_models):
+    shutil.copytree(tiny_models["mixtral"], tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["model_type"] = "llama4_text"
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(config_mod.UnsupportedModelError, match="'llama4_text'.*qwen3_moe, deepseek_v2, mixtral"):
+        registry.load_model(tmp_path / "m")
+
+
+def test_missing_tensor_is_named(tmp_path, tiny_models):
+    shutil.copytree(tiny_models["qwen3_moe"], tmp_path / "m")
+    path = tmp_path / "m" / "model.safetensors"
+    tensors = load_file(str(path))
+    del tensors["model.layers.1.self_attn.k_norm.weight"]
+    save_file(tensors, str(path))
+    with pytest.raises(weights.MissingTensorError, match=r"model\.layers\.1\.self_attn\.k_norm\.weight"):
+        registry.load_model(tmp_path / "m")
+
+
+def test_missing_config_and_weights_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        registry.load_model(tmp_path)
+
+
+def test_sharded_checkpoint_loads_the_same_weights(tmp_path, tiny_models):
+    sharded = modelgen.make_model("deepseek_v2", "tiny", tmp_path / "s", max_shard_bytes=300_000, progress=False)
+    assert (sharded / "model.safetensors.index.json").is_file()
+    a, _ = registry.load_model(sharded)
+    b, _ = registry.load_model(tiny_models["deepseek_v2"])
+    assert torch.equal(a.layers[2].mlp.w13, b.layers[2].mlp.w13)
+    assert torch.equal(a.lm_head, b.lm_head)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v2", "mixtral"])
+def test_a_device_reads_only_its_experts(tiny_models, family):
+    full, ck_full = registry.load_model(tiny_models[family])
+    part, ck_part = registry.load_model(tiny_models[family], expert_ids=[1, 6])
+    spec = full.spec
+    block_full, block_part = full.moe_blocks()[0], part.moe_blocks()[0]
+    assert block_part.w13.shape[0] == 2
+    assert torch.equal(block_part.w13[1], block_full.w13[6])
+    per_expert = block_full.w13[0].numel() * 4 + block_full.w2[0].numel() * 4
+    saved = ck_full.bytes_read - ck_part.bytes_read
+    assert saved == per_expert * (spec.num_experts - 2) * spec.num_moe_layers
+
+
+def test_bad_expert_ids_and_dtype_are_named(tiny_models):
+    with pytest.raises(ValueError, match="expert_ids"):
+        registry.load_model(tiny_models["mixtral"], expert_ids=[99])
+    with pytest.raises(ValueError, match="dtype: got 'int8'"):
+        registry.load_model(tiny_models["mixtral"], dtype="int8")
