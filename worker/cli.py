@@ -105,8 +105,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         app = api.build_app(engine, served_model_name=args.served_model_name)
         log.info("serving %s as %r", model_dir, engine.model_name)
         api.run_server(app, args.host, args.port, log_level=args.log_level)
+    except KeyboardInterrupt:
+        pass  # uvicorn re-raises Ctrl-C after its graceful shutdown: that is a clean stop
     finally:
         engine.shutdown()
+    log.info("stopped")
     return 0
 
 

@@ -1,0 +1,88 @@
+"""The `elasticmoe` command as a user runs it: help, make-model, and serve with the embedded
+default model (generated on first use), stopped by Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from elasticmoe_worker import cli
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _elasticmoe(*args: str) -> list[str]:
+    return [sys.executable, "-m", "elasticmoe_worker.cli", *args]
+
+
+@pytest.mark.parametrize("argv", [[], ["serve"], ["make-model"], ["bench"], ["bench", "serve"]])
+def test_every_command_has_help(argv):
+    out = subprocess.run(_elasticmoe(*argv, "--help"), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "usage: elasticmoe" in out.stdout
+
+
+def test_serve_defaults_are_loopback_8000_and_the_embedded_model():
+    args = cli.build_parser().parse_args(["serve"])
+    assert (args.host, args.port, args.model) == ("127.0.0.1", 8000, None)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["serve", "--port", "70000"], "expected a port number"),
+    (["serve", "--max-num-seqs", "0"], "expected an integer >= 1"),
+    (["make-model", "--family", "llama", "--preset", "tiny", "--out", "x"], "invalid choice: 'llama'"),
+])
+def test_bad_arguments_are_named(argv, message):
+    out = subprocess.run(_elasticmoe(*argv), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and message in out.stderr
+
+
+def test_make_model_writes_a_loadable_checkpoint(tmp_path):
+    out = subprocess.run(_elasticmoe("make-model", "--family", "mixtral", "--preset", "tiny", "--out",
+                                     str(tmp_path / "m"), "--no-progress"),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["model_type"] == "mixtral"
+
+
+def test_serve_without_model_generates_default_serves_and_stops_on_ctrl_c(tmp_path):
+    port = _free_port()
+    env = {**os.environ, "ELASTICMOE_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.Popen(_elasticmoe("serve", "--port", str(port)), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not come up in 120 s"
+            time.sleep(0.5)
+        model = httpx.get(f"{base}/v1/models").json()["data"][0]["id"]
+        r = httpx.post(f"{base}/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 5}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+        assert (tmp_path / "cache" / "models" / model / "config.json").is_file()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        log = proc.stdout.read()
+        assert f"http://127.0.0.1:{port}/v1" in log, log
+        assert "generating the embedded default" in log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
