@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
+
+# Same as the CLI: tests share 2 cores with the servers they start (see elasticmoe_worker.cli).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 

@@ -177,32 +177,35 @@ def expert_mlp(
     x: [T, H]; w13: [E_local, 2*I, H] (gate rows then up rows); w2: [E_local, H, I];
     topk_ids: [T, K] global expert ids; topk_weights: [T, K]; expert_map: [E_global] local
     index of each global expert, -1 where this device does not hold it (None: all local).
-    Returns [T, H], the weighted sum over the local experts only. Tokens are grouped by
-    expert so each expert runs one matmul, experts in ascending order.
+    Returns [T, H], the weighted sum over the local experts only.
+
+    Token copies are sorted by expert so each expert runs one matmul on a contiguous slice;
+    results are unsorted with one gather and summed over k in ascending expert order, the
+    order the reference implementations accumulate in (so float32 results match them).
     """
-    num_local = w13.shape[0]
-    out = torch.zeros_like(x)
-    if x.shape[0] == 0:
-        return out
-    k = topk_ids.shape[1]
-    flat = topk_ids.reshape(-1)
-    if expert_map is not None:
-        flat = expert_map[flat]
+    num_tokens, k = topk_ids.shape
+    if num_tokens == 0:
+        return torch.zeros_like(x)
+    local = topk_ids if expert_map is None else expert_map[topk_ids]
+    local, perm = local.sort(dim=1)  # per token: experts ascending
+    weights = topk_weights.gather(1, perm).reshape(-1, 1)
+    flat = local.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat + 1, minlength=num_local + 1).tolist()
-    start = counts[0]  # tokens routed to experts held elsewhere sort first (-1)
-    weights = topk_weights.reshape(-1)
+    counts = torch.bincount(flat + 1, minlength=w13.shape[0] + 1).tolist()
+    xs = x[order // k]
+    ys = torch.zeros_like(xs)  # rows of experts held elsewhere stay 0
+    start = counts[0]
     for local_id, count in enumerate(counts[1:]):
         if count == 0:
             continue
-        sel = order[start:start + count]
+        gate, up = F.linear(xs[start:start + count], w13[local_id]).chunk(2, dim=-1)
+        ys[start:start + count] = F.linear(F.silu(gate) * up, w2[local_id])
         start += count
-        token_idx = sel // k
-        gate, up = F.linear(x[token_idx], w13[local_id]).chunk(2, dim=-1)
-        h = F.linear(F.silu(gate) * up, w2[local_id])
-        h = h * weights[sel, None]
-        out.index_add_(0, token_idx, h.to(out.dtype))
-    return out
+    per_copy = (ys[torch.argsort(order)] * weights).view(num_tokens, k, -1)
+    out = per_copy[:, 0]
+    for j in range(1, k):
+        out = out + per_copy[:, j]
+    return out.to(x.dtype)
 
 
 def yarn_mscale(scale: float, mscale: float) -> float:
