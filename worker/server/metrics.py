@@ -1,0 +1,160 @@
+"""Prometheus metrics of one HTTP server, on that server's own registry.
+
+Why this module exists: the autoscaler (operator) decides from these series (TTFT/TPOT p90,
+queue depth, KV usage), so their names, types and units are an interface. Each app owns a
+`CollectorRegistry` rather than the process-global one so several servers can run in one
+process (tests, the embedded coordinator) without "Duplicated timeseries" errors.
+
+Request-level series (latencies, token and outcome counters) are recorded by the HTTP layer as
+requests progress. Engine-level series (running/waiting requests, KV blocks, health,
+preemptions) are read from `engine.stats()` at scrape time by a custom collector, so they are
+never stale and cost nothing between scrapes.
+
+What it does not guarantee: latencies are measured in this process from the moment the
+handler starts (network and JSON parsing before that are not included); TPOT is one
+observation per request (the mean gap per output token after the first), not one per token.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Iterator
+
+import prometheus_client
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from elasticmoe_worker.engine import types
+
+logger = logging.getLogger(__name__)
+
+# 1 ms .. 120 s, roughly 1-2.5-5 per decade: fine enough for a p90 of a few ms (TPOT on a
+# small model) and for minute-long generations (e2e).
+LATENCY_BUCKETS_S: tuple[float, ...] = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
+    1.0, 1.5, 2.0, 2.5, 5.0, 7.5, 10.0, 20.0, 30.0, 60.0, 120.0,
+)  # fmt: skip
+
+FINISH_OUTCOMES: tuple[str, ...] = tuple(r.value for r in types.FinishReason)
+
+# Why a request was refused before the engine produced anything for it.
+REJECT_INVALID_REQUEST = "invalid_request"  # malformed body, bad field, bad sampling value
+REJECT_MODEL_NOT_FOUND = "model_not_found"
+REJECT_CONTEXT_LENGTH = "context_length"  # prompt (+ max_tokens) does not fit max_model_len
+REJECT_OVERLOADED = "overloaded"  # the engine's waiting queue is full
+REJECT_QUEUE_TIMEOUT = "queue_timeout"  # waited longer than max_waiting_s for a first token
+REJECT_ENGINE_DEAD = "engine_dead"
+REJECT_REASONS: tuple[str, ...] = (
+    REJECT_INVALID_REQUEST,
+    REJECT_MODEL_NOT_FOUND,
+    REJECT_CONTEXT_LENGTH,
+    REJECT_OVERLOADED,
+    REJECT_QUEUE_TIMEOUT,
+    REJECT_ENGINE_DEAD,
+)
+
+
+class _EngineStatsCollector(Collector):
+    """Reads `engine.stats()` once per scrape and turns it into gauges and a counter."""
+
+    def __init__(self, stats: Callable[[], types.EngineStats]) -> None:
+        self._stats = stats
+
+    def describe(self) -> list[Metric]:
+        # Returning the families (without samples) lets the registry detect name clashes at
+        # registration without calling the engine.
+        return list(self._families(None))
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            stats = self._stats()
+        except Exception:  # a scrape must never fail because the engine did
+            logger.exception("engine.stats() failed during a metrics scrape; reporting unhealthy")
+            stats = None
+        return iter(self._families(stats))
+
+    @staticmethod
+    def _families(stats: types.EngineStats | None) -> list[Metric]:
+        running = GaugeMetricFamily(
+            "elasticmoe_num_requests_running", "Requests currently scheduled in the engine (prefill or decode)."
+        )
+        waiting = GaugeMetricFamily(
+            "elasticmoe_num_requests_waiting", "Requests queued in the engine, waiting to be scheduled."
+        )
+        used = GaugeMetricFamily("elasticmoe_kv_cache_used_blocks", "KV-cache blocks currently held by requests.")
+        total = GaugeMetricFamily("elasticmoe_kv_cache_total_blocks", "KV-cache blocks in the engine's pool.")
+        healthy = GaugeMetricFamily("elasticmoe_healthy", "1 when the engine loop is alive and serving, else 0.")
+        preemptions = CounterMetricFamily(
+            "elasticmoe_preemptions", "Requests preempted (KV blocks freed, recomputed later) since engine start."
+        )
+        if stats is not None:
+            running.add_metric([], stats.num_running)
+            waiting.add_metric([], stats.num_waiting)
+            used.add_metric([], stats.kv_blocks_used)
+            total.add_metric([], stats.kv_blocks_total)
+            healthy.add_metric([], 1.0 if stats.healthy else 0.0)
+            preemptions.add_metric([], stats.num_preemptions_total)
+        else:
+            healthy.add_metric([], 0.0)
+        return [running, waiting, used, total, healthy, preemptions]
+
+
+class ServerMetrics:
+    """All series of one server; `render()` gives the exposition text for GET /metrics."""
+
+    def __init__(self, engine_stats: Callable[[], types.EngineStats]) -> None:
+        self.registry = prometheus_client.CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.time_to_first_token_s = prometheus_client.Histogram(
+            "elasticmoe_time_to_first_token_seconds",
+            "Time from the request reaching the handler to its first output token.",
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.time_per_output_token_s = prometheus_client.Histogram(
+            "elasticmoe_time_per_output_token_seconds",
+            "Per request: mean time per output token after the first (decode speed seen by the client).",
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.e2e_request_latency_s = prometheus_client.Histogram(
+            "elasticmoe_e2e_request_latency_seconds",
+            "Time from the request reaching the handler to its last output token, for finished requests.",
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.prompt_tokens = prometheus_client.Counter(
+            "elasticmoe_prompt_tokens_total", "Prompt tokens of requests the engine started.", registry=r
+        )
+        self.generation_tokens = prometheus_client.Counter(
+            "elasticmoe_generation_tokens_total", "Output tokens streamed back to clients.", registry=r
+        )
+        self.requests_finished = prometheus_client.Counter(
+            "elasticmoe_requests_finished_total",
+            "Requests that reached the engine, by how they ended (stop, length, abort, error).",
+            ["outcome"],
+            registry=r,
+        )
+        self.requests_rejected = prometheus_client.Counter(
+            "elasticmoe_requests_rejected_total",
+            "Requests refused before any output, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        # Pre-create every label value so rates exist (at 0) before the first event.
+        for outcome in FINISH_OUTCOMES:
+            self.requests_finished.labels(outcome=outcome)
+        for reason in REJECT_REASONS:
+            self.requests_rejected.labels(reason=reason)
+        r.register(_EngineStatsCollector(engine_stats))
+
+    def reject(self, reason: str) -> None:
+        assert reason in REJECT_REASONS, reason
+        self.requests_rejected.labels(reason=reason).inc()
+
+    def finish(self, outcome: types.FinishReason) -> None:
+        self.requests_finished.labels(outcome=outcome.value).inc()
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition body and its content type."""
+        return prometheus_client.generate_latest(self.registry), prometheus_client.CONTENT_TYPE_LATEST
