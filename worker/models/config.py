@@ -66,7 +66,13 @@ def load_spec(model_dir: str | pathlib.Path) -> ModelSpec:
     config_path = model_dir / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"model directory {model_dir}: no config.json (expected a Hugging Face checkpoint)")
-    raw = json.loads(config_path.read_text())
+    return spec_from_json(config_path.read_text(), origin=str(config_path))
+
+
+def spec_from_json(config_json: str, origin: str = "config.json") -> ModelSpec:
+    """Same as load_spec, from the text of a config.json (an executor reads no file)."""
+    raw = json.loads(config_json)
+    config_path = origin
     model_type = raw.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModelError(
@@ -75,7 +81,7 @@ def load_spec(model_dir: str | pathlib.Path) -> ModelSpec:
         )
     import transformers  # heavy; only needed here
 
-    hf = transformers.AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    hf = transformers.CONFIG_MAPPING[model_type].from_dict(raw)
     num_layers = hf.num_hidden_layers
     sliding_window = None
     dtype = str(raw.get("torch_dtype") or raw.get("dtype") or "float32")

@@ -201,11 +201,17 @@ def expert_mlp(
         gate, up = F.linear(xs[start:start + count], w13[local_id]).chunk(2, dim=-1)
         ys[start:start + count] = F.linear(F.silu(gate) * up, w2[local_id])
         start += count
-    per_copy = (ys[torch.argsort(order)] * weights).view(num_tokens, k, -1)
+    return combine_copies(ys[torch.argsort(order)], weights, num_tokens, k).to(x.dtype)
+
+
+def combine_copies(ys: torch.Tensor, weights: torch.Tensor, num_tokens: int, k: int) -> torch.Tensor:
+    """ys: [T*K, H] expert outputs per token copy, copies of a token in ascending expert
+    order; weights: [T*K, 1]. -> [T, H], summed one k at a time (reference order)."""
+    per_copy = (ys * weights).view(num_tokens, k, -1)
     out = per_copy[:, 0]
     for j in range(1, k):
         out = out + per_copy[:, j]
-    return out.to(x.dtype)
+    return out
 
 
 def yarn_mscale(scale: float, mscale: float) -> float:

@@ -72,6 +72,13 @@ class Checkpoint:
             self._handles[path] = h
         return h
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape from the file header, without reading the tensor."""
+        path = self._file_of.get(name)
+        if path is None:
+            raise MissingTensorError(f"tensor {name!r} not found in checkpoint {self.model_dir}")
+        return tuple(self._handle(path).get_slice(name).get_shape())
+
     def read(self, name: str) -> torch.Tensor:
         path = self._file_of.get(name)
         if path is None:
