@@ -104,9 +104,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not model_dir.is_dir():
         log.error("--model %s: not a directory (expected a Hugging Face checkpoint directory)", model_dir)
         return 2
-    engine = async_engine.AsyncEngine.from_model_dir(
-        model_dir, engine_config_from_args(args), model_name=args.served_model_name or model_dir.name
-    )
+    name = args.served_model_name or model_dir.name
+    if args.devices is None:
+        engine = async_engine.AsyncEngine.from_model_dir(model_dir, engine_config_from_args(args), model_name=name)
+    else:
+        from elasticmoe_worker.instance import coordinator
+
+        log.info("starting a local instance of %d %s device(s)", args.devices, args.backend)
+        engine = coordinator.Instance(model_dir, args.devices, engine_config_from_args(args), model_name=name,
+                                      backend=args.backend, collective_timeout_s=args.collective_timeout_s)
     try:
         app = api.build_app(engine, served_model_name=args.served_model_name)
         log.info("serving %s as %r", model_dir, engine.model_name)
@@ -148,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None, help="model name in the API (default: the directory name)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=_port, default=8000, help="port to listen on, 0 = any free (default: %(default)s)")
+    p.add_argument("--devices", type=_positive_int, default=None,
+                   help="run a multi-device instance: one HMM + executor process pair per device, attention "
+                        "data-parallel, experts spread over all devices (default: one in-process engine)")
+    p.add_argument("--backend", default="cpu", choices=["cpu", "cuda", "ascend"],
+                   help="device backend of the instance's workers (default: %(default)s)")
+    p.add_argument("--collective-timeout-s", type=float, default=60.0,
+                   help="a collective that stalls longer fails with an error instead of hanging (default: %(default)s)")
     add_engine_arguments(p)
     p.set_defaults(func=cmd_serve)
 

@@ -52,7 +52,8 @@ class _Tracked:
 
 
 class LLMEngine:
-    def __init__(self, model: model_mod.CausalLM, tokenizer, config: EngineConfig, model_name: str) -> None:
+    def __init__(self, model: model_mod.CausalLM, tokenizer, config: EngineConfig, model_name: str,
+                 pool: kv_cache.KVCachePool | None = None) -> None:
         spec = model.spec
         self.model = model
         self.tokenizer = tokenizer
@@ -63,12 +64,15 @@ class LLMEngine:
         per_block = kv_cache.KVCachePool.bytes_per_block(
             spec.num_layers, spec.num_kv_heads, spec.qk_head_dim, spec.v_head_dim, config.block_size, model.dtype
         )
-        if config.num_kv_blocks is not None:
+        if pool is not None:  # memory owned by someone else (the HMM)
+            assert pool.block_size == config.block_size, "pool and engine disagree on the block size"
+            num_blocks = pool.num_blocks
+        elif config.num_kv_blocks is not None:
             num_blocks = config.num_kv_blocks
         else:
             useful = config.max_num_seqs * kv_cache.blocks_for(self.max_model_len, config.block_size)
             num_blocks = max(1, min(config.kv_cache_bytes // per_block, useful))
-        self.pool = kv_cache.KVCachePool.allocate(
+        self.pool = pool or kv_cache.KVCachePool.allocate(
             spec.num_layers, spec.num_kv_heads, spec.qk_head_dim, spec.v_head_dim,
             num_blocks, config.block_size, model.dtype,
         )
@@ -134,9 +138,13 @@ class LLMEngine:
         )
 
     # -- the step ------------------------------------------------------------------
-    def step(self) -> list[types.RequestOutput]:
+    def step(self, always_forward: bool = False) -> list[types.RequestOutput]:
+        """One step. `always_forward`: run the model even with nothing scheduled (an
+        expert-parallel rank must enter every collective its peers enter)."""
         batch = self.scheduler.schedule()
         if not batch:
+            if always_forward:
+                self.runner.execute_empty()
             return []
         work = []
         for s in batch:

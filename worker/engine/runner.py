@@ -86,6 +86,14 @@ class ModelRunner:
         self.pool = pool
 
     @torch.inference_mode()
+    def execute_empty(self) -> None:
+        """A forward pass over zero tokens: attention does nothing, MoE collectives still run."""
+        empty = torch.empty(0, dtype=torch.int64)
+        meta = layers.AttentionMetadata(positions=empty, slot_mapping=empty, decode_token_idx=None,
+                                        decode_gather=None, decode_mask=None, prefills=[])
+        self.model.forward(empty, meta, self.pool.caches)
+
+    @torch.inference_mode()
     def execute(self, work: Sequence[SeqWork]) -> list[int | None]:
         """Compute one step; returns the sampled token per sequence (None where not sampled)."""
         if not work:
