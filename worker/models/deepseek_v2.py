@@ -91,7 +91,7 @@ class MLAAttention:
         k = torch.cat((k_nope, k_pe.expand(-1, self.num_heads, -1)), dim=-1)
         q = torch.cat((q_nope, q_pe), dim=-1)
         o = layers.paged_attention(q, k, v.contiguous(), k_cache, v_cache, meta, self.scale)
-        return F.linear(o.reshape(t, -1), self.o_proj)
+        return F.linear(o.reshape(t, o.shape[1] * o.shape[2]), self.o_proj)
 
 
 def deepseek_router(gate: torch.Tensor, hf) -> model_mod.RouterFn:

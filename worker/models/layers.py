@@ -60,7 +60,7 @@ class Rotary:
         """x: [T, H, dim], freqs: [T, dim/2] -> rotated x of the same shape and dtype."""
         if self.interleaved:
             cis = torch.polar(torch.ones_like(freqs), freqs) * self.scaling
-            xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+            xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], x.shape[-1] // 2, 2))
             return torch.view_as_real(xc * cis[:, None, :]).flatten(-2).type_as(x)
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = (emb.cos() * self.scaling).to(x.dtype)[:, None, :]
@@ -207,7 +207,7 @@ def expert_mlp(
 def combine_copies(ys: torch.Tensor, weights: torch.Tensor, num_tokens: int, k: int) -> torch.Tensor:
     """ys: [T*K, H] expert outputs per token copy, copies of a token in ascending expert
     order; weights: [T*K, 1]. -> [T, H], summed one k at a time (reference order)."""
-    per_copy = (ys * weights).view(num_tokens, k, -1)
+    per_copy = (ys * weights).view(num_tokens, k, ys.shape[-1])
     out = per_copy[:, 0]
     for j in range(1, k):
         out = out + per_copy[:, j]

@@ -64,7 +64,7 @@ class GQAAttention:
         o = layers.paged_attention(
             q, k, v, k_cache, v_cache, meta, self.head_dim ** -0.5, self.sliding_window
         )
-        return F.linear(o.reshape(t, -1), self.o_proj)
+        return F.linear(o.reshape(t, o.shape[1] * o.shape[2]), self.o_proj)
 
 
 @dataclasses.dataclass

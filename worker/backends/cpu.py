@@ -1,0 +1,247 @@
+"""The CPU backend: shared-memory files standing in for device memory, and real page remapping.
+
+Why it exists: on machines without an accelerator a CPU worker process is the device, and the
+HMM / executor split, zero-copy attach and expert remapping must work for real there (tests and
+the embedded default run on it).
+
+How: `allocate` creates a memfd (`memfd_create`; an unlinked file in /dev/shm where memfd is
+missing), sizes it to whole pages and maps it MAP_SHARED. `attach` opens the owner's
+`/proc/<owner_pid>/fd/<fd>`, which reopens the very same file, and maps it MAP_SHARED too: both
+processes' tensors are views of the same physical pages. `ExpertPages` reserves one PROT_NONE
+anonymous range with libc `mmap` and puts each expert's file into a slot with
+`mmap(MAP_SHARED | MAP_FIXED)`; a single `torch.frombuffer` view over the range keeps working
+across remaps because the kernel swaps the pages under an unchanged virtual address.
+
+Cleanup: nothing stays in /dev/shm. memfds have no name there, and the fallback file is
+unlinked right after creation, so the memory goes back to the kernel when the last fd and the
+last mapping of it close, a crash included. An unmapped expert slot is PROT_NONE: touching it
+is a SIGSEGV, as an unmapped device address is a fault on the accelerators.
+
+What it does not guarantee:
+- attaching needs the owner alive with the region open (this is why the HMM outlives
+  executors), the same user, and a shared PID namespace (`/proc/<pid>` must be the owner;
+  in Kubernetes: one container, or `shareProcessNamespace: true`); once attached, the pages
+  stay valid even if the owner exits;
+- Linux only (memfd, /proc, MAP_FIXED).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import mmap
+import os
+import secrets
+import sys
+import weakref
+
+import torch
+
+from elasticmoe_worker.backends import base
+
+logger = logging.getLogger(__name__)
+
+_PROT_NONE = 0
+_MAP_FIXED = 0x10  # same value on x86_64 and aarch64 (asm-generic/mman-common.h)
+_MAP_NORESERVE = 0x4000
+_MAP_FAILED = ctypes.c_void_p(-1).value
+_MEMFD_NAME_MAX = 240  # bytes; the kernel allows 249 (it shows in /proc/<pid>/maps)
+
+
+def _load_libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [
+        ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64,
+    ]
+    libc.munmap.restype = ctypes.c_int
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    return libc
+
+
+_libc = _load_libc() if sys.platform.startswith("linux") else None
+
+
+def _mmap(addr: int | None, length: int, prot: int, flags: int, fd: int, offset: int = 0) -> int:
+    assert _libc is not None
+    res = _libc.mmap(addr, length, prot, flags, fd, offset)
+    if res is None or res == _MAP_FAILED:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mmap({length} bytes, prot={prot:#x}, flags={flags:#x}): {os.strerror(err)}")
+    if addr is not None:
+        assert res == addr, (hex(res), hex(addr))  # MAP_FIXED never moves
+    return res
+
+
+def _munmap(addr: int, length: int) -> None:
+    assert _libc is not None
+    if _libc.munmap(addr, length) != 0:
+        err = ctypes.get_errno()
+        logger.error("munmap(%#x, %d) failed: %s", addr, length, os.strerror(err))
+    else:
+        logger.debug("unmapped expert range %#x (%d bytes)", addr, length)
+
+
+def _create_file(name: str, use_memfd: bool) -> int:
+    if use_memfd and hasattr(os, "memfd_create"):
+        try:
+            short = name.encode()[:_MEMFD_NAME_MAX].decode(errors="ignore")
+            return os.memfd_create(short, os.MFD_CLOEXEC)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSYS, errno.EPERM, errno.EINVAL):
+                raise
+            logger.warning("memfd_create unavailable (%s); using /dev/shm", exc)
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)[:100]
+    path = f"/dev/shm/elasticmoe-{os.getpid()}-{secrets.token_hex(6)}-{safe}"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    # Unlinked at once: the file lives exactly as long as fds and mappings of it do.
+    os.unlink(path)
+    return fd
+
+
+class CpuRegion(base.Region):
+    def __init__(self, handle: base.MemoryHandle, fd: int, alloc_bytes: int, *, owned: bool) -> None:
+        super().__init__(handle, alloc_bytes, owned=owned)
+        self._fd = fd
+        # NOTE: the mmap object is the memory's lifetime. torch.frombuffer keeps a reference
+        # to it (not an exported buffer), so mm.close() under a live view would succeed and
+        # leave the view dangling; we never call it. Dropping our reference unmaps once the
+        # last view is gone.
+        self._mm: mmap.mmap | None = mmap.mmap(
+            fd, alloc_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
+        )
+
+    @property
+    def fd(self) -> int:
+        """This process's fd of the region's file (what `ExpertPages.map` maps)."""
+        if self._closed:
+            raise ValueError(f"region {self.name!r} is closed")
+        return self._fd
+
+    def _byte_tensor(self) -> torch.Tensor:
+        assert self._mm is not None
+        return torch.frombuffer(self._mm, dtype=torch.uint8)
+
+    def _close(self) -> None:
+        self._mm = None
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+        logger.debug("closed %s region %s", "owned" if self.owned else "attached", self.name)
+
+
+class CpuExpertPages(base.ExpertPages):
+    def __init__(self, num_slots: int, slot_bytes: int, page_size_bytes: int) -> None:
+        super().__init__(num_slots, slot_bytes, page_size_bytes)
+        total = self.total_bytes
+        self._addr = _mmap(
+            None, total, _PROT_NONE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE, -1
+        )
+        # NOTE: the ctypes array over the range is its lifetime: torch views keep a reference
+        # to it, and the finalizer munmaps the whole range (slots included) when it dies.
+        self._array: ctypes.Array | None = (ctypes.c_char * total).from_address(self._addr)
+        fin = weakref.finalize(self._array, _munmap, self._addr, total)
+        fin.atexit = False  # process exit unmaps anyway
+        logger.debug("reserved expert range %#x: %d slots x %d bytes", self._addr, num_slots, slot_bytes)
+
+    @property
+    def address(self) -> int:
+        return self._addr
+
+    def _byte_tensor(self) -> torch.Tensor:
+        assert self._array is not None
+        return torch.frombuffer(self._array, dtype=torch.uint8)
+
+    def _map(self, slot: int, region: base.Region) -> None:
+        if not isinstance(region, CpuRegion):
+            raise TypeError(f"CPU expert pages map CPU regions, got {type(region).__name__}")
+        start = self._addr + slot * self.slot_bytes
+        _mmap(start, region.alloc_bytes, mmap.PROT_READ | mmap.PROT_WRITE,
+              mmap.MAP_SHARED | _MAP_FIXED, region.fd, 0)
+        tail = self.slot_bytes - region.alloc_bytes
+        if tail:  # a smaller region must not leave the previous expert's tail visible
+            self._reserve(start + region.alloc_bytes, tail)
+
+    def _unmap(self, slot: int) -> None:
+        self._reserve(self._addr + slot * self.slot_bytes, self.slot_bytes)
+
+    def _reserve(self, addr: int, length: int) -> None:
+        _mmap(addr, length, _PROT_NONE,
+              mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE | _MAP_FIXED, -1)
+
+    def _close(self) -> None:
+        self._array = None  # unmaps now, or when the last view dies
+
+
+class CpuBackend(base.DeviceBackend):
+    """Shared-memory files as device memory. `use_memfd=False` forces the /dev/shm fallback."""
+
+    name = "cpu"
+    collective_backend = "gloo"
+
+    def __init__(self, device_index: int = 0, *, use_memfd: bool = True) -> None:
+        super().__init__(device_index)
+        self.use_memfd = use_memfd
+
+    def torch_device(self, index: int | None = None) -> torch.device:
+        return torch.device("cpu")
+
+    def unavailable_reason(self) -> str | None:
+        if not sys.platform.startswith("linux"):
+            return f"the CPU backend needs Linux (memfd, /proc, MAP_FIXED); this is {sys.platform}"
+        return None
+
+    def page_size_bytes(self) -> int:
+        return mmap.PAGESIZE
+
+    def allocate(self, size_bytes: int, name: str) -> CpuRegion:
+        self._check_allocate_args(size_bytes, name)
+        alloc_bytes = base.round_up(size_bytes, mmap.PAGESIZE)
+        fd = _create_file(name, self.use_memfd)
+        try:
+            os.ftruncate(fd, alloc_bytes)
+            handle = base.MemoryHandle(
+                backend=self.name, name=name, size_bytes=size_bytes, owner_pid=os.getpid(),
+                fd=fd, device_index=self.device_index, inode=os.fstat(fd).st_ino,
+            )
+            region = CpuRegion(handle, fd, alloc_bytes, owned=True)
+        except BaseException:
+            os.close(fd)
+            raise
+        logger.debug("allocated %s: %d bytes, fd %d", name, size_bytes, fd)
+        return region
+
+    def attach(self, handle: base.MemoryHandle) -> CpuRegion:
+        self._check_handle(handle)
+        path = f"/proc/{handle.owner_pid}/fd/{handle.fd}"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise base.AttachError(
+                f"cannot attach {handle.name!r}: {path} is gone (owner pid {handle.owner_pid} "
+                "exited or closed the region)"
+            ) from None
+        except PermissionError as exc:
+            raise base.AttachError(
+                f"cannot attach {handle.name!r}: {path}: {exc.strerror} (the owner must run as "
+                "the same user in the same PID namespace)"
+            ) from None
+        try:
+            st = os.fstat(fd)
+            alloc_bytes = base.round_up(handle.size_bytes, mmap.PAGESIZE)
+            if st.st_ino != handle.inode or st.st_size < alloc_bytes:
+                raise base.AttachError(
+                    f"cannot attach {handle.name!r}: {path} is another file now "
+                    f"(inode {st.st_ino}, {st.st_size} bytes; expected inode {handle.inode}, "
+                    f"{alloc_bytes} bytes); the owner closed the region"
+                )
+            region = CpuRegion(handle, fd, alloc_bytes, owned=False)
+        except BaseException:
+            os.close(fd)
+            raise
+        logger.debug("attached %s from pid %d", handle.name, handle.owner_pid)
+        return region
+
+    def expert_pages(self, num_slots: int, slot_bytes: int) -> CpuExpertPages:
+        return CpuExpertPages(num_slots, slot_bytes, mmap.PAGESIZE)

@@ -1,0 +1,322 @@
+"""The coordinator's side of a multi-device instance: start the workers, spread requests
+over the data-parallel ranks, stream their tokens back, notice when a worker dies.
+
+`Instance` implements the same `EngineClient` protocol as the single-process engine, so the
+OpenAI HTTP layer serves either unchanged. One I/O thread owns the ZeroMQ ROUTER socket
+all HMMs and executors connect to; other threads hand it outgoing messages through an
+in-process socket, and it hands updates to asyncio callers with `call_soon_threadsafe`.
+
+Not guaranteed: a request on a rank that dies is failed, not retried elsewhere (its KV
+blocks died with it). After a worker dies the instance reports itself unhealthy and refuses
+new requests; restarting or replacing the worker is the operator's (or scaling's) job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import itertools
+import logging
+import pathlib
+import threading
+import time
+from typing import AsyncIterator, Sequence
+
+import torch.distributed as dist
+import zmq
+
+from elasticmoe_worker.engine import engine as engine_mod
+from elasticmoe_worker.engine import kv_cache, types
+from elasticmoe_worker.instance import fleet as fleet_mod
+from elasticmoe_worker.instance import messages, procutil
+from elasticmoe_worker.models import config as config_mod
+from elasticmoe_worker.models import registry
+
+logger = logging.getLogger(__name__)
+
+
+def contiguous_placement(num_experts: int, num_devices: int) -> list[int]:
+    """Expert id -> device, in contiguous blocks whose sizes differ by at most one."""
+    if not 1 <= num_devices <= num_experts:
+        raise ValueError(f"devices: got {num_devices}, expected 1..{num_experts} (one expert per device at least)")
+    base, extra = divmod(num_experts, num_devices)
+    owner = []
+    for d in range(num_devices):
+        owner += [d] * (base + (1 if d < extra else 0))
+    return owner
+
+
+@dataclasses.dataclass
+class _Flight:
+    rank: int
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+class Instance:
+    def __init__(self, model_dir: str | pathlib.Path, num_devices: int,
+                 config: engine_mod.EngineConfig | None = None, *, model_name: str | None = None,
+                 backend: str = "cpu", collective_timeout_s: float = 60.0, startup_timeout_s: float = 600.0) -> None:
+        self.model_dir = pathlib.Path(model_dir).resolve()
+        self.config = config or engine_mod.EngineConfig()
+        self.num_devices = num_devices
+        self.backend = backend
+        self.collective_timeout_s = collective_timeout_s
+        self.model_name = model_name or self.model_dir.name
+        self.spec = config_mod.load_spec(self.model_dir)
+        self.tokenizer = engine_mod.load_tokenizer(self.model_dir)
+        self.max_model_len = min(self.config.max_model_len or min(self.spec.max_position_embeddings, 4096),
+                                 self.spec.max_position_embeddings)
+        self.expert_owner = contiguous_placement(self.spec.num_experts, num_devices)
+        self.config_id = 0
+        self._ctx = zmq.Context()
+        self._router = self._ctx.socket(zmq.ROUTER)
+        self._router.setsockopt(zmq.LINGER, 0)
+        port = self._router.bind_to_random_port("tcp://127.0.0.1")
+        self.address = f"tcp://127.0.0.1:{port}"
+        self._wake_addr = f"inproc://coordinator-{id(self)}"
+        self._wake_pull = self._ctx.socket(zmq.PULL)
+        self._wake_pull.bind(self._wake_addr)
+        self._wake_push = self._ctx.socket(zmq.PUSH)
+        self._wake_push.connect(self._wake_addr)
+        self._send_lock = threading.Lock()
+        self.store_port = procutil.free_port()
+        self._store = dist.TCPStore("127.0.0.1", self.store_port, is_master=True, wait_for_workers=False,
+                                    timeout=datetime.timedelta(seconds=collective_timeout_s))
+        self.fleet = fleet_mod.LocalFleet(self.address, backend)
+        self._flights: dict[str, _Flight] = {}
+        self._rank_stats: dict[int, messages.RankStats] = {}
+        self._inflight = [0] * num_devices
+        self._error: str | None = None
+        self._stop = False
+        self._ids = itertools.count()
+        self.hmm_ready: dict[int, messages.HMMReady] = {}
+        self.executors: dict[int, messages.ExecutorReady] = {}
+        try:
+            self._start(startup_timeout_s)
+        except BaseException:
+            self.shutdown()
+            raise
+        self._thread = threading.Thread(target=self._io_loop, name="coordinator-io", daemon=True)
+        self._thread.start()
+
+    # -- start-up (synchronous, before the I/O thread owns the socket) -------------------
+    def _recv_until(self, want: type, count: int, deadline: float) -> dict[int, messages.Msg]:
+        got: dict[int, messages.Msg] = {}
+        while len(got) < count:
+            dead = self.fleet.dead()
+            if dead:
+                raise RuntimeError(f"worker(s) exited during start-up: {dead} (device -> exit code); see their logs")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"start-up: {len(got)}/{count} {want.__name__} messages before the deadline")
+            if not self._router.poll(200):
+                continue
+            _, data = self._router.recv_multipart()
+            msg = messages.decode(data)
+            if isinstance(msg, (messages.HMMFailed, messages.ExecutorFailed)):
+                raise RuntimeError(f"start-up failed: {msg.error}")
+            if isinstance(msg, want):
+                key = msg.device_index if hasattr(msg, "device_index") else msg.rank
+                got[key] = msg
+            elif not isinstance(msg, messages.RankStats):
+                logger.debug("start-up: ignoring %s", type(msg).__name__)
+            if isinstance(msg, messages.RankStats):
+                self._rank_stats[msg.rank] = msg
+        return got
+
+    def _send_now(self, identity: str, msg: messages.Msg) -> None:
+        self._router.send_multipart([identity.encode(), messages.encode(msg)])
+
+    def _kv_cache_bytes(self) -> int:
+        if self.config.num_kv_blocks is None:
+            return self.config.kv_cache_bytes
+        dtype = registry.resolve_dtype(self.spec, self.config.dtype)
+        per_block = kv_cache.KVCachePool.bytes_per_block(
+            self.spec.num_layers, self.spec.num_kv_heads, self.spec.qk_head_dim, self.spec.v_head_dim,
+            self.config.block_size, dtype)
+        return self.config.num_kv_blocks * per_block
+
+    def _start(self, timeout_s: float) -> None:
+        started = time.monotonic()
+        deadline = started + timeout_s
+        for i in range(self.num_devices):
+            self.fleet.add(i)
+        self._recv_until(messages.HMMHello, self.num_devices, deadline)
+        for i in range(self.num_devices):
+            self._send_now(f"hmm-{i}", messages.LoadPlan(
+                model_dir=str(self.model_dir), dtype=self.config.dtype,
+                expert_ids=[e for e, d in enumerate(self.expert_owner) if d == i],
+                kv_cache_bytes=self._kv_cache_bytes(), block_size=self.config.block_size))
+        self.hmm_ready = self._recv_until(messages.HMMReady, self.num_devices, deadline)
+        self.config_id += 1
+        self._start_executors(deadline)
+        logger.info("instance ready: %d device(s), %d experts placed contiguously, in %.1f s",
+                    self.num_devices, self.spec.num_experts, time.monotonic() - started)
+
+    def _start_executors(self, deadline: float) -> None:
+        engine_fields = dataclasses.asdict(self.config)
+        engine_fields["max_model_len"] = self.max_model_len
+        for i in range(self.num_devices):
+            self._send_now(f"hmm-{i}", messages.StartExecutor(
+                config_id=self.config_id, rank=i, world_size=self.num_devices, store_host="127.0.0.1",
+                store_port=self.store_port, expert_owner=self.expert_owner, engine=engine_fields,
+                model_name=self.model_name, collective_timeout_s=self.collective_timeout_s))
+        self.executors = self._recv_until(messages.ExecutorReady, self.num_devices, deadline)
+
+    # -- EngineClient --------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def apply_chat_template(self, messages_: Sequence[dict]) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(list(messages_), add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def stats(self) -> types.EngineStats:
+        ranks = list(self._rank_stats.values())
+        return types.EngineStats(
+            num_running=sum(r.num_running for r in ranks),
+            num_waiting=sum(r.num_waiting for r in ranks),
+            kv_blocks_used=sum(r.kv_blocks_used for r in ranks),
+            kv_blocks_total=sum(r.kv_blocks_total for r in ranks),
+            num_preemptions_total=sum(r.num_preemptions_total for r in ranks),
+            healthy=self._error is None, error=self._error,
+        )
+
+    def _pick_rank(self) -> int:
+        """Least loaded: requests in flight first, then KV-cache use."""
+        def load(rank: int) -> tuple[int, float]:
+            s = self._rank_stats.get(rank)
+            kv = s.kv_blocks_used / s.kv_blocks_total if s and s.kv_blocks_total else 0.0
+            return self._inflight[rank], kv
+        return min(range(self.num_devices), key=load)
+
+    def _send(self, identity: str, msg: messages.Msg) -> None:
+        with self._send_lock:
+            self._wake_push.send_multipart([identity.encode(), messages.encode(msg)])
+
+    def abort(self, request_id: str) -> None:
+        flight = self._flights.get(request_id)
+        if flight is not None:
+            self._send(f"exec-{self.config_id}-{flight.rank}", messages.AbortRequest(request_id=request_id))
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: types.SamplingParams) -> AsyncIterator[types.RequestOutput]:
+        if self._error is not None:
+            raise types.EngineDead(f"instance unhealthy: {self._error}")
+        waiting = sum(r.num_waiting for r in self._rank_stats.values())
+        if waiting >= self.config.max_waiting * self.num_devices:
+            raise types.EngineOverloaded(f"server busy: {waiting} requests waiting")
+        rank = self._pick_rank()
+        flight = _Flight(rank, asyncio.get_running_loop(), asyncio.Queue())
+        self._flights[request_id] = flight
+        self._inflight[rank] += 1
+        self._send(f"exec-{self.config_id}-{rank}", messages.AddRequest(
+            request_id=request_id, prompt_token_ids=list(prompt_token_ids), max_tokens=params.max_tokens,
+            temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, seed=params.seed,
+            stop=list(params.stop), ignore_eos=params.ignore_eos))
+        finished = False
+        try:
+            while True:
+                out = await flight.queue.get()
+                finished = out.finished
+                yield out
+                if finished:
+                    return
+        finally:
+            self._flights.pop(request_id, None)
+            self._inflight[rank] -= 1
+            if not finished:
+                self._send(f"exec-{self.config_id}-{rank}", messages.AbortRequest(request_id=request_id))
+
+    # -- the I/O thread ------------------------------------------------------------
+    def _deliver(self, out: types.RequestOutput) -> None:
+        flight = self._flights.get(out.request_id)
+        if flight is None:
+            return
+        try:
+            flight.loop.call_soon_threadsafe(flight.queue.put_nowait, out)
+        except RuntimeError:
+            pass
+
+    def _fail(self, error: str) -> None:
+        if self._error is not None or self._stop:
+            return
+        self._error = error
+        logger.error("instance unhealthy: %s; failing %d request(s) in flight", error, len(self._flights))
+        for request_id in list(self._flights):
+            self._deliver(types.RequestOutput(request_id=request_id, text="", token_ids=[],
+                                              finish_reason=types.FinishReason.ERROR, error=error))
+
+    def _on_message(self, msg: messages.Msg) -> None:
+        if isinstance(msg, messages.Output):
+            self._deliver(types.RequestOutput(
+                request_id=msg.request_id, text=msg.text, token_ids=msg.token_ids,
+                finish_reason=types.FinishReason(msg.finish_reason) if msg.finish_reason else None,
+                num_prompt_tokens=msg.num_prompt_tokens, num_output_tokens=msg.num_output_tokens, error=msg.error))
+        elif isinstance(msg, messages.RankStats):
+            self._rank_stats[msg.rank] = msg
+        elif isinstance(msg, messages.ExecutorFailed):
+            self._fail(f"executor rank {msg.rank} failed: {msg.error}")
+        elif isinstance(msg, messages.HMMFailed):
+            self._fail(f"HMM of device {msg.device_index} failed: {msg.error}")
+
+    def _io_loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._wake_pull, zmq.POLLIN)
+        last_check = 0.0
+        while not self._stop:
+            events = dict(poller.poll(100))
+            if self._wake_pull in events:
+                while True:
+                    try:
+                        frames = self._wake_pull.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._router.send_multipart(frames)
+            if self._router in events:
+                while True:
+                    try:
+                        _, data = self._router.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._on_message(messages.decode(data))
+            now = time.monotonic()
+            if now - last_check > 0.1:
+                last_check = now
+                dead = self.fleet.dead()
+                if dead:
+                    self._fail(f"worker process(es) died: {dead} (device -> exit code)")
+
+    def shutdown(self, timeout_s: float = 15.0) -> None:
+        """Stop every process this instance started; idempotent."""
+        if self._stop:
+            return
+        self._stop = True
+        thread = getattr(self, "_thread", None)
+        if thread is not None:
+            thread.join(timeout=2)
+        for rank in range(self.num_devices):
+            try:
+                self._send_now(f"exec-{self.config_id}-{rank}", messages.Shutdown(reason="instance stopping"))
+            except zmq.ZMQError:
+                pass
+        for i in list(self.fleet.workers):
+            try:
+                self._send_now(f"hmm-{i}", messages.Shutdown(reason="instance stopping"))
+            except zmq.ZMQError:
+                pass
+        deadline = time.monotonic() + timeout_s
+        for i, proc in list(self.fleet.workers.items()):
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except Exception:
+                pass
+        self.fleet.close()
+        for s in (self._router, self._wake_pull, self._wake_push):
+            s.close(linger=0)
+        self._ctx.term()
+        logger.info("instance stopped")

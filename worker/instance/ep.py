@@ -1,0 +1,58 @@
+"""Expert parallelism: route each token copy to the rank that holds its expert, compute
+there, bring the result back, combine in the reference order.
+
+Per MoE layer every rank runs the same four all-to-alls (counts, expert ids, hidden rows,
+results), also with zero tokens.
+NOTE: all DP ranks enter every MoE collective each step; a rank with nothing to do runs an
+empty batch. A rank that skips one deadlocks the others until the group's timeout fires.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from elasticmoe_worker.models import layers
+
+
+class ExpertParallel:
+    """The experts_fn of one MoE layer on one rank."""
+
+    def __init__(self, group, world_size: int, owner: torch.Tensor, local_map: torch.Tensor,
+                 w13: torch.Tensor, w2: torch.Tensor) -> None:
+        self.group = group
+        self.world_size = world_size
+        self.owner = owner  # [E] global expert -> rank
+        self.local_map = local_map  # [E] global expert -> local slot on this rank, -1 elsewhere
+        self.w13 = w13
+        self.w2 = w2
+
+    def _a2a(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> None:
+        dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group)
+
+    def __call__(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        num_tokens, k = topk_ids.shape
+        hidden = x.shape[1]
+        ids, perm = topk_ids.sort(dim=1)
+        weights = topk_weights.gather(1, perm).reshape(-1, 1)
+        flat = ids.reshape(-1)
+        dest = self.owner[flat]
+        order = torch.argsort(dest, stable=True)
+        send_counts = torch.bincount(dest, minlength=self.world_size)
+        recv_counts = torch.empty_like(send_counts)
+        self._a2a(recv_counts, send_counts, [1] * self.world_size, [1] * self.world_size)
+        send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()
+        num_recv = sum(recv_splits)
+
+        recv_ids = torch.empty(num_recv, dtype=torch.int64)
+        self._a2a(recv_ids, flat[order].contiguous(), recv_splits, send_splits)
+        recv_x = torch.empty(num_recv, hidden, dtype=x.dtype)
+        self._a2a(recv_x, x[order // k].contiguous(), recv_splits, send_splits)
+
+        ones = torch.ones(num_recv, 1, dtype=x.dtype)
+        y = layers.expert_mlp(recv_x, self.w13, self.w2, recv_ids[:, None], ones, self.local_map)
+        back = torch.empty(len(order), hidden, dtype=x.dtype)
+        self._a2a(back, y.contiguous(), send_splits, recv_splits)
+        ys = torch.empty_like(back)
+        ys[order] = back
+        return layers.combine_copies(ys, weights, num_tokens, k).to(x.dtype)

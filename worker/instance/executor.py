@@ -1,0 +1,197 @@
+"""The executor process: computes on one device's memory, owned by its HMM.
+
+Started by the HMM with an `ExecutorSpec` on stdin. It attaches to the HMM's regions
+(zero-copy: it reads no checkpoint file; the tokenizer arrives in the spec), joins the
+instance's collective group, and runs one data-parallel rank: its own continuous-batching
+engine for the requests the coordinator sends it, expert-parallel MoE across all ranks.
+
+NOTE: every step, all ranks agree (an all-reduce) on whether anyone has work; if so, all
+run a forward pass, idle ranks over zero tokens, so every rank enters every MoE collective.
+A peer that stops answering makes the collective time out after `collective_timeout_s`:
+the executor then reports the error and exits rather than hang.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import pathlib
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import zmq
+
+from elasticmoe_worker import backends
+from elasticmoe_worker.engine import engine as engine_mod
+from elasticmoe_worker.engine import types
+from elasticmoe_worker.instance import ep, memory, messages, procutil
+from elasticmoe_worker.models import config as config_mod
+from elasticmoe_worker.models import registry
+
+logger = logging.getLogger("elasticmoe.executor")
+
+_STATS_INTERVAL_S = 0.05
+_IDLE_POLL_MS = 2
+
+
+def _tokenizer(files: dict[str, str]):
+    import transformers
+
+    with tempfile.TemporaryDirectory(prefix="elasticmoe-tok-") as d:
+        for name, text in files.items():
+            pathlib.Path(d, name).write_text(text)
+        return transformers.AutoTokenizer.from_pretrained(d, local_files_only=True)
+
+
+def _params(msg: messages.AddRequest) -> types.SamplingParams:
+    return types.SamplingParams(max_tokens=msg.max_tokens, temperature=msg.temperature, top_p=msg.top_p,
+                                top_k=msg.top_k, seed=msg.seed, stop=tuple(msg.stop), ignore_eos=msg.ignore_eos)
+
+
+class Executor:
+    def __init__(self, spec: messages.ExecutorSpec) -> None:
+        started = time.perf_counter()
+        self.spec = spec
+        start = spec.start
+        self.rank, self.world_size = start.rank, start.world_size
+        backend = backends.get_backend(spec.backend)
+        model_spec = config_mod.spec_from_json(spec.config_json)
+        cfg = engine_mod.EngineConfig(**start.engine)
+        dtype = registry.resolve_dtype(model_spec, cfg.dtype)
+        self.device = memory.attach_device(backend, model_spec, spec.ready, dtype, cfg.block_size)
+        fam = registry.family(model_spec.model_type)
+        model = fam.build(model_spec, self.device.weights, self.device.expert_ids)
+
+        self.group = None
+        if self.world_size > 1:
+            store = dist.TCPStore(start.store_host, start.store_port, is_master=False,
+                                  timeout=datetime.timedelta(seconds=start.collective_timeout_s))
+            prefixed = dist.PrefixStore(f"config-{start.config_id}", store)
+            dist.init_process_group("gloo", store=prefixed, rank=self.rank, world_size=self.world_size,
+                                    timeout=datetime.timedelta(seconds=start.collective_timeout_s))
+            self.group = dist.group.WORLD
+            owner = torch.tensor(start.expert_owner, dtype=torch.int64)
+            local_map = torch.full((model_spec.num_experts,), -1, dtype=torch.int64)
+            local_map[torch.tensor(self.device.expert_ids)] = torch.arange(len(self.device.expert_ids))
+            assert all(start.expert_owner[e] == self.rank for e in self.device.expert_ids), \
+                "the HMM holds experts the plan gives to another rank"
+            for block in model.moe_blocks():
+                block.experts_fn = ep.ExpertParallel(self.group, self.world_size, owner, local_map,
+                                                     block.w13, block.w2)
+
+        self.engine = engine_mod.LLMEngine(model, _tokenizer(spec.tokenizer_files), cfg, spec.model_name,
+                                           pool=self.device.pool)
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.IDENTITY, f"exec-{start.config_id}-{self.rank}".encode())
+        self.sock.setsockopt(zmq.LINGER, 1000)
+        self.sock.connect(spec.coordinator)
+        self.stop = False
+        self._last_stats = 0.0
+        self.startup_seconds = time.perf_counter() - started
+
+    def send(self, msg: messages.Msg) -> None:
+        self.sock.send(messages.encode(msg))
+
+    def _handle(self, msg: messages.Msg) -> None:
+        if isinstance(msg, messages.AddRequest):
+            try:
+                self.engine.add_request(msg.request_id, msg.prompt_token_ids, _params(msg))
+            except (ValueError, types.EngineOverloaded) as exc:
+                self.send(messages.Output(request_id=msg.request_id, text="", token_ids=[], finish_reason="error",
+                                          num_prompt_tokens=len(msg.prompt_token_ids), num_output_tokens=0,
+                                          error=str(exc)))
+        elif isinstance(msg, messages.AbortRequest):
+            self.engine.abort_request(msg.request_id)
+        elif isinstance(msg, messages.Shutdown):
+            self.stop = True
+        else:
+            logger.warning("rank %d: unexpected message %s", self.rank, type(msg).__name__)
+
+    def _drain(self, timeout_ms: int) -> None:
+        if self.sock.poll(timeout_ms):
+            while True:
+                try:
+                    self._handle(messages.decode(self.sock.recv(zmq.NOBLOCK)))
+                except zmq.Again:
+                    break
+
+    def _send_stats(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_stats < _STATS_INTERVAL_S:
+            return
+        self._last_stats = now
+        s = self.engine.stats()
+        self.send(messages.RankStats(rank=self.rank, num_running=s.num_running, num_waiting=s.num_waiting,
+                                     kv_blocks_used=s.kv_blocks_used, kv_blocks_total=s.kv_blocks_total,
+                                     num_preemptions_total=s.num_preemptions_total))
+
+    def _agree(self) -> tuple[bool, bool]:
+        """-> (anyone has work, anyone is stopping), the same answer on every rank."""
+        flags = torch.tensor([int(self.engine.has_work()), int(self.stop)], dtype=torch.int64)
+        if self.group is not None:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flags[0]), bool(flags[1])
+
+    def run(self) -> None:
+        self.send(messages.ExecutorReady(rank=self.rank, config_id=self.spec.start.config_id, pid=os.getpid(),
+                                         bytes_read_from_checkpoint=0, startup_seconds=self.startup_seconds))
+        self._send_stats(force=True)
+        idle = False
+        while True:
+            self._drain(_IDLE_POLL_MS if idle else 0)
+            busy, stopping = self._agree()
+            if stopping:
+                break
+            idle = not busy
+            if idle:
+                self._send_stats()
+                continue
+            for out in self.engine.step(always_forward=self.group is not None):
+                self.send(messages.Output(
+                    request_id=out.request_id, text=out.text, token_ids=out.token_ids,
+                    finish_reason=out.finish_reason.value if out.finish_reason else None,
+                    num_prompt_tokens=out.num_prompt_tokens, num_output_tokens=out.num_output_tokens,
+                    error=out.error))
+            self._send_stats()
+        logger.info("rank %d: stopping", self.rank)
+
+    def close(self) -> None:
+        if self.group is not None:
+            dist.destroy_process_group()
+        self.sock.close()
+        self.ctx.term()
+
+
+def main() -> int:
+    logging.basicConfig(level=os.environ.get("ELASTICMOE_LOG_LEVEL", "INFO").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    procutil.die_with_parent()
+    spec = messages.decode(sys.stdin.buffer.read())
+    assert isinstance(spec, messages.ExecutorSpec), "an executor starts from an ExecutorSpec"
+    rank = spec.start.rank
+    executor = None
+    try:
+        executor = Executor(spec)
+        executor.run()
+    except Exception as exc:  # report, then exit: the coordinator decides what happens next
+        logger.exception("rank %d failed", rank)
+        ctx = zmq.Context.instance()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 2000)
+        sock.connect(spec.coordinator)
+        sock.send(messages.encode(messages.ExecutorFailed(rank=rank, error=f"{type(exc).__name__}: {exc}")))
+        sock.close()
+        return 1
+    finally:
+        if executor is not None:
+            executor.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

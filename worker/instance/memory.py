@@ -1,0 +1,192 @@
+"""What one device's memory holds, and how both sides see it.
+
+The HMM side (`load_device`) reads the tensors its device holds from the checkpoint into
+regions it owns: one region for all replicated tensors (packed, 64-byte aligned), one
+region per routed expert and weight (`w13`, `w2`), one region for the KV pool. The
+executor side (`attach_device`) maps the same regions without copying and hands the model
+builder a `WeightSource` of views, with each layer's experts side by side in one reserved
+range (expert pages), and KV-cache views over the pool.
+
+The replicated region and the KV pool are plain shared regions; only experts get their own
+pages, because only experts move between devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import torch
+
+from elasticmoe_worker.backends import base as backends_base
+from elasticmoe_worker.engine import kv_cache
+from elasticmoe_worker.instance import messages
+from elasticmoe_worker.models import config as config_mod
+from elasticmoe_worker.models import registry
+from elasticmoe_worker.models import weights as weights_mod
+
+logger = logging.getLogger(__name__)
+
+_ALIGN_BYTES = 64
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def kv_layout(spec: config_mod.ModelSpec, num_blocks: int, block_size: int, dtype: torch.dtype):
+    """-> [(k_offset, k_shape, v_offset, v_shape)] per layer, and total bytes."""
+    item = _itemsize(dtype)
+    out, offset = [], 0
+    for _ in range(spec.num_layers):
+        k_shape = (num_blocks, block_size, spec.num_kv_heads, spec.qk_head_dim)
+        v_shape = (num_blocks, block_size, spec.num_kv_heads, spec.v_head_dim)
+        k_off = offset
+        offset += _round_up(int(torch.Size(k_shape).numel()) * item, _ALIGN_BYTES)
+        v_off = offset
+        offset += _round_up(int(torch.Size(v_shape).numel()) * item, _ALIGN_BYTES)
+        out.append((k_off, k_shape, v_off, v_shape))
+    return out, offset
+
+
+@dataclasses.dataclass
+class DeviceMemory:
+    """The regions an HMM owns for its device (kept alive as long as the HMM lives)."""
+
+    replicated: backends_base.Region
+    experts: dict[tuple[int, int], tuple[backends_base.Region, backends_base.Region]]
+    kv: backends_base.Region
+    ready: messages.HMMReady
+
+    def close(self) -> None:
+        for w13, w2 in self.experts.values():
+            w13.close()
+            w2.close()
+        self.replicated.close()
+        self.kv.close()
+
+
+def load_device(backend: backends_base.DeviceBackend, device_index: int, plan: messages.LoadPlan) -> DeviceMemory:
+    started = time.perf_counter()
+    spec = config_mod.load_spec(plan.model_dir)
+    fam = registry.family(spec.model_type)
+    dtype = registry.resolve_dtype(spec, plan.dtype)
+    item = _itemsize(dtype)
+    ckpt = weights_mod.Checkpoint(plan.model_dir)
+
+    layout, offset = [], 0
+    for name in fam.replicated_names(spec):
+        shape = ckpt.shape(name)
+        layout.append(messages.TensorSlot(name, _dtype_name(dtype), shape, offset))
+        offset += _round_up(int(torch.Size(shape).numel()) * item, _ALIGN_BYTES)
+    replicated = backend.allocate(max(offset, 1), f"dev{device_index}.replicated")
+    for slot in layout:
+        replicated.tensor(dtype, slot.shape, slot.offset_bytes).copy_(ckpt.read(slot.name))
+
+    page = backend.page_size_bytes()
+    experts: dict[tuple[int, int], tuple[backends_base.Region, backends_base.Region]] = {}
+    handles = []
+    for layer, is_moe in enumerate(spec.moe_layers):
+        if not is_moe:
+            continue
+        for e in plan.expert_ids:
+            gate_name, up_name, down_name = fam.expert_names(layer, e)
+            gate, up, down = ckpt.read(gate_name), ckpt.read(up_name), ckpt.read(down_name)
+            inter, hidden = gate.shape
+            w13 = backend.allocate(_round_up(2 * inter * hidden * item, page), f"dev{device_index}.l{layer}.e{e}.w13")
+            w2 = backend.allocate(_round_up(hidden * inter * item, page), f"dev{device_index}.l{layer}.e{e}.w2")
+            view13 = w13.tensor(dtype, (2 * inter, hidden))
+            view13[:inter].copy_(gate)
+            view13[inter:].copy_(up)
+            w2.tensor(dtype, (hidden, inter)).copy_(down)
+            experts[(layer, e)] = (w13, w2)
+            handles.append(messages.ExpertRegion(layer, e, w13.handle, w2.handle))
+
+    per_block = kv_cache.KVCachePool.bytes_per_block(
+        spec.num_layers, spec.num_kv_heads, spec.qk_head_dim, spec.v_head_dim, plan.block_size, dtype)
+    num_blocks = max(1, plan.kv_cache_bytes // per_block)
+    _, kv_bytes = kv_layout(spec, num_blocks, plan.block_size, dtype)
+    kv = backend.allocate(kv_bytes, f"dev{device_index}.kv")
+    ckpt.close()
+    seconds = time.perf_counter() - started
+    logger.info("device %d: loaded %d replicated tensors and %d experts x %d MoE layers (%.1f MB read) "
+                "and a KV pool of %d blocks in %.2f s", device_index, len(layout), len(plan.expert_ids),
+                spec.num_moe_layers, ckpt.bytes_read / 1e6, num_blocks, seconds)
+    ready = messages.HMMReady(
+        device_index=device_index, replicated=replicated.handle, replicated_layout=layout, experts=handles,
+        kv=kv.handle, num_kv_blocks=num_blocks, bytes_read_from_checkpoint=ckpt.bytes_read, load_seconds=seconds,
+    )
+    return DeviceMemory(replicated, experts, kv, ready)
+
+
+class SharedWeights(weights_mod.WeightSource):
+    """Executor-side weights: views on HMM regions, nothing read from disk."""
+
+    def __init__(self, replicated: backends_base.Region, layout: list[messages.TensorSlot],
+                 experts_by_layer: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.replicated = replicated
+        self.layout = {s.name: s for s in layout}
+        self.experts_by_layer = experts_by_layer
+
+    def tensor(self, name: str) -> torch.Tensor:
+        slot = self.layout.get(name)
+        if slot is None:
+            raise weights_mod.MissingTensorError(f"tensor {name!r} is not in this device's replicated memory")
+        return self.replicated.tensor(weights_mod.parse_dtype(slot.dtype), slot.shape, slot.offset_bytes)
+
+    def experts(self, layer, names):
+        return self.experts_by_layer[layer]
+
+
+@dataclasses.dataclass
+class AttachedDevice:
+    weights: SharedWeights
+    expert_ids: list[int]  # global ids in slot order
+    pool: kv_cache.KVCachePool
+    regions: list[backends_base.Region]
+    pages: list[backends_base.ExpertPages]
+
+
+def attach_device(backend: backends_base.DeviceBackend, spec: config_mod.ModelSpec, ready: messages.HMMReady,
+                  dtype: torch.dtype, block_size: int) -> AttachedDevice:
+    regions = []
+    replicated = backend.attach(ready.replicated)
+    regions.append(replicated)
+    by_layer: dict[int, list[messages.ExpertRegion]] = {}
+    for er in ready.experts:
+        by_layer.setdefault(er.layer, []).append(er)
+    expert_ids: list[int] = []
+    experts_by_layer: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    pages = []
+    inter = spec.moe_intermediate_size
+    hidden = spec.hidden_size
+    for layer, ers in sorted(by_layer.items()):
+        ers = sorted(ers, key=lambda r: r.expert_id)
+        if not expert_ids:
+            expert_ids = [r.expert_id for r in ers]
+        assert [r.expert_id for r in ers] == expert_ids, "every MoE layer holds the same experts"
+        p13 = backend.expert_pages(len(ers), ers[0].w13.size_bytes)
+        p2 = backend.expert_pages(len(ers), ers[0].w2.size_bytes)
+        for slot, r in enumerate(ers):
+            for p, handle in ((p13, r.w13), (p2, r.w2)):
+                region = backend.attach(handle)
+                p.map(slot, region)
+                region.close()  # the mapping keeps the pages; the handle is no longer needed
+        pages += [p13, p2]
+        experts_by_layer[layer] = (p13.view(dtype, (2 * inter, hidden)), p2.view(dtype, (hidden, inter)))
+    kv = backend.attach(ready.kv)
+    regions.append(kv)
+    layout, _ = kv_layout(spec, ready.num_kv_blocks, block_size, dtype)
+    caches = [(kv.tensor(dtype, ks, ko), kv.tensor(dtype, vs, vo)) for ko, ks, vo, vs in layout]
+    pool = kv_cache.KVCachePool(block_size, ready.num_kv_blocks, caches)
+    return AttachedDevice(SharedWeights(replicated, ready.replicated_layout, experts_by_layer), expert_ids, pool,
+                          regions, pages)

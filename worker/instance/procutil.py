@@ -1,0 +1,35 @@
+"""Process plumbing shared by the coordinator, HMMs and executors."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import resource
+import signal
+import socket
+import sys
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Ask Linux to signal us when our parent dies, so no worker outlives the process that
+    started it (a killed coordinator takes its HMMs, a killed HMM its executor)."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+        if os.getppid() == 1:  # the parent died before prctl: nobody will signal us
+            os.kill(os.getpid(), sig)
+
+
+def raise_fd_limit() -> None:
+    """An HMM keeps one descriptor per expert region (layers x experts x 2)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
