@@ -396,7 +396,8 @@ def test_dead_engine_is_503_with_retry_after(model_dir):
         s.engine.engine.step = broken_step  # the next step fails: the engine marks itself dead
         with pytest.raises(openai.InternalServerError) as info:
             client.completions.create(model=SERVED_NAME, prompt=PROMPT, max_tokens=4)
-        assert info.value.status_code == 500 and "injected step failure" in info.value.message
+        assert info.value.status_code == 503 and "injected step failure" in info.value.message
+        assert int(info.value.response.headers["retry-after"]) >= 1
 
         with pytest.raises(openai.APIStatusError) as info:
             client.completions.create(model=SERVED_NAME, prompt=PROMPT, max_tokens=4)

@@ -373,8 +373,11 @@ class _Endpoints:
                 pieces.append(out.text)
                 if out.finished and out.finish_reason not in (types.FinishReason.STOP, types.FinishReason.LENGTH):
                     logger.warning("request %s ended with %s: %s", request_id, out.finish_reason.value, out.error)
-                    raise ApiError(500, _engine_failure_message(out), type="server_error",
-                                   code=out.finish_reason.value, reject_reason=None)
+                    # A worker failure is the service being unavailable, not a bad request:
+                    # 503 + Retry-After so clients back off and retry elsewhere or later.
+                    raise ApiError(503, _engine_failure_message(out), type="server_error",
+                                   code=out.finish_reason.value, reject_reason=None,
+                                   headers={"Retry-After": str(_ENGINE_DEAD_RETRY_AFTER_S)})
         except _ClientDisconnected:
             logger.info("client went away during %s; aborted", request_id)
             return fastapi.Response(status_code=499)
