@@ -35,6 +35,8 @@ from elasticmoe_worker.models import registry
 
 logger = logging.getLogger(__name__)
 
+_RECOVERY_GRACE_S = 0.5
+
 
 def contiguous_placement(num_experts: int, num_devices: int) -> list[int]:
     """Expert id -> device, in contiguous blocks whose sizes differ by at most one."""
@@ -89,6 +91,9 @@ class Instance:
         self._rank_stats: dict[int, messages.RankStats] = {}
         self._inflight = [0] * num_devices
         self._error: str | None = None
+        self._hmm_lost = False  # memory gone: only scaling or the operator can repair this
+        self._recovering: set[int] = set()
+        self._recover_at: float | None = None
         self._stop = False
         self._ids = itertools.count()
         self.hmm_ready: dict[int, messages.HMMReady] = {}
@@ -154,14 +159,17 @@ class Instance:
         logger.info("instance ready: %d device(s), %d experts placed contiguously, in %.1f s",
                     self.num_devices, self.spec.num_experts, time.monotonic() - started)
 
-    def _start_executors(self, deadline: float) -> None:
+    def _start_message(self, rank: int) -> messages.StartExecutor:
         engine_fields = dataclasses.asdict(self.config)
         engine_fields["max_model_len"] = self.max_model_len
+        return messages.StartExecutor(
+            config_id=self.config_id, rank=rank, world_size=self.num_devices, store_host="127.0.0.1",
+            store_port=self.store_port, expert_owner=self.expert_owner, engine=engine_fields,
+            model_name=self.model_name, collective_timeout_s=self.collective_timeout_s)
+
+    def _start_executors(self, deadline: float) -> None:
         for i in range(self.num_devices):
-            self._send_now(f"hmm-{i}", messages.StartExecutor(
-                config_id=self.config_id, rank=i, world_size=self.num_devices, store_host="127.0.0.1",
-                store_port=self.store_port, expert_owner=self.expert_owner, engine=engine_fields,
-                model_name=self.model_name, collective_timeout_s=self.collective_timeout_s))
+            self._send_now(f"hmm-{i}", self._start_message(i))
         self.executors = self._recv_until(messages.ExecutorReady, self.num_devices, deadline)
 
     # -- EngineClient --------------------------------------------------------------
@@ -242,7 +250,10 @@ class Instance:
             pass
 
     def _fail(self, error: str) -> None:
-        if self._error is not None or self._stop:
+        if self._stop:
+            return
+        if self._error is not None:
+            self._error = f"{self._error}; {error}" if error not in self._error else self._error
             return
         self._error = error
         logger.error("instance unhealthy: %s; failing %d request(s) in flight", error, len(self._flights))
@@ -259,9 +270,36 @@ class Instance:
         elif isinstance(msg, messages.RankStats):
             self._rank_stats[msg.rank] = msg
         elif isinstance(msg, messages.ExecutorFailed):
+            if msg.config_id != self.config_id:
+                return  # a straggler of the configuration we already replaced
             self._fail(f"executor rank {msg.rank} failed: {msg.error}")
+            # Decide a moment later: when a whole worker died, its peers' executors report
+            # broken connections before the fleet sees the death, and a dead HMM's memory
+            # cannot be recovered from.
+            self._recover_at = time.monotonic() + _RECOVERY_GRACE_S
+        elif isinstance(msg, messages.ExecutorReady):
+            if msg.config_id == self.config_id and msg.rank in self._recovering:
+                self.executors[msg.rank] = msg
+                self._recovering.discard(msg.rank)
+                if not self._recovering and not self._hmm_lost:
+                    logger.info("instance recovered: executors of configuration %d ready; serving again",
+                                self.config_id)
+                    self._error = None
         elif isinstance(msg, messages.HMMFailed):
+            self._hmm_lost = True
             self._fail(f"HMM of device {msg.device_index} failed: {msg.error}")
+
+    def _recover(self) -> None:
+        """An executor died but every HMM still holds its memory: start a fresh set of
+        executors (new configuration id, new collective group) on the same memory. Nothing
+        is read from the checkpoint; requests in flight were already failed."""
+        if self._hmm_lost or self._stop:
+            return
+        self.config_id += 1
+        self._recovering = set(range(self.num_devices))
+        logger.warning("restarting the executors on the HMMs' memory as configuration %d", self.config_id)
+        for i in range(self.num_devices):
+            self._send_now(f"hmm-{i}", self._start_message(i))
 
     def _io_loop(self) -> None:
         poller = zmq.Poller()
@@ -288,8 +326,12 @@ class Instance:
             if now - last_check > 0.1:
                 last_check = now
                 dead = self.fleet.dead()
-                if dead:
+                if dead and not self._hmm_lost:
+                    self._hmm_lost = True
                     self._fail(f"worker process(es) died: {dead} (device -> exit code)")
+                if self._recover_at is not None and now >= self._recover_at:
+                    self._recover_at = None
+                    self._recover()
 
     def shutdown(self, timeout_s: float = 15.0) -> None:
         """Stop every process this instance started; idempotent."""

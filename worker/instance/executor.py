@@ -13,6 +13,7 @@ the executor then reports the error and exits rather than hang.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import os
@@ -47,6 +48,30 @@ def _tokenizer(files: dict[str, str]):
         return transformers.AutoTokenizer.from_pretrained(d, local_files_only=True)
 
 
+def _weight_tensors(obj, seen: set[int]):
+    """Every floating-point tensor reachable through the model's dataclasses, once."""
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point() and obj.data_ptr() not in seen:
+            seen.add(obj.data_ptr())
+            yield obj
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from _weight_tensors(item, seen)
+    elif dataclasses.is_dataclass(obj):
+        for field in dataclasses.fields(obj):
+            yield from _weight_tensors(getattr(obj, field.name), seen)
+
+
+def _touch_weights(model) -> int:
+    """Read every weight page once, so the memory measurement covers them; -> bytes seen."""
+    total = 0
+    for t in _weight_tensors(model, set()):
+        total += t.numel() * t.element_size()
+        for chunk in t.reshape(-1).split(1 << 20):
+            chunk.sum()
+    return total
+
+
 def _params(msg: messages.AddRequest) -> types.SamplingParams:
     return types.SamplingParams(max_tokens=msg.max_tokens, temperature=msg.temperature, top_p=msg.top_p,
                                 top_k=msg.top_k, seed=msg.seed, stop=tuple(msg.stop), ignore_eos=msg.ignore_eos)
@@ -62,9 +87,12 @@ class Executor:
         model_spec = config_mod.spec_from_json(spec.config_json)
         cfg = engine_mod.EngineConfig(**start.engine)
         dtype = registry.resolve_dtype(model_spec, cfg.dtype)
+        before = procutil.private_bytes()
         self.device = memory.attach_device(backend, model_spec, spec.ready, dtype, cfg.block_size)
         fam = registry.family(model_spec.model_type)
         model = fam.build(model_spec, self.device.weights, self.device.expert_ids)
+        self.weight_bytes = _touch_weights(model)
+        self.attach_private_bytes = procutil.private_bytes() - before
 
         self.group = None
         if self.world_size > 1:
@@ -139,7 +167,9 @@ class Executor:
 
     def run(self) -> None:
         self.send(messages.ExecutorReady(rank=self.rank, config_id=self.spec.start.config_id, pid=os.getpid(),
-                                         bytes_read_from_checkpoint=0, startup_seconds=self.startup_seconds))
+                                         bytes_read_from_checkpoint=0, startup_seconds=self.startup_seconds,
+                                         weight_bytes=self.weight_bytes,
+                                         attach_private_bytes=self.attach_private_bytes))
         self._send_stats(force=True)
         idle = False
         while True:
@@ -184,7 +214,8 @@ def main() -> int:
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 2000)
         sock.connect(spec.coordinator)
-        sock.send(messages.encode(messages.ExecutorFailed(rank=rank, error=f"{type(exc).__name__}: {exc}")))
+        sock.send(messages.encode(messages.ExecutorFailed(rank=rank, error=f"{type(exc).__name__}: {exc}",
+                                                          config_id=spec.start.config_id)))
         sock.close()
         return 1
     finally:

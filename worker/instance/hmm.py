@@ -46,6 +46,7 @@ class HMM:
         self.tokenizer_files: dict[str, str] = {}
         self.executor: subprocess.Popen | None = None
         self.executor_rank = -1
+        self.executor_config_id = 0
         self.stop = False
 
     def send(self, msg: messages.Msg) -> None:
@@ -73,6 +74,7 @@ class HMM:
         self.executor.stdin.write(messages.encode(spec))
         self.executor.stdin.close()
         self.executor_rank = start.rank
+        self.executor_config_id = start.config_id
         logger.info("device %d: executor rank %d of %d started (pid %d, configuration %d)", self.device_index,
                     start.rank, start.world_size, self.executor.pid, start.config_id)
 
@@ -93,7 +95,7 @@ class HMM:
             code = self.executor.returncode
             self.executor = None
             if not self.stop:
-                self.send(messages.ExecutorFailed(rank=self.executor_rank,
+                self.send(messages.ExecutorFailed(rank=self.executor_rank, config_id=self.executor_config_id,
                                                   error=f"executor on device {self.device_index} exited with code {code}"))
 
     def run(self) -> None:

@@ -97,6 +97,8 @@ class ExecutorReady(Msg):
     pid: int
     bytes_read_from_checkpoint: int
     startup_seconds: float
+    weight_bytes: int  # bytes of weights this executor sees (all views, every page read once)
+    attach_private_bytes: int  # growth of its private memory (USS) from attaching and reading them
 
 
 class AddRequest(Msg):
@@ -137,6 +139,7 @@ class RankStats(Msg):
 class ExecutorFailed(Msg):
     rank: int
     error: str
+    config_id: int = 0
 
 
 class Shutdown(Msg):
