@@ -127,3 +127,40 @@ def test_failed_step_fails_requests_in_flight_and_marks_unhealthy(make_engine, m
             await _collect(engine, "r2", [1, 2, 3], GREEDY)
 
     asyncio.run(main())
+
+
+def test_handover_to_another_engine_keeps_kv_in_place_and_outputs(tiny_models):
+    """What a switch does: engine A stops mid-generation, engine B on the same KV pool adopts
+    its sequences (blocks untouched) and finishes them exactly as A alone would have."""
+    cfg = engine_mod.EngineConfig(dtype="float32", max_num_batched_tokens=16)
+    a = engine_mod.LLMEngine.from_model_dir(tiny_models["deepseek_v2"], cfg)
+    prompts = [[5, 6, 7, 8, 9], list(range(20, 50)), [3, 1, 4, 1, 5, 9, 2, 6]]
+
+    def run_alone() -> list[list[int]]:
+        ref = engine_mod.LLMEngine(a.model, a.tokenizer, cfg, "ref")
+        for i, p in enumerate(prompts):
+            ref.add_request(str(i), p, GREEDY)
+        out = {str(i): [] for i in range(len(prompts))}
+        while ref.has_work():
+            for o in ref.step():
+                out[o.request_id] += o.token_ids
+        return [out[str(i)] for i in range(len(prompts))]
+
+    for i, p in enumerate(prompts):
+        a.add_request(str(i), p, GREEDY)
+    got = {str(i): [] for i in range(len(prompts))}
+    for _ in range(5):  # mid-prefill for the long prompt, mid-decode for the others
+        for o in a.step():
+            got[o.request_id] += o.token_ids
+    used = a.scheduler.allocator.num_used
+    states = a.export_requests()
+    b = engine_mod.LLMEngine(a.model, a.tokenizer, cfg, "b", pool=a.pool)
+    b.adopt_requests(states, keep_kv=True)
+    assert b.scheduler.allocator.num_used == used, "adopted sequences keep exactly their blocks"
+    computed = sum(r.num_computed for r in b.scheduler.running)
+    assert computed > 0, "nothing is recomputed"
+    while b.has_work():
+        for o in b.step():
+            got[o.request_id] += o.token_ids
+    assert [got[str(i)] for i in range(len(prompts))] == run_alone()
+    assert b.scheduler.allocator.num_used == 0

@@ -189,6 +189,54 @@ class LLMEngine:
             num_prompt_tokens=len(req.prompt_token_ids), num_output_tokens=len(req.output_token_ids),
         )
 
+    # -- handing sequences to another engine (a reconfiguration) --------------------
+    def export_requests(self) -> list[dict]:
+        """Every request in flight, with where its KV lives, for `adopt_requests` on the
+        engine that takes over (same KV pool: blocks stay in place). Leaves this engine
+        empty, without freeing the blocks (they now belong to the adopter)."""
+        out = []
+        for request_id, tracked in list(self.tracked.items()):
+            req = tracked.request
+            out.append({
+                "request_id": request_id, "prompt_token_ids": req.prompt_token_ids,
+                "output_token_ids": req.output_token_ids, "num_computed": req.num_computed,
+                "block_ids": req.block_ids, "params": dataclasses.asdict(req.params),
+                "arrival_s": req.arrival_s, "emitted_chars": tracked.detok.emitted,
+                "emitted_tokens": tracked.num_emitted_tokens,
+                "generator_state": (tracked.generator.get_state().tolist()
+                                    if tracked.generator is not self.generator else None),
+            })
+        self.tracked.clear()
+        self.scheduler.waiting.clear()
+        self.scheduler.running.clear()
+        self.scheduler.requests.clear()
+        return out
+
+    def adopt_requests(self, states: list[dict], keep_kv: bool) -> None:
+        """Continue requests exported by another engine. keep_kv: their blocks are in this
+        engine's pool already; otherwise they are recomputed from prompt + outputs."""
+        for st in sorted(states, key=lambda x: x["arrival_s"]):
+            params = types.SamplingParams(**{**st["params"], "stop": tuple(st["params"]["stop"])})
+            req = scheduler.Request(st["request_id"], list(st["prompt_token_ids"]), params,
+                                    arrival_s=st["arrival_s"], output_token_ids=list(st["output_token_ids"]))
+            if keep_kv and st["block_ids"]:
+                self.scheduler.allocator.take(list(st["block_ids"]))
+                req.block_ids = list(st["block_ids"])
+                req.num_computed = st["num_computed"]
+                req.status = scheduler.Status.RUNNING
+                self.scheduler.running.append(req)
+            else:
+                self.scheduler.waiting.append(req)
+            self.scheduler.requests[req.request_id] = req
+            generator = self.generator
+            if st.get("generator_state") is not None:
+                generator = torch.Generator()
+                generator.set_state(torch.tensor(st["generator_state"], dtype=torch.uint8))
+            detok = output.Detokenizer(self.tokenizer, params.stop)
+            detok.text = self.tokenizer.decode(req.output_token_ids, skip_special_tokens=True)
+            detok.emitted = st["emitted_chars"]
+            self.tracked[req.request_id] = _Tracked(req, detok, generator, st["emitted_tokens"])
+
     def fail_all(self, error: str) -> list[types.RequestOutput]:
         """The engine cannot go on: end every request in flight with an error."""
         outs = []

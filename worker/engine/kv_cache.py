@@ -37,6 +37,15 @@ class BlockAllocator:
             raise MemoryError(f"KV cache: asked for {n} blocks, {len(self._free)} free")
         return [self._free.pop() for _ in range(n)]
 
+    def take(self, blocks: list[int]) -> None:
+        """Mark specific blocks used: sequences adopted with their KV already in the pool."""
+        wanted = set(blocks)
+        free = set(self._free)
+        missing = wanted - free
+        if missing:
+            raise ValueError(f"blocks {sorted(missing)[:8]} are not free")
+        self._free = [b for b in self._free if b not in wanted]
+
     def free(self, blocks: list[int]) -> None:
         self._free.extend(reversed(blocks))
         assert len(self._free) <= self.num_blocks, "a block was freed twice"
