@@ -114,7 +114,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         engine = coordinator.Instance(model_dir, args.devices, engine_config_from_args(args), model_name=name,
                                       backend=args.backend, collective_timeout_s=args.collective_timeout_s)
     try:
+        from elasticmoe_worker.server import admin
+
         app = api.build_app(engine, served_model_name=args.served_model_name)
+        admin.add_routes(app, engine, admin.resolve_token(args.admin_token_file, cache_dir()))
         log.info("serving %s as %r", model_dir, engine.model_name)
         api.run_server(app, args.host, args.port, log_level=args.log_level)
     except KeyboardInterrupt:
@@ -132,6 +135,52 @@ def cmd_make_model(args: argparse.Namespace) -> int:
                                progress=not args.no_progress)
     print(path)
     return 0
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    import time
+
+    import httpx
+    from rich.console import Console
+    from rich.table import Table
+
+    token = args.token or os.environ.get("ELASTICMOE_ADMIN_TOKEN")
+    if not token:
+        path = cache_dir() / "admin-token"
+        if not path.is_file():
+            logging.getLogger("elasticmoe").error("no admin token: pass --token, set ELASTICMOE_ADMIN_TOKEN, "
+                                                  "or run on the server's machine (%s)", path)
+            return 2
+        token = path.read_text().strip()
+    headers = {"Authorization": f"Bearer {token}"}
+    console = Console()
+    with httpx.Client(base_url=args.url, headers=headers, timeout=30) as client:
+        r = client.post("/admin/scale", json={"devices": args.devices, "reason": args.reason})
+        if r.status_code != 202:
+            message = r.json().get("error", {}).get("message", r.text) if r.headers.get("content-type", "").startswith(
+                "application/json") else r.text
+            console.print(f"[red]scale refused ({r.status_code}):[/red] {message}")
+            return 1
+        if args.no_wait:
+            console.print(f"scaling to {args.devices} devices started")
+            return 0
+        with console.status(f"scaling to {args.devices} devices"):
+            while True:
+                status = client.get("/admin/status").json()
+                if status["phase"] != "Scaling":
+                    break
+                time.sleep(0.2)
+    last = status.get("lastScale") or {}
+    table = Table(title=f"scale {last.get('from_devices')} -> {last.get('to_devices')}: {last.get('outcome')}")
+    table.add_column("phase")
+    table.add_column("seconds", justify="right")
+    for name, seconds in (last.get("phases") or {}).items():
+        table.add_row(name, f"{seconds:.3f}")
+    table.add_row("total", f"{last.get('seconds', 0):.3f}")
+    console.print(table)
+    if last.get("error"):
+        console.print(f"[red]{last['error']}[/red]")
+    return 0 if last.get("outcome") == "succeeded" else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,8 +210,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="device backend of the instance's workers (default: %(default)s)")
     p.add_argument("--collective-timeout-s", type=float, default=60.0,
                    help="a collective that stalls longer fails with an error instead of hanging (default: %(default)s)")
+    p.add_argument("--admin-token-file", default=None,
+                   help=f"file holding the admin API bearer token (default: ${'{'}ELASTICMOE_ADMIN_TOKEN{'}'}, else one "
+                        "is generated and saved to <cache dir>/admin-token)")
     add_engine_arguments(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("scale", help="change the number of devices of a running instance",
+                       description="Ask a running `elasticmoe serve --devices N` to scale to M devices with zero "
+                                   "downtime, then follow it until done and print its phases.")
+    p.add_argument("--devices", type=_positive_int, required=True, help="target number of devices")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default: %(default)s)")
+    p.add_argument("--token", default=None,
+                   help="admin bearer token (default: $ELASTICMOE_ADMIN_TOKEN, else <cache dir>/admin-token)")
+    p.add_argument("--reason", default="elasticmoe scale", help="recorded with the scale (default: %(default)s)")
+    p.add_argument("--no-wait", action="store_true", help="return once the scale has started")
+    p.set_defaults(func=cmd_scale)
 
     p = sub.add_parser("make-model", help="write a random-initialised checkpoint of a supported family",
                        description="Write a random-initialised MoE checkpoint in Hugging Face layout "

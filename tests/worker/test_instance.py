@@ -92,7 +92,7 @@ def test_requests_spread_over_ranks(tiny_models):
         async def main():
             tasks = [asyncio.create_task(_collect(inst, f"r{i}", [5, 6, 7], long)) for i in range(4)]
             await asyncio.sleep(0.5)
-            spread = list(inst._inflight)
+            spread = inst.inflight_per_rank()
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)

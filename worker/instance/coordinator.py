@@ -29,24 +29,14 @@ import zmq
 from elasticmoe_worker.engine import engine as engine_mod
 from elasticmoe_worker.engine import kv_cache, types
 from elasticmoe_worker.instance import fleet as fleet_mod
-from elasticmoe_worker.instance import messages, procutil
+from elasticmoe_worker.instance import messages, procutil, scaling
 from elasticmoe_worker.models import config as config_mod
 from elasticmoe_worker.models import registry
 
 logger = logging.getLogger(__name__)
 
 _RECOVERY_GRACE_S = 0.5
-
-
-def contiguous_placement(num_experts: int, num_devices: int) -> list[int]:
-    """Expert id -> device, in contiguous blocks whose sizes differ by at most one."""
-    if not 1 <= num_devices <= num_experts:
-        raise ValueError(f"devices: got {num_devices}, expected 1..{num_experts} (one expert per device at least)")
-    base, extra = divmod(num_experts, num_devices)
-    owner = []
-    for d in range(num_devices):
-        owner += [d] * (base + (1 if d < extra else 0))
-    return owner
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 @dataclasses.dataclass
@@ -54,6 +44,10 @@ class _Flight:
     rank: int
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
+
+
+class ScaleInProgress(RuntimeError):
+    """Another scale runs (or the instance cannot scale now): try again later."""
 
 
 class Instance:
@@ -70,8 +64,15 @@ class Instance:
         self.tokenizer = engine_mod.load_tokenizer(self.model_dir)
         self.max_model_len = min(self.config.max_model_len or min(self.spec.max_position_embeddings, 4096),
                                  self.spec.max_position_embeddings)
-        self.expert_owner = contiguous_placement(self.spec.num_experts, num_devices)
+        self.placement = scaling.initial_placement(self.spec.num_experts, num_devices)
+        self.expert_owner = scaling.owner_list(self.placement, self.spec.num_experts)
+        # Kept in memory so devices that join later read nothing from the checkpoint directory.
+        self.config_json = (self.model_dir / "config.json").read_text()
+        self.tokenizer_files = {n: (self.model_dir / n).read_text() for n in _TOKENIZER_FILES
+                                if (self.model_dir / n).is_file()}
+        self._scale_lock = threading.Lock()
         self.config_id = 0
+        self._last_config_id = 0
         self._ctx = zmq.Context()
         self._router = self._ctx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
@@ -89,7 +90,11 @@ class Instance:
         self.fleet = fleet_mod.LocalFleet(self.address, backend)
         self._flights: dict[str, _Flight] = {}
         self._rank_stats: dict[int, messages.RankStats] = {}
-        self._inflight = [0] * num_devices
+        self._switching = False  # a scale is swapping executors: new requests wait a moment
+        self._scaler = None
+        self.last_scale = None
+        self.history: list = []
+        self.max_devices = self.spec.num_experts
         self._error: str | None = None
         self._hmm_lost = False  # memory gone: only scaling or the operator can repair this
         self._recovering: set[int] = set()
@@ -154,7 +159,8 @@ class Instance:
                 expert_ids=[e for e, d in enumerate(self.expert_owner) if d == i],
                 kv_cache_bytes=self._kv_cache_bytes(), block_size=self.config.block_size))
         self.hmm_ready = self._recv_until(messages.HMMReady, self.num_devices, deadline)
-        self.config_id += 1
+        self.replicated_bytes = self.hmm_ready[0].replicated.size_bytes
+        self.config_id = self.next_config_id()
         self._start_executors(deadline)
         logger.info("instance ready: %d device(s), %d experts placed contiguously, in %.1f s",
                     self.num_devices, self.spec.num_experts, time.monotonic() - started)
@@ -195,11 +201,20 @@ class Instance:
 
     def _pick_rank(self) -> int:
         """Least loaded: requests in flight first, then KV-cache use."""
+        inflight = self.inflight_per_rank()
+
         def load(rank: int) -> tuple[int, float]:
             s = self._rank_stats.get(rank)
             kv = s.kv_blocks_used / s.kv_blocks_total if s and s.kv_blocks_total else 0.0
-            return self._inflight[rank], kv
+            return inflight[rank], kv
         return min(range(self.num_devices), key=load)
+
+    def inflight_per_rank(self) -> list[int]:
+        counts = [0] * self.num_devices
+        for flight in list(self._flights.values()):
+            if flight.rank < self.num_devices:
+                counts[flight.rank] += 1
+        return counts
 
     def _send(self, identity: str, msg: messages.Msg) -> None:
         with self._send_lock:
@@ -214,13 +229,14 @@ class Instance:
                        params: types.SamplingParams) -> AsyncIterator[types.RequestOutput]:
         if self._error is not None:
             raise types.EngineDead(f"instance unhealthy: {self._error}")
+        while self._switching:  # one step's pause while a scale swaps executors
+            await asyncio.sleep(0.002)
         waiting = sum(r.num_waiting for r in self._rank_stats.values())
         if waiting >= self.config.max_waiting * self.num_devices:
             raise types.EngineOverloaded(f"server busy: {waiting} requests waiting")
         rank = self._pick_rank()
         flight = _Flight(rank, asyncio.get_running_loop(), asyncio.Queue())
         self._flights[request_id] = flight
-        self._inflight[rank] += 1
         self._send(f"exec-{self.config_id}-{rank}", messages.AddRequest(
             request_id=request_id, prompt_token_ids=list(prompt_token_ids), max_tokens=params.max_tokens,
             temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, seed=params.seed,
@@ -235,9 +251,8 @@ class Instance:
                     return
         finally:
             self._flights.pop(request_id, None)
-            self._inflight[rank] -= 1
-            if not finished:
-                self._send(f"exec-{self.config_id}-{rank}", messages.AbortRequest(request_id=request_id))
+            if not finished:  # flight.rank: a scale may have moved the request
+                self._send(f"exec-{self.config_id}-{flight.rank}", messages.AbortRequest(request_id=request_id))
 
     # -- the I/O thread ------------------------------------------------------------
     def _deliver(self, out: types.RequestOutput) -> None:
@@ -268,7 +283,10 @@ class Instance:
                 finish_reason=types.FinishReason(msg.finish_reason) if msg.finish_reason else None,
                 num_prompt_tokens=msg.num_prompt_tokens, num_output_tokens=msg.num_output_tokens, error=msg.error))
         elif isinstance(msg, messages.RankStats):
-            self._rank_stats[msg.rank] = msg
+            if msg.config_id == self.config_id:
+                self._rank_stats[msg.rank] = msg
+        elif self._scaler is not None and self._to_scaler(msg):
+            pass
         elif isinstance(msg, messages.ExecutorFailed):
             if msg.config_id != self.config_id:
                 return  # a straggler of the configuration we already replaced
@@ -289,13 +307,92 @@ class Instance:
             self._hmm_lost = True
             self._fail(f"HMM of device {msg.device_index} failed: {msg.error}")
 
+    def _to_scaler(self, msg: messages.Msg) -> bool:
+        """Messages of a scale in progress go to its thread; -> True when taken."""
+        scaler = self._scaler
+        if isinstance(msg, (messages.HMMHello, messages.TransitionReady, messages.Handover, messages.Adopted)):
+            scaler.inbox.put(msg)
+            return True
+        if isinstance(msg, messages.ExecutorReady) and msg.config_id == scaler.new_config:
+            scaler.inbox.put(msg)
+            return True
+        if isinstance(msg, messages.ExecutorFailed) and msg.config_id == scaler.new_config and not scaler.switched:
+            scaler.inbox.put(scaling.ScaleAborted(f"standby executor rank {msg.rank} failed: {msg.error}"))
+            return True
+        if isinstance(msg, messages.HMMFailed) and msg.config_id == scaler.new_config and not scaler.switched:
+            scaler.inbox.put(scaling.ScaleAborted(f"device {msg.device_index}: {msg.error}"))
+            return True
+        return False
+
+    # -- scaling -------------------------------------------------------------------
+    def start_scale(self, devices: int, reason: str = "manual", timeout_s: float = 300.0) -> threading.Thread:
+        """Validate and start a scale in a background thread (ValueError for a bad target,
+        ScaleInProgress while another runs or the instance is unhealthy)."""
+        if not isinstance(devices, int) or isinstance(devices, bool) or not 1 <= devices <= self.max_devices:
+            raise ValueError(f"devices: got {devices!r}, expected an integer in [1, {self.max_devices}] "
+                             f"(at most one device per routed expert)")
+        with self._scale_lock:
+            if self._scaler is not None:
+                raise ScaleInProgress(f"a scale {self._scaler.record.from_devices} -> "
+                                      f"{self._scaler.record.to_devices} devices is in progress")
+            if self._error is not None:
+                raise ScaleInProgress(f"instance unhealthy, not scaling: {self._error}")
+            if devices == self.num_devices:
+                raise ValueError(f"devices: already {devices}; nothing to do")
+            self._scaler = scaling.Scaler(self, devices, reason, timeout_s)
+        thread = threading.Thread(target=self._run_scale, name="scale", daemon=True)
+        thread.start()
+        return thread
+
+    def _run_scale(self) -> None:
+        try:
+            self._scaler.run()
+        except Exception as exc:  # a bug after the switch: say so, do not kill the thread silently
+            logger.exception("scale failed")
+            self._scaler.record.outcome = "failed"
+            self._scaler.record.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            with self._scale_lock:
+                self.last_scale = self._scaler.record
+                self.history = (self.history + [self._scaler.record])[-10:]
+                self._scaler = None
+
+    def scale(self, devices: int, reason: str = "manual", timeout_s: float = 300.0) -> "scaling.ScaleRecord":
+        """start_scale and wait for it; -> the record of what happened."""
+        self.start_scale(devices, reason, timeout_s).join()
+        return self.last_scale
+
+    @property
+    def phase(self) -> str:
+        if self._error is not None:
+            return "Degraded"
+        return "Scaling" if self._scaler is not None else "Serving"
+
+    def _commit_switch(self, config_id: int, devices: int, placement, ranks: dict[str, int]) -> None:
+        """Called by the scaler once the new executors hold every sequence."""
+        for request_id, rank in ranks.items():
+            flight = self._flights.get(request_id)
+            if flight is not None:
+                flight.rank = rank
+        self._rank_stats = {r: s for r, s in self._rank_stats.items() if r < devices}
+        self.placement = placement
+        self.expert_owner = scaling.owner_list(placement, self.spec.num_experts)
+        self.num_devices = devices
+        self.config_id = config_id
+        self._switching = False
+
+    def next_config_id(self) -> int:
+        """Configuration ids are never reused (they prefix rendezvous keys in the store)."""
+        self._last_config_id = max(self._last_config_id, self.config_id) + 1
+        return self._last_config_id
+
     def _recover(self) -> None:
         """An executor died but every HMM still holds its memory: start a fresh set of
         executors (new configuration id, new collective group) on the same memory. Nothing
         is read from the checkpoint; requests in flight were already failed."""
         if self._hmm_lost or self._stop:
             return
-        self.config_id += 1
+        self.config_id = self.next_config_id()
         self._recovering = set(range(self.num_devices))
         logger.warning("restarting the executors on the HMMs' memory as configuration %d", self.config_id)
         for i in range(self.num_devices):
@@ -326,6 +423,13 @@ class Instance:
             if now - last_check > 0.1:
                 last_check = now
                 dead = self.fleet.dead()
+                scaler = self._scaler
+                if dead and scaler is not None and not scaler.switched:
+                    joining = {d: c for d, c in dead.items() if d >= self.num_devices}
+                    if joining:
+                        scaler.inbox.put(scaling.ScaleAborted(f"new worker(s) died: {joining} (device -> exit code)"))
+                        for d in joining:
+                            dead.pop(d)
                 if dead and not self._hmm_lost:
                     self._hmm_lost = True
                     self._fail(f"worker process(es) died: {dead} (device -> exit code)")

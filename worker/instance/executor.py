@@ -88,7 +88,9 @@ class Executor:
         cfg = engine_mod.EngineConfig(**start.engine)
         dtype = registry.resolve_dtype(model_spec, cfg.dtype)
         before = procutil.private_bytes()
+        attach_started = time.perf_counter()
         self.device = memory.attach_device(backend, model_spec, spec.ready, dtype, cfg.block_size)
+        self.attach_seconds = time.perf_counter() - attach_started
         fam = registry.family(model_spec.model_type)
         model = fam.build(model_spec, self.device.weights, self.device.expert_ids)
         self.weight_bytes = _touch_weights(model)
@@ -113,12 +115,15 @@ class Executor:
 
         self.engine = engine_mod.LLMEngine(model, _tokenizer(spec.tokenizer_files), cfg, spec.model_name,
                                            pool=self.device.pool)
+        if self.group is not None:
+            self.engine.runner.execute_empty()  # warm-up: the first collectives of the new group
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, f"exec-{start.config_id}-{self.rank}".encode())
         self.sock.setsockopt(zmq.LINGER, 1000)
         self.sock.connect(spec.coordinator)
         self.stop = False
+        self.pausing = False
         self._last_stats = 0.0
         self.startup_seconds = time.perf_counter() - started
 
@@ -137,6 +142,12 @@ class Executor:
             self.engine.abort_request(msg.request_id)
         elif isinstance(msg, messages.Shutdown):
             self.stop = True
+        elif isinstance(msg, messages.PauseForSwitch):
+            self.pausing = True
+        elif isinstance(msg, messages.Adopt):
+            self.engine.adopt_requests(msg.requests, keep_kv=msg.keep_kv)
+            self.send(messages.Adopted(rank=self.rank, config_id=self.spec.start.config_id,
+                                       num_requests=len(msg.requests)))
         else:
             logger.warning("rank %d: unexpected message %s", self.rank, type(msg).__name__)
 
@@ -154,28 +165,45 @@ class Executor:
             return
         self._last_stats = now
         s = self.engine.stats()
-        self.send(messages.RankStats(rank=self.rank, num_running=s.num_running, num_waiting=s.num_waiting,
+        self.send(messages.RankStats(rank=self.rank, config_id=self.spec.start.config_id, num_running=s.num_running, num_waiting=s.num_waiting,
                                      kv_blocks_used=s.kv_blocks_used, kv_blocks_total=s.kv_blocks_total,
                                      num_preemptions_total=s.num_preemptions_total))
 
-    def _agree(self) -> tuple[bool, bool]:
-        """-> (anyone has work, anyone is stopping), the same answer on every rank."""
-        flags = torch.tensor([int(self.engine.has_work()), int(self.stop)], dtype=torch.int64)
+    def _agree(self) -> tuple[bool, bool, bool]:
+        """-> (anyone has work, anyone is stopping, anyone is pausing), the same on every rank."""
+        flags = torch.tensor([int(self.engine.has_work()), int(self.stop), int(self.pausing)], dtype=torch.int64)
         if self.group is not None:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(flags[0]), bool(flags[1])
+        return bool(flags[0]), bool(flags[1]), bool(flags[2])
+
+    def _hand_over(self) -> None:
+        """Stopped for a switch: give every request (and where its KV is) to the coordinator,
+        then only wait to be told to exit. No collective runs after this point."""
+        self._drain(0)
+        requests = self.engine.export_requests()
+        self.send(messages.Handover(rank=self.rank, config_id=self.spec.start.config_id, requests=requests))
+        logger.info("rank %d: paused for a switch, handed over %d request(s)", self.rank, len(requests))
+        while not self.stop:
+            self._drain(100)
+            if self.engine.has_work():  # requests that raced the pause: hand them over too
+                self.send(messages.Handover(rank=self.rank, config_id=self.spec.start.config_id,
+                                            requests=self.engine.export_requests()))
 
     def run(self) -> None:
         self.send(messages.ExecutorReady(rank=self.rank, config_id=self.spec.start.config_id, pid=os.getpid(),
                                          bytes_read_from_checkpoint=0, startup_seconds=self.startup_seconds,
+                                         attach_seconds=self.attach_seconds,
                                          weight_bytes=self.weight_bytes,
                                          attach_private_bytes=self.attach_private_bytes))
         self._send_stats(force=True)
         idle = False
         while True:
             self._drain(_IDLE_POLL_MS if idle else 0)
-            busy, stopping = self._agree()
+            busy, stopping, pausing = self._agree()
             if stopping:
+                break
+            if pausing:
+                self._hand_over()
                 break
             idle = not busy
             if idle:

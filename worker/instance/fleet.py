@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import subprocess
 import sys
+import threading
+import time
 
 logger = logging.getLogger(__name__)
 
@@ -21,13 +24,33 @@ class LocalFleet:
         self.coordinator_address = coordinator_address
         self.backend = backend
         self.workers: dict[int, subprocess.Popen] = {}
+        # NOTE: Linux sends the parent-death signal when the *thread* that forked a child
+        # exits, not the process. Workers are forked by this one long-lived thread, so a
+        # worker started from a short-lived thread (a scale) is not killed when it ends.
+        self._requests: queue.Queue = queue.Queue()
+        self._spawner = threading.Thread(target=self._spawn_loop, name="fleet-spawner", daemon=True)
+        self._spawner.start()
+
+    def _spawn_loop(self) -> None:
+        while True:
+            cmd, done = self._requests.get()
+            try:
+                done.append(subprocess.Popen(cmd, start_new_session=True, env={**os.environ}))
+            except BaseException as exc:
+                done.append(exc)
 
     def add(self, device_index: int) -> None:
         if device_index in self.workers and self.workers[device_index].poll() is None:
             return  # idempotent
         cmd = [sys.executable, "-m", "elasticmoe_worker.instance.hmm", "--device-index", str(device_index),
                "--coordinator", self.coordinator_address, "--backend", self.backend]
-        self.workers[device_index] = subprocess.Popen(cmd, start_new_session=True, env={**os.environ})
+        done: list = []
+        self._requests.put((cmd, done))
+        while not done:
+            time.sleep(0.001)
+        if isinstance(done[0], BaseException):
+            raise done[0]
+        self.workers[device_index] = done[0]
         logger.info("device %d: HMM started (pid %d)", device_index, self.workers[device_index].pid)
 
     def dead(self) -> dict[int, int]:

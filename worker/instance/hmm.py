@@ -18,11 +18,12 @@ import pathlib
 import signal
 import subprocess
 import sys
+import threading
 
 import zmq
 
 from elasticmoe_worker import backends
-from elasticmoe_worker.instance import memory, messages, procutil
+from elasticmoe_worker.instance import memory, messages, procutil, transition
 
 logger = logging.getLogger("elasticmoe.hmm")
 
@@ -40,17 +41,21 @@ class HMM:
         self.sock.setsockopt(zmq.IDENTITY, f"hmm-{device_index}".encode())
         self.sock.setsockopt(zmq.LINGER, 1000)
         self.sock.connect(coordinator)
+        self.send_lock = threading.Lock()
+        self.expert_ids: list[int] = []
+        self.pending_expert_ids: list[int] | None = None
         self.memory: memory.DeviceMemory | None = None
         self.plan: messages.LoadPlan | None = None
         self.config_json = ""
         self.tokenizer_files: dict[str, str] = {}
-        self.executor: subprocess.Popen | None = None
-        self.executor_rank = -1
-        self.executor_config_id = 0
+        # config id -> (process, rank): the serving executor, and a standby during a scale
+        self.executors: dict[int, tuple[subprocess.Popen, int]] = {}
+        self.transition: threading.Thread | None = None
         self.stop = False
 
     def send(self, msg: messages.Msg) -> None:
-        self.sock.send(messages.encode(msg))
+        with self.send_lock:  # the transition thread sends too
+            self.sock.send(messages.encode(msg))
 
     def load(self, plan: messages.LoadPlan) -> None:
         self.plan = plan
@@ -59,44 +64,88 @@ class HMM:
         self.config_json = (model_dir / "config.json").read_text()
         self.tokenizer_files = {n: (model_dir / n).read_text() for n in _TOKENIZER_FILES if (model_dir / n).is_file()}
         self.memory = memory.load_device(self.backend, self.device_index, plan)
+        self.expert_ids = list(plan.expert_ids)
         self.send(self.memory.ready)
 
     def start_executor(self, start: messages.StartExecutor) -> None:
-        assert self.memory is not None and self.plan is not None, "StartExecutor before LoadPlan"
-        self.stop_executor()
+        assert self.memory is not None, "StartExecutor before the device has memory"
+        if start.replace:
+            self.stop_executors()
         spec = messages.ExecutorSpec(
             device_index=self.device_index, backend=self.backend_name, coordinator=self.coordinator,
             config_json=self.config_json, tokenizer_files=self.tokenizer_files,
-            model_name=start.model_name, ready=self.memory.ready, start=start,
+            model_name=start.model_name,
+            # a standby serves the configuration being prepared, with the experts it will hold
+            ready=self.memory.ready_for(self.pending_expert_ids if not start.replace and self.pending_expert_ids
+                                        is not None else self.expert_ids),
+            start=start,
         )
-        self.executor = subprocess.Popen([sys.executable, "-m", "elasticmoe_worker.instance.executor"],
-                                         stdin=subprocess.PIPE)
-        self.executor.stdin.write(messages.encode(spec))
-        self.executor.stdin.close()
-        self.executor_rank = start.rank
-        self.executor_config_id = start.config_id
+        proc = subprocess.Popen([sys.executable, "-m", "elasticmoe_worker.instance.executor"], stdin=subprocess.PIPE)
+        proc.stdin.write(messages.encode(spec))
+        proc.stdin.close()
+        self.executors[start.config_id] = (proc, start.rank)
         logger.info("device %d: executor rank %d of %d started (pid %d, configuration %d)", self.device_index,
-                    start.rank, start.world_size, self.executor.pid, start.config_id)
+                    start.rank, start.world_size, proc.pid, start.config_id)
 
-    def stop_executor(self, timeout_s: float = 10.0) -> None:
-        if self.executor is None:
-            return
-        if self.executor.poll() is None:
-            self.executor.terminate()
+    def stop_executors(self, keep: int | None = None, timeout_s: float = 10.0) -> None:
+        for config_id in [c for c in self.executors if c != keep]:
+            proc, _ = self.executors.pop(config_id)
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=timeout_s)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+    def _check_executors(self) -> None:
+        for config_id, (proc, rank) in list(self.executors.items()):
+            if proc.poll() is None:
+                continue
+            del self.executors[config_id]
+            if proc.returncode != 0 and not self.stop:
+                self.send(messages.ExecutorFailed(
+                    rank=rank, config_id=config_id,
+                    error=f"executor on device {self.device_index} exited with code {proc.returncode}"))
+
+    def prepare_transition(self, msg: messages.PrepareTransition) -> None:
+        """Allocate and receive in a thread; the control loop (and the serving executor) go on."""
+        if self.memory is None:
+            self.config_json = msg.config_json
+            self.tokenizer_files = dict(msg.tokenizer_files)
+            self.memory = transition.allocate_new_device(self.backend, self.device_index, msg)
+
+        def work() -> None:
             try:
-                self.executor.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.executor.kill()
-                self.executor.wait()
-        self.executor = None
+                result = transition.run(self.backend, self.device_index, self.memory, msg)
+                self.pending_expert_ids = list(msg.expert_ids)
+                self.send(messages.TransitionReady(
+                    device_index=self.device_index, config_id=msg.config_id,
+                    ready=result.memory.ready_for(msg.expert_ids), transfer_seconds=result.seconds,
+                    bytes_received=result.bytes_received, bytes_sent=result.bytes_sent))
+            except Exception as exc:
+                logger.exception("device %d: transition %d failed", self.device_index, msg.config_id)
+                self.send(messages.HMMFailed(device_index=self.device_index, config_id=msg.config_id,
+                                             error=f"transition {msg.config_id}: {type(exc).__name__}: {exc}"))
 
-    def _check_executor(self) -> None:
-        if self.executor is not None and self.executor.poll() is not None:
-            code = self.executor.returncode
-            self.executor = None
-            if not self.stop:
-                self.send(messages.ExecutorFailed(rank=self.executor_rank, config_id=self.executor_config_id,
-                                                  error=f"executor on device {self.device_index} exited with code {code}"))
+        self.transition = threading.Thread(target=work, name=f"transition-{msg.config_id}", daemon=True)
+        self.transition.start()
+
+    def commit(self, msg: messages.CommitTransition) -> None:
+        if self.pending_expert_ids is not None:
+            self.expert_ids = self.pending_expert_ids
+            self.pending_expert_ids = None
+        freed = self.memory.drop_experts_except(self.expert_ids) if self.memory else 0
+        self.stop_executors(keep=msg.config_id)
+        logger.info("device %d: configuration %d committed; %.1f MB of experts released", self.device_index,
+                    msg.config_id, freed / 1e6)
+
+    def abort(self, msg: messages.AbortTransition) -> None:
+        self.pending_expert_ids = None
+        freed = self.memory.drop_experts_except(self.expert_ids) if self.memory else 0
+        self.stop_executors(keep=max((c for c in self.executors if c < msg.config_id), default=None))
+        logger.warning("device %d: transition %d aborted (%s); %.1f MB released", self.device_index,
+                       msg.config_id, msg.reason, freed / 1e6)
 
     def run(self) -> None:
         self.send(messages.HMMHello(device_index=self.device_index, pid=os.getpid()))
@@ -108,6 +157,12 @@ class HMM:
                         self.load(msg)
                     elif isinstance(msg, messages.StartExecutor):
                         self.start_executor(msg)
+                    elif isinstance(msg, messages.PrepareTransition):
+                        self.prepare_transition(msg)
+                    elif isinstance(msg, messages.CommitTransition):
+                        self.commit(msg)
+                    elif isinstance(msg, messages.AbortTransition):
+                        self.abort(msg)
                     elif isinstance(msg, messages.Shutdown):
                         self.stop = True
                     else:
@@ -115,11 +170,11 @@ class HMM:
                 except Exception as exc:
                     logger.exception("device %d: %s failed", self.device_index, type(msg).__name__)
                     self.send(messages.HMMFailed(device_index=self.device_index, error=f"{type(exc).__name__}: {exc}"))
-            self._check_executor()
+            self._check_executors()
 
     def close(self) -> None:
         self.stop = True
-        self.stop_executor()
+        self.stop_executors()
         if self.memory is not None:
             self.memory.close()
         self.sock.close()

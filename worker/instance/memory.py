@@ -67,6 +67,28 @@ class DeviceMemory:
     kv: backends_base.Region
     ready: messages.HMMReady
 
+    def ready_for(self, expert_ids: list[int]) -> messages.HMMReady:
+        """Handles for an executor of a configuration holding `expert_ids` on this device."""
+        held = set(expert_ids)
+        handles = [messages.ExpertRegion(layer, e, w13.handle, w2.handle)
+                   for (layer, e), (w13, w2) in sorted(self.experts.items()) if e in held]
+        return messages.HMMReady(
+            device_index=self.ready.device_index, replicated=self.replicated.handle,
+            replicated_layout=self.ready.replicated_layout, experts=handles, kv=self.kv.handle,
+            num_kv_blocks=self.ready.num_kv_blocks, bytes_read_from_checkpoint=self.ready.bytes_read_from_checkpoint,
+            load_seconds=self.ready.load_seconds)
+
+    def drop_experts_except(self, expert_ids: list[int]) -> int:
+        """Free the regions of experts not in `expert_ids`; -> bytes freed. Executors that
+        still map them keep the pages until they exit (the kernel counts mappings)."""
+        keep, freed = set(expert_ids), 0
+        for key in [k for k in self.experts if k[1] not in keep]:
+            w13, w2 = self.experts.pop(key)
+            freed += w13.alloc_bytes + w2.alloc_bytes
+            w13.close()
+            w2.close()
+        return freed
+
     def close(self) -> None:
         for w13, w2 in self.experts.values():
             w13.close()

@@ -71,11 +71,100 @@ class StartExecutor(Msg):
     engine: dict  # EngineConfig fields (plain values)
     model_name: str
     collective_timeout_s: float
+    replace: bool = True  # stop this device's other executors first (False: a standby beside them)
+
+
+class Transfer(msgspec.Struct, frozen=True):
+    """One point-to-point copy between HMMs during a transition.
+
+    kind "replicated": bytes [offset, offset+size) of the replicated region;
+    kind "expert": the whole w13 and w2 regions of `expert_id` in every MoE layer.
+    """
+
+    kind: str
+    src: int  # device index
+    dst: int
+    offset_bytes: int = 0
+    size_bytes: int = 0
+    expert_id: int = -1
+
+
+class PrepareTransition(Msg):
+    """Coordinator -> every HMM taking part: get ready for configuration `config_id`.
+
+    New devices allocate their memory by the layout of the live ones and receive everything
+    from peers (they never open the checkpoint); live devices send what the plan says and
+    receive the experts they gain. The old executors keep serving meanwhile.
+    """
+
+    config_id: int
+    rank: int  # this device's rank in the transfer group
+    group_ranks: list[int]  # device index of each transfer-group rank
+    store_host: str
+    store_port: int
+    expert_ids: list[int]  # what this device holds in the new configuration
+    transfers: list[Transfer]
+    replicated_layout: list[TensorSlot]
+    replicated_bytes: int
+    expert_w13_bytes: int
+    expert_w2_bytes: int
+    moe_layers: list[int]
+    num_kv_blocks: int
+    kv_bytes: int
+    config_json: str  # new devices read nothing from the checkpoint directory
+    tokenizer_files: dict[str, str]
+    timeout_s: float
+
+
+class TransitionReady(Msg):
+    """HMM -> coordinator: transfers done; the handles for the new configuration."""
+
+    device_index: int
+    config_id: int
+    ready: HMMReady
+    transfer_seconds: float
+    bytes_received: int
+    bytes_sent: int
+
+
+class CommitTransition(Msg):
+    """Coordinator -> HMM: the switch happened; free what the new configuration dropped."""
+
+    config_id: int
+
+
+class AbortTransition(Msg):
+    config_id: int
+    reason: str
+
+
+class PauseForSwitch(Msg):
+    """Coordinator -> old executors: stop after the current step and hand over."""
+
+    config_id: int
+
+
+class Handover(Msg):
+    rank: int
+    config_id: int
+    requests: list[dict]  # LLMEngine.export_requests()
+
+
+class Adopt(Msg):
+    requests: list[dict]
+    keep_kv: bool
+
+
+class Adopted(Msg):
+    rank: int
+    config_id: int
+    num_requests: int
 
 
 class HMMFailed(Msg):
     device_index: int
     error: str
+    config_id: int = 0  # the transition that failed, 0 when not about one
 
 
 # -- HMM -> executor (over the executor's stdin) ----------------------------------------
@@ -95,6 +184,7 @@ class ExecutorReady(Msg):
     rank: int
     config_id: int
     pid: int
+    attach_seconds: float  # mapping the HMM's regions (expert pages) into this process
     bytes_read_from_checkpoint: int
     startup_seconds: float
     weight_bytes: int  # bytes of weights this executor sees (all views, every page read once)
@@ -129,6 +219,7 @@ class Output(Msg):
 
 class RankStats(Msg):
     rank: int
+    config_id: int
     num_running: int
     num_waiting: int
     kv_blocks_used: int
@@ -147,7 +238,8 @@ class Shutdown(Msg):
 
 
 ANY = HMMHello | LoadPlan | HMMReady | StartExecutor | HMMFailed | ExecutorSpec | ExecutorReady | AddRequest \
-    | AbortRequest | Output | RankStats | ExecutorFailed | Shutdown
+    | AbortRequest | Output | RankStats | ExecutorFailed | Shutdown | PrepareTransition | TransitionReady \
+    | CommitTransition | AbortTransition | PauseForSwitch | Handover | Adopt | Adopted
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(ANY)

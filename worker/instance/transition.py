@@ -1,0 +1,87 @@
+"""The HMM's part of a reconfiguration: allocate what the new configuration needs and move
+bytes peer to peer, while this device's current executor keeps serving.
+
+Runs in a thread of the HMM. The transfer group is a gloo process group created for this
+transition only (its own store prefix), so it never touches the executors' collectives.
+Every HMM walks the same ordered transfer list and posts the sends and receives that
+involve it; the tag is the transfer's position, so pairs never mix up their messages.
+Staying memory is never copied: only new devices receive replicated bytes, and only the
+experts a device gains are received.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import time
+
+import torch
+import torch.distributed as dist
+
+from elasticmoe_worker.backends import base as backends_base
+from elasticmoe_worker.instance import memory, messages
+
+logger = logging.getLogger("elasticmoe.hmm")
+
+
+@dataclasses.dataclass
+class Result:
+    memory: memory.DeviceMemory
+    seconds: float
+    bytes_sent: int
+    bytes_received: int
+
+
+def allocate_new_device(backend: backends_base.DeviceBackend, device_index: int,
+                        msg: messages.PrepareTransition) -> memory.DeviceMemory:
+    """A device joining the instance: empty regions shaped like its peers'."""
+    replicated = backend.allocate(max(msg.replicated_bytes, 1), f"dev{device_index}.replicated")
+    kv = backend.allocate(msg.kv_bytes, f"dev{device_index}.kv")
+    ready = messages.HMMReady(
+        device_index=device_index, replicated=replicated.handle, replicated_layout=msg.replicated_layout,
+        experts=[], kv=kv.handle, num_kv_blocks=msg.num_kv_blocks, bytes_read_from_checkpoint=0, load_seconds=0.0)
+    return memory.DeviceMemory(replicated, {}, kv, ready)
+
+
+def run(backend: backends_base.DeviceBackend, device_index: int, mem: memory.DeviceMemory,
+        msg: messages.PrepareTransition) -> Result:
+    started = time.perf_counter()
+    for layer in msg.moe_layers:
+        for e in msg.expert_ids:
+            if (layer, e) not in mem.experts:
+                mem.experts[(layer, e)] = (
+                    backend.allocate(msg.expert_w13_bytes, f"dev{device_index}.l{layer}.e{e}.w13"),
+                    backend.allocate(msg.expert_w2_bytes, f"dev{device_index}.l{layer}.e{e}.w2"),
+                )
+    rank_of = {d: r for r, d in enumerate(msg.group_ranks)}
+    store = dist.TCPStore(msg.store_host, msg.store_port, is_master=False,
+                          timeout=datetime.timedelta(seconds=msg.timeout_s))
+    pg = dist.ProcessGroupGloo(dist.PrefixStore(f"transition-{msg.config_id}", store), msg.rank,
+                               len(msg.group_ranks), datetime.timedelta(seconds=msg.timeout_s))
+    works, sent, received = [], 0, 0
+    per_transfer = 2 * max(1, len(msg.moe_layers))
+    for idx, t in enumerate(msg.transfers):
+        if device_index not in (t.src, t.dst):
+            continue
+        if t.kind == "replicated":
+            buffers = [mem.replicated.tensor(torch.uint8, (t.size_bytes,), t.offset_bytes)]
+        else:
+            buffers = []
+            for layer in msg.moe_layers:
+                w13, w2 = mem.experts[(layer, t.expert_id)]
+                buffers += [w13.tensor(torch.uint8, (w13.alloc_bytes,)), w2.tensor(torch.uint8, (w2.alloc_bytes,))]
+        for j, buf in enumerate(buffers):
+            tag = idx * per_transfer + j
+            if t.src == device_index:
+                works.append(pg.send([buf], rank_of[t.dst], tag))
+                sent += buf.numel()
+            else:
+                works.append(pg.recv([buf], rank_of[t.src], tag))
+                received += buf.numel()
+    for w in works:
+        w.wait()
+    seconds = time.perf_counter() - started
+    logger.info("device %d: transition %d moved %.1f MB out, %.1f MB in, in %.2f s", device_index,
+                msg.config_id, sent / 1e6, received / 1e6, seconds)
+    return Result(mem, seconds, sent, received)

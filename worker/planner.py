@@ -1,0 +1,630 @@
+"""Reconfiguration plans: where each routed expert lives on the target devices, and which
+bytes move from which live device to get there.
+
+Why it exists: a scaling step A -> B devices must keep every staying device's memory in place
+(zero-copy) and move as few bytes as possible, and every worker must agree on the result. So the
+plan is a pure, deterministic function of plain data: the coordinator computes it once, logs
+`Plan.describe()`, and ships the structs (msgspec, frozen) to the HMMs that execute them.
+
+What it computes:
+- `plan_placement`: a balanced placement on the target devices (every device holds floor or
+  ceil of experts x copies / devices) that keeps as many (expert, device) pairs as any balanced
+  placement can. The count is exact, not a heuristic: a greedy keep-set is completed by a
+  min-cost flow (cost 1 per copy placed on a device that does not hold it now), so any
+  placement the greedy misses is found. Ties are broken towards keeping low expert ids and
+  towards spreading what each new device receives over several senders.
+- `plan`: that placement plus the transfer schedule: each moved expert from one of its current
+  holders (balancing bytes per sender), and the replicated weights of each new device in
+  disjoint 64-byte-aligned slices from all live staying devices, rotated across new devices.
+
+What it does not guarantee:
+- optimal load balance: `expert_load` only steers the free choices among move-minimal
+  placements (which experts leave a full device, which new device takes which), greedily;
+- that the plan is cheapest in time: it minimises the number of expert copies moved, not the
+  transfer makespan, and it knows nothing of links or topology;
+- that the current placement is balanced or came from this module: any valid placement is
+  accepted, and an unbalanced one is rebalanced, which moves experts even when the device set
+  stays the same;
+- anything about KV blocks: sequences stay on their DP rank (the executor handover's concern).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from typing import Sequence
+
+import msgspec
+
+ALIGNMENT_BYTES = 64  # replicated slices start on this boundary; the last takes the remainder
+
+
+class Placement(msgspec.Struct, frozen=True):
+    """Where each routed expert lives: `homes[e]` is the sorted tuple of device ids holding it.
+
+    Every expert has the same number of copies, on distinct devices. Construction sorts each
+    tuple, so equal placements compare equal whatever order the ids were given in.
+    """
+
+    homes: tuple[tuple[int, ...], ...]
+
+    def __post_init__(self) -> None:
+        if not self.homes:
+            raise ValueError("homes: empty; expected one tuple of device ids per expert")
+        normal = []
+        for e, devs in enumerate(self.homes):
+            devs = tuple(devs)
+            if not devs:
+                raise ValueError(f"homes[{e}]: empty; expected at least one device id")
+            for d in devs:
+                _check_id(f"homes[{e}]", d)
+            if len(set(devs)) != len(devs):
+                raise ValueError(f"homes[{e}]: {list(devs)} names a device twice; expected distinct devices")
+            if len(devs) != len(self.homes[0]):
+                raise ValueError(f"homes[{e}]: {len(devs)} copies; expected {len(self.homes[0])} like expert 0")
+            normal.append(tuple(sorted(devs)))
+        msgspec.structs.force_setattr(self, "homes", tuple(normal))
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.homes)
+
+    @property
+    def copies_per_expert(self) -> int:
+        return len(self.homes[0])
+
+    @property
+    def devices(self) -> tuple[int, ...]:
+        """Every device that holds at least one expert, ascending."""
+        return tuple(sorted({d for devs in self.homes for d in devs}))
+
+    def experts_on(self, device: int) -> tuple[int, ...]:
+        return tuple(e for e, devs in enumerate(self.homes) if device in devs)
+
+    def counts(self) -> dict[int, int]:
+        """Device id -> number of experts it holds (devices holding none are absent)."""
+        out: dict[int, int] = {}
+        for devs in self.homes:
+            for d in devs:
+                out[d] = out.get(d, 0) + 1
+        return dict(sorted(out.items()))
+
+    @property
+    def expert_owner(self) -> list[int]:
+        """Expert id -> its device, the single-copy form the executors route by."""
+        if self.copies_per_expert != 1:
+            raise ValueError(f"copies_per_expert: {self.copies_per_expert}; expert_owner needs exactly 1")
+        return [devs[0] for devs in self.homes]
+
+
+class ExpertMove(msgspec.Struct, frozen=True):
+    """Copy all MoE layers of `expert` from `src_device` (a current holder) to `dst_device`."""
+
+    expert: int
+    src_device: int
+    dst_device: int
+
+
+class SliceTransfer(msgspec.Struct, frozen=True):
+    """Bytes [offset_bytes, offset_bytes + size_bytes) of the replicated region, src -> dst."""
+
+    dst_device: int
+    src_device: int
+    offset_bytes: int
+    size_bytes: int
+
+
+class Plan(msgspec.Struct, frozen=True):
+    """One reconfiguration from `source_devices` to `target_devices`.
+
+    Devices in both sets keep their memory (zero-copy) and only gain or lose expert pages;
+    added devices receive everything; removed devices stay alive until the plan has run,
+    sending away what only they hold.
+    """
+
+    source_devices: tuple[int, ...]
+    target_devices: tuple[int, ...]
+    added_devices: tuple[int, ...]
+    removed_devices: tuple[int, ...]
+    old_placement: Placement
+    new_placement: Placement
+    expert_moves: tuple[ExpertMove, ...]
+    replicated_transfers: tuple[SliceTransfer, ...]
+    replicated_bytes: int
+    expert_bytes: int
+
+    @property
+    def bytes_moved(self) -> int:
+        return len(self.expert_moves) * self.expert_bytes + sum(t.size_bytes for t in self.replicated_transfers)
+
+    @property
+    def kept(self) -> dict[int, frozenset[int]]:
+        """Target device -> the experts it holds before and after (added devices: empty)."""
+        return {d: frozenset(e for e, (old, new) in enumerate(zip(self.old_placement.homes, self.new_placement.homes))
+                             if d in old and d in new)
+                for d in self.target_devices}
+
+    @property
+    def unchanged_experts(self) -> int:
+        """Experts whose set of homes is the same before and after."""
+        return sum(old == new for old, new in zip(self.old_placement.homes, self.new_placement.homes))
+
+    def bytes_sent_by_device(self) -> dict[int, int]:
+        """Source device -> bytes it sends (replicated slices and experts), for every source."""
+        out = {d: 0 for d in self.source_devices}
+        for t in self.replicated_transfers:
+            out[t.src_device] += t.size_bytes
+        for m in self.expert_moves:
+            out[m.src_device] += self.expert_bytes
+        return out
+
+    def describe(self) -> str:
+        """One line per step, for logs."""
+        lines = [f"plan {len(self.source_devices)} -> {len(self.target_devices)} devices "
+                 f"(add {list(self.added_devices)}, remove {list(self.removed_devices)}): "
+                 f"{len(self.replicated_transfers)} replicated slices, {len(self.expert_moves)} expert moves "
+                 f"of {self.expert_bytes} B, {self.bytes_moved} B in all"]
+        for t in self.replicated_transfers:
+            lines.append(f"  device {t.dst_device} <- device {t.src_device}: replicated bytes "
+                         f"[{t.offset_bytes}, {t.offset_bytes + t.size_bytes})")
+        for m in self.expert_moves:
+            lines.append(f"  device {m.dst_device} <- device {m.src_device}: expert {m.expert}")
+        kept = self.kept
+        for d in self.target_devices:
+            new = self.new_placement.experts_on(d)
+            lines.append(f"  device {d}: keeps {len(kept[d])}, holds {len(new)} experts [{_ranges(new)}]")
+        for d in self.removed_devices:
+            lines.append(f"  device {d}: removed after sending")
+        return "\n".join(lines)
+
+
+# -- public functions ------------------------------------------------------------------------
+
+def initial_placement(num_experts: int, devices: Sequence[int], copies_per_expert: int = 1) -> Placement:
+    """Balanced contiguous blocks: copy k of expert e is slot k*num_experts + e, and the devices
+    (ascending) take consecutive runs of slots, the first ones one slot more.
+
+    With one copy this is the coordinator's `contiguous_placement`, keyed by device id.
+    """
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"num_experts: got {num_experts!r}; expected an int >= 1")
+    devs = _check_devices("devices", devices)
+    copies = _check_copies(copies_per_expert, num_experts, devs, "devices")
+    base, extra = divmod(num_experts * copies, len(devs))
+    homes: list[list[int]] = [[] for _ in range(num_experts)]
+    slot = 0
+    for i, d in enumerate(devs):
+        for _ in range(base + (i < extra)):
+            homes[slot % num_experts].append(d)  # a run is <= num_experts slots: no expert twice
+            slot += 1
+    return Placement(tuple(tuple(h) for h in homes))
+
+
+def resize(current_devices: Sequence[int], num_devices: int) -> tuple[int, ...]:
+    """The default target set: scale-up adds the lowest unused ids, scale-down removes the
+    highest ids."""
+    devs = _check_devices("current_devices", current_devices)
+    if isinstance(num_devices, bool) or not isinstance(num_devices, int) or num_devices < 1:
+        raise ValueError(f"num_devices: got {num_devices!r}; expected an int >= 1")
+    if num_devices <= len(devs):
+        return devs[:num_devices]
+    have, out, d = set(devs), list(devs), 0
+    while len(out) < num_devices:
+        if d not in have:
+            out.append(d)
+        d += 1
+    return tuple(sorted(out))
+
+
+def plan_placement(current: Placement, target_devices: Sequence[int], copies_per_expert: int | None = None,
+                   *, expert_load: Sequence[float] | None = None) -> Placement:
+    """The balanced placement on `target_devices` that moves the fewest expert copies.
+
+    `copies_per_expert` defaults to the current one. `expert_load` (one non-negative number per
+    expert, e.g. tokens routed) breaks ties between move-minimal placements towards even load.
+    """
+    return _solve(current, _check_devices("target_devices", target_devices), copies_per_expert, expert_load)[0]
+
+
+def plan(current: Placement, current_devices: Sequence[int], target_devices: Sequence[int], *,
+         replicated_bytes: int, expert_bytes: int, copies_per_expert: int | None = None,
+         expert_load: Sequence[float] | None = None) -> Plan:
+    """The full reconfiguration plan from `current_devices` to `target_devices`.
+
+    `replicated_bytes`: what every device holds (attention, embeddings, norms, shared experts);
+    `expert_bytes`: one routed expert across all MoE layers.
+    """
+    src = _check_devices("current_devices", current_devices)
+    dst = _check_devices("target_devices", target_devices)
+    _check_size("replicated_bytes", replicated_bytes)
+    _check_size("expert_bytes", expert_bytes)
+    outside = [d for d in current.devices if d not in set(src)]
+    if outside:
+        e = next(e for e, devs in enumerate(current.homes) if outside[0] in devs)
+        raise ValueError(f"current: expert {e} is on device {outside[0]}, which is not in current_devices "
+                         f"{list(src)}; expected every holder to be a current device")
+    new, units = _solve(current, dst, copies_per_expert, expert_load)
+    removed = tuple(d for d in src if d not in set(dst))
+    added = tuple(d for d in dst if d not in set(src))
+    return Plan(source_devices=src, target_devices=dst, added_devices=added, removed_devices=removed,
+                old_placement=current, new_placement=new,
+                expert_moves=_choose_sources(current, units, set(removed)),
+                replicated_transfers=_replicated_slices(src, removed, added, replicated_bytes),
+                replicated_bytes=replicated_bytes, expert_bytes=expert_bytes)
+
+
+# -- validation --------------------------------------------------------------------------------
+
+def _check_id(field: str, d: object) -> None:
+    if isinstance(d, bool) or not isinstance(d, int):
+        raise TypeError(f"{field}: device id {d!r} is a {type(d).__name__}; expected an int")
+    if d < 0:
+        raise ValueError(f"{field}: device id {d} is negative; expected ids >= 0")
+
+
+def _check_devices(field: str, devices: Sequence[int]) -> tuple[int, ...]:
+    ids = list(devices)
+    if not ids:
+        raise ValueError(f"{field}: empty; expected at least one device id")
+    for d in ids:
+        _check_id(field, d)
+    dup = sorted({d for d in ids if ids.count(d) > 1})
+    if dup:
+        raise ValueError(f"{field}: device ids {dup} appear more than once; expected each device once")
+    return tuple(sorted(ids))
+
+
+def _check_size(field: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{field}: got {value!r}; expected an int number of bytes >= 0")
+
+
+def _check_copies(copies: object, num_experts: int, targets: tuple[int, ...], field: str) -> int:
+    if isinstance(copies, bool) or not isinstance(copies, int) or copies < 1:
+        raise ValueError(f"copies_per_expert: got {copies!r}; expected an int >= 1")
+    if copies > len(targets):
+        raise ValueError(f"copies_per_expert: got {copies} for {len(targets)} devices in {field}; "
+                         f"expected at most one copy per device (<= {len(targets)})")
+    if len(targets) > num_experts * copies:
+        raise ValueError(f"{field}: got {len(targets)} devices for {num_experts} experts x {copies} copies; "
+                         f"expected at most {num_experts * copies}, so that every device holds an expert")
+    return copies
+
+
+def _check_load(load: Sequence[float] | None, num_experts: int) -> list[float] | None:
+    if load is None:
+        return None
+    out = list(load)
+    if len(out) != num_experts:
+        raise ValueError(f"expert_load: got {len(out)} values; expected one per expert ({num_experts})")
+    for e, x in enumerate(out):
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0:
+            raise ValueError(f"expert_load[{e}]: got {x!r}; expected a finite number >= 0")
+    return [float(x) for x in out]
+
+
+# -- placement ---------------------------------------------------------------------------------
+
+def _solve(current: Placement, targets: tuple[int, ...], copies_per_expert: int | None,
+           expert_load: Sequence[float] | None) -> tuple[Placement, list[tuple[int, int]]]:
+    """The new placement and the (expert, dst_device) copies it adds, ascending."""
+    num = current.num_experts
+    copies = _check_copies(current.copies_per_expert if copies_per_expert is None else copies_per_expert,
+                           num, targets, "target_devices")
+    load = _check_load(expert_load, num)
+    n = len(targets)
+    base, extra = divmod(num * copies, n)
+    kept, ceil = _greedy_keep(current.homes, targets, copies, base, extra, load)
+    final = _complete(current.homes, targets, copies, base, extra, kept, ceil)
+    new_homes = [sorted(devs) for devs in final]
+    units = [(e, d) for e in range(num) for d in new_homes[e] if d not in current.homes[e]]
+    units = _spread(current.homes, new_homes, units, load, copies)
+    homes = [[d for d in devs if d in current.homes[e]] for e, devs in enumerate(new_homes)]
+    for e, d in units:
+        homes[e].append(d)
+    return Placement(tuple(tuple(h) for h in homes)), units
+
+
+def _greedy_keep(homes, targets, copies, base, extra, load):
+    """A good keep-set to start the flow from: per expert at most `copies` current homes, per
+    device at most its quota. Returns (kept[e] = list of devices, devices given the ceil)."""
+    tset = set(targets)
+    cur = {d: 0 for d in targets}
+    keep = [[d for d in devs if d in tset] for devs in homes]
+    for devs in keep:
+        for d in devs:
+            cur[d] += 1
+    for devs in keep:  # fewer copies than now: give up the copy on the fullest device
+        while len(devs) > copies:
+            d = max(devs, key=lambda d: (cur[d], d))
+            devs.remove(d)
+            cur[d] -= 1
+    ceil = set(sorted(targets, key=lambda d: (-cur[d], d))[:extra])
+    on: dict[int, list[int]] = {d: [] for d in targets}
+    for e, devs in enumerate(keep):
+        for d in devs:
+            on[d].append(e)
+    dropped = [0] * len(homes)
+    for d in targets:
+        over = len(on[d]) - base - (d in ceil)
+        if over <= 0:
+            continue
+        if load is None:  # spread drops over experts (copies > 1), then drop the highest ids
+            drops = sorted(on[d], key=lambda e: (dropped[e], -e))[:over]
+        else:
+            drops = _drops_for_load(on[d], over, load, copies, (base + (d in ceil)) * sum(load) / (len(homes) * copies))
+        for e in drops:
+            keep[e].remove(d)
+            dropped[e] += 1
+    return keep, ceil
+
+
+def _drops_for_load(experts, over, load, copies, fair):
+    """Which `over` experts leave a full device so that what stays is near its `fair` load."""
+    left = sorted(experts)
+    now = sum(load[e] / copies for e in left)
+    drops = []
+    for r in range(over, 0, -1):
+        want = (now - fair) / r
+        e = min(left, key=lambda e: (abs(load[e] / copies - want), -e))
+        left.remove(e)
+        drops.append(e)
+        now -= load[e] / copies
+    return drops
+
+
+def _complete(homes, targets, copies, base, extra, kept, ceil):
+    """Min-cost flow: source -> expert (cap copies) -> device (cap 1; cost 0 where it holds the
+    expert now, else 1) -> sink (cap base) or -> hub (cap 1) -> sink (cap extra). Total capacity
+    into the sink is exactly experts x copies, so a full flow is a balanced placement, and the
+    cheapest full flow moves the fewest copies. The greedy keep-set is preloaded: it costs 0,
+    so it is a cheapest flow of its size and successive shortest paths stay exact from it."""
+    num, n = len(homes), len(targets)
+    src, hub, sink = num + n, num + n + 1, num + n + 2
+    g = _Graph(num + n + 3)
+    dev_node = {d: num + i for i, d in enumerate(targets)}
+    pair = {}
+    for e in range(num):
+        first = g.add(src, e, copies, 0)
+        g.push(first, len(kept[e]))
+        cur = set(homes[e])
+        for d in targets:
+            pair[e, d] = g.add(e, dev_node[d], 1, 0 if d in cur else 1)
+        for d in kept[e]:
+            g.push(pair[e, d], 1)
+    count = {d: 0 for d in targets}
+    for devs in kept:
+        for d in devs:
+            count[d] += 1
+    hub_used = 0
+    for d in targets:
+        k = count[d]
+        assert k <= base + (d in ceil)
+        to_sink = g.add(dev_node[d], sink, base, 0)
+        g.push(to_sink, min(k, base))
+        if extra:
+            to_hub = g.add(dev_node[d], hub, 1, 0)
+            if k > base:
+                g.push(to_hub, 1)
+                hub_used += 1
+    assert hub_used <= extra
+    if extra:
+        g.push(g.add(hub, sink, extra, 0), hub_used)
+    need = num * copies - sum(len(k) for k in kept)
+    g.min_cost_flow(src, sink, need)
+    final = [[d for d in targets if g.cap[pair[e, d]] == 0] for e in range(num)]
+    assert all(len(devs) == copies for devs in final)
+    return final
+
+
+class _Graph:
+    """A residual graph for min-cost flow; edge i and its reverse are i and i ^ 1."""
+
+    def __init__(self, num_nodes: int) -> None:
+        self.adj: list[list[int]] = [[] for _ in range(num_nodes)]
+        self.to: list[int] = []
+        self.cap: list[int] = []
+        self.cost: list[int] = []
+
+    def add(self, u: int, v: int, cap: int, cost: int) -> int:
+        i = len(self.to)
+        self.adj[u].append(i)
+        self.adj[v].append(i + 1)
+        self.to += [v, u]
+        self.cap += [cap, 0]
+        self.cost += [cost, -cost]
+        return i
+
+    def push(self, edge: int, amount: int) -> None:
+        self.cap[edge] -= amount
+        self.cap[edge ^ 1] += amount
+        assert self.cap[edge] >= 0
+
+    def min_cost_flow(self, s: int, t: int, need: int) -> None:
+        """Push `need` more units s -> t at least cost: primal-dual, i.e. Dijkstra on reduced
+        costs, then a Dinic blocking flow on the zero-reduced-cost edges, until done. The
+        current flow must be a cheapest one of its size (here: all of cost 0)."""
+        n, to, cap, cost, adj = len(self.adj), self.to, self.cap, self.cost, self.adj
+        pot = [0] * n
+        while need > 0:
+            inf = float("inf")
+            dist = [inf] * n
+            dist[s] = 0
+            heap = [(0, s)]
+            while heap:
+                du, u = heapq.heappop(heap)
+                if du > dist[u]:
+                    continue
+                pu = pot[u]
+                for i in adj[u]:
+                    if cap[i] > 0:
+                        v = to[i]
+                        dv = du + cost[i] + pu - pot[v]
+                        if dv < dist[v]:
+                            dist[v] = dv
+                            heapq.heappush(heap, (dv, v))
+            assert dist[t] < inf, "a balanced placement always exists"
+            for v in range(n):
+                if dist[v] < inf:
+                    pot[v] += dist[v]
+            while need > 0:
+                level = [-1] * n
+                level[s] = 0
+                queue = [s]
+                for u in queue:
+                    for i in adj[u]:
+                        v = to[i]
+                        if cap[i] > 0 and level[v] < 0 and cost[i] + pot[u] - pot[v] == 0:
+                            level[v] = level[u] + 1
+                            queue.append(v)
+                if level[t] < 0:
+                    break
+                it = [0] * n
+
+                def dfs(u: int, limit: int) -> int:
+                    if u == t:
+                        return limit
+                    edges = adj[u]
+                    while it[u] < len(edges):
+                        i = edges[it[u]]
+                        v = to[i]
+                        if cap[i] > 0 and level[v] == level[u] + 1 and cost[i] + pot[u] - pot[v] == 0:
+                            got = dfs(v, min(limit, cap[i]))
+                            if got:
+                                cap[i] -= got
+                                cap[i ^ 1] += got
+                                return got
+                        it[u] += 1
+                    return 0
+
+                while need > 0:
+                    got = dfs(s, need)
+                    if not got:
+                        break
+                    need -= got
+
+
+def _spread(homes, new_homes, units, load, copies):
+    """Re-deal the added copies over the devices that gain them (same count per device, so the
+    move count is unchanged) so that each gaining device draws from several senders, or, with
+    `expert_load`, so that the heaviest copies go to the least loaded devices first.
+    Returns the flow's own assignment when the re-deal would put an expert twice on a device."""
+    if not units:
+        return units
+    slots: dict[int, int] = {}
+    for _, d in units:
+        slots[d] = slots.get(d, 0) + 1
+    fixed = [set(new) - {d for f, d in units if f == e} for e, new in enumerate(new_homes)]
+    out = []
+    if load is None:  # interleave by sending device, then deal contiguous runs to gainers
+        by_src: dict[int, list[int]] = {}
+        for e, _ in units:
+            by_src.setdefault(min(homes[e]), []).append(e)
+        order = [by_src[s][k] for k in range(max(map(len, by_src.values()))) for s in sorted(by_src)
+                 if k < len(by_src[s])]
+        dsts = [d for d in sorted(slots) for _ in range(slots[d])]
+        out = list(zip(order, dsts))
+    else:  # longest-processing-time: heaviest copy to the least loaded device with room
+        dev_load = dict.fromkeys(slots, 0.0)
+        for e, devs in enumerate(fixed):
+            for d in devs:
+                if d in dev_load:
+                    dev_load[d] += load[e] / copies
+        free = dict(slots)
+        for e, _ in sorted(units, key=lambda u: (-load[u[0]], u[0])):
+            options = [d for d in sorted(free) if free[d] and d not in fixed[e]]
+            if not options:
+                return sorted(units)
+            d = min(options, key=lambda d: (dev_load[d], d))
+            free[d] -= 1
+            dev_load[d] += load[e] / copies
+            fixed[e].add(d)
+            out.append((e, d))
+        return sorted(out)
+    seen = set()
+    for e, d in out:
+        if d in fixed[e] or (e, d) in seen:
+            return sorted(units)
+        seen.add((e, d))
+    return sorted(out)
+
+
+# -- transfers ---------------------------------------------------------------------------------
+
+def _choose_sources(current: Placement, units, removed: set[int]) -> tuple[ExpertMove, ...]:
+    """Each added copy comes from a current holder. Greedy first (the holder that has sent
+    least, then least to this destination, then one that stays, then the lowest id), then
+    shift copies along holder chains while the busiest sender can hand one to a sender with
+    two fewer: a load-balancing semi-matching with no such path left sends as evenly as the
+    holders allow (all experts have one size, so copies count bytes)."""
+    units = sorted(units, key=lambda u: (u[1], u[0]))
+    sent: dict[int, int] = {}
+    sent_to: dict[tuple[int, int], int] = {}
+    src = []
+    for e, dst in units:
+        s = min(current.homes[e], key=lambda s: (sent.get(s, 0), sent_to.get((s, dst), 0), s in removed, s))
+        sent[s] = sent.get(s, 0) + 1
+        sent_to[s, dst] = sent_to.get((s, dst), 0) + 1
+        src.append(s)
+    while True:
+        by_src: dict[int, list[int]] = {}
+        for i, s in enumerate(src):
+            by_src.setdefault(s, []).append(i)
+        for start in sorted(by_src, key=lambda s: (-sent[s], s)):
+            parent: dict[int, tuple[int, int]] = {start: (-1, -1)}  # device -> (previous device, unit)
+            queue, end = [start], None
+            for x in queue:
+                for i in by_src.get(x, ()):
+                    for y in current.homes[units[i][0]]:
+                        if y not in parent:
+                            parent[y] = (x, i)
+                            queue.append(y)
+                            if sent.get(y, 0) <= sent[start] - 2 and end is None:
+                                end = y
+                if end is not None:
+                    break
+            if end is not None:
+                break
+        else:
+            break
+        sent[start] -= 1
+        sent[end] = sent.get(end, 0) + 1
+        y = end
+        while y != start:
+            x, i = parent[y]
+            src[i] = y
+            y = x
+    return tuple(ExpertMove(expert=e, src_device=s, dst_device=dst) for (e, dst), s in zip(units, src))
+
+
+def _replicated_slices(src: tuple[int, ...], removed: tuple[int, ...], added: tuple[int, ...],
+                       total_bytes: int) -> tuple[SliceTransfer, ...]:
+    """Each added device gets [0, total_bytes) in one slice per live sender (the staying devices,
+    or all current ones when none stays), in units of ALIGNMENT_BYTES, the last slice taking the
+    remainder; new device j starts its rotation at sender j so the first slices spread out."""
+    senders = [d for d in src if d not in set(removed)] or list(src)
+    k = len(senders)
+    units, rem = divmod(total_bytes, ALIGNMENT_BYTES)
+    per, extra = divmod(units, k)
+    sizes = [(per + (i < extra)) * ALIGNMENT_BYTES for i in range(k)]
+    sizes[-1] += rem  # extra < k, so the last slice is never one of the larger ones
+    out = []
+    for j, dst in enumerate(added):
+        offset = 0
+        for i, size in enumerate(sizes):
+            if size:
+                out.append(SliceTransfer(dst_device=dst, src_device=senders[(i + j) % k],
+                                         offset_bytes=offset, size_bytes=size))
+            offset += size
+    return tuple(out)
+
+
+def _ranges(ids: Sequence[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    parts: list[tuple[int, int]] = []
+    for x in ids:
+        if parts and parts[-1][1] == x - 1:
+            parts[-1] = (parts[-1][0], x)
+        else:
+            parts.append((x, x))
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in parts)
