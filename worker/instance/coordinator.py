@@ -53,7 +53,8 @@ class ScaleInProgress(RuntimeError):
 class Instance:
     def __init__(self, model_dir: str | pathlib.Path, num_devices: int,
                  config: engine_mod.EngineConfig | None = None, *, model_name: str | None = None,
-                 backend: str = "cpu", collective_timeout_s: float = 60.0, startup_timeout_s: float = 600.0) -> None:
+                 backend: str = "cpu", collective_timeout_s: float = 60.0, startup_timeout_s: float = 600.0,
+                 warm_workers: int = 1) -> None:
         self.model_dir = pathlib.Path(model_dir).resolve()
         self.config = config or engine_mod.EngineConfig()
         self.num_devices = num_devices
@@ -95,6 +96,8 @@ class Instance:
         self.last_scale = None
         self.history: list = []
         self.max_devices = self.spec.num_experts
+        self.warm_workers = warm_workers
+        self._warm: set[int] = set()  # devices whose HMM runs (and said hello) but holds nothing yet
         self._error: str | None = None
         self._hmm_lost = False  # memory gone: only scaling or the operator can repair this
         self._recovering: set[int] = set()
@@ -110,6 +113,19 @@ class Instance:
             raise
         self._thread = threading.Thread(target=self._io_loop, name="coordinator-io", daemon=True)
         self._thread.start()
+        self.prewarm()
+
+    def prewarm(self) -> None:
+        """Keep `warm_workers` workers started beyond the active ones (no model memory, a warm
+        executor process each), so a scale-up does not wait for processes to start; and stop
+        warm workers that are now too far beyond the active count."""
+        want = set(range(self.num_devices, min(self.num_devices + self.warm_workers, self.max_devices)))
+        for d in sorted(want):
+            self.fleet.add(d)
+        for d in [d for d in list(self.fleet.workers) if d >= self.num_devices and d not in want]:
+            self._send(f"hmm-{d}", messages.Shutdown(reason="warm pool shrinks"))
+            self.fleet.remove(d)
+            self._warm.discard(d)
 
     # -- start-up (synchronous, before the I/O thread owns the socket) -------------------
     def _recv_until(self, want: type, count: int, deadline: float) -> dict[int, messages.Msg]:
@@ -285,6 +301,8 @@ class Instance:
         elif isinstance(msg, messages.RankStats):
             if msg.config_id == self.config_id:
                 self._rank_stats[msg.rank] = msg
+        elif isinstance(msg, messages.HMMHello) and (self._scaler is None or msg.device_index not in self._scaler.added):
+            self._warm.add(msg.device_index)  # a pre-started worker, ready for the next scale-up
         elif self._scaler is not None and self._to_scaler(msg):
             pass
         elif isinstance(msg, messages.ExecutorFailed):
@@ -356,6 +374,7 @@ class Instance:
                 self.last_scale = self._scaler.record
                 self.history = (self.history + [self._scaler.record])[-10:]
                 self._scaler = None
+            self.prewarm()
 
     def scale(self, devices: int, reason: str = "manual", timeout_s: float = 300.0) -> "scaling.ScaleRecord":
         """start_scale and wait for it; -> the record of what happened."""
@@ -430,6 +449,10 @@ class Instance:
                         scaler.inbox.put(scaling.ScaleAborted(f"new worker(s) died: {joining} (device -> exit code)"))
                         for d in joining:
                             dead.pop(d)
+                for d in [d for d in dead if d >= self.num_devices and (scaler is None or d not in scaler.added)]:
+                    logger.warning("warm worker %d exited (code %s); it will be started again", d, dead.pop(d))
+                    self.fleet.workers.pop(d, None)
+                    self._warm.discard(d)
                 if dead and not self._hmm_lost:
                     self._hmm_lost = True
                     self._fail(f"worker process(es) died: {dead} (device -> exit code)")

@@ -229,6 +229,8 @@ def main() -> int:
     logging.basicConfig(level=os.environ.get("ELASTICMOE_LOG_LEVEL", "INFO").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     procutil.die_with_parent()
+    import transformers  # noqa: F401  (warm: a spare executor pays its imports before it is needed)
+
     spec = messages.decode(sys.stdin.buffer.read())
     assert isinstance(spec, messages.ExecutorSpec), "an executor starts from an ExecutorSpec"
     rank = spec.start.rank

@@ -50,6 +50,7 @@ class HMM:
         self.tokenizer_files: dict[str, str] = {}
         # config id -> (process, rank): the serving executor, and a standby during a scale
         self.executors: dict[int, tuple[subprocess.Popen, int]] = {}
+        self.spare: subprocess.Popen | None = None
         self.transition: threading.Thread | None = None
         self.stop = False
 
@@ -80,12 +81,21 @@ class HMM:
                                         is not None else self.expert_ids),
             start=start,
         )
-        proc = subprocess.Popen([sys.executable, "-m", "elasticmoe_worker.instance.executor"], stdin=subprocess.PIPE)
+        proc, self.spare = self.spare, None
+        if proc is None or proc.poll() is not None:
+            proc = self._spawn_executor_process()
         proc.stdin.write(messages.encode(spec))
         proc.stdin.close()
+        self.spare = self._spawn_executor_process()  # the next standby is warm before it is needed
         self.executors[start.config_id] = (proc, start.rank)
         logger.info("device %d: executor rank %d of %d started (pid %d, configuration %d)", self.device_index,
                     start.rank, start.world_size, proc.pid, start.config_id)
+
+    @staticmethod
+    def _spawn_executor_process() -> subprocess.Popen:
+        """An executor process that imports everything now and then waits for its spec on
+        stdin: starting a standby later costs attach + group join, not interpreter start-up."""
+        return subprocess.Popen([sys.executable, "-m", "elasticmoe_worker.instance.executor"], stdin=subprocess.PIPE)
 
     def stop_executors(self, keep: int | None = None, timeout_s: float = 10.0) -> None:
         for config_id in [c for c in self.executors if c != keep]:
@@ -149,6 +159,7 @@ class HMM:
 
     def run(self) -> None:
         self.send(messages.HMMHello(device_index=self.device_index, pid=os.getpid()))
+        self.spare = self._spawn_executor_process()
         while not self.stop:
             if self.sock.poll(200):
                 msg = messages.decode(self.sock.recv())
@@ -175,6 +186,9 @@ class HMM:
     def close(self) -> None:
         self.stop = True
         self.stop_executors()
+        if self.spare is not None:
+            self.spare.kill()  # it only waits on stdin
+            self.spare.wait()
         if self.memory is not None:
             self.memory.close()
         self.sock.close()

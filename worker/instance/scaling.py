@@ -122,10 +122,13 @@ class Scaler:
 
     def _prepare(self) -> None:
         inst = self.inst
-        for d in self.added:
+        cold = [d for d in self.added if d not in inst._warm]
+        for d in cold:
             inst.fleet.add(d)
-        if self.added:
-            self._wait(messages.HMMHello, set(self.added), "new workers to register")
+        if cold:
+            self._wait(messages.HMMHello, set(cold), "new workers to register")
+        for d in self.added:
+            inst._warm.discard(d)
         self._phase("workers")
 
         spec = inst.spec
@@ -228,6 +231,7 @@ class Scaler:
             inst._send(f"hmm-{d}", messages.AbortTransition(config_id=self.new_config, reason=reason))
         for d in self.added:
             inst.fleet.remove(d)
+            inst._warm.discard(d)
         self.record.seconds = round(time.perf_counter() - self._started, 4)
         self.record.outcome = "aborted"
         self.record.error = reason

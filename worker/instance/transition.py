@@ -81,6 +81,9 @@ def run(backend: backends_base.DeviceBackend, device_index: int, mem: memory.Dev
                 received += buf.numel()
     for w in works:
         w.wait()
+    # NOTE: nobody leaves before everyone is done: a rank that tears its group down early
+    # resets connections that slower peers are still setting up.
+    pg.barrier().wait()
     seconds = time.perf_counter() - started
     logger.info("device %d: transition %d moved %.1f MB out, %.1f MB in, in %.2f s", device_index,
                 msg.config_id, sent / 1e6, received / 1e6, seconds)
