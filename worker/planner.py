@@ -7,30 +7,32 @@ plan is a pure, deterministic function of plain data: the coordinator computes i
 `Plan.describe()`, and ships the structs (msgspec, frozen) to the HMMs that execute them.
 
 What it computes:
-- `plan_placement`: a balanced placement on the target devices (every device holds floor or
-  ceil of experts x copies / devices) that keeps as many (expert, device) pairs as any balanced
-  placement can. The count is exact, not a heuristic: a greedy keep-set is completed by a
-  min-cost flow (cost 1 per copy placed on a device that does not hold it now), so any
-  placement the greedy misses is found. Ties are broken towards keeping low expert ids and
-  towards spreading what each new device receives over several senders.
-- `plan`: that placement plus the transfer schedule: each moved expert from one of its current
-  holders (balancing bytes per sender), and the replicated weights of each new device in
-  disjoint 64-byte-aligned slices from all live staying devices, rotated across new devices.
+- `plan_placement`: a balanced placement on the target devices (each holds floor or ceil of
+  experts x copies / devices) keeping as many (expert, device) pairs as any balanced placement
+  can: exact, a greedy keep-set completed by a min-cost flow (cost 1 per copy placed where it is
+  not now). With one copy that is the simple per-device bound; with more it can be higher (a
+  copy may not land where its twin is), and the flow still finds the minimum.
+- `plan`: that placement plus the transfers: each moved copy from a current holder, bytes per
+  sender balanced; each new device's replicated weights in disjoint 64-byte-aligned slices
+  from all live staying devices, rotated across new devices.
 
 What it does not guarantee:
 - optimal load balance: `expert_load` only steers the free choices among move-minimal
   placements (which experts leave a full device, which new device takes which), greedily;
 - that the plan is cheapest in time: it minimises the number of expert copies moved, not the
   transfer makespan, and it knows nothing of links or topology;
-- that the current placement is balanced or came from this module: any valid placement is
-  accepted, and an unbalanced one is rebalanced, which moves experts even when the device set
-  stays the same;
+- that the current placement is balanced: any valid one is accepted, and an unbalanced one is
+  rebalanced, which moves experts even when the device set stays the same;
+- cheap scale-down with two copies from `initial_placement`: its blocks come in mirrored pairs,
+  so the experts of a removed device all have their twin on one device, which cannot take them;
 - anything about KV blocks: sequences stay on their DP rank (the executor handover's concern).
 """
 
 from __future__ import annotations
 
+import collections
 import heapq
+import itertools
 import math
 from typing import Sequence
 
@@ -115,12 +117,9 @@ class SliceTransfer(msgspec.Struct, frozen=True):
 
 
 class Plan(msgspec.Struct, frozen=True):
-    """One reconfiguration from `source_devices` to `target_devices`.
-
-    Devices in both sets keep their memory (zero-copy) and only gain or lose expert pages;
-    added devices receive everything; removed devices stay alive until the plan has run,
-    sending away what only they hold.
-    """
+    """One reconfiguration. Devices in both sets keep their memory (zero-copy) and only gain
+    or lose expert pages; added devices receive everything; removed devices stay alive until
+    the plan has run, sending away what they hold."""
 
     source_devices: tuple[int, ...]
     target_devices: tuple[int, ...]
@@ -186,7 +185,7 @@ def initial_placement(num_experts: int, devices: Sequence[int], copies_per_exper
 
     With one copy this is the coordinator's `contiguous_placement`, keyed by device id.
     """
-    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+    if not _is_int(num_experts) or num_experts < 1:
         raise ValueError(f"num_experts: got {num_experts!r}; expected an int >= 1")
     devs = _check_devices("devices", devices)
     copies = _check_copies(copies_per_expert, num_experts, devs, "devices")
@@ -204,16 +203,10 @@ def resize(current_devices: Sequence[int], num_devices: int) -> tuple[int, ...]:
     """The default target set: scale-up adds the lowest unused ids, scale-down removes the
     highest ids."""
     devs = _check_devices("current_devices", current_devices)
-    if isinstance(num_devices, bool) or not isinstance(num_devices, int) or num_devices < 1:
+    if not _is_int(num_devices) or num_devices < 1:
         raise ValueError(f"num_devices: got {num_devices!r}; expected an int >= 1")
-    if num_devices <= len(devs):
-        return devs[:num_devices]
-    have, out, d = set(devs), list(devs), 0
-    while len(out) < num_devices:
-        if d not in have:
-            out.append(d)
-        d += 1
-    return tuple(sorted(out))
+    unused = (d for d in itertools.count() if d not in set(devs))
+    return tuple(sorted(devs[:num_devices] + tuple(itertools.islice(unused, max(0, num_devices - len(devs))))))
 
 
 def plan_placement(current: Placement, target_devices: Sequence[int], copies_per_expert: int | None = None,
@@ -243,20 +236,23 @@ def plan(current: Placement, current_devices: Sequence[int], target_devices: Seq
         e = next(e for e, devs in enumerate(current.homes) if outside[0] in devs)
         raise ValueError(f"current: expert {e} is on device {outside[0]}, which is not in current_devices "
                          f"{list(src)}; expected every holder to be a current device")
-    new, units = _solve(current, dst, copies_per_expert, expert_load)
+    new, moves = _solve(current, dst, copies_per_expert, expert_load)
     removed = tuple(d for d in src if d not in set(dst))
     added = tuple(d for d in dst if d not in set(src))
     return Plan(source_devices=src, target_devices=dst, added_devices=added, removed_devices=removed,
-                old_placement=current, new_placement=new,
-                expert_moves=_choose_sources(current, units, set(removed)),
+                old_placement=current, new_placement=new, expert_moves=moves,
                 replicated_transfers=_replicated_slices(src, removed, added, replicated_bytes),
                 replicated_bytes=replicated_bytes, expert_bytes=expert_bytes)
 
 
 # -- validation --------------------------------------------------------------------------------
 
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def _check_id(field: str, d: object) -> None:
-    if isinstance(d, bool) or not isinstance(d, int):
+    if not _is_int(d):
         raise TypeError(f"{field}: device id {d!r} is a {type(d).__name__}; expected an int")
     if d < 0:
         raise ValueError(f"{field}: device id {d} is negative; expected ids >= 0")
@@ -268,19 +264,19 @@ def _check_devices(field: str, devices: Sequence[int]) -> tuple[int, ...]:
         raise ValueError(f"{field}: empty; expected at least one device id")
     for d in ids:
         _check_id(field, d)
-    dup = sorted({d for d in ids if ids.count(d) > 1})
+    dup = sorted(d for d, k in collections.Counter(ids).items() if k > 1)
     if dup:
         raise ValueError(f"{field}: device ids {dup} appear more than once; expected each device once")
     return tuple(sorted(ids))
 
 
 def _check_size(field: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if not _is_int(value) or value < 0:
         raise ValueError(f"{field}: got {value!r}; expected an int number of bytes >= 0")
 
 
 def _check_copies(copies: object, num_experts: int, targets: tuple[int, ...], field: str) -> int:
-    if isinstance(copies, bool) or not isinstance(copies, int) or copies < 1:
+    if not _is_int(copies) or copies < 1:
         raise ValueError(f"copies_per_expert: got {copies!r}; expected an int >= 1")
     if copies > len(targets):
         raise ValueError(f"copies_per_expert: got {copies} for {len(targets)} devices in {field}; "
@@ -306,28 +302,27 @@ def _check_load(load: Sequence[float] | None, num_experts: int) -> list[float] |
 # -- placement ---------------------------------------------------------------------------------
 
 def _solve(current: Placement, targets: tuple[int, ...], copies_per_expert: int | None,
-           expert_load: Sequence[float] | None) -> tuple[Placement, list[tuple[int, int]]]:
-    """The new placement and the (expert, dst_device) copies it adds, ascending."""
+           expert_load: Sequence[float] | None) -> tuple[Placement, tuple[ExpertMove, ...]]:
+    """The new placement and the moves that build it, by (dst_device, expert)."""
     num = current.num_experts
     copies = _check_copies(current.copies_per_expert if copies_per_expert is None else copies_per_expert,
                            num, targets, "target_devices")
     load = _check_load(expert_load, num)
-    n = len(targets)
-    base, extra = divmod(num * copies, n)
-    kept, ceil = _greedy_keep(current.homes, targets, copies, base, extra, load)
-    final = _complete(current.homes, targets, copies, base, extra, kept, ceil)
-    new_homes = [sorted(devs) for devs in final]
-    units = [(e, d) for e in range(num) for d in new_homes[e] if d not in current.homes[e]]
-    units = _spread(current.homes, new_homes, units, load, copies)
-    homes = [[d for d in devs if d in current.homes[e]] for e, devs in enumerate(new_homes)]
-    for e, d in units:
-        homes[e].append(d)
-    return Placement(tuple(tuple(h) for h in homes)), units
+    base, extra = divmod(num * copies, len(targets))
+    kept = _greedy_keep(current.homes, targets, copies, base, extra, load)
+    final = _complete(current.homes, targets, copies, base, extra, kept)
+    units = [(e, d) for e in range(num) for d in final[e] if d not in current.homes[e]]
+    removed = set(current.devices) - set(targets)
+    moves = _spread(current.homes, final, units, _choose_sources(current.homes, units, removed), load, copies)
+    homes = [[d for d in devs if d in current.homes[e]] for e, devs in enumerate(final)]
+    for m in moves:
+        homes[m.expert].append(m.dst_device)
+    return Placement(tuple(tuple(h) for h in homes)), moves
 
 
 def _greedy_keep(homes, targets, copies, base, extra, load):
     """A good keep-set to start the flow from: per expert at most `copies` current homes, per
-    device at most its quota. Returns (kept[e] = list of devices, devices given the ceil)."""
+    device at most its quota, the ceil going to the fullest devices. kept[e] = list of devices."""
     tset = set(targets)
     cur = {d: 0 for d in targets}
     keep = [[d for d in devs if d in tset] for devs in homes]
@@ -356,7 +351,7 @@ def _greedy_keep(homes, targets, copies, base, extra, load):
         for e in drops:
             keep[e].remove(d)
             dropped[e] += 1
-    return keep, ceil
+    return keep
 
 
 def _drops_for_load(experts, over, load, copies, fair):
@@ -373,7 +368,7 @@ def _drops_for_load(experts, over, load, copies, fair):
     return drops
 
 
-def _complete(homes, targets, copies, base, extra, kept, ceil):
+def _complete(homes, targets, copies, base, extra, kept):
     """Min-cost flow: source -> expert (cap copies) -> device (cap 1; cost 0 where it holds the
     expert now, else 1) -> sink (cap base) or -> hub (cap 1) -> sink (cap extra). Total capacity
     into the sink is exactly experts x copies, so a full flow is a balanced placement, and the
@@ -383,33 +378,16 @@ def _complete(homes, targets, copies, base, extra, kept, ceil):
     src, hub, sink = num + n, num + n + 1, num + n + 2
     g = _Graph(num + n + 3)
     dev_node = {d: num + i for i, d in enumerate(targets)}
-    pair = {}
+    pair, count = {}, dict.fromkeys(targets, 0)
     for e in range(num):
-        first = g.add(src, e, copies, 0)
-        g.push(first, len(kept[e]))
-        cur = set(homes[e])
+        g.add(src, e, copies, 0, flow=len(kept[e]))
         for d in targets:
-            pair[e, d] = g.add(e, dev_node[d], 1, 0 if d in cur else 1)
-        for d in kept[e]:
-            g.push(pair[e, d], 1)
-    count = {d: 0 for d in targets}
-    for devs in kept:
-        for d in devs:
-            count[d] += 1
-    hub_used = 0
-    for d in targets:
-        k = count[d]
-        assert k <= base + (d in ceil)
-        to_sink = g.add(dev_node[d], sink, base, 0)
-        g.push(to_sink, min(k, base))
-        if extra:
-            to_hub = g.add(dev_node[d], hub, 1, 0)
-            if k > base:
-                g.push(to_hub, 1)
-                hub_used += 1
-    assert hub_used <= extra
-    if extra:
-        g.push(g.add(hub, sink, extra, 0), hub_used)
+            pair[e, d] = g.add(e, dev_node[d], 1, 0 if d in homes[e] else 1, flow=int(d in kept[e]))
+            count[d] += d in kept[e]
+    for d in targets:  # (add asserts that the keep-set fits: <= base + 1 each, <= extra at base + 1)
+        g.add(dev_node[d], sink, base, 0, flow=min(count[d], base))
+        g.add(dev_node[d], hub, 1, 0, flow=int(count[d] > base))
+    g.add(hub, sink, extra, 0, flow=sum(count[d] > base for d in targets))
     need = num * copies - sum(len(k) for k in kept)
     g.min_cost_flow(src, sink, need)
     final = [[d for d in targets if g.cap[pair[e, d]] == 0] for e in range(num)]
@@ -426,19 +404,15 @@ class _Graph:
         self.cap: list[int] = []
         self.cost: list[int] = []
 
-    def add(self, u: int, v: int, cap: int, cost: int) -> int:
+    def add(self, u: int, v: int, cap: int, cost: int, flow: int = 0) -> int:
+        assert 0 <= flow <= cap
         i = len(self.to)
         self.adj[u].append(i)
         self.adj[v].append(i + 1)
         self.to += [v, u]
-        self.cap += [cap, 0]
+        self.cap += [cap - flow, flow]
         self.cost += [cost, -cost]
         return i
-
-    def push(self, edge: int, amount: int) -> None:
-        self.cap[edge] -= amount
-        self.cap[edge ^ 1] += amount
-        assert self.cap[edge] >= 0
 
     def min_cost_flow(self, s: int, t: int, need: int) -> None:
         """Push `need` more units s -> t at least cost: primal-dual, i.e. Dijkstra on reduced
@@ -464,9 +438,7 @@ class _Graph:
                             dist[v] = dv
                             heapq.heappush(heap, (dv, v))
             assert dist[t] < inf, "a balanced placement always exists"
-            for v in range(n):
-                if dist[v] < inf:
-                    pot[v] += dist[v]
+            pot = [p + d if d < inf else p for p, d in zip(pot, dist)]
             while need > 0:
                 level = [-1] * n
                 level[s] = 0
@@ -504,67 +476,78 @@ class _Graph:
                     need -= got
 
 
-def _spread(homes, new_homes, units, load, copies):
-    """Re-deal the added copies over the devices that gain them (same count per device, so the
-    move count is unchanged) so that each gaining device draws from several senders, or, with
-    `expert_load`, so that the heaviest copies go to the least loaded devices first.
-    Returns the flow's own assignment when the re-deal would put an expert twice on a device."""
+def _spread(homes, final, units, srcs, load, copies) -> tuple[ExpertMove, ...]:
+    """Re-deal the added copies (with their senders) over the devices that gain them, same
+    count per device, so the move count and each sender's share stay as they are. Without
+    `expert_load`, senders take turns and each copy goes to the first device where its sender
+    is below its fair share of that device's intake, so each gaining device draws from all
+    senders alike; with it, heaviest copy first to the least loaded gaining device. A copy that
+    no device with room may take (its expert is on all of them) swaps with a dealt one; failing
+    that, the flow's own assignment stands."""
+    flow_moves = tuple(sorted((ExpertMove(e, s, d) for (e, d), s in zip(units, srcs)),
+                              key=lambda m: (m.dst_device, m.expert)))
     if not units:
-        return units
-    slots: dict[int, int] = {}
+        return flow_moves
+    free: dict[int, int] = {}
     for _, d in units:
-        slots[d] = slots.get(d, 0) + 1
-    fixed = [set(new) - {d for f, d in units if f == e} for e, new in enumerate(new_homes)]
-    out = []
-    if load is None:  # interleave by sending device, then deal contiguous runs to gainers
+        free[d] = free.get(d, 0) + 1
+    has = [set(devs) & set(homes[e]) for e, devs in enumerate(final)]  # what each expert keeps
+    share: dict[tuple[int, int], float] = {}  # (sender, device) -> copies still due, fairly
+    dev_load: dict[int, float] = {}
+    if load is None:  # senders take turns, so none finds only the last devices left
         by_src: dict[int, list[int]] = {}
-        for e, _ in units:
-            by_src.setdefault(min(homes[e]), []).append(e)
-        order = [by_src[s][k] for k in range(max(map(len, by_src.values()))) for s in sorted(by_src)
+        for (e, _), s in sorted(zip(units, srcs), key=lambda u: (u[1], u[0][0])):
+            by_src.setdefault(s, []).append(e)
+        order = [(by_src[s][k], s) for k in range(max(map(len, by_src.values()))) for s in sorted(by_src)
                  if k < len(by_src[s])]
-        dsts = [d for d in sorted(slots) for _ in range(slots[d])]
-        out = list(zip(order, dsts))
-    else:  # longest-processing-time: heaviest copy to the least loaded device with room
-        dev_load = dict.fromkeys(slots, 0.0)
-        for e, devs in enumerate(fixed):
-            for d in devs:
-                if d in dev_load:
-                    dev_load[d] += load[e] / copies
-        free = dict(slots)
-        for e, _ in sorted(units, key=lambda u: (-load[u[0]], u[0])):
-            options = [d for d in sorted(free) if free[d] and d not in fixed[e]]
-            if not options:
-                return sorted(units)
-            d = min(options, key=lambda d: (dev_load[d], d))
-            free[d] -= 1
-            dev_load[d] += load[e] / copies
-            fixed[e].add(d)
-            out.append((e, d))
-        return sorted(out)
-    seen = set()
-    for e, d in out:
-        if d in fixed[e] or (e, d) in seen:
-            return sorted(units)
-        seen.add((e, d))
-    return sorted(out)
+        share = {(s, d): len(by_src[s]) * free[d] / len(units) for s in by_src for d in free}
+    else:
+        order = sorted(((e, s) for (e, _), s in zip(units, srcs)), key=lambda u: (-load[u[0]], u[0], u[1]))
+        dev_load = {d: sum(load[e] / copies for e in range(len(homes)) if d in has[e]) for d in free}
+
+    def better(s: int, d: int) -> tuple:
+        return (share[s, d] <= 0, d) if load is None else (dev_load[d], d)
+
+    def take(m: ExpertMove, sign: int) -> None:
+        free[m.dst_device] -= sign
+        if load is None:
+            share[m.src_device, m.dst_device] -= sign
+        else:
+            dev_load[m.dst_device] += sign * load[m.expert] / copies
+        (has[m.expert].add if sign > 0 else has[m.expert].discard)(m.dst_device)
+
+    moves: list[ExpertMove] = []
+    for e, s in order:
+        options = [d for d in sorted(free) if free[d] and d not in has[e]]
+        if not options:  # swap with a dealt copy: it goes to a device left, this one takes its place
+            swap = next(((i, d) for d in sorted(free) if free[d] for i, m in enumerate(moves)
+                         if d not in has[m.expert] and m.dst_device not in has[e]), None)
+            if swap is None:
+                return flow_moves
+            i, d = swap
+            take(moves[i], -1)
+            options = [moves[i].dst_device]
+            moves[i] = ExpertMove(expert=moves[i].expert, src_device=moves[i].src_device, dst_device=d)
+            take(moves[i], 1)
+        m = ExpertMove(expert=e, src_device=s, dst_device=min(options, key=lambda d: better(s, d)))
+        take(m, 1)
+        moves.append(m)
+    return tuple(sorted(moves, key=lambda m: (m.dst_device, m.expert)))
 
 
 # -- transfers ---------------------------------------------------------------------------------
 
-def _choose_sources(current: Placement, units, removed: set[int]) -> tuple[ExpertMove, ...]:
+def _choose_sources(homes, units, removed: set[int]) -> list[int]:
     """Each added copy comes from a current holder. Greedy first (the holder that has sent
-    least, then least to this destination, then one that stays, then the lowest id), then
-    shift copies along holder chains while the busiest sender can hand one to a sender with
-    two fewer: a load-balancing semi-matching with no such path left sends as evenly as the
-    holders allow (all experts have one size, so copies count bytes)."""
-    units = sorted(units, key=lambda u: (u[1], u[0]))
+    least, then one that stays, then the lowest id), then shift copies along holder chains
+    while the busiest sender can hand one to a sender with two fewer: a load-balancing
+    semi-matching with no such path left sends as evenly as the holders allow (Harvey et al.,
+    2003; all experts have one size, so copies count bytes)."""
     sent: dict[int, int] = {}
-    sent_to: dict[tuple[int, int], int] = {}
     src = []
-    for e, dst in units:
-        s = min(current.homes[e], key=lambda s: (sent.get(s, 0), sent_to.get((s, dst), 0), s in removed, s))
+    for e, _ in units:
+        s = min(homes[e], key=lambda s: (sent.get(s, 0), s in removed, s))
         sent[s] = sent.get(s, 0) + 1
-        sent_to[s, dst] = sent_to.get((s, dst), 0) + 1
         src.append(s)
     while True:
         by_src: dict[int, list[int]] = {}
@@ -575,7 +558,7 @@ def _choose_sources(current: Placement, units, removed: set[int]) -> tuple[Exper
             queue, end = [start], None
             for x in queue:
                 for i in by_src.get(x, ()):
-                    for y in current.homes[units[i][0]]:
+                    for y in homes[units[i][0]]:
                         if y not in parent:
                             parent[y] = (x, i)
                             queue.append(y)
@@ -594,7 +577,7 @@ def _choose_sources(current: Placement, units, removed: set[int]) -> tuple[Exper
             x, i = parent[y]
             src[i] = y
             y = x
-    return tuple(ExpertMove(expert=e, src_device=s, dst_device=dst) for (e, dst), s in zip(units, src))
+    return src
 
 
 def _replicated_slices(src: tuple[int, ...], removed: tuple[int, ...], added: tuple[int, ...],
@@ -621,10 +604,10 @@ def _replicated_slices(src: tuple[int, ...], removed: tuple[int, ...], added: tu
 
 def _ranges(ids: Sequence[int]) -> str:
     """[0, 1, 2, 5] -> '0-2, 5'."""
-    parts: list[tuple[int, int]] = []
+    runs: list[list[int]] = []
     for x in ids:
-        if parts and parts[-1][1] == x - 1:
-            parts[-1] = (parts[-1][0], x)
+        if runs and runs[-1][-1] == x - 1:
+            runs[-1][1:] = [x]  # [first, last]
         else:
-            parts.append((x, x))
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in parts)
+            runs.append([x])
+    return ", ".join("-".join(map(str, r)) for r in runs)

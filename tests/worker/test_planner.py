@@ -29,14 +29,14 @@ import random
 
 import msgspec
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from elasticmoe_worker import planner
 
 REPLICATED_BYTES = 10_000_000 + 37  # not a multiple of the alignment: the last slice takes 37 B more
 EXPERT_BYTES = 3_000_000
-PROPERTY = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPERTY = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 # -- independent references ----------------------------------------------------------------------
@@ -222,10 +222,10 @@ def test_scale_up_properties(case):
     cur, devices, targets, copies = case
     p = _plan(cur, devices, targets)
     check_plan(p, cur, devices, targets, copies)
+    # 4. sources: the old devices share the sending within one expert
     sent = [sum(m.src_device == d for m in p.expert_moves) for d in devices]
+    assert max(sent) - min(sent) <= 1
     if copies == 1:
-        # 4. sources: the old devices share the sending within one expert
-        assert max(sent) - min(sent) <= 1
         assert all(m.dst_device in p.added_devices for m in p.expert_moves)
     else:
         assert moves_equal_flow(p, cur, targets, copies)
@@ -292,6 +292,9 @@ def test_same_inputs_same_plan(case, perm):
     assert msgspec.msgpack.encode(a) == msgspec.msgpack.encode(b)
     assert a.describe() == b.describe()
     assert msgspec.msgpack.decode(msgspec.msgpack.encode(a), type=planner.Plan) == a
+    assert planner.plan_placement(cur, targets) == a.new_placement
+    same = _plan(cur, devices, devices)  # 3. the same device set moves nothing
+    assert same.expert_moves == () and same.replicated_transfers == () and same.new_placement == cur
 
 
 @settings(max_examples=150, deadline=None)
@@ -303,8 +306,7 @@ def test_exact_minimum_on_any_tiny_input(num, old_copies, copies, seed):
     devices = rng.sample(range(8), rng.randint(old_copies, 5))
     cur = planner.Placement(tuple(tuple(rng.sample(devices, old_copies)) for _ in range(num)))
     n_max = min(4, num * copies)
-    if n_max < copies:
-        return
+    assume(n_max >= copies)
     targets = sorted(rng.sample(range(8), rng.randint(copies, n_max)))
     p = planner.plan(cur, devices, targets, replicated_bytes=1000, expert_bytes=10, copies_per_expert=copies)
     check_plan(p, cur, devices, targets, copies)
@@ -410,6 +412,19 @@ def test_sources_spread_for_each_new_device():
         slices = [t for t in p.replicated_transfers if t.dst_device == dst]
         assert [t.size_bytes for t in slices] == [1 << 18] * 4
         assert slices[0].src_device == dst - 4  # rotation: new device j starts at sender j
+
+
+def test_two_copies_send_from_a_staying_holder_when_it_costs_nothing():
+    cur = planner.initial_placement(4, [0, 1, 2], copies_per_expert=2)  # 0: 0-2, 1: 3, 0, 1, 2: 2, 3
+    p = planner.plan(cur, [0, 1, 2], [0, 1], replicated_bytes=0, expert_bytes=1)
+    assert p.expert_moves == (planner.ExpertMove(3, 1, 0), planner.ExpertMove(2, 0, 1))
+
+
+def test_two_copies_balance_the_senders():
+    cur = planner.initial_placement(94, [0, 1, 2], copies_per_expert=2)
+    p = planner.plan(cur, [0, 1, 2], [0, 1, 2, 3, 4, 5], replicated_bytes=0, expert_bytes=1)
+    sent = [sum(m.src_device == d for m in p.expert_moves) for d in range(3)]
+    assert sum(sent) == len(p.expert_moves) == 3 * 31 and max(sent) - min(sent) <= 1
 
 
 def test_replicated_slices_rotate_and_take_the_remainder_last():

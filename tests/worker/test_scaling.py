@@ -1,0 +1,220 @@
+"""Elastic scaling of a live instance: zero failed requests and unchanged greedy outputs
+under continuous streaming load, weights only from peers, abort before the switch, and
+the admin API that drives it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+from elasticmoe_worker import modelgen
+from elasticmoe_worker.engine import engine as engine_mod
+from elasticmoe_worker.engine import types
+from elasticmoe_worker.instance import coordinator, procutil
+from elasticmoe_worker.server import admin, api
+
+CFG = engine_mod.EngineConfig(dtype="float32", kv_cache_bytes=8 << 20, max_num_batched_tokens=64)
+PARAMS = types.SamplingParams(max_tokens=120, temperature=0.0, ignore_eos=True)
+
+
+def _reference(model_dir, prompts) -> list[list[int]]:
+    eng = engine_mod.LLMEngine.from_model_dir(model_dir, CFG)
+    out = []
+    for i, p in enumerate(prompts):
+        eng.add_request(str(i), p, PARAMS)
+        tokens = []
+        while eng.has_work():
+            for o in eng.step():
+                tokens += o.token_ids
+        out.append(tokens)
+    return out
+
+
+def _run_with_scaling(inst, prompts, steps, concurrency=4):
+    """Stream requests without pause (`concurrency` at a time, cycling over `prompts`) from
+    before the first scale until after the last; -> ([(prompt index, tokens)], failures,
+    scale records)."""
+    results: list[tuple[int, list[int]]] = []
+    failures: list[str] = []
+    records = []
+    done = asyncio.Event()
+
+    async def one(n, i):
+        tokens = []
+        try:
+            async for out in inst.generate(f"r{n}", prompts[i], PARAMS):
+                tokens += out.token_ids
+                if out.finish_reason is types.FinishReason.ERROR:
+                    failures.append(f"r{n}: {out.error}")
+        except Exception as exc:  # noqa: BLE001 - any failure counts
+            failures.append(f"r{n}: {type(exc).__name__}: {exc}")
+        results.append((i, tokens))
+
+    async def worker(w):
+        n = w
+        while not done.is_set() or n < len(prompts):
+            await one(n, n % len(prompts))
+            n += concurrency
+
+    async def main():
+        workers = [asyncio.create_task(worker(w)) for w in range(concurrency)]
+        for target in steps:
+            await asyncio.sleep(0.5)
+            records.append(await asyncio.to_thread(inst.scale, target, "test"))
+        done.set()
+        await asyncio.gather(*workers)
+
+    asyncio.run(main())
+    return results, failures, records
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v2", "mixtral"])
+def test_scale_1_2_3_4_2_1_under_load_fails_nothing_and_changes_no_output(tiny_models, tmp_path, family):
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_models[family], model_dir)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(1, 2000, (int(n),), generator=g).tolist()
+               for n in torch.randint(3, 40, (12,), generator=g)]
+    refs = _reference(model_dir, prompts)
+    inst = coordinator.Instance(model_dir, 1, CFG)
+    try:
+        # From here on nothing can read the checkpoint: new devices must get it from peers.
+        model_dir.rename(tmp_path / "moved-away")
+        got, failures, records = _run_with_scaling(inst, prompts, [2, 3, 4, 2, 1])
+        assert failures == []
+        assert [(r.from_devices, r.to_devices, r.outcome) for r in records] == [
+            (1, 2, "succeeded"), (2, 3, "succeeded"), (3, 4, "succeeded"), (4, 2, "succeeded"), (2, 1, "succeeded")]
+        assert sum(r.requests_handed_over for r in records) > 0, "no sequence spanned a switch"
+        assert len(got) > len(prompts)
+        assert [tokens for i, tokens in got] == [refs[i] for i, _ in got]
+        for r in records:
+            assert set(r.phases) >= {"plan", "transfer", "remap", "standby_start", "switch"}
+    finally:
+        inst.shutdown()
+
+
+def test_killing_a_new_worker_during_the_scale_aborts_safely(tmp_path):
+    model_dir = modelgen.make_model("mixtral", "small", tmp_path / "small", progress=False)
+    inst = coordinator.Instance(model_dir, 1, engine_mod.EngineConfig(dtype="float32", kv_cache_bytes=8 << 20),
+                                collective_timeout_s=20)
+    prompts = [[5 + i, 6, 7, 8] for i in range(6)]
+    refs = _reference(model_dir, prompts)
+    try:
+        _wait(lambda: 1 in inst._warm, 60, "the warm worker")
+        new_worker = inst.fleet.pids()[1]
+
+        def kill_when_transferring():
+            _wait(lambda: inst._scaler is not None and "plan" in inst._scaler.record.phases, 60, "the plan")
+            os.kill(new_worker, signal.SIGKILL)
+
+        killer = threading.Thread(target=kill_when_transferring)
+        killer.start()
+        got, failures, records = _run_with_scaling(inst, prompts, [2], concurrency=3)
+        killer.join()
+        assert failures == []
+        assert records[0].outcome == "aborted" and "died" in records[0].error, records[0]
+        assert "switch" not in records[0].phases
+        assert [tokens for i, tokens in got] == [refs[i] for i, _ in got]
+        assert inst.num_devices == 1 and inst.stats().healthy
+        status = admin.status_body(inst)
+        assert status["lastScale"]["outcome"] == "aborted" and status["phase"] == "Serving"
+    finally:
+        inst.shutdown()
+
+
+def _wait(pred, timeout_s, what):
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+@pytest.fixture
+def admin_server(tiny_models):
+    inst = coordinator.Instance(tiny_models["qwen3_moe"], 1, CFG)
+    app = api.build_app(inst)
+    admin.add_routes(app, inst, "s3cret")
+    server = api.make_server(app, "127.0.0.1", procutil.free_port(), log_level="warning")
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{server.config.port}"
+    _wait(lambda: _up(base), 30, "the server")
+    yield inst, base
+    server.should_exit = True
+    thread.join(timeout=30)
+    inst.shutdown()
+
+
+def _up(base):
+    try:
+        return httpx.get(f"{base}/health", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def test_admin_api_needs_the_token_and_names_what_is_wrong(admin_server):
+    inst, base = admin_server
+    ok = {"Authorization": "Bearer s3cret"}
+    with httpx.Client(base_url=base, timeout=120) as c:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            r = c.post("/admin/scale", json={"devices": 2}, headers=headers)
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+            assert c.get("/admin/status", headers=headers).status_code == 401
+        assert inst.num_devices == 1 and inst.last_scale is None, "a refused call changed nothing"
+
+        for body, param, fragment in [({"devices": 0}, "devices", "expected an integer in [1, 8]"),
+                                      ({"devices": 9}, "devices", "got 9"),
+                                      ({"devices": "2"}, "devices", "expected an integer"),
+                                      ({}, "devices", "missing"),
+                                      ({"devices": 1}, "devices", "already 1")]:
+            r = c.post("/admin/scale", json=body, headers=ok)
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+            assert fragment in r.json()["error"]["message"]
+
+        r = c.post("/admin/scale", json={"devices": 2}, headers=ok)
+        assert r.status_code == 202 and r.json()["phase"] == "Scaling"
+        busy = c.post("/admin/scale", json={"devices": 3}, headers=ok)
+        assert busy.status_code == 409 and "in progress" in busy.json()["error"]["message"]
+        _wait(lambda: c.get("/admin/status", headers=ok).json()["phase"] == "Serving", 120, "the scale")
+        status = c.get("/admin/status", headers=ok).json()
+        assert status["devices"]["active"] == 2 and status["lastScale"]["outcome"] == "succeeded"
+        assert set(status["lastScale"]["phases"]) >= {"plan", "transfer", "remap", "standby_start", "switch"}
+        assert status["parallelism"] == {"dp": 2, "ep": 2, "tp": 1}
+        r = c.post("/v1/completions", json={"model": inst.model_name, "prompt": "hi", "max_tokens": 4})
+        assert r.status_code == 200
+
+
+def test_single_engine_server_says_scaling_needs_devices(tiny_models):
+    from elasticmoe_worker.engine import async_engine
+
+    engine = async_engine.AsyncEngine.from_model_dir(tiny_models["mixtral"], CFG)
+    app = api.build_app(engine)
+    admin.add_routes(app, engine, "t")
+    from fastapi.testclient import TestClient
+
+    try:
+        with TestClient(app) as c:
+            r = c.post("/admin/scale", json={"devices": 2}, headers={"Authorization": "Bearer t"})
+            assert r.status_code == 400 and "--devices N" in r.json()["error"]["message"]
+            assert c.get("/admin/status", headers={"Authorization": "Bearer t"}).json()["scaling"] is False
+    finally:
+        engine.shutdown()
+
+
+def test_admin_token_from_env_file_or_generated(tmp_path, monkeypatch):
+    monkeypatch.delenv(admin.TOKEN_ENV, raising=False)
+    generated = admin.resolve_token(None, tmp_path)
+    assert (tmp_path / "admin-token").read_text().strip() == generated
+    assert oct((tmp_path / "admin-token").stat().st_mode & 0o777) == "0o600"
+    (tmp_path / "mounted").write_text("from-secret\n")
+    assert admin.resolve_token(tmp_path / "mounted", tmp_path) == "from-secret"
+    monkeypatch.setenv(admin.TOKEN_ENV, "from-env")
+    assert admin.resolve_token(tmp_path / "mounted", tmp_path) == "from-env"
