@@ -184,7 +184,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from elasticmoe_worker.bench import serve_bench
+    from elasticmoe_worker.bench import scaling_bench, serve_bench
 
     parser = argparse.ArgumentParser(
         prog="elasticmoe",
@@ -247,6 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve_bench.add_arguments(b)
     add_engine_arguments(b)
     b.set_defaults(func=serve_bench.run)
+    b = bench_sub.add_parser("scaling", help="elastic scaling vs cold restart, extravagant and horizontal",
+                             description=scaling_bench.DESCRIPTION)
+    scaling_bench.add_arguments(b)
+    add_engine_arguments(b)
+    b.set_defaults(func=scaling_bench.run)
     return parser
 
 

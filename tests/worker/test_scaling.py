@@ -191,6 +191,19 @@ def test_admin_api_needs_the_token_and_names_what_is_wrong(admin_server):
         r = c.post("/v1/completions", json={"model": inst.model_name, "prompt": "hi", "max_tokens": 4})
         assert r.status_code == 200
 
+    # The CLI wraps the same API: back to one device, phases printed.
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "elasticmoe_worker.cli", "scale", "--devices", "1", "--url", base,
+                          "--token", "s3cret"], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "scale 2 -> 1: succeeded" in out.stdout and "standby_start" in out.stdout
+    assert inst.num_devices == 1
+    refused = subprocess.run([sys.executable, "-m", "elasticmoe_worker.cli", "scale", "--devices", "2", "--url",
+                              base, "--token", "nope"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "401" in refused.stdout
+
 
 def test_single_engine_server_says_scaling_needs_devices(tiny_models):
     from elasticmoe_worker.engine import async_engine

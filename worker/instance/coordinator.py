@@ -464,6 +464,7 @@ class Instance:
         """Stop every process this instance started; idempotent."""
         if self._stop:
             return
+        self._fail("the instance is shutting down")  # nobody waits forever on a stopped instance
         self._stop = True
         thread = getattr(self, "_thread", None)
         if thread is not None:
