@@ -464,7 +464,13 @@ class Instance:
         """Stop every process this instance started; idempotent."""
         if self._stop:
             return
-        self._fail("the instance is shutting down")  # nobody waits forever on a stopped instance
+        # Nobody waits forever on a stopped instance: requests still in flight end with an error.
+        if self._flights:
+            logger.info("stopping with %d request(s) in flight; ending them", len(self._flights))
+        self._error = self._error or "the instance is shutting down"
+        for request_id in list(self._flights):
+            self._deliver(types.RequestOutput(request_id=request_id, text="", token_ids=[],
+                                              finish_reason=types.FinishReason.ERROR, error=self._error))
         self._stop = True
         thread = getattr(self, "_thread", None)
         if thread is not None:

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import zmq
 
@@ -185,6 +186,11 @@ class HMM:
 
     def close(self) -> None:
         self.stop = True
+        # The coordinator told the executors to stop too; give them a moment to leave their
+        # collective group together, so no peer sees a reset connection.
+        deadline = time.monotonic() + 3.0
+        while any(p.poll() is None for p, _ in self.executors.values()) and time.monotonic() < deadline:
+            time.sleep(0.02)
         self.stop_executors()
         if self.spare is not None:
             self.spare.kill()  # it only waits on stdin
