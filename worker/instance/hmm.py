@@ -133,7 +133,8 @@ class HMM:
                 self.send(messages.TransitionReady(
                     device_index=self.device_index, config_id=msg.config_id,
                     ready=result.memory.ready_for(msg.expert_ids), transfer_seconds=result.seconds,
-                    bytes_received=result.bytes_received, bytes_sent=result.bytes_sent))
+                    bytes_received=result.bytes_received, bytes_sent=result.bytes_sent,
+                    data_seconds=result.data_seconds))
             except Exception as exc:
                 logger.exception("device %d: transition %d failed", self.device_index, msg.config_id)
                 self.send(messages.HMMFailed(device_index=self.device_index, config_id=msg.config_id,

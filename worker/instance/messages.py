@@ -125,6 +125,7 @@ class TransitionReady(Msg):
     transfer_seconds: float
     bytes_received: int
     bytes_sent: int
+    data_seconds: float = 0.0  # of transfer_seconds, the time spent moving bytes
 
 
 class CommitTransition(Msg):

@@ -64,6 +64,7 @@ class ScaleRecord:
     outcome: str = "running"  # running | succeeded | aborted
     error: str | None = None
     bytes_transferred: int = 0
+    transfer_data_seconds: float = 0.0  # of the transfer phase: moving bytes (the rest: allocation, group set-up)
     requests_handed_over: int = 0
 
 
@@ -160,6 +161,7 @@ class Scaler:
                 kv_bytes=ready0.kv.size_bytes, config_json=inst.config_json, tokenizer_files=inst.tokenizer_files,
                 timeout_s=self.timeout_s))
         self.transition_ready = self._wait(messages.TransitionReady, set(group), "peer-to-peer transfers")
+        self.record.transfer_data_seconds = round(max(r.data_seconds for r in self.transition_ready.values()), 4)
         self._phase("transfer")
 
         owner = owner_list(the_plan.new_placement, spec.num_experts)

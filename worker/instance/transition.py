@@ -31,6 +31,8 @@ class Result:
     seconds: float
     bytes_sent: int
     bytes_received: int
+    setup_seconds: float  # allocation + forming the transfer group
+    data_seconds: float  # moving the bytes
 
 
 def allocate_new_device(backend: backends_base.DeviceBackend, device_index: int,
@@ -59,6 +61,8 @@ def run(backend: backends_base.DeviceBackend, device_index: int, mem: memory.Dev
                           timeout=datetime.timedelta(seconds=msg.timeout_s))
     pg = dist.ProcessGroupGloo(dist.PrefixStore(f"transition-{msg.config_id}", store), msg.rank,
                                len(msg.group_ranks), datetime.timedelta(seconds=msg.timeout_s))
+    setup_seconds = time.perf_counter() - started
+    data_started = time.perf_counter()
     works, sent, received = [], 0, 0
     per_transfer = 2 * max(1, len(msg.moe_layers))
     for idx, t in enumerate(msg.transfers):
@@ -81,10 +85,11 @@ def run(backend: backends_base.DeviceBackend, device_index: int, mem: memory.Dev
                 received += buf.numel()
     for w in works:
         w.wait()
+    data_seconds = time.perf_counter() - data_started
     # NOTE: nobody leaves before everyone is done: a rank that tears its group down early
     # resets connections that slower peers are still setting up.
     pg.barrier().wait()
     seconds = time.perf_counter() - started
     logger.info("device %d: transition %d moved %.1f MB out, %.1f MB in, in %.2f s", device_index,
                 msg.config_id, sent / 1e6, received / 1e6, seconds)
-    return Result(mem, seconds, sent, received)
+    return Result(mem, seconds, sent, received, setup_seconds, data_seconds)
