@@ -11,6 +11,7 @@ executor or a new device read nothing from the checkpoint.
 
 from __future__ import annotations
 
+import abc
 import json
 import logging
 import pathlib
@@ -91,20 +92,21 @@ class Checkpoint:
         self._handles.clear()
 
 
-class WeightSource:
-    """Where a model's tensors come from: the checkpoint now, HMM shared memory later.
+class WeightSource(abc.ABC):
+    """Where a model's tensors come from: the checkpoint (`CheckpointWeights`) or an HMM's
+    shared memory (`instance.memory.SharedWeights`).
 
     `tensor(name)` returns a tensor in the serving dtype; `experts(layer, names)` returns the
     stacked (w13 [E_local, 2I, H], w2 [E_local, H, I]) for the experts this device holds.
     """
 
-    def tensor(self, name: str) -> torch.Tensor:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def tensor(self, name: str) -> torch.Tensor: ...
 
+    @abc.abstractmethod
     def experts(
         self, layer: int, names: Callable[[int, int], tuple[str, str, str]]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class CheckpointWeights(WeightSource):
