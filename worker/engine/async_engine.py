@@ -62,10 +62,7 @@ class AsyncEngine:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def apply_chat_template(self, messages: Sequence[dict]) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # BatchEncoding in newer transformers
-            ids = ids["input_ids"]
-        return list(ids)
+        return engine_mod.chat_token_ids(self.tokenizer, messages)
 
     def stats(self) -> types.EngineStats:
         s = self._stats

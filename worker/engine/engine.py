@@ -35,10 +35,27 @@ class EngineConfig:
     seed: int = 0  # engine-wide generator for unseeded sampling
 
 
+# The tokenizer's files in a checkpoint directory (kept in memory by whoever must not reread them).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
 def load_tokenizer(model_dir: str | pathlib.Path):
     import transformers
 
     return transformers.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+
+
+def chat_token_ids(tokenizer, messages) -> list[int]:
+    """The chat template applied, with the assistant's turn opened; -> token ids."""
+    ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # BatchEncoding in newer transformers
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def resolve_max_model_len(spec, config: "EngineConfig") -> int:
+    """The configured context length, by default the model's capped at 4096; never above the model's."""
+    return min(config.max_model_len or min(spec.max_position_embeddings, 4096), spec.max_position_embeddings)
 
 
 @dataclasses.dataclass(eq=False)
@@ -59,8 +76,7 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.config = config
         self.model_name = model_name
-        self.max_model_len = min(config.max_model_len or min(spec.max_position_embeddings, 4096),
-                                 spec.max_position_embeddings)
+        self.max_model_len = resolve_max_model_len(spec, config)
         per_block = kv_cache.KVCachePool.bytes_per_block(
             spec.num_layers, spec.num_kv_heads, spec.qk_head_dim, spec.v_head_dim, config.block_size, model.dtype
         )

@@ -36,7 +36,6 @@ from elasticmoe_worker.models import registry
 logger = logging.getLogger(__name__)
 
 _RECOVERY_GRACE_S = 0.5
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 @dataclasses.dataclass
@@ -63,13 +62,12 @@ class Instance:
         self.model_name = model_name or self.model_dir.name
         self.spec = config_mod.load_spec(self.model_dir)
         self.tokenizer = engine_mod.load_tokenizer(self.model_dir)
-        self.max_model_len = min(self.config.max_model_len or min(self.spec.max_position_embeddings, 4096),
-                                 self.spec.max_position_embeddings)
+        self.max_model_len = engine_mod.resolve_max_model_len(self.spec, self.config)
         self.placement = scaling.initial_placement(self.spec.num_experts, num_devices)
         self.expert_owner = scaling.owner_list(self.placement, self.spec.num_experts)
         # Kept in memory so devices that join later read nothing from the checkpoint directory.
         self.config_json = (self.model_dir / "config.json").read_text()
-        self.tokenizer_files = {n: (self.model_dir / n).read_text() for n in _TOKENIZER_FILES
+        self.tokenizer_files = {n: (self.model_dir / n).read_text() for n in engine_mod.TOKENIZER_FILES
                                 if (self.model_dir / n).is_file()}
         self._scale_lock = threading.Lock()
         self.config_id = 0
@@ -145,10 +143,10 @@ class Instance:
             if isinstance(msg, want):
                 key = msg.device_index if hasattr(msg, "device_index") else msg.rank
                 got[key] = msg
-            elif not isinstance(msg, messages.RankStats):
-                logger.debug("start-up: ignoring %s", type(msg).__name__)
-            if isinstance(msg, messages.RankStats):
+            elif isinstance(msg, messages.RankStats):
                 self._rank_stats[msg.rank] = msg
+            else:
+                logger.debug("start-up: ignoring %s", type(msg).__name__)
         return got
 
     def _send_now(self, identity: str, msg: messages.Msg) -> None:
@@ -199,10 +197,7 @@ class Instance:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def apply_chat_template(self, messages_: Sequence[dict]) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(list(messages_), add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return list(ids)
+        return engine_mod.chat_token_ids(self.tokenizer, messages_)
 
     def stats(self) -> types.EngineStats:
         ranks = list(self._rank_stats.values())

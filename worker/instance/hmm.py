@@ -24,11 +24,11 @@ import time
 import zmq
 
 from elasticmoe_worker import backends
+from elasticmoe_worker.engine import engine as engine_mod
 from elasticmoe_worker.instance import memory, messages, procutil, transition
 
 logger = logging.getLogger("elasticmoe.hmm")
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 class HMM:
@@ -64,7 +64,7 @@ class HMM:
         model_dir = pathlib.Path(plan.model_dir)
         # Read the small text files once, now: executors get them from us, not from disk.
         self.config_json = (model_dir / "config.json").read_text()
-        self.tokenizer_files = {n: (model_dir / n).read_text() for n in _TOKENIZER_FILES if (model_dir / n).is_file()}
+        self.tokenizer_files = {n: (model_dir / n).read_text() for n in engine_mod.TOKENIZER_FILES if (model_dir / n).is_file()}
         self.memory = memory.load_device(self.backend, self.device_index, plan)
         self.expert_ids = list(plan.expert_ids)
         self.send(self.memory.ready)

@@ -308,15 +308,8 @@ class CompletionResponse(BaseModel):
     usage: UsageInfo | None = None
 
 
-class CompletionChunk(BaseModel):
+class CompletionChunk(CompletionResponse):
     """One SSE event of a streamed completion (OpenAI reuses the `text_completion` object)."""
-
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=now_s)
-    model: str
-    choices: list[CompletionChoice]
-    usage: UsageInfo | None = None
 
 
 class AssistantMessage(BaseModel):
