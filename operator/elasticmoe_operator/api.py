@@ -1,0 +1,294 @@
+"""The `ElasticMoE` custom resource (`elasticmoe.io/v1alpha1`) as typed models.
+
+These models are the single source of truth: the CRD's OpenAPI schema is generated from
+them (`python -m elasticmoe_operator.crd`), the operator parses every resource through
+them, and the chart ships the generated CRD. Pure: no I/O, no clock, no kopf, no torch.
+
+What this module does not do: cross-field rules are enforced twice on purpose — as CEL rules
+in the CRD (the API server rejects the object) and by `parse_spec` here (an object that was
+created before a rule existed, or on a server without CEL, still gets a Degraded condition
+naming the field instead of a crash).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Optional
+
+import pydantic
+from pydantic import alias_generators
+
+GROUP = "elasticmoe.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "ElasticMoE"
+PLURAL = "elasticmoes"
+SINGULAR = "elasticmoe"
+SHORT_NAMES = ["emoe"]
+CRD_NAME = f"{PLURAL}.{GROUP}"
+
+HISTORY_LIMIT = 10
+
+
+class ConditionType(str, enum.Enum):
+    AVAILABLE = "Available"
+    PROGRESSING = "Progressing"
+    DEGRADED = "Degraded"
+    SCALING_ACTIVE = "ScalingActive"
+    METRICS_AVAILABLE = "MetricsAvailable"
+
+
+class Phase(str, enum.Enum):
+    PENDING = "Pending"
+    SERVING = "Serving"
+    SCALING = "Scaling"
+    DEGRADED = "Degraded"
+
+
+class Backend(str, enum.Enum):
+    CPU = "cpu"
+    CUDA = "cuda"
+    ASCEND = "ascend"
+
+
+class DType(str, enum.Enum):
+    AUTO = "auto"
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+
+class AutoscalingMode(str, enum.Enum):
+    DISABLED = "Disabled"  # the device count changes only through spec / the scale subresource
+    SLO = "Slo"  # the operator's policy on Prometheus metrics
+    EXTERNAL = "External"  # an HPA or KEDA writes the scale subresource
+
+
+class _Model(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(alias_generator=alias_generators.to_camel, populate_by_name=True,
+                                       extra="forbid", use_enum_values=True)
+
+    def dump(self) -> dict:
+        """The Kubernetes (camelCase) form, without unset optional fields."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+# Kubernetes objects we pass through to the pods (volumes, resources, env, tolerations):
+# their schemas are Kubernetes' own, validated by the API server when the pod is created.
+KubeObject = dict[str, Any]
+
+
+class ModelSpec(_Model):
+    source: str = pydantic.Field(
+        "", max_length=4096,
+        description="Checkpoint directory inside the containers (config.json, *.safetensors, tokenizer). "
+                    "Empty: the embedded default model baked into the image.")
+    served_name: str = pydantic.Field("", max_length=253, description="Model name in the OpenAI API. "
+                                      "Empty: the directory name of source.")
+    dtype: DType = pydantic.Field(DType.AUTO, description="Weight and compute dtype; auto keeps the checkpoint's.")
+    volume: Optional[KubeObject] = pydantic.Field(
+        None, description="A Kubernetes volume source (e.g. {persistentVolumeClaim: {claimName: models}}) "
+                          "mounted read-only at mountPath in the coordinator and every worker.")
+    mount_path: str = pydantic.Field("/models", max_length=4096, description="Where volume is mounted.")
+
+
+class DevicesSpec(_Model):
+    min: int = pydantic.Field(1, ge=1, le=1024, description="Fewest devices the instance may scale to.")
+    max: int = pydantic.Field(4, ge=1, le=1024, description="Most devices the instance may scale to "
+                              "(also at most one per routed expert of the model).")
+    initial: int = pydantic.Field(1, ge=1, le=1024, description="Devices at creation.")
+    replicas: Optional[int] = pydantic.Field(
+        None, ge=1, le=1024,
+        description="Desired device count, written by `kubectl scale`, an HPA, KEDA or the SLO autoscaler "
+                    "through the scale subresource. Unset: initial.")
+    step: int = pydantic.Field(1, ge=1, le=1024, description="Most devices added or removed by one scale; "
+                               "larger changes go in several scales.")
+    backend: Backend = pydantic.Field(Backend.CPU, description="Device kind: cpu, cuda (NVIDIA) or ascend (torch_npu).")
+    resource: str = pydantic.Field(
+        "", max_length=253, pattern=r"^$|^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$",
+        description="Extended resource each worker pod requests, e.g. nvidia.com/gpu or huawei.com/Ascend910; "
+                    "empty for cpu.")
+    per_worker: int = pydantic.Field(1, ge=1, le=1, description="Devices per worker pod (1 in v1alpha1: one "
+                                     "HMM per device).")
+
+    @property
+    def desired(self) -> int:
+        return self.replicas if self.replicas is not None else self.initial
+
+
+class ParallelismSpec(_Model):
+    tensor_parallel: int = pydantic.Field(1, ge=1, le=1, description="Tensor-parallel size inside one "
+                                          "DP rank (1 in v1alpha1: attention is data-parallel, experts "
+                                          "expert-parallel).")
+
+
+class SloSpec(_Model):
+    ttft_p90_ms: int = pydantic.Field(2000, ge=1, description="Target p90 time to first token, milliseconds.")
+    tpot_p90_ms: int = pydantic.Field(100, ge=1, description="Target p90 time per output token, milliseconds.")
+    queue_p90_ms: int = pydantic.Field(1000, ge=1, description="Target p90 time a request waits in the queue, "
+                                       "milliseconds.")
+
+
+class AutoscalingSpec(_Model):
+    mode: AutoscalingMode = pydantic.Field(AutoscalingMode.DISABLED, description="Disabled, Slo or External.")
+    prometheus_url: str = pydantic.Field("", max_length=2048, description="Prometheus HTTP API base URL "
+                                         "(mode Slo).")
+    scale_up_cooldown_seconds: int = pydantic.Field(30, ge=0, le=86400, description="Least time between "
+                                                    "two scale-ups.")
+    scale_down_stabilization_seconds: int = pydantic.Field(300, ge=0, le=86400, description="How long load "
+                                                           "must stay low before a scale-down.")
+
+
+class PodSpec(_Model):
+    image: str = pydantic.Field("", max_length=1024, description="Container image; empty: the operator's "
+                                "default (its --image).")
+    image_pull_policy: str = pydantic.Field("IfNotPresent", pattern=r"^(Always|IfNotPresent|Never)$")
+    resources: Optional[KubeObject] = pydantic.Field(None, description="Kubernetes ResourceRequirements of "
+                                                     "the container (the device resource is added for workers).")
+    env: list[KubeObject] = pydantic.Field(default_factory=list, description="Extra environment variables "
+                                           "(Kubernetes EnvVar objects).")
+    node_selector: dict[str, str] = pydantic.Field(default_factory=dict)
+    tolerations: list[KubeObject] = pydantic.Field(default_factory=list)
+
+
+class WorkerSpec(PodSpec):
+    shm_size_mi_b: int = pydantic.Field(
+        2048, ge=64, le=1048576, alias="shmSizeMiB",
+        description="Size of the memory-backed /dev/shm of a worker (weights + KV cache on cpu), MiB.")
+
+
+class EngineSpec(_Model):
+    kv_cache_mb: int = pydantic.Field(256, ge=1, description="KV-cache memory per device, MiB.")
+    max_num_seqs: int = pydantic.Field(64, ge=1, description="Most sequences per device in one step.")
+    max_model_len: Optional[int] = pydantic.Field(None, ge=1, description="Longest sequence; unset: the model's.")
+    extra_args: list[str] = pydantic.Field(default_factory=list, description="More `elasticmoe coordinator` "
+                                           "arguments, e.g. [--block-size, '32'].")
+
+
+class ElasticMoESpec(_Model):
+    model: ModelSpec = pydantic.Field(default_factory=ModelSpec)
+    devices: DevicesSpec = pydantic.Field(default_factory=DevicesSpec)
+    parallelism: ParallelismSpec = pydantic.Field(default_factory=ParallelismSpec)
+    slo: SloSpec = pydantic.Field(default_factory=SloSpec)
+    autoscaling: AutoscalingSpec = pydantic.Field(default_factory=AutoscalingSpec)
+    engine: EngineSpec = pydantic.Field(default_factory=EngineSpec)
+    coordinator: PodSpec = pydantic.Field(default_factory=PodSpec)
+    worker: WorkerSpec = pydantic.Field(default_factory=WorkerSpec)
+    scale_timeout_seconds: int = pydantic.Field(600, ge=10, le=86400, description="A scale that has not "
+                                                "finished after this long is rolled back.")
+
+
+# -- status ---------------------------------------------------------------------------
+class Condition(_Model):
+    type: str
+    status: str = pydantic.Field(pattern=r"^(True|False|Unknown)$")
+    reason: str = ""
+    message: str = ""
+    last_transition_time: str = ""
+    observed_generation: int = 0
+
+
+class DevicesStatus(_Model):
+    desired: int = 0
+    ready: int = pydantic.Field(0, description="Worker pods running with their HMM registered.")
+    active: int = pydantic.Field(0, description="Devices serving in the current configuration.")
+    warming: int = pydantic.Field(0, description="Worker pods created and not yet ready.")
+
+
+class ParallelismStatus(_Model):
+    dp: int = 0
+    ep: int = 0
+    tp: int = 0
+
+
+class ScaleRecord(_Model):
+    """One scaling decision and what came of it."""
+    from_devices: int = pydantic.Field(alias="from")
+    to_devices: int = pydantic.Field(alias="to")
+    reason: str = ""
+    started_at: str = ""
+    outcome: str = pydantic.Field("", description="Succeeded, Failed, RolledBack or InProgress.")
+    message: str = ""
+    duration_ms: int = 0
+    phases_ms: dict[str, int] = pydantic.Field(default_factory=dict, description="Seconds of each phase "
+                                               "reported by the coordinator, in milliseconds.")
+    bytes_transferred: int = 0
+    requests_handed_over: int = 0
+
+
+class ScalingStatus(_Model):
+    """A scale in progress, written before each step so a restarted operator resumes it."""
+    from_devices: int = pydantic.Field(alias="from")
+    to_devices: int = pydantic.Field(alias="to")
+    reason: str = ""
+    started_at: str = ""
+    stage: str = pydantic.Field("", description="CreatingPods, WaitingForWorkers, Scaling, Draining or "
+                                "DeletingPods.")
+
+
+class ElasticMoEStatus(_Model):
+    observed_generation: int = 0
+    phase: str = ""
+    selector: str = pydantic.Field("", description="Label selector of the worker pods (scale subresource).")
+    coordinator_url: str = ""
+    conditions: list[Condition] = pydantic.Field(default_factory=list)
+    devices: DevicesStatus = pydantic.Field(default_factory=DevicesStatus)
+    parallelism: ParallelismStatus = pydantic.Field(default_factory=ParallelismStatus)
+    scaling: Optional[ScalingStatus] = None
+    last_scale: Optional[ScaleRecord] = None
+    history: list[ScaleRecord] = pydantic.Field(default_factory=list, max_length=HISTORY_LIMIT)
+
+
+# -- validation -----------------------------------------------------------------------
+class SpecError(ValueError):
+    """A spec the operator cannot act on; the message names the field, the value and what is expected."""
+
+    def __init__(self, field: str, value: Any, expected: str) -> None:
+        self.field, self.value, self.expected = field, value, expected
+        super().__init__(f"spec.{field}: got {value!r}, expected {expected}")
+
+
+def _loc(loc: tuple) -> str:
+    parts: list[str] = []
+    for p in loc:
+        if isinstance(p, int):
+            parts[-1] = f"{parts[-1]}[{p}]" if parts else f"[{p}]"
+        else:
+            parts.append(str(p))
+    return ".".join(parts)
+
+
+def parse_spec(spec: dict | None) -> ElasticMoESpec:
+    """The typed spec, or SpecError naming the first bad field (the CEL rules of the CRD, again)."""
+    try:
+        parsed = ElasticMoESpec.model_validate(spec or {})
+    except pydantic.ValidationError as exc:
+        err = exc.errors()[0]
+        raise SpecError(_loc(err["loc"]), err.get("input"), err["msg"].lower()) from None
+    d = parsed.devices
+    if d.min > d.max:
+        raise SpecError("devices.min", d.min, f"<= devices.max ({d.max})")
+    if not d.min <= d.initial <= d.max:
+        raise SpecError("devices.initial", d.initial, f"in [devices.min, devices.max] = [{d.min}, {d.max}]")
+    if d.replicas is not None and not d.min <= d.replicas <= d.max:
+        raise SpecError("devices.replicas", d.replicas, f"in [devices.min, devices.max] = [{d.min}, {d.max}]")
+    if d.backend != Backend.CPU.value and not d.resource:
+        raise SpecError("devices.resource", d.resource, f"a device resource name for backend {d.backend} "
+                        "(e.g. nvidia.com/gpu or huawei.com/Ascend910)")
+    if parsed.autoscaling.mode == AutoscalingMode.SLO.value and not parsed.autoscaling.prometheus_url:
+        raise SpecError("autoscaling.prometheusUrl", "", "a Prometheus URL when autoscaling.mode is Slo")
+    return parsed
+
+
+# CEL rules of the CRD, beside the model they guard: (path in the schema, rule, message, fieldPath).
+CEL_RULES: list[tuple[str, str, str, str]] = [
+    ("devices", "self.min <= self.max", "devices.min must be <= devices.max", ".min"),
+    ("devices", "self.min <= self.initial && self.initial <= self.max",
+     "devices.initial must be in [devices.min, devices.max]", ".initial"),
+    ("devices", "!has(self.replicas) || (self.min <= self.replicas && self.replicas <= self.max)",
+     "devices.replicas must be in [devices.min, devices.max]", ".replicas"),
+    ("devices", "self.backend == 'cpu' || self.resource != ''",
+     "devices.resource is required when devices.backend is cuda or ascend", ".resource"),
+    ("autoscaling", "self.mode != 'Slo' || self.prometheusUrl != ''",
+     "autoscaling.prometheusUrl is required when autoscaling.mode is Slo", ".prometheusUrl"),
+]
