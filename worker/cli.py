@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import pathlib
+import socket
 import sys
 
 # NOTE: before torch is imported anywhere. OpenMP threads that spin while waiting turn every
@@ -105,19 +106,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.error("--model %s: not a directory (expected a Hugging Face checkpoint directory)", model_dir)
         return 2
     name = args.served_model_name or model_dir.name
+    from elasticmoe_worker.server import admin
+
+    token = admin.resolve_token(args.admin_token_file, cache_dir())
     if args.devices is None:
         engine = async_engine.AsyncEngine.from_model_dir(model_dir, engine_config_from_args(args), model_name=name)
-    else:
+    elif args.fleet == "local":
         from elasticmoe_worker.instance import coordinator
 
         log.info("starting a local instance of %d %s device(s)", args.devices, args.backend)
         engine = coordinator.Instance(model_dir, args.devices, engine_config_from_args(args), model_name=name,
                                       backend=args.backend, collective_timeout_s=args.collective_timeout_s)
-    try:
-        from elasticmoe_worker.server import admin
+    else:
+        from elasticmoe_worker.instance import coordinator
 
+        advertise = args.advertise_host or socket.getfqdn()
+        log.info("coordinator: waiting for %d %s worker(s) to register on tcp://%s:%d (rendezvous store on "
+                 "port %d)", args.devices, args.backend, advertise, args.control_port, args.store_port)
+        engine = coordinator.Instance(
+            model_dir, args.devices, engine_config_from_args(args), model_name=name, backend=args.backend,
+            collective_timeout_s=args.collective_timeout_s, startup_timeout_s=args.startup_timeout_s,
+            warm_workers=0, fleet="external", bind_host=args.host, advertise_host=advertise,
+            control_port=args.control_port, store_port=args.store_port, worker_token=token,
+            heartbeat_timeout_s=args.heartbeat_timeout_s)
+    try:
         app = api.build_app(engine, served_model_name=args.served_model_name)
-        admin.add_routes(app, engine, admin.resolve_token(args.admin_token_file, cache_dir()))
+        admin.add_routes(app, engine, token)
         log.info("serving %s as %r", model_dir, engine.model_name)
         api.run_server(app, args.host, args.port, log_level=args.log_level)
     except KeyboardInterrupt:
@@ -183,6 +197,28 @@ def cmd_scale(args: argparse.Namespace) -> int:
     return 0 if last.get("outcome") == "succeeded" else 1
 
 
+def _add_serving_arguments(p: argparse.ArgumentParser, host_default: str, devices_required: bool) -> None:
+    p.add_argument("--model", default=None, help="checkpoint directory (config.json, *.safetensors, tokenizer)")
+    p.add_argument("--served-model-name", default=None, help="model name in the API (default: the directory name)")
+    p.add_argument("--host", default=host_default, help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=_port, default=8000, help="port to listen on, 0 = any free (default: %(default)s)")
+    if devices_required:
+        p.add_argument("--devices", type=_positive_int, required=True,
+                       help="devices (workers) the instance starts with")
+    else:
+        p.add_argument("--devices", type=_positive_int, default=None,
+                       help="run a multi-device instance: one HMM + executor process pair per device, attention "
+                            "data-parallel, experts spread over all devices (default: one in-process engine)")
+    p.add_argument("--backend", default="cpu", choices=["cpu", "cuda", "ascend"],
+                   help="device backend of the instance's workers (default: %(default)s)")
+    p.add_argument("--collective-timeout-s", type=float, default=60.0,
+                   help="a collective that stalls longer fails with an error instead of hanging (default: %(default)s)")
+    p.add_argument("--admin-token-file", default=None,
+                   help=f"file holding the admin API bearer token (default: ${'{'}ELASTICMOE_ADMIN_TOKEN{'}'}, else one "
+                        "is generated and saved to <cache dir>/admin-token)")
+    add_engine_arguments(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from elasticmoe_worker.bench import scaling_bench, serve_bench
 
@@ -199,22 +235,43 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Prometheus metrics. With no --model, the embedded tiny default model is "
                                    "generated into the cache directory ($ELASTICMOE_CACHE_DIR, default "
                                    "~/.cache/elasticmoe) on first use.")
-    p.add_argument("--model", default=None, help="checkpoint directory (config.json, *.safetensors, tokenizer)")
-    p.add_argument("--served-model-name", default=None, help="model name in the API (default: the directory name)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    p.add_argument("--port", type=_port, default=8000, help="port to listen on, 0 = any free (default: %(default)s)")
-    p.add_argument("--devices", type=_positive_int, default=None,
-                   help="run a multi-device instance: one HMM + executor process pair per device, attention "
-                        "data-parallel, experts spread over all devices (default: one in-process engine)")
-    p.add_argument("--backend", default="cpu", choices=["cpu", "cuda", "ascend"],
-                   help="device backend of the instance's workers (default: %(default)s)")
-    p.add_argument("--collective-timeout-s", type=float, default=60.0,
-                   help="a collective that stalls longer fails with an error instead of hanging (default: %(default)s)")
-    p.add_argument("--admin-token-file", default=None,
-                   help=f"file holding the admin API bearer token (default: ${'{'}ELASTICMOE_ADMIN_TOKEN{'}'}, else one "
-                        "is generated and saved to <cache dir>/admin-token)")
-    add_engine_arguments(p)
-    p.set_defaults(func=cmd_serve)
+    _add_serving_arguments(p, host_default="127.0.0.1", devices_required=False)
+    p.set_defaults(func=cmd_serve, fleet="local")
+
+    p = sub.add_parser("coordinator", help="run an instance's coordinator; its workers run elsewhere (pods)",
+                       description="The coordinator of an instance whose workers are started by others, one "
+                                   "`elasticmoe worker` per device (in Kubernetes: the operator's worker pods). "
+                                   "Serves the OpenAI API, /metrics and the admin API like `serve --devices N`, "
+                                   "waits for N workers to register on the control port, hosts the rendezvous "
+                                   "store, and presents the admin token to workers (they must send the same "
+                                   "one). A worker silent for --heartbeat-timeout-s is declared dead.")
+    _add_serving_arguments(p, host_default="0.0.0.0", devices_required=True)
+    p.add_argument("--control-port", type=_port, default=5555,
+                   help="ZeroMQ port workers and executors register on (default: %(default)s)")
+    p.add_argument("--store-port", type=_port, default=5556,
+                   help="torch.distributed TCPStore rendezvous port (default: %(default)s)")
+    p.add_argument("--advertise-host", default=None,
+                   help="the name workers dial to reach this coordinator, e.g. the Service's DNS name "
+                        "(default: this host's FQDN)")
+    p.add_argument("--heartbeat-timeout-s", type=float, default=15.0,
+                   help="declare a worker dead after this long without a message (default: %(default)s)")
+    p.add_argument("--startup-timeout-s", type=float, default=600.0,
+                   help="give up if the first N workers have not registered and loaded by then (default: "
+                        "%(default)s)")
+    p.set_defaults(func=cmd_serve, fleet="external")
+
+    from elasticmoe_worker.instance import hmm
+
+    p = sub.add_parser("worker", help="run the worker (HMM) of one device; it registers with a coordinator",
+                       description="The long-lived process of one device: registers with the coordinator, "
+                                   "loads the weights and KV cache it is told to, starts the executors as child "
+                                   "processes, and moves weights peer-to-peer when the instance scales. Presents "
+                                   "$ELASTICMOE_ADMIN_TOKEN when it registers.")
+    hmm.add_arguments(p)
+    p.set_defaults(func=lambda args: hmm.run_worker(args))
+
+    sub.add_parser("operator", help="run the Kubernetes operator (see `elasticmoe operator --help`)",
+                   add_help=False)
 
     p = sub.add_parser("scale", help="change the number of devices of a running instance",
                        description="Ask a running `elasticmoe serve --devices N` to scale to M devices with zero "
@@ -256,6 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["operator"]:
+        # NOTE: before build_parser: the operator never imports torch.
+        from elasticmoe_operator import cli as operator_cli
+
+        return operator_cli.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

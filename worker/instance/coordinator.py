@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
+import hmac
 import itertools
 import logging
 import pathlib
@@ -53,7 +54,14 @@ class Instance:
     def __init__(self, model_dir: str | pathlib.Path, num_devices: int,
                  config: engine_mod.EngineConfig | None = None, *, model_name: str | None = None,
                  backend: str = "cpu", collective_timeout_s: float = 60.0, startup_timeout_s: float = 600.0,
-                 warm_workers: int = 1) -> None:
+                 warm_workers: int = 1, fleet: str = "local", bind_host: str = "127.0.0.1",
+                 advertise_host: str | None = None, control_port: int = 0, store_port: int = 0,
+                 worker_token: str = "", heartbeat_timeout_s: float = 15.0) -> None:
+        """`fleet="local"` starts one HMM process per device here; `fleet="external"` waits for
+        workers that others start (`elasticmoe worker`, one pod per device) to register on
+        `tcp://<advertise_host>:<control_port>`, presenting `worker_token` when it is set."""
+        if fleet not in ("local", "external"):
+            raise ValueError(f"fleet: got {fleet!r}, expected 'local' or 'external'")
         self.model_dir = pathlib.Path(model_dir).resolve()
         self.config = config or engine_mod.EngineConfig()
         self.num_devices = num_devices
@@ -75,18 +83,28 @@ class Instance:
         self._ctx = zmq.Context()
         self._router = self._ctx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
-        port = self._router.bind_to_random_port("tcp://127.0.0.1")
-        self.address = f"tcp://127.0.0.1:{port}"
+        if control_port:
+            self._router.bind(f"tcp://{bind_host}:{control_port}")
+            port = control_port
+        else:
+            port = self._router.bind_to_random_port(f"tcp://{bind_host}")
+        # What workers and executors on other hosts dial (the coordinator Service in a cluster).
+        self.advertise_host = advertise_host or ("127.0.0.1" if bind_host in ("0.0.0.0", "::", "*") else bind_host)
+        self.address = f"tcp://{self.advertise_host}:{port}"
+        self.worker_token = worker_token
         self._wake_addr = f"inproc://coordinator-{id(self)}"
         self._wake_pull = self._ctx.socket(zmq.PULL)
         self._wake_pull.bind(self._wake_addr)
         self._wake_push = self._ctx.socket(zmq.PUSH)
         self._wake_push.connect(self._wake_addr)
         self._send_lock = threading.Lock()
-        self.store_port = procutil.free_port()
+        self.store_port = store_port or procutil.free_port()
+        # NOTE: the master connects to itself through host_name: keep it local (a Service name
+        # would route through endpoints that list this pod only once it is ready).
         self._store = dist.TCPStore("127.0.0.1", self.store_port, is_master=True, wait_for_workers=False,
                                     timeout=datetime.timedelta(seconds=collective_timeout_s))
-        self.fleet = fleet_mod.LocalFleet(self.address, backend)
+        self.fleet = (fleet_mod.LocalFleet(self.address, backend) if fleet == "local"
+                      else fleet_mod.ExternalFleet(heartbeat_timeout_s))
         self._flights: dict[str, _Flight] = {}
         self._rank_stats: dict[int, messages.RankStats] = {}
         self._switching = False  # a scale is swapping executors: new requests wait a moment
@@ -116,7 +134,10 @@ class Instance:
     def prewarm(self) -> None:
         """Keep `warm_workers` workers started beyond the active ones (no model memory, a warm
         executor process each), so a scale-up does not wait for processes to start; and stop
-        warm workers that are now too far beyond the active count."""
+        warm workers that are now too far beyond the active count. Only a fleet that starts
+        workers keeps a pool: with pods, the operator decides which exist."""
+        if not self.fleet.starts_workers:
+            return
         want = set(range(self.num_devices, min(self.num_devices + self.warm_workers, self.max_devices)))
         for d in sorted(want):
             self.fleet.add(d)
@@ -137,17 +158,38 @@ class Instance:
             if not self._router.poll(200):
                 continue
             _, data = self._router.recv_multipart()
-            msg = messages.decode(data)
+            msg = self._admit(messages.decode(data))
+            if msg is None:
+                continue
             if isinstance(msg, (messages.HMMFailed, messages.ExecutorFailed)):
                 raise RuntimeError(f"start-up failed: {msg.error}")
             if isinstance(msg, want):
                 key = msg.device_index if hasattr(msg, "device_index") else msg.rank
-                got[key] = msg
+                if key < count:
+                    got[key] = msg
+                elif isinstance(msg, messages.HMMHello):
+                    self._warm.add(key)  # a worker beyond the first N (a pod created early)
             elif isinstance(msg, messages.RankStats):
                 self._rank_stats[msg.rank] = msg
             else:
                 logger.debug("start-up: ignoring %s", type(msg).__name__)
         return got
+
+    def _admit(self, msg: messages.Msg) -> messages.Msg | None:
+        """Check a worker's token and note that it lives."""
+        if isinstance(msg, (messages.HMMHello, messages.Heartbeat)):
+            if self.worker_token and not hmac.compare_digest(msg.token, self.worker_token):
+                logger.warning("device %d: worker presented a wrong token; ignored", msg.device_index)
+                return None
+            self.fleet.seen(msg.device_index)
+            if isinstance(msg, messages.Heartbeat):
+                return None  # liveness only: it comes from another socket than the HMM's own
+        return msg
+
+    @property
+    def registered_devices(self) -> list[int]:
+        """Devices whose worker is up and registered: serving ones and idle (warm) ones."""
+        return sorted(set(self.hmm_ready) | self._warm)
 
     def _send_now(self, identity: str, msg: messages.Msg) -> None:
         self._router.send_multipart([identity.encode(), messages.encode(msg)])
@@ -183,7 +225,7 @@ class Instance:
         engine_fields = dataclasses.asdict(self.config)
         engine_fields["max_model_len"] = self.max_model_len
         return messages.StartExecutor(
-            config_id=self.config_id, rank=rank, world_size=self.num_devices, store_host="127.0.0.1",
+            config_id=self.config_id, rank=rank, world_size=self.num_devices, store_host=self.advertise_host,
             store_port=self.store_port, expert_owner=self.expert_owner, engine=engine_fields,
             model_name=self.model_name, collective_timeout_s=self.collective_timeout_s)
 
@@ -432,7 +474,9 @@ class Instance:
                         _, data = self._router.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    self._on_message(messages.decode(data))
+                    msg = self._admit(messages.decode(data))
+                    if msg is not None:
+                        self._on_message(msg)
             now = time.monotonic()
             if now - last_check > 0.1:
                 last_check = now
@@ -480,12 +524,7 @@ class Instance:
                 self._send_now(f"hmm-{i}", messages.Shutdown(reason="instance stopping"))
             except zmq.ZMQError:
                 pass
-        deadline = time.monotonic() + timeout_s
-        for i, proc in list(self.fleet.workers.items()):
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except Exception:
-                pass
+        self.fleet.wait_stopped(time.monotonic() + timeout_s)
         self.fleet.close()
         for s in (self._router, self._wake_pull, self._wake_push):
             s.close(linger=0)

@@ -1,9 +1,16 @@
-"""Local fleet: one HMM process per device on this machine (the embedded default).
+"""Fleets: who starts and stops the worker (HMM) of each device index.
 
 A fleet only creates and deletes workers by device index; what runs on them is the
-coordinator's business. Workers start in their own session so a Ctrl-C in the terminal
-reaches the coordinator alone, which then stops them in order; a parent-death signal takes
-them down if the coordinator is killed outright.
+coordinator's business. Two kinds:
+
+- `LocalFleet` (`elasticmoe serve --devices N`): one HMM child process per device on this
+  machine. Workers start in their own session so a Ctrl-C in the terminal reaches the
+  coordinator alone, which then stops them in order; a parent-death signal takes them down
+  if the coordinator is killed outright.
+- `ExternalFleet` (`elasticmoe coordinator`, in Kubernetes): someone else (the operator,
+  one pod per device) starts and deletes workers; the fleet only learns of them from their
+  messages and declares one dead when its heartbeats stop. It cannot start a worker, so the
+  coordinator keeps no warm pool of its own with it.
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 
 class LocalFleet:
+    starts_workers = True
+
     def __init__(self, coordinator_address: str, backend: str = "cpu") -> None:
         self.coordinator_address = coordinator_address
         self.backend = backend
@@ -73,6 +82,59 @@ class LocalFleet:
     def pids(self) -> dict[int, int]:
         return {i: p.pid for i, p in self.workers.items()}
 
+    def seen(self, device_index: int) -> None:
+        """A message from this device's worker (child processes need no heartbeat)."""
+
+    def wait_stopped(self, deadline: float) -> None:
+        for proc in list(self.workers.values()):
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass  # close() kills it
+
     def close(self) -> None:
         for i in list(self.workers):
             self.remove(i)
+
+
+class ExternalFleet:
+    """Workers that others start (pods); known from their messages, dead when silent.
+
+    Not guaranteed: a worker that is alive but cut off from the coordinator for longer than
+    `heartbeat_timeout_s` is declared dead (the coordinator then stops using its device).
+    """
+
+    starts_workers = False
+
+    def __init__(self, heartbeat_timeout_s: float = 15.0) -> None:
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        # device index -> monotonic time of its last message (None: expected, not heard yet)
+        self.workers: dict[int, float | None] = {}
+        # Released devices may still send a heartbeat or two on their way out: not a new worker.
+        self.released: set[int] = set()
+
+    def add(self, device_index: int) -> None:
+        self.released.discard(device_index)
+        self.workers.setdefault(device_index, None)
+
+    def seen(self, device_index: int) -> None:
+        if device_index not in self.released:
+            self.workers[device_index] = time.monotonic()
+
+    def dead(self) -> dict[int, int]:
+        now = time.monotonic()
+        return {i: -1 for i, t in self.workers.items() if t is not None and now - t > self.heartbeat_timeout_s}
+
+    def remove(self, device_index: int, timeout_s: float = 10.0) -> None:
+        # The coordinator has told the HMM to shut down; its pod is the operator's to delete.
+        self.workers.pop(device_index, None)
+        self.released.add(device_index)
+
+    def pids(self) -> dict[int, int]:
+        return {}
+
+    def wait_stopped(self, deadline: float) -> None:
+        pass
+
+    def close(self) -> None:
+        self.workers.clear()

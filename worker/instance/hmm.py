@@ -29,6 +29,9 @@ from elasticmoe_worker.instance import memory, messages, procutil, transition
 
 logger = logging.getLogger("elasticmoe.hmm")
 
+# A fleet of pods declares a worker dead after ~15 silent seconds (fleet.ExternalFleet).
+HEARTBEAT_INTERVAL_S = 1.0
+
 
 
 class HMM:
@@ -160,9 +163,16 @@ class HMM:
                        msg.config_id, msg.reason, freed / 1e6)
 
     def run(self) -> None:
-        self.send(messages.HMMHello(device_index=self.device_index, pid=os.getpid()))
+        token = os.environ.get("ELASTICMOE_ADMIN_TOKEN", "")
+        threading.Thread(target=self._heartbeats, args=(token,), name="heartbeat", daemon=True).start()
         self.spare = self._spawn_executor_process()
+        next_hello = 0.0
         while not self.stop:
+            # Until told what to hold, say hello every second: a coordinator that starts (or
+            # restarts) after us still learns of us.
+            if self.memory is None and self.pending_expert_ids is None and time.monotonic() >= next_hello:
+                next_hello = time.monotonic() + HEARTBEAT_INTERVAL_S
+                self.send(messages.HMMHello(device_index=self.device_index, pid=os.getpid(), token=token))
             if self.sock.poll(200):
                 msg = messages.decode(self.sock.recv())
                 try:
@@ -185,6 +195,20 @@ class HMM:
                     self.send(messages.HMMFailed(device_index=self.device_index, error=f"{type(exc).__name__}: {exc}"))
             self._check_executors()
 
+    def _heartbeats(self, token: str) -> None:
+        """From a thread with its own socket: loading weights can hold the main loop for long."""
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, f"hb-{self.device_index}".encode())
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.coordinator)
+        try:
+            while not self.stop:
+                sock.send(messages.encode(messages.Heartbeat(device_index=self.device_index,
+                                                             loaded=self.memory is not None, token=token)))
+                time.sleep(HEARTBEAT_INTERVAL_S)
+        finally:
+            sock.close()
+
     def close(self) -> None:
         self.stop = True
         # The coordinator told the executors to stop too; give them a moment to leave their
@@ -205,13 +229,31 @@ class HMM:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m elasticmoe_worker.instance.hmm",
                                 description="The HBM manager of one device (started by a fleet, not by hand).")
-    p.add_argument("--device-index", type=int, required=True)
-    p.add_argument("--coordinator", required=True, help="the coordinator's ZeroMQ address")
-    p.add_argument("--backend", default="cpu")
+    add_arguments(p)
     args = p.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("ELASTICMOE_LOG_LEVEL", "INFO").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    procutil.die_with_parent()
+    return run_worker(args, die_with_parent=True)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device-index", type=int, required=True,
+                   help="this worker's device index (0-based; in a pod, from the pod's name)")
+    p.add_argument("--coordinator", required=True,
+                   help="the coordinator's ZeroMQ control address, e.g. tcp://demo-coordinator.default.svc:5555")
+    p.add_argument("--backend", default="cpu", choices=["cpu", "cuda", "ascend"],
+                   help="device backend (default: %(default)s)")
+
+
+def run_worker(args: argparse.Namespace, die_with_parent: bool = False) -> int:
+    """Run the HMM of one device until the coordinator stops it or a signal arrives. The
+    worker presents $ELASTICMOE_ADMIN_TOKEN when it registers. A local fleet's workers die
+    with the coordinator that forked them; a pod's worker lives on its own."""
+    if args.device_index < 0:
+        raise ValueError(f"--device-index: got {args.device_index}, expected an integer >= 0")
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=os.environ.get("ELASTICMOE_LOG_LEVEL", "INFO").upper(),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if die_with_parent:
+        procutil.die_with_parent()
     procutil.raise_fd_limit()
     hmm = HMM(args.device_index, args.coordinator, args.backend)
     signal.signal(signal.SIGTERM, lambda *_: setattr(hmm, "stop", True))

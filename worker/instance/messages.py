@@ -20,6 +20,15 @@ class Msg(msgspec.Struct, tag=True, kw_only=True):
 class HMMHello(Msg):
     device_index: int
     pid: int
+    token: str = ""  # the shared admin token: a coordinator with one ignores workers without it
+
+
+class Heartbeat(Msg):
+    """Sent by every HMM each second from a socket of its own: how a fleet of pods (not child
+    processes) notices a dead worker."""
+    device_index: int
+    loaded: bool  # holds model memory (of some configuration) already
+    token: str = ""
 
 
 class LoadPlan(Msg):
@@ -238,7 +247,7 @@ class Shutdown(Msg):
     reason: str = ""
 
 
-ANY = HMMHello | LoadPlan | HMMReady | StartExecutor | HMMFailed | ExecutorSpec | ExecutorReady | AddRequest \
+ANY = HMMHello | Heartbeat | LoadPlan | HMMReady | StartExecutor | HMMFailed | ExecutorSpec | ExecutorReady | AddRequest \
     | AbortRequest | Output | RankStats | ExecutorFailed | Shutdown | PrepareTransition | TransitionReady \
     | CommitTransition | AbortTransition | PauseForSwitch | Handover | Adopt | Adopted
 

@@ -154,7 +154,7 @@ class Scaler:
         holds = experts_by_device(the_plan.new_placement)
         for rank, d in enumerate(group):
             inst._send(f"hmm-{d}", messages.PrepareTransition(
-                config_id=self.new_config, rank=rank, group_ranks=group, store_host="127.0.0.1",
+                config_id=self.new_config, rank=rank, group_ranks=group, store_host=inst.advertise_host,
                 store_port=inst.store_port, expert_ids=sorted(holds.get(d, [])), transfers=transfers,
                 replicated_layout=layout, replicated_bytes=replicated_bytes, expert_w13_bytes=w13_bytes,
                 expert_w2_bytes=w2_bytes, moe_layers=moe_layers, num_kv_blocks=ready0.num_kv_blocks,
@@ -232,6 +232,8 @@ class Scaler:
         for d in self.old_devices:
             inst._send(f"hmm-{d}", messages.AbortTransition(config_id=self.new_config, reason=reason))
         for d in self.added:
+            # A worker of a pod fleet outlives remove(): it must drop what it half-received.
+            inst._send(f"hmm-{d}", messages.Shutdown(reason=f"scale aborted: {reason}"))
             inst.fleet.remove(d)
             inst._warm.discard(d)
         self.record.seconds = round(time.perf_counter() - self._started, 4)

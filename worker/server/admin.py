@@ -64,7 +64,9 @@ def status_body(engine) -> dict:
         "error": stats.error,
         "configuration": getattr(engine, "config_id", 0),
         "devices": {"desired": scaler.target if scaler else active, "active": active,
-                    "warming": len(scaler.added) if scaler else 0},
+                    "warming": len(scaler.added) if scaler else 0,
+                    # workers up and registered (serving or idle): what the operator waits for
+                    "registered": list(getattr(engine, "registered_devices", range(active)))},
         "parallelism": {"dp": active, "ep": active, "tp": 1},
         "requests": {"running": stats.num_running, "waiting": stats.num_waiting},
         "kvBlocks": {"used": stats.kv_blocks_used, "total": stats.kv_blocks_total},

@@ -1,0 +1,153 @@
+"""The cluster topology on one machine: `elasticmoe coordinator` with workers that others
+start (`elasticmoe worker`, one per device, as the operator's pods do), registering over the
+control port with the shared token, scaled through the admin API, dead when silent."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+TOKEN = "pod-topology-token"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _elasticmoe(*args: str) -> list[str]:
+    return [sys.executable, "-m", "elasticmoe_worker.cli", *args]
+
+
+class Cluster:
+    """A coordinator and hand-started workers, all stopped at teardown."""
+
+    def __init__(self, model, tmp_path, devices: int, heartbeat_timeout_s: float = 3.0) -> None:
+        self.http_port, self.control_port, self.store_port = _free_port(), _free_port(), _free_port()
+        token_file = tmp_path / "token"
+        token_file.write_text(TOKEN + "\n")
+        self.tmp = tmp_path
+        self.workers: dict[int, subprocess.Popen] = {}
+        self.coordinator = subprocess.Popen(
+            _elasticmoe("coordinator", "--model", str(model), "--devices", str(devices), "--host", "127.0.0.1",
+                        "--port", str(self.http_port), "--control-port", str(self.control_port),
+                        "--store-port", str(self.store_port), "--advertise-host", "127.0.0.1",
+                        "--admin-token-file", str(token_file), "--heartbeat-timeout-s", str(heartbeat_timeout_s),
+                        "--kv-cache-mb", "8", "--served-model-name", "m"),
+            stdout=open(tmp_path / "coordinator.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        self.client = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+
+    def start_worker(self, index: int, token: str = TOKEN) -> subprocess.Popen:
+        proc = subprocess.Popen(
+            _elasticmoe("worker", "--device-index", str(index), "--coordinator",
+                        f"tcp://127.0.0.1:{self.control_port}"),
+            env={**os.environ, "ELASTICMOE_ADMIN_TOKEN": token},
+            stdout=open(self.tmp / f"worker-{index}.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        self.workers[index] = proc
+        return proc
+
+    def status(self) -> dict:
+        return self.client.get("/admin/status").json()
+
+    def wait(self, predicate, timeout_s: float, what: str) -> dict:
+        deadline = time.monotonic() + timeout_s
+        last = None
+        while time.monotonic() < deadline:
+            assert self.coordinator.poll() is None, (self.tmp / "coordinator.log").read_text()[-3000:]
+            try:
+                last = self.status()
+                if predicate(last):
+                    return last
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        raise AssertionError(f"timed out waiting for {what}; last status {last}; coordinator log:\n"
+                             + (self.tmp / "coordinator.log").read_text()[-3000:])
+
+    def complete(self) -> str:
+        r = self.client.post("/v1/completions", json={"model": "m", "prompt": "hello", "max_tokens": 4,
+                                                      "temperature": 0})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    def close(self) -> None:
+        self.client.close()
+        procs = [self.coordinator, *self.workers.values()]
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT if p is self.coordinator else signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+@pytest.fixture
+def cluster_factory(tmp_path):
+    made: list[Cluster] = []
+
+    def make(model, devices: int, **kw) -> Cluster:
+        c = Cluster(model, tmp_path, devices, **kw)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()
+
+
+def test_workers_register_scale_up_and_down_and_leave(tiny_models, cluster_factory):
+    c = cluster_factory(tiny_models["qwen3_moe"], devices=2)
+    intruder = c.start_worker(5, token="wrong-token")  # must never be registered
+    for i in range(3):  # one more than the start needs, as the operator creates pods ahead of a scale
+        c.start_worker(i)
+    status = c.wait(lambda s: s["phase"] == "Serving" and 2 in s["devices"]["registered"], 180,
+                    "the instance to serve with a third worker registered")
+    assert status["devices"]["active"] == 2 and status["devices"]["registered"] == [0, 1, 2]
+    reference = c.complete()
+
+    r = c.client.post("/admin/scale", json={"devices": 3, "reason": "test up", "wait": False})
+    assert r.status_code == 202, r.text
+    status = c.wait(lambda s: s["phase"] == "Serving" and s["devices"]["active"] == 3, 120, "3 active devices")
+    assert status["lastScale"]["outcome"] == "succeeded", status["lastScale"]
+    assert c.complete() == reference
+
+    r = c.client.post("/admin/scale", json={"devices": 1, "reason": "test down"})
+    assert r.status_code == 202, r.text
+    status = c.wait(lambda s: s["phase"] == "Serving" and s["devices"]["active"] == 1, 120, "1 active device")
+    assert status["devices"]["registered"] == [0]
+    # the released workers exit on their own; the operator only deletes their pods
+    for i in (1, 2):
+        c.workers[i].wait(timeout=30)
+    assert c.workers[0].poll() is None
+    assert intruder.poll() is None and 5 not in c.status()["devices"]["registered"]
+    assert "wrong token" in (c.tmp / "coordinator.log").read_text()
+    # released workers' last heartbeats do not count as deaths, after the heartbeat timeout either
+    time.sleep(4)
+    assert c.status()["phase"] == "Serving"
+    assert c.complete() == reference
+
+
+def test_a_silent_worker_is_declared_dead(tiny_models, cluster_factory):
+    c = cluster_factory(tiny_models["qwen3_moe"], devices=2, heartbeat_timeout_s=2.0)
+    for i in range(2):
+        c.start_worker(i)
+    c.wait(lambda s: s["phase"] == "Serving", 180, "the instance to serve")
+    os.killpg(c.workers[1].pid, signal.SIGSTOP)  # alive but silent, like a partitioned pod
+    try:
+        status = c.wait(lambda s: s["phase"] == "Degraded", 30, "the instance to report the silent worker")
+        assert "died" in (status["error"] or ""), status
+        assert c.client.get("/health").status_code == 503
+    finally:
+        os.killpg(c.workers[1].pid, signal.SIGKILL)
