@@ -83,7 +83,7 @@ sys.exit(0 if all(f.is_relative_to(root) and not f.is_relative_to(venv) for f in
 PY
 }
 
-_emoe_pyproject_hash() { sha256sum "$EMOE_ROOT/pyproject.toml" | cut -d' ' -f1; }
+_emoe_pyproject_hash() { cat "$EMOE_ROOT/pyproject.toml" "$EMOE_ROOT/scripts/_setup.sh" | sha256sum | cut -d' ' -f1; }
 
 emoe_setup_venv() {
     cd "$EMOE_ROOT"
@@ -124,6 +124,8 @@ emoe_setup_venv() {
         emoe_say "installing elasticmoe editable with test extras (pip install -e '.[test]'; $hint)"
         local start=$SECONDS
         "${pip[@]}" -e "${EMOE_ROOT}[test]"
+        # The Helm library for the chart tests; it declares Python >= 3.12 and works on 3.10+.
+        "${pip[@]}" --ignore-requires-python "helm-sdkpy>=0.1.32"
         _emoe_pyproject_hash >"$EMOE_VENV/.elasticmoe-install-stamp"
         emoe_say "installed in $((SECONDS - start)) s"
     fi

@@ -142,13 +142,16 @@ class AutoscalingSpec(_Model):
 class PodSpec(_Model):
     image: str = pydantic.Field("", max_length=1024, description="Container image; empty: the operator's "
                                 "default (its --image).")
-    image_pull_policy: str = pydantic.Field("IfNotPresent", pattern=r"^(Always|IfNotPresent|Never)$")
+    image_pull_policy: str = pydantic.Field("IfNotPresent", pattern=r"^(Always|IfNotPresent|Never)$",
+                                            description="Always, IfNotPresent or Never.")
     resources: Optional[KubeObject] = pydantic.Field(None, description="Kubernetes ResourceRequirements of "
                                                      "the container (the device resource is added for workers).")
     env: list[KubeObject] = pydantic.Field(default_factory=list, description="Extra environment variables "
                                            "(Kubernetes EnvVar objects).")
-    node_selector: dict[str, str] = pydantic.Field(default_factory=dict)
-    tolerations: list[KubeObject] = pydantic.Field(default_factory=list)
+    node_selector: dict[str, str] = pydantic.Field(default_factory=dict, description="Node labels the pod "
+                                                   "must match (Kubernetes nodeSelector).")
+    tolerations: list[KubeObject] = pydantic.Field(default_factory=list, description="Kubernetes Toleration "
+                                                   "objects, e.g. for tainted accelerator nodes.")
 
 
 class WorkerSpec(PodSpec):
@@ -166,22 +169,27 @@ class EngineSpec(_Model):
 
 
 class ElasticMoESpec(_Model):
-    model: ModelSpec = pydantic.Field(default_factory=ModelSpec)
-    devices: DevicesSpec = pydantic.Field(default_factory=DevicesSpec)
+    model: ModelSpec = pydantic.Field(default_factory=ModelSpec, description="The checkpoint to serve.")
+    devices: DevicesSpec = pydantic.Field(default_factory=DevicesSpec, description="How many devices, of "
+                                          "which kind, and the bounds scaling keeps to.")
     parallelism: ParallelismSpec = pydantic.Field(default_factory=ParallelismSpec)
-    slo: SloSpec = pydantic.Field(default_factory=SloSpec)
-    autoscaling: AutoscalingSpec = pydantic.Field(default_factory=AutoscalingSpec)
-    engine: EngineSpec = pydantic.Field(default_factory=EngineSpec)
-    coordinator: PodSpec = pydantic.Field(default_factory=PodSpec)
-    worker: WorkerSpec = pydantic.Field(default_factory=WorkerSpec)
+    slo: SloSpec = pydantic.Field(default_factory=SloSpec, description="Latency targets of the SLO autoscaler.")
+    autoscaling: AutoscalingSpec = pydantic.Field(default_factory=AutoscalingSpec, description="Who changes "
+                                                  "the device count.")
+    engine: EngineSpec = pydantic.Field(default_factory=EngineSpec, description="Serving-engine settings.")
+    coordinator: PodSpec = pydantic.Field(default_factory=PodSpec, description="The coordinator pod (OpenAI "
+                                          "API, admin API, rendezvous store).")
+    worker: WorkerSpec = pydantic.Field(default_factory=WorkerSpec, description="The worker pods, one per "
+                                        "device.")
     scale_timeout_seconds: int = pydantic.Field(600, ge=10, le=86400, description="A scale that has not "
                                                 "finished after this long is rolled back.")
 
 
 # -- status ---------------------------------------------------------------------------
 class Condition(_Model):
-    type: str
-    status: str = pydantic.Field(pattern=r"^(True|False|Unknown)$")
+    type: str = pydantic.Field(description="Available, Progressing, Degraded, ScalingActive or "
+                               "MetricsAvailable.")
+    status: str = pydantic.Field(pattern=r"^(True|False|Unknown)$", description="True, False or Unknown.")
     reason: str = ""
     message: str = ""
     last_transition_time: str = ""
@@ -189,7 +197,7 @@ class Condition(_Model):
 
 
 class DevicesStatus(_Model):
-    desired: int = 0
+    desired: int = pydantic.Field(0, description="Devices the instance is scaling to.")
     ready: int = pydantic.Field(0, description="Worker pods running with their HMM registered.")
     active: int = pydantic.Field(0, description="Devices serving in the current configuration.")
     warming: int = pydantic.Field(0, description="Worker pods created and not yet ready.")
@@ -210,8 +218,8 @@ class ScaleRecord(_Model):
     outcome: str = pydantic.Field("", description="Succeeded, Failed, RolledBack or InProgress.")
     message: str = ""
     duration_ms: int = 0
-    phases_ms: dict[str, int] = pydantic.Field(default_factory=dict, description="Seconds of each phase "
-                                               "reported by the coordinator, in milliseconds.")
+    phases_ms: dict[str, int] = pydantic.Field(default_factory=dict, description="Duration of each "
+                                               "phase reported by the coordinator, milliseconds.")
     bytes_transferred: int = 0
     requests_handed_over: int = 0
 
@@ -227,25 +235,46 @@ class ScalingStatus(_Model):
 
 
 class ElasticMoEStatus(_Model):
-    observed_generation: int = 0
-    phase: str = ""
+    observed_generation: int = pydantic.Field(0, description="The metadata.generation this status describes.")
+    phase: str = pydantic.Field("", description="Pending, Serving, Scaling or Degraded.")
     selector: str = pydantic.Field("", description="Label selector of the worker pods (scale subresource).")
-    coordinator_url: str = ""
+    coordinator_url: str = pydantic.Field("", description="In-cluster URL of the OpenAI API.")
     conditions: list[Condition] = pydantic.Field(default_factory=list)
     devices: DevicesStatus = pydantic.Field(default_factory=DevicesStatus)
     parallelism: ParallelismStatus = pydantic.Field(default_factory=ParallelismStatus)
-    scaling: Optional[ScalingStatus] = None
-    last_scale: Optional[ScaleRecord] = None
-    history: list[ScaleRecord] = pydantic.Field(default_factory=list, max_length=HISTORY_LIMIT)
+    scaling: Optional[ScalingStatus] = pydantic.Field(None, description="The scale in progress, if any.")
+    last_scale: Optional[ScaleRecord] = pydantic.Field(None, description="The most recent scale.")
+    history: list[ScaleRecord] = pydantic.Field(default_factory=list, max_length=HISTORY_LIMIT,
+                                                description=f"The last {HISTORY_LIMIT} scales, oldest first.")
 
 
 # -- validation -----------------------------------------------------------------------
+_MAX_SHOWN = 120  # characters of a bad value quoted in a SpecError
+
+
 class SpecError(ValueError):
     """A spec the operator cannot act on; the message names the field, the value and what is expected."""
 
     def __init__(self, field: str, value: Any, expected: str) -> None:
         self.field, self.value, self.expected = field, value, expected
-        super().__init__(f"spec.{field}: got {value!r}, expected {expected}")
+        shown = repr(value)
+        if len(shown) > _MAX_SHOWN:  # the message lands in a condition; a 4 KiB path would drown it
+            shown = f"{shown[:_MAX_SHOWN]}... ({len(shown)} characters)"
+        super().__init__(f"{'spec.' + field if field else 'spec'}: got {shown}, expected {expected}")
+
+
+def _expected(err: dict) -> str:
+    """pydantic's message as what is expected, with enum values and patterns in their own case."""
+    if err["type"] == "extra_forbidden":
+        return "no such field (unknown fields are rejected)"
+    if err["type"] == "missing":
+        return "a value (the field is required)"
+    msg: str = err["msg"]
+    for prefix, replacement in (("Input should be ", ""), ("String should match ", "a string matching "),
+                                ("String should have ", "a string with "), ("List should have ", "a list with ")):
+        if msg.startswith(prefix):
+            return replacement + msg[len(prefix):]
+    return msg[:1].lower() + msg[1:]
 
 
 def _loc(loc: tuple) -> str:
@@ -264,7 +293,7 @@ def parse_spec(spec: dict | None) -> ElasticMoESpec:
         parsed = ElasticMoESpec.model_validate(spec or {})
     except pydantic.ValidationError as exc:
         err = exc.errors()[0]
-        raise SpecError(_loc(err["loc"]), err.get("input"), err["msg"].lower()) from None
+        raise SpecError(_loc(err["loc"]), err.get("input"), _expected(err)) from None
     d = parsed.devices
     if d.min > d.max:
         raise SpecError("devices.min", d.min, f"<= devices.max ({d.max})")
