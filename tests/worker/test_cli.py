@@ -27,7 +27,8 @@ def _elasticmoe(*args: str) -> list[str]:
     return [sys.executable, "-m", "elasticmoe_worker.cli", *args]
 
 
-@pytest.mark.parametrize("argv", [[], ["serve"], ["make-model"], ["bench"], ["bench", "serve"]])
+@pytest.mark.parametrize("argv", [[], ["serve"], ["coordinator"], ["worker"], ["operator"], ["make-model"], ["bench"],
+                                  ["bench", "serve"]])
 def test_every_command_has_help(argv):
     out = subprocess.run(_elasticmoe(*argv, "--help"), capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "usage: elasticmoe" in out.stdout

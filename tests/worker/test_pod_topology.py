@@ -14,7 +14,15 @@ import time
 import httpx
 import pytest
 
+from elasticmoe_worker.instance import procutil
+
 TOKEN = "pod-topology-token"
+
+
+def _die_with_test() -> None:
+    """A killed test run (a timeout) takes what it started along: workers outlive their parent
+    by design (pods), and nothing else would stop them here."""
+    procutil.die_with_parent(signal.SIGKILL)
 
 
 def _free_port() -> int:
@@ -42,7 +50,8 @@ class Cluster:
                         "--store-port", str(self.store_port), "--advertise-host", "127.0.0.1",
                         "--admin-token-file", str(token_file), "--heartbeat-timeout-s", str(heartbeat_timeout_s),
                         "--kv-cache-mb", "8", "--served-model-name", "m"),
-            stdout=open(tmp_path / "coordinator.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+            stdout=open(tmp_path / "coordinator.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=_die_with_test)
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.client = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
 
@@ -51,7 +60,8 @@ class Cluster:
             _elasticmoe("worker", "--device-index", str(index), "--coordinator",
                         f"tcp://127.0.0.1:{self.control_port}"),
             env={**os.environ, "ELASTICMOE_ADMIN_TOKEN": token},
-            stdout=open(self.tmp / f"worker-{index}.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+            stdout=open(self.tmp / f"worker-{index}.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=_die_with_test)
         self.workers[index] = proc
         return proc
 

@@ -1,0 +1,92 @@
+"""`elasticmoe operator`: runs the kopf operator for ElasticMoE resources.
+
+Reached from the `elasticmoe` command before anything imports torch. Logs are JSON lines
+(one object per record) so cluster log pipelines can index them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+
+from elasticmoe_operator import __version__
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"), "level": record.levelname.lower(),
+               "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="elasticmoe operator",
+        description="The ElasticMoE Kubernetes operator (kopf): for each ElasticMoE resource it creates the "
+                    "coordinator Deployment + Service, one worker Pod per device, a ConfigMap and the admin-token "
+                    "Secret, and scales by creating pods, waiting for their workers to register and asking the "
+                    "coordinator to scale (or, down, by asking first and deleting exactly the released pods). "
+                    "Credentials: the pod's service account, else $KUBECONFIG / ~/.kube/config.")
+    scope = p.add_mutually_exclusive_group()
+    scope.add_argument("--namespace", "-n", action="append", default=[], metavar="NS",
+                       help="watch this namespace (repeatable; globs allowed); default: $POD_NAMESPACE, "
+                            "else the whole cluster")
+    scope.add_argument("--all-namespaces", "-A", action="store_true", help="watch every namespace")
+    p.add_argument("--image", default=os.environ.get("ELASTICMOE_IMAGE", f"elasticmoe:{__version__}"),
+                   help="image of coordinators and workers whose spec names none (default: $ELASTICMOE_IMAGE, "
+                        "else %(default)s)")
+    p.add_argument("--coordinator-url", default=None,
+                   help="template of a coordinator's admin API URL, with {name} {namespace} {service} {port} "
+                        "(default: http://{service}.{namespace}.svc:{port}; set it when the operator runs "
+                        "outside the cluster)")
+    p.add_argument("--standalone", action="store_true",
+                   help="no peering with other operator replicas (run exactly one)")
+    p.add_argument("--liveness", default=None, metavar="URL",
+                   help="serve kopf's liveness probe, e.g. http://0.0.0.0:8080/healthz")
+    p.add_argument("--log-level", default=os.environ.get("ELASTICMOE_LOG_LEVEL", "info").lower(),
+                   choices=["debug", "info", "warning", "error"],
+                   help="logging verbosity (default: $ELASTICMOE_LOG_LEVEL, else info)")
+    p.add_argument("--log-format", default="json", choices=["json", "text"], help="(default: %(default)s)")
+    p.add_argument("--version", action="version", version=f"elasticmoe operator {__version__}")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if args.log_format == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), handlers=[handler], force=True)
+    namespaces = args.namespace or ([os.environ["POD_NAMESPACE"]] if os.environ.get("POD_NAMESPACE")
+                                    and not args.all_namespaces else [])
+    return run(image=args.image, coordinator_url=args.coordinator_url,
+               namespaces=namespaces, standalone=args.standalone, liveness=args.liveness)
+
+
+def run(*, image: str, coordinator_url: str | None = None, namespaces: list[str] = (), standalone: bool = True, liveness: str | None = None) -> int:
+    import kopf
+
+    from elasticmoe_operator import handlers
+
+    handlers.CONFIG.image = image
+    if coordinator_url:
+        handlers.CONFIG.coordinator_url = coordinator_url
+    log = logging.getLogger("elasticmoe.operator")
+    log.info("operator %s starting: namespaces %s, default image %s", __version__,
+             list(namespaces) or "all", image)
+    try:
+        asyncio.run(kopf.operator(standalone=standalone, clusterwide=not namespaces, namespaces=list(namespaces),
+                                  liveness_endpoint=liveness))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

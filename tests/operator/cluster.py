@@ -1,0 +1,208 @@
+"""A one-machine stand-in for a cluster, for the operator tests.
+
+- `Emulator`: kmock's KubernetesEmulator declaring the resources kopf and the operator use,
+  plus the few API-server behaviours the operator relies on and kmock leaves out: the scale
+  subresource of ElasticMoE (specReplicasPath .spec.devices.replicas, as in our CRD) and
+  metadata.generation bumped on spec changes.
+- `Kubelet`: runs what the operator asks for as real local processes — the coordinator
+  Deployment's container as `elasticmoe coordinator` and each worker Pod as
+  `elasticmoe worker`, with the same arguments, only hosts and ports rewritten to 127.0.0.1 —
+  and reports pod phases back through the API like a kubelet. It kills what it started when
+  the pod is deleted and at teardown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+
+import aiohttp
+import kmock
+
+from elasticmoe_worker.instance import procutil
+
+VERBS = ["get", "list", "watch", "patch", "create", "update", "delete"]
+RESOURCES = [
+    ("v1/namespaces", "Namespace", False, set()),
+    ("v1/events", "Event", True, set()),
+    ("events.k8s.io/v1/events", "Event", True, set()),
+    ("apiextensions.k8s.io/v1/customresourcedefinitions", "CustomResourceDefinition", False, set()),
+    ("elasticmoe.io/v1alpha1/elasticmoes", "ElasticMoE", True, {"status", "scale"}),
+    ("v1/pods", "Pod", True, {"status"}),
+    ("v1/services", "Service", True, set()),
+    ("v1/configmaps", "ConfigMap", True, set()),
+    ("v1/secrets", "Secret", True, set()),
+    ("apps/v1/deployments", "Deployment", True, set()),
+]
+
+
+def _die_with_test() -> None:
+    """A killed test run (a timeout) takes what it started along: workers outlive their parent
+    by design (pods), and nothing else would stop them here."""
+    procutil.die_with_parent(signal.SIGKILL)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Emulator(kmock.KubernetesEmulator):
+    def setup(self) -> None:
+        for key, kind, namespaced, subresources in RESOURCES:
+            self.resources[key] = kmock.ResourceInfo(kind=kind, namespaced=namespaced, verbs=VERBS,
+                                                     subresources=subresources)
+
+    async def _serve_version(self, request):
+        payload = await super()._serve_version(request)
+        payload["groupVersion"] = payload["groupVersion"].lstrip("/")  # kmock 0.8 says "/v1"
+        return payload
+
+    async def _handle(self, request):
+        # NOTE: kmock's Request is frozen but its parsed body is a plain dict: rewrite it in place.
+        data = request.data if isinstance(request.data, dict) else None
+        if request.resource is not None and request.resource.plural == "elasticmoes" and data is not None:
+            if request.action == kmock.action.UPDATE and request.subresource == "scale":
+                replicas = data.get("spec", {}).get("replicas")
+                data.clear()
+                data["spec"] = {"devices": {"replicas": replicas}}
+            key = (request.resource, request.namespace, request.name)
+            if request.action == kmock.action.UPDATE and "spec" in data and key in self.objects \
+                    and not self.objects[key].deleted:
+                data.setdefault("metadata", {})["generation"] = int(
+                    self.objects[key].get("metadata", {}).get("generation") or 1) + 1
+            if request.action == kmock.action.CREATE:
+                meta = data.setdefault("metadata", {})
+                meta.setdefault("generation", 1)
+                meta.setdefault("uid", f"uid-{meta.get('name')}")
+        if request.resource is not None and data is not None and request.action in (kmock.action.CREATE,
+                                                                                   kmock.action.UPDATE):
+            # kopf's JSON patches test metadata.resourceVersion: give every write a new one.
+            self._version = getattr(self, "_version", 0) + 1
+            meta = data.setdefault("metadata", {})
+            meta["resourceVersion"] = str(self._version)
+            if request.action == kmock.action.CREATE and not meta.get("name") and meta.get("generateName"):
+                meta["name"] = f"{meta['generateName']}{self._version}"  # kopf's events use generateName
+        return await super()._handle(request)
+
+
+class Api:
+    """What tests (and the kubelet) send to the emulator over HTTP."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+        self.session = aiohttp.ClientSession()
+
+    async def request(self, method: str, path: str, body=None, content_type="application/merge-patch+json"):
+        async with self.session.request(method, self.url + path, json=body,
+                                        headers={"Content-Type": content_type}) as r:
+            data = await r.json(content_type=None)
+            if r.status >= 400:
+                raise AssertionError(f"{method} {path}: HTTP {r.status}: {data}")
+            return data
+
+    async def list(self, path: str) -> list[dict]:
+        return (await self.request("GET", path))["items"]
+
+    async def get(self, path: str) -> dict | None:
+        async with self.session.get(self.url + path) as r:
+            return None if r.status == 404 else await r.json(content_type=None)
+
+    async def close(self) -> None:
+        await self.session.close()
+
+
+class Kubelet:
+    def __init__(self, api: Api, namespace: str, tmp: pathlib.Path, http_port: int) -> None:
+        self.api, self.ns, self.tmp = api, namespace, tmp
+        self.http_port, self.control_port, self.store_port = http_port, free_port(), free_port()
+        self.procs: dict[tuple[str, str], subprocess.Popen] = {}
+        self.started: list[str] = []  # names of pods started, in order
+        self._task: asyncio.Task | None = None
+
+    async def __aenter__(self) -> "Kubelet":
+        self._task = asyncio.create_task(self._loop())
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+        for key in list(self.procs):
+            self._stop(key)
+
+    def _stop(self, key) -> None:
+        proc = self.procs.pop(key)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT if key[0] == "Deployment" else signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    async def _token(self, instance: str) -> str | None:
+        secret = await self.api.get(f"/api/v1/namespaces/{self.ns}/secrets/{instance}-admin-token")
+        return base64.b64decode(secret["data"]["token"]).decode() if secret else None
+
+    def _spawn(self, key, argv: list[str], env: dict, log: str) -> None:
+        self.procs[key] = subprocess.Popen([sys.executable, "-m", "elasticmoe_worker.cli", *argv],
+                                           env={**os.environ, **env}, stdout=open(self.tmp / log, "ab"),
+                                           stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=_die_with_test)
+        self.started.append(key[1])
+
+    async def _loop(self) -> None:
+        while True:
+            await self._tick()
+            await asyncio.sleep(0.2)
+
+    async def _tick(self) -> None:
+        deployments = await self.api.list(f"/apis/apps/v1/namespaces/{self.ns}/deployments")
+        pods = await self.api.list(f"/api/v1/namespaces/{self.ns}/pods")
+        present = {("Deployment", d["metadata"]["name"]) for d in deployments} | {
+            ("Pod", p["metadata"]["name"]) for p in pods}
+        for key in [k for k in self.procs if k not in present]:
+            self._stop(key)
+        for d in deployments:
+            key = ("Deployment", d["metadata"]["name"])
+            instance = d["metadata"]["labels"]["app.kubernetes.io/instance"]
+            token = await self._token(instance)
+            if key in self.procs or token is None:
+                continue
+            token_file = self.tmp / f"{instance}-token"
+            token_file.write_text(token)
+            c = d["spec"]["template"]["spec"]["containers"][0]
+            assert c["command"] == ["elasticmoe", "coordinator"], c["command"]
+            self._spawn(key, ["coordinator", *c["args"], "--host", "127.0.0.1", "--port", str(self.http_port),
+                              "--control-port", str(self.control_port), "--store-port", str(self.store_port),
+                              "--advertise-host", "127.0.0.1", "--admin-token-file", str(token_file),
+                              "--heartbeat-timeout-s", "5"], {}, f"{key[1]}.log")
+        for p in pods:
+            key = ("Pod", p["metadata"]["name"])
+            phase = (p.get("status") or {}).get("phase")
+            if key not in self.procs and phase is None:
+                instance = p["metadata"]["labels"]["app.kubernetes.io/instance"]
+                token = await self._token(instance)
+                c = p["spec"]["containers"][0]
+                assert c["command"] == ["elasticmoe", "worker"], c["command"]
+                args = list(c["args"])
+                args[args.index("--coordinator") + 1] = f"tcp://127.0.0.1:{self.control_port}"
+                self._spawn(key, ["worker", *args], {"ELASTICMOE_ADMIN_TOKEN": token}, f"{key[1]}.log")
+                await self._phase(key[1], "Running")
+            elif key in self.procs and phase == "Running" and self.procs[key].poll() is not None:
+                await self._phase(key[1], "Succeeded" if self.procs[key].returncode == 0 else "Failed")
+
+    async def _phase(self, pod: str, phase: str) -> None:
+        ready = "True" if phase == "Running" else "False"
+        await self.api.request("PATCH", f"/api/v1/namespaces/{self.ns}/pods/{pod}/status",
+                               {"status": {"phase": phase, "conditions": [{"type": "Ready", "status": ready}]}})

@@ -1,0 +1,209 @@
+"""The operator's kopf handlers against kmock's Kubernetes API-server emulator, calling a real
+coordinator and CPU workers that a stand-in kubelet (`cluster.Kubelet`) starts from the
+Deployment and Pods the operator creates."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import kmock
+import pytest
+import pytest_asyncio
+import yaml
+
+from elasticmoe_operator import api
+import cluster
+
+NS = "emoe-test"
+NAME = "demo"
+CR_PATH = f"/apis/elasticmoe.io/v1alpha1/namespaces/{NS}/elasticmoes"
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(400)]
+
+
+def _resource(model, **devices) -> dict:
+    return {"apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": NAME, "namespace": NS},
+            "spec": {"model": {"source": str(model), "servedName": "m"},
+                     "devices": {"min": 1, "max": 3, "initial": 1, **devices},
+                     "engine": {"kvCacheMb": 8, "maxNumSeqs": 8}}}
+
+
+class Env:
+    """The operator runs as the user runs it: `elasticmoe operator`, a process of its own."""
+
+    def __init__(self, api_: cluster.Api, kubelet: cluster.Kubelet, kubeconfig, http_port: int) -> None:
+        self.api, self.kubelet = api_, kubelet
+        self.kubeconfig, self.http_port = kubeconfig, http_port
+        self.operator: subprocess.Popen | None = None
+        self.runs = 0
+
+    async def start_operator(self) -> None:
+        self.runs += 1
+        self.operator = subprocess.Popen(
+            [sys.executable, "-m", "elasticmoe_worker.cli", "operator", "--all-namespaces", "--standalone",
+             "--image", "elasticmoe:test", "--coordinator-url", f"http://127.0.0.1:{self.http_port}",
+             "--log-format", "text"],
+            env={**os.environ, "KUBECONFIG": str(self.kubeconfig)},
+            stdout=open(self.kubelet.tmp / f"operator-{self.runs}.log", "wb"), stderr=subprocess.STDOUT)
+
+    async def kill_operator(self) -> None:
+        self.operator.kill()  # SIGKILL: no cleanup, no last status write
+        await asyncio.to_thread(self.operator.wait)
+
+    async def stop_operator(self) -> None:
+        if self.operator is None or self.operator.poll() is not None:
+            return
+        self.operator.terminate()
+        try:
+            await asyncio.to_thread(self.operator.wait, 20)
+        except subprocess.TimeoutExpired:
+            await self.kill_operator()
+
+    async def cr(self) -> dict | None:
+        return await self.api.get(f"{CR_PATH}/{NAME}")
+
+    async def wait(self, predicate, timeout_s: float, what: str) -> dict:
+        deadline = time.monotonic() + timeout_s
+        obj = None
+        while time.monotonic() < deadline:
+            obj = await self.cr()
+            if obj is not None and predicate(obj.get("status") or {}):
+                return obj
+            await asyncio.sleep(0.25)
+        logs = "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted(self.kubelet.tmp.glob("*.log")))
+        raise AssertionError(f"timed out waiting for {what}; status: {(obj or {}).get('status')}\n{logs}")
+
+    async def pods(self) -> list[str]:
+        return sorted(p["metadata"]["name"] for p in await self.api.list(f"/api/v1/namespaces/{NS}/pods"))
+
+    async def events(self) -> list[dict]:
+        return await self.api.list(f"/api/v1/namespaces/{NS}/events")
+
+
+@pytest_asyncio.fixture
+async def env(tmp_path):
+    async with cluster.Emulator() as emulator, kmock.Server(emulator) as server:
+        emulator.setup()
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
+            "clusters": [{"name": "emulator", "cluster": {"server": str(server.url)}}],
+            "users": [{"name": "emulator", "user": {"token": "unused"}}],
+            "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "emulator"}}]}))
+        http_port = cluster.free_port()
+        client = cluster.Api(str(server.url))
+        try:
+            async with cluster.Kubelet(client, NS, tmp_path, http_port) as kubelet:
+                e = Env(client, kubelet, kubeconfig, http_port)
+                try:
+                    yield e
+                finally:
+                    await e.stop_operator()
+        finally:
+            await client.close()
+
+
+def _condition(status: dict, ctype: str) -> dict:
+    return next(c for c in status.get("conditions", []) if c["type"] == ctype)
+
+
+def _serving(active: int):
+    return lambda s: s.get("phase") == "Serving" and s.get("devices", {}).get("active") == active \
+        and not s.get("scaling")
+
+
+async def test_create_scale_by_spec_and_subresource_then_delete(env, tiny_models):
+    await env.start_operator()
+    await env.api.request("POST", CR_PATH, _resource(tiny_models["qwen3_moe"]), "application/json")
+    obj = await env.wait(_serving(1), 180, "the instance to serve on 1 device")
+    status = obj["status"]
+    assert status["observedGeneration"] == obj["metadata"]["generation"]
+    assert status["devices"] == {"desired": 1, "ready": 1, "active": 1, "warming": 0}
+    assert _condition(status, "Available")["status"] == "True"
+    assert _condition(status, "Degraded")["status"] == "False"
+    assert _condition(status, "MetricsAvailable")["reason"] == "AutoscalingDisabled"
+    assert await env.pods() == ["demo-worker-0"]
+    uid = obj["metadata"]["uid"]
+    for path in (f"/apis/apps/v1/namespaces/{NS}/deployments/demo-coordinator",
+                 f"/api/v1/namespaces/{NS}/services/demo-coordinator",
+                 f"/api/v1/namespaces/{NS}/configmaps/demo-config",
+                 f"/api/v1/namespaces/{NS}/secrets/demo-admin-token",
+                 f"/api/v1/namespaces/{NS}/pods/demo-worker-0"):
+        child = await env.api.get(path)
+        assert child is not None, path
+        assert [o["uid"] for o in child["metadata"]["ownerReferences"]] == [uid], path
+
+    # spec change of the device count
+    await env.api.request("PATCH", f"{CR_PATH}/{NAME}", {"spec": {"devices": {"replicas": 2}}})
+    obj = await env.wait(_serving(2), 180, "2 active devices")
+    last = obj["status"]["lastScale"]
+    assert (last["from"], last["to"], last["outcome"]) == (1, 2, "Succeeded"), last
+    assert last["phasesMs"].keys() >= {"workers", "transfer", "switch"} and last["durationMs"] > 0
+    assert obj["status"]["observedGeneration"] == obj["metadata"]["generation"] == 2
+    assert await env.pods() == ["demo-worker-0", "demo-worker-1"]
+
+    # the scale subresource, as `kubectl scale elasticmoe/demo --replicas 1` sends it
+    await env.api.request("PATCH", f"{CR_PATH}/{NAME}/scale", {"spec": {"replicas": 1}})
+    obj = await env.wait(_serving(1), 180, "1 active device again")
+    assert [(h["from"], h["to"], h["outcome"]) for h in obj["status"]["history"]] == [(1, 2, "Succeeded"),
+                                                                                      (1 + 1, 1, "Succeeded")]
+    assert await env.pods() == ["demo-worker-0"]  # exactly the released pod went
+    assert env.kubelet.started.count("demo-worker-0") == 1  # the staying worker was never restarted
+    reasons = [e["reason"] for e in await env.events() if e.get("involvedObject", {}).get("name") == NAME]
+    assert reasons.count("ScalingUp") == 1 and reasons.count("ScalingDown") == 1 and reasons.count("Scaled") == 2
+    r = httpx.post(f"{obj['status']['coordinatorUrl']}/v1/completions",
+                   json={"model": "m", "prompt": "hello", "max_tokens": 3}, timeout=30)
+    assert r.status_code == 200, r.text
+
+    # delete: children carry owner references (the API server's garbage collector deletes
+    # them); the operator stops reconciling and reports no error.
+    await env.api.request("DELETE", f"{CR_PATH}/{NAME}", None, "application/json")
+    for _ in range(40):
+        if await env.cr() is None:
+            break
+        await asyncio.sleep(0.25)
+    assert await env.cr() is None
+    await asyncio.sleep(2)
+    assert env.operator.poll() is None
+    assert "Traceback" not in (env.kubelet.tmp / "operator-1.log").read_text()
+
+
+async def test_invalid_spec_is_degraded_naming_the_field_and_creates_nothing(env, tiny_models):
+    await env.start_operator()
+    await env.api.request("POST", CR_PATH, _resource(tiny_models["qwen3_moe"], min=3, max=2, initial=2),
+                          "application/json")
+    obj = await env.wait(lambda s: s.get("phase") == "Degraded", 30, "the Degraded phase")
+    degraded = _condition(obj["status"], "Degraded")
+    assert degraded["status"] == "True" and degraded["reason"] == "InvalidSpec"
+    assert "spec.devices.min" in degraded["message"] and "3" in degraded["message"], degraded
+    await asyncio.sleep(2)
+    assert await env.pods() == []
+    assert await env.api.list(f"/apis/apps/v1/namespaces/{NS}/deployments") == []
+    warnings = [e for e in await env.events() if e.get("reason") == "InvalidSpec"]
+    assert len(warnings) == 1 and "spec.devices.min" in warnings[0]["message"]
+
+    # fixing the spec recovers
+    await env.api.request("PATCH", f"{CR_PATH}/{NAME}", {"spec": {"devices": {"min": 1, "max": 3, "initial": 1}}})
+    await env.wait(_serving(1), 180, "the fixed instance to serve")
+
+
+async def test_operator_killed_mid_scale_resumes_from_status(env, tiny_models):
+    await env.start_operator()
+    await env.api.request("POST", CR_PATH, _resource(tiny_models["qwen3_moe"]), "application/json")
+    await env.wait(_serving(1), 180, "the instance to serve on 1 device")
+    await env.api.request("PATCH", f"{CR_PATH}/{NAME}", {"spec": {"devices": {"replicas": 2}}})
+    obj = await env.wait(lambda s: bool(s.get("scaling")), 30, "the scale to start")
+    assert obj["status"]["scaling"]["to"] == 2
+    await env.kill_operator()  # mid-scale: pods created, the coordinator maybe scaling
+
+    await env.start_operator()  # a new process would have an empty memory, so has this one
+    obj = await env.wait(_serving(2), 90, "the resumed scale to finish")
+    history = obj["status"]["history"]
+    assert [(h["from"], h["to"], h["outcome"]) for h in history] == [(1, 2, "Succeeded")], history
+    assert await env.pods() == ["demo-worker-0", "demo-worker-1"]
+    assert env.kubelet.started.count("demo-worker-1") == 1  # no pod made twice
