@@ -1,5 +1,10 @@
-# One image for the ElasticMoE serving plane (`elasticmoe serve`, the OpenAI-compatible API on
-# port 8000). CPU by default; each accelerator variant is one set of --build-arg away.
+# One image for all of ElasticMoE; the argument picks the part (ENTRYPOINT is `elasticmoe`):
+#   serve        a whole instance in one container (the default CMD; OpenAI API on port 8000)
+#   operator     the Kubernetes operator (the Helm chart runs this; it never imports torch)
+#   coordinator  an instance's coordinator in a cluster (the operator's <name>-coordinator)
+#   worker       the worker (HMM + executors) of one device (the operator's <name>-worker-<i>)
+# CPU by default; each accelerator variant is one set of --build-arg away. It runs as uid 10001
+# and works with a read-only root filesystem (the operator's pods mount /tmp and /dev/shm).
 #
 #   CPU (default): python:3.11-slim + the CPU build of torch
 #     docker build -t elasticmoe:cpu .
