@@ -107,7 +107,8 @@ def test_module_entry_point_checks_this_checkout():
     assert proc.returncode == 0, proc.stderr
 
 
-@pytest.mark.parametrize("module", ["elasticmoe_operator.api", "elasticmoe_operator.crd"])
+@pytest.mark.parametrize("module", ["elasticmoe_operator.api", "elasticmoe_operator.crd", "elasticmoe_operator.handlers",
+                                    "elasticmoe_operator.cli", "elasticmoe_operator.reconcile"])
 def test_import_does_not_pull_in_torch(module):
     code = (f"import sys, {module}; "
             "bad = [m for m in ('torch', 'elasticmoe_worker') if m in sys.modules]; "
