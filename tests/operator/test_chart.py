@@ -415,8 +415,22 @@ def test_operator_serves_the_release_namespaces_standalone(rendered):
 def test_operator_serves_all_namespaces_in_cluster_scope(rendered):
     container = _operator_pod(_installed(rendered, "cluster-values.yaml"))["containers"][0]
     assert container["args"] == ["--standalone", "--all-namespaces", "--image", "elasticmoe:0.1.0-test",
-                                 "--liveness", "http://0.0.0.0:8080/healthz", "--verbose"]
+                                 "--liveness", "http://0.0.0.0:8080/healthz", "--log-format", "text"]
     assert {"name": "ELASTICMOE_LOG_LEVEL", "value": "DEBUG"} in container["env"]
+
+
+@pytest.mark.parametrize("name", ["values.yaml", "default-values.yaml", "cluster-values.yaml",
+                                  "monitoring-values.yaml"])
+def test_operator_arguments_are_accepted_by_the_operator(rendered, name):
+    """The chart's arguments parse with the real `elasticmoe operator` command line."""
+    from elasticmoe_operator import cli
+
+    container = _operator_pod(_installed(rendered, name))["containers"][0]
+    assert container["command"] == ["elasticmoe", "operator"]
+    args = cli.build_parser().parse_args(container["args"])
+    assert args.standalone and args.liveness == "http://0.0.0.0:8080/healthz"
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    assert env.get("ELASTICMOE_LOG_LEVEL", "INFO").lower() in ("debug", "info", "warning", "error")
 
 
 def test_operator_service_exposes_the_alert_webhook(rendered):
