@@ -18,14 +18,12 @@ import base64
 import os
 import pathlib
 import signal
-import socket
 import subprocess
-import sys
 
 import aiohttp
 import kmock
 
-from elasticmoe_worker.instance import procutil
+import testprocs
 
 VERBS = ["get", "list", "watch", "patch", "create", "update", "delete"]
 RESOURCES = [
@@ -40,18 +38,6 @@ RESOURCES = [
     ("v1/secrets", "Secret", True, set()),
     ("apps/v1/deployments", "Deployment", True, set()),
 ]
-
-
-def _die_with_test() -> None:
-    """A killed test run (a timeout) takes what it started along: workers outlive their parent
-    by design (pods), and nothing else would stop them here."""
-    procutil.die_with_parent(signal.SIGKILL)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Emulator(kmock.KubernetesEmulator):
@@ -122,7 +108,7 @@ class Api:
 class Kubelet:
     def __init__(self, api: Api, namespace: str, tmp: pathlib.Path, http_port: int) -> None:
         self.api, self.ns, self.tmp = api, namespace, tmp
-        self.http_port, self.control_port, self.store_port = http_port, free_port(), free_port()
+        self.http_port, self.control_port, self.store_port = http_port, testprocs.free_port(), testprocs.free_port()
         self.procs: dict[tuple[str, str], subprocess.Popen] = {}
         self.started: list[str] = []  # names of pods started, in order
         self._task: asyncio.Task | None = None
@@ -155,10 +141,10 @@ class Kubelet:
         return base64.b64decode(secret["data"]["token"]).decode() if secret else None
 
     def _spawn(self, key, argv: list[str], env: dict, log: str) -> None:
-        self.procs[key] = subprocess.Popen([sys.executable, "-m", "elasticmoe_worker.cli", *argv],
+        self.procs[key] = subprocess.Popen(testprocs.elasticmoe(*argv),
                                            env={**os.environ, **env}, stdout=open(self.tmp / log, "ab"),
                                            stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=_die_with_test)
+            preexec_fn=testprocs.die_with_test)
         self.started.append(key[1])
 
     async def _loop(self) -> None:

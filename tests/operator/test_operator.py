@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import sys
 import time
 
 import httpx
@@ -18,6 +17,7 @@ import yaml
 
 from elasticmoe_operator import api
 import cluster
+import testprocs
 
 NS = "emoe-test"
 NAME = "demo"
@@ -45,9 +45,9 @@ class Env:
     async def start_operator(self) -> None:
         self.runs += 1
         self.operator = subprocess.Popen(
-            [sys.executable, "-m", "elasticmoe_worker.cli", "operator", "--all-namespaces", "--standalone",
+            testprocs.elasticmoe("operator", "--all-namespaces", "--standalone",
              "--image", "elasticmoe:test", "--coordinator-url", f"http://127.0.0.1:{self.http_port}",
-             "--log-format", "text"],
+             "--log-format", "text"),
             env={**os.environ, "KUBECONFIG": str(self.kubeconfig)},
             stdout=open(self.kubelet.tmp / f"operator-{self.runs}.log", "wb"), stderr=subprocess.STDOUT)
 
@@ -95,7 +95,7 @@ async def env(tmp_path):
             "clusters": [{"name": "emulator", "cluster": {"server": str(server.url)}}],
             "users": [{"name": "emulator", "user": {"token": "unused"}}],
             "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "emulator"}}]}))
-        http_port = cluster.free_port()
+        http_port = testprocs.free_port()
         client = cluster.Api(str(server.url))
         try:
             async with cluster.Kubelet(client, NS, tmp_path, http_port) as kubelet:

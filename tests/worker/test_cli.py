@@ -6,31 +6,20 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 
 import httpx
 import pytest
 
+import testprocs
 from elasticmoe_worker import cli
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _elasticmoe(*args: str) -> list[str]:
-    return [sys.executable, "-m", "elasticmoe_worker.cli", *args]
 
 
 @pytest.mark.parametrize("argv", [[], ["serve"], ["coordinator"], ["worker"], ["operator"], ["make-model"], ["bench"],
                                   ["bench", "serve"]])
 def test_every_command_has_help(argv):
-    out = subprocess.run(_elasticmoe(*argv, "--help"), capture_output=True, text=True, timeout=60)
+    out = subprocess.run(testprocs.elasticmoe(*argv, "--help"), capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "usage: elasticmoe" in out.stdout
 
 
@@ -45,12 +34,12 @@ def test_serve_defaults_are_loopback_8000_and_the_embedded_model():
     (["make-model", "--family", "llama", "--preset", "tiny", "--out", "x"], "invalid choice: 'llama'"),
 ])
 def test_bad_arguments_are_named(argv, message):
-    out = subprocess.run(_elasticmoe(*argv), capture_output=True, text=True, timeout=60)
+    out = subprocess.run(testprocs.elasticmoe(*argv), capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and message in out.stderr
 
 
 def test_make_model_writes_a_loadable_checkpoint(tmp_path):
-    out = subprocess.run(_elasticmoe("make-model", "--family", "mixtral", "--preset", "tiny", "--out",
+    out = subprocess.run(testprocs.elasticmoe("make-model", "--family", "mixtral", "--preset", "tiny", "--out",
                                      str(tmp_path / "m"), "--no-progress"),
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -58,9 +47,9 @@ def test_make_model_writes_a_loadable_checkpoint(tmp_path):
 
 
 def test_serve_without_model_generates_default_serves_and_stops_on_ctrl_c(tmp_path):
-    port = _free_port()
+    port = testprocs.free_port()
     env = {**os.environ, "ELASTICMOE_CACHE_DIR": str(tmp_path / "cache")}
-    proc = subprocess.Popen(_elasticmoe("serve", "--port", str(port)), env=env,
+    proc = subprocess.Popen(testprocs.elasticmoe("serve", "--port", str(port)), env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         base = f"http://127.0.0.1:{port}"

@@ -6,62 +6,44 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 
 import httpx
 import pytest
 
-from elasticmoe_worker.instance import procutil
+import testprocs
 
 TOKEN = "pod-topology-token"
-
-
-def _die_with_test() -> None:
-    """A killed test run (a timeout) takes what it started along: workers outlive their parent
-    by design (pods), and nothing else would stop them here."""
-    procutil.die_with_parent(signal.SIGKILL)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _elasticmoe(*args: str) -> list[str]:
-    return [sys.executable, "-m", "elasticmoe_worker.cli", *args]
 
 
 class Cluster:
     """A coordinator and hand-started workers, all stopped at teardown."""
 
     def __init__(self, model, tmp_path, devices: int, heartbeat_timeout_s: float = 3.0) -> None:
-        self.http_port, self.control_port, self.store_port = _free_port(), _free_port(), _free_port()
+        self.http_port, self.control_port, self.store_port = testprocs.free_port(), testprocs.free_port(), testprocs.free_port()
         token_file = tmp_path / "token"
         token_file.write_text(TOKEN + "\n")
         self.tmp = tmp_path
         self.workers: dict[int, subprocess.Popen] = {}
         self.coordinator = subprocess.Popen(
-            _elasticmoe("coordinator", "--model", str(model), "--devices", str(devices), "--host", "127.0.0.1",
+            testprocs.elasticmoe("coordinator", "--model", str(model), "--devices", str(devices), "--host", "127.0.0.1",
                         "--port", str(self.http_port), "--control-port", str(self.control_port),
                         "--store-port", str(self.store_port), "--advertise-host", "127.0.0.1",
                         "--admin-token-file", str(token_file), "--heartbeat-timeout-s", str(heartbeat_timeout_s),
                         "--kv-cache-mb", "8", "--served-model-name", "m"),
             stdout=open(tmp_path / "coordinator.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=_die_with_test)
+            preexec_fn=testprocs.die_with_test)
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.client = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
 
     def start_worker(self, index: int, token: str = TOKEN) -> subprocess.Popen:
         proc = subprocess.Popen(
-            _elasticmoe("worker", "--device-index", str(index), "--coordinator",
+            testprocs.elasticmoe("worker", "--device-index", str(index), "--coordinator",
                         f"tcp://127.0.0.1:{self.control_port}"),
             env={**os.environ, "ELASTICMOE_ADMIN_TOKEN": token},
             stdout=open(self.tmp / f"worker-{index}.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=_die_with_test)
+            preexec_fn=testprocs.die_with_test)
         self.workers[index] = proc
         return proc
 

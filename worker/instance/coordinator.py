@@ -92,6 +92,7 @@ class Instance:
         self.advertise_host = advertise_host or ("127.0.0.1" if bind_host in ("0.0.0.0", "::", "*") else bind_host)
         self.address = f"tcp://{self.advertise_host}:{port}"
         self.worker_token = worker_token
+        self._refused: set[int] = set()  # devices whose worker presented a wrong token
         self._wake_addr = f"inproc://coordinator-{id(self)}"
         self._wake_pull = self._ctx.socket(zmq.PULL)
         self._wake_pull.bind(self._wake_addr)
@@ -179,7 +180,10 @@ class Instance:
         """Check a worker's token and note that it lives."""
         if isinstance(msg, (messages.HMMHello, messages.Heartbeat)):
             if self.worker_token and not hmac.compare_digest(msg.token, self.worker_token):
-                logger.warning("device %d: worker presented a wrong token; ignored", msg.device_index)
+                # once per device: a misconfigured worker repeats itself every second
+                level = logging.DEBUG if msg.device_index in self._refused else logging.WARNING
+                self._refused.add(msg.device_index)
+                logger.log(level, "device %d: worker presented a wrong token; ignored", msg.device_index)
                 return None
             self.fleet.seen(msg.device_index)
             if isinstance(msg, messages.Heartbeat):

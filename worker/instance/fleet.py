@@ -15,6 +15,7 @@ coordinator's business. Two kinds:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -87,10 +88,8 @@ class LocalFleet:
 
     def wait_stopped(self, deadline: float) -> None:
         for proc in list(self.workers.values()):
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):  # close() kills what is left
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass  # close() kills it
 
     def close(self) -> None:
         for i in list(self.workers):

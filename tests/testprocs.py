@@ -1,0 +1,26 @@
+"""Helpers for tests that start real processes: free loopback ports, the `elasticmoe` command
+line, and a parent-death signal so a killed test run takes its processes along."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import sys
+
+from elasticmoe_worker.instance import procutil
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def elasticmoe(*args: str) -> list[str]:
+    return [sys.executable, "-m", "elasticmoe_worker.cli", *args]
+
+
+def die_with_test() -> None:
+    """preexec_fn: workers outlive their parent by design (pods), so nothing else would stop
+    them when a test run is killed (a timeout)."""
+    procutil.die_with_parent(signal.SIGKILL)
