@@ -1,7 +1,7 @@
 """`pip install .` (a real, non-editable wheel) gives both import packages and the console script.
 
 The rest of the suite runs against the editable install (`pip install -e .`); this module proves
-the other half. The folders are `worker/` and `operator/` but the import names are
+the other half. The folders are `worker/elasticmoe_worker/` and `operator/elasticmoe_operator/`; the import names are
 `elasticmoe_worker` and `elasticmoe_operator` (a package called `operator` would shadow the
 standard library), so the mapping in pyproject.toml is easy to break: a subpackage missing from
 its explicit package list installs fine editable and fails only after `pip install .`.

@@ -22,7 +22,7 @@ import time
 import msgspec
 
 from elasticmoe_worker import planner
-from elasticmoe_worker.instance import messages
+from elasticmoe_worker.contract import wire
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class Scaler:
         for d in cold:
             inst.fleet.add(d)
         if cold:
-            self._wait(messages.HMMHello, set(cold), "new workers to register")
+            self._wait(wire.HMMHello, set(cold), "new workers to register")
         for d in self.added:
             inst._warm.discard(d)
         self._phase("workers")
@@ -143,9 +143,9 @@ class Scaler:
                                 expert_bytes=(w13_bytes + w2_bytes) * len(moe_layers))
         logger.info("scale %d -> %d devices, plan:\n%s", len(self.old_devices), self.target, the_plan.describe())
         self.plan = the_plan
-        transfers = [messages.Transfer("replicated", t.src_device, t.dst_device, t.offset_bytes, t.size_bytes)
+        transfers = [wire.Transfer("replicated", t.src_device, t.dst_device, t.offset_bytes, t.size_bytes)
                      for t in the_plan.replicated_transfers]
-        transfers += [messages.Transfer("expert", m.src_device, m.dst_device, expert_id=m.expert)
+        transfers += [wire.Transfer("expert", m.src_device, m.dst_device, expert_id=m.expert)
                       for m in the_plan.expert_moves]
         self.record.bytes_transferred = the_plan.bytes_moved
         self._phase("plan")
@@ -153,14 +153,14 @@ class Scaler:
         group = sorted(set(self.old_devices) | set(self.new_devices))
         holds = experts_by_device(the_plan.new_placement)
         for rank, d in enumerate(group):
-            inst._send(f"hmm-{d}", messages.PrepareTransition(
+            inst._send(f"hmm-{d}", wire.PrepareTransition(
                 config_id=self.new_config, rank=rank, group_ranks=group, store_host=inst.advertise_host,
                 store_port=inst.store_port, expert_ids=sorted(holds.get(d, [])), transfers=transfers,
                 replicated_layout=layout, replicated_bytes=replicated_bytes, expert_w13_bytes=w13_bytes,
                 expert_w2_bytes=w2_bytes, moe_layers=moe_layers, num_kv_blocks=ready0.num_kv_blocks,
                 kv_bytes=ready0.kv.size_bytes, config_json=inst.config_json, tokenizer_files=inst.tokenizer_files,
                 timeout_s=self.timeout_s))
-        self.transition_ready = self._wait(messages.TransitionReady, set(group), "peer-to-peer transfers")
+        self.transition_ready = self._wait(wire.TransitionReady, set(group), "peer-to-peer transfers")
         self.record.transfer_data_seconds = round(max(r.data_seconds for r in self.transition_ready.values()), 4)
         self._phase("transfer")
 
@@ -169,7 +169,7 @@ class Scaler:
             start = inst._start_message(d)
             inst._send(f"hmm-{d}", msgspec.structs.replace(start, config_id=self.new_config, world_size=self.target,
                                                        expert_owner=owner, replace=False))
-        ready = self._wait(messages.ExecutorReady, set(self.new_devices), "standby executors",
+        ready = self._wait(wire.ExecutorReady, set(self.new_devices), "standby executors",
                            key=lambda m: m.rank if m.config_id == self.new_config else None)
         self.standby = ready
         self.record.phases["remap"] = round(max(r.attach_seconds for r in ready.values()), 4)
@@ -181,8 +181,8 @@ class Scaler:
         self.switched = True
         inst._switching = True
         for r in self.old_devices:
-            inst._send(f"exec-{self.old_config}-{r}", messages.PauseForSwitch(config_id=self.old_config))
-        handovers = self._wait(messages.Handover, set(self.old_devices), "the old executors to hand over",
+            inst._send(f"exec-{self.old_config}-{r}", wire.PauseForSwitch(config_id=self.old_config))
+        handovers = self._wait(wire.Handover, set(self.old_devices), "the old executors to hand over",
                                key=lambda m: m.rank if m.config_id == self.old_config else None)
         adopt: dict[int, list[dict]] = {d: [] for d in self.new_devices}
         recompute: list[dict] = []
@@ -198,9 +198,9 @@ class Scaler:
             counts[d] += 1
             moved[d].append(st)
         for d in self.new_devices:
-            inst._send(f"exec-{self.new_config}-{d}", messages.Adopt(requests=adopt[d], keep_kv=True))
+            inst._send(f"exec-{self.new_config}-{d}", wire.Adopt(requests=adopt[d], keep_kv=True))
             if moved[d]:
-                inst._send(f"exec-{self.new_config}-{d}", messages.Adopt(requests=moved[d], keep_kv=False))
+                inst._send(f"exec-{self.new_config}-{d}", wire.Adopt(requests=moved[d], keep_kv=False))
         ranks = {st["request_id"]: d for d in self.new_devices for st in adopt[d] + moved[d]}
         self.record.requests_handed_over = len(ranks)
         inst._commit_switch(self.new_config, self.target, self.plan.new_placement, ranks)
@@ -209,11 +209,11 @@ class Scaler:
     def _finish(self) -> None:
         inst = self.inst
         for r in self.old_devices:
-            inst._send(f"exec-{self.old_config}-{r}", messages.Shutdown(reason="replaced by a new configuration"))
+            inst._send(f"exec-{self.old_config}-{r}", wire.Shutdown(reason="replaced by a new configuration"))
         for d in self.new_devices:
-            inst._send(f"hmm-{d}", messages.CommitTransition(config_id=self.new_config))
+            inst._send(f"hmm-{d}", wire.CommitTransition(config_id=self.new_config))
         for d in self.removed:
-            inst._send(f"hmm-{d}", messages.Shutdown(reason="device released"))
+            inst._send(f"hmm-{d}", wire.Shutdown(reason="device released"))
         for d in self.removed:
             inst.fleet.remove(d)
         for d in self.added:
@@ -230,10 +230,10 @@ class Scaler:
         logger.error("scale %d -> %d aborted: %s; the current configuration keeps serving",
                      len(self.old_devices), self.target, reason)
         for d in self.old_devices:
-            inst._send(f"hmm-{d}", messages.AbortTransition(config_id=self.new_config, reason=reason))
+            inst._send(f"hmm-{d}", wire.AbortTransition(config_id=self.new_config, reason=reason))
         for d in self.added:
             # A worker of a pod fleet outlives remove(): it must drop what it half-received.
-            inst._send(f"hmm-{d}", messages.Shutdown(reason=f"scale aborted: {reason}"))
+            inst._send(f"hmm-{d}", wire.Shutdown(reason=f"scale aborted: {reason}"))
             inst.fleet.remove(d)
             inst._warm.discard(d)
         self.record.seconds = round(time.perf_counter() - self._started, 4)

@@ -1,15 +1,82 @@
-"""Typed control messages between the coordinator, HMMs and executors.
+"""The control-channel messages between the coordinator, HMMs and executors, and the
+memory handles and sequence state they carry.
 
 Every message is a msgspec Struct tagged with its class name and travels as msgpack over
-ZeroMQ (coordinator <-> HMM/executor) or a pipe (HMM -> its executor). Nothing here
-imports torch: the operator and the coordinator's routing code can use it as is.
+the authenticated ZeroMQ channel (`instance.transport`) or a pipe (HMM -> its executor).
+Handover state is typed (`SequenceState`), engine options too (`EngineOptions`): nothing on
+the wire is a free-form dict.
+
+Imports only msgspec and the standard library (a test checks it): the operator and pure
+modules use it without loading torch. `decode` raises `msgspec.DecodeError` (or
+`ValidationError`) on any malformed frame; callers drop such frames, they never crash on them.
 """
 
 from __future__ import annotations
 
+import enum
+
 import msgspec
 
-from elasticmoe_worker.backends import base as backends_base
+
+class MemoryHandle(msgspec.Struct, frozen=True):
+    """What another process needs to attach a region. Plain data; crosses processes as msgpack."""
+
+    backend: str  # "cpu" | "cuda" | "ascend"
+    name: str  # human-readable, e.g. "layer3.expert17.w13"
+    size_bytes: int
+    owner_pid: int
+    fd: int = -1  # cpu: memfd number in the owner; cuda: the exported POSIX fd in the owner
+    ipc: bytes = b""  # ascend: the 8-byte shareable handle; unused elsewhere
+    device_index: int = 0
+    inode: int = 0  # cpu: st_ino of the memfd, so a reused fd number cannot attach another file
+
+
+class ErrorKind(str, enum.Enum):
+    """Why an executor refused or ended a request: the HTTP layer maps each to one status."""
+
+    INVALID_REQUEST = "invalid_request"  # the caller's input (400)
+    OVERLOADED = "overloaded"  # the rank's queue is full (429)
+    ENGINE = "engine"  # the engine failed while the request ran (503)
+
+
+class EngineOptions(msgspec.Struct, kw_only=True):
+    """`EngineConfig`'s fields as sent to an executor (max_model_len resolved)."""
+
+    dtype: str
+    block_size: int
+    num_kv_blocks: int | None
+    kv_cache_bytes: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int | None
+    max_waiting: int
+    seed: int
+
+
+class SamplingOptions(msgspec.Struct, kw_only=True):
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    stop: list[str]
+    ignore_eos: bool
+
+
+class SequenceState(msgspec.Struct, kw_only=True):
+    """One running request handed from an old executor to a new one: where its KV blocks are
+    (same pool, they stay in place) and how far it got."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    num_computed: int
+    block_ids: list[int]
+    params: SamplingOptions
+    arrival_s: float
+    emitted_chars: int
+    emitted_tokens: int
+    generator_state: list[int] | None = None  # a seeded request's own generator
 
 
 class Msg(msgspec.Struct, tag=True, kw_only=True):
@@ -20,7 +87,6 @@ class Msg(msgspec.Struct, tag=True, kw_only=True):
 class HMMHello(Msg):
     device_index: int
     pid: int
-    token: str = ""  # the shared admin token: a coordinator with one ignores workers without it
 
 
 class Heartbeat(Msg):
@@ -28,7 +94,6 @@ class Heartbeat(Msg):
     processes) notices a dead worker."""
     device_index: int
     loaded: bool  # holds model memory (of some configuration) already
-    token: str = ""
 
 
 class LoadPlan(Msg):
@@ -53,16 +118,16 @@ class TensorSlot(msgspec.Struct, frozen=True):
 class ExpertRegion(msgspec.Struct, frozen=True):
     layer: int
     expert_id: int
-    w13: backends_base.MemoryHandle
-    w2: backends_base.MemoryHandle
+    w13: MemoryHandle
+    w2: MemoryHandle
 
 
 class HMMReady(Msg):
     device_index: int
-    replicated: backends_base.MemoryHandle
+    replicated: MemoryHandle
     replicated_layout: list[TensorSlot]
     experts: list[ExpertRegion]
-    kv: backends_base.MemoryHandle
+    kv: MemoryHandle
     num_kv_blocks: int
     bytes_read_from_checkpoint: int
     load_seconds: float
@@ -77,7 +142,7 @@ class StartExecutor(Msg):
     store_host: str
     store_port: int
     expert_owner: list[int]  # global expert id -> rank that computes it
-    engine: dict  # EngineConfig fields (plain values)
+    engine: EngineOptions
     model_name: str
     collective_timeout_s: float
     replace: bool = True  # stop this device's other executors first (False: a standby beside them)
@@ -157,11 +222,12 @@ class PauseForSwitch(Msg):
 class Handover(Msg):
     rank: int
     config_id: int
-    requests: list[dict]  # LLMEngine.export_requests()
+    requests: list[SequenceState]  # LLMEngine.export_requests()
 
 
 class Adopt(Msg):
-    requests: list[dict]
+    config_id: int  # the configuration whose executor adopts (stale ones are ignored)
+    requests: list[SequenceState]
     keep_kv: bool
 
 
@@ -225,6 +291,8 @@ class Output(Msg):
     num_prompt_tokens: int
     num_output_tokens: int
     error: str | None = None
+    error_kind: ErrorKind | None = None
+    error_param: str | None = None  # the request field at fault, for INVALID_REQUEST
 
 
 class RankStats(Msg):
@@ -247,9 +315,31 @@ class Shutdown(Msg):
     reason: str = ""
 
 
+# -- rendezvous (collectives' key-value store, served by the coordinator) ------------------
+class StoreRequest(Msg):
+    """A key-value operation of `instance.rendezvous.ChannelStore`. op: set | get | add |
+    check | delete | compare_set | num_keys. `get` answers `found=False` until the key exists
+    (the client polls)."""
+
+    op: str
+    seq: int
+    key: str = ""
+    value: bytes = b""
+    expected: bytes = b""
+    amount: int = 0
+    keys: list[str] = []
+
+
+class StoreReply(Msg):
+    seq: int
+    found: bool = True
+    value: bytes = b""
+    amount: int = 0
+
+
 ANY = HMMHello | Heartbeat | LoadPlan | HMMReady | StartExecutor | HMMFailed | ExecutorSpec | ExecutorReady | AddRequest \
     | AbortRequest | Output | RankStats | ExecutorFailed | Shutdown | PrepareTransition | TransitionReady \
-    | CommitTransition | AbortTransition | PauseForSwitch | Handover | Adopt | Adopted
+    | CommitTransition | AbortTransition | PauseForSwitch | Handover | Adopt | Adopted | StoreRequest | StoreReply
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(ANY)

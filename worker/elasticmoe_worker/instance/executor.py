@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 
+import msgspec
 import torch
 import torch.distributed as dist
 import zmq
@@ -29,7 +30,8 @@ import zmq
 from elasticmoe_worker import backends
 from elasticmoe_worker.engine import engine as engine_mod
 from elasticmoe_worker.engine import types
-from elasticmoe_worker.instance import ep, memory, messages, procutil
+from elasticmoe_worker.contract import wire
+from elasticmoe_worker.instance import ep, memory, procutil
 from elasticmoe_worker.models import config as config_mod
 from elasticmoe_worker.models import registry
 
@@ -72,20 +74,20 @@ def _touch_weights(model) -> int:
     return total
 
 
-def _params(msg: messages.AddRequest) -> types.SamplingParams:
+def _params(msg: wire.AddRequest) -> types.SamplingParams:
     return types.SamplingParams(max_tokens=msg.max_tokens, temperature=msg.temperature, top_p=msg.top_p,
                                 top_k=msg.top_k, seed=msg.seed, stop=tuple(msg.stop), ignore_eos=msg.ignore_eos)
 
 
 class Executor:
-    def __init__(self, spec: messages.ExecutorSpec) -> None:
+    def __init__(self, spec: wire.ExecutorSpec) -> None:
         started = time.perf_counter()
         self.spec = spec
         start = spec.start
         self.rank, self.world_size = start.rank, start.world_size
         backend = backends.get_backend(spec.backend)
         model_spec = config_mod.spec_from_json(spec.config_json)
-        cfg = engine_mod.EngineConfig(**start.engine)
+        cfg = engine_mod.EngineConfig(**msgspec.structs.asdict(start.engine))
         dtype = registry.resolve_dtype(model_spec, cfg.dtype)
         before = procutil.private_bytes()
         attach_started = time.perf_counter()
@@ -127,26 +129,26 @@ class Executor:
         self._last_stats = 0.0
         self.startup_seconds = time.perf_counter() - started
 
-    def send(self, msg: messages.Msg) -> None:
-        self.sock.send(messages.encode(msg))
+    def send(self, msg: wire.Msg) -> None:
+        self.sock.send(wire.encode(msg))
 
-    def _handle(self, msg: messages.Msg) -> None:
-        if isinstance(msg, messages.AddRequest):
+    def _handle(self, msg: wire.Msg) -> None:
+        if isinstance(msg, wire.AddRequest):
             try:
                 self.engine.add_request(msg.request_id, msg.prompt_token_ids, _params(msg))
             except (ValueError, types.EngineOverloaded) as exc:
-                self.send(messages.Output(request_id=msg.request_id, text="", token_ids=[], finish_reason="error",
+                self.send(wire.Output(request_id=msg.request_id, text="", token_ids=[], finish_reason="error",
                                           num_prompt_tokens=len(msg.prompt_token_ids), num_output_tokens=0,
                                           error=str(exc)))
-        elif isinstance(msg, messages.AbortRequest):
+        elif isinstance(msg, wire.AbortRequest):
             self.engine.abort_request(msg.request_id)
-        elif isinstance(msg, messages.Shutdown):
+        elif isinstance(msg, wire.Shutdown):
             self.stop = True
-        elif isinstance(msg, messages.PauseForSwitch):
+        elif isinstance(msg, wire.PauseForSwitch):
             self.pausing = True
-        elif isinstance(msg, messages.Adopt):
+        elif isinstance(msg, wire.Adopt):
             self.engine.adopt_requests(msg.requests, keep_kv=msg.keep_kv)
-            self.send(messages.Adopted(rank=self.rank, config_id=self.spec.start.config_id,
+            self.send(wire.Adopted(rank=self.rank, config_id=self.spec.start.config_id,
                                        num_requests=len(msg.requests)))
         else:
             logger.warning("rank %d: unexpected message %s", self.rank, type(msg).__name__)
@@ -155,7 +157,7 @@ class Executor:
         if self.sock.poll(timeout_ms):
             while True:
                 try:
-                    self._handle(messages.decode(self.sock.recv(zmq.NOBLOCK)))
+                    self._handle(wire.decode(self.sock.recv(zmq.NOBLOCK)))
                 except zmq.Again:
                     break
 
@@ -165,7 +167,7 @@ class Executor:
             return
         self._last_stats = now
         s = self.engine.stats()
-        self.send(messages.RankStats(rank=self.rank, config_id=self.spec.start.config_id, num_running=s.num_running, num_waiting=s.num_waiting,
+        self.send(wire.RankStats(rank=self.rank, config_id=self.spec.start.config_id, num_running=s.num_running, num_waiting=s.num_waiting,
                                      kv_blocks_used=s.kv_blocks_used, kv_blocks_total=s.kv_blocks_total,
                                      num_preemptions_total=s.num_preemptions_total))
 
@@ -181,16 +183,16 @@ class Executor:
         then only wait to be told to exit. No collective runs after this point."""
         self._drain(0)
         requests = self.engine.export_requests()
-        self.send(messages.Handover(rank=self.rank, config_id=self.spec.start.config_id, requests=requests))
+        self.send(wire.Handover(rank=self.rank, config_id=self.spec.start.config_id, requests=requests))
         logger.info("rank %d: paused for a switch, handed over %d request(s)", self.rank, len(requests))
         while not self.stop:
             self._drain(100)
             if self.engine.has_work():  # requests that raced the pause: hand them over too
-                self.send(messages.Handover(rank=self.rank, config_id=self.spec.start.config_id,
+                self.send(wire.Handover(rank=self.rank, config_id=self.spec.start.config_id,
                                             requests=self.engine.export_requests()))
 
     def run(self) -> None:
-        self.send(messages.ExecutorReady(rank=self.rank, config_id=self.spec.start.config_id, pid=os.getpid(),
+        self.send(wire.ExecutorReady(rank=self.rank, config_id=self.spec.start.config_id, pid=os.getpid(),
                                          bytes_read_from_checkpoint=0, startup_seconds=self.startup_seconds,
                                          attach_seconds=self.attach_seconds,
                                          weight_bytes=self.weight_bytes,
@@ -210,7 +212,7 @@ class Executor:
                 self._send_stats()
                 continue
             for out in self.engine.step(always_forward=self.group is not None):
-                self.send(messages.Output(
+                self.send(wire.Output(
                     request_id=out.request_id, text=out.text, token_ids=out.token_ids,
                     finish_reason=out.finish_reason.value if out.finish_reason else None,
                     num_prompt_tokens=out.num_prompt_tokens, num_output_tokens=out.num_output_tokens,
@@ -231,8 +233,8 @@ def main() -> int:
     procutil.die_with_parent()
     import transformers  # noqa: F401  (warm: a spare executor pays its imports before it is needed)
 
-    spec = messages.decode(sys.stdin.buffer.read())
-    assert isinstance(spec, messages.ExecutorSpec), "an executor starts from an ExecutorSpec"
+    spec = wire.decode(sys.stdin.buffer.read())
+    assert isinstance(spec, wire.ExecutorSpec), "an executor starts from an ExecutorSpec"
     rank = spec.start.rank
     executor = None
     try:
@@ -244,7 +246,7 @@ def main() -> int:
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 2000)
         sock.connect(spec.coordinator)
-        sock.send(messages.encode(messages.ExecutorFailed(rank=rank, error=f"{type(exc).__name__}: {exc}",
+        sock.send(wire.encode(wire.ExecutorFailed(rank=rank, error=f"{type(exc).__name__}: {exc}",
                                                           config_id=spec.start.config_id)))
         sock.close()
         return 1

@@ -25,7 +25,8 @@ import zmq
 
 from elasticmoe_worker import backends
 from elasticmoe_worker.engine import engine as engine_mod
-from elasticmoe_worker.instance import memory, messages, procutil, transition
+from elasticmoe_worker.contract import wire
+from elasticmoe_worker.instance import memory, procutil, transition
 
 logger = logging.getLogger("elasticmoe.hmm")
 
@@ -49,7 +50,7 @@ class HMM:
         self.expert_ids: list[int] = []
         self.pending_expert_ids: list[int] | None = None
         self.memory: memory.DeviceMemory | None = None
-        self.plan: messages.LoadPlan | None = None
+        self.plan: wire.LoadPlan | None = None
         self.config_json = ""
         self.tokenizer_files: dict[str, str] = {}
         # config id -> (process, rank): the serving executor, and a standby during a scale
@@ -58,11 +59,11 @@ class HMM:
         self.transition: threading.Thread | None = None
         self.stop = False
 
-    def send(self, msg: messages.Msg) -> None:
+    def send(self, msg: wire.Msg) -> None:
         with self.send_lock:  # the transition thread sends too
-            self.sock.send(messages.encode(msg))
+            self.sock.send(wire.encode(msg))
 
-    def load(self, plan: messages.LoadPlan) -> None:
+    def load(self, plan: wire.LoadPlan) -> None:
         self.plan = plan
         model_dir = pathlib.Path(plan.model_dir)
         # Read the small text files once, now: executors get them from us, not from disk.
@@ -72,11 +73,11 @@ class HMM:
         self.expert_ids = list(plan.expert_ids)
         self.send(self.memory.ready)
 
-    def start_executor(self, start: messages.StartExecutor) -> None:
+    def start_executor(self, start: wire.StartExecutor) -> None:
         assert self.memory is not None, "StartExecutor before the device has memory"
         if start.replace:
             self.stop_executors()
-        spec = messages.ExecutorSpec(
+        spec = wire.ExecutorSpec(
             device_index=self.device_index, backend=self.backend_name, coordinator=self.coordinator,
             config_json=self.config_json, tokenizer_files=self.tokenizer_files,
             model_name=start.model_name,
@@ -88,7 +89,7 @@ class HMM:
         proc, self.spare = self.spare, None
         if proc is None or proc.poll() is not None:
             proc = self._spawn_executor_process()
-        proc.stdin.write(messages.encode(spec))
+        proc.stdin.write(wire.encode(spec))
         proc.stdin.close()
         self.spare = self._spawn_executor_process()  # the next standby is warm before it is needed
         self.executors[start.config_id] = (proc, start.rank)
@@ -118,11 +119,11 @@ class HMM:
                 continue
             del self.executors[config_id]
             if proc.returncode != 0 and not self.stop:
-                self.send(messages.ExecutorFailed(
+                self.send(wire.ExecutorFailed(
                     rank=rank, config_id=config_id,
                     error=f"executor on device {self.device_index} exited with code {proc.returncode}"))
 
-    def prepare_transition(self, msg: messages.PrepareTransition) -> None:
+    def prepare_transition(self, msg: wire.PrepareTransition) -> None:
         """Allocate and receive in a thread; the control loop (and the serving executor) go on."""
         if self.memory is None:
             self.config_json = msg.config_json
@@ -133,20 +134,20 @@ class HMM:
             try:
                 result = transition.run(self.backend, self.device_index, self.memory, msg)
                 self.pending_expert_ids = list(msg.expert_ids)
-                self.send(messages.TransitionReady(
+                self.send(wire.TransitionReady(
                     device_index=self.device_index, config_id=msg.config_id,
                     ready=result.memory.ready_for(msg.expert_ids), transfer_seconds=result.seconds,
                     bytes_received=result.bytes_received, bytes_sent=result.bytes_sent,
                     data_seconds=result.data_seconds))
             except Exception as exc:
                 logger.exception("device %d: transition %d failed", self.device_index, msg.config_id)
-                self.send(messages.HMMFailed(device_index=self.device_index, config_id=msg.config_id,
+                self.send(wire.HMMFailed(device_index=self.device_index, config_id=msg.config_id,
                                              error=f"transition {msg.config_id}: {type(exc).__name__}: {exc}"))
 
         self.transition = threading.Thread(target=work, name=f"transition-{msg.config_id}", daemon=True)
         self.transition.start()
 
-    def commit(self, msg: messages.CommitTransition) -> None:
+    def commit(self, msg: wire.CommitTransition) -> None:
         if self.pending_expert_ids is not None:
             self.expert_ids = self.pending_expert_ids
             self.pending_expert_ids = None
@@ -155,7 +156,7 @@ class HMM:
         logger.info("device %d: configuration %d committed; %.1f MB of experts released", self.device_index,
                     msg.config_id, freed / 1e6)
 
-    def abort(self, msg: messages.AbortTransition) -> None:
+    def abort(self, msg: wire.AbortTransition) -> None:
         self.pending_expert_ids = None
         freed = self.memory.drop_experts_except(self.expert_ids) if self.memory else 0
         self.stop_executors(keep=max((c for c in self.executors if c < msg.config_id), default=None))
@@ -172,27 +173,27 @@ class HMM:
             # restarts) after us still learns of us.
             if self.memory is None and self.pending_expert_ids is None and time.monotonic() >= next_hello:
                 next_hello = time.monotonic() + HEARTBEAT_INTERVAL_S
-                self.send(messages.HMMHello(device_index=self.device_index, pid=os.getpid(), token=token))
+                self.send(wire.HMMHello(device_index=self.device_index, pid=os.getpid(), token=token))
             if self.sock.poll(200):
-                msg = messages.decode(self.sock.recv())
+                msg = wire.decode(self.sock.recv())
                 try:
-                    if isinstance(msg, messages.LoadPlan):
+                    if isinstance(msg, wire.LoadPlan):
                         self.load(msg)
-                    elif isinstance(msg, messages.StartExecutor):
+                    elif isinstance(msg, wire.StartExecutor):
                         self.start_executor(msg)
-                    elif isinstance(msg, messages.PrepareTransition):
+                    elif isinstance(msg, wire.PrepareTransition):
                         self.prepare_transition(msg)
-                    elif isinstance(msg, messages.CommitTransition):
+                    elif isinstance(msg, wire.CommitTransition):
                         self.commit(msg)
-                    elif isinstance(msg, messages.AbortTransition):
+                    elif isinstance(msg, wire.AbortTransition):
                         self.abort(msg)
-                    elif isinstance(msg, messages.Shutdown):
+                    elif isinstance(msg, wire.Shutdown):
                         self.stop = True
                     else:
                         logger.warning("device %d: unexpected message %s", self.device_index, type(msg).__name__)
                 except Exception as exc:
                     logger.exception("device %d: %s failed", self.device_index, type(msg).__name__)
-                    self.send(messages.HMMFailed(device_index=self.device_index, error=f"{type(exc).__name__}: {exc}"))
+                    self.send(wire.HMMFailed(device_index=self.device_index, error=f"{type(exc).__name__}: {exc}"))
             self._check_executors()
 
     def _heartbeats(self, token: str) -> None:
@@ -203,7 +204,7 @@ class HMM:
         sock.connect(self.coordinator)
         try:
             while not self.stop:
-                sock.send(messages.encode(messages.Heartbeat(device_index=self.device_index,
+                sock.send(wire.encode(wire.Heartbeat(device_index=self.device_index,
                                                              loaded=self.memory is not None, token=token)))
                 time.sleep(HEARTBEAT_INTERVAL_S)
         finally:

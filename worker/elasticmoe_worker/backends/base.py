@@ -31,8 +31,9 @@ import logging
 import math
 from typing import Sequence
 
-import msgspec
 import torch
+
+from elasticmoe_worker.contract import wire
 
 logger = logging.getLogger(__name__)
 
@@ -41,17 +42,8 @@ class AttachError(RuntimeError):
     """A handle could not be attached: owner gone, handle closed, or no permission."""
 
 
-class MemoryHandle(msgspec.Struct, frozen=True):
-    """What another process needs to attach a region. Plain data; crosses processes as msgpack."""
-
-    backend: str  # "cpu" | "cuda" | "ascend"
-    name: str  # human-readable, e.g. "layer3.expert17.w13"
-    size_bytes: int
-    owner_pid: int
-    fd: int = -1  # cpu: memfd number in the owner; cuda: the exported POSIX fd in the owner
-    ipc: bytes = b""  # ascend: the 8-byte shareable handle; unused elsewhere
-    device_index: int = 0
-    inode: int = 0  # cpu: st_ino of the memfd, so a reused fd number cannot attach another file
+# The handle is part of the wire contract (it travels in HMMReady); defined there, torch-free.
+MemoryHandle = wire.MemoryHandle
 
 
 def round_up(n: int, multiple: int) -> int:

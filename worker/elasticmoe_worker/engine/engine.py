@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from elasticmoe_worker.contract import wire
 from elasticmoe_worker.engine import kv_cache, output, runner, scheduler, types
 from elasticmoe_worker.models import model as model_mod
 from elasticmoe_worker.models import registry
@@ -206,52 +207,60 @@ class LLMEngine:
         )
 
     # -- handing sequences to another engine (a reconfiguration) --------------------
-    def export_requests(self) -> list[dict]:
+    def export_requests(self) -> list[wire.SequenceState]:
         """Every request in flight, with where its KV lives, for `adopt_requests` on the
         engine that takes over (same KV pool: blocks stay in place). Leaves this engine
         empty, without freeing the blocks (they now belong to the adopter)."""
         out = []
         for request_id, tracked in list(self.tracked.items()):
             req = tracked.request
-            out.append({
-                "request_id": request_id, "prompt_token_ids": req.prompt_token_ids,
-                "output_token_ids": req.output_token_ids, "num_computed": req.num_computed,
-                "block_ids": req.block_ids, "params": dataclasses.asdict(req.params),
-                "arrival_s": req.arrival_s, "emitted_chars": tracked.detok.emitted,
-                "emitted_tokens": tracked.num_emitted_tokens,
-                "generator_state": (tracked.generator.get_state().tolist()
-                                    if tracked.generator is not self.generator else None),
-            })
+            p = req.params
+            out.append(wire.SequenceState(
+                request_id=request_id, prompt_token_ids=list(req.prompt_token_ids),
+                output_token_ids=list(req.output_token_ids), num_computed=req.num_computed,
+                block_ids=list(req.block_ids),
+                params=wire.SamplingOptions(max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p,
+                                            top_k=p.top_k, seed=p.seed, stop=list(p.stop),
+                                            ignore_eos=p.ignore_eos),
+                arrival_s=req.arrival_s, emitted_chars=tracked.detok.emitted,
+                emitted_tokens=tracked.num_emitted_tokens,
+                generator_state=(tracked.generator.get_state().tolist()
+                                 if tracked.generator is not self.generator else None),
+            ))
         self.tracked.clear()
         self.scheduler.waiting.clear()
         self.scheduler.running.clear()
         self.scheduler.requests.clear()
         return out
 
-    def adopt_requests(self, states: list[dict], keep_kv: bool) -> None:
+    def adopt_requests(self, states: list[wire.SequenceState], keep_kv: bool) -> None:
         """Continue requests exported by another engine. keep_kv: their blocks are in this
         engine's pool already; otherwise they are recomputed from prompt + outputs."""
-        for st in sorted(states, key=lambda x: x["arrival_s"]):
-            params = types.SamplingParams(**{**st["params"], "stop": tuple(st["params"]["stop"])})
-            req = scheduler.Request(st["request_id"], list(st["prompt_token_ids"]), params,
-                                    arrival_s=st["arrival_s"], output_token_ids=list(st["output_token_ids"]))
-            if keep_kv and st["block_ids"]:
-                self.scheduler.allocator.take(list(st["block_ids"]))
-                req.block_ids = list(st["block_ids"])
-                req.num_computed = st["num_computed"]
+        for st in sorted(states, key=lambda x: x.arrival_s):
+            if st.request_id in self.tracked:
+                continue  # adopted already (a handover delivered twice)
+            o = st.params
+            params = types.SamplingParams(max_tokens=o.max_tokens, temperature=o.temperature, top_p=o.top_p,
+                                          top_k=o.top_k, seed=o.seed, stop=tuple(o.stop), ignore_eos=o.ignore_eos)
+            req = scheduler.Request(st.request_id, list(st.prompt_token_ids), params,
+                                    arrival_s=st.arrival_s, output_token_ids=list(st.output_token_ids))
+            if keep_kv and st.block_ids:
+                self.scheduler.allocator.take(list(st.block_ids))
+                req.block_ids = list(st.block_ids)
+                req.num_computed = st.num_computed
                 req.status = scheduler.Status.RUNNING
                 self.scheduler.running.append(req)
             else:
                 self.scheduler.waiting.append(req)
             self.scheduler.requests[req.request_id] = req
             generator = self.generator
-            if st.get("generator_state") is not None:
+            if st.generator_state is not None:
                 generator = torch.Generator()
-                generator.set_state(torch.tensor(st["generator_state"], dtype=torch.uint8))
+                generator.set_state(torch.tensor(st.generator_state, dtype=torch.uint8))
             detok = output.Detokenizer(self.tokenizer, params.stop)
             detok.text = self.tokenizer.decode(req.output_token_ids, skip_special_tokens=True)
-            detok.emitted = st["emitted_chars"]
-            self.tracked[req.request_id] = _Tracked(req, detok, generator, st["emitted_tokens"])
+            detok.emitted = st.emitted_chars
+            self.tracked[req.request_id] = _Tracked(req, detok, generator, st.emitted_tokens)
 
     def fail_all(self, error: str) -> list[types.RequestOutput]:
         """The engine cannot go on: end every request in flight with an error."""

@@ -21,7 +21,7 @@ import torch
 
 from elasticmoe_worker.backends import base as backends_base
 from elasticmoe_worker.engine import kv_cache
-from elasticmoe_worker.instance import messages
+from elasticmoe_worker.contract import wire
 from elasticmoe_worker.models import config as config_mod
 from elasticmoe_worker.models import registry
 from elasticmoe_worker.models import weights as weights_mod
@@ -65,14 +65,14 @@ class DeviceMemory:
     replicated: backends_base.Region
     experts: dict[tuple[int, int], tuple[backends_base.Region, backends_base.Region]]
     kv: backends_base.Region
-    ready: messages.HMMReady
+    ready: wire.HMMReady
 
-    def ready_for(self, expert_ids: list[int]) -> messages.HMMReady:
+    def ready_for(self, expert_ids: list[int]) -> wire.HMMReady:
         """Handles for an executor of a configuration holding `expert_ids` on this device."""
         held = set(expert_ids)
-        handles = [messages.ExpertRegion(layer, e, w13.handle, w2.handle)
+        handles = [wire.ExpertRegion(layer, e, w13.handle, w2.handle)
                    for (layer, e), (w13, w2) in sorted(self.experts.items()) if e in held]
-        return messages.HMMReady(
+        return wire.HMMReady(
             device_index=self.ready.device_index, replicated=self.replicated.handle,
             replicated_layout=self.ready.replicated_layout, experts=handles, kv=self.kv.handle,
             num_kv_blocks=self.ready.num_kv_blocks, bytes_read_from_checkpoint=self.ready.bytes_read_from_checkpoint,
@@ -97,7 +97,7 @@ class DeviceMemory:
         self.kv.close()
 
 
-def load_device(backend: backends_base.DeviceBackend, device_index: int, plan: messages.LoadPlan) -> DeviceMemory:
+def load_device(backend: backends_base.DeviceBackend, device_index: int, plan: wire.LoadPlan) -> DeviceMemory:
     started = time.perf_counter()
     spec = config_mod.load_spec(plan.model_dir)
     fam = registry.family(spec.model_type)
@@ -108,7 +108,7 @@ def load_device(backend: backends_base.DeviceBackend, device_index: int, plan: m
     layout, offset = [], 0
     for name in fam.replicated_names(spec):
         shape = ckpt.shape(name)
-        layout.append(messages.TensorSlot(name, _dtype_name(dtype), shape, offset))
+        layout.append(wire.TensorSlot(name, _dtype_name(dtype), shape, offset))
         offset += _round_up(int(torch.Size(shape).numel()) * item, _ALIGN_BYTES)
     replicated = backend.allocate(max(offset, 1), f"dev{device_index}.replicated")
     for slot in layout:
@@ -131,7 +131,7 @@ def load_device(backend: backends_base.DeviceBackend, device_index: int, plan: m
             view13[inter:].copy_(up)
             w2.tensor(dtype, (hidden, inter)).copy_(down)
             experts[(layer, e)] = (w13, w2)
-            handles.append(messages.ExpertRegion(layer, e, w13.handle, w2.handle))
+            handles.append(wire.ExpertRegion(layer, e, w13.handle, w2.handle))
 
     per_block = kv_cache.KVCachePool.bytes_per_block(
         spec.num_layers, spec.num_kv_heads, spec.qk_head_dim, spec.v_head_dim, plan.block_size, dtype)
@@ -143,7 +143,7 @@ def load_device(backend: backends_base.DeviceBackend, device_index: int, plan: m
     logger.info("device %d: loaded %d replicated tensors and %d experts x %d MoE layers (%.1f MB read) "
                 "and a KV pool of %d blocks in %.2f s", device_index, len(layout), len(plan.expert_ids),
                 spec.num_moe_layers, ckpt.bytes_read / 1e6, num_blocks, seconds)
-    ready = messages.HMMReady(
+    ready = wire.HMMReady(
         device_index=device_index, replicated=replicated.handle, replicated_layout=layout, experts=handles,
         kv=kv.handle, num_kv_blocks=num_blocks, bytes_read_from_checkpoint=ckpt.bytes_read, load_seconds=seconds,
     )
@@ -153,7 +153,7 @@ def load_device(backend: backends_base.DeviceBackend, device_index: int, plan: m
 class SharedWeights(weights_mod.WeightSource):
     """Executor-side weights: views on HMM regions, nothing read from disk."""
 
-    def __init__(self, replicated: backends_base.Region, layout: list[messages.TensorSlot],
+    def __init__(self, replicated: backends_base.Region, layout: list[wire.TensorSlot],
                  experts_by_layer: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
         self.replicated = replicated
         self.layout = {s.name: s for s in layout}
@@ -178,12 +178,12 @@ class AttachedDevice:
     pages: list[backends_base.ExpertPages]
 
 
-def attach_device(backend: backends_base.DeviceBackend, spec: config_mod.ModelSpec, ready: messages.HMMReady,
+def attach_device(backend: backends_base.DeviceBackend, spec: config_mod.ModelSpec, ready: wire.HMMReady,
                   dtype: torch.dtype, block_size: int) -> AttachedDevice:
     regions = []
     replicated = backend.attach(ready.replicated)
     regions.append(replicated)
-    by_layer: dict[int, list[messages.ExpertRegion]] = {}
+    by_layer: dict[int, list[wire.ExpertRegion]] = {}
     for er in ready.experts:
         by_layer.setdefault(er.layer, []).append(er)
     expert_ids: list[int] = []

@@ -30,7 +30,8 @@ import zmq
 from elasticmoe_worker.engine import engine as engine_mod
 from elasticmoe_worker.engine import kv_cache, types
 from elasticmoe_worker.instance import fleet as fleet_mod
-from elasticmoe_worker.instance import messages, procutil, scaling
+from elasticmoe_worker.contract import wire
+from elasticmoe_worker.instance import procutil, scaling
 from elasticmoe_worker.models import config as config_mod
 from elasticmoe_worker.models import registry
 
@@ -107,7 +108,7 @@ class Instance:
         self.fleet = (fleet_mod.LocalFleet(self.address, backend) if fleet == "local"
                       else fleet_mod.ExternalFleet(heartbeat_timeout_s))
         self._flights: dict[str, _Flight] = {}
-        self._rank_stats: dict[int, messages.RankStats] = {}
+        self._rank_stats: dict[int, wire.RankStats] = {}
         self._switching = False  # a scale is swapping executors: new requests wait a moment
         self._scaler = None
         self.last_scale = None
@@ -121,8 +122,8 @@ class Instance:
         self._recover_at: float | None = None
         self._stop = False
         self._ids = itertools.count()
-        self.hmm_ready: dict[int, messages.HMMReady] = {}
-        self.executors: dict[int, messages.ExecutorReady] = {}
+        self.hmm_ready: dict[int, wire.HMMReady] = {}
+        self.executors: dict[int, wire.ExecutorReady] = {}
         try:
             self._start(startup_timeout_s)
         except BaseException:
@@ -143,13 +144,13 @@ class Instance:
         for d in sorted(want):
             self.fleet.add(d)
         for d in [d for d in list(self.fleet.workers) if d >= self.num_devices and d not in want]:
-            self._send(f"hmm-{d}", messages.Shutdown(reason="warm pool shrinks"))
+            self._send(f"hmm-{d}", wire.Shutdown(reason="warm pool shrinks"))
             self.fleet.remove(d)
             self._warm.discard(d)
 
     # -- start-up (synchronous, before the I/O thread owns the socket) -------------------
-    def _recv_until(self, want: type, count: int, deadline: float) -> dict[int, messages.Msg]:
-        got: dict[int, messages.Msg] = {}
+    def _recv_until(self, want: type, count: int, deadline: float) -> dict[int, wire.Msg]:
+        got: dict[int, wire.Msg] = {}
         while len(got) < count:
             dead = self.fleet.dead()
             if dead:
@@ -159,26 +160,26 @@ class Instance:
             if not self._router.poll(200):
                 continue
             _, data = self._router.recv_multipart()
-            msg = self._admit(messages.decode(data))
+            msg = self._admit(wire.decode(data))
             if msg is None:
                 continue
-            if isinstance(msg, (messages.HMMFailed, messages.ExecutorFailed)):
+            if isinstance(msg, (wire.HMMFailed, wire.ExecutorFailed)):
                 raise RuntimeError(f"start-up failed: {msg.error}")
             if isinstance(msg, want):
                 key = msg.device_index if hasattr(msg, "device_index") else msg.rank
                 if key < count:
                     got[key] = msg
-                elif isinstance(msg, messages.HMMHello):
+                elif isinstance(msg, wire.HMMHello):
                     self._warm.add(key)  # a worker beyond the first N (a pod created early)
-            elif isinstance(msg, messages.RankStats):
+            elif isinstance(msg, wire.RankStats):
                 self._rank_stats[msg.rank] = msg
             else:
                 logger.debug("start-up: ignoring %s", type(msg).__name__)
         return got
 
-    def _admit(self, msg: messages.Msg) -> messages.Msg | None:
+    def _admit(self, msg: wire.Msg) -> wire.Msg | None:
         """Check a worker's token and note that it lives."""
-        if isinstance(msg, (messages.HMMHello, messages.Heartbeat)):
+        if isinstance(msg, (wire.HMMHello, wire.Heartbeat)):
             if self.worker_token and not hmac.compare_digest(msg.token, self.worker_token):
                 # once per device: a misconfigured worker repeats itself every second
                 level = logging.DEBUG if msg.device_index in self._refused else logging.WARNING
@@ -186,7 +187,7 @@ class Instance:
                 logger.log(level, "device %d: worker presented a wrong token; ignored", msg.device_index)
                 return None
             self.fleet.seen(msg.device_index)
-            if isinstance(msg, messages.Heartbeat):
+            if isinstance(msg, wire.Heartbeat):
                 return None  # liveness only: it comes from another socket than the HMM's own
         return msg
 
@@ -195,8 +196,8 @@ class Instance:
         """Devices whose worker is up and registered: serving ones and idle (warm) ones."""
         return sorted(set(self.hmm_ready) | self._warm)
 
-    def _send_now(self, identity: str, msg: messages.Msg) -> None:
-        self._router.send_multipart([identity.encode(), messages.encode(msg)])
+    def _send_now(self, identity: str, msg: wire.Msg) -> None:
+        self._router.send_multipart([identity.encode(), wire.encode(msg)])
 
     def _kv_cache_bytes(self) -> int:
         if self.config.num_kv_blocks is None:
@@ -212,23 +213,22 @@ class Instance:
         deadline = started + timeout_s
         for i in range(self.num_devices):
             self.fleet.add(i)
-        self._recv_until(messages.HMMHello, self.num_devices, deadline)
+        self._recv_until(wire.HMMHello, self.num_devices, deadline)
         for i in range(self.num_devices):
-            self._send_now(f"hmm-{i}", messages.LoadPlan(
+            self._send_now(f"hmm-{i}", wire.LoadPlan(
                 model_dir=str(self.model_dir), dtype=self.config.dtype,
                 expert_ids=[e for e, d in enumerate(self.expert_owner) if d == i],
                 kv_cache_bytes=self._kv_cache_bytes(), block_size=self.config.block_size))
-        self.hmm_ready = self._recv_until(messages.HMMReady, self.num_devices, deadline)
+        self.hmm_ready = self._recv_until(wire.HMMReady, self.num_devices, deadline)
         self.replicated_bytes = self.hmm_ready[0].replicated.size_bytes
         self.config_id = self.next_config_id()
         self._start_executors(deadline)
         logger.info("instance ready: %d device(s), %d experts placed contiguously, in %.1f s",
                     self.num_devices, self.spec.num_experts, time.monotonic() - started)
 
-    def _start_message(self, rank: int) -> messages.StartExecutor:
-        engine_fields = dataclasses.asdict(self.config)
-        engine_fields["max_model_len"] = self.max_model_len
-        return messages.StartExecutor(
+    def _start_message(self, rank: int) -> wire.StartExecutor:
+        engine_fields = wire.EngineOptions(**{**dataclasses.asdict(self.config), "max_model_len": self.max_model_len})
+        return wire.StartExecutor(
             config_id=self.config_id, rank=rank, world_size=self.num_devices, store_host=self.advertise_host,
             store_port=self.store_port, expert_owner=self.expert_owner, engine=engine_fields,
             model_name=self.model_name, collective_timeout_s=self.collective_timeout_s)
@@ -236,7 +236,7 @@ class Instance:
     def _start_executors(self, deadline: float) -> None:
         for i in range(self.num_devices):
             self._send_now(f"hmm-{i}", self._start_message(i))
-        self.executors = self._recv_until(messages.ExecutorReady, self.num_devices, deadline)
+        self.executors = self._recv_until(wire.ExecutorReady, self.num_devices, deadline)
 
     # -- EngineClient --------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
@@ -273,14 +273,14 @@ class Instance:
                 counts[flight.rank] += 1
         return counts
 
-    def _send(self, identity: str, msg: messages.Msg) -> None:
+    def _send(self, identity: str, msg: wire.Msg) -> None:
         with self._send_lock:
-            self._wake_push.send_multipart([identity.encode(), messages.encode(msg)])
+            self._wake_push.send_multipart([identity.encode(), wire.encode(msg)])
 
     def abort(self, request_id: str) -> None:
         flight = self._flights.get(request_id)
         if flight is not None:
-            self._send(f"exec-{self.config_id}-{flight.rank}", messages.AbortRequest(request_id=request_id))
+            self._send(f"exec-{self.config_id}-{flight.rank}", wire.AbortRequest(request_id=request_id))
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
                        params: types.SamplingParams) -> AsyncIterator[types.RequestOutput]:
@@ -294,7 +294,7 @@ class Instance:
         rank = self._pick_rank()
         flight = _Flight(rank, asyncio.get_running_loop(), asyncio.Queue())
         self._flights[request_id] = flight
-        self._send(f"exec-{self.config_id}-{rank}", messages.AddRequest(
+        self._send(f"exec-{self.config_id}-{rank}", wire.AddRequest(
             request_id=request_id, prompt_token_ids=list(prompt_token_ids), max_tokens=params.max_tokens,
             temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, seed=params.seed,
             stop=list(params.stop), ignore_eos=params.ignore_eos))
@@ -309,7 +309,7 @@ class Instance:
         finally:
             self._flights.pop(request_id, None)
             if not finished:  # flight.rank: a scale may have moved the request
-                self._send(f"exec-{self.config_id}-{flight.rank}", messages.AbortRequest(request_id=request_id))
+                self._send(f"exec-{self.config_id}-{flight.rank}", wire.AbortRequest(request_id=request_id))
 
     # -- the I/O thread ------------------------------------------------------------
     def _deliver(self, out: types.RequestOutput) -> None:
@@ -333,20 +333,20 @@ class Instance:
             self._deliver(types.RequestOutput(request_id=request_id, text="", token_ids=[],
                                               finish_reason=types.FinishReason.ERROR, error=error))
 
-    def _on_message(self, msg: messages.Msg) -> None:
-        if isinstance(msg, messages.Output):
+    def _on_message(self, msg: wire.Msg) -> None:
+        if isinstance(msg, wire.Output):
             self._deliver(types.RequestOutput(
                 request_id=msg.request_id, text=msg.text, token_ids=msg.token_ids,
                 finish_reason=types.FinishReason(msg.finish_reason) if msg.finish_reason else None,
                 num_prompt_tokens=msg.num_prompt_tokens, num_output_tokens=msg.num_output_tokens, error=msg.error))
-        elif isinstance(msg, messages.RankStats):
+        elif isinstance(msg, wire.RankStats):
             if msg.config_id == self.config_id:
                 self._rank_stats[msg.rank] = msg
-        elif isinstance(msg, messages.HMMHello) and (self._scaler is None or msg.device_index not in self._scaler.added):
+        elif isinstance(msg, wire.HMMHello) and (self._scaler is None or msg.device_index not in self._scaler.added):
             self._warm.add(msg.device_index)  # a pre-started worker, ready for the next scale-up
         elif self._scaler is not None and self._to_scaler(msg):
             pass
-        elif isinstance(msg, messages.ExecutorFailed):
+        elif isinstance(msg, wire.ExecutorFailed):
             if msg.config_id != self.config_id:
                 return  # a straggler of the configuration we already replaced
             self._fail(f"executor rank {msg.rank} failed: {msg.error}")
@@ -354,7 +354,7 @@ class Instance:
             # broken connections before the fleet sees the death, and a dead HMM's memory
             # cannot be recovered from.
             self._recover_at = time.monotonic() + _RECOVERY_GRACE_S
-        elif isinstance(msg, messages.ExecutorReady):
+        elif isinstance(msg, wire.ExecutorReady):
             if msg.config_id == self.config_id and msg.rank in self._recovering:
                 self.executors[msg.rank] = msg
                 self._recovering.discard(msg.rank)
@@ -362,23 +362,23 @@ class Instance:
                     logger.info("instance recovered: executors of configuration %d ready; serving again",
                                 self.config_id)
                     self._error = None
-        elif isinstance(msg, messages.HMMFailed):
+        elif isinstance(msg, wire.HMMFailed):
             self._hmm_lost = True
             self._fail(f"HMM of device {msg.device_index} failed: {msg.error}")
 
-    def _to_scaler(self, msg: messages.Msg) -> bool:
+    def _to_scaler(self, msg: wire.Msg) -> bool:
         """Messages of a scale in progress go to its thread; -> True when taken."""
         scaler = self._scaler
-        if isinstance(msg, (messages.HMMHello, messages.TransitionReady, messages.Handover, messages.Adopted)):
+        if isinstance(msg, (wire.HMMHello, wire.TransitionReady, wire.Handover, wire.Adopted)):
             scaler.inbox.put(msg)
             return True
-        if isinstance(msg, messages.ExecutorReady) and msg.config_id == scaler.new_config:
+        if isinstance(msg, wire.ExecutorReady) and msg.config_id == scaler.new_config:
             scaler.inbox.put(msg)
             return True
-        if isinstance(msg, messages.ExecutorFailed) and msg.config_id == scaler.new_config and not scaler.switched:
+        if isinstance(msg, wire.ExecutorFailed) and msg.config_id == scaler.new_config and not scaler.switched:
             scaler.inbox.put(scaling.ScaleAborted(f"standby executor rank {msg.rank} failed: {msg.error}"))
             return True
-        if isinstance(msg, messages.HMMFailed) and msg.config_id == scaler.new_config and not scaler.switched:
+        if isinstance(msg, wire.HMMFailed) and msg.config_id == scaler.new_config and not scaler.switched:
             scaler.inbox.put(scaling.ScaleAborted(f"device {msg.device_index}: {msg.error}"))
             return True
         return False
@@ -478,7 +478,7 @@ class Instance:
                         _, data = self._router.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    msg = self._admit(messages.decode(data))
+                    msg = self._admit(wire.decode(data))
                     if msg is not None:
                         self._on_message(msg)
             now = time.monotonic()
@@ -520,12 +520,12 @@ class Instance:
             thread.join(timeout=2)
         for rank in range(self.num_devices):
             try:
-                self._send_now(f"exec-{self.config_id}-{rank}", messages.Shutdown(reason="instance stopping"))
+                self._send_now(f"exec-{self.config_id}-{rank}", wire.Shutdown(reason="instance stopping"))
             except zmq.ZMQError:
                 pass
         for i in list(self.fleet.workers):
             try:
-                self._send_now(f"hmm-{i}", messages.Shutdown(reason="instance stopping"))
+                self._send_now(f"hmm-{i}", wire.Shutdown(reason="instance stopping"))
             except zmq.ZMQError:
                 pass
         self.fleet.wait_stopped(time.monotonic() + timeout_s)

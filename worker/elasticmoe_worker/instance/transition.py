@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 
 from elasticmoe_worker.backends import base as backends_base
-from elasticmoe_worker.instance import memory, messages
+from elasticmoe_worker.contract import wire
+from elasticmoe_worker.instance import memory
 
 logger = logging.getLogger("elasticmoe.hmm")
 
@@ -36,18 +37,18 @@ class Result:
 
 
 def allocate_new_device(backend: backends_base.DeviceBackend, device_index: int,
-                        msg: messages.PrepareTransition) -> memory.DeviceMemory:
+                        msg: wire.PrepareTransition) -> memory.DeviceMemory:
     """A device joining the instance: empty regions shaped like its peers'."""
     replicated = backend.allocate(max(msg.replicated_bytes, 1), f"dev{device_index}.replicated")
     kv = backend.allocate(msg.kv_bytes, f"dev{device_index}.kv")
-    ready = messages.HMMReady(
+    ready = wire.HMMReady(
         device_index=device_index, replicated=replicated.handle, replicated_layout=msg.replicated_layout,
         experts=[], kv=kv.handle, num_kv_blocks=msg.num_kv_blocks, bytes_read_from_checkpoint=0, load_seconds=0.0)
     return memory.DeviceMemory(replicated, {}, kv, ready)
 
 
 def run(backend: backends_base.DeviceBackend, device_index: int, mem: memory.DeviceMemory,
-        msg: messages.PrepareTransition) -> Result:
+        msg: wire.PrepareTransition) -> Result:
     started = time.perf_counter()
     for layer in msg.moe_layers:
         for e in msg.expert_ids:

@@ -1,0 +1,135 @@
+"""The admin API as typed models: what `GET /admin/status` returns and `POST /admin/scale` takes.
+
+Why it exists: three parties read and write these bodies (the coordinator's HTTP server, the
+operator, `elasticmoe scale`), and the operator copies scale records into the custom resource's
+status. One definition, decoded strictly on every side, keeps them from drifting apart. JSON
+field names are camelCase (Kubernetes API conventions); Python names are snake_case.
+
+A `ScaleRecord` has the same JSON shape as the custom resource's `status.lastScale` entries
+(`elasticmoe_operator.api.ScaleRecord` mirrors it for the CRD schema; a test keeps both equal).
+
+Imports only msgspec and the standard library: no torch, no worker internals.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+
+class Phase(str, enum.Enum):
+    """Where the instance stands."""
+
+    STARTING = "Starting"
+    SERVING = "Serving"
+    SCALING = "Scaling"
+    DEGRADED = "Degraded"
+
+
+class Outcome(str, enum.Enum):
+    """How a scale ended (or that it has not yet)."""
+
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    ABORTED = "Aborted"  # gave up before the switch: the old configuration kept serving
+    FAILED = "Failed"  # went wrong after the switch, or a bug: see the message
+
+
+TERMINAL_OUTCOMES = (Outcome.SUCCEEDED, Outcome.ABORTED, Outcome.FAILED)
+
+
+class _Body(msgspec.Struct, kw_only=True, rename="camel", forbid_unknown_fields=False):
+    pass
+
+
+class ScaleRequest(_Body, kw_only=True, forbid_unknown_fields=True):
+    """`POST /admin/scale`. `scale_id` is the caller's: the coordinator echoes it in the record,
+    so a caller (the operator after a restart, say) finds its own scale among others."""
+
+    devices: int
+    reason: str = ""
+    scale_id: str = ""
+    wait: bool = False
+
+
+class ScaleRecord(_Body, kw_only=True):
+    """One scale and what came of it; durations in whole milliseconds."""
+
+    from_devices: int = msgspec.field(name="from")
+    to_devices: int = msgspec.field(name="to")
+    reason: str = ""
+    scale_id: str = ""
+    started_at: str = ""  # RFC 3339, UTC
+    outcome: Outcome = Outcome.RUNNING
+    message: str = ""
+    duration_ms: int = 0
+    phases_ms: dict[str, int] = {}
+    bytes_transferred: int = 0
+    transfer_data_ms: int = 0  # of the transfer phase: moving bytes (the rest: allocation, group set-up)
+    requests_handed_over: int = 0
+
+
+class DeviceCounts(_Body, kw_only=True):
+    desired: int
+    active: int
+    warming: int = 0
+    registered: list[int] = []  # workers up and registered (serving or idle): what the operator waits for
+
+
+class Parallelism(_Body, kw_only=True):
+    dp: int
+    ep: int
+    tp: int = 1
+
+
+class RequestCounts(_Body, kw_only=True):
+    running: int = 0
+    waiting: int = 0
+
+
+class KVBlocks(_Body, kw_only=True):
+    used: int = 0
+    total: int = 0
+
+
+class AdminStatus(_Body, kw_only=True):
+    phase: Phase
+    healthy: bool
+    error: str | None = None
+    configuration: int = 0
+    devices: DeviceCounts
+    parallelism: Parallelism
+    requests: RequestCounts = msgspec.field(default_factory=RequestCounts)
+    kv_blocks: KVBlocks = msgspec.field(default_factory=KVBlocks)
+    scaling: bool = False  # whether this server can scale at all (a multi-device instance)
+    current_scale: ScaleRecord | None = None
+    last_scale: ScaleRecord | None = None
+    history: list[ScaleRecord] = []
+
+    def find_scale(self, scale_id: str) -> ScaleRecord | None:
+        """The record of the scale the caller started with `scale_id` (running or ended)."""
+        if not scale_id:
+            return None
+        for rec in [self.current_scale, self.last_scale, *reversed(self.history)]:
+            if rec is not None and rec.scale_id == scale_id:
+                return rec
+        return None
+
+
+def encode(body: msgspec.Struct) -> bytes:
+    return msgspec.json.encode(body)
+
+
+def decode_status(data: bytes | str) -> AdminStatus:
+    """Strict: a missing or mistyped field raises `msgspec.ValidationError` naming its path."""
+    return msgspec.json.decode(data, type=AdminStatus)
+
+
+def decode_scale_request(data: bytes | str) -> ScaleRequest:
+    return msgspec.json.decode(data, type=ScaleRequest)
+
+
+def to_builtins(body: msgspec.Struct) -> dict:
+    """JSON-ready dict (enums as strings, camelCase names)."""
+    return msgspec.to_builtins(body)
