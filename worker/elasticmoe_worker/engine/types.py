@@ -71,6 +71,10 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     error: str | None = None
+    # Set with `error` when the request was refused rather than failed: "invalid_request"
+    # (the caller's input; `error_param` names the field) or "overloaded" (see contract.wire.ErrorKind).
+    error_kind: str | None = None
+    error_param: str | None = None
 
     @property
     def finished(self) -> bool:
