@@ -1,11 +1,13 @@
 """Helpers for tests that start real processes: free loopback ports, the `elasticmoe` command
-line, and a parent-death signal so a killed test run takes its processes along."""
+line, a health probe, and a parent-death signal so a killed test run takes its processes along."""
 
 from __future__ import annotations
 
 import signal
 import socket
 import sys
+
+import httpx
 
 from elasticmoe_worker.instance import procutil
 
@@ -14,6 +16,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def healthy(base_url: str) -> bool:
+    """Whether the server at `base_url` answers /health with 200 (False while it is not up)."""
+    try:
+        return httpx.get(f"{base_url}/health", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 def elasticmoe(*args: str) -> list[str]:

@@ -4,6 +4,10 @@ These models are the single source of truth: the CRD's OpenAPI schema is generat
 them (`python -m elasticmoe_operator.crd`), the operator parses every resource through
 them, and the chart ships the generated CRD. Pure: no I/O, no clock, no kopf, no torch.
 
+Scale records have the JSON shape of the coordinator's (`elasticmoe_worker.contract.admin`,
+the one module of the worker the operator imports: msgspec and the standard library only) and
+its outcome vocabulary; a test keeps the field names equal.
+
 What this module does not do: cross-field rules are enforced twice on purpose — as CEL rules
 in the CRD (the API server rejects the object) and by `parse_spec` here (an object that was
 created before a rule existed, or on a server without CEL, still gets a Degraded condition
@@ -17,6 +21,8 @@ from typing import Any, Optional
 
 import pydantic
 from pydantic import alias_generators
+
+from elasticmoe_worker.contract import admin
 
 GROUP = "elasticmoe.io"
 VERSION = "v1alpha1"
@@ -181,8 +187,9 @@ class ElasticMoESpec(_Model):
                                           "API, admin API, rendezvous store).")
     worker: WorkerSpec = pydantic.Field(default_factory=WorkerSpec, description="The worker pods, one per "
                                         "device.")
-    scale_timeout_seconds: int = pydantic.Field(600, ge=10, le=86400, description="A scale that has not "
-                                                "finished after this long is rolled back.")
+    scale_timeout_seconds: int = pydantic.Field(600, ge=10, le=86400, description="A scale whose new "
+                                                "workers have not registered after this long is aborted "
+                                                "(its new pods deleted).")
 
 
 # -- status ---------------------------------------------------------------------------
@@ -210,17 +217,23 @@ class ParallelismStatus(_Model):
 
 
 class ScaleRecord(_Model):
-    """One scaling decision and what came of it."""
+    """One scale and what came of it, in the shape of the coordinator's record of it (admin API)."""
     from_devices: int = pydantic.Field(alias="from")
     to_devices: int = pydantic.Field(alias="to")
     reason: str = ""
+    scale_id: str = pydantic.Field("", description="The id the operator posted the scale under; the "
+                                   "coordinator's record of it carries the same.")
     started_at: str = ""
-    outcome: str = pydantic.Field("", description="Succeeded, Failed, RolledBack or InProgress.")
+    outcome: admin.Outcome = pydantic.Field(admin.Outcome.RUNNING, description="Running, Succeeded, Aborted "
+                                            "(given up before the switch: the old configuration kept serving) "
+                                            "or Failed (see message).")
     message: str = ""
     duration_ms: int = 0
     phases_ms: dict[str, int] = pydantic.Field(default_factory=dict, description="Duration of each "
                                                "phase reported by the coordinator, milliseconds.")
     bytes_transferred: int = 0
+    transfer_data_ms: int = pydantic.Field(0, description="Of the transfer phase, the time spent moving "
+                                           "bytes, milliseconds.")
     requests_handed_over: int = 0
 
 
@@ -229,9 +242,10 @@ class ScalingStatus(_Model):
     from_devices: int = pydantic.Field(alias="from")
     to_devices: int = pydantic.Field(alias="to")
     reason: str = ""
+    scale_id: str = pydantic.Field("", description="Sent with POST /admin/scale; how the operator finds "
+                                   "the coordinator's record of this scale, also after a restart.")
     started_at: str = ""
-    stage: str = pydantic.Field("", description="CreatingPods, WaitingForWorkers, Scaling, Draining or "
-                                "DeletingPods.")
+    stage: str = pydantic.Field("", description="WaitingForWorkers or Scaling.")
 
 
 class ElasticMoEStatus(_Model):

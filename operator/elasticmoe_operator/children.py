@@ -24,8 +24,13 @@ from elasticmoe_operator import api
 PORT_HTTP = 8000
 PORT_CONTROL = 5555
 PORT_STORE = 5556
+# The instance's Secret holds two keys (DESIGN 5.2): the admin API's bearer token, which only the
+# coordinator (and the operator) know, and the worker secret, which the coordinator and its
+# workers share for the control channel and the collectives. A worker never gets the admin token.
 TOKEN_KEY = "token"
-TOKEN_MOUNT_DIR = "/etc/elasticmoe/admin"
+WORKER_SECRET_KEY = "worker-secret"
+ADMIN_TOKEN_ENV = "ELASTICMOE_ADMIN_TOKEN"
+WORKER_SECRET_ENV = "ELASTICMOE_WORKER_SECRET"
 
 LABEL_NAME = "app.kubernetes.io/name"
 LABEL_INSTANCE = "app.kubernetes.io/instance"
@@ -50,6 +55,7 @@ def worker_name(name: str, index: int) -> str:
 
 
 def secret_name(name: str) -> str:
+    """The Secret with the admin token and the worker secret (named before the latter existed)."""
     return f"{name}-admin-token"
 
 
@@ -88,11 +94,34 @@ def _metadata(owner: dict, name: str, component: str) -> dict:
             "ownerReferences": [owner_reference(owner)]}
 
 
-def secret(owner: dict, token: str) -> dict:
+def _b64(value: str) -> str:
+    return base64.b64encode(value.encode()).decode("ascii")
+
+
+def secret(owner: dict, token: str, worker_secret: str) -> dict:
+    if not token or not worker_secret or token == worker_secret:
+        raise ValueError("secret: expected a non-empty admin token and a different, non-empty worker secret")
     # `data`, not `stringData`: what a later read returns is what was written.
     return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
             "metadata": _metadata(owner, secret_name(owner["metadata"]["name"]), COMPONENT_COORDINATOR),
-            "data": {TOKEN_KEY: base64.b64encode(token.encode()).decode("ascii")}}
+            "data": {TOKEN_KEY: _b64(token), WORKER_SECRET_KEY: _b64(worker_secret)}}
+
+
+def worker_secret_patch(existing: dict, worker_secret: str) -> dict:
+    """Merge patch adding the worker secret to a Secret made before it existed (its admin token
+    kept); it carries the resourceVersion read, so a concurrent writer makes it fail (409)."""
+    return {"metadata": {"resourceVersion": existing["metadata"]["resourceVersion"]},
+            "data": {WORKER_SECRET_KEY: _b64(worker_secret)}}
+
+
+def secret_values(existing: dict) -> dict[str, str]:
+    """The decoded keys of a Secret as read back (`data`; `stringData` if someone wrote that)."""
+    out = {k: base64.b64decode(v).decode() for k, v in (existing.get("data") or {}).items()}
+    return {**dict(existing.get("stringData") or {}), **out}
+
+
+def _secret_env(env: str, name: str, key: str) -> dict:
+    return {"name": env, "valueFrom": {"secretKeyRef": {"name": secret_name(name), "key": key}}}
 
 
 def config_map(owner: dict, spec: api.ElasticMoESpec) -> dict:
@@ -130,7 +159,7 @@ def _container_security_context() -> dict:
 
 def _env(fixed: list[dict], defaults: list[dict], user: list[dict]) -> list[dict]:
     """Operator-owned variables, then defaults the user did not set, then the user's (which
-    may not replace an operator-owned one: the token and device index must stay ours)."""
+    may not replace an operator-owned one: the secrets and the device index must stay ours)."""
     fixed_names = {e["name"] for e in fixed}
     user_names = {e.get("name") for e in user}
     return (fixed + [dict(e) for e in defaults if e["name"] not in user_names]
@@ -171,8 +200,7 @@ def coordinator_args(name: str, namespace: str, spec: api.ElasticMoESpec, device
     model, engine = spec.model, spec.engine
     args = ["--host", "0.0.0.0", "--port", str(PORT_HTTP), "--control-port", str(PORT_CONTROL),
             "--store-port", str(PORT_STORE), "--advertise-host", coordinator_host(name, namespace),
-            "--devices", str(devices), "--backend", spec.devices.backend,
-            "--admin-token-file", f"{TOKEN_MOUNT_DIR}/{TOKEN_KEY}"]
+            "--devices", str(devices), "--backend", spec.devices.backend]
     if model.source:  # empty: the embedded default model baked into the image
         args += ["--model", model.source]
     if model.served_name:
@@ -188,10 +216,7 @@ def coordinator_deployment(owner: dict, spec: api.ElasticMoESpec, image: str, de
     name, namespace = owner["metadata"]["name"], owner["metadata"]["namespace"]
     pod = spec.coordinator
     volumes, mounts = _volumes(spec)
-    # defaultMode 0444: secret files belong to root, and the alternative (fsGroup) would make
-    # the kubelet chown (and make group-writable) every file of a shared model volume.
-    volumes.append({"name": "admin-token", "secret": {"secretName": secret_name(name), "defaultMode": 0o444}})
-    mounts.append({"name": "admin-token", "mountPath": TOKEN_MOUNT_DIR, "readOnly": True})
+    fixed = [_secret_env(ADMIN_TOKEN_ENV, name, TOKEN_KEY), _secret_env(WORKER_SECRET_ENV, name, WORKER_SECRET_KEY)]
     health = {"httpGet": {"path": "/health", "port": "http"}, "timeoutSeconds": 5}
     container = {
         "name": COMPONENT_COORDINATOR, "image": image, "imagePullPolicy": pod.image_pull_policy,
@@ -199,7 +224,7 @@ def coordinator_deployment(owner: dict, spec: api.ElasticMoESpec, image: str, de
         "ports": [{"name": "http", "containerPort": PORT_HTTP, "protocol": "TCP"},
                   {"name": "control", "containerPort": PORT_CONTROL, "protocol": "TCP"},
                   {"name": "store", "containerPort": PORT_STORE, "protocol": "TCP"}],
-        "env": _env([], _DEFAULT_ENV, pod.env),
+        "env": _env(fixed, _DEFAULT_ENV, pod.env),
         "volumeMounts": mounts, "securityContext": _container_security_context(),
         # Up to 15 minutes for the model to load and the first workers (their images can be
         # large) to be scheduled and register before /health must answer.
@@ -244,8 +269,7 @@ def worker_pod(owner: dict, spec: api.ElasticMoESpec, image: str, index: int) ->
     # Memory-backed: the HMM's weights and KV cache live here (on cpu) and executors map them.
     volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{pod.shm_size_mi_b}Mi"}})
     mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
-    fixed = [{"name": "ELASTICMOE_ADMIN_TOKEN",
-              "valueFrom": {"secretKeyRef": {"name": secret_name(name), "key": TOKEN_KEY}}},
+    fixed = [_secret_env(WORKER_SECRET_ENV, name, WORKER_SECRET_KEY),
              {"name": "ELASTICMOE_DEVICE_INDEX", "value": str(index)}]
     container = {
         "name": COMPONENT_WORKER, "image": image, "imagePullPolicy": pod.image_pull_policy,

@@ -29,9 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="elasticmoe operator",
         description="The ElasticMoE Kubernetes operator (kopf): for each ElasticMoE resource it creates the "
-                    "coordinator Deployment + Service, one worker Pod per device, a ConfigMap and the admin-token "
-                    "Secret, and scales by creating pods, waiting for their workers to register and asking the "
-                    "coordinator to scale (or, down, by asking first and deleting exactly the released pods). "
+                    "coordinator Deployment + Service, one worker Pod per device, a ConfigMap and a Secret (the "
+                    "admin token and the worker secret), and scales by creating pods, waiting for their workers "
+                    "to register and asking the coordinator to scale (or, down, by asking first and deleting "
+                    "exactly the released pods). "
                     "Credentials: the pod's service account, else $KUBECONFIG / ~/.kube/config.")
     scope = p.add_mutually_exclusive_group()
     scope.add_argument("--namespace", "-n", action="append", default=[], metavar="NS",

@@ -13,13 +13,13 @@ collector deletes them with the resource); a coordinator that restarts loses its
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import datetime
 import logging
 import secrets
 
 import kopf
+import pydantic
 
 from elasticmoe_operator import api, children, kube, reconcile
 
@@ -73,21 +73,24 @@ def coordinator_url(name: str, namespace: str) -> str:
                                          port=children.PORT_HTTP)
 
 
-async def _token(k: kube.Kube, owner: dict) -> str:
+async def _admin_token(k: kube.Kube, owner: dict) -> str:
+    """Make sure the instance's Secret holds an admin token and a worker secret (an existing one
+    is kept, never regenerated: running pods hold its values); -> the admin token."""
     ns, name = owner["metadata"]["namespace"], owner["metadata"]["name"]
     existing = await k.get("Secret", ns, children.secret_name(name))
     if existing is None:
-        token = secrets.token_urlsafe(32)
-        if await k.create(children.secret(owner, token)):
-            return token
+        new = children.secret(owner, secrets.token_urlsafe(32), secrets.token_urlsafe(32))
+        if await k.create(new):
+            return children.secret_values(new)[children.TOKEN_KEY]
         existing = await k.get("Secret", ns, children.secret_name(name))  # created concurrently
-    data = (existing or {}).get("data") or {}
-    if children.TOKEN_KEY in data:
-        return base64.b64decode(data[children.TOKEN_KEY]).decode()
-    string_data = (existing or {}).get("stringData") or {}
-    if children.TOKEN_KEY in string_data:
-        return string_data[children.TOKEN_KEY]
-    raise kopf.TemporaryError(f"Secret {children.secret_name(name)} has no key {children.TOKEN_KEY!r}", delay=5)
+    values = children.secret_values(existing or {})
+    if children.TOKEN_KEY not in values:
+        raise kopf.TemporaryError(f"Secret {children.secret_name(name)} has no key {children.TOKEN_KEY!r}", delay=5)
+    if children.WORKER_SECRET_KEY not in values:
+        # Made by an operator from before the worker secret: add one (a 409 retries next tick).
+        await k.merge_patch("Secret", ns, children.secret_name(name),
+                            children.worker_secret_patch(existing, secrets.token_urlsafe(32)))
+    return values[children.TOKEN_KEY]
 
 
 async def _start_devices(k: kube.Kube, owner: dict, spec: api.ElasticMoESpec) -> int:
@@ -107,6 +110,18 @@ def _pod_phase(pod: dict) -> str:
     if pod["metadata"].get("deletionTimestamp"):
         return "Terminating"
     return (pod.get("status") or {}).get("phase") or "Pending"
+
+
+def _last_scale(status: dict) -> api.ScaleRecord | None:
+    """status.lastScale (for the retry back-off); one that does not parse is logged and ignored."""
+    raw = status.get("lastScale")
+    if not raw:
+        return None
+    try:
+        return api.ScaleRecord.model_validate(raw)
+    except pydantic.ValidationError as exc:  # e.g. written by an operator with another outcome vocabulary
+        logger.warning("ignoring status.lastScale that does not parse: %s", exc)
+        return None
 
 
 def _scaling_from(memo: kopf.Memo, status: dict) -> api.ScalingStatus | None:
@@ -148,7 +163,7 @@ async def reconcile_once(body: dict, spec: dict, status: dict, generation: int, 
     image = parsed.worker.image or CONFIG.image
 
     # -- observe (and make sure the parts every instance has exist) -----------------------
-    token = await _token(k, owner)
+    token = await _admin_token(k, owner)
     await k.create(children.config_map(owner, parsed))
     await k.create(children.coordinator_service(owner))
     start_devices = await _start_devices(k, owner, parsed)
@@ -159,14 +174,21 @@ async def reconcile_once(body: dict, spec: dict, status: dict, generation: int, 
             pods[index] = _pod_phase(pod)
     url = coordinator_url(name, namespace)
     coordinator = kube.Coordinator(url, token)
+    coord_status, coord_error = None, ""
     try:
         coord_status = await coordinator.status()
+        memo.pop("coordinator_error", None)
     except kube.CoordinatorUnavailable as exc:
-        logger.debug("%s/%s: %s", namespace, name, exc)
-        coord_status = None
-    last_scale = api.ScaleRecord.model_validate(status["lastScale"]) if status.get("lastScale") else None
-    obs = reconcile.Observed(spec=parsed, generation=generation, now=now, pods=pods, coordinator=coord_status,
-                             scaling=_scaling_from(memo, status), last_scale=last_scale,
+        coord_error = str(exc)
+        # Refused connections while it starts are expected; a body that breaks the contract is not.
+        if exc.malformed and memo.get("coordinator_error") != coord_error:
+            logger.warning("%s/%s: coordinator unusable: %s", namespace, name, exc)
+        else:
+            logger.debug("%s/%s: %s", namespace, name, exc)
+        memo["coordinator_error"] = coord_error
+    obs = reconcile.Observed(name=name, spec=parsed, generation=generation, now=now, pods=pods,
+                             coordinator=coord_status, coordinator_error=coord_error,
+                             scaling=_scaling_from(memo, status), last_scale=_last_scale(status),
                              start_devices=start_devices)
 
     # -- decide ------------------------------------------------------------------------------
@@ -176,15 +198,21 @@ async def reconcile_once(body: dict, spec: dict, status: dict, generation: int, 
     for i in d.create_pods:
         await k.create(children.worker_pod(owner, parsed, image, i))
     if d.post_scale is not None:
-        code, reply = await coordinator.scale(d.post_scale, d.scale_reason)
-        if code == 202:
-            logger.info("%s/%s: coordinator scaling to %d devices (%s)", namespace, name, d.post_scale,
-                        d.scale_reason)
-        elif code == 409:
-            logger.info("%s/%s: coordinator busy, will retry: %s", namespace, name, reply)
+        request = d.post_scale
+        try:
+            code, reply = await coordinator.scale(request)
+        except kube.CoordinatorUnavailable as exc:  # the scale stays at its stage; the next tick asks again
+            logger.warning("%s/%s: scale %s not posted: %s", namespace, name, request.scale_id, exc)
         else:
-            message = ((reply or {}).get("error") or {}).get("message") or str(reply)
-            reconcile.refuse(d, d.scaling, f"the coordinator refused the scale (HTTP {code}): {message}", now)
+            if code == 202:
+                logger.info("%s/%s: coordinator scaling to %d devices, scale %s (%s)", namespace, name,
+                            request.devices, request.scale_id, request.reason)
+            elif code == 409:
+                logger.info("%s/%s: coordinator busy, will retry: %s", namespace, name, reply)
+            else:
+                error = reply.get("error")
+                message = (error.get("message") if isinstance(error, dict) else error) or str(reply)
+                reconcile.refuse(d, d.scaling, f"the coordinator refused the scale (HTTP {code}): {message}", now)
     for i in d.delete_pods:
         await k.delete("Pod", namespace, children.worker_name(name, i))
     for etype, reason, message in d.events:

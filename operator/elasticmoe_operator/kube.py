@@ -3,7 +3,9 @@
 kopf watches the ElasticMoE resources and patches their status; the children (pods, the
 Deployment, Services, ConfigMaps, Secrets) are read and written here over plain HTTP with the
 credentials kopf logged in with, so the operator image needs no Kubernetes client library.
-Creates tolerate 409 and deletes tolerate 404 (idempotent actions). Not a general client:
+Creates tolerate 409 and deletes tolerate 404 (idempotent actions). The coordinator's admin API
+speaks `elasticmoe_worker.contract.admin` (the one part of the worker the operator imports); a
+status body that does not decode is treated like no answer. Not a general client:
 no watch, no pagination (an instance has at most a few hundred pods).
 """
 
@@ -18,6 +20,9 @@ import urllib.parse
 
 import aiohttp
 import kopf
+import msgspec
+
+from elasticmoe_worker.contract import admin
 
 logger = logging.getLogger("elasticmoe.operator")
 
@@ -108,6 +113,13 @@ class Kube:
                 return False
             raise
 
+    async def merge_patch(self, kind: str, namespace: str, name: str, patch: dict) -> dict | None:
+        """A JSON merge patch; put metadata.resourceVersion in it to get a 409 on a concurrent write."""
+        result = await self._call("PATCH", self._path(kind, namespace, name), patch,
+                                  content_type="application/merge-patch+json")
+        logger.info("patched %s %s/%s", kind, namespace, name)
+        return result
+
     async def delete(self, kind: str, namespace: str, name: str) -> bool:
         """-> True when deleted now, False when it was already gone."""
         try:
@@ -135,33 +147,48 @@ def _as_file(path: str | None, data) -> str | None:
 
 
 class CoordinatorUnavailable(Exception):
-    pass
+    """Not reachable, not answering 200, or (`malformed`) answering what the contract does not allow."""
+
+    def __init__(self, message: str, malformed: bool = False) -> None:
+        self.malformed = malformed
+        super().__init__(message)
 
 
 class Coordinator:
-    """The coordinator's admin API (bearer token), as the operator uses it."""
+    """The coordinator's admin API (bearer token), as the operator uses it: typed bodies of
+    `elasticmoe_worker.contract.admin`, decoded strictly."""
 
     def __init__(self, url: str, token: str, timeout_s: float = 10.0) -> None:
         self.url = url.rstrip("/")
         self.headers = {"Authorization": f"Bearer {token}"}
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
 
-    async def status(self) -> dict:
+    async def status(self) -> admin.AdminStatus:
+        """Raises CoordinatorUnavailable when it does not answer 200 with a well-formed body."""
         try:
             async with aiohttp.ClientSession(timeout=self.timeout, headers=self.headers) as s:
                 async with s.get(self.url + "/admin/status") as r:
                     if r.status != 200:
                         raise CoordinatorUnavailable(f"GET /admin/status: HTTP {r.status}")
-                    return await r.json()
+                    body = await r.read()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise CoordinatorUnavailable(f"GET {self.url}/admin/status: {type(exc).__name__}: {exc}") from None
+        try:
+            return admin.decode_status(body)
+        except msgspec.DecodeError as exc:  # ValidationError included: a field missing or of another type
+            raise CoordinatorUnavailable(f"GET /admin/status: malformed body: {exc}", malformed=True) from None
 
-    async def scale(self, devices: int, reason: str) -> tuple[int, dict]:
+    async def scale(self, request: admin.ScaleRequest) -> tuple[int, dict]:
         """-> (HTTP status, body): 202 started, 409 one is already running, 400 refused."""
         try:
             async with aiohttp.ClientSession(timeout=self.timeout, headers=self.headers) as s:
-                async with s.post(self.url + "/admin/scale", json={"devices": devices, "reason": reason,
-                                                                    "wait": False}) as r:
-                    return r.status, await r.json(content_type=None)
+                async with s.post(self.url + "/admin/scale", data=admin.encode(request),
+                                  headers={"Content-Type": "application/json"}) as r:
+                    code, text = r.status, await r.text()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise CoordinatorUnavailable(f"POST {self.url}/admin/scale: {type(exc).__name__}: {exc}") from None
+        try:
+            reply = json.loads(text) if text else {}
+        except ValueError:
+            reply = None
+        return code, reply if isinstance(reply, dict) else {"error": {"message": text[:500]}}

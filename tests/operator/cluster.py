@@ -6,9 +6,10 @@
   metadata.generation bumped on spec changes.
 - `Kubelet`: runs what the operator asks for as real local processes — the coordinator
   Deployment's container as `elasticmoe coordinator` and each worker Pod as
-  `elasticmoe worker`, with the same arguments, only hosts and ports rewritten to 127.0.0.1 —
-  and reports pod phases back through the API like a kubelet. It kills what it started when
-  the pod is deleted and at teardown.
+  `elasticmoe worker`, with the same arguments, only hosts and ports rewritten to 127.0.0.1,
+  and the container's env (`value`s and `secretKeyRef`s resolved, like a kubelet; none of the
+  test runner's own ELASTICMOE_* secrets leak in) — and reports pod phases back through the API
+  like a kubelet. It kills what it started when the pod is deleted and at teardown.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import kmock
 
 import testprocs
 
+# The secrets the operator hands to pods; a test runner's own must not reach them.
+SECRET_ENV = ("ELASTICMOE_ADMIN_TOKEN", "ELASTICMOE_WORKER_SECRET")
 VERBS = ["get", "list", "watch", "patch", "create", "update", "delete"]
 RESOURCES = [
     ("v1/namespaces", "Namespace", False, set()),
@@ -111,6 +114,7 @@ class Kubelet:
         self.http_port, self.control_port, self.store_port = http_port, testprocs.free_port(), testprocs.free_port()
         self.procs: dict[tuple[str, str], subprocess.Popen] = {}
         self.started: list[str] = []  # names of pods started, in order
+        self.env: dict[str, dict[str, str]] = {}  # pod (or Deployment) name -> the env it last started with
         self._task: asyncio.Task | None = None
 
     async def __aenter__(self) -> "Kubelet":
@@ -136,16 +140,29 @@ class Kubelet:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
 
-    async def _token(self, instance: str) -> str | None:
-        secret = await self.api.get(f"/api/v1/namespaces/{self.ns}/secrets/{instance}-admin-token")
-        return base64.b64decode(secret["data"]["token"]).decode() if secret else None
+    async def _env(self, container: dict) -> dict[str, str] | None:
+        """The container's env as a kubelet resolves it; None while a referenced Secret or key
+        is missing (a kubelet would not start the container either)."""
+        env = {}
+        for var in container.get("env") or []:
+            if "value" in var:
+                env[var["name"]] = var["value"]
+                continue
+            ref = var["valueFrom"]["secretKeyRef"]
+            secret = await self.api.get(f"/api/v1/namespaces/{self.ns}/secrets/{ref['name']}")
+            if secret is None or ref["key"] not in (secret.get("data") or {}):
+                return None
+            env[var["name"]] = base64.b64decode(secret["data"][ref["key"]]).decode()
+        return env
 
     def _spawn(self, key, argv: list[str], env: dict, log: str) -> None:
+        inherited = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
         self.procs[key] = subprocess.Popen(testprocs.elasticmoe(*argv),
-                                           env={**os.environ, **env}, stdout=open(self.tmp / log, "ab"),
+                                           env={**inherited, **env}, stdout=open(self.tmp / log, "ab"),
                                            stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=testprocs.die_with_test)
+                                           preexec_fn=testprocs.die_with_test)
         self.started.append(key[1])
+        self.env[key[1]] = env
 
     async def _loop(self) -> None:
         while True:
@@ -161,29 +178,26 @@ class Kubelet:
             self._stop(key)
         for d in deployments:
             key = ("Deployment", d["metadata"]["name"])
-            instance = d["metadata"]["labels"]["app.kubernetes.io/instance"]
-            token = await self._token(instance)
-            if key in self.procs or token is None:
-                continue
-            token_file = self.tmp / f"{instance}-token"
-            token_file.write_text(token)
             c = d["spec"]["template"]["spec"]["containers"][0]
+            env = None if key in self.procs else await self._env(c)
+            if env is None:
+                continue
             assert c["command"] == ["elasticmoe", "coordinator"], c["command"]
             self._spawn(key, ["coordinator", *c["args"], "--host", "127.0.0.1", "--port", str(self.http_port),
                               "--control-port", str(self.control_port), "--store-port", str(self.store_port),
-                              "--advertise-host", "127.0.0.1", "--admin-token-file", str(token_file),
-                              "--heartbeat-timeout-s", "5"], {}, f"{key[1]}.log")
+                              "--advertise-host", "127.0.0.1", "--heartbeat-timeout-s", "5"], env, f"{key[1]}.log")
         for p in pods:
             key = ("Pod", p["metadata"]["name"])
             phase = (p.get("status") or {}).get("phase")
             if key not in self.procs and phase is None:
-                instance = p["metadata"]["labels"]["app.kubernetes.io/instance"]
-                token = await self._token(instance)
                 c = p["spec"]["containers"][0]
+                env = await self._env(c)
+                if env is None:
+                    continue
                 assert c["command"] == ["elasticmoe", "worker"], c["command"]
                 args = list(c["args"])
                 args[args.index("--coordinator") + 1] = f"tcp://127.0.0.1:{self.control_port}"
-                self._spawn(key, ["worker", *args], {"ELASTICMOE_ADMIN_TOKEN": token}, f"{key[1]}.log")
+                self._spawn(key, ["worker", *args], env, f"{key[1]}.log")
                 await self._phase(key[1], "Running")
             elif key in self.procs and phase == "Running" and self.procs[key].poll() is not None:
                 await self._phase(key[1], "Succeeded" if self.procs[key].returncode == 0 else "Failed")

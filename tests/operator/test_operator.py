@@ -5,6 +5,7 @@ Deployment and Pods the operator creates."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import subprocess
 import time
@@ -137,12 +138,21 @@ async def test_create_scale_by_spec_and_subresource_then_delete(env, tiny_models
         child = await env.api.get(path)
         assert child is not None, path
         assert [o["uid"] for o in child["metadata"]["ownerReferences"]] == [uid], path
+    secret = await env.api.get(f"/api/v1/namespaces/{NS}/secrets/demo-admin-token")
+    token, worker_secret = (base64.b64decode(secret["data"][k]).decode() for k in ("token", "worker-secret"))
+    assert token != worker_secret
+    # the admin token reaches the coordinator only; the worker secret both
+    assert (env.kubelet.env["demo-coordinator"]["ELASTICMOE_ADMIN_TOKEN"],
+            env.kubelet.env["demo-coordinator"]["ELASTICMOE_WORKER_SECRET"]) == (token, worker_secret)
+    assert env.kubelet.env["demo-worker-0"]["ELASTICMOE_WORKER_SECRET"] == worker_secret
+    assert "ELASTICMOE_ADMIN_TOKEN" not in env.kubelet.env["demo-worker-0"]
 
     # spec change of the device count
     await env.api.request("PATCH", f"{CR_PATH}/{NAME}", {"spec": {"devices": {"replicas": 2}}})
     obj = await env.wait(_serving(2), 180, "2 active devices")
     last = obj["status"]["lastScale"]
     assert (last["from"], last["to"], last["outcome"]) == (1, 2, "Succeeded"), last
+    assert last["scaleId"].startswith("demo-1-2-"), last
     assert last["phasesMs"].keys() >= {"workers", "transfer", "switch"} and last["durationMs"] > 0
     assert obj["status"]["observedGeneration"] == obj["metadata"]["generation"] == 2
     assert await env.pods() == ["demo-worker-0", "demo-worker-1"]
@@ -207,3 +217,24 @@ async def test_operator_killed_mid_scale_resumes_from_status(env, tiny_models):
     assert [(h["from"], h["to"], h["outcome"]) for h in history] == [(1, 2, "Succeeded")], history
     assert await env.pods() == ["demo-worker-0", "demo-worker-1"]
     assert env.kubelet.started.count("demo-worker-1") == 1  # no pod made twice
+
+
+async def test_an_existing_secret_is_kept_and_completed_with_a_worker_secret(env, tiny_models):
+    """A Secret from an operator that knew only the admin token: its token stays (running pods
+    and clients hold it), a worker secret is added, and workers get that one only."""
+    await env.api.request("POST", f"/api/v1/namespaces/{NS}/secrets", {
+        "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+        "metadata": {"name": "demo-admin-token", "namespace": NS},
+        "data": {"token": base64.b64encode(b"old-admin-token").decode()}}, "application/json")
+    await env.start_operator()
+    await env.api.request("POST", CR_PATH, _resource(tiny_models["qwen3_moe"]), "application/json")
+    deadline = time.monotonic() + 30
+    while "demo-worker-0" not in env.kubelet.env and time.monotonic() < deadline:
+        await asyncio.sleep(0.25)
+    secret = await env.api.get(f"/api/v1/namespaces/{NS}/secrets/demo-admin-token")
+    values = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    assert values["token"] == "old-admin-token" and values.get("worker-secret") not in (None, "", "old-admin-token")
+    assert env.kubelet.env["demo-worker-0"]["ELASTICMOE_WORKER_SECRET"] == values["worker-secret"]
+    assert "ELASTICMOE_ADMIN_TOKEN" not in env.kubelet.env["demo-worker-0"]
+    assert env.kubelet.env["demo-coordinator"]["ELASTICMOE_ADMIN_TOKEN"] == "old-admin-token"
+

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import datetime
 
+import msgspec
 import pytest
+
+from elasticmoe_worker.contract import admin
 
 from elasticmoe_operator import api, reconcile
 
@@ -15,16 +18,30 @@ def _spec(**devices) -> api.ElasticMoESpec:
     return api.parse_spec({"devices": {"min": 1, "max": 8, "initial": 1, **devices}})
 
 
-def _coord(active: int, registered=None, phase="Serving", desired=None, healthy=True, last=None) -> dict:
-    return {"phase": phase, "healthy": healthy, "error": None if healthy else "worker process(es) died",
-            "devices": {"desired": desired or active, "active": active, "warming": 0,
-                        "registered": list(range(active)) if registered is None else registered},
-            "parallelism": {"dp": active, "ep": active, "tp": 1}, "lastScale": last}
+def _coord(active: int, registered=None, phase=admin.Phase.SERVING, desired=None, healthy=True, current=None,
+           last=None, history=()) -> admin.AdminStatus:
+    return admin.AdminStatus(
+        phase=phase, healthy=healthy, error=None if healthy else "worker process(es) died",
+        devices=admin.DeviceCounts(desired=desired or active, active=active,
+                                   registered=list(range(active)) if registered is None else registered),
+        parallelism=admin.Parallelism(dp=active, ep=active), current_scale=current, last_scale=last,
+        history=list(history))
 
 
-def _obs(spec, pods, coord, scaling=None, last_scale=None, now=NOW, start=1) -> reconcile.Observed:
-    return reconcile.Observed(spec=spec, generation=3, now=now, pods=pods, coordinator=coord, scaling=scaling,
-                              last_scale=last_scale, start_devices=start)
+def _obs(spec, pods, coord, scaling=None, last_scale=None, now=NOW, start=1, error="") -> reconcile.Observed:
+    return reconcile.Observed(name="demo", spec=spec, generation=3, now=now, pods=pods, coordinator=coord,
+                              coordinator_error=error, scaling=scaling, last_scale=last_scale, start_devices=start)
+
+
+def _scaling(frm: int, to: int, stage: str, started_at="2026-11-24T11:59:50Z") -> api.ScalingStatus:
+    return api.ScalingStatus(**{"from": frm, "to": to}, reason="r", started_at=started_at, stage=stage,
+                             scale_id=reconcile.scale_id("demo", frm, to, started_at))
+
+
+def _record(sc: api.ScalingStatus, outcome: admin.Outcome, **fields) -> admin.ScaleRecord:
+    """The coordinator's record of the scale the operator posted as `sc`."""
+    return admin.ScaleRecord(from_devices=sc.from_devices, to_devices=sc.to_devices, reason=sc.reason,
+                             scale_id=sc.scale_id, outcome=outcome, **fields)
 
 
 def _running(*indices) -> dict[int, str]:
@@ -32,9 +49,18 @@ def _running(*indices) -> dict[int, str]:
 
 
 def test_starting_creates_the_workers_the_coordinator_waits_for():
-    d = reconcile.decide(_obs(_spec(initial=2), {}, None, start=2))
+    d = reconcile.decide(_obs(_spec(initial=2), {}, None, start=2, error="GET /admin/status: malformed body: x"))
     assert d.create_pods == [0, 1] and d.post_scale is None and d.phase == "Pending"
     assert d.conditions["Available"][:2] == ("False", "CoordinatorUnreachable")
+    assert "malformed body" in d.conditions["Available"][2]
+
+
+def test_a_starting_coordinator_is_waited_for_not_scaled():
+    coord = _coord(0, registered=[0], phase=admin.Phase.STARTING, desired=2)
+    d = reconcile.decide(_obs(_spec(initial=2), _running(0), coord, start=2))
+    assert d.create_pods == [1] and d.post_scale is None and d.scaling is None and d.events == []
+    assert d.phase == "Pending" and (d.devices.ready, d.devices.warming) == (1, 0)
+    assert d.conditions["Available"][:2] == ("False", "Starting")
 
 
 def test_steady_state_does_nothing_and_is_available():
@@ -53,17 +79,34 @@ def test_scale_up_creates_pods_then_waits_for_registration():
     d = reconcile.decide(_obs(_spec(replicas=3, step=2), _running(0), _coord(1)))
     assert d.create_pods == [1, 2] and d.post_scale is None
     assert d.scaling.stage == reconcile.WAITING_FOR_WORKERS and (d.scaling.from_devices, d.scaling.to_devices) == (1, 3)
+    assert d.scaling.scale_id == "demo-1-3-2026-11-24T120000Z" and d.scaling.started_at == "2026-11-24T12:00:00Z"
     assert d.events[0][:2] == ("Normal", "ScalingUp") and d.phase == "Scaling"
 
 
 def test_scale_up_posts_once_every_new_worker_registered():
-    sc = api.ScalingStatus(**{"from": 1, "to": 3}, reason="r", started_at="2026-11-24T11:59:50Z",
-                           stage=reconcile.WAITING_FOR_WORKERS)
+    sc = _scaling(1, 3, reconcile.WAITING_FOR_WORKERS)
     waiting = reconcile.decide(_obs(_spec(replicas=3), _running(0, 1, 2), _coord(1, registered=[0, 1]), scaling=sc))
     assert waiting.post_scale is None and waiting.devices.warming == 1
     ready = reconcile.decide(_obs(_spec(replicas=3), _running(0, 1, 2), _coord(1, registered=[0, 1, 2]), scaling=sc))
-    assert ready.post_scale == 3 and ready.scaling.stage == reconcile.SCALING
-    assert ready.scale_reason.endswith(reconcile.scale_tag(sc))
+    assert ready.post_scale == admin.ScaleRequest(devices=3, reason="r", scale_id=sc.scale_id, wait=False)
+    assert ready.scaling.stage == reconcile.SCALING and ready.scaling.scale_id == sc.scale_id
+
+
+@pytest.mark.parametrize("name, frm, to, started_at, expected", [
+    ("demo", 1, 2, "2026-11-24T12:00:00Z", "demo-1-2-2026-11-24T120000Z"),
+    ("a.b", 12, 4, "2026-11-24T12:00:00.250+00:00", "a.b-12-4-2026-11-24T120000.2500000"),
+    ("x", 1, 2, "", "x-1-2-"),
+])
+def test_scale_id_is_derived_from_the_scale_and_safe_to_log(name, frm, to, started_at, expected):
+    assert reconcile.scale_id(name, frm, to, started_at) == expected
+
+
+def test_a_restarted_operator_posts_under_the_same_scale_id():
+    first = reconcile.decide(_obs(_spec(initial=3, replicas=2), _running(0, 1, 2), _coord(3)))
+    restored = api.ScalingStatus.model_validate(first.scaling.dump())  # what status.scaling gives back
+    again = reconcile.decide(_obs(_spec(initial=3, replicas=2), _running(0, 1, 2), _coord(3),
+                                  scaling=restored, now=NOW + datetime.timedelta(seconds=40)))
+    assert first.post_scale is not None and again.post_scale == first.post_scale
 
 
 def test_scale_moves_by_at_most_step():
@@ -72,25 +115,38 @@ def test_scale_moves_by_at_most_step():
 
 
 def test_scale_down_asks_first_then_deletes_exactly_the_released_pods():
-    d = reconcile.decide(_obs(_spec(initial=3, replicas=1, step=2), _running(0, 1, 2), _coord(3)))
-    assert d.post_scale == 1 and d.delete_pods == [] and d.events[0][1] == "ScalingDown"
-    busy = reconcile.decide(_obs(_spec(initial=3, replicas=1, step=2), _running(0, 1, 2), _coord(3, phase="Scaling",
-                                                                                          desired=1), scaling=d.scaling))
-    assert busy.post_scale is None and busy.delete_pods == []
-    last = {"reason": d.scale_reason, "outcome": "succeeded", "phases": {"switch": 0.0123}, "bytes_transferred": 7}
-    done = reconcile.decide(_obs(_spec(initial=3, replicas=1, step=2), _running(0, 1, 2), _coord(1, registered=[0], last=last),
-                                 scaling=d.scaling))
+    spec = _spec(initial=3, replicas=1, step=2)
+    d = reconcile.decide(_obs(spec, _running(0, 1, 2), _coord(3)))
+    assert d.post_scale.devices == 1 and d.post_scale.scale_id == d.scaling.scale_id
+    assert d.delete_pods == [] and d.events[0][1] == "ScalingDown"
+    running = _record(d.scaling, admin.Outcome.RUNNING)
+    busy = reconcile.decide(_obs(spec, _running(0, 1, 2), _coord(3, phase=admin.Phase.SCALING, desired=1,
+                                                                  current=running), scaling=d.scaling))
+    assert busy.post_scale is None and busy.delete_pods == [] and busy.finished is None
+    last = _record(d.scaling, admin.Outcome.SUCCEEDED, phases_ms={"switch": 12}, bytes_transferred=7,
+                   transfer_data_ms=5, requests_handed_over=2)
+    done = reconcile.decide(_obs(spec, _running(0, 1, 2), _coord(1, registered=[0], last=last), scaling=d.scaling))
     assert done.delete_pods == [1, 2] and done.scaling is None
     assert done.finished.outcome == "Succeeded" and done.finished.phases_ms == {"switch": 12}
-    assert done.finished.bytes_transferred == 7 and done.events[-1][1] == "Scaled"
+    assert (done.finished.bytes_transferred, done.finished.transfer_data_ms, done.finished.requests_handed_over) == (7, 5, 2)
+    assert done.finished.scale_id == d.scaling.scale_id and done.events[-1][1] == "Scaled"
 
 
-def test_a_failed_scale_up_releases_its_new_pods_and_backs_off():
-    sc = api.ScalingStatus(**{"from": 1, "to": 2}, reason="r", started_at="2026-11-24T11:59:50Z", stage=reconcile.SCALING)
-    last = {"reason": f"r {reconcile.scale_tag(sc)}", "outcome": "aborted", "error": "new worker(s) died"}
+def test_the_operator_waits_while_its_scale_runs():
+    sc = _scaling(1, 2, reconcile.SCALING)
+    d = reconcile.decide(_obs(_spec(replicas=2), _running(0, 1), _coord(1, current=_record(sc, admin.Outcome.RUNNING)),
+                              scaling=sc))
+    assert d.post_scale is None and d.finished is None and d.scaling == sc
+
+
+@pytest.mark.parametrize("outcome, event", [(admin.Outcome.ABORTED, "ScaleAborted"),
+                                            (admin.Outcome.FAILED, "ScaleFailed")])
+def test_a_scale_up_that_ended_on_the_old_configuration_releases_its_new_pods_and_backs_off(outcome, event):
+    sc = _scaling(1, 2, reconcile.SCALING)
+    last = _record(sc, outcome, message="new worker(s) died")
     d = reconcile.decide(_obs(_spec(replicas=2), _running(0, 1), _coord(1, last=last), scaling=sc))
-    assert d.delete_pods == [1] and d.finished.outcome == "Failed" and "died" in d.finished.message
-    assert d.events[-1][:2] == ("Warning", "ScaleFailed")
+    assert d.delete_pods == [1] and d.finished.outcome == outcome.value and d.finished.message == "new worker(s) died"
+    assert d.events[-1][:2] == ("Warning", event) and d.post_scale is None
     again = reconcile.decide(_obs(_spec(replicas=2), _running(0), _coord(1), last_scale=d.finished))
     assert again.scaling is None and again.conditions["ScalingActive"][:2] == ("False", "BackingOff")
     later = reconcile.decide(_obs(_spec(replicas=2), _running(0), _coord(1), last_scale=d.finished,
@@ -98,22 +154,54 @@ def test_a_failed_scale_up_releases_its_new_pods_and_backs_off():
     assert later.scaling is not None and later.create_pods == [1]
 
 
-def test_workers_that_never_register_are_rolled_back_after_the_timeout():
-    sc = api.ScalingStatus(**{"from": 1, "to": 2}, reason="r", started_at="2026-11-24T11:00:00Z",
-                           stage=reconcile.WAITING_FOR_WORKERS)
+def test_the_record_of_another_scale_is_not_taken_for_ours():
+    sc = _scaling(1, 2, reconcile.SCALING)
+    other = admin.ScaleRecord(from_devices=1, to_devices=2, reason="r", scale_id="someone-else",
+                              outcome=admin.Outcome.ABORTED, message="not ours")
+    d = reconcile.decide(_obs(_spec(replicas=2), _running(0, 1), _coord(1, last=other), scaling=sc))
+    assert d.finished is None and d.post_scale.scale_id == sc.scale_id  # ours never started: ask again
+
+
+def test_our_record_is_found_in_history_behind_later_scales():
+    sc = _scaling(1, 2, reconcile.SCALING)
+    ours = _record(sc, admin.Outcome.ABORTED, message="transfer timed out")
+    later = admin.ScaleRecord(from_devices=1, to_devices=3, scale_id="later", outcome=admin.Outcome.FAILED)
+    d = reconcile.decide(_obs(_spec(replicas=2), _running(0, 1), _coord(1, last=later, history=[ours, later]),
+                              scaling=sc))
+    assert d.finished.outcome == "Aborted" and d.finished.message == "transfer timed out" and d.delete_pods == [1]
+
+
+def test_a_failure_after_the_switch_keeps_the_pods_that_serve():
+    sc = _scaling(1, 2, reconcile.SCALING)
+    last = _record(sc, admin.Outcome.FAILED, message="commit failed")
+    d = reconcile.decide(_obs(_spec(replicas=2), _running(0, 1), _coord(2, last=last), scaling=sc))
+    assert d.finished.outcome == "Failed" and d.delete_pods == [] and d.events[-1][1] == "ScaleFailed"
+
+
+def test_a_refused_scale_fails_and_releases_its_new_pods():
+    sc = _scaling(1, 2, reconcile.SCALING)
+    d = reconcile.decide(_obs(_spec(replicas=2), _running(0, 1), _coord(1, registered=[0, 1]), scaling=sc))
+    assert d.post_scale is not None
+    reconcile.refuse(d, sc, "the coordinator refused the scale (HTTP 400): devices: got 2", NOW)
+    assert d.post_scale is None and d.finished.outcome == "Failed" and d.delete_pods == [1]
+    assert d.events[-1][:2] == ("Warning", "ScaleFailed")
+
+
+def test_workers_that_never_register_abort_the_scale_after_the_timeout():
+    sc = _scaling(1, 2, reconcile.WAITING_FOR_WORKERS, started_at="2026-11-24T11:00:00Z")
     d = reconcile.decide(_obs(_spec(replicas=2), {0: "Running", 1: "Pending"}, _coord(1), scaling=sc))
-    assert d.finished.outcome == "RolledBack" and d.delete_pods == [1] and d.scaling is None
-    assert "[1]" in d.finished.message
+    assert d.finished.outcome == "Aborted" and d.delete_pods == [1] and d.scaling is None
+    assert "[1]" in d.finished.message and d.events[-1][:2] == ("Warning", "ScaleAborted")
 
 
 @pytest.mark.parametrize("stage", [reconcile.WAITING_FOR_WORKERS, reconcile.SCALING])
 def test_a_resumed_scale_that_already_finished_is_recorded_once(stage):
-    sc = api.ScalingStatus(**{"from": 1, "to": 2}, reason="r", started_at="2026-11-24T11:59:50Z", stage=stage)
+    sc = _scaling(1, 2, stage)
     d = reconcile.decide(_obs(_spec(replicas=2), _running(0, 1), _coord(2), scaling=sc))
     if stage == reconcile.SCALING:
         assert d.finished.outcome == "Succeeded" and d.post_scale is None
     else:  # registered already: the scale is posted again; the coordinator answers "already 2"
-        assert d.post_scale == 2 or d.finished is not None
+        assert d.post_scale.devices == 2 or d.finished is not None
 
 
 def test_a_failed_worker_pod_degrades_the_instance():
@@ -123,8 +211,18 @@ def test_a_failed_worker_pod_degrades_the_instance():
 
 
 def test_a_scale_started_outside_the_operator_is_followed_not_fought():
-    d = reconcile.decide(_obs(_spec(), _running(0, 1), _coord(1, phase="Scaling", desired=2)))
+    d = reconcile.decide(_obs(_spec(), _running(0, 1), _coord(1, phase=admin.Phase.SCALING, desired=2)))
     assert d.post_scale is None and d.scaling.to_devices == 2 and d.delete_pods == []
+    theirs = admin.ScaleRecord(from_devices=1, to_devices=2, reason="load test", scale_id="cli-7",
+                               started_at="2026-11-24T11:59:58.5Z")
+    d = reconcile.decide(_obs(_spec(), _running(0, 1), _coord(1, phase=admin.Phase.SCALING, desired=2,
+                                                              current=theirs)))
+    assert (d.scaling.scale_id, d.scaling.started_at) == ("cli-7", "2026-11-24T11:59:58.5Z") and d.post_scale is None
+    assert "load test" in d.scaling.reason
+    ended = msgspec.structs.replace(theirs, outcome=admin.Outcome.SUCCEEDED)
+    done = reconcile.decide(_obs(_spec(), _running(0, 1), _coord(2, last=ended), scaling=d.scaling))
+    assert done.finished.outcome == "Succeeded" and done.finished.scale_id == "cli-7"
+    assert done.finished.duration_ms == 1500  # from its own start
 
 
 def test_merge_conditions_keeps_transition_time_while_status_holds():

@@ -5,10 +5,13 @@ user reads in `kubectl describe`); the status round-trips through its Kubernetes
 
 from __future__ import annotations
 
+import msgspec
 import pydantic
 import pytest
 
-from elasticmoe_operator import api
+from elasticmoe_worker.contract import admin
+
+from elasticmoe_operator import api, crd
 
 
 # -- spec: accepted ---------------------------------------------------------------------
@@ -141,15 +144,15 @@ STATUS = {
     ],
     "devices": {"desired": 3, "ready": 2, "active": 2, "warming": 1},
     "parallelism": {"dp": 2, "ep": 2, "tp": 1},
-    "scaling": {"from": 2, "to": 3, "reason": "ttft p90 3.1s > 2s", "startedAt": "2025-01-01T00:00:10Z",
-                "stage": "WaitingForWorkers"},
-    "lastScale": {"from": 1, "to": 2, "reason": "kubectl scale", "startedAt": "2025-01-01T00:00:00Z",
-                  "outcome": "Succeeded", "message": "", "durationMs": 4200,
+    "scaling": {"from": 2, "to": 3, "reason": "ttft p90 3.1s > 2s", "scaleId": "m-2-3-2025-01-01T000010Z",
+                "startedAt": "2025-01-01T00:00:10Z", "stage": "WaitingForWorkers"},
+    "lastScale": {"from": 1, "to": 2, "reason": "kubectl scale", "scaleId": "m-1-2-2025-01-01T000000Z",
+                  "startedAt": "2025-01-01T00:00:00Z", "outcome": "Succeeded", "message": "", "durationMs": 4200,
                   "phasesMs": {"transfer": 3000, "switch": 200}, "bytesTransferred": 123456789,
-                  "requestsHandedOver": 7},
-    "history": [{"from": 1, "to": 2, "reason": "kubectl scale", "startedAt": "2025-01-01T00:00:00Z",
-                 "outcome": "Succeeded", "message": "", "durationMs": 4200, "phasesMs": {},
-                 "bytesTransferred": 0, "requestsHandedOver": 0}],
+                  "transferDataMs": 2500, "requestsHandedOver": 7},
+    "history": [{"from": 1, "to": 2, "reason": "kubectl scale", "scaleId": "", "startedAt": "2025-01-01T00:00:00Z",
+                 "outcome": "Aborted", "message": "workers did not register", "durationMs": 4200, "phasesMs": {},
+                 "bytesTransferred": 0, "transferDataMs": 0, "requestsHandedOver": 0}],
 }
 
 
@@ -161,10 +164,35 @@ def test_status_round_trips_with_aliases():
 
 
 def test_status_built_in_python_dumps_from_and_to():
-    record = api.ScaleRecord(from_devices=2, to_devices=4, reason="slo", outcome="InProgress")
+    record = api.ScaleRecord(from_devices=2, to_devices=4, reason="slo", outcome=admin.Outcome.RUNNING)
     dumped = record.dump()
     assert (dumped["from"], dumped["to"]) == (2, 4) and "from_devices" not in dumped
     assert api.ScaleRecord.model_validate(dumped) == record
+
+
+def _struct_json_names(struct) -> list[str]:
+    return [f.encode_name for f in msgspec.structs.fields(struct)]
+
+
+def test_scale_record_has_the_coordinators_json_shape():
+    """The CRD's record and the admin API's: the same field names and outcome values, so a
+    coordinator record copies into status unchanged."""
+    ours = [f.alias or name for name, f in api.ScaleRecord.model_fields.items()]
+    assert sorted(ours) == sorted(_struct_json_names(admin.ScaleRecord))
+    outcome = crd.build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"][
+        "properties"]["lastScale"]["properties"]["outcome"]
+    assert set(outcome["enum"]) == {o.value for o in admin.Outcome} == {"Running", "Succeeded", "Aborted", "Failed"}
+
+
+def test_a_coordinator_record_is_a_valid_status_record():
+    rec = admin.ScaleRecord(from_devices=1, to_devices=2, reason="r", scale_id="m-1-2-x", outcome=admin.Outcome.ABORTED,
+                            phases_ms={"transfer": 5}, transfer_data_ms=3)
+    assert api.ScaleRecord.model_validate(admin.to_builtins(rec)).dump() == admin.to_builtins(rec)
+
+
+def test_scaling_status_keeps_the_scale_id():
+    sc = api.ScalingStatus.model_validate(STATUS["scaling"])
+    assert sc.scale_id == "m-2-3-2025-01-01T000010Z" and sc.dump()["scaleId"] == sc.scale_id
 
 
 def test_default_status_dump():
@@ -177,6 +205,7 @@ def test_default_status_dump():
 @pytest.mark.parametrize("status, loc", [
     ({"devices": {"bogus": 1}}, ("devices", "bogus")),
     ({"lastScale": {"from": 1, "to": 2, "seconds": 3}}, ("lastScale", "seconds")),
+    ({"lastScale": {"from": 1, "to": 2, "outcome": "RolledBack"}}, ("lastScale", "outcome")),
     ({"conditions": [{"type": "Available", "status": "Maybe"}]}, ("conditions", 0, "status")),
     ({"conditions": [{"status": "True"}]}, ("conditions", 0, "type")),
     ({"scaling": {"from": 1}}, ("scaling", "to")),

@@ -2,27 +2,33 @@
 the real `AsyncEngine` serving a tiny checkpoint written by `modelgen`, driven by the official
 `openai` client (and raw `httpx` where the wire format itself is the point: SSE framing,
 malformed JSON). Each server runs in a background thread of this process and is stopped at
-teardown, so a fault can be injected into its engine."""
+teardown, so a fault can be injected into its engine; refusals are also compared with
+`elasticmoe serve --devices 2` (executor processes) run as a user runs it."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any, AsyncIterator, Iterator
 
 import httpx
 import openai
 import pytest
+from fastapi import testclient
 
+import testprocs
 from elasticmoe_worker import modelgen
 from elasticmoe_worker.engine import async_engine
 from elasticmoe_worker.engine import engine as engine_mod
+from elasticmoe_worker.engine import types
 from elasticmoe_worker.server import api
 
 SERVED_NAME = "tiny-moe"
@@ -282,6 +288,131 @@ def test_malformed_body_is_400(served, content, param):
     assert set(err) == {"message", "type", "param", "code"}
     assert err["type"] == "invalid_request_error" and err["param"] == param and err["message"]
     _assert_still_serves(served)
+
+
+@pytest.fixture(scope="module")
+def devices_url(model_dir, tmp_path_factory) -> Iterator[str]:
+    """`elasticmoe serve --devices 2` on the same checkpoint, name and max_model_len as `served`;
+    started once (executor processes take seconds), stopped with Ctrl-C at teardown."""
+    work = tmp_path_factory.mktemp("serve-devices")
+    port = testprocs.free_port()
+    argv = testprocs.elasticmoe("--log-level", "warning", "serve", "--devices", "2", "--model", str(model_dir),
+                                "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(port),
+                                "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-mb", "8")
+    log_path = work / "serve.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(argv, env={**os.environ, "ELASTICMOE_CACHE_DIR": str(work / "cache")},
+                                stdout=log, stderr=subprocess.STDOUT, preexec_fn=testprocs.die_with_test)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_for(lambda: proc.poll() is not None or testprocs.healthy(base), "serve --devices 2 to come up", 120)
+        assert proc.poll() is None, f"serve --devices 2 exited:\n{log_path.read_text()}"
+        yield base
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _outcomes(base_url: str) -> tuple[float, float]:
+    """(requests rejected, requests that ended in an engine error) so far."""
+    text = httpx.get(f"{base_url}/metrics", timeout=10).text
+    rejected = sum(float(v) for v in re.findall(r"^elasticmoe_requests_rejected_total\{.*\} (\S+)$", text, re.M))
+    return rejected, _sample("elasticmoe_requests_finished_total", '{outcome="error"}', text)
+
+
+_OUT_OF_VOCAB = {"prompt": [99999999], "max_tokens": 2}
+
+# (endpoint, request fields, status, param): the engine itself refuses the first two (its
+# vocabulary), the HTTP layer the rest; streaming or not, the answer is a JSON error.
+REFUSALS = [
+    ("completions", _OUT_OF_VOCAB, 400, "prompt"),
+    ("completions", {**_OUT_OF_VOCAB, "stream": True}, 400, "prompt"),
+    ("completions", {"prompt": ""}, 400, "prompt"),
+    ("completions", {"prompt": PROMPT, "top_p": 2.0}, 400, "top_p"),
+    ("completions", {"prompt": PROMPT, "temperature": 3.0, "stream": True}, 400, "temperature"),
+    ("completions", {"prompt": _LONG_IDS, "max_tokens": 1}, 400, "prompt"),
+    ("completions", {"prompt": PROMPT, "max_tokens": MAX_MODEL_LEN}, 400, "max_tokens"),
+    ("chat/completions", {"messages": _CHAT, "top_p": 2.0, "stream": True}, 400, "top_p"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi " * MAX_MODEL_LEN}]}, 400, "messages"),
+]
+
+
+@pytest.fixture(params=["serve", "serve --devices 2"])
+def server_url(request) -> str:
+    if request.param == "serve":
+        return request.getfixturevalue("served").base_url
+    return request.getfixturevalue("devices_url")
+
+
+@pytest.mark.parametrize("endpoint,fields,status,param", REFUSALS,
+                         ids=[f"{e}-{p}-{i}" for i, (e, _, _, p) in enumerate(REFUSALS)])
+def test_refusal_names_the_field_alike_from_one_engine_and_from_executors(served, server_url, endpoint, fields,
+                                                                          status, param):
+    def post(base_url: str) -> httpx.Response:
+        return httpx.post(f"{base_url}/v1/{endpoint}", json={"model": SERVED_NAME, **fields}, timeout=60)
+
+    before = _outcomes(server_url)
+    r = post(server_url)
+    assert (r.status_code, r.headers["content-type"]) == (status, "application/json"), r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["param"] == param, err
+    assert err["message"].startswith(f"{param}: "), err
+    rejected, errors = _outcomes(server_url)
+    assert (rejected, errors) == (before[0] + 1, before[1]), "counted as a refusal, not as an engine failure"
+    assert testprocs.healthy(server_url)
+    if server_url != served.base_url:
+        one_engine = post(served.base_url)
+        assert (r.status_code, r.text) == (one_engine.status_code, one_engine.text)
+
+
+class _FullQueueEngine:
+    """An engine client whose every request meets a full queue after it was sent, the way an
+    executor's refusal arrives (an in-process engine raises `EngineOverloaded` up front)."""
+
+    model_name = SERVED_NAME
+    max_model_len = MAX_MODEL_LEN
+
+    def __init__(self, refuse_up_front: bool) -> None:
+        self.refuse_up_front = refuse_up_front
+
+    def tokenize(self, text: str) -> list[int]:
+        return [1] * len(text.split())
+
+    def apply_chat_template(self, messages) -> list[int]:
+        return [1, 2, 3]
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: types.SamplingParams) -> AsyncIterator[types.RequestOutput]:
+        full = types.EngineOverloaded("server busy: 4 requests already waiting (max_waiting=4)")
+        if self.refuse_up_front:
+            raise full
+        yield types.refusal(request_id, full, len(prompt_token_ids))
+
+    def abort(self, request_id: str) -> None:
+        pass
+
+    def stats(self) -> types.EngineStats:
+        return types.EngineStats(num_running=0, num_waiting=4, kv_blocks_used=0, kv_blocks_total=8,
+                                 num_preemptions_total=0, healthy=True)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_full_queue_is_429_whether_refused_up_front_or_after_sending(stream):
+    answers = []
+    for up_front in (True, False):
+        engine = _FullQueueEngine(refuse_up_front=up_front)
+        with testclient.TestClient(api.build_app(engine)) as client:
+            r = client.post("/v1/completions", json={"model": SERVED_NAME, "prompt": PROMPT, "stream": stream})
+        assert r.status_code == 429, r.text
+        answers.append((r.headers["retry-after"], r.headers["content-type"], r.json()))
+    assert answers[0] == answers[1]
+    retry_after, content_type, body = answers[0]
+    assert (retry_after, content_type, body["error"]["code"]) == ("1", "application/json", "engine_overloaded")
+    assert "4 requests already waiting" in body["error"]["message"]
 
 
 def test_unknown_fields_are_ignored(served):

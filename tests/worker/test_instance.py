@@ -75,7 +75,7 @@ def references(tiny_models):
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v2", "mixtral"])
 def test_instance_equals_transformers(tiny_models, references, family, devices):
     prompts, refs = references[family]
-    inst = coordinator.Instance(tiny_models[family], devices, CFG)
+    inst = coordinator.Instance(tiny_models[family], devices, CFG).start()
     try:
         assert _staggered(inst, prompts) == refs
         assert inst.stats().healthy
@@ -86,7 +86,7 @@ def test_instance_equals_transformers(tiny_models, references, family, devices):
 
 
 def test_requests_spread_over_ranks(tiny_models):
-    inst = coordinator.Instance(tiny_models["mixtral"], 2, CFG)
+    inst = coordinator.Instance(tiny_models["mixtral"], 2, CFG).start()
     long = types.SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
     try:
         async def main():
@@ -105,7 +105,7 @@ def test_requests_spread_over_ranks(tiny_models):
 
 def test_zero_copy_attach_and_executor_restart_reads_no_checkpoint(tmp_path):
     model_dir = modelgen.make_model("qwen3_moe", "small", tmp_path / "small", progress=False)
-    inst = coordinator.Instance(model_dir, 2, engine_mod.EngineConfig(dtype="float32", kv_cache_bytes=16 << 20))
+    inst = coordinator.Instance(model_dir, 2, engine_mod.EngineConfig(dtype="float32", kv_cache_bytes=16 << 20)).start()
     try:
         for ready in inst.executors.values():
             # Views over HMM memory: reading every weight page adds (almost) nothing private.
@@ -129,7 +129,7 @@ def test_zero_copy_attach_and_executor_restart_reads_no_checkpoint(tmp_path):
 def test_dead_worker_fails_requests_503_and_reports_unhealthy(tiny_models):
     from elasticmoe_worker.server import api
 
-    inst = coordinator.Instance(tiny_models["qwen3_moe"], 2, CFG, collective_timeout_s=10)
+    inst = coordinator.Instance(tiny_models["qwen3_moe"], 2, CFG, collective_timeout_s=10).start()
     server = api.make_server(api.build_app(inst), "127.0.0.1", procutil.free_port(), log_level="warning")
     port = server.config.port
     import threading
@@ -176,7 +176,7 @@ def _healthy(base: str) -> bool:
 
 
 def test_stalled_collective_times_out_with_a_clear_error(tiny_models):
-    inst = coordinator.Instance(tiny_models["mixtral"], 2, CFG, collective_timeout_s=3)
+    inst = coordinator.Instance(tiny_models["mixtral"], 2, CFG, collective_timeout_s=3).start()
     stopped = inst.executors[1].pid
     try:
         os.kill(stopped, signal.SIGSTOP)  # rank 1 stops answering; rank 0 waits in the collective

@@ -92,6 +92,13 @@ class _Memory(threading.Thread):
             time.sleep(0.1)
 
 
+def _started(model_dir, devices: int, cfg):
+    """A baseline instance: no warm pool (it would not have one)."""
+    from elasticmoe_worker.instance import coordinator
+
+    return coordinator.Instance(model_dir, devices, cfg, warm_workers=0).start()
+
+
 def _device_pids(instances) -> dict[str, list[int]]:
     """'<instance>/<device>' -> the HMM and its executor processes (warm spares included)."""
     out = {}
@@ -204,7 +211,7 @@ def _run_strategy(name: str, args, model_dir, cfg, prompts, params) -> dict:
     instances: list = []
     mem = _Memory(lambda: _device_pids(instances))
     result: dict = {"strategy": name, "from": a, "to": b}
-    inst = coordinator.Instance(model_dir, a, cfg, warm_workers=1 if name == "elastic" else 0)
+    inst = coordinator.Instance(model_dir, a, cfg, warm_workers=1 if name == "elastic" else 0).start()
     instances.append(inst)
     active = [inst]
     load.target = lambda: active[0] if active else None
@@ -225,22 +232,22 @@ def _run_strategy(name: str, args, model_dir, cfg, prompts, params) -> dict:
         requested = requested_abs - t0
         if name == "elastic":
             record = await asyncio.to_thread(inst.scale, b, "benchmark")
-            result["phases"] = record.phases
-            result["outcome"] = record.outcome
+            result["phases"] = {k: v / 1000 for k, v in record.phases_ms.items()}
+            result["outcome"] = record.outcome.value
             result["bytes_transferred"] = record.bytes_transferred
-            result["transfer_data_seconds"] = record.transfer_data_seconds
+            result["transfer_data_seconds"] = record.transfer_data_ms / 1000
         elif name == "cold":
             active.clear()
             await asyncio.to_thread(inst.shutdown)
             instances.remove(inst)
             started = time.perf_counter()
-            new = await asyncio.to_thread(coordinator.Instance, model_dir, b, cfg, warm_workers=0)
+            new = await asyncio.to_thread(_started, model_dir, b, cfg)
             instances.append(new)
             active.append(new)
             result["phases"] = {"restart": round(time.perf_counter() - started, 4)}
         elif name == "extravagant":
             started = time.perf_counter()
-            new = await asyncio.to_thread(coordinator.Instance, model_dir, b, cfg, warm_workers=0)
+            new = await asyncio.to_thread(_started, model_dir, b, cfg)
             instances.append(new)
             active[0] = new
             result["phases"] = {"start_beside": round(time.perf_counter() - started, 4)}
@@ -250,7 +257,7 @@ def _run_strategy(name: str, args, model_dir, cfg, prompts, params) -> dict:
         elif name == "horizontal":
             load.target = horizontal_target
             started = time.perf_counter()
-            new = await asyncio.to_thread(coordinator.Instance, model_dir, a, cfg, warm_workers=0)
+            new = await asyncio.to_thread(_started, model_dir, a, cfg)
             instances.append(new)
             active.append(new)
             result["phases"] = {"replica_start": round(time.perf_counter() - started, 4)}
@@ -315,7 +322,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from elasticmoe_worker import cli, modelgen
+    from elasticmoe_worker import cliargs, modelgen
     from elasticmoe_worker.engine import engine as engine_mod
     from elasticmoe_worker.engine import types
 
@@ -323,10 +330,10 @@ def run(args: argparse.Namespace) -> int:
         args.preset, args.before_s, args.after_s, args.rate, args.steps = "tiny", 3.0, 3.0, 4.0, "1"
         args.output_len = 16
     console = Console()
-    model_dir = pathlib.Path(args.model) if args.model else cli.cache_dir() / "models" / f"{args.family}-{args.preset}-bench"
+    model_dir = pathlib.Path(args.model) if args.model else cliargs.cache_dir() / "models" / f"{args.family}-{args.preset}-bench"
     if not (model_dir / "config.json").is_file():
         modelgen.make_model(args.family, args.preset, model_dir, progress=True)
-    cfg = cli.engine_config_from_args(args)
+    cfg = cliargs.engine_config_from_args(args)
     vocab = len(engine_mod.load_tokenizer(model_dir))
     rng = random.Random(0)
     prompts = [[rng.randrange(1, vocab) for _ in range(args.prompt_len)] for _ in range(32)]
@@ -344,11 +351,12 @@ def run(args: argparse.Namespace) -> int:
     for k in [int(x) for x in args.steps.split(",") if x]:
         from elasticmoe_worker.instance import coordinator
 
-        inst = coordinator.Instance(model_dir, 1, cfg)
+        inst = coordinator.Instance(model_dir, 1, cfg).start()
         try:
             time.sleep(3)  # let the warm worker come up, as it would between scales in service
             rec = inst.scale(1 + k, "benchmark step")
-            steps.append({"added": k, "seconds": rec.seconds, "phases": rec.phases, "outcome": rec.outcome})
+            steps.append({"added": k, "seconds": rec.duration_ms / 1000,
+                          "phases": {n: ms / 1000 for n, ms in rec.phases_ms.items()}, "outcome": rec.outcome.value})
         finally:
             inst.shutdown()
     elastic = next((r for r in results if r["strategy"] == "elastic"), None)

@@ -37,7 +37,7 @@ import threading
 import time
 from typing import Any, Callable, Iterator, Sequence
 
-from elasticmoe_worker import cli
+from elasticmoe_worker import cliargs
 
 logger = logging.getLogger(__name__)
 
@@ -82,13 +82,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        ("--prompt-len", "prompt length in tokens (default: 64)"),
                        ("--output-len", "tokens generated per request, exactly (default: 128)"),
                        ("--repeats", "timed repeats of each side, interleaved; medians are reported (default: 3)")):
-        g.add_argument(flag, type=cli._positive_int, default=None, help=text)
+        g.add_argument(flag, type=cliargs.positive_int, default=None, help=text)
     g.add_argument("--quick", action="store_true", help="smoke run for tests: tiny preset, 4 requests of 16 tokens "
                    "in and 16 out, concurrency 4, 1 repeat (options given explicitly still win)")
     g.add_argument("--out-json", type=pathlib.Path, default=pathlib.Path("bench-results/serve.json"),
                    help="raw numbers, medians and configuration go here (default: %(default)s); "
                         "the server's log goes beside it (*.server.log)")
-    g.add_argument("--torch-threads", type=cli._positive_int, default=None,
+    g.add_argument("--torch-threads", type=cliargs.positive_int, default=None,
                    help="torch threads for both sides (OMP_NUM_THREADS for the server, torch.set_num_threads "
                         "here; default: torch's default, which is what `elasticmoe serve` uses)")
     g.add_argument("--server-start-timeout-s", type=float, default=300.0,
@@ -231,7 +231,7 @@ class ServerProcess:
 
 def _engine_actions() -> list[argparse.Action]:
     scratch = argparse.ArgumentParser(add_help=False)
-    cli.add_engine_arguments(scratch)
+    cliargs.add_engine_arguments(scratch)
     return [a for a in scratch._actions if a.option_strings]
 
 
@@ -424,7 +424,7 @@ def resolve_model(args: argparse.Namespace, progress: bool) -> tuple[pathlib.Pat
 
     family = args.family or "qwen3_moe"
     preset = args.preset or ("tiny" if args.quick else "small")
-    model_dir = cli.cache_dir() / "models" / f"{family}-{preset}-bench"
+    model_dir = cliargs.cache_dir() / "models" / f"{family}-{preset}-bench"
     # make_model renames a finished directory into place, so config.json means complete.
     if not (model_dir / "config.json").is_file():
         logger.info("generating %s/%s into %s", family, preset, model_dir)

@@ -139,8 +139,6 @@ class StartExecutor(Msg):
     config_id: int
     rank: int
     world_size: int
-    store_host: str
-    store_port: int
     expert_owner: list[int]  # global expert id -> rank that computes it
     engine: EngineOptions
     model_name: str
@@ -174,8 +172,6 @@ class PrepareTransition(Msg):
     config_id: int
     rank: int  # this device's rank in the transfer group
     group_ranks: list[int]  # device index of each transfer-group rank
-    store_host: str
-    store_port: int
     expert_ids: list[int]  # what this device holds in the new configuration
     transfers: list[Transfer]
     replicated_layout: list[TensorSlot]

@@ -5,6 +5,7 @@ are applied between steps; updates go back to each caller's `asyncio.Queue` with
 `call_soon_threadsafe`. torch releases the GIL inside kernels, so the HTTP event loop keeps
 answering while a step runs.
 
+A request `add_request` refuses (bad input, full queue) gets one `types.refusal` output.
 If a step raises, the engine is marked dead: every request in flight ends with an error,
 `stats().healthy` turns False and new requests get `EngineDead`. Nothing restarts it; the
 process supervisor (or the coordinator, later) does.
@@ -95,8 +96,6 @@ class AsyncEngine:
         try:
             while True:
                 item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
                 finished = item.finished
                 yield item
                 if finished:
@@ -107,7 +106,7 @@ class AsyncEngine:
                 self.abort(request_id)
 
     # -- the loop ------------------------------------------------------------------
-    def _deliver(self, out: types.RequestOutput | BaseException, request_id: str) -> None:
+    def _deliver(self, out: types.RequestOutput, request_id: str) -> None:
         target = self._queues.get(request_id)
         if target is None:
             return  # caller went away; its abort is on the way
@@ -125,7 +124,8 @@ class AsyncEngine:
             try:
                 self.engine.add_request(a.request_id, a.prompt_token_ids, a.params, a.arrival_s)
             except (ValueError, types.EngineOverloaded) as exc:
-                self._deliver(exc, a.request_id)
+                # The same refusal an executor sends: one path to the client's 4xx for both.
+                self._deliver(types.refusal(a.request_id, exc, len(a.prompt_token_ids)), a.request_id)
         for request_id in aborts:
             self.engine.abort_request(request_id)
 

@@ -2,8 +2,12 @@
 
 Pure data (no torch): the HTTP layer, the benchmark and, later, the coordinator import this
 module without pulling in the model code. Validation here raises `ValueError` whose message
-names the field, the bad value and what is expected, so the HTTP layer can turn it into an
-OpenAI-style 400 without guessing.
+starts with the field (`"top_p: got 2, expected ..."`), then the bad value and what is
+expected, so the HTTP layer can turn it into an OpenAI-style 400 without guessing.
+
+A request the engine refuses once it is queued (a token id outside the vocabulary, a full
+queue) ends with one `refusal` output, the same from an in-process engine and from an
+executor process, so both reach the client as the same 4xx.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 from typing import AsyncIterator, Protocol, Sequence
+
+from elasticmoe_worker.contract import wire
 
 
 class FinishReason(str, enum.Enum):
@@ -106,6 +112,24 @@ class EngineDead(RuntimeError):
     """The engine loop failed; requests cannot be served until it is restarted."""
 
 
+def param_of(message: str) -> str | None:
+    """The field a validation message starts with (`"top_p: got 2, ..."` -> "top_p"), if any."""
+    head, sep, _ = message.partition(":")
+    return head if sep and head.isidentifier() else None
+
+
+def refusal(request_id: str, exc: ValueError | EngineOverloaded, num_prompt_tokens: int) -> RequestOutput:
+    """The first and final output of a request that `add_request` refused with `exc`:
+    a `ValueError` is the caller's input, `EngineOverloaded` a full queue."""
+    if isinstance(exc, EngineOverloaded):
+        kind, param = wire.ErrorKind.OVERLOADED, None
+    else:
+        kind, param = wire.ErrorKind.INVALID_REQUEST, param_of(str(exc))
+    return RequestOutput(request_id=request_id, text="", token_ids=[], finish_reason=FinishReason.ERROR,
+                         num_prompt_tokens=num_prompt_tokens, error=str(exc), error_kind=kind.value,
+                         error_param=param)
+
+
 class EngineClient(Protocol):
     """What the HTTP layer needs from an engine (single device now, an instance later)."""
 
@@ -120,6 +144,8 @@ class EngineClient(Protocol):
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[RequestOutput]:
         """Stream updates; raises EngineOverloaded or EngineDead before the first one.
+
+        A request refused once queued gets one `refusal` output instead (`error_kind` set).
 
         Cancelling the iteration (client disconnect) aborts the request and frees its blocks.
         """

@@ -28,7 +28,9 @@ class ExpertParallel:
         self.w2 = w2
 
     def _a2a(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> None:
-        dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group)
+        # `group` is the gloo backend itself (see rendezvous: groups are not registered with
+        # torch.distributed's default world), so its methods are called directly.
+        self.group.alltoall_base(out, inp, out_splits, in_splits, dist.AllToAllOptions()).wait()
 
     def __call__(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         num_tokens, k = topk_ids.shape

@@ -14,7 +14,6 @@ the executor then reports the error and exits rather than hang.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import logging
 import os
 import pathlib
@@ -31,7 +30,7 @@ from elasticmoe_worker import backends
 from elasticmoe_worker.engine import engine as engine_mod
 from elasticmoe_worker.engine import types
 from elasticmoe_worker.contract import wire
-from elasticmoe_worker.instance import ep, memory, procutil
+from elasticmoe_worker.instance import ep, memory, procutil, rendezvous, transport
 from elasticmoe_worker.models import config as config_mod
 from elasticmoe_worker.models import registry
 
@@ -79,6 +78,14 @@ def _params(msg: wire.AddRequest) -> types.SamplingParams:
                                 top_k=msg.top_k, seed=msg.seed, stop=tuple(msg.stop), ignore_eos=msg.ignore_eos)
 
 
+def _to_wire(out: types.RequestOutput) -> wire.Output:
+    return wire.Output(
+        request_id=out.request_id, text=out.text, token_ids=out.token_ids,
+        finish_reason=out.finish_reason.value if out.finish_reason else None,
+        num_prompt_tokens=out.num_prompt_tokens, num_output_tokens=out.num_output_tokens, error=out.error,
+        error_kind=wire.ErrorKind(out.error_kind) if out.error_kind else None, error_param=out.error_param)
+
+
 class Executor:
     def __init__(self, spec: wire.ExecutorSpec) -> None:
         started = time.perf_counter()
@@ -99,13 +106,12 @@ class Executor:
         self.attach_private_bytes = procutil.private_bytes() - before
 
         self.group = None
+        self.store = None
+        secret = os.environ.get(transport.SECRET_ENV, "")
         if self.world_size > 1:
-            store = dist.TCPStore(start.store_host, start.store_port, is_master=False,
-                                  timeout=datetime.timedelta(seconds=start.collective_timeout_s))
-            prefixed = dist.PrefixStore(f"config-{start.config_id}", store)
-            dist.init_process_group("gloo", store=prefixed, rank=self.rank, world_size=self.world_size,
-                                    timeout=datetime.timedelta(seconds=start.collective_timeout_s))
-            self.group = dist.group.WORLD
+            self.store = rendezvous.ChannelStore(spec.coordinator, secret, f"config-{start.config_id}",
+                                                 start.collective_timeout_s)
+            self.group = rendezvous.gloo_group(self.store, self.rank, self.world_size, start.collective_timeout_s)
             owner = torch.tensor(start.expert_owner, dtype=torch.int64)
             local_map = torch.full((model_spec.num_experts,), -1, dtype=torch.int64)
             local_map[torch.tensor(self.device.expert_ids)] = torch.arange(len(self.device.expert_ids))
@@ -120,10 +126,7 @@ class Executor:
         if self.group is not None:
             self.engine.runner.execute_empty()  # warm-up: the first collectives of the new group
         self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.IDENTITY, f"exec-{start.config_id}-{self.rank}".encode())
-        self.sock.setsockopt(zmq.LINGER, 1000)
-        self.sock.connect(spec.coordinator)
+        self.sock = transport.connect(self.ctx, spec.coordinator, f"exec-{start.config_id}-{self.rank}", secret)
         self.stop = False
         self.pausing = False
         self._last_stats = 0.0
@@ -137,9 +140,8 @@ class Executor:
             try:
                 self.engine.add_request(msg.request_id, msg.prompt_token_ids, _params(msg))
             except (ValueError, types.EngineOverloaded) as exc:
-                self.send(wire.Output(request_id=msg.request_id, text="", token_ids=[], finish_reason="error",
-                                          num_prompt_tokens=len(msg.prompt_token_ids), num_output_tokens=0,
-                                          error=str(exc)))
+                # Typed, so the HTTP layer answers 400/429 as it does for an in-process engine.
+                self.send(_to_wire(types.refusal(msg.request_id, exc, len(msg.prompt_token_ids))))
         elif isinstance(msg, wire.AbortRequest):
             self.engine.abort_request(msg.request_id)
         elif isinstance(msg, wire.Shutdown):
@@ -147,6 +149,10 @@ class Executor:
         elif isinstance(msg, wire.PauseForSwitch):
             self.pausing = True
         elif isinstance(msg, wire.Adopt):
+            if msg.config_id != self.spec.start.config_id:
+                logger.warning("rank %d: Adopt for configuration %d ignored (this is %d)", self.rank, msg.config_id,
+                               self.spec.start.config_id)
+                return
             self.engine.adopt_requests(msg.requests, keep_kv=msg.keep_kv)
             self.send(wire.Adopted(rank=self.rank, config_id=self.spec.start.config_id,
                                        num_requests=len(msg.requests)))
@@ -175,7 +181,9 @@ class Executor:
         """-> (anyone has work, anyone is stopping, anyone is pausing), the same on every rank."""
         flags = torch.tensor([int(self.engine.has_work()), int(self.stop), int(self.pausing)], dtype=torch.int64)
         if self.group is not None:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+            opts = dist.AllreduceOptions()
+            opts.reduceOp = dist.ReduceOp.MAX
+            self.group.allreduce([flags], opts).wait()
         return bool(flags[0]), bool(flags[1]), bool(flags[2])
 
     def _hand_over(self) -> None:
@@ -212,17 +220,14 @@ class Executor:
                 self._send_stats()
                 continue
             for out in self.engine.step(always_forward=self.group is not None):
-                self.send(wire.Output(
-                    request_id=out.request_id, text=out.text, token_ids=out.token_ids,
-                    finish_reason=out.finish_reason.value if out.finish_reason else None,
-                    num_prompt_tokens=out.num_prompt_tokens, num_output_tokens=out.num_output_tokens,
-                    error=out.error))
+                self.send(_to_wire(out))
             self._send_stats()
         logger.info("rank %d: stopping", self.rank)
 
     def close(self) -> None:
-        if self.group is not None:
-            dist.destroy_process_group()
+        self.group = None
+        if self.store is not None:
+            self.store.close()
         self.sock.close()
         self.ctx.term()
 
@@ -243,9 +248,8 @@ def main() -> int:
     except Exception as exc:  # report, then exit: the coordinator decides what happens next
         logger.exception("rank %d failed", rank)
         ctx = zmq.Context.instance()
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 2000)
-        sock.connect(spec.coordinator)
+        sock = transport.connect(ctx, spec.coordinator, f"exec-{spec.start.config_id}-{rank}-failed",
+                                 os.environ.get(transport.SECRET_ENV, ""), linger_ms=2000)
         sock.send(wire.encode(wire.ExecutorFailed(rank=rank, error=f"{type(exc).__name__}: {exc}",
                                                           config_id=spec.start.config_id)))
         sock.close()

@@ -30,9 +30,10 @@ logger = logging.getLogger(__name__)
 class LocalFleet:
     starts_workers = True
 
-    def __init__(self, coordinator_address: str, backend: str = "cpu") -> None:
+    def __init__(self, coordinator_address: str, backend: str = "cpu", env: dict[str, str] | None = None) -> None:
         self.coordinator_address = coordinator_address
         self.backend = backend
+        self.env = {**os.environ, **(env or {})}  # the worker secret travels here, never on a command line
         self.workers: dict[int, subprocess.Popen] = {}
         # NOTE: Linux sends the parent-death signal when the *thread* that forked a child
         # exits, not the process. Workers are forked by this one long-lived thread, so a
@@ -45,7 +46,7 @@ class LocalFleet:
         while True:
             cmd, done = self._requests.get()
             try:
-                done.append(subprocess.Popen(cmd, start_new_session=True, env={**os.environ}))
+                done.append(subprocess.Popen(cmd, start_new_session=True, env=self.env))
             except BaseException as exc:
                 done.append(exc)
 

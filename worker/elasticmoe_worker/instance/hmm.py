@@ -21,12 +21,13 @@ import sys
 import threading
 import time
 
+import msgspec
 import zmq
 
-from elasticmoe_worker import backends
+from elasticmoe_worker import backends, cliargs
 from elasticmoe_worker.engine import engine as engine_mod
 from elasticmoe_worker.contract import wire
-from elasticmoe_worker.instance import memory, procutil, transition
+from elasticmoe_worker.instance import memory, procutil, transition, transport
 
 logger = logging.getLogger("elasticmoe.hmm")
 
@@ -41,11 +42,9 @@ class HMM:
         self.coordinator = coordinator
         self.backend_name = backend_name
         self.backend = backends.get_backend(backend_name)
+        self.secret = os.environ.get(transport.SECRET_ENV, "")
         self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.IDENTITY, f"hmm-{device_index}".encode())
-        self.sock.setsockopt(zmq.LINGER, 1000)
-        self.sock.connect(coordinator)
+        self.sock = transport.connect(self.ctx, coordinator, f"hmm-{device_index}", self.secret)
         self.send_lock = threading.Lock()
         self.expert_ids: list[int] = []
         self.pending_expert_ids: list[int] | None = None
@@ -57,6 +56,7 @@ class HMM:
         self.executors: dict[int, tuple[subprocess.Popen, int]] = {}
         self.spare: subprocess.Popen | None = None
         self.transition: threading.Thread | None = None
+        self.cancels: dict[int, transition.Cancel] = {}  # config id -> its transition's cancel switch
         self.stop = False
 
     def send(self, msg: wire.Msg) -> None:
@@ -130,9 +130,12 @@ class HMM:
             self.tokenizer_files = dict(msg.tokenizer_files)
             self.memory = transition.allocate_new_device(self.backend, self.device_index, msg)
 
+        cancel = self.cancels[msg.config_id] = transition.Cancel()
+
         def work() -> None:
             try:
-                result = transition.run(self.backend, self.device_index, self.memory, msg)
+                result = transition.run(self.backend, self.device_index, self.memory, msg, self.coordinator,
+                                        self.secret, cancel)
                 self.pending_expert_ids = list(msg.expert_ids)
                 self.send(wire.TransitionReady(
                     device_index=self.device_index, config_id=msg.config_id,
@@ -140,6 +143,10 @@ class HMM:
                     bytes_received=result.bytes_received, bytes_sent=result.bytes_sent,
                     data_seconds=result.data_seconds))
             except Exception as exc:
+                if cancel.reason is not None:  # aborted: nobody waits for this one any more
+                    logger.info("device %d: transition %d stopped (%s)", self.device_index, msg.config_id,
+                                cancel.reason)
+                    return
                 logger.exception("device %d: transition %d failed", self.device_index, msg.config_id)
                 self.send(wire.HMMFailed(device_index=self.device_index, config_id=msg.config_id,
                                              error=f"transition {msg.config_id}: {type(exc).__name__}: {exc}"))
@@ -148,6 +155,7 @@ class HMM:
         self.transition.start()
 
     def commit(self, msg: wire.CommitTransition) -> None:
+        self.cancels.pop(msg.config_id, None)
         if self.pending_expert_ids is not None:
             self.expert_ids = self.pending_expert_ids
             self.pending_expert_ids = None
@@ -157,6 +165,14 @@ class HMM:
                     msg.config_id, freed / 1e6)
 
     def abort(self, msg: wire.AbortTransition) -> None:
+        cancel = self.cancels.pop(msg.config_id, None)
+        if cancel is not None:
+            cancel.set(msg.reason)
+        if self.transition is not None:
+            # NOTE: its receives write into regions about to be released: let it leave first.
+            self.transition.join(timeout=5.0)
+            if self.transition.is_alive():
+                logger.error("device %d: transition %d did not stop within 5 s", self.device_index, msg.config_id)
         self.pending_expert_ids = None
         freed = self.memory.drop_experts_except(self.expert_ids) if self.memory else 0
         self.stop_executors(keep=max((c for c in self.executors if c < msg.config_id), default=None))
@@ -164,8 +180,7 @@ class HMM:
                        msg.config_id, msg.reason, freed / 1e6)
 
     def run(self) -> None:
-        token = os.environ.get("ELASTICMOE_ADMIN_TOKEN", "")
-        threading.Thread(target=self._heartbeats, args=(token,), name="heartbeat", daemon=True).start()
+        threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True).start()
         self.spare = self._spawn_executor_process()
         next_hello = 0.0
         while not self.stop:
@@ -173,9 +188,13 @@ class HMM:
             # restarts) after us still learns of us.
             if self.memory is None and self.pending_expert_ids is None and time.monotonic() >= next_hello:
                 next_hello = time.monotonic() + HEARTBEAT_INTERVAL_S
-                self.send(wire.HMMHello(device_index=self.device_index, pid=os.getpid(), token=token))
+                self.send(wire.HMMHello(device_index=self.device_index, pid=os.getpid()))
             if self.sock.poll(200):
-                msg = wire.decode(self.sock.recv())
+                try:
+                    msg = wire.decode(self.sock.recv())
+                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                    logger.warning("device %d: dropped a malformed message: %s", self.device_index, exc)
+                    continue
                 try:
                     if isinstance(msg, wire.LoadPlan):
                         self.load(msg)
@@ -196,16 +215,13 @@ class HMM:
                     self.send(wire.HMMFailed(device_index=self.device_index, error=f"{type(exc).__name__}: {exc}"))
             self._check_executors()
 
-    def _heartbeats(self, token: str) -> None:
+    def _heartbeats(self) -> None:
         """From a thread with its own socket: loading weights can hold the main loop for long."""
-        sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, f"hb-{self.device_index}".encode())
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(self.coordinator)
+        sock = transport.connect(self.ctx, self.coordinator, f"hb-{self.device_index}", self.secret, linger_ms=0)
         try:
             while not self.stop:
                 sock.send(wire.encode(wire.Heartbeat(device_index=self.device_index,
-                                                             loaded=self.memory is not None, token=token)))
+                                                     loaded=self.memory is not None)))
                 time.sleep(HEARTBEAT_INTERVAL_S)
         finally:
             sock.close()
@@ -230,26 +246,21 @@ class HMM:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m elasticmoe_worker.instance.hmm",
                                 description="The HBM manager of one device (started by a fleet, not by hand).")
-    add_arguments(p)
+    cliargs.add_worker_arguments(p)
     args = p.parse_args(argv)
     return run_worker(args, die_with_parent=True)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device-index", type=int, required=True,
-                   help="this worker's device index (0-based; in a pod, from the pod's name)")
-    p.add_argument("--coordinator", required=True,
-                   help="the coordinator's ZeroMQ control address, e.g. tcp://demo-coordinator.default.svc:5555")
-    p.add_argument("--backend", default="cpu", choices=["cpu", "cuda", "ascend"],
-                   help="device backend (default: %(default)s)")
-
-
 def run_worker(args: argparse.Namespace, die_with_parent: bool = False) -> int:
     """Run the HMM of one device until the coordinator stops it or a signal arrives. The
-    worker presents $ELASTICMOE_ADMIN_TOKEN when it registers. A local fleet's workers die
-    with the coordinator that forked them; a pod's worker lives on its own."""
+    worker proves it holds $ELASTICMOE_WORKER_SECRET (the control channel's CURVE keys derive
+    from it). A local fleet's workers die with the coordinator that forked them; a pod's
+    worker lives on its own."""
     if args.device_index < 0:
         raise ValueError(f"--device-index: got {args.device_index}, expected an integer >= 0")
+    if not os.environ.get(transport.SECRET_ENV, ""):
+        raise ValueError(f"{transport.SECRET_ENV}: not set; a worker needs the worker secret its coordinator has "
+                         f"(in Kubernetes, from the instance's Secret)")
     if not logging.getLogger().handlers:
         logging.basicConfig(level=os.environ.get("ELASTICMOE_LOG_LEVEL", "INFO").upper(),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")

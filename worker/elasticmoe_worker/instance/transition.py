@@ -2,7 +2,9 @@
 bytes peer to peer, while this device's current executor keeps serving.
 
 Runs in a thread of the HMM. The transfer group is a gloo process group created for this
-transition only (its own store prefix), so it never touches the executors' collectives.
+transition only (its own rendezvous prefix, over the authenticated control channel), so it
+never touches the executors' collectives. `Cancel.set()` (an abort) makes the thread give up
+within about half a second wherever it waits: in the rendezvous or on a transfer.
 Every HMM walks the same ordered transfer list and posts the sends and receives that
 involve it; the tag is the transfer's position, so pairs never mix up their messages.
 Staying memory is never copied: only new devices receive replicated bytes, and only the
@@ -17,11 +19,10 @@ import logging
 import time
 
 import torch
-import torch.distributed as dist
 
 from elasticmoe_worker.backends import base as backends_base
 from elasticmoe_worker.contract import wire
-from elasticmoe_worker.instance import memory
+from elasticmoe_worker.instance import memory, rendezvous
 
 logger = logging.getLogger("elasticmoe.hmm")
 
@@ -47,9 +48,44 @@ def allocate_new_device(backend: backends_base.DeviceBackend, device_index: int,
     return memory.DeviceMemory(replicated, {}, kv, ready)
 
 
+class Cancelled(RuntimeError):
+    pass
+
+
+class Cancel:
+    """Shared by the HMM's control loop (which sets it) and the transition thread."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self.store: rendezvous.ChannelStore | None = None
+
+    def set(self, reason: str) -> None:
+        self.reason = reason
+        if self.store is not None:
+            self.store.cancel(reason)
+
+    def check(self) -> None:
+        if self.reason is not None:
+            raise Cancelled(f"transition cancelled: {self.reason}")
+
+
+def _wait(work, cancel: Cancel, deadline: float) -> None:
+    while True:
+        try:
+            work.wait(datetime.timedelta(seconds=0.5))
+            return
+        except RuntimeError:
+            if work.is_completed():
+                raise  # it failed (a peer went away), not just slow
+            cancel.check()
+            if time.monotonic() > deadline:
+                raise
+
+
 def run(backend: backends_base.DeviceBackend, device_index: int, mem: memory.DeviceMemory,
-        msg: wire.PrepareTransition) -> Result:
+        msg: wire.PrepareTransition, coordinator: str, secret: str, cancel: Cancel) -> Result:
     started = time.perf_counter()
+    deadline = time.monotonic() + msg.timeout_s
     for layer in msg.moe_layers:
         for e in msg.expert_ids:
             if (layer, e) not in mem.experts:
@@ -57,11 +93,24 @@ def run(backend: backends_base.DeviceBackend, device_index: int, mem: memory.Dev
                     backend.allocate(msg.expert_w13_bytes, f"dev{device_index}.l{layer}.e{e}.w13"),
                     backend.allocate(msg.expert_w2_bytes, f"dev{device_index}.l{layer}.e{e}.w2"),
                 )
+    cancel.check()
+    store = rendezvous.ChannelStore(coordinator, secret, f"transition-{msg.config_id}", msg.timeout_s)
+    cancel.store = store
+    if cancel.reason is not None:
+        store.cancel(cancel.reason)
+    try:
+        result = _move(mem, msg, device_index, store, cancel, started, deadline)
+    finally:
+        store.close()
+    logger.info("device %d: transition %d moved %.1f MB out, %.1f MB in, in %.2f s", device_index,
+                msg.config_id, result.bytes_sent / 1e6, result.bytes_received / 1e6, result.seconds)
+    return result
+
+
+def _move(mem: memory.DeviceMemory, msg: wire.PrepareTransition, device_index: int, store, cancel: Cancel,
+          started: float, deadline: float) -> Result:
     rank_of = {d: r for r, d in enumerate(msg.group_ranks)}
-    store = dist.TCPStore(msg.store_host, msg.store_port, is_master=False,
-                          timeout=datetime.timedelta(seconds=msg.timeout_s))
-    pg = dist.ProcessGroupGloo(dist.PrefixStore(f"transition-{msg.config_id}", store), msg.rank,
-                               len(msg.group_ranks), datetime.timedelta(seconds=msg.timeout_s))
+    pg = rendezvous.gloo_group(store, msg.rank, len(msg.group_ranks), msg.timeout_s)
     setup_seconds = time.perf_counter() - started
     data_started = time.perf_counter()
     works, sent, received = [], 0, 0
@@ -85,12 +134,10 @@ def run(backend: backends_base.DeviceBackend, device_index: int, mem: memory.Dev
                 works.append(pg.recv([buf], rank_of[t.src], tag))
                 received += buf.numel()
     for w in works:
-        w.wait()
+        _wait(w, cancel, deadline)
     data_seconds = time.perf_counter() - data_started
     # NOTE: nobody leaves before everyone is done: a rank that tears its group down early
     # resets connections that slower peers are still setting up.
-    pg.barrier().wait()
+    _wait(pg.barrier(), cancel, deadline)
     seconds = time.perf_counter() - started
-    logger.info("device %d: transition %d moved %.1f MB out, %.1f MB in, in %.2f s", device_index,
-                msg.config_id, sent / 1e6, received / 1e6, seconds)
     return Result(mem, seconds, sent, received, setup_seconds, data_seconds)

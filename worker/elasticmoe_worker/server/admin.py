@@ -4,22 +4,27 @@ The token comes from `$ELASTICMOE_ADMIN_TOKEN`, or a file (a mounted Secret), or
 neither is given, is generated at start and written to a 0600 file whose path is logged.
 Without the right token every admin call is 401 and changes nothing.
 
-Scaling needs a multi-device instance (`serve --devices N`); a single in-process engine
-answers 400 saying so. A scale runs in a background thread; POST answers 202 at once (or
-waits with `"wait": true`), and status shows its phases.
+Bodies are the typed models of `contract.admin` (camelCase JSON). Scaling needs a
+multi-device instance (`serve --devices N`); a single in-process engine answers 400 saying
+so. POST answers 202 at once (or waits with `"wait": true`) with the status, whose records
+carry the caller's `scaleId`; status shows each scale's phases.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import asyncio
 import hmac
+import re
 import logging
 import os
 import pathlib
 import secrets
 
 import fastapi
+import msgspec
 from fastapi import responses
+
+from elasticmoe_worker.contract import admin as admin_contract
 
 logger = logging.getLogger(__name__)
 
@@ -53,37 +58,29 @@ def _error(status: int, message: str, param: str | None = None, code: str | None
                    "param": param, "code": code}}, status_code=status, headers=headers)
 
 
-def status_body(engine) -> dict:
+def status_body(engine) -> admin_contract.AdminStatus:
     """What GET /admin/status returns, for an instance or a single engine."""
+    if hasattr(engine, "status"):
+        return engine.status()
     stats = engine.stats()
-    scaler = getattr(engine, "_scaler", None)
-    active = getattr(engine, "num_devices", 1)
-    body = {
-        "phase": getattr(engine, "phase", "Serving" if stats.healthy else "Degraded"),
-        "healthy": stats.healthy,
-        "error": stats.error,
-        "configuration": getattr(engine, "config_id", 0),
-        "devices": {"desired": scaler.target if scaler else active, "active": active,
-                    "warming": len(scaler.added) if scaler else 0,
-                    # workers up and registered (serving or idle): what the operator waits for
-                    "registered": list(getattr(engine, "registered_devices", range(active)))},
-        "parallelism": {"dp": active, "ep": active, "tp": 1},
-        "requests": {"running": stats.num_running, "waiting": stats.num_waiting},
-        "kvBlocks": {"used": stats.kv_blocks_used, "total": stats.kv_blocks_total},
-        "scaling": hasattr(engine, "start_scale"),
-    }
-    if scaler is not None:
-        body["currentScale"] = dataclasses.asdict(scaler.record)
-    last = getattr(engine, "last_scale", None)
-    body["lastScale"] = dataclasses.asdict(last) if last is not None else None
-    body["history"] = [dataclasses.asdict(r) for r in getattr(engine, "history", [])]
-    return body
+    return admin_contract.AdminStatus(
+        phase=admin_contract.Phase.SERVING if stats.healthy else admin_contract.Phase.DEGRADED,
+        healthy=stats.healthy, error=stats.error, configuration=0,
+        devices=admin_contract.DeviceCounts(desired=1, active=1, registered=[0]),
+        parallelism=admin_contract.Parallelism(dp=1, ep=1, tp=1),
+        requests=admin_contract.RequestCounts(running=stats.num_running, waiting=stats.num_waiting),
+        kv_blocks=admin_contract.KVBlocks(used=stats.kv_blocks_used, total=stats.kv_blocks_total), scaling=False)
+
+
+def _json(body: admin_contract.AdminStatus, status_code: int = 200) -> fastapi.Response:
+    return fastapi.Response(admin_contract.encode(body), status_code=status_code, media_type="application/json")
 
 
 def add_routes(app: fastapi.FastAPI, engine, token: str) -> None:
     def authorized(request: fastapi.Request) -> bool:
         header = request.headers.get("authorization", "")
         scheme, _, given = header.partition(" ")
+        # bytes on both sides: compare_digest raises TypeError on non-ASCII str
         return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
 
     def unauthorized() -> responses.JSONResponse:
@@ -94,38 +91,40 @@ def add_routes(app: fastapi.FastAPI, engine, token: str) -> None:
     async def admin_status(request: fastapi.Request):
         if not authorized(request):
             return unauthorized()
-        return status_body(engine)
+        return _json(status_body(engine))
 
     @app.post("/admin/scale")
     async def admin_scale(request: fastapi.Request):
         if not authorized(request):
             return unauthorized()
+        raw = await request.body()
         try:
-            body = await request.json()
-        except ValueError:
+            body = admin_contract.decode_scale_request(raw)
+        except msgspec.ValidationError as exc:
+            param = _path_param(str(exc))
+            return _error(400, f"{exc}; expected {{\"devices\": <int>, \"reason\": <str>, \"scaleId\": <str>, "
+                               f"\"wait\": <bool>}}", param=param)
+        except msgspec.DecodeError:
             return _error(400, "request body is not valid JSON; expected {\"devices\": <int>}", code="invalid_json")
-        if not isinstance(body, dict) or "devices" not in body:
-            return _error(400, "devices: missing; expected {\"devices\": <int>}", param="devices")
-        devices = body["devices"]
-        if not isinstance(devices, int) or isinstance(devices, bool):
-            return _error(400, f"devices: got {devices!r}, expected an integer", param="devices")
         if not hasattr(engine, "start_scale"):
             return _error(400, "this server runs one in-process engine; start it with `elasticmoe serve "
                                "--devices N` to scale", param="devices", code="not_elastic")
-        reason = str(body.get("reason") or "admin API")
         from elasticmoe_worker.instance import coordinator
 
         try:
-            thread = engine.start_scale(devices, reason)
+            scale_id = engine.start_scale(body.devices, body.reason or "admin API", scale_id=body.scale_id)
         except ValueError as exc:
             return _error(400, str(exc), param="devices", code="out_of_bounds")
         except coordinator.ScaleInProgress as exc:
             return _error(409, str(exc), param="devices", code="scale_in_progress")
-        if body.get("wait"):
-            import asyncio
+        if body.wait:
+            record = await asyncio.to_thread(engine.wait_scale, scale_id)
+            return _json(status_body(engine), 200 if record.outcome == admin_contract.Outcome.SUCCEEDED else 500)
+        return _json(status_body(engine), 202)
 
-            await asyncio.to_thread(thread.join)
-            status = status_body(engine)
-            ok = status["lastScale"] and status["lastScale"]["outcome"] == "succeeded"
-            return responses.JSONResponse(status, status_code=200 if ok else 500)
-        return responses.JSONResponse(status_body(engine), status_code=202)
+
+def _path_param(message: str) -> str | None:
+    """The field at fault in msgspec's message ("... - at `$.devices`", "missing required
+    field `devices`", "unknown field `x`")."""
+    m = re.search(r"at `\$\.(\w+)", message) or re.search(r"field `(\w+)`", message)
+    return m.group(1) if m else None

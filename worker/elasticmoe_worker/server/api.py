@@ -11,7 +11,8 @@ Lifecycle of one generation request:
    length checked against `engine.max_model_len`; `SamplingParams` checks the values;
 2. the engine is asked to generate and the *first* update is awaited before any response
    is sent, because that is when the engine reports `EngineOverloaded` (429) or `EngineDead`
-   (503); `max_waiting_s` bounds this wait;
+   (503), or refuses the request (a `types.refusal` update: 400 naming the field, or 429),
+   streaming or not, in-process engine or executors alike; `max_waiting_s` bounds this wait;
 3. updates are returned whole (non-streaming) or as SSE chunks ending with `data: [DONE]`.
 A client that disconnects at any point stops the iteration: the engine's generator is
 cancelled and closed, and `engine.abort` is called, so its KV blocks are freed at once.
@@ -40,6 +41,7 @@ from fastapi import exceptions as fastapi_exceptions
 from fastapi import responses
 from starlette import exceptions as starlette_exceptions
 
+from elasticmoe_worker.contract import wire
 from elasticmoe_worker.engine import types
 from elasticmoe_worker.server import metrics as metrics_mod
 from elasticmoe_worker.server import protocol
@@ -51,6 +53,8 @@ _SSE_DONE = "data: [DONE]\n\n"
 _ENGINE_DEAD_RETRY_AFTER_S = 5
 # A request that waited max_waiting_s for its first token may find room soon after.
 _QUEUE_TIMEOUT_RETRY_AFTER_S = 1
+# An executor's full queue says no more than `EngineOverloaded`'s default.
+_RANK_OVERLOADED_RETRY_AFTER_S = 1
 
 
 class ApiError(Exception):
@@ -88,10 +92,22 @@ def _error_response(err: ApiError) -> responses.JSONResponse:
     return responses.JSONResponse(body.model_dump(), status_code=err.status_code, headers=err.headers)
 
 
-def _param_from_value_error(exc: ValueError) -> str | None:
-    """`SamplingParams` messages start with the field name: `"top_p: got 2, expected ..."`."""
-    head, sep, _ = str(exc).partition(":")
-    return head if sep and head.isidentifier() else None
+def _overloaded_error(reason: str, retry_after_s: int) -> ApiError:
+    retry = str(max(1, int(retry_after_s)))
+    return ApiError(429, f"the engine is overloaded: {reason}; retry after {retry} s", type="rate_limit_error",
+                    code="engine_overloaded", headers={"Retry-After": retry},
+                    reject_reason=metrics_mod.REJECT_OVERLOADED)
+
+
+def _refusal_error(out: types.RequestOutput) -> ApiError | None:
+    """The 4xx for a `types.refusal` update; None for any other update."""
+    if out.finish_reason is not types.FinishReason.ERROR or out.error is None:
+        return None
+    if out.error_kind == wire.ErrorKind.INVALID_REQUEST:
+        return ApiError(400, out.error, param=out.error_param or "prompt")
+    if out.error_kind == wire.ErrorKind.OVERLOADED:
+        return _overloaded_error(out.error, _RANK_OVERLOADED_RETRY_AFTER_S)
+    return None
 
 
 @dataclasses.dataclass
@@ -143,11 +159,7 @@ class _Generation:
             first = await self._next(timeout_s=self._state.max_waiting_s)
         except types.EngineOverloaded as exc:
             await self.close(counted=False)
-            retry = str(max(1, int(exc.retry_after_s)))
-            raise ApiError(
-                429, f"the engine is overloaded: {exc}; retry after {retry} s", type="rate_limit_error",
-                code="engine_overloaded", headers={"Retry-After": retry}, reject_reason=metrics_mod.REJECT_OVERLOADED,
-            ) from exc
+            raise _overloaded_error(str(exc), exc.retry_after_s) from exc
         except types.EngineDead as exc:
             await self.close(counted=False)
             raise ApiError(
@@ -166,15 +178,17 @@ class _Generation:
             await self.close(counted=False)
             raise ApiError(500, "the engine ended the request without any output", type="server_error",
                            reject_reason=None) from None
-        except ValueError as exc:  # the engine refused the prompt (e.g. a token id out of vocabulary)
-            await self.close(counted=False)
-            raise ApiError(400, str(exc), param=_param_from_value_error(exc) or "prompt") from exc
         except (_ClientDisconnected, asyncio.CancelledError):
             await self.close()
             raise
         except Exception:
             await self.close(failed=True)
             raise
+        refused = _refusal_error(first)
+        if refused is not None:
+            self.finish_reason = first.finish_reason  # ended in the engine already: nothing to abort
+            await self.close(counted=False)
+            raise refused
         self._first = first
         self._account(first)
 
@@ -350,7 +364,7 @@ class _Endpoints:
                 ignore_eos=bool(body.ignore_eos),
             )
         except ValueError as exc:
-            raise ApiError(400, str(exc), param=_param_from_value_error(exc)) from exc
+            raise ApiError(400, str(exc), param=types.param_of(str(exc))) from exc
 
     async def run(
         self, request: fastapi.Request, request_id: str, prompt_token_ids: list[int], params: types.SamplingParams,

@@ -1,0 +1,73 @@
+"""Membership: which workers exist, which are alive, and the warm pool.
+
+Why it exists: a fleet (`fleet.LocalFleet` for child processes, `fleet.ExternalFleet` for pods)
+only starts and stops workers by device index; this module turns what the coordinator hears
+(hellos, heartbeats) and what the fleet sees (exit codes, silence) into facts for the
+reconfiguration: each death is reported once, removals never block the control loop, and the
+warm pool (workers started ahead of a scale-up, holding no memory) is kept at its size.
+
+Not guaranteed: a worker cut off from the coordinator for longer than the heartbeat timeout is
+declared dead even if it still runs (pods); it is then never used again by this instance.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from elasticmoe_worker.instance import fleet as fleet_mod
+
+logger = logging.getLogger(__name__)
+
+
+class Membership:
+    def __init__(self, fleet: fleet_mod.LocalFleet | fleet_mod.ExternalFleet, warm_workers: int,
+                 max_devices: int) -> None:
+        self.fleet = fleet
+        self.warm_workers = warm_workers
+        self.max_devices = max_devices
+        self._reported: set[int] = set()
+        self._lock = threading.Lock()
+
+    @property
+    def starts_workers(self) -> bool:
+        return self.fleet.starts_workers
+
+    def seen(self, device: int) -> None:
+        self.fleet.seen(device)
+
+    def add(self, devices) -> None:
+        for d in devices:
+            with self._lock:
+                self._reported.discard(d)
+            self.fleet.add(d)
+
+    def remove(self, devices, background: bool = True) -> None:
+        """Stop these workers; a local fleet waits for each process, so by default off the caller's thread."""
+        devices = tuple(devices)
+
+        def work() -> None:
+            for d in devices:
+                self.fleet.remove(d)
+        if background:
+            threading.Thread(target=work, name="fleet-remove", daemon=True).start()
+        else:
+            work()
+
+    def new_deaths(self) -> dict[int, int]:
+        """Device -> exit code (-1: silent) of workers that died since the last call."""
+        with self._lock:
+            dead = {d: c for d, c in self.fleet.dead().items() if d not in self._reported}
+            self._reported |= set(dead)
+        return dead
+
+    def pool_changes(self, num_devices: int, warm: set[int], busy: set[int]) -> tuple[list[int], list[int]]:
+        """-> (devices to start, warm devices to stop) so that `warm_workers` idle workers stand
+        beyond the active ones. Only a fleet that starts workers keeps a pool: with pods, the
+        operator decides which exist. `busy`: devices a scale in progress uses."""
+        if not self.fleet.starts_workers:
+            return [], []
+        want = set(range(num_devices, min(num_devices + self.warm_workers, self.max_devices)))
+        start = sorted(d for d in want if d not in self.fleet.workers)
+        stop = sorted(d for d in self.fleet.workers if d >= num_devices and d not in want and d not in busy)
+        return start, stop

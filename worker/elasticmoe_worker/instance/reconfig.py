@@ -1,0 +1,683 @@
+"""Every reconfiguration of an instance as a pure state machine: `step(state, event) -> (state, actions)`.
+
+Why it exists: a scale (DESIGN §4.6) and a recovery are sequences of messages from many
+processes, any of which can die, time out, arrive twice or arrive late from an attempt that was
+given up. Deciding what each one means is the whole difficulty, so it lives here, apart from
+sockets, threads and processes, and is unit-tested event by event (tests/worker/test_reconfig.py).
+The coordinator (`instance.coordinator`) turns messages and clock ticks into events, calls
+`step`, and executes the actions it gets back, in order.
+
+A scale A -> B goes through stages:
+  workers  — cold workers for the added devices start and register (warm ones are taken as they are);
+  transfer — the planner's transfers run between HMMs while A serves;
+  standby_start — B's executors start beside A's, on the new memory;
+  switch   — admission pauses, A's executors hand over their sequences, B adopts them, admission
+             resumes on B (the commit); A's executors exit, departing workers are released.
+Anything before the switch aborts back to A, which never stopped serving. After the pause there
+is no way back: a rank that never hands over has its requests failed, and B serves.
+
+Invariants (asserted by the tests for every event order they generate):
+- exactly one configuration serves (`State.config_id`) after every step;
+- every request id handed over is adopted by exactly one rank of the new configuration, and
+  every request held during the pause is released, or failed when nothing can take it;
+- a message of an aborted or replaced configuration never changes the state of a later one
+  (every event carries its configuration id; a fresh id is used for every attempt).
+
+Not here: which request goes to which rank in steady state (`routing`), liveness detection
+(`membership`), and the wire encoding (`contract.wire`). No clock reads: time arrives in events.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, Union
+
+import msgspec
+
+from elasticmoe_worker import planner
+from elasticmoe_worker.contract import admin, wire
+
+WORKERS, TRANSFER, STANDBY, SWITCH = "workers", "transfer", "standby_start", "switch"
+STAGES = (WORKERS, TRANSFER, STANDBY, SWITCH)
+
+
+# -- facts fixed for the instance's life --------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Facts:
+    """What planning and the messages need; learned at start-up from device 0's memory."""
+
+    num_experts: int
+    replicated_bytes: int
+    replicated_layout: tuple[wire.TensorSlot, ...]
+    expert_w13_bytes: int
+    expert_w2_bytes: int
+    moe_layers: tuple[int, ...]
+    num_kv_blocks: int
+    kv_bytes: int
+    config_json: str
+    tokenizer_files: Mapping[str, str]
+    engine: wire.EngineOptions
+    model_name: str
+    collective_timeout_s: float
+    recovery_grace_s: float = 0.5
+
+    @property
+    def expert_bytes(self) -> int:
+        return (self.expert_w13_bytes + self.expert_w2_bytes) * len(self.moe_layers)
+
+
+# -- events ---------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ScaleRequested:
+    target: int
+    scale_id: str
+    reason: str
+    timeout_s: float
+    started_at: str  # RFC 3339 wall clock, for the record
+    now: float
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerRegistered:
+    device: int
+    now: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerDied:
+    device: int
+    detail: str
+    now: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TransferReady:
+    msg: wire.TransitionReady
+    now: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class HMMFailed:
+    device: int
+    config_id: int  # 0: not about a transition (the device's memory is gone)
+    error: str
+    now: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecutorReady:
+    rank: int
+    config_id: int
+    now: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecutorFailed:
+    rank: int
+    config_id: int
+    error: str
+    now: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class HandedOver:
+    rank: int
+    config_id: int
+    requests: tuple[wire.SequenceState, ...]
+    now: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestArrived:
+    """A request reached the coordinator while admission is paused (the shell holds it)."""
+
+    request_id: str
+    now: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Tick:
+    now: float
+
+
+@dataclasses.dataclass(frozen=True)
+class AbortRequested:
+    reason: str
+    now: float = 0.0
+
+
+Event = Union[ScaleRequested, WorkerRegistered, WorkerDied, TransferReady, HMMFailed, ExecutorReady,
+              ExecutorFailed, HandedOver, RequestArrived, Tick, AbortRequested]
+
+
+# -- actions --------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Send:
+    dest: str  # "hmm-<device>" or "exec-<config>-<rank>"
+    msg: wire.Msg
+
+
+@dataclasses.dataclass(frozen=True)
+class AddWorkers:
+    devices: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class RemoveWorkers:
+    devices: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class PauseAdmission:
+    """New requests wait (the shell reports them as RequestArrived) until Commit."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Commit:
+    """The new configuration serves: requests in `ranks` now live on those ranks of
+    `config_id`; admission resumes."""
+
+    config_id: int
+    num_devices: int
+    ranks: Mapping[str, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Release:
+    """Route these held requests now, to the configuration that serves."""
+
+    request_ids: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Rebind:
+    """Requests handed over late (after the commit) now live on these ranks."""
+
+    ranks: Mapping[str, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class FailRequests:
+    """End with `error` every request in flight on these ranks of `config_id` (all when ranks is None)."""
+
+    config_id: int
+    ranks: tuple[int, ...] | None
+    error: str
+
+
+@dataclasses.dataclass(frozen=True)
+class SetHealth:
+    error: str | None  # None: healthy again
+
+
+@dataclasses.dataclass(frozen=True)
+class Recovering:
+    """Fresh executors for the same devices start as `config_id`: route to them from now on."""
+
+    config_id: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Finished:
+    record: admin.ScaleRecord
+
+
+Action = Union[Send, AddWorkers, RemoveWorkers, PauseAdmission, Commit, Release, Rebind, FailRequests, SetHealth,
+               Recovering, Finished]
+
+
+# -- state ----------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    scale_id: str
+    target: int
+    old_config: int
+    new_config: int
+    old_devices: tuple[int, ...]
+    new_devices: tuple[int, ...]
+    added: tuple[int, ...]
+    removed: tuple[int, ...]
+    stage: str
+    waiting: frozenset[int]  # devices (or ranks) this stage still waits for
+    started: float
+    stage_started: float
+    deadline: float
+    timeout_s: float
+    record: admin.ScaleRecord
+    plan: planner.Plan | None = None
+    ready: Mapping[int, wire.TransitionReady] = dataclasses.field(default_factory=dict)
+    handed: Mapping[int, tuple[wire.SequenceState, ...]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def switched(self) -> bool:
+        return self.stage == SWITCH
+
+
+@dataclasses.dataclass(frozen=True)
+class State:
+    facts: Facts
+    config_id: int  # the configuration that serves
+    num_devices: int
+    placement: planner.Placement
+    hmm_ready: Mapping[int, wire.HMMReady]  # device -> handles of the memory it serves from
+    last_config_id: int  # ids are never reused: they prefix rendezvous keys
+    warm: frozenset[int] = frozenset()  # registered workers that hold nothing yet
+    scale: Scale | None = None
+    paused: bool = False
+    held: tuple[str, ...] = ()  # requests that arrived during the pause
+    retired: tuple[int, tuple[int, ...]] | None = None  # (config, new devices) of the last switch
+    error: str | None = None  # why the instance is unhealthy
+    hmm_lost: bool = False  # a device's memory is gone: only a new worker can repair that
+    recover_at: float | None = None
+    recovering: frozenset[int] = frozenset()
+
+    @property
+    def phase(self) -> admin.Phase:
+        if self.error is not None:
+            return admin.Phase.DEGRADED
+        return admin.Phase.SCALING if self.scale is not None else admin.Phase.SERVING
+
+    @property
+    def devices(self) -> tuple[int, ...]:
+        return tuple(range(self.num_devices))
+
+
+def initial(facts: Facts, config_id: int, num_devices: int, placement: planner.Placement,
+            hmm_ready: Mapping[int, wire.HMMReady], warm: frozenset[int] = frozenset()) -> State:
+    return State(facts=facts, config_id=config_id, num_devices=num_devices, placement=placement,
+                 hmm_ready=dict(hmm_ready), last_config_id=config_id, warm=frozenset(warm))
+
+
+def refuse_scale(state: State, target: object) -> tuple[str, str] | None:
+    """Why a scale to `target` cannot start now -> (kind, message); kind is "invalid" (the
+    caller's input) or "busy" (try later). None when it can."""
+    n = state.facts.num_experts
+    if not isinstance(target, int) or isinstance(target, bool) or not 1 <= target <= n:
+        return "invalid", (f"devices: got {target!r}, expected an integer in [1, {n}] "
+                           f"(at most one device per routed expert)")
+    if state.scale is not None:
+        return "busy", (f"a scale {state.scale.record.from_devices} -> {state.scale.record.to_devices} "
+                        f"devices is in progress")
+    if state.error is not None:
+        return "busy", f"instance unhealthy, not scaling: {state.error}"
+    if target == state.num_devices:
+        return "invalid", f"devices: already {target}; nothing to do"
+    return None
+
+
+def owner_list(placement: planner.Placement) -> list[int]:
+    """Expert id -> the device that computes it (the first home; one copy per expert)."""
+    return [homes[0] for homes in placement.homes]
+
+
+def start_message(facts: Facts, config_id: int, rank: int, world_size: int, owner: list[int],
+                  replace: bool = True) -> wire.StartExecutor:
+    return wire.StartExecutor(config_id=config_id, rank=rank, world_size=world_size, expert_owner=owner,
+                              engine=facts.engine, model_name=facts.model_name,
+                              collective_timeout_s=facts.collective_timeout_s, replace=replace)
+
+
+def exec_dest(config_id: int, rank: int) -> str:
+    return f"exec-{config_id}-{rank}"
+
+
+def hmm_dest(device: int) -> str:
+    return f"hmm-{device}"
+
+
+# -- the step -------------------------------------------------------------------------
+def step(state: State, event: Event) -> tuple[State, list[Action]]:
+    """The next state and what to do, for one event. Pure and deterministic."""
+    handler = _HANDLERS[type(event)]
+    return handler(state, event)
+
+
+def _ms(seconds: float) -> int:
+    return max(0, round(seconds * 1000))
+
+
+def _end_stage(sc: Scale, now: float, **changes) -> Scale:
+    phases = {**sc.record.phases_ms, sc.stage: _ms(now - sc.stage_started)}
+    record = msgspec.structs.replace(sc.record, phases_ms=phases)
+    return dataclasses.replace(sc, record=record, stage_started=now, **changes)
+
+
+def _on_scale_requested(state: State, ev: ScaleRequested) -> tuple[State, list[Action]]:
+    refused = refuse_scale(state, ev.target)
+    assert refused is None, f"the shell checks refuse_scale first: {refused}"
+    new_config = state.last_config_id + 1
+    old = state.devices
+    new = tuple(range(ev.target))
+    added = tuple(d for d in new if d not in old)
+    removed = tuple(d for d in old if d not in new)
+    cold = tuple(d for d in added if d not in state.warm)
+    record = admin.ScaleRecord(from_devices=state.num_devices, to_devices=ev.target, reason=ev.reason,
+                               scale_id=ev.scale_id, started_at=ev.started_at, outcome=admin.Outcome.RUNNING)
+    sc = Scale(scale_id=ev.scale_id, target=ev.target, old_config=state.config_id, new_config=new_config,
+               old_devices=old, new_devices=new, added=added, removed=removed, stage=WORKERS,
+               waiting=frozenset(cold), started=ev.now, stage_started=ev.now, deadline=ev.now + ev.timeout_s,
+               timeout_s=ev.timeout_s, record=record)
+    state = dataclasses.replace(state, scale=sc, last_config_id=new_config, warm=state.warm - set(added))
+    actions: list[Action] = [AddWorkers(cold)] if cold else []
+    if not cold:
+        state, more = _start_transfer(state, ev.now)
+        actions += more
+    return state, actions
+
+
+def _start_transfer(state: State, now: float) -> tuple[State, list[Action]]:
+    sc, f = state.scale, state.facts
+    plan = planner.plan(state.placement, sc.old_devices, sc.new_devices, replicated_bytes=f.replicated_bytes,
+                        expert_bytes=f.expert_bytes)
+    transfers = [wire.Transfer("replicated", t.src_device, t.dst_device, t.offset_bytes, t.size_bytes)
+                 for t in plan.replicated_transfers]
+    transfers += [wire.Transfer("expert", m.src_device, m.dst_device, expert_id=m.expert) for m in plan.expert_moves]
+    group = sorted(set(sc.old_devices) | set(sc.new_devices))
+    holds: dict[int, list[int]] = {}
+    for e, homes in enumerate(plan.new_placement.homes):
+        for d in homes:
+            holds.setdefault(d, []).append(e)
+    actions: list[Action] = [
+        Send(hmm_dest(d), wire.PrepareTransition(
+            config_id=sc.new_config, rank=rank, group_ranks=group, expert_ids=sorted(holds.get(d, [])),
+            transfers=transfers, replicated_layout=list(f.replicated_layout), replicated_bytes=f.replicated_bytes,
+            expert_w13_bytes=f.expert_w13_bytes, expert_w2_bytes=f.expert_w2_bytes, moe_layers=list(f.moe_layers),
+            num_kv_blocks=f.num_kv_blocks, kv_bytes=f.kv_bytes, config_json=f.config_json,
+            tokenizer_files=dict(f.tokenizer_files), timeout_s=sc.timeout_s))
+        for rank, d in enumerate(group)]
+    record = msgspec.structs.replace(sc.record, bytes_transferred=plan.bytes_moved)
+    sc = _end_stage(dataclasses.replace(sc, record=record), now, stage=TRANSFER, waiting=frozenset(group), plan=plan)
+    return dataclasses.replace(state, scale=sc), actions
+
+
+def _on_registered(state: State, ev: WorkerRegistered) -> tuple[State, list[Action]]:
+    sc = state.scale
+    if sc is not None and ev.device in sc.added:
+        if sc.stage == WORKERS and ev.device in sc.waiting:
+            sc = dataclasses.replace(sc, waiting=sc.waiting - {ev.device})
+            state = dataclasses.replace(state, scale=sc)
+            if not sc.waiting:
+                return _start_transfer(state, ev.now)
+        return state, []  # a hello repeated while it joins
+    if ev.device < state.num_devices or ev.device in state.warm:
+        return state, []  # an active device says hello again: nothing new
+    return dataclasses.replace(state, warm=state.warm | {ev.device}), []
+
+
+def _on_transfer_ready(state: State, ev: TransferReady) -> tuple[State, list[Action]]:
+    sc, msg = state.scale, ev.msg
+    if sc is None or msg.config_id != sc.new_config or sc.stage != TRANSFER or msg.device_index not in sc.waiting:
+        return state, []  # stale (an aborted attempt) or duplicate
+    ready = {**sc.ready, msg.device_index: msg}
+    sc = dataclasses.replace(sc, ready=ready, waiting=sc.waiting - {msg.device_index})
+    if sc.waiting:
+        return dataclasses.replace(state, scale=sc), []
+    record = msgspec.structs.replace(sc.record, transfer_data_ms=_ms(max(r.data_seconds for r in ready.values())))
+    owner = owner_list(sc.plan.new_placement)
+    actions: list[Action] = [
+        Send(hmm_dest(d), start_message(state.facts, sc.new_config, d, sc.target, owner, replace=False))
+        for d in sc.new_devices]
+    sc = _end_stage(dataclasses.replace(sc, record=record), ev.now, stage=STANDBY, waiting=frozenset(sc.new_devices))
+    return dataclasses.replace(state, scale=sc), actions
+
+
+def _on_executor_ready(state: State, ev: ExecutorReady) -> tuple[State, list[Action]]:
+    sc = state.scale
+    if sc is not None and ev.config_id == sc.new_config:
+        if sc.stage != STANDBY or ev.rank not in sc.waiting:
+            return state, []
+        sc = dataclasses.replace(sc, waiting=sc.waiting - {ev.rank})
+        if sc.waiting:
+            return dataclasses.replace(state, scale=sc), []
+        sc = _end_stage(sc, ev.now, stage=SWITCH, waiting=frozenset(sc.old_devices))
+        actions: list[Action] = [PauseAdmission()]
+        actions += [Send(exec_dest(sc.old_config, r), wire.PauseForSwitch(config_id=sc.old_config))
+                    for r in sc.old_devices]
+        return dataclasses.replace(state, scale=sc, paused=True), actions
+    if ev.config_id == state.config_id and ev.rank in state.recovering:
+        recovering = state.recovering - {ev.rank}
+        state = dataclasses.replace(state, recovering=recovering)
+        if not recovering and not state.hmm_lost:
+            return dataclasses.replace(state, error=None), [SetHealth(None)]
+    return state, []
+
+
+def _on_handed_over(state: State, ev: HandedOver) -> tuple[State, list[Action]]:
+    sc = state.scale
+    if sc is not None and sc.stage == SWITCH and ev.config_id == sc.old_config:
+        if ev.rank not in sc.waiting:
+            return _adopt_late(state, ev, sc.new_config, sc.new_devices, {})
+        sc = dataclasses.replace(sc, handed={**sc.handed, ev.rank: tuple(ev.requests)},
+                                 waiting=sc.waiting - {ev.rank})
+        state = dataclasses.replace(state, scale=sc)
+        if sc.waiting:
+            return state, []
+        return _commit(state, ev.now, failed_ranks=())
+    if state.retired is not None and ev.config_id == state.retired[0]:
+        return _adopt_late(state, ev, state.config_id, state.retired[1], {})
+    return state, []  # a configuration we never switched from
+
+
+def _distribute(handed: Mapping[int, tuple[wire.SequenceState, ...]], new_devices: tuple[int, ...],
+                counts: dict[int, int]) -> tuple[dict[int, list[wire.SequenceState]], dict[int, list[wire.SequenceState]]]:
+    """-> (kept: adopted by the same rank, KV in place; moved: sequences of departing ranks,
+    recomputed on the least loaded new rank). NOTE: one request, one adopter, even when two
+    handovers list it."""
+    kept: dict[int, list[wire.SequenceState]] = {d: [] for d in new_devices}
+    moved: dict[int, list[wire.SequenceState]] = {d: [] for d in new_devices}
+    seen: set[str] = set()
+    staying = [r for r in sorted(handed) if r in kept]
+    departing = [r for r in sorted(handed) if r not in kept]
+    for rank in staying + departing:
+        for st in handed[rank]:
+            if st.request_id in seen:
+                continue
+            seen.add(st.request_id)
+            if rank in kept:
+                kept[rank].append(st)
+                d = rank
+            else:
+                d = min(new_devices, key=lambda x: (counts.get(x, 0), x))
+                moved[d].append(st)
+            counts[d] = counts.get(d, 0) + 1
+    return kept, moved
+
+
+def _adopt_actions(config_id: int, kept, moved) -> tuple[list[Action], dict[str, int]]:
+    actions: list[Action] = []
+    ranks: dict[str, int] = {}
+    for d in sorted(kept):
+        if kept[d]:
+            actions.append(Send(exec_dest(config_id, d), wire.Adopt(config_id=config_id, requests=kept[d], keep_kv=True)))
+        if moved[d]:
+            actions.append(Send(exec_dest(config_id, d), wire.Adopt(config_id=config_id, requests=moved[d], keep_kv=False)))
+        ranks.update({st.request_id: d for st in kept[d] + moved[d]})
+    return actions, ranks
+
+
+def _adopt_late(state: State, ev: HandedOver, config_id: int, new_devices: tuple[int, ...],
+                counts: dict[int, int]) -> tuple[State, list[Action]]:
+    """Sequences an old executor handed over after its first handover (a request that raced
+    the pause): they go to the new configuration like the others."""
+    if not ev.requests:
+        return state, []
+    kept, moved = _distribute({ev.rank: tuple(ev.requests)}, new_devices, counts)
+    actions, ranks = _adopt_actions(config_id, kept, moved)
+    if state.scale is not None and state.scale.stage == SWITCH:
+        # not committed yet: the commit will bind them
+        sc = state.scale
+        extra = {**sc.handed}
+        extra[ev.rank] = tuple(extra.get(ev.rank, ())) + tuple(ev.requests)
+        return dataclasses.replace(state, scale=dataclasses.replace(sc, handed=extra)), []
+    return state, actions + [Rebind(ranks)]
+
+
+def _commit(state: State, now: float, failed_ranks: tuple[int, ...], message: str = "") -> tuple[State, list[Action]]:
+    sc = state.scale
+    kept, moved = _distribute(sc.handed, sc.new_devices, {})
+    actions, ranks = _adopt_actions(sc.new_config, kept, moved)
+    if failed_ranks:
+        actions.append(FailRequests(sc.old_config, failed_ranks, message))
+    actions.append(Commit(config_id=sc.new_config, num_devices=sc.target, ranks=ranks))
+    if state.held:
+        actions.append(Release(state.held))
+    actions += [Send(exec_dest(sc.old_config, r), wire.Shutdown(reason="replaced by a new configuration"))
+                for r in sc.old_devices]
+    actions += [Send(hmm_dest(d), wire.CommitTransition(config_id=sc.new_config)) for d in sc.new_devices]
+    actions += [Send(hmm_dest(d), wire.Shutdown(reason="device released")) for d in sc.removed]
+    if sc.removed:
+        actions.append(RemoveWorkers(sc.removed))
+    sc = _end_stage(sc, now)
+    outcome = admin.Outcome.FAILED if failed_ranks else admin.Outcome.SUCCEEDED
+    record = msgspec.structs.replace(sc.record, outcome=outcome, message=message, duration_ms=_ms(now - sc.started),
+                                     requests_handed_over=len(ranks))
+    hmm_ready = {d: sc.ready[d].ready for d in sc.new_devices if d in sc.ready}
+    actions.append(Finished(record))
+    state = dataclasses.replace(
+        state, config_id=sc.new_config, num_devices=sc.target, placement=sc.plan.new_placement, hmm_ready=hmm_ready,
+        scale=None, paused=False, held=(), retired=(sc.old_config, sc.new_devices))
+    return state, actions
+
+
+def _abort(state: State, now: float, reason: str) -> tuple[State, list[Action]]:
+    sc = state.scale
+    assert sc is not None and not sc.switched, "no way back after the pause"
+    actions: list[Action] = [Send(hmm_dest(d), wire.AbortTransition(config_id=sc.new_config, reason=reason))
+                             for d in sc.old_devices]
+    # A worker of a pod fleet outlives RemoveWorkers: it must drop what it half-received.
+    actions += [Send(hmm_dest(d), wire.Shutdown(reason=f"scale aborted: {reason}")) for d in sc.added]
+    if sc.added:
+        actions.append(RemoveWorkers(sc.added))
+    sc = _end_stage(sc, now)
+    record = msgspec.structs.replace(sc.record, outcome=admin.Outcome.ABORTED, message=reason,
+                                     duration_ms=_ms(now - sc.started))
+    actions.append(Finished(record))
+    return dataclasses.replace(state, scale=None), actions
+
+
+def _degrade(state: State, error: str, *, hmm_lost: bool, recover_at: float | None) -> tuple[State, list[Action]]:
+    full = error if state.error is None else (state.error if error in state.error else f"{state.error}; {error}")
+    actions: list[Action] = []
+    if state.error is None:
+        actions.append(FailRequests(state.config_id, None, error))
+    actions.append(SetHealth(full))
+    state = dataclasses.replace(state, error=full, hmm_lost=state.hmm_lost or hmm_lost,
+                                recover_at=None if (hmm_lost or state.hmm_lost) else recover_at)
+    return state, actions
+
+
+def _on_executor_failed(state: State, ev: ExecutorFailed) -> tuple[State, list[Action]]:
+    sc = state.scale
+    if sc is not None and ev.config_id == sc.new_config and not sc.switched:
+        return _abort(state, ev.now, f"standby executor rank {ev.rank} failed: {ev.error}")
+    if ev.config_id != state.config_id:
+        return state, []  # a straggler of a configuration already replaced or given up
+    if sc is not None and sc.switched and ev.rank in sc.waiting:
+        # it died before handing over: its requests are lost, the others go on
+        sc = dataclasses.replace(sc, waiting=sc.waiting - {ev.rank})
+        state = dataclasses.replace(state, scale=sc)
+        if sc.waiting:
+            return state, [FailRequests(sc.old_config, (ev.rank,), f"executor rank {ev.rank} failed: {ev.error}")]
+        return _commit(state, ev.now, (ev.rank,), f"executor rank {ev.rank} failed during the switch: {ev.error}")
+    if sc is not None and sc.switched:
+        return state, []  # it handed over already; it is on its way out
+    actions: list[Action] = []
+    if sc is not None:
+        state, actions = _abort(state, ev.now, f"the serving configuration failed: rank {ev.rank}: {ev.error}")
+    # Decide a moment later: when a whole worker died, its peers' executors report broken
+    # connections before the fleet sees the death, and a dead HMM's memory cannot be recovered.
+    state, more = _degrade(state, f"executor rank {ev.rank} failed: {ev.error}", hmm_lost=False,
+                           recover_at=ev.now + state.facts.recovery_grace_s)
+    return state, actions + more
+
+
+def _on_hmm_failed(state: State, ev: HMMFailed) -> tuple[State, list[Action]]:
+    sc = state.scale
+    if ev.config_id:
+        if sc is not None and ev.config_id == sc.new_config and not sc.switched:
+            return _abort(state, ev.now, f"device {ev.device}: {ev.error}")
+        return state, []  # a transition that was aborted or is over: its failure changes nothing
+    if ev.device >= state.num_devices and (sc is None or ev.device not in sc.new_devices):
+        return state, []  # a warm worker's problem; it holds nothing
+    actions: list[Action] = []
+    if sc is not None and not sc.switched:
+        state, actions = _abort(state, ev.now, f"device {ev.device} failed: {ev.error}")
+    state, more = _degrade(state, f"HMM of device {ev.device} failed: {ev.error}", hmm_lost=True, recover_at=None)
+    return state, actions + more
+
+
+def _on_worker_died(state: State, ev: WorkerDied) -> tuple[State, list[Action]]:
+    sc = state.scale
+    if sc is not None and not sc.switched and ev.device in sc.added:
+        return _abort(state, ev.now, f"new worker(s) died: device {ev.device} ({ev.detail})")
+    if ev.device in state.warm:
+        return dataclasses.replace(state, warm=state.warm - {ev.device}), [RemoveWorkers((ev.device,))]
+    active = ev.device < state.num_devices or (sc is not None and ev.device in sc.new_devices)
+    if not active:
+        return state, [RemoveWorkers((ev.device,))]  # a worker on its way out, or a stray
+    actions: list[Action] = []
+    if sc is not None and not sc.switched:
+        state, actions = _abort(state, ev.now, f"device {ev.device} died: {ev.detail}")
+    elif sc is not None and sc.switched and ev.device in sc.waiting:
+        sc = dataclasses.replace(sc, waiting=sc.waiting - {ev.device})
+        state = dataclasses.replace(state, scale=sc)
+        if not sc.waiting:
+            state, actions = _commit(state, ev.now, (ev.device,), f"device {ev.device} died during the switch")
+        else:
+            actions = [FailRequests(sc.old_config, (ev.device,), f"device {ev.device} died: {ev.detail}")]
+    state, more = _degrade(state, f"worker process(es) died: device {ev.device} ({ev.detail})", hmm_lost=True,
+                           recover_at=None)
+    return state, actions + more
+
+
+def _on_request_arrived(state: State, ev: RequestArrived) -> tuple[State, list[Action]]:
+    if not state.paused:
+        # the pause ended between the shell's check and this event: route it right away
+        return state, [Release((ev.request_id,))]
+    return dataclasses.replace(state, held=state.held + (ev.request_id,)), []
+
+
+def _on_tick(state: State, ev: Tick) -> tuple[State, list[Action]]:
+    sc = state.scale
+    if sc is not None and ev.now >= sc.deadline:
+        waiting = sorted(sc.waiting)
+        if not sc.switched:
+            what = {WORKERS: "new workers to register", TRANSFER: "peer-to-peer transfers",
+                    STANDBY: "standby executors"}[sc.stage]
+            return _abort(state, ev.now, f"timed out after {sc.timeout_s:g} s waiting for {what} "
+                                         f"(still waiting for device(s) {waiting})")
+        return _commit(state, ev.now, tuple(waiting), f"rank(s) {waiting} did not hand over within "
+                                                       f"{sc.timeout_s:g} s; their requests failed")
+    if state.recover_at is not None and ev.now >= state.recover_at and sc is None:
+        return _recover(state)
+    return state, []
+
+
+def _recover(state: State) -> tuple[State, list[Action]]:
+    """An executor died but every HMM still holds its memory: a fresh set of executors (new
+    configuration id, new collective group) on the same memory. Nothing is read from the
+    checkpoint; the requests in flight were failed already."""
+    if state.hmm_lost:
+        return dataclasses.replace(state, recover_at=None), []
+    config_id = state.last_config_id + 1
+    owner = owner_list(state.placement)
+    actions: list[Action] = [Recovering(config_id)]
+    actions += [Send(hmm_dest(d), start_message(state.facts, config_id, d, state.num_devices, owner))
+                for d in state.devices]
+    return dataclasses.replace(state, config_id=config_id, last_config_id=config_id, recover_at=None,
+                               recovering=frozenset(state.devices), retired=None), actions
+
+
+def _on_abort_requested(state: State, ev: AbortRequested) -> tuple[State, list[Action]]:
+    sc = state.scale
+    if sc is None or sc.switched:
+        return state, []
+    return _abort(state, ev.now, ev.reason)
+
+
+_HANDLERS = {
+    ScaleRequested: _on_scale_requested, WorkerRegistered: _on_registered, WorkerDied: _on_worker_died,
+    TransferReady: _on_transfer_ready, HMMFailed: _on_hmm_failed, ExecutorReady: _on_executor_ready,
+    ExecutorFailed: _on_executor_failed, HandedOver: _on_handed_over, RequestArrived: _on_request_arrived,
+    Tick: _on_tick, AbortRequested: _on_abort_requested,
+}

@@ -1,0 +1,286 @@
+"""The control channel: one ZeroMQ ROUTER socket that every HMM and executor connects to,
+authenticated and encrypted with CURVE, owned by one I/O thread.
+
+Why it exists: the coordinator must act only on messages from processes that hold the worker
+secret, and must survive anything else that reaches its port. Both key pairs (server and client)
+are derived from the worker secret, and a ZAP handler admits only the client key: a process
+without the secret cannot complete the handshake, so none of its frames is ever delivered, and
+nothing (neither the secret nor a token) travels in clear text. Frames from admitted peers that
+do not decode are counted and dropped; a callback that raises is logged and the loop goes on.
+If the loop dies anyway, `alive` turns False (the HTTP layer reports 503).
+
+The same channel carries the rendezvous of every collective group (`StoreRequest`): a
+key-value store held here, so forming a group needs the secret too, and nothing but this
+socket listens for it.
+
+Not guaranteed: ordering between different peers' messages; delivery to a peer that has gone
+(ROUTER drops frames for unknown identities). Holders of the secret are trusted alike: an
+admitted peer could claim another's identity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from typing import Callable
+
+import msgspec
+import zmq
+import zmq.auth.thread
+
+from elasticmoe_worker.contract import wire
+
+logger = logging.getLogger(__name__)
+
+SECRET_ENV = "ELASTICMOE_WORKER_SECRET"
+
+
+class Keys(msgspec.Struct, frozen=True):
+    server_public: bytes
+    server_secret: bytes
+    client_public: bytes
+    client_secret: bytes
+
+
+def keys_from_secret(secret: str) -> Keys:
+    """Both CURVE key pairs, derived from the worker secret (the same on every holder)."""
+    if not secret:
+        raise ValueError(f"worker secret: empty; set {SECRET_ENV} (the same value for the coordinator and its workers)")
+
+    def pair(role: bytes) -> tuple[bytes, bytes]:
+        seed = hashlib.sha256(b"elasticmoe-control-" + role + b"\0" + secret.encode()).digest()
+        private = zmq.utils.z85.encode(seed)
+        return zmq.curve_public(private), private
+
+    sp, ss = pair(b"server")
+    cp, cs = pair(b"client")
+    return Keys(sp, ss, cp, cs)
+
+
+def connect(ctx: zmq.Context, address: str, identity: str, secret: str, linger_ms: int = 1000) -> zmq.Socket:
+    """A DEALER to the coordinator, as an admitted client (CURVE with the secret's keys)."""
+    keys = keys_from_secret(secret)
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.IDENTITY, identity.encode())
+    sock.setsockopt(zmq.LINGER, linger_ms)
+    sock.curve_serverkey = keys.server_public
+    sock.curve_publickey = keys.client_public
+    sock.curve_secretkey = keys.client_secret
+    sock.connect(address)
+    return sock
+
+
+class _OnlyClientKey:
+    """ZAP credentials provider: admits the one client key derived from the secret."""
+
+    def __init__(self, client_public: bytes) -> None:
+        self.client_public = client_public
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        ok = key == self.client_public
+        if not ok:
+            logger.warning("control channel: refused a peer without the worker secret")
+        return ok
+
+
+class KeyValue:
+    """The rendezvous store's data, served over the channel (see `rendezvous.ChannelStore`)."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+
+    def handle(self, req: wire.StoreRequest) -> wire.StoreReply:
+        d = self.data
+        if req.op == "set":
+            d[req.key] = req.value
+            return wire.StoreReply(seq=req.seq)
+        if req.op == "get":
+            return wire.StoreReply(seq=req.seq, found=req.key in d, value=d.get(req.key, b""))
+        if req.op == "add":
+            value = int(d.get(req.key, b"0")) + req.amount
+            d[req.key] = str(value).encode()
+            return wire.StoreReply(seq=req.seq, amount=value)
+        if req.op == "check":
+            return wire.StoreReply(seq=req.seq, found=all(k in d for k in req.keys))
+        if req.op == "delete":
+            return wire.StoreReply(seq=req.seq, found=d.pop(req.key, None) is not None)
+        if req.op == "compare_set":
+            current = d.get(req.key)
+            if (current is None and not req.expected) or current == req.expected:
+                d[req.key] = req.value
+                return wire.StoreReply(seq=req.seq, value=req.value)
+            return wire.StoreReply(seq=req.seq, value=current if current is not None else req.expected)
+        if req.op == "num_keys":
+            return wire.StoreReply(seq=req.seq, amount=len(d))
+        return wire.StoreReply(seq=req.seq, found=False)
+
+    def drop_prefix(self, prefix: str) -> None:
+        """Forget a finished group's keys."""
+        for k in [k for k in self.data if k.startswith(prefix)]:
+            del self.data[k]
+
+
+class Server:
+    """The ROUTER end. `on_message(identity, msg)` and `on_tick()` run on the I/O thread."""
+
+    def __init__(self, secret: str, on_message: Callable[[str, wire.Msg], None], on_tick: Callable[[], None],
+                 bind_host: str = "127.0.0.1", port: int = 0, advertise_host: str | None = None,
+                 tick_interval_s: float = 0.1) -> None:
+        self.keys = keys_from_secret(secret)
+        self.on_message = on_message
+        self.on_tick = on_tick
+        self.bind_host = bind_host
+        self.port = port
+        self.advertise_host = advertise_host or ("127.0.0.1" if bind_host in ("0.0.0.0", "::", "*") else bind_host)
+        self.tick_interval_s = tick_interval_s
+        self.store = KeyValue()
+        self.malformed_frames = 0
+        self.error: str | None = None
+        self.address = ""
+        self._ctx: zmq.Context | None = None
+        self._auth: zmq.auth.thread.ThreadAuthenticator | None = None
+        self._router: zmq.Socket | None = None
+        self._wake_pull: zmq.Socket | None = None
+        self._wake_push: zmq.Socket | None = None
+        self._poll: zmq.Poller | None = None
+        self._send_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+
+    # -- lifecycle -------------------------------------------------------------------
+    def bind(self) -> str:
+        """Bind the socket (no thread yet: start-up may read it synchronously); -> address."""
+        self._ctx = zmq.Context()
+        self._auth = zmq.auth.thread.ThreadAuthenticator(self._ctx, log=logging.getLogger(__name__ + ".zap"))
+        self._auth.start()
+        self._auth.configure_curve_callback("*", credentials_provider=_OnlyClientKey(self.keys.client_public))
+        r = self._ctx.socket(zmq.ROUTER)
+        r.setsockopt(zmq.LINGER, 0)
+        r.curve_server = True
+        r.curve_publickey = self.keys.server_public
+        r.curve_secretkey = self.keys.server_secret
+        if self.port:
+            r.bind(f"tcp://{self.bind_host}:{self.port}")
+        else:
+            self.port = r.bind_to_random_port(f"tcp://{self.bind_host}")
+        self._router = r
+        # NOTE: only one thread ever touches the ROUTER; others hand it frames through this pipe.
+        wake = f"inproc://control-{id(self)}"
+        self._wake_pull = self._ctx.socket(zmq.PULL)
+        self._wake_pull.bind(wake)
+        self._wake_push = self._ctx.socket(zmq.PUSH)
+        self._wake_push.connect(wake)
+        self.address = f"tcp://{self.advertise_host}:{self.port}"
+        return self.address
+
+    def start(self) -> None:
+        """Hand the socket to the I/O thread."""
+        assert self._router is not None, "bind() first"
+        self._thread = threading.Thread(target=self._run, name="control-io", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.error is None
+
+    def stop(self) -> None:
+        self._stop = True
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+        for s in (self._router, self._wake_pull, self._wake_push):
+            if s is not None:
+                s.close(linger=0)
+        self._router = self._wake_pull = self._wake_push = None
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+        if self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
+
+    # -- sending (any thread) ----------------------------------------------------------
+    def send(self, identity: str, msg: wire.Msg) -> None:
+        """Queue a message to one peer; never blocks. Dropped when the peer is unknown."""
+        frames = [identity.encode(), wire.encode(msg)]
+        with self._send_lock:
+            if self._stop or self._router is None:
+                return
+            if self._thread is None or threading.current_thread() is self._thread:
+                self._router.send_multipart(frames)  # this thread owns the socket
+            else:
+                self._wake_push.send_multipart(frames)
+
+    # -- receiving (before start: the caller's thread; after: the I/O thread) ------------
+    def receive(self, timeout_ms: int) -> tuple[str, wire.Msg] | None:
+        """One admitted, well-formed message (store requests are answered here), or None."""
+        events = dict(self._poller().poll(timeout_ms))
+        if self._wake_pull in events:
+            while True:
+                try:
+                    frames = self._wake_pull.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._router.send_multipart(frames)
+        if self._router not in events:
+            return None
+        try:
+            frames = self._router.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return None
+        return self._decode(frames)
+
+    def _poller(self) -> zmq.Poller:
+        if getattr(self, "_poll", None) is None:
+            self._poll = zmq.Poller()
+            self._poll.register(self._router, zmq.POLLIN)
+            self._poll.register(self._wake_pull, zmq.POLLIN)
+        return self._poll
+
+    def _decode(self, frames: list[bytes]) -> tuple[str, wire.Msg] | None:
+        if len(frames) != 2:
+            self._malformed(f"{len(frames)} frames")
+            return None
+        identity = frames[0].decode("utf-8", "replace")
+        try:
+            msg = wire.decode(frames[1])
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            self._malformed(f"from {identity!r}: {exc}")
+            return None
+        if isinstance(msg, wire.StoreRequest):
+            self._router.send_multipart([frames[0], wire.encode(self.store.handle(msg))])
+            return None
+        return identity, msg
+
+    def _malformed(self, what: str) -> None:
+        self.malformed_frames += 1
+        # once in a while: a broken peer repeats itself
+        level = logging.WARNING if self.malformed_frames in (1, 10, 100) or self.malformed_frames % 1000 == 0 \
+            else logging.DEBUG
+        logger.log(level, "control channel: dropped a malformed frame (%d so far): %s", self.malformed_frames, what)
+
+    def _run(self) -> None:
+        last_tick = 0.0
+        try:
+            while not self._stop:
+                got = self.receive(int(self.tick_interval_s * 1000))
+                while got is not None or (got := self.receive(0)) is not None:
+                    identity, msg = got
+                    got = None
+                    try:
+                        self.on_message(identity, msg)
+                    except Exception:
+                        logger.exception("control channel: handling %s from %s failed; going on",
+                                         type(msg).__name__, identity)
+                now = time.monotonic()
+                if now - last_tick >= self.tick_interval_s:
+                    last_tick = now
+                    try:
+                        self.on_tick()
+                    except Exception:
+                        logger.exception("control channel: periodic check failed; going on")
+        except BaseException as exc:
+            if not self._stop:
+                self.error = f"control channel I/O thread died: {type(exc).__name__}: {exc}"
+                logger.exception("%s", self.error)
