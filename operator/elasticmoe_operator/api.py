@@ -184,7 +184,7 @@ class ElasticMoESpec(_Model):
                                                   "the device count.")
     engine: EngineSpec = pydantic.Field(default_factory=EngineSpec, description="Serving-engine settings.")
     coordinator: PodSpec = pydantic.Field(default_factory=PodSpec, description="The coordinator pod (OpenAI "
-                                          "API, admin API, rendezvous store).")
+                                          "API, admin API, the workers' control channel).")
     worker: WorkerSpec = pydantic.Field(default_factory=WorkerSpec, description="The worker pods, one per "
                                         "device.")
     scale_timeout_seconds: int = pydantic.Field(600, ge=10, le=86400, description="A scale whose new "

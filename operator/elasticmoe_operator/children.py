@@ -23,7 +23,6 @@ from elasticmoe_operator import api
 
 PORT_HTTP = 8000
 PORT_CONTROL = 5555
-PORT_STORE = 5556
 # The instance's Secret holds two keys (DESIGN 5.2): the admin API's bearer token, which only the
 # coordinator (and the operator) know, and the worker secret, which the coordinator and its
 # workers share for the control channel and the collectives. A worker never gets the admin token.
@@ -133,15 +132,14 @@ def config_map(owner: dict, spec: api.ElasticMoESpec) -> dict:
 def coordinator_service(owner: dict) -> dict:
     name = owner["metadata"]["name"]
     ports = [{"name": "http", "port": PORT_HTTP, "targetPort": "http", "protocol": "TCP", "appProtocol": "http"},
-             {"name": "control", "port": PORT_CONTROL, "targetPort": "control", "protocol": "TCP"},
-             {"name": "store", "port": PORT_STORE, "targetPort": "store", "protocol": "TCP"}]
+             {"name": "control", "port": PORT_CONTROL, "targetPort": "control", "protocol": "TCP"}]
     return {"apiVersion": "v1", "kind": "Service",
             "metadata": _metadata(owner, coordinator_name(name), COMPONENT_COORDINATOR),
             "spec": {"type": "ClusterIP", "selector": _selector_labels(name, COMPONENT_COORDINATOR),
                      "ports": ports,
-                     # NOTE: workers register on `control` and meet on `store` *before* the
-                     # coordinator can be healthy (it waits for them), so these ports must be
-                     # reachable while it is not Ready. There is one coordinator, so this sends
+                     # NOTE: workers register (and their collectives rendezvous) on `control`
+                     # *before* the coordinator can be healthy (it waits for them), so that port
+                     # must be reachable while it is not Ready. There is one coordinator, so this sends
                      # API traffic nowhere it would not go anyway; its /health still answers 503.
                      "publishNotReadyAddresses": True}}
 
@@ -199,7 +197,7 @@ def coordinator_args(name: str, namespace: str, spec: api.ElasticMoESpec, device
     """`elasticmoe coordinator` arguments; `devices` is the device count it starts with."""
     model, engine = spec.model, spec.engine
     args = ["--host", "0.0.0.0", "--port", str(PORT_HTTP), "--control-port", str(PORT_CONTROL),
-            "--store-port", str(PORT_STORE), "--advertise-host", coordinator_host(name, namespace),
+            "--advertise-host", coordinator_host(name, namespace),
             "--devices", str(devices), "--backend", spec.devices.backend]
     if model.source:  # empty: the embedded default model baked into the image
         args += ["--model", model.source]
@@ -222,8 +220,7 @@ def coordinator_deployment(owner: dict, spec: api.ElasticMoESpec, image: str, de
         "name": COMPONENT_COORDINATOR, "image": image, "imagePullPolicy": pod.image_pull_policy,
         "command": ["elasticmoe", "coordinator"], "args": coordinator_args(name, namespace, spec, devices),
         "ports": [{"name": "http", "containerPort": PORT_HTTP, "protocol": "TCP"},
-                  {"name": "control", "containerPort": PORT_CONTROL, "protocol": "TCP"},
-                  {"name": "store", "containerPort": PORT_STORE, "protocol": "TCP"}],
+                  {"name": "control", "containerPort": PORT_CONTROL, "protocol": "TCP"}],
         "env": _env(fixed, _DEFAULT_ENV, pod.env),
         "volumeMounts": mounts, "securityContext": _container_security_context(),
         # Up to 15 minutes for the model to load and the first workers (their images can be

@@ -111,7 +111,7 @@ class Api:
 class Kubelet:
     def __init__(self, api: Api, namespace: str, tmp: pathlib.Path, http_port: int) -> None:
         self.api, self.ns, self.tmp = api, namespace, tmp
-        self.http_port, self.control_port, self.store_port = http_port, testprocs.free_port(), testprocs.free_port()
+        self.http_port, self.control_port = http_port, testprocs.free_port()
         self.procs: dict[tuple[str, str], subprocess.Popen] = {}
         self.started: list[str] = []  # names of pods started, in order
         self.env: dict[str, dict[str, str]] = {}  # pod (or Deployment) name -> the env it last started with
@@ -184,8 +184,8 @@ class Kubelet:
                 continue
             assert c["command"] == ["elasticmoe", "coordinator"], c["command"]
             self._spawn(key, ["coordinator", *c["args"], "--host", "127.0.0.1", "--port", str(self.http_port),
-                              "--control-port", str(self.control_port), "--store-port", str(self.store_port),
-                              "--advertise-host", "127.0.0.1", "--heartbeat-timeout-s", "5"], env, f"{key[1]}.log")
+                              "--control-port", str(self.control_port), "--advertise-host", "127.0.0.1",
+                              "--heartbeat-timeout-s", "5"], env, f"{key[1]}.log")
         for p in pods:
             key = ("Pod", p["metadata"]["name"])
             phase = (p.get("status") or {}).get("phase")

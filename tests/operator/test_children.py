@@ -230,7 +230,7 @@ def test_coordinator_command_carries_the_spec(kind):
     assert container["args"][len(args):] == extra  # last, so they can override
     flags = _flags(args)
     assert flags == {
-        "--host": "0.0.0.0", "--port": "8000", "--control-port": "5555", "--store-port": "5556",
+        "--host": "0.0.0.0", "--port": "8000", "--control-port": "5555",
         "--advertise-host": "moe-coordinator.serving.svc", "--devices": str(spec.devices.desired),
         "--backend": kind,
         "--dtype": spec.model.dtype, "--kv-cache-mb": str(spec.engine.kv_cache_mb),
@@ -432,3 +432,19 @@ def test_worker_index_rejects_a_pod_without_a_valid_label(pod):
 def test_negative_worker_index_is_refused():
     with pytest.raises(ValueError, match="worker index"):
         children.worker_pod(_owner("cpu"), _spec("cpu"), IMAGE, -1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_pod_commands_parse_with_the_workers_own_cli(kind):
+    """The operator writes `elasticmoe coordinator` / `elasticmoe worker` command lines; the CLI
+    they run must accept every flag (a flag the serving plane dropped fails here, not in a pod)."""
+    from elasticmoe_worker import cli  # the tests may import the worker; the operator may not
+
+    parser = cli.build_parser()
+    objs = _all(kind)
+    coordinator = objs["deployment"]["spec"]["template"]["spec"]["containers"][0]
+    args = parser.parse_args([*coordinator["command"][1:], *coordinator["args"]])
+    assert (args.command, args.devices, args.backend) == ("coordinator", _spec(kind).devices.desired, kind)
+    worker = objs["worker3"]["spec"]["containers"][0]
+    args = parser.parse_args([*worker["command"][1:], *worker["args"]])
+    assert (args.command, args.device_index) == ("worker", 3)
