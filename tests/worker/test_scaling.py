@@ -97,7 +97,7 @@ def test_scale_1_2_3_4_2_1_under_load_fails_nothing_and_changes_no_output(tiny_m
         assert [tokens for i, tokens in got] == [refs[i] for i, _ in got]
         for r in records:
             assert set(r.phases_ms) == {"workers", "transfer", "standby_start", "switch"}
-            assert sum(r.phases_ms.values()) <= r.duration_ms <= sum(r.phases_ms.values()) + 4, "phases add up"
+            assert sum(r.phases_ms.values()) == r.duration_ms, "phases are intervals that add up to the total"
     finally:
         inst.shutdown()
 

@@ -337,7 +337,9 @@ def _ms(seconds: float) -> int:
 
 
 def _end_stage(sc: Scale, now: float, **changes) -> Scale:
-    phases = {**sc.record.phases_ms, sc.stage: _ms(now - sc.stage_started)}
+    # Rounded on the running total, so the phases add up to duration_ms exactly.
+    phases = {**sc.record.phases_ms}
+    phases[sc.stage] = _ms(now - sc.started) - sum(phases.values())
     record = msgspec.structs.replace(sc.record, phases_ms=phases)
     return dataclasses.replace(sc, record=record, stage_started=now, **changes)
 
