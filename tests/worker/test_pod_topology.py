@@ -1,6 +1,7 @@
 """The cluster topology on one machine: `elasticmoe coordinator` with workers that others
 start (`elasticmoe worker`, one per device, as the operator's pods do), registering over the
-control port with the shared token, scaled through the admin API, dead when silent."""
+control port with the worker secret (CURVE; separate from the admin token), scaled through the
+admin API, dead when silent."""
 
 from __future__ import annotations
 
@@ -14,14 +15,15 @@ import pytest
 
 import testprocs
 
-TOKEN = "pod-topology-token"
+TOKEN = "pod-topology-token"  # the admin API's
+SECRET = "pod-topology-worker-secret"  # the control channel's
 
 
 class Cluster:
     """A coordinator and hand-started workers, all stopped at teardown."""
 
     def __init__(self, model, tmp_path, devices: int, heartbeat_timeout_s: float = 3.0) -> None:
-        self.http_port, self.control_port, self.store_port = testprocs.free_port(), testprocs.free_port(), testprocs.free_port()
+        self.http_port, self.control_port = testprocs.free_port(), testprocs.free_port()
         token_file = tmp_path / "token"
         token_file.write_text(TOKEN + "\n")
         self.tmp = tmp_path
@@ -29,19 +31,21 @@ class Cluster:
         self.coordinator = subprocess.Popen(
             testprocs.elasticmoe("coordinator", "--model", str(model), "--devices", str(devices), "--host", "127.0.0.1",
                         "--port", str(self.http_port), "--control-port", str(self.control_port),
-                        "--store-port", str(self.store_port), "--advertise-host", "127.0.0.1",
+                        "--advertise-host", "127.0.0.1",
                         "--admin-token-file", str(token_file), "--heartbeat-timeout-s", str(heartbeat_timeout_s),
                         "--kv-cache-mb", "8", "--served-model-name", "m"),
+            env={**os.environ, "ELASTICMOE_WORKER_SECRET": SECRET},
             stdout=open(tmp_path / "coordinator.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
             preexec_fn=testprocs.die_with_test)
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.client = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
 
-    def start_worker(self, index: int, token: str = TOKEN) -> subprocess.Popen:
+    def start_worker(self, index: int, secret: str = SECRET) -> subprocess.Popen:
         proc = subprocess.Popen(
             testprocs.elasticmoe("worker", "--device-index", str(index), "--coordinator",
                         f"tcp://127.0.0.1:{self.control_port}"),
-            env={**os.environ, "ELASTICMOE_ADMIN_TOKEN": token},
+            env={**{k: v for k, v in os.environ.items() if k != "ELASTICMOE_ADMIN_TOKEN"},
+                 "ELASTICMOE_WORKER_SECRET": secret},
             stdout=open(self.tmp / f"worker-{index}.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True,
             preexec_fn=testprocs.die_with_test)
         self.workers[index] = proc
@@ -101,7 +105,7 @@ def cluster_factory(tmp_path):
 
 def test_workers_register_scale_up_and_down_and_leave(tiny_models, cluster_factory):
     c = cluster_factory(tiny_models["qwen3_moe"], devices=2)
-    intruder = c.start_worker(5, token="wrong-token")  # must never be registered
+    intruder = c.start_worker(5, secret="wrong-secret")  # must never be registered
     for i in range(3):  # one more than the start needs, as the operator creates pods ahead of a scale
         c.start_worker(i)
     status = c.wait(lambda s: s["phase"] == "Serving" and 2 in s["devices"]["registered"], 180,
@@ -112,7 +116,7 @@ def test_workers_register_scale_up_and_down_and_leave(tiny_models, cluster_facto
     r = c.client.post("/admin/scale", json={"devices": 3, "reason": "test up", "wait": False})
     assert r.status_code == 202, r.text
     status = c.wait(lambda s: s["phase"] == "Serving" and s["devices"]["active"] == 3, 120, "3 active devices")
-    assert status["lastScale"]["outcome"] == "succeeded", status["lastScale"]
+    assert status["lastScale"]["outcome"] == "Succeeded", status["lastScale"]
     assert c.complete() == reference
 
     r = c.client.post("/admin/scale", json={"devices": 1, "reason": "test down"})
@@ -124,7 +128,7 @@ def test_workers_register_scale_up_and_down_and_leave(tiny_models, cluster_facto
         c.workers[i].wait(timeout=30)
     assert c.workers[0].poll() is None
     assert intruder.poll() is None and 5 not in c.status()["devices"]["registered"]
-    assert "wrong token" in (c.tmp / "coordinator.log").read_text()
+    assert "refused a peer without the worker secret" in (c.tmp / "coordinator.log").read_text()
     # released workers' last heartbeats do not count as deaths, after the heartbeat timeout either
     time.sleep(4)
     assert c.status()["phase"] == "Serving"

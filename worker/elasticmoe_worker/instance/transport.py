@@ -29,6 +29,7 @@ from typing import Callable
 import msgspec
 import zmq
 import zmq.auth.thread
+import zmq.utils.monitor
 
 from elasticmoe_worker.contract import wire
 
@@ -137,6 +138,7 @@ class Server:
         self.tick_interval_s = tick_interval_s
         self.store = KeyValue()
         self.malformed_frames = 0
+        self.refused_handshakes = 0
         self.error: str | None = None
         self.address = ""
         self._ctx: zmq.Context | None = None
@@ -145,6 +147,7 @@ class Server:
         self._wake_pull: zmq.Socket | None = None
         self._wake_push: zmq.Socket | None = None
         self._poll: zmq.Poller | None = None
+        self._monitor: zmq.Socket | None = None
         self._send_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stop = False
@@ -166,6 +169,10 @@ class Server:
         else:
             self.port = r.bind_to_random_port(f"tcp://{self.bind_host}")
         self._router = r
+        # A peer with a wrong secret fails the handshake before any ZAP call (its server key is
+        # wrong): the monitor is how those refusals are seen and logged.
+        self._monitor = r.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                                             | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
         # NOTE: only one thread ever touches the ROUTER; others hand it frames through this pipe.
         wake = f"inproc://control-{id(self)}"
         self._wake_pull = self._ctx.socket(zmq.PULL)
@@ -189,10 +196,12 @@ class Server:
         self._stop = True
         if self._thread is not None:
             self._thread.join(timeout=2)
-        for s in (self._router, self._wake_pull, self._wake_push):
+        if self._monitor is not None and self._router is not None:
+            self._router.disable_monitor()
+        for s in (self._monitor, self._router, self._wake_pull, self._wake_push):
             if s is not None:
                 s.close(linger=0)
-        self._router = self._wake_pull = self._wake_push = None
+        self._router = self._wake_pull = self._wake_push = self._monitor = None
         if self._auth is not None:
             self._auth.stop()
             self._auth = None
@@ -216,6 +225,8 @@ class Server:
     def receive(self, timeout_ms: int) -> tuple[str, wire.Msg] | None:
         """One admitted, well-formed message (store requests are answered here), or None."""
         events = dict(self._poller().poll(timeout_ms))
+        if self._monitor in events:
+            self._drain_monitor()
         if self._wake_pull in events:
             while True:
                 try:
@@ -236,7 +247,20 @@ class Server:
             self._poll = zmq.Poller()
             self._poll.register(self._router, zmq.POLLIN)
             self._poll.register(self._wake_pull, zmq.POLLIN)
+            self._poll.register(self._monitor, zmq.POLLIN)
         return self._poll
+
+    def _drain_monitor(self) -> None:
+        while True:
+            try:
+                event = zmq.utils.monitor.recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.refused_handshakes += 1
+            n = self.refused_handshakes
+            level = logging.WARNING if n in (1, 10, 100) or n % 1000 == 0 else logging.DEBUG
+            logger.log(level, "control channel: refused a peer without the worker secret (failed CURVE handshake "
+                              "on %s; %d so far)", event.get("endpoint", b"?").decode(errors="replace"), n)
 
     def _decode(self, frames: list[bytes]) -> tuple[str, wire.Msg] | None:
         if len(frames) != 2:
