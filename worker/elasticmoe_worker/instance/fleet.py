@@ -68,18 +68,28 @@ class LocalFleet:
         """Device index -> exit code, for workers that exited."""
         return {i: p.returncode for i, p in self.workers.items() if p.poll() is not None}
 
-    def remove(self, device_index: int, timeout_s: float = 10.0) -> None:
+    def remove(self, device_index: int, timeout_s: float = 10.0, wait: bool = True) -> None:
+        """Stop that worker. The device index is free again at once; with wait=False the
+        process is reaped (and killed after `timeout_s`) in the background."""
         proc = self.workers.pop(device_index, None)
         if proc is None:
             return  # idempotent
         if proc.poll() is None:
             proc.terminate()
-            try:
-                proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                logger.warning("device %d: HMM did not stop in %.0f s, killing it", device_index, timeout_s)
-                proc.kill()
-                proc.wait()
+        if wait:
+            self._reap(device_index, proc, timeout_s)
+        else:
+            threading.Thread(target=self._reap, args=(device_index, proc, timeout_s), name="fleet-reap",
+                             daemon=True).start()
+
+    @staticmethod
+    def _reap(device_index: int, proc: subprocess.Popen, timeout_s: float) -> None:
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            logger.warning("device %d: HMM did not stop in %.0f s, killing it", device_index, timeout_s)
+            proc.kill()
+            proc.wait()
 
     def pids(self) -> dict[int, int]:
         return {i: p.pid for i, p in self.workers.items()}
@@ -125,7 +135,7 @@ class ExternalFleet:
         now = time.monotonic()
         return {i: -1 for i, t in self.workers.items() if t is not None and now - t > self.heartbeat_timeout_s}
 
-    def remove(self, device_index: int, timeout_s: float = 10.0) -> None:
+    def remove(self, device_index: int, timeout_s: float = 10.0, wait: bool = True) -> None:
         # The coordinator has told the HMM to shut down; its pod is the operator's to delete.
         self.workers.pop(device_index, None)
         self.released.add(device_index)

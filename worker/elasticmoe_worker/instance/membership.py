@@ -42,17 +42,11 @@ class Membership:
                 self._reported.discard(d)
             self.fleet.add(d)
 
-    def remove(self, devices, background: bool = True) -> None:
-        """Stop these workers; a local fleet waits for each process, so by default off the caller's thread."""
-        devices = tuple(devices)
-
-        def work() -> None:
-            for d in devices:
-                self.fleet.remove(d)
-        if background:
-            threading.Thread(target=work, name="fleet-remove", daemon=True).start()
-        else:
-            work()
+    def remove(self, devices) -> None:
+        """Stop these workers; never blocks (processes are reaped in the background), and the
+        device indices are free for new workers at once."""
+        for d in devices:
+            self.fleet.remove(d, wait=False)
 
     def new_deaths(self) -> dict[int, int]:
         """Device -> exit code (-1: silent) of workers that died since the last call."""

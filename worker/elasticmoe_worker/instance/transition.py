@@ -94,7 +94,9 @@ def run(backend: backends_base.DeviceBackend, device_index: int, mem: memory.Dev
                     backend.allocate(msg.expert_w2_bytes, f"dev{device_index}.l{layer}.e{e}.w2"),
                 )
     cancel.check()
-    store = rendezvous.ChannelStore(coordinator, secret, f"transition-{msg.config_id}", msg.timeout_s)
+    # NOTE: longer than the scale's own timeout: the coordinator, which knows who is missing,
+    # decides when to give up and cancels us; this is only a safety net.
+    store = rendezvous.ChannelStore(coordinator, secret, f"transition-{msg.config_id}", 1.5 * msg.timeout_s + 2)
     cancel.store = store
     if cancel.reason is not None:
         store.cancel(cancel.reason)
