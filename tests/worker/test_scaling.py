@@ -8,6 +8,7 @@ import asyncio
 import os
 import shutil
 import signal
+import subprocess
 import threading
 import time
 
@@ -191,6 +192,7 @@ def test_admin_api_needs_the_token_and_names_what_is_wrong(admin_server):
         assert status["parallelism"] == {"dp": 2, "ep": 2, "tp": 1}
         r = c.post("/v1/completions", json={"model": inst.model_name, "prompt": "hi", "max_tokens": 4})
         assert r.status_code == 200
+        _check_scaling_metrics(c.get("/metrics").text)
 
     # The CLI wraps the same API: back to one device, phases printed.
     import subprocess
@@ -204,6 +206,25 @@ def test_admin_api_needs_the_token_and_names_what_is_wrong(admin_server):
     refused = subprocess.run([sys.executable, "-m", "elasticmoe_worker.cli", "scale", "--devices", "2", "--url",
                               base, "--token", "nope"], capture_output=True, text=True, timeout=60)
     assert refused.returncode == 1 and "401" in refused.stdout
+
+
+def _check_scaling_metrics(text: str) -> None:
+    """The scaling series after one successful 1 -> 2 scale, and promtool's lint."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("promtool not found on PATH: install the Debian package `prometheus` (scripts/test.sh does)")
+    check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
+    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line and not line.startswith("#")}
+    assert samples['elasticmoe_devices{state="active"}'] == 2
+    assert samples['elasticmoe_devices{state="desired"}'] == 2 and samples['elasticmoe_devices{state="warming"}'] == 0
+    assert samples['elasticmoe_scales_total{outcome="Succeeded"}'] == 1
+    assert samples['elasticmoe_scales_total{outcome="Aborted"}'] == 0
+    assert "elasticmoe_requests_handed_over_total" in samples
+    for phase in ("workers", "transfer", "standby_start", "switch"):
+        assert samples[f'elasticmoe_scale_phase_duration_seconds_count{{phase="{phase}"}}'] == 1
+        assert samples[f'elasticmoe_scale_phase_duration_seconds_bucket{{le="+Inf",phase="{phase}"}}'] == 1
 
 
 def test_single_engine_server_says_scaling_needs_devices(tiny_models):

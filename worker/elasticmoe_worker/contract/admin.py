@@ -117,6 +117,15 @@ class AdminStatus(_Body, kw_only=True):
         return None
 
 
+class ScalingCounters(msgspec.Struct, kw_only=True):
+    """Cumulative scaling figures since the instance started, for `/metrics`."""
+
+    devices: DeviceCounts
+    scales_by_outcome: dict[str, int]  # Outcome value (terminal ones) -> count
+    phase_seconds: list[tuple[str, float]]  # (phase, seconds) of every finished scale, in order
+    requests_handed_over: int
+
+
 def encode(body: msgspec.Struct) -> bytes:
     return msgspec.json.encode(body)
 

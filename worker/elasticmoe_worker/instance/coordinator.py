@@ -431,6 +431,13 @@ class Instance:
                 scaling=True, current_scale=sc.record if sc else None, last_scale=self.last_scale,
                 history=list(self.history))
 
+    def scaling_counters(self) -> admin.ScalingCounters:
+        status = self.status()
+        with self._lock:
+            return admin.ScalingCounters(
+                devices=status.devices, scales_by_outcome=dict(self.outcomes), phase_seconds=list(self.phase_seconds),
+                requests_handed_over=self.router.handed_over_total if self.router is not None else 0)
+
     # -- shutdown ------------------------------------------------------------------------
     def shutdown(self, timeout_s: float = 15.0) -> None:
         """Stop every process this instance started; idempotent."""

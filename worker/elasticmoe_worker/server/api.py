@@ -543,7 +543,7 @@ def build_app(
         engine=engine,
         model_name=served_model_name or engine.model_name,
         max_waiting_s=max_waiting_s,
-        metrics=metrics_mod.ServerMetrics(engine.stats),
+        metrics=metrics_mod.ServerMetrics(engine.stats, getattr(engine, "scaling_counters", None)),
     )
     endpoints = _Endpoints(state)
     app = fastapi.FastAPI(title="ElasticMoE OpenAI-compatible API")

@@ -21,9 +21,10 @@ import logging
 from typing import Callable, Iterator
 
 import prometheus_client
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from elasticmoe_worker.contract import admin
 from elasticmoe_worker.engine import types
 
 logger = logging.getLogger(__name__)
@@ -99,10 +100,62 @@ class _EngineStatsCollector(Collector):
         return [running, waiting, used, total, healthy, preemptions]
 
 
+# Scale phases take milliseconds (a switch) to minutes (a cold worker's start).
+SCALE_PHASE_BUCKETS_S: tuple[float, ...] = (
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
+)  # fmt: skip
+
+
+class _ScalingCollector(Collector):
+    """Device counts and scale history of a multi-device instance (`scaling_counters()`); a
+    single engine reports one active device and no scales."""
+
+    def __init__(self, counters: Callable[[], admin.ScalingCounters] | None) -> None:
+        self._counters = counters
+
+    def describe(self) -> list[Metric]:
+        return list(self._families(None))
+
+    def collect(self) -> Iterator[Metric]:
+        counters = None
+        if self._counters is not None:
+            try:
+                counters = self._counters()
+            except Exception:  # a scrape must never fail because the instance did
+                logger.exception("scaling_counters() failed during a metrics scrape")
+        return iter(self._families(counters))
+
+    @staticmethod
+    def _families(c: admin.ScalingCounters | None) -> list[Metric]:
+        devices = GaugeMetricFamily("elasticmoe_devices", "Devices of the instance by state: desired (the "
+                                    "scale's target), active (serving), warming (joining in a scale).", labels=["state"])
+        scales = CounterMetricFamily("elasticmoe_scales", "Scales that ended, by outcome.", labels=["outcome"])
+        handed = CounterMetricFamily("elasticmoe_requests_handed_over",
+                                     "Running requests handed from old to new executors at a switch.")
+        phases = HistogramMetricFamily("elasticmoe_scale_phase_duration_seconds",
+                                       "Duration of each phase of the scales that ended.", labels=["phase"])
+        d = c.devices if c is not None else admin.DeviceCounts(desired=1, active=1)
+        for state, value in (("desired", d.desired), ("active", d.active), ("warming", d.warming)):
+            devices.add_metric([state], value)
+        by_outcome = c.scales_by_outcome if c is not None else {}
+        for outcome in admin.TERMINAL_OUTCOMES:
+            scales.add_metric([outcome.value], by_outcome.get(outcome.value, 0))
+        handed.add_metric([], c.requests_handed_over if c is not None else 0)
+        by_phase: dict[str, list[float]] = {}
+        for phase, seconds in (c.phase_seconds if c is not None else []):
+            by_phase.setdefault(phase, []).append(seconds)
+        for phase, values in sorted(by_phase.items()):
+            buckets = [(str(b), sum(1 for v in values if v <= b)) for b in SCALE_PHASE_BUCKETS_S]
+            buckets.append(("+Inf", len(values)))
+            phases.add_metric([phase], buckets, sum(values))
+        return [devices, scales, handed, phases]
+
+
 class ServerMetrics:
     """All series of one server; `render()` gives the exposition text for GET /metrics."""
 
-    def __init__(self, engine_stats: Callable[[], types.EngineStats]) -> None:
+    def __init__(self, engine_stats: Callable[[], types.EngineStats],
+                 scaling_counters: Callable[[], admin.ScalingCounters] | None = None) -> None:
         self.registry = prometheus_client.CollectorRegistry(auto_describe=True)
         r = self.registry
         self.time_to_first_token_s = prometheus_client.Histogram(
@@ -147,6 +200,7 @@ class ServerMetrics:
         for reason in REJECT_REASONS:
             self.requests_rejected.labels(reason=reason)
         r.register(_EngineStatsCollector(engine_stats))
+        r.register(_ScalingCollector(scaling_counters))
 
     def reject(self, reason: str) -> None:
         assert reason in REJECT_REASONS, reason
