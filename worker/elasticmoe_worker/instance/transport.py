@@ -93,6 +93,8 @@ class KeyValue:
         self.data: dict[str, bytes] = {}
 
     def handle(self, req: wire.StoreRequest) -> wire.StoreReply:
+        """-> the reply; ValueError for a request no store could serve (`add` to a value that
+        is no integer, or past torch's int64), which then changes nothing."""
         d = self.data
         if req.op == "set":
             d[req.key] = req.value
@@ -101,6 +103,8 @@ class KeyValue:
             return wire.StoreReply(seq=req.seq, found=req.key in d, value=d.get(req.key, b""))
         if req.op == "add":
             value = int(d.get(req.key, b"0")) + req.amount
+            if not -2**63 <= value < 2**63:
+                raise ValueError(f"add: {value} is out of the int64 range")
             d[req.key] = str(value).encode()
             return wire.StoreReply(seq=req.seq, amount=value)
         if req.op == "check":
@@ -164,6 +168,9 @@ class Server:
         r.curve_server = True
         r.curve_publickey = self.keys.server_public
         r.curve_secretkey = self.keys.server_secret
+        # NOTE: a worker that replaces one of the same device index (a restart, a released
+        # worker still on its way out) takes its identity over; without this its frames are dropped.
+        r.setsockopt(zmq.ROUTER_HANDOVER, 1)
         if self.port:
             r.bind(f"tcp://{self.bind_host}:{self.port}")
         else:
@@ -273,7 +280,12 @@ class Server:
             self._malformed(f"from {identity!r}: {exc}")
             return None
         if isinstance(msg, wire.StoreRequest):
-            self._router.send_multipart([frames[0], wire.encode(self.store.handle(msg))])
+            try:
+                reply = self.store.handle(msg)
+            except ValueError as exc:  # dropped like a malformed frame: it must not end the loop
+                self._malformed(f"store request from {identity!r}: {exc}")
+                return None
+            self._router.send_multipart([frames[0], wire.encode(reply)])
             return None
         return identity, msg
 
