@@ -23,6 +23,19 @@ def test_every_command_has_help(argv):
     assert out.returncode == 0 and "usage: elasticmoe" in out.stdout
 
 
+@pytest.mark.parametrize("argv", [["--help"], ["serve", "--help"], ["coordinator", "--help"], ["worker", "--help"],
+                                  ["bench", "scaling", "--help"], ["scale", "--help"]])
+def test_help_loads_no_torch(argv):
+    """`elasticmoe --help` is instant: the CLI, its parsers and the benchmarks' parsers import no torch."""
+    code = ("import sys\nfrom elasticmoe_worker import cli\ntry:\n    cli.main(sys.argv[1:])\nexcept SystemExit:\n"
+            "    pass\nloaded = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
+            "assert not loaded, loaded[:5]\n")
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
 def test_serve_defaults_are_loopback_8000_and_the_embedded_model():
     args = cli.build_parser().parse_args(["serve"])
     assert (args.host, args.port, args.model) == ("127.0.0.1", 8000, None)
