@@ -1,0 +1,239 @@
+"""The SLO autoscaling policy: `decide(observation, state, config, now) -> (decision, state)`.
+
+Why it exists: one pure decision, shared by the operator (metrics from Prometheus, alerts from
+Alertmanager as triggers) and by `elasticmoe serve --autoscale` (the server's own metrics), and
+unit-tested with a fake clock. No I/O, no clock reads, no kopf, no torch.
+
+The signal is s = max(p90 TTFT / target, p90 TPOT / target, p90 queueing / target) over the
+latencies that have samples (llm-d's SLO recipe), smoothed with an exponential moving average.
+- Scale up when the smoothed signal, projected onto the capacity already on its way (devices
+  still warming count: llm-d), is above `up_threshold`, the scale-up cooldown has passed, and
+  no earlier scale is still within its learned time-to-ready (its effect cannot be seen yet:
+  acting again would overshoot). The step is proportional to the signal, bounded by `step`
+  and `max_devices`.
+- Scale down by one device only when the survivors, taking over its load (x N/(N-1), as
+  NVIDIA Dynamo's planner projects it), stay under `down_threshold` for the whole
+  stabilization window, and never below `min_devices`.
+- Between the two thresholds nothing happens (the dead band): stationary noise does not flap.
+- Missing or stale metrics hold the count and say so (`metrics_available=False` and why). An
+  instance with no traffic at all is not "missing metrics": its signal is 0.
+
+Time-to-ready is learned per (from, to) from measured scales (`learn`) and used as the delay
+before the effect of a scale-up can be judged.
+
+Not guaranteed: latency is not linear in devices; the proportional step is a first estimate,
+corrected on the next evaluations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Mapping
+
+UP, DOWN, HOLD = "up", "down", "hold"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    min_devices: int
+    max_devices: int
+    ttft_p90_s: float
+    tpot_p90_s: float
+    queue_p90_s: float | None = None
+    step: int = 1
+    scale_up_cooldown_s: float = 30.0
+    scale_down_stabilization_s: float = 300.0
+    up_threshold: float = 1.0  # smoothed signal above which capacity is added
+    down_threshold: float = 0.6  # survivors' projected signal below which one device may go
+    smoothing: float = 0.5  # weight of the newest sample in the moving average
+    stale_after_s: float = 60.0  # older metrics are not acted on
+    default_time_to_ready_s: float = 30.0  # before any scale was measured
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_devices <= self.max_devices:
+            raise ValueError(f"min_devices/max_devices: got {self.min_devices}/{self.max_devices}, expected "
+                             f"1 <= min <= max")
+        for name in ("ttft_p90_s", "tpot_p90_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: got {getattr(self, name)!r}, expected a positive number of seconds")
+        if self.queue_p90_s is not None and not self.queue_p90_s > 0:
+            raise ValueError(f"queue_p90_s: got {self.queue_p90_s!r}, expected a positive number of seconds or None")
+        if not 0 < self.down_threshold < self.up_threshold:
+            raise ValueError(f"down_threshold/up_threshold: got {self.down_threshold}/{self.up_threshold}, "
+                             f"expected 0 < down < up (the dead band lies between)")
+        if not 0 < self.smoothing <= 1:
+            raise ValueError(f"smoothing: got {self.smoothing}, expected a weight in (0, 1]")
+        if self.step < 1:
+            raise ValueError(f"step: got {self.step}, expected an integer >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class Observation:
+    """What the metrics said, sampled at `at` (same clock as `now`)."""
+
+    at: float
+    active: int  # devices serving
+    warming: int = 0  # devices joining in a scale that runs now
+    desired: int | None = None  # the count currently asked for (spec); None: active + warming
+    ttft_p90_s: float | None = None  # None: no sample in the window
+    tpot_p90_s: float | None = None
+    queue_p90_s: float | None = None
+    requests_per_s: float | None = None  # arrivals in the window; 0 = idle, None = unknown
+    error: str | None = None  # the metrics could not be read: why
+
+
+@dataclasses.dataclass(frozen=True)
+class State:
+    smoothed: float | None = None
+    smoothed_active: int | None = None  # the active device count the smoothed signal was measured at
+    last_up_at: float | None = None
+    low_since: float | None = None  # since when a scale-down would have been safe, continuously
+    pending: tuple[int, float] | None = None  # (target, time its effect becomes visible)
+    time_to_ready_s: Mapping[tuple[int, int], float] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    target: int
+    action: str  # up | down | hold
+    reason: str
+    signal: float | None  # smoothed
+    raw_signal: float | None
+    metrics_available: bool
+    metrics_reason: str  # why not, or "ok"
+    values: Mapping[str, float] = dataclasses.field(default_factory=dict)  # the inputs, for the record
+
+
+def raw_signal(obs: Observation, cfg: Config) -> tuple[float | None, dict[str, float]]:
+    """-> (s, the ratios it came from); s is None when nothing can be said."""
+    ratios: dict[str, float] = {}
+    if obs.ttft_p90_s is not None:
+        ratios["ttft"] = obs.ttft_p90_s / cfg.ttft_p90_s
+    if obs.tpot_p90_s is not None:
+        ratios["tpot"] = obs.tpot_p90_s / cfg.tpot_p90_s
+    if obs.queue_p90_s is not None and cfg.queue_p90_s is not None:
+        ratios["queue"] = obs.queue_p90_s / cfg.queue_p90_s
+    if ratios:
+        return max(ratios.values()), ratios
+    if obs.requests_per_s == 0:
+        return 0.0, ratios  # idle: no latency samples because nothing arrived
+    return None, ratios
+
+
+def time_to_ready(state: State, cfg: Config, from_devices: int, to_devices: int) -> float:
+    """Learned seconds from asking for (from -> to) to serving at `to`; scaled from the nearest
+    measured step when this exact one was never measured."""
+    learned = state.time_to_ready_s
+    if (from_devices, to_devices) in learned:
+        return learned[(from_devices, to_devices)]
+    ups = [(t - f, s) for (f, t), s in learned.items() if t > f]
+    if to_devices > from_devices and ups:
+        per_device = sum(s / n for n, s in ups) / len(ups)
+        return per_device * (to_devices - from_devices)
+    return cfg.default_time_to_ready_s
+
+
+def learn(state: State, from_devices: int, to_devices: int, seconds: float, weight: float = 0.5) -> State:
+    """Fold one measured scale into the time-to-ready estimates."""
+    if seconds <= 0 or from_devices == to_devices:
+        return state
+    key = (from_devices, to_devices)
+    old = state.time_to_ready_s.get(key)
+    new = seconds if old is None else weight * seconds + (1 - weight) * old
+    return dataclasses.replace(state, time_to_ready_s={**state.time_to_ready_s, key: new})
+
+
+def _fmt(ratios: Mapping[str, float], obs: Observation, cfg: Config) -> str:
+    parts = []
+    if "ttft" in ratios:
+        parts.append(f"TTFT p90 {obs.ttft_p90_s * 1000:.0f} ms / {cfg.ttft_p90_s * 1000:.0f}")
+    if "tpot" in ratios:
+        parts.append(f"TPOT p90 {obs.tpot_p90_s * 1000:.0f} ms / {cfg.tpot_p90_s * 1000:.0f}")
+    if "queue" in ratios:
+        parts.append(f"queue p90 {obs.queue_p90_s * 1000:.0f} ms / {cfg.queue_p90_s * 1000:.0f}")
+    return ", ".join(parts) or "no requests"
+
+
+def decide(obs: Observation, state: State, cfg: Config, now: float) -> tuple[Decision, State]:
+    current = obs.desired if obs.desired is not None else obs.active + obs.warming
+    bounded = min(max(current, cfg.min_devices), cfg.max_devices)
+
+    def hold(reason: str, available: bool, why: str, smoothed=None, raw=None, values=None, st=state):
+        target = bounded
+        if target != current:
+            reason = f"{reason}; {current} devices is outside [{cfg.min_devices}, {cfg.max_devices}]: -> {target}"
+        action = HOLD if target == current else (UP if target > current else DOWN)
+        return Decision(target, action, reason, smoothed, raw, available, why, values or {}), st
+
+    if obs.error is not None:
+        return hold(f"holding {current} devices: metrics unavailable ({obs.error})", False, obs.error)
+    age = now - obs.at
+    if age > cfg.stale_after_s:
+        why = f"metrics are {age:.0f} s old (stale after {cfg.stale_after_s:.0f} s)"
+        return hold(f"holding {current} devices: {why}", False, why)
+    raw, ratios = raw_signal(obs, cfg)
+    if raw is None:
+        why = "no latency samples and no request rate in the window"
+        return hold(f"holding {current} devices: {why}", False, why)
+
+    previous = state.smoothed
+    if previous is not None and state.smoothed_active and state.smoothed_active != obs.active and obs.active > 0:
+        # The capacity changed: what was measured before spreads over the new count. Without
+        # this the average remembers the old overload and scales up again: overshoot.
+        previous = previous * state.smoothed_active / obs.active
+    smoothed = raw if previous is None else cfg.smoothing * raw + (1 - cfg.smoothing) * previous
+    values = {**{f"{k}Ratio": round(v, 4) for k, v in ratios.items()}, "signal": round(smoothed, 4),
+              "rawSignal": round(raw, 4), "active": obs.active, "warming": obs.warming}
+    if obs.requests_per_s is not None:
+        values["requestsPerS"] = round(obs.requests_per_s, 4)
+    state = dataclasses.replace(state, smoothed=smoothed, smoothed_active=obs.active)
+    what = _fmt(ratios, obs, cfg)
+    capacity = obs.active + obs.warming
+    # Capacity already on its way takes load off: judge what it will leave.
+    projected = smoothed * obs.active / capacity if capacity > 0 and obs.active > 0 else smoothed
+    pending = state.pending
+    if pending is not None and (obs.active >= pending[0] or now >= pending[1]):
+        pending = None  # the scale's effect is visible now (or it should be)
+        state = dataclasses.replace(state, pending=None)
+
+    if projected > cfg.up_threshold:
+        state = dataclasses.replace(state, low_since=None)
+        if current >= cfg.max_devices:
+            return hold(f"SLO signal {smoothed:.2f} ({what}) above {cfg.up_threshold:.2f} but already at the "
+                        f"maximum of {cfg.max_devices} devices", True, "ok", smoothed, raw, values, state)
+        if pending is not None:
+            return hold(f"SLO signal {smoothed:.2f} ({what}): waiting for the scale to {pending[0]} devices to "
+                        f"take effect (about {pending[1] - now:.0f} s more)", True, "ok", smoothed, raw, values, state)
+        if state.last_up_at is not None and now - state.last_up_at < cfg.scale_up_cooldown_s:
+            left = cfg.scale_up_cooldown_s - (now - state.last_up_at)
+            return hold(f"SLO signal {smoothed:.2f} ({what}): scale-up cooldown, {left:.0f} s left", True, "ok",
+                        smoothed, raw, values, state)
+        needed = math.ceil(capacity * projected / cfg.up_threshold)
+        target = min(max(needed, current + 1), current + cfg.step, cfg.max_devices)
+        ready_at = now + time_to_ready(state, cfg, current, target)
+        state = dataclasses.replace(state, last_up_at=now, pending=(target, ready_at))
+        reason = (f"SLO signal {smoothed:.2f} ({what}) above {cfg.up_threshold:.2f} with {obs.active} active + "
+                  f"{obs.warming} warming: {current} -> {target} devices (ready in about {ready_at - now:.0f} s)")
+        return Decision(target, UP, reason, smoothed, raw, True, "ok", values), state
+
+    if current > cfg.min_devices and pending is None and obs.warming == 0:
+        survivors = smoothed * current / (current - 1)
+        values["survivorsSignal"] = round(survivors, 4)
+        if survivors < cfg.down_threshold:
+            low_since = state.low_since if state.low_since is not None else now
+            state = dataclasses.replace(state, low_since=low_since)
+            waited = now - low_since
+            if waited >= cfg.scale_down_stabilization_s:
+                target = max(current - 1, cfg.min_devices)
+                state = dataclasses.replace(state, low_since=None)
+                reason = (f"SLO signal {smoothed:.2f} ({what}); the {current - 1} survivors would see "
+                          f"{survivors:.2f} < {cfg.down_threshold:.2f} for {waited:.0f} s: {current} -> {target} "
+                          f"devices")
+                return Decision(target, DOWN, reason, smoothed, raw, True, "ok", values), state
+            return hold(f"SLO signal {smoothed:.2f} ({what}): survivors would see {survivors:.2f}, low for "
+                        f"{waited:.0f} of {cfg.scale_down_stabilization_s:.0f} s", True, "ok", smoothed, raw,
+                        values, state)
+    state = dataclasses.replace(state, low_since=None)
+    return hold(f"SLO signal {smoothed:.2f} ({what}) within the dead band: {current} devices", True, "ok",
+                smoothed, raw, values, state)

@@ -1,0 +1,162 @@
+"""The pure SLO policy with a fake clock: literal cases, then properties over simulated load."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from elasticmoe_operator import policy
+
+CFG = policy.Config(min_devices=1, max_devices=8, ttft_p90_s=2.0, tpot_p90_s=0.1, step=2,
+                    scale_up_cooldown_s=30, scale_down_stabilization_s=300)
+
+
+def obs(now, active, ttft=None, tpot=None, warming=0, rate=1.0, **kw) -> policy.Observation:
+    return policy.Observation(at=now, active=active, warming=warming, ttft_p90_s=ttft, tpot_p90_s=tpot,
+                              requests_per_s=rate, **kw)
+
+
+def test_signal_is_the_worst_ratio():
+    s, ratios = policy.raw_signal(obs(0, 1, ttft=3.0, tpot=0.05), CFG)
+    assert s == 1.5 and ratios == {"ttft": 1.5, "tpot": 0.5}
+    assert policy.raw_signal(obs(0, 1, rate=0.0), CFG)[0] == 0.0, "idle is a signal of 0, not missing"
+    assert policy.raw_signal(obs(0, 1, rate=None), CFG)[0] is None
+
+
+@pytest.mark.parametrize("o, why", [
+    (policy.Observation(at=0, active=2, error="Prometheus: connection refused"), "connection refused"),
+    (policy.Observation(at=-120, active=2, ttft_p90_s=9.0, requests_per_s=1), "stale"),
+    (policy.Observation(at=0, active=2, requests_per_s=None), "no latency samples"),
+])
+def test_missing_or_stale_metrics_hold_and_say_why(o, why):
+    d, _ = policy.decide(o, policy.State(), CFG, now=0)
+    assert d.target == 2 and d.action == policy.HOLD and not d.metrics_available
+    assert why in d.metrics_reason and "holding 2 devices" in d.reason
+
+
+def test_a_3x_burst_scales_up_in_one_evaluation():
+    state = policy.State()
+    for t in range(0, 300, 15):  # steady in the dead band
+        d, state = policy.decide(obs(t, 2, ttft=1.6, tpot=0.05), state, CFG, now=t)
+        assert d.action == policy.HOLD
+    d, state = policy.decide(obs(300, 2, ttft=4.8, tpot=0.05), state, CFG, now=300)
+    assert d.action == policy.UP and d.target == 4, d.reason  # step 2
+    assert "TTFT p90 4800 ms / 2000" in d.reason and d.values["ttftRatio"] == 2.4
+
+
+def test_no_overshoot_while_devices_warm_and_cooldown():
+    cfg = policy.Config(min_devices=1, max_devices=8, ttft_p90_s=2.0, tpot_p90_s=0.1, step=1,
+                        scale_up_cooldown_s=30, scale_down_stabilization_s=300, default_time_to_ready_s=60)
+    d, state = policy.decide(obs(0, 1, ttft=6.0), policy.State(), cfg, now=0)
+    assert (d.action, d.target) == (policy.UP, 2)
+    # the new device warms; latency still high: nothing more until its effect can be seen
+    for t in (15, 30, 45):
+        d, state = policy.decide(obs(t, 1, ttft=6.0, warming=1, desired=2), state, cfg, now=t)
+        assert d.action == policy.HOLD and d.target == 2, d.reason
+    d, state = policy.decide(obs(61, 2, ttft=6.0, desired=2), state, cfg, now=61)
+    assert (d.action, d.target) == (policy.UP, 3), d.reason
+
+
+def test_scale_down_needs_the_whole_stabilization_window_and_survivor_headroom():
+    state = policy.State()
+    # 4 devices, signal 0.3: survivors (3) would see 0.4 < 0.6
+    for t in range(0, 300, 30):
+        d, state = policy.decide(obs(t, 4, ttft=0.6), state, CFG, now=t)
+        assert d.action == policy.HOLD, d.reason
+    d, state = policy.decide(obs(300, 4, ttft=0.6), state, CFG, now=300)
+    assert (d.action, d.target) == (policy.DOWN, 3) and "survivors" in d.reason
+    # 2 devices at 0.4: one survivor would see 0.8 > 0.6: stays
+    state = policy.State()
+    for t in range(0, 900, 30):
+        d, state = policy.decide(obs(t, 2, ttft=0.8), state, CFG, now=t)
+        assert d.action == policy.HOLD
+    # one spike resets the window
+    state = policy.State()
+    for t in range(0, 280, 20):
+        d, state = policy.decide(obs(t, 4, ttft=0.6), state, CFG, now=t)
+    d, state = policy.decide(obs(280, 4, ttft=2.2), state, CFG, now=280)
+    for t in range(300, 560, 20):
+        d, state = policy.decide(obs(t, 4, ttft=0.6), state, CFG, now=t)
+        assert d.action != policy.DOWN, (t, d.reason)
+
+
+def test_bounds_are_kept_and_named():
+    d, _ = policy.decide(obs(0, 8, ttft=9.0), policy.State(), CFG, now=0)
+    assert d.action == policy.HOLD and "maximum of 8" in d.reason
+    d, _ = policy.decide(obs(0, 1, rate=0.0), policy.State(), CFG, now=0)
+    assert d.target == 1, "never below the minimum"
+    d, _ = policy.decide(obs(0, 12, ttft=1.0), policy.State(), CFG, now=0)
+    assert d.target == 8 and "outside [1, 8]" in d.reason
+
+
+def test_time_to_ready_is_learned_per_step_and_scaled():
+    state = policy.learn(policy.State(), 1, 2, 10.0)
+    state = policy.learn(state, 1, 2, 20.0)
+    assert policy.time_to_ready(state, CFG, 1, 2) == 15.0
+    assert policy.time_to_ready(state, CFG, 2, 4) == 30.0  # 15 s per device added
+    assert policy.time_to_ready(policy.State(), CFG, 1, 2) == CFG.default_time_to_ready_s
+
+
+@pytest.mark.parametrize("kw, field", [(dict(min_devices=3, max_devices=2), "min_devices"),
+                                       (dict(down_threshold=1.2), "down_threshold"),
+                                       (dict(ttft_p90_s=0), "ttft_p90_s"), (dict(smoothing=0), "smoothing")])
+def test_bad_config_names_the_field(kw, field):
+    base = dict(min_devices=1, max_devices=4, ttft_p90_s=1.0, tpot_p90_s=0.1)
+    with pytest.raises(ValueError, match=field):
+        policy.Config(**{**base, **kw})
+
+
+def _simulate(load: float, noise: float, seed: int, cfg: policy.Config, start: int, steps: int = 480,
+              dt: float = 15.0, ready_s: float = 20.0) -> list[tuple[float, int, str]]:
+    """A stand-in instance: signal = load / devices x (1 +- noise); a scale takes ready_s."""
+    rng = random.Random(seed)
+    state, active, warming_until, target = policy.State(), start, None, start
+    out = []
+    for i in range(steps):
+        now = i * dt
+        if warming_until is not None and now >= warming_until:
+            active, warming_until = target, None
+            state = policy.learn(state, active, target, ready_s)
+        s = load / active * (1 + rng.uniform(-noise, noise))
+        o = policy.Observation(at=now, active=active, warming=max(0, target - active), desired=target,
+                               ttft_p90_s=s * cfg.ttft_p90_s, requests_per_s=1.0)
+        d, state = policy.decide(o, state, cfg, now)
+        if d.target != target:
+            target = d.target
+            if target > active:
+                warming_until = now + ready_s
+            else:
+                active = target
+            out.append((now, target, d.action))
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(load=st.floats(0.2, 7.0), noise=st.floats(0.0, 0.2), seed=st.integers(0, 10**6), start=st.integers(1, 8))
+def test_no_flapping_under_noisy_stationary_load(load, noise, seed, start):
+    cfg = policy.Config(min_devices=1, max_devices=8, ttft_p90_s=1.0, tpot_p90_s=1.0, step=2,
+                        scale_up_cooldown_s=30, scale_down_stabilization_s=300)
+    changes = _simulate(load, noise, seed, cfg, start)
+    directions = [a for _, _, a in changes]
+    reversals = sum(1 for a, b in zip(directions, directions[1:]) if a != b)
+    assert reversals <= 1, changes
+    # and it settles: nothing changes in the last hour of a two-hour run
+    assert all(t < 3600 for t, _, _ in changes), changes
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10**6))
+def test_settles_where_the_slo_holds_without_waste(seed):
+    cfg = policy.Config(min_devices=1, max_devices=8, ttft_p90_s=1.0, tpot_p90_s=1.0, step=2,
+                        scale_up_cooldown_s=30, scale_down_stabilization_s=120)
+    for load in (0.5, 2.5, 5.5):
+        changes = _simulate(load, 0.05, seed, cfg, start=1)
+        final = changes[-1][1] if changes else 1
+        assert load / final <= cfg.up_threshold * 1.06, (load, final, changes)  # the SLO holds
+        assert final <= math.ceil(load * 1.06) + 1, (load, final, changes)  # at most one device to spare
+        ups = [a for _, _, a in changes if a == policy.UP]
+        assert ups == [policy.UP] * len(ups) and len(ups) == len(changes), ("no overshoot to take back", changes)
