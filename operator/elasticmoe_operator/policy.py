@@ -103,6 +103,10 @@ class Decision:
     metrics_available: bool
     metrics_reason: str  # why not, or "ok"
     values: Mapping[str, float] = dataclasses.field(default_factory=dict)  # the inputs, for the record
+    # A CamelCase word for `reason`, few and fixed (a metric label, an Event reason): SloBreached,
+    # SurvivorsUnderTarget, OutOfBounds, AtMaximum, WaitingForScale, Cooldown, Stabilizing,
+    # WithinDeadBand, MetricsUnavailable, MetricsStale, NoSamples.
+    code: str = ""
 
 
 def raw_signal(obs: Observation, cfg: Config) -> tuple[float | None, dict[str, float]]:
@@ -159,23 +163,25 @@ def decide(obs: Observation, state: State, cfg: Config, now: float) -> tuple[Dec
     current = obs.desired if obs.desired is not None else obs.active + obs.warming
     bounded = min(max(current, cfg.min_devices), cfg.max_devices)
 
-    def hold(reason: str, available: bool, why: str, smoothed=None, raw=None, values=None, st=state):
+    def hold(reason: str, available: bool, why: str, code: str, smoothed=None, raw=None, values=None, st=state):
         target = bounded
         if target != current:
             reason = f"{reason}; {current} devices is outside [{cfg.min_devices}, {cfg.max_devices}]: -> {target}"
+            code = "OutOfBounds"
         action = HOLD if target == current else (UP if target > current else DOWN)
-        return Decision(target, action, reason, smoothed, raw, available, why, values or {}), st
+        return Decision(target, action, reason, smoothed, raw, available, why, values or {}, code), st
 
     if obs.error is not None:
-        return hold(f"holding {current} devices: metrics unavailable ({obs.error})", False, obs.error)
+        return hold(f"holding {current} devices: metrics unavailable ({obs.error})", False, obs.error,
+                    "MetricsUnavailable")
     age = now - obs.at
     if age > cfg.stale_after_s:
         why = f"metrics are {age:.0f} s old (stale after {cfg.stale_after_s:.0f} s)"
-        return hold(f"holding {current} devices: {why}", False, why)
+        return hold(f"holding {current} devices: {why}", False, why, "MetricsStale")
     raw, ratios = raw_signal(obs, cfg)
     if raw is None:
         why = "no latency samples and no request rate in the window"
-        return hold(f"holding {current} devices: {why}", False, why)
+        return hold(f"holding {current} devices: {why}", False, why, "NoSamples")
 
     previous = state.smoothed
     if previous is not None and state.smoothed_active and state.smoothed_active != obs.active and obs.active > 0:
@@ -201,21 +207,23 @@ def decide(obs: Observation, state: State, cfg: Config, now: float) -> tuple[Dec
         state = dataclasses.replace(state, low_since=None)
         if current >= cfg.max_devices:
             return hold(f"SLO signal {smoothed:.2f} ({what}) above {cfg.up_threshold:.2f} but already at the "
-                        f"maximum of {cfg.max_devices} devices", True, "ok", smoothed, raw, values, state)
+                        f"maximum of {cfg.max_devices} devices", True, "ok", "AtMaximum", smoothed, raw, values,
+                        state)
         if pending is not None:
             return hold(f"SLO signal {smoothed:.2f} ({what}): waiting for the scale to {pending[0]} devices to "
-                        f"take effect (about {pending[1] - now:.0f} s more)", True, "ok", smoothed, raw, values, state)
+                        f"take effect (about {pending[1] - now:.0f} s more)", True, "ok", "WaitingForScale", smoothed,
+                        raw, values, state)
         if state.last_up_at is not None and now - state.last_up_at < cfg.scale_up_cooldown_s:
             left = cfg.scale_up_cooldown_s - (now - state.last_up_at)
             return hold(f"SLO signal {smoothed:.2f} ({what}): scale-up cooldown, {left:.0f} s left", True, "ok",
-                        smoothed, raw, values, state)
+                        "Cooldown", smoothed, raw, values, state)
         needed = math.ceil(capacity * projected / cfg.up_threshold)
         target = min(max(needed, current + 1), current + cfg.step, cfg.max_devices)
         ready_at = now + time_to_ready(state, cfg, current, target)
         state = dataclasses.replace(state, last_up_at=now, pending=(target, ready_at))
         reason = (f"SLO signal {smoothed:.2f} ({what}) above {cfg.up_threshold:.2f} with {obs.active} active + "
                   f"{obs.warming} warming: {current} -> {target} devices (ready in about {ready_at - now:.0f} s)")
-        return Decision(target, UP, reason, smoothed, raw, True, "ok", values), state
+        return Decision(target, UP, reason, smoothed, raw, True, "ok", values, "SloBreached"), state
 
     if current > cfg.min_devices and pending is None and obs.warming == 0:
         survivors = smoothed * current / (current - 1)
@@ -230,10 +238,11 @@ def decide(obs: Observation, state: State, cfg: Config, now: float) -> tuple[Dec
                 reason = (f"SLO signal {smoothed:.2f} ({what}); the {current - 1} survivors would see "
                           f"{survivors:.2f} < {cfg.down_threshold:.2f} for {waited:.0f} s: {current} -> {target} "
                           f"devices")
-                return Decision(target, DOWN, reason, smoothed, raw, True, "ok", values), state
+                return (Decision(target, DOWN, reason, smoothed, raw, True, "ok", values, "SurvivorsUnderTarget"),
+                        state)
             return hold(f"SLO signal {smoothed:.2f} ({what}): survivors would see {survivors:.2f}, low for "
-                        f"{waited:.0f} of {cfg.scale_down_stabilization_s:.0f} s", True, "ok", smoothed, raw,
-                        values, state)
+                        f"{waited:.0f} of {cfg.scale_down_stabilization_s:.0f} s", True, "ok", "Stabilizing",
+                        smoothed, raw, values, state)
     state = dataclasses.replace(state, low_since=None)
     return hold(f"SLO signal {smoothed:.2f} ({what}) within the dead band: {current} devices", True, "ok",
-                smoothed, raw, values, state)
+                "WithinDeadBand", smoothed, raw, values, state)

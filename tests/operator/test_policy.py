@@ -93,6 +93,25 @@ def test_bounds_are_kept_and_named():
     assert d.target == 8 and "outside [1, 8]" in d.reason
 
 
+
+def test_every_decision_carries_a_code_for_metrics_and_events():
+    """The code is a metric label and an Event reason: one of a few fixed words per branch."""
+    cases = [(obs(0, 2, ttft=4.8), policy.State(), "SloBreached"),
+             (obs(0, 8, ttft=9.0), policy.State(), "AtMaximum"),
+             (obs(0, 12, ttft=1.0), policy.State(), "OutOfBounds"),
+             (obs(0, 2, ttft=4.8), policy.State(last_up_at=-5), "Cooldown"),
+             (obs(0, 2, ttft=4.8), policy.State(pending=(3, 20.0)), "WaitingForScale"),
+             (obs(0, 4, ttft=0.6), policy.State(), "Stabilizing"),
+             (obs(300, 4, ttft=0.6), policy.State(low_since=0.0, smoothed=0.3, smoothed_active=4),
+              "SurvivorsUnderTarget"),
+             (obs(0, 2, ttft=1.6), policy.State(), "WithinDeadBand"),
+             (policy.Observation(at=0, active=2, error="refused"), policy.State(), "MetricsUnavailable"),
+             (policy.Observation(at=-120, active=2, ttft_p90_s=1.0), policy.State(), "MetricsStale"),
+             (policy.Observation(at=0, active=2), policy.State(), "NoSamples")]
+    for o, state, code in cases:
+        d, _ = policy.decide(o, state, CFG, now=o.at if code != "MetricsStale" else 0)
+        assert d.code == code, (code, d.reason)
+
 def test_time_to_ready_is_learned_per_step_and_scaled():
     state = policy.learn(policy.State(), 1, 2, 10.0)
     state = policy.learn(state, 1, 2, 20.0)
