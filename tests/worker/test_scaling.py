@@ -166,7 +166,8 @@ def test_admin_api_needs_the_token_and_names_what_is_wrong(admin_server):
     inst, base = admin_server
     ok = {"Authorization": "Bearer s3cret"}
     with httpx.Client(base_url=base, timeout=120) as c:
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"},
+                        {"Authorization": "Bearer s3crét".encode()}):  # non-ASCII: 401, not a crash
             r = c.post("/admin/scale", json={"devices": 2}, headers=headers)
             assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
             assert c.get("/admin/status", headers=headers).status_code == 401
