@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import subprocess
 import sys
 
 import httpx
@@ -34,3 +35,15 @@ def die_with_test() -> None:
     """preexec_fn: workers outlive their parent by design (pods), so nothing else would stop
     them when a test run is killed (a timeout)."""
     procutil.die_with_parent(signal.SIGKILL)
+
+
+def interrupt(proc: subprocess.Popen, timeout_s: float = 60) -> None:
+    """Ctrl-C a server and wait for its clean stop; kill it if it takes longer than `timeout_s`."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

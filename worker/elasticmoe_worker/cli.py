@@ -14,6 +14,7 @@ import socket
 import sys
 
 from elasticmoe_worker import cliargs
+from elasticmoe_worker.server import autoscale
 
 # NOTE: before torch is imported anywhere. OpenMP threads that spin while waiting turn every
 # small op into milliseconds when the cores are shared (server, load generator and workers
@@ -23,6 +24,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    autoscale.check_arguments(args)  # before the slow imports: a wrong option fails at once
     from elasticmoe_worker.engine import async_engine
     from elasticmoe_worker.server import api
 
@@ -31,6 +33,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not model_dir.is_dir():
         log.error("--model %s: not a directory (expected a Hugging Face checkpoint directory)", model_dir)
         return 2
+    if args.autoscale:
+        from elasticmoe_worker.models import config as model_config
+
+        scaling = autoscale.config_from_args(args, model_config.load_spec(model_dir).num_experts)
     name = args.served_model_name or model_dir.name
     from elasticmoe_worker.server import admin
 
@@ -63,14 +69,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
             warm_workers=0, fleet="external", bind_host=args.host, advertise_host=advertise,
             control_port=args.control_port, worker_secret=secret,
             heartbeat_timeout_s=args.heartbeat_timeout_s).start()
+    autoscaler = None
     try:
         app = api.build_app(engine, served_model_name=args.served_model_name)
-        admin.add_routes(app, engine, token)
+        if args.autoscale:
+            policy_config, interval_s, window_s = scaling
+            autoscaler = autoscale.Autoscaler(engine, app.state.elasticmoe.metrics, policy_config,
+                                              interval_s=interval_s, window_s=window_s).start()
+        admin.add_routes(app, engine, token, autoscaler=autoscaler)
         log.info("serving %s as %r", model_dir, engine.model_name)
         api.run_server(app, args.host, args.port, log_level=args.log_level)
     except KeyboardInterrupt:
         pass  # uvicorn re-raises Ctrl-C after its graceful shutdown: that is a clean stop
     finally:
+        if autoscaler is not None:
+            autoscaler.stop()
         engine.shutdown()
     log.info("stopped")
     return 0
@@ -160,6 +173,7 @@ def _add_serving_arguments(p: argparse.ArgumentParser, host_default: str, device
                    help=f"file holding the admin API bearer token (default: ${'{'}ELASTICMOE_ADMIN_TOKEN{'}'}, else one "
                         "is generated and saved to <cache dir>/admin-token)")
     cliargs.add_engine_arguments(p)
+    autoscale.add_arguments(p)
 
 
 def build_parser() -> argparse.ArgumentParser:

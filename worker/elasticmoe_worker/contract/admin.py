@@ -93,6 +93,35 @@ class KVBlocks(_Body, kw_only=True):
     total: int = 0
 
 
+class AutoscalerDecision(_Body, kw_only=True):
+    """One decision of `serve --autoscale`'s policy, with the signal values it came from."""
+
+    time: str  # RFC 3339, UTC
+    action: str  # up | down | hold
+    target: int
+    reason: str
+    values: dict[str, float] = {}  # e.g. ttftRatio, tpotRatio, signal, rawSignal, active, requestsPerS
+    scale_id: str = ""  # the scale this decision started, if it started one
+
+
+class AutoscalerStatus(_Body, kw_only=True):
+    """What the in-process autoscaler (`serve --autoscale`) last decided and why."""
+
+    mode: str = "Slo"  # the only mode of the in-process autoscaler (the operator's names)
+    min_devices: int
+    max_devices: int
+    evaluations: int = 0
+    action: str = ""  # of the last decision: up | down | hold ("" before the first)
+    target: int | None = None
+    reason: str = ""
+    signal: float | None = None  # smoothed SLO signal: max of p90 latency / target; 1.0 = at the SLO
+    metrics_available: bool = False
+    metrics_reason: str = ""  # why not, or "ok"
+    # The last 10 decisions that changed something or said something new (scale-ups and -downs,
+    # and holds whose reason differs from the previous one's but for its numbers), oldest first.
+    history: list[AutoscalerDecision] = []
+
+
 class AdminStatus(_Body, kw_only=True):
     phase: Phase
     healthy: bool
@@ -106,6 +135,7 @@ class AdminStatus(_Body, kw_only=True):
     current_scale: ScaleRecord | None = None
     last_scale: ScaleRecord | None = None
     history: list[ScaleRecord] = []
+    autoscaler: AutoscalerStatus | None = None  # only while `serve --autoscale` runs
 
     def find_scale(self, scale_id: str) -> ScaleRecord | None:
         """The record of the scale the caller started with `scale_id` (running or ended)."""

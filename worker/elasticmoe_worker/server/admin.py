@@ -58,10 +58,14 @@ def _error(status: int, message: str, param: str | None = None, code: str | None
                    "param": param, "code": code}}, status_code=status, headers=headers)
 
 
-def status_body(engine) -> admin_contract.AdminStatus:
-    """What GET /admin/status returns, for an instance or a single engine."""
+def status_body(engine, autoscaler=None) -> admin_contract.AdminStatus:
+    """What GET /admin/status returns, for an instance or a single engine; with the
+    autoscaler's status when `serve --autoscale` runs one (`autoscale.Autoscaler`)."""
     if hasattr(engine, "status"):
-        return engine.status()
+        body = engine.status()
+        if autoscaler is not None:
+            body = msgspec.structs.replace(body, autoscaler=autoscaler.status())
+        return body
     stats = engine.stats()
     return admin_contract.AdminStatus(
         phase=admin_contract.Phase.SERVING if stats.healthy else admin_contract.Phase.DEGRADED,
@@ -76,7 +80,10 @@ def _json(body: admin_contract.AdminStatus, status_code: int = 200) -> fastapi.R
     return fastapi.Response(admin_contract.encode(body), status_code=status_code, media_type="application/json")
 
 
-def add_routes(app: fastapi.FastAPI, engine, token: str) -> None:
+def add_routes(app: fastapi.FastAPI, engine, token: str, autoscaler=None) -> None:
+    """`autoscaler`: the `autoscale.Autoscaler` of `serve --autoscale`, shown in the status.
+    A scale asked for here while it runs is carried out all the same (a manual override): the
+    autoscaler's next evaluations start from the new device count."""
     def authorized(request: fastapi.Request) -> bool:
         header = request.headers.get("authorization", "")
         scheme, _, given = header.partition(" ")
@@ -91,7 +98,7 @@ def add_routes(app: fastapi.FastAPI, engine, token: str) -> None:
     async def admin_status(request: fastapi.Request):
         if not authorized(request):
             return unauthorized()
-        return _json(status_body(engine))
+        return _json(status_body(engine, autoscaler))
 
     @app.post("/admin/scale")
     async def admin_scale(request: fastapi.Request):
@@ -119,8 +126,9 @@ def add_routes(app: fastapi.FastAPI, engine, token: str) -> None:
             return _error(409, str(exc), param="devices", code="scale_in_progress")
         if body.wait:
             record = await asyncio.to_thread(engine.wait_scale, scale_id)
-            return _json(status_body(engine), 200 if record.outcome == admin_contract.Outcome.SUCCEEDED else 500)
-        return _json(status_body(engine), 202)
+            return _json(status_body(engine, autoscaler),
+                         200 if record.outcome == admin_contract.Outcome.SUCCEEDED else 500)
+        return _json(status_body(engine, autoscaler), 202)
 
 
 def _path_param(message: str) -> str | None:

@@ -100,6 +100,8 @@ class _EngineStatsCollector(Collector):
         return [running, waiting, used, total, healthy, preemptions]
 
 
+AUTOSCALER_ACTIONS: tuple[str, ...] = ("up", "down", "hold")  # as `elasticmoe_operator.policy` names them
+
 # Scale phases take milliseconds (a switch) to minutes (a cold worker's start).
 SCALE_PHASE_BUCKETS_S: tuple[float, ...] = (
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
@@ -201,6 +203,21 @@ class ServerMetrics:
             self.requests_rejected.labels(reason=reason)
         r.register(_EngineStatsCollector(engine_stats))
         r.register(_ScalingCollector(scaling_counters))
+        self.autoscaler_decisions: prometheus_client.Counter | None = None
+
+    def track_autoscaler(self) -> prometheus_client.Counter:
+        """The decisions counter of `serve --autoscale`, registered on first call: a server
+        without the autoscaler does not expose it."""
+        if self.autoscaler_decisions is None:
+            self.autoscaler_decisions = prometheus_client.Counter(
+                "elasticmoe_autoscaler_decisions",
+                "Decisions of the in-process SLO autoscaler, by action (up, down, hold).",
+                ["action"],
+                registry=self.registry,
+            )
+            for action in AUTOSCALER_ACTIONS:
+                self.autoscaler_decisions.labels(action=action)
+        return self.autoscaler_decisions
 
     def reject(self, reason: str) -> None:
         assert reason in REJECT_REASONS, reason
