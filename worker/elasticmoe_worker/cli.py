@@ -177,7 +177,7 @@ def _add_serving_arguments(p: argparse.ArgumentParser, host_default: str, device
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from elasticmoe_worker.bench import scaling_bench, serve_bench
+    from elasticmoe_worker.bench import scaling_bench, serve_bench, simulate
 
     parser = argparse.ArgumentParser(
         prog="elasticmoe",
@@ -267,6 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
     scaling_bench.add_arguments(b)
     cliargs.add_engine_arguments(b)
     b.set_defaults(func=scaling_bench.run)
+
+    p = sub.add_parser("simulate", help="replay a trace through the scaling policies on a model of an instance",
+                       description=simulate.DESCRIPTION)
+    simulate.add_arguments(p)
+    p.set_defaults(func=simulate.run)
     return parser
 
 
