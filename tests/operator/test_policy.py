@@ -163,8 +163,12 @@ def test_no_flapping_under_noisy_stationary_load(load, noise, seed, start):
     directions = [a for _, _, a in changes]
     reversals = sum(1 for a, b in zip(directions, directions[1:]) if a != b)
     assert reversals <= 1, changes
-    # and it settles: nothing changes in the last hour of a two-hour run
-    assert all(t < 3600 for t, _, _ in changes), changes
+    # and it settles: in the last hour of a two-hour run, the only change allowed is one more
+    # device where the noise itself still breached the SLO at the count before
+    counts = [start] + [n for _, n, _ in changes]
+    for (t, n, action), before in zip(changes, counts):
+        if t >= 3600:
+            assert action == policy.UP and load / before * (1 + noise) > cfg.up_threshold, changes
 
 
 @settings(max_examples=40, deadline=None)
