@@ -42,13 +42,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     token = admin.resolve_token(args.admin_token_file, cliargs.cache_dir())
     if args.devices is None:
+        if getattr(args, "cpu_per_device", None) is not None:
+            log.error("--cpu-per-device needs --devices N (a CPU quota for each device of a multi-device instance)")
+            return 2
         engine = async_engine.AsyncEngine.from_model_dir(model_dir, cliargs.engine_config_from_args(args), model_name=name)
     elif args.fleet == "local":
         from elasticmoe_worker.instance import coordinator
 
         log.info("starting a local instance of %d %s device(s)", args.devices, args.backend)
         engine = coordinator.Instance(model_dir, args.devices, cliargs.engine_config_from_args(args), model_name=name,
-                                      backend=args.backend, collective_timeout_s=args.collective_timeout_s).start()
+                                      backend=args.backend, collective_timeout_s=args.collective_timeout_s,
+                                      cpu_per_device=args.cpu_per_device).start()
     else:
         from elasticmoe_worker.instance import coordinator
 
@@ -153,6 +157,16 @@ def cmd_scale(args: argparse.Namespace) -> int:
     return 0 if record.outcome == admin.Outcome.SUCCEEDED else 1
 
 
+def _cores(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"got {text!r}, expected a number of cores > 0, e.g. 0.45") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"got {text}, expected a number of cores > 0, e.g. 0.45")
+    return value
+
+
 def _add_serving_arguments(p: argparse.ArgumentParser, host_default: str, devices_required: bool) -> None:
     p.add_argument("--model", default=None, help="checkpoint directory (config.json, *.safetensors, tokenizer)")
     p.add_argument("--served-model-name", default=None, help="model name in the API (default: the directory name)")
@@ -193,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "generated into the cache directory ($ELASTICMOE_CACHE_DIR, default "
                                    "~/.cache/elasticmoe) on first use.")
     _add_serving_arguments(p, host_default="127.0.0.1", devices_required=False)
+    p.add_argument("--cpu-per-device", type=_cores, default=None, metavar="CORES",
+                   help="give each device (its HMM and executors) a CPU quota of this many cores through the cgroup "
+                        "CPU controller (cgroup v1 cpu.cfs_quota_us or v2 cpu.max; needs root), like a Kubernetes "
+                        "CPU limit, so that a CPU device has fixed capacity, e.g. 0.45 (default: no quota)")
     p.set_defaults(func=cmd_serve, fleet="local")
 
     p = sub.add_parser("coordinator", help="run an instance's coordinator; its workers run elsewhere (pods)",

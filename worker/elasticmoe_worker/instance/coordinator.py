@@ -55,13 +55,16 @@ class Instance:
                  backend: str = "cpu", collective_timeout_s: float = 60.0, startup_timeout_s: float = 600.0,
                  warm_workers: int = 1, fleet: str = "local", bind_host: str = "127.0.0.1",
                  advertise_host: str | None = None, control_port: int = 0, worker_secret: str = "",
-                 heartbeat_timeout_s: float = 15.0) -> None:
+                 heartbeat_timeout_s: float = 15.0, cpu_per_device: float | None = None) -> None:
         """`fleet="local"` starts one HMM process per device here (a worker secret is generated
-        when none is given); `fleet="external"` waits for workers that others start
-        (`elasticmoe worker`, one pod per device) to connect to
-        `tcp://<advertise_host>:<control_port>` with the same `worker_secret`."""
+        when none is given), each in a cgroup with a quota of `cpu_per_device` cores if given;
+        `fleet="external"` waits for workers that others start (`elasticmoe worker`, one pod
+        per device) to connect to `tcp://<advertise_host>:<control_port>` with the same
+        `worker_secret`."""
         if fleet not in ("local", "external"):
             raise ValueError(f"fleet: got {fleet!r}, expected 'local' or 'external'")
+        if fleet == "external" and cpu_per_device is not None:
+            raise ValueError("cpu_per_device: only a local fleet starts its workers (pods get a CPU limit instead)")
         if fleet == "external" and not worker_secret:
             raise ValueError(f"worker_secret: empty; an external fleet's workers must prove they hold it "
                              f"(set {transport.SECRET_ENV})")
@@ -87,6 +90,7 @@ class Instance:
         self._fleet_kind = fleet
         self._heartbeat_timeout_s = heartbeat_timeout_s
         self._warm_workers = warm_workers
+        self._cpu_per_device = cpu_per_device
         self.transport = transport.Server(self.worker_secret, self._on_message, self._on_tick, bind_host=bind_host,
                                           port=control_port, advertise_host=advertise_host)
         self._lock = threading.RLock()
@@ -122,7 +126,7 @@ class Instance:
             env = {transport.SECRET_ENV: self.worker_secret}
             if self.transport.bind_host in ("127.0.0.1", "localhost"):
                 env["GLOO_SOCKET_IFNAME"] = "lo"  # NOTE: local mode listens on loopback only
-            fleet = fleet_mod.LocalFleet(address, self.backend, env=env)
+            fleet = fleet_mod.LocalFleet(address, self.backend, env=env, cpu_per_device=self._cpu_per_device)
         else:
             fleet = fleet_mod.ExternalFleet(self._heartbeat_timeout_s)
         self.members = membership.Membership(fleet, self._warm_workers, self.max_devices)

@@ -6,7 +6,9 @@ coordinator's business. Two kinds:
 - `LocalFleet` (`elasticmoe serve --devices N`): one HMM child process per device on this
   machine. Workers start in their own session so a Ctrl-C in the terminal reaches the
   coordinator alone, which then stops them in order; a parent-death signal takes them down
-  if the coordinator is killed outright.
+  if the coordinator is killed outright. With `cpu_per_device`, each worker goes into its own
+  cgroup with that CPU quota right after it starts (its executors, started later by it,
+  inherit it): the device gets fixed capacity, like a pod with a CPU limit (`cgroup`).
 - `ExternalFleet` (`elasticmoe coordinator`, in Kubernetes): someone else (the operator,
   one pod per device) starts and deletes workers; the fleet only learns of them from their
   messages and declares one dead when its heartbeats stop. It cannot start a worker, so the
@@ -24,13 +26,18 @@ import sys
 import threading
 import time
 
+from elasticmoe_worker.instance import cgroup
+
 logger = logging.getLogger(__name__)
 
 
 class LocalFleet:
     starts_workers = True
 
-    def __init__(self, coordinator_address: str, backend: str = "cpu", env: dict[str, str] | None = None) -> None:
+    def __init__(self, coordinator_address: str, backend: str = "cpu", env: dict[str, str] | None = None,
+                 cpu_per_device: float | None = None) -> None:
+        # First: an unusable quota fails before any thread or process is started.
+        self.quotas = cgroup.CpuQuotas(cpu_per_device) if cpu_per_device is not None else None
         self.coordinator_address = coordinator_address
         self.backend = backend
         self.env = {**os.environ, **(env or {})}  # the worker secret travels here, never on a command line
@@ -62,7 +69,17 @@ class LocalFleet:
         if isinstance(done[0], BaseException):
             raise done[0]
         self.workers[device_index] = done[0]
-        logger.info("device %d: HMM started (pid %d)", device_index, self.workers[device_index].pid)
+        if self.quotas is not None:
+            try:
+                group = self.quotas.place(device_index, done[0].pid)
+            except OSError as exc:
+                done[0].kill()
+                self.workers.pop(device_index)
+                raise RuntimeError(f"device {device_index}: cannot put its worker into a CPU-quota cgroup: {exc}") from exc
+            logger.info("device %d: HMM started (pid %d) in %s, %.3g cores", device_index, done[0].pid, group,
+                        self.quotas.cores)
+        else:
+            logger.info("device %d: HMM started (pid %d)", device_index, self.workers[device_index].pid)
 
     def dead(self) -> dict[int, int]:
         """Device index -> exit code, for workers that exited."""
@@ -76,20 +93,22 @@ class LocalFleet:
             return  # idempotent
         if proc.poll() is None:
             proc.terminate()
+        group = self.quotas.group(device_index) if self.quotas is not None else None
         if wait:
-            self._reap(device_index, proc, timeout_s)
+            self._reap(device_index, proc, timeout_s, group)
         else:
-            threading.Thread(target=self._reap, args=(device_index, proc, timeout_s), name="fleet-reap",
+            threading.Thread(target=self._reap, args=(device_index, proc, timeout_s, group), name="fleet-reap",
                              daemon=True).start()
 
-    @staticmethod
-    def _reap(device_index: int, proc: subprocess.Popen, timeout_s: float) -> None:
+    def _reap(self, device_index: int, proc: subprocess.Popen, timeout_s: float, group=None) -> None:
         try:
             proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             logger.warning("device %d: HMM did not stop in %.0f s, killing it", device_index, timeout_s)
             proc.kill()
             proc.wait()
+        if group is not None:
+            self.quotas.release(device_index, group)
 
     def pids(self) -> dict[int, int]:
         return {i: p.pid for i, p in self.workers.items()}
@@ -105,6 +124,8 @@ class LocalFleet:
     def close(self) -> None:
         for i in list(self.workers):
             self.remove(i)
+        if self.quotas is not None:
+            self.quotas.close()
 
 
 class ExternalFleet:

@@ -1,0 +1,112 @@
+"""`serve --cpu-per-device`: each local device runs in its own cgroup with a CPU quota, like a
+Kubernetes CPU limit, and the groups are gone after shutdown."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import time
+
+import pytest
+
+import testprocs
+from elasticmoe_worker.contract import admin
+from elasticmoe_worker.engine import engine as engine_mod
+from elasticmoe_worker.instance import cgroup, coordinator
+
+CFG = engine_mod.EngineConfig(dtype="float32", kv_cache_bytes=8 << 20, max_num_batched_tokens=32)
+
+
+def _controller_or_skip() -> tuple[int, pathlib.Path]:
+    try:
+        return cgroup.detect()
+    except cgroup.Unavailable as exc:
+        pytest.skip(f"no writable cgroup CPU controller on this machine: {exc}")
+
+
+def _quota(group: pathlib.Path, version: int) -> tuple[int, int]:
+    if version == 1:
+        return int((group / "cpu.cfs_quota_us").read_text()), int((group / "cpu.cfs_period_us").read_text())
+    quota, period = (group / "cpu.max").read_text().split()
+    return int(quota), int(period)
+
+
+def _throttled(group: pathlib.Path) -> int:
+    stat = dict(line.split() for line in (group / "cpu.stat").read_text().splitlines())
+    return int(stat["nr_throttled"])
+
+
+def test_each_device_runs_in_its_own_group_with_the_quota_and_the_groups_go_at_shutdown(tiny_models):
+    version, base = _controller_or_skip()
+    inst = coordinator.Instance(tiny_models["qwen3_moe"], 2, CFG, warm_workers=0, cpu_per_device=0.3).start()
+    try:
+        quotas = inst.fleet.quotas
+        parent = quotas.parent
+        assert parent.parent == base and parent.is_dir()
+        hmm_pids = inst.fleet.pids()
+        groups = {}
+        for device, pid in hmm_pids.items():
+            group = quotas.group(device)
+            groups[device] = group
+            assert group is not None and group.is_dir() and group.parent == parent
+            assert _quota(group, version) == (30_000, 100_000), "0.3 cores per 100 ms period"
+            members = {int(p) for p in (group / "cgroup.procs").read_text().split()}
+            assert pid in members, f"the HMM of device {device} is in its group"
+            # the executor, started by the HMM after it was placed, inherited the group
+            children = [c for c in members if c != pid]
+            assert children, f"device {device}: no executor in {group} ({members})"
+            assert all(f"/{group.name}" in pathlib.Path(f"/proc/{c}/cgroup").read_text() for c in children)
+        # starting torch in two processes on 0.3 cores each runs into the quota
+        assert sum(_throttled(g) for g in groups.values()) > 0, "the quota was never enforced"
+        assert groups[0] != groups[1]
+    finally:
+        inst.shutdown()
+    assert not any(g.exists() for g in groups.values()), "device groups removed at shutdown"
+    assert not parent.exists(), "the instance's parent group removed at shutdown"
+
+
+def test_a_scaled_away_device_leaves_no_group(tiny_models):
+    _controller_or_skip()
+    inst = coordinator.Instance(tiny_models["qwen3_moe"], 1, CFG, warm_workers=0, cpu_per_device=0.5).start()
+    try:
+        record = inst.scale(2)
+        assert record.outcome == admin.Outcome.SUCCEEDED, record.message
+        added = inst.fleet.quotas.group(1)
+        assert added is not None and added.is_dir()
+        assert inst.fleet.pids()[1] in {int(p) for p in (added / "cgroup.procs").read_text().split()}
+        record = inst.scale(1)
+        assert record.outcome == admin.Outcome.SUCCEEDED, record.message
+        deadline = time.monotonic() + 30
+        while added.exists():
+            assert time.monotonic() < deadline, f"{added} still there 30 s after the scale-down"
+            time.sleep(0.1)
+    finally:
+        inst.shutdown()
+
+
+def test_no_controller_is_a_clear_error_naming_the_option(monkeypatch):
+    def unavailable():
+        raise cgroup.Unavailable("cgroup v1 cpu at /sys/fs/cgroup/cpu: not writable")
+
+    monkeypatch.setattr(cgroup, "detect", unavailable)
+    with pytest.raises(ValueError, match=r"--cpu-per-device 0.45: no writable cgroup CPU controller .*not writable"):
+        cgroup.CpuQuotas(0.45)
+    with pytest.raises(ValueError, match="--cpu-per-device: got 0"):
+        cgroup.CpuQuotas(0)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["serve", "--cpu-per-device", "0"], "expected a number of cores > 0"),
+    (["serve", "--cpu-per-device", "half"], "expected a number of cores > 0"),
+])
+def test_bad_quota_arguments_are_named(argv, message):
+    out = subprocess.run(testprocs.elasticmoe(*argv), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--cpu-per-device" in out.stderr and message in out.stderr
+
+
+def test_a_quota_without_devices_is_refused(tiny_models):
+    out = subprocess.run(testprocs.elasticmoe("serve", "--model", str(tiny_models["qwen3_moe"]), "--cpu-per-device",
+                                              "0.45", "--port", "0"),
+                         capture_output=True, text=True, timeout=120, env={**os.environ})
+    assert out.returncode == 2 and "--cpu-per-device needs --devices N" in out.stderr

@@ -1,0 +1,184 @@
+"""CPU quotas for local devices: one cgroup per worker, like a Kubernetes CPU limit.
+
+Why it exists: a CPU "device" has fixed capacity only if it gets a fixed share of the cores.
+Without a quota, four local devices on a 2-core machine share the same two cores and adding
+devices adds no capacity, which makes every autoscaling measurement meaningless. With
+`serve --cpu-per-device 0.45`, each device's HMM goes into its own group right after it is
+started; the executors it starts later are its children and inherit the group, so the device
+as a whole (HMM + executors) gets 0.45 cores per period, as a pod with `limits.cpu: 450m` does.
+
+Both cgroup versions: v1 (a `cpu` hierarchy: `cpu.cfs_quota_us` / `cpu.cfs_period_us`,
+processes into `cgroup.procs`) and v2 (`cpu.max`, after enabling the `cpu` controller for our
+own group's children). Groups live under the cgroup this process runs in, in a parent named
+after this process (`elasticmoe-<pid>`), and are removed when their worker has stopped and at
+`close()`.
+
+Not guaranteed: a quota caps CPU time, it does not reserve it: on a busy machine a device may
+get less. On cgroup v2 the `cpu` controller can only be handed to child groups when our own
+group holds no processes (the "no internal processes" rule) or is the root: inside a container
+that runs its processes in its root group that fails, with an error saying so.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import time
+
+logger = logging.getLogger(__name__)
+
+PERIOD_US = 100_000  # the kernel's and Kubernetes' default CFS period
+MIN_QUOTA_US = 1_000  # the kernel refuses less
+
+
+class Unavailable(RuntimeError):
+    """No writable cgroup CPU controller here."""
+
+
+def _mounts() -> list[tuple[str, str, list[str]]]:
+    out = []
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 4:
+                out.append((fields[1], fields[2], fields[3].split(",")))
+    return out
+
+
+def _own_paths() -> dict[str, str]:
+    """Controller (v1) or "" (v2) -> this process' cgroup path."""
+    paths = {}
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            for c in controllers.split(",") if controllers else [""]:
+                paths[c] = path
+    return paths
+
+
+def detect() -> tuple[int, pathlib.Path]:
+    """-> (cgroup version, the directory our groups go under); Unavailable with what was tried."""
+    tried = []
+    own = _own_paths()
+    for mount, kind, options in _mounts():
+        if kind == "cgroup" and "cpu" in options:
+            base = pathlib.Path(mount) / own.get("cpu", "/").lstrip("/")
+            if not (base / "cpu.cfs_quota_us").exists():
+                base = pathlib.Path(mount)  # our own path is not visible here (a container's view)
+            if (base / "cpu.cfs_quota_us").exists() and os.access(base, os.W_OK):
+                return 1, base
+            tried.append(f"cgroup v1 cpu at {base}: {'not writable' if base.exists() else 'missing'}")
+    for mount, kind, _ in _mounts():
+        if kind == "cgroup2":
+            base = pathlib.Path(mount) / own.get("", "/").lstrip("/")
+            try:
+                controllers = (base / "cgroup.controllers").read_text().split()
+            except OSError as exc:
+                tried.append(f"cgroup v2 at {base}: {exc.strerror}")
+                continue
+            if "cpu" not in controllers:
+                tried.append(f"cgroup v2 at {base}: no cpu controller (has: {' '.join(controllers) or 'none'})")
+            elif not os.access(base, os.W_OK):
+                tried.append(f"cgroup v2 at {base}: not writable")
+            else:
+                return 2, base
+    raise Unavailable("; ".join(tried) or "no cgroup file system mounted")
+
+
+class CpuQuotas:
+    """Per-device groups with a quota of `cores` each; `place(device, pid)` after a spawn,
+    `release(device)` once its processes have exited."""
+
+    def __init__(self, cores: float, option: str = "--cpu-per-device") -> None:
+        if not cores > 0:
+            raise ValueError(f"{option}: got {cores!r}, expected a positive number of cores (e.g. 0.45)")
+        try:
+            self.version, base = detect()
+        except Unavailable as exc:
+            raise ValueError(f"{option} {cores:g}: no writable cgroup CPU controller ({exc}); run as root on a "
+                             f"machine with cgroup v1 `cpu` or cgroup v2 `cpu.max`, or leave the option out") from None
+        self.cores = cores
+        self.quota_us = max(MIN_QUOTA_US, round(cores * PERIOD_US))
+        self.parent = base / f"elasticmoe-{os.getpid()}"
+        self._groups: dict[int, pathlib.Path] = {}
+        self._count = 0
+        try:
+            self.parent.mkdir(exist_ok=True)
+            if self.version == 2:
+                # Children get the cpu controller only if their parent hands it down.
+                (self.parent / "cgroup.subtree_control").write_text("+cpu")
+        except OSError as exc:
+            self._rmdir(self.parent)
+            raise ValueError(f"{option} {cores:g}: cannot set up {self.parent} ({exc.strerror}); the cgroup v"
+                             f"{self.version} CPU controller is not usable here") from None
+        logger.info("CPU quota per device: %.3g cores (%d/%d us, cgroup v%d under %s)", cores, self.quota_us,
+                    PERIOD_US, self.version, self.parent)
+
+    def place(self, device_index: int, pid: int) -> pathlib.Path:
+        """Create a group for this device's worker, set its quota, move `pid` into it."""
+        self._count += 1
+        group = self.parent / f"device-{device_index}-{self._count}"
+        group.mkdir()
+        if self.version == 1:
+            (group / "cpu.cfs_period_us").write_text(str(PERIOD_US))
+            (group / "cpu.cfs_quota_us").write_text(str(self.quota_us))
+        else:
+            (group / "cpu.max").write_text(f"{self.quota_us} {PERIOD_US}")
+        (group / "cgroup.procs").write_text(str(pid))
+        self._groups[device_index] = group
+        return group
+
+    def group(self, device_index: int) -> pathlib.Path | None:
+        return self._groups.get(device_index)
+
+    def release(self, device_index: int, group: pathlib.Path | None = None, timeout_s: float = 5.0) -> None:
+        """Remove the device's group once its processes are gone; the stragglers (executors
+        that outlived their HMM) are killed after `timeout_s`."""
+        group = group or self._groups.get(device_index)
+        if group is None:
+            return
+        if self._groups.get(device_index) == group:
+            del self._groups[device_index]
+        deadline = time.monotonic() + timeout_s
+        while True:
+            pids = _pids(group)
+            if not pids:
+                break
+            if time.monotonic() > deadline:
+                logger.warning("device %d: processes %s still in %s after %.0f s; killing them", device_index, pids,
+                               group, timeout_s)
+                for pid in pids:
+                    try:
+                        os.kill(pid, 9)
+                    except ProcessLookupError:
+                        pass
+                deadline = time.monotonic() + timeout_s
+            time.sleep(0.05)
+        self._rmdir(group)
+
+    def close(self) -> None:
+        for device in list(self._groups):
+            self.release(device)
+        for leftover in self.parent.glob("device-*"):
+            self.release(-1, leftover)
+        self._rmdir(self.parent)
+
+    @staticmethod
+    def _rmdir(path: pathlib.Path) -> None:
+        for _ in range(50):  # a group is busy for a moment after its last process exited
+            try:
+                path.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                time.sleep(0.02)
+        logger.warning("could not remove cgroup %s", path)
+
+
+def _pids(group: pathlib.Path) -> list[int]:
+    try:
+        return [int(x) for x in (group / "cgroup.procs").read_text().split()]
+    except FileNotFoundError:
+        return []
