@@ -135,10 +135,33 @@ class SloSpec(_Model):
                                        "milliseconds.")
 
 
+class SecretKeyRef(_Model):
+    name: str = pydantic.Field(min_length=1, max_length=253, description="A Secret in the ElasticMoE's namespace.")
+    key: str = pydantic.Field("token", min_length=1, max_length=253, description="The key of the Secret holding "
+                              "the value.")
+
+
 class AutoscalingSpec(_Model):
-    mode: AutoscalingMode = pydantic.Field(AutoscalingMode.DISABLED, description="Disabled, Slo or External.")
+    mode: AutoscalingMode = pydantic.Field(
+        AutoscalingMode.DISABLED,
+        description="Who writes spec.devices.replicas: Disabled (people, `kubectl scale`), Slo (the operator's "
+                    "SLO policy on Prometheus metrics; nobody else should write it), External (an HPA or KEDA "
+                    "through the scale subresource; the operator never writes it).")
     prometheus_url: str = pydantic.Field("", max_length=2048, description="Prometheus HTTP API base URL "
-                                         "(mode Slo).")
+                                         "(mode Slo), e.g. http://prometheus-operated.monitoring.svc:9090.")
+    prometheus_bearer_token_secret: Optional[SecretKeyRef] = pydantic.Field(
+        None, description="Bearer token sent to the Prometheus HTTP API (mode Slo), read from this Secret; "
+                          "unset: no Authorization header.")
+    prometheus_selector: str = pydantic.Field(
+        "", max_length=1024,
+        description="PromQL label matchers selecting this instance's coordinator series, e.g. "
+                    "'job=\"moe\",env=\"prod\"'. Empty: namespace=\"<namespace>\",elasticmoe_instance=\"<name>\", "
+                    "the labels the chart's ServiceMonitor and alert rules use.")
+    metrics_window_seconds: int = pydantic.Field(60, ge=2, le=3600, description="Window of the rates the p90 "
+                                                 "latencies and the request rate are computed over; at least "
+                                                 "four scrape intervals.")
+    evaluation_interval_seconds: int = pydantic.Field(15, ge=1, le=3600, description="How often the Slo policy "
+                                                      "evaluates; a firing SLO alert evaluates at once.")
     scale_up_cooldown_seconds: int = pydantic.Field(30, ge=0, le=86400, description="Least time between "
                                                     "two scale-ups.")
     scale_down_stabilization_seconds: int = pydantic.Field(300, ge=0, le=86400, description="How long load "
@@ -248,6 +271,38 @@ class ScalingStatus(_Model):
     stage: str = pydantic.Field("", description="WaitingForWorkers or Scaling.")
 
 
+class AlertTrigger(_Model):
+    """The Alertmanager notification that made the operator evaluate at once."""
+    alertname: str = ""
+    fingerprint: str = ""
+    starts_at: str = pydantic.Field("", description="The alert's startsAt, as Alertmanager sent it.")
+    received_at: str = pydantic.Field("", description="When the operator received it (RFC 3339, milliseconds).")
+
+
+class AutoscaleDecision(_Model):
+    """One evaluation of the Slo policy: what it saw, what it decided and why."""
+    time: str = pydantic.Field("", description="When it was evaluated (RFC 3339, milliseconds).")
+    from_devices: int = pydantic.Field(alias="from", description="spec.devices.replicas (or initial) before.")
+    to_devices: int = pydantic.Field(alias="to", description="The count it wrote to spec.devices.replicas.")
+    action: str = pydantic.Field("", description="up, down or hold.")
+    code: str = pydantic.Field("", description="The reason in a word: SloBreached, SurvivorsUnderTarget, "
+                               "OutOfBounds, AtMaximum, WaitingForScale, Cooldown, Stabilizing, WithinDeadBand, "
+                               "MetricsUnavailable, MetricsStale or NoSamples.")
+    reason: str = ""
+    signals: dict[str, str] = pydantic.Field(default_factory=dict, description="The inputs: p90 latencies "
+                                             "(ms), their ratios to the SLO, the smoothed signal, request rate, "
+                                             "active and warming devices.")
+    trigger: Optional[AlertTrigger] = pydantic.Field(None, description="The alert that caused this evaluation; "
+                                                     "unset: the periodic evaluation.")
+
+
+class AutoscalerStatus(_Model):
+    last_evaluation: Optional[AutoscaleDecision] = pydantic.Field(None, description="The latest evaluation.")
+    history: list[AutoscaleDecision] = pydantic.Field(
+        default_factory=list, max_length=HISTORY_LIMIT,
+        description=f"The last {HISTORY_LIMIT} decisions that changed the device count, oldest first.")
+
+
 class ElasticMoEStatus(_Model):
     observed_generation: int = pydantic.Field(0, description="The metadata.generation this status describes.")
     phase: str = pydantic.Field("", description="Pending, Serving, Scaling or Degraded.")
@@ -260,6 +315,8 @@ class ElasticMoEStatus(_Model):
     last_scale: Optional[ScaleRecord] = pydantic.Field(None, description="The most recent scale.")
     history: list[ScaleRecord] = pydantic.Field(default_factory=list, max_length=HISTORY_LIMIT,
                                                 description=f"The last {HISTORY_LIMIT} scales, oldest first.")
+    autoscaler: Optional[AutoscalerStatus] = pydantic.Field(None, description="The Slo policy's evaluations "
+                                                            "(autoscaling.mode Slo).")
 
 
 # -- validation -----------------------------------------------------------------------

@@ -50,6 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no peering with other operator replicas (run exactly one)")
     p.add_argument("--liveness", default=None, metavar="URL",
                    help="serve kopf's liveness probe, e.g. http://0.0.0.0:8080/healthz")
+    p.add_argument("--listen", default=None, metavar="HOST:PORT",
+                   help="serve POST /alerts (Alertmanager webhook: a firing SLO alert makes the Slo autoscaler "
+                        "evaluate its instance at once) and GET /metrics (the operator's own metrics) here, e.g. "
+                        "0.0.0.0:8081 (the chart's webhook port); default: not served")
+    p.add_argument("--alerts-token-file", default=os.environ.get("ELASTICMOE_ALERTS_TOKEN_FILE"), metavar="PATH",
+                   help="file holding the bearer token Alertmanager must send to POST /alerts (a mounted Secret; "
+                        "re-read on every request). Default: $ELASTICMOE_ALERTS_TOKEN_FILE, else the token in "
+                        "$ELASTICMOE_ALERTS_TOKEN; with neither, every notification is refused (401)")
     p.add_argument("--log-level", default=os.environ.get("ELASTICMOE_LOG_LEVEL", "info").lower(),
                    choices=["debug", "info", "warning", "error"],
                    help="logging verbosity (default: $ELASTICMOE_LOG_LEVEL, else info)")
@@ -66,11 +74,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), handlers=[handler], force=True)
     namespaces = args.namespace or ([os.environ["POD_NAMESPACE"]] if os.environ.get("POD_NAMESPACE")
                                     and not args.all_namespaces else [])
+    if args.listen:
+        from elasticmoe_operator import httpserver
+
+        try:
+            httpserver.parse_address(args.listen)
+        except ValueError as exc:
+            build_parser().error(str(exc))
     return run(image=args.image, coordinator_url=args.coordinator_url,
-               namespaces=namespaces, standalone=args.standalone, liveness=args.liveness)
+               namespaces=namespaces, standalone=args.standalone, liveness=args.liveness, listen=args.listen,
+               alerts_token_file=args.alerts_token_file)
 
 
-def run(*, image: str, coordinator_url: str | None = None, namespaces: list[str] = (), standalone: bool = True, liveness: str | None = None) -> int:
+def run(*, image: str, coordinator_url: str | None = None, namespaces: list[str] = (), standalone: bool = True,
+        liveness: str | None = None, listen: str | None = None, alerts_token_file: str | None = None) -> int:
     import kopf
 
     from elasticmoe_operator import handlers
@@ -78,6 +95,9 @@ def run(*, image: str, coordinator_url: str | None = None, namespaces: list[str]
     handlers.CONFIG.image = image
     if coordinator_url:
         handlers.CONFIG.coordinator_url = coordinator_url
+    handlers.CONFIG.listen = listen
+    handlers.CONFIG.alerts_token_file = alerts_token_file
+    handlers.CONFIG.alerts_token = os.environ.get("ELASTICMOE_ALERTS_TOKEN")
     log = logging.getLogger("elasticmoe.operator")
     log.info("operator %s starting: namespaces %s, default image %s", __version__,
              list(namespaces) or "all", image)

@@ -6,6 +6,10 @@ changes, `kubectl scale` and HPA/KEDA writes are all just a new desired count th
 tick sees; nothing branches on which event fired. The scale in progress lives in the
 object's memo and in `status.scaling`; a restarted operator resumes from the latter.
 
+In mode Slo the same tick first lets the autoscaler (`autoscaler.tick`) evaluate when due and
+write spec.devices.replicas, then carries the count out. The operator's HTTP port (`--listen`:
+POST /alerts from Alertmanager, GET /metrics) runs in the same event loop, started here.
+
 Not guaranteed: no finalizer is set (children carry owner references, and Kubernetes' garbage
 collector deletes them with the resource); a coordinator that restarts loses its instance
 (the worker pods then register again with the new one only if they are recreated).
@@ -21,7 +25,7 @@ import secrets
 import kopf
 import pydantic
 
-from elasticmoe_operator import api, children, kube, reconcile
+from elasticmoe_operator import alerts, api, autoscaler, children, httpserver, kube, reconcile
 
 logger = logging.getLogger("elasticmoe.operator")
 
@@ -35,6 +39,11 @@ class Config:
     # {port} are filled in. Tests and out-of-cluster runs point it elsewhere.
     coordinator_url: str = "http://{service}.{namespace}.svc:{port}"
     kube: kube.Kube | None = None
+    listen: str | None = None  # HOST:PORT of POST /alerts and GET /metrics; None: not served
+    alerts_token_file: str | None = None  # the bearer token Alertmanager sends (a mounted Secret)
+    alerts_token: str | None = None  # or the token itself (environment)
+    http: object | None = None  # the running aiohttp AppRunner
+    prometheus_transport: object | None = None  # tests: an httpx transport standing in for Prometheus
 
 
 CONFIG = Config()
@@ -47,6 +56,19 @@ def configure(settings: kopf.OperatorSettings, **_) -> None:
     settings.posting.level = logging.WARNING
     # kopf's own finalizer name under our group (it only sets one if a handler needs it).
     settings.persistence.finalizer = "elasticmoe.io/operator"
+
+
+@kopf.on.startup()
+async def serve_http(**_) -> None:
+    """The alert receiver and /metrics, in kopf's event loop (the receiver only marks instances
+    for evaluation; the reconcile timer evaluates them)."""
+    if not CONFIG.listen:
+        return
+    token = httpserver.TokenFile(CONFIG.alerts_token_file, CONFIG.alerts_token)
+    if token() is None:
+        logger.warning("no alerts token (--alerts-token-file / $ELASTICMOE_ALERTS_TOKEN): POST /alerts refuses "
+                       "every notification (401)")
+    CONFIG.http = await httpserver.start(CONFIG.listen, alerts.Receiver(token, autoscaler.trigger))
 
 
 @kopf.on.login()
@@ -62,6 +84,8 @@ def login(**kwargs) -> kopf.ConnectionInfo | None:
 async def close(**_) -> None:
     if CONFIG.kube is not None:
         await CONFIG.kube.close()
+    if CONFIG.http is not None:
+        await CONFIG.http.cleanup()
 
 
 def _now() -> datetime.datetime:
@@ -186,10 +210,21 @@ async def reconcile_once(body: dict, spec: dict, status: dict, generation: int, 
         else:
             logger.debug("%s/%s: %s", namespace, name, exc)
         memo["coordinator_error"] = coord_error
+    tracker, auto = None, None
+    if autoscaler.writes_replicas(parsed.autoscaling.mode):
+        tracker = autoscaler.tracker(namespace, name, status, now.timestamp())
+        auto = await autoscaler.tick(tracker, k, body, parsed, coord_status, now.timestamp(),
+                                     transport=CONFIG.prometheus_transport)
+        if auto.replicas != parsed.devices.desired:  # written now (or our write not yet in the timer's copy)
+            parsed = parsed.model_copy(update={"devices": parsed.devices.model_copy(
+                update={"replicas": auto.replicas})})
+    else:
+        autoscaler.forget(namespace, name)  # External or Disabled: the operator writes no replicas
     obs = reconcile.Observed(name=name, spec=parsed, generation=generation, now=now, pods=pods,
                              coordinator=coord_status, coordinator_error=coord_error,
                              scaling=_scaling_from(memo, status), last_scale=_last_scale(status),
-                             start_devices=start_devices)
+                             start_devices=start_devices, desired_reason=tracker.reason if tracker else "",
+                             metrics_condition=auto.condition if auto else None)
 
     # -- decide ------------------------------------------------------------------------------
     d = reconcile.decide(obs)
@@ -215,7 +250,7 @@ async def reconcile_once(body: dict, spec: dict, status: dict, generation: int, 
                 reconcile.refuse(d, d.scaling, f"the coordinator refused the scale (HTTP {code}): {message}", now)
     for i in d.delete_pods:
         await k.delete("Pod", namespace, children.worker_name(name, i))
-    for etype, reason, message in d.events:
+    for etype, reason, message in (auto.events if auto else []) + d.events:
         logger.info("%s/%s: %s: %s", namespace, name, reason, message)
         kopf.event(body, type=etype, reason=reason, message=message)
     memo["scaling"] = d.scaling
@@ -230,7 +265,11 @@ async def reconcile_once(body: dict, spec: dict, status: dict, generation: int, 
     patch.status["conditions"] = reconcile.merge_conditions(status.get("conditions") or [], d.conditions,
                                                             generation, now)
     patch.status["scaling"] = d.scaling.dump() if d.scaling is not None else None
+    if auto is not None and auto.evaluation is not None:
+        patch.status["autoscaler"] = autoscaler.status_patch(tracker, auto.evaluation)
     if d.finished is not None:
+        if tracker is not None:
+            autoscaler.learn(tracker, d.finished)
         record = d.finished.dump()
         patch.status["lastScale"] = record
         patch.status["history"] = ((status.get("history") or []) + [record])[-api.HISTORY_LIMIT:]
@@ -239,4 +278,5 @@ async def reconcile_once(body: dict, spec: dict, status: dict, generation: int, 
 @kopf.on.delete(api.GROUP, api.VERSION, api.PLURAL, id="forget", optional=True)
 def forget(name, namespace, memo, **_) -> None:
     memo.pop("scaling", None)
+    autoscaler.forget(namespace, name)
     logger.info("%s/%s deleted; its children go with it (owner references)", namespace, name)

@@ -24,6 +24,8 @@ import msgspec
 
 from elasticmoe_worker.contract import admin
 
+from elasticmoe_operator import api
+
 logger = logging.getLogger("elasticmoe.operator")
 
 _PATHS = {  # kind -> (API prefix, plural)
@@ -32,6 +34,7 @@ _PATHS = {  # kind -> (API prefix, plural)
     "ConfigMap": ("/api/v1", "configmaps"),
     "Secret": ("/api/v1", "secrets"),
     "Deployment": ("/apis/apps/v1", "deployments"),
+    api.KIND: (f"/apis/{api.API_VERSION}", api.PLURAL),  # the Slo autoscaler writes spec.devices.replicas
 }
 
 

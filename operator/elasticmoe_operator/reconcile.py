@@ -48,6 +48,10 @@ class Observed:
     last_scale: api.ScaleRecord | None
     start_devices: int  # devices the coordinator Deployment starts with
     coordinator_error: str = ""  # why coordinator is None
+    # Mode Slo: why the autoscaler asked for the desired count (the scale carries it), and the
+    # MetricsAvailable condition its last evaluation left.
+    desired_reason: str = ""
+    metrics_condition: tuple[str, str, str] | None = None
 
 
 @dataclasses.dataclass
@@ -153,7 +157,8 @@ def decide(obs: Observed) -> Decision:
             started_at = _iso(now)
             sc = api.ScalingStatus(**{"from": active, "to": target}, started_at=started_at,
                                    scale_id=scale_id(obs.name, active, target, started_at),
-                                   reason=f"spec.devices desired {desired}, active {active}"
+                                   reason=(f"Slo autoscaler: {obs.desired_reason}" if obs.desired_reason else
+                                           f"spec.devices desired {desired}, active {active}")
                                           + (f", step {spec.devices.step}" if abs(desired - active) > spec.devices.step else ""),
                                    stage=WAITING_FOR_WORKERS if target > active else SCALING)
             d.events.append(("Normal", "ScalingUp" if target > active else "ScalingDown",
@@ -283,8 +288,8 @@ def _conditions(d: Decision, obs: Observed, available, progressing, degraded=Non
                                              "the device count follows spec and the scale subresource"),
         api.AutoscalingMode.EXTERNAL.value: ("True", "ExternalAutoscaler", "an HPA or KEDA scales through the "
                                              "scale subresource"),
-        api.AutoscalingMode.SLO.value: ("False", "PolicyNotImplemented", "the built-in SLO policy is not "
-                                        "implemented in this version; use mode External with an HPA or KEDA"),
+        api.AutoscalingMode.SLO.value: obs.metrics_condition or ("Unknown", "NotEvaluated", "the Slo policy "
+                                                                 "evaluates once the coordinator serves"),
     }[mode]
 
 

@@ -11,6 +11,7 @@ no schema for: they are checked against the subset of their CRD schemas the char
 
 from __future__ import annotations
 
+import base64
 import json
 import pathlib
 import re
@@ -68,6 +69,8 @@ def rendered(tmp_path_factory) -> dict[str, chartutil.Rendered]:
     jobs["no crds/"] = {"values": {}, "chart": no_crds}
     jobs["namespace other"] = {"values": {}, "namespace": "other"}
     jobs["scope Bogus"] = {"values": {"watch": {"scope": "Bogus"}}}
+    jobs["own token secret"] = {"values": {"alertmanager": {"tokenSecret": "my-alert-token", "exampleReceiver": {
+        "enabled": True, "credentialsFile": "/secrets/token"}}}}
     jobs["rules without threshold"] = {"values": {"metrics": {"prometheusRule": {"enabled": True}}},
                                        "chart": _chart_with_broken_rules(tmp_path_factory.mktemp("broken"))}
     for job in jobs.values():
@@ -404,7 +407,8 @@ def test_operator_serves_the_release_namespaces_standalone(rendered):
     container = _operator_pod(result)["containers"][0]
     assert container["command"] == ["elasticmoe", "operator"]
     assert container["args"] == ["--standalone", "--namespace", NAMESPACE, "--namespace", "ml-team",
-                                 "--image", "elasticmoe:0.1.0", "--liveness", "http://0.0.0.0:8080/healthz"]
+                                 "--image", "elasticmoe:0.1.0", "--liveness", "http://0.0.0.0:8080/healthz",
+                                 "--listen", "0.0.0.0:8081", "--alerts-token-file", "/etc/elasticmoe/alerts/token"]
     assert container["image"] == "elasticmoe:0.1.0"  # the tag defaults to the chart's appVersion
     probe = container["livenessProbe"]["httpGet"]
     assert probe["path"] == "/healthz"
@@ -415,7 +419,8 @@ def test_operator_serves_the_release_namespaces_standalone(rendered):
 def test_operator_serves_all_namespaces_in_cluster_scope(rendered):
     container = _operator_pod(_installed(rendered, "cluster-values.yaml"))["containers"][0]
     assert container["args"] == ["--standalone", "--all-namespaces", "--image", "elasticmoe:0.1.0-test",
-                                 "--liveness", "http://0.0.0.0:8080/healthz", "--log-format", "text"]
+                                 "--liveness", "http://0.0.0.0:8080/healthz", "--listen", "0.0.0.0:8081",
+                                 "--alerts-token-file", "/etc/elasticmoe/alerts/token", "--log-format", "text"]
     assert {"name": "ELASTICMOE_LOG_LEVEL", "value": "DEBUG"} in container["env"]
 
 
@@ -429,6 +434,7 @@ def test_operator_arguments_are_accepted_by_the_operator(rendered, name):
     assert container["command"] == ["elasticmoe", "operator"]
     args = cli.build_parser().parse_args(container["args"])
     assert args.standalone and args.liveness == "http://0.0.0.0:8080/healthz"
+    assert args.listen == "0.0.0.0:8081" and args.alerts_token_file == "/etc/elasticmoe/alerts/token"
     env = {e["name"]: e.get("value") for e in container.get("env", [])}
     assert env.get("ELASTICMOE_LOG_LEVEL", "INFO").lower() in ("debug", "info", "warning", "error")
 
@@ -485,6 +491,31 @@ def test_alertmanager_example_routes_alerts_to_the_operator(rendered):
     assert {"namespace", "elasticmoe_instance"} <= set(route["group_by"])
     receiver = next(r for r in config["receivers"] if r["name"] == route["receiver"])
     assert receiver["webhook_configs"][0]["url"] == f"http://{OPERATOR}.{NAMESPACE}.svc:8081/alerts"
+    # bearer auth with the token of the Secret the operator reads, as prometheus-operator mounts it
+    assert receiver["webhook_configs"][0]["http_config"] == {"authorization": {
+        "type": "Bearer", "credentials_file": f"/etc/alertmanager/secrets/{OPERATOR}-alerts/token"}}
+
+
+def test_the_alert_token_secret_is_made_once_and_mounted_into_the_operator(rendered):
+    result = _installed(rendered, "values.yaml")
+    secret = result.one("Secret", f"{OPERATOR}-alerts")
+    token = base64.b64decode(secret["data"]["token"])
+    assert len(token) == 48 and token.isalnum()
+    pod = _operator_pod(result)
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "alerts-token"]
+    assert volume["secret"] == {"secretName": f"{OPERATOR}-alerts", "items": [{"key": "token", "path": "token"}]}
+    assert {"name": "alerts-token", "mountPath": "/etc/elasticmoe/alerts", "readOnly": True} in \
+        pod["containers"][0]["volumeMounts"]
+
+
+def test_an_own_alert_token_secret_is_used_and_none_is_made(rendered):
+    result = _installed(rendered, "own token secret")
+    assert result.find("Secret") == []
+    (volume,) = [v for v in _operator_pod(result)["volumes"] if v["name"] == "alerts-token"]
+    assert volume["secret"]["secretName"] == "my-alert-token"
+    config = yaml.safe_load(result.one("ConfigMap", f"{OPERATOR}-alertmanager-example")["data"]["alertmanager.yaml"])
+    assert config["receivers"][1]["webhook_configs"][0]["http_config"]["authorization"]["credentials_file"] == \
+        "/secrets/token"
 
 
 def test_prometheus_rule_thresholds_come_from_values(rendered):

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from kubernetes_validate import utils as kv_utils
 
-from elasticmoe_operator import api, crd
+from elasticmoe_operator import api, autoscaler, crd
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
@@ -104,6 +104,33 @@ def test_hpa_targets_an_elasticmoe_in_the_same_file_within_its_bounds():
         assert spec.autoscaling.mode == api.AutoscalingMode.EXTERNAL.value
         assert spec.devices.replicas is not None, "an HPA does not scale a target whose replicas read 0"
         assert spec.devices.min <= hpa["spec"].get("minReplicas", 1) <= hpa["spec"]["maxReplicas"] <= spec.devices.max
+
+
+
+def test_hpa_target_has_the_scale_subresource_an_hpa_needs():
+    """An HPA reads and writes the target's scale subresource and refuses a target whose scale
+    has no status.selector; the operator writes status.selector (the worker pods)."""
+    definition = crd.build_crd()
+    (version,) = [v for v in definition["spec"]["versions"] if v["name"] == api.VERSION]
+    scale = version["subresources"]["scale"]
+    assert scale == {"specReplicasPath": ".spec.devices.replicas", "statusReplicasPath": ".status.devices.active",
+                     "labelSelectorPath": ".status.selector"}
+    status_props = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
+    assert status_props["selector"]["type"] == "string"
+    for _, hpa in [(n, d) for n, _, d in OTHERS if d["kind"] == "HorizontalPodAutoscaler"]:
+        ref = hpa["spec"]["scaleTargetRef"]
+        assert ref["apiVersion"] == f"{definition['spec']['group']}/{version['name']}"
+        assert ref["kind"] == definition["spec"]["names"]["kind"]
+
+
+def test_slo_examples_give_the_autoscaler_a_complete_config():
+    slo = [(n, api.parse_spec(d["spec"])) for n, _, d in CRS if d["spec"].get("autoscaling", {}).get("mode") == "Slo"]
+    assert [n for n, _ in slo] == ["gpu.yaml"]
+    for _, spec in slo:
+        cfg = autoscaler.config(spec)  # what the operator's policy runs with
+        assert spec.autoscaling.prometheus_url.startswith("http")
+        assert (cfg.min_devices, cfg.max_devices, cfg.ttft_p90_s, cfg.tpot_p90_s) == (
+            spec.devices.min, spec.devices.max, spec.slo.ttft_p90_ms / 1000, spec.slo.tpot_p90_ms / 1000)
 
 
 @pytest.mark.parametrize("doc", [

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
 import os
 import subprocess
 import time
@@ -15,6 +16,7 @@ import kmock
 import pytest
 import pytest_asyncio
 import yaml
+from aiohttp import web
 
 from elasticmoe_operator import api
 import cluster
@@ -43,12 +45,12 @@ class Env:
         self.operator: subprocess.Popen | None = None
         self.runs = 0
 
-    async def start_operator(self) -> None:
+    async def start_operator(self, *extra: str) -> None:
         self.runs += 1
         self.operator = subprocess.Popen(
             testprocs.elasticmoe("operator", "--all-namespaces", "--standalone",
              "--image", "elasticmoe:test", "--coordinator-url", f"http://127.0.0.1:{self.http_port}",
-             "--log-format", "text"),
+             "--log-format", "text", *extra),
             env={**os.environ, "KUBECONFIG": str(self.kubeconfig)},
             stdout=open(self.kubelet.tmp / f"operator-{self.runs}.log", "wb"), stderr=subprocess.STDOUT)
 
@@ -238,3 +240,101 @@ async def test_an_existing_secret_is_kept_and_completed_with_a_worker_secret(env
     assert "ELASTICMOE_ADMIN_TOKEN" not in env.kubelet.env["demo-worker-0"]
     assert env.kubelet.env["demo-coordinator"]["ELASTICMOE_ADMIN_TOKEN"] == "old-admin-token"
 
+
+
+class StandInPrometheus:
+    """Prometheus's HTTP API on 127.0.0.1 answering the operator's queries with fixed values
+    (a real Prometheus is the end-to-end test's): p90 TTFT and TPOT in seconds, requests/s."""
+
+    def __init__(self) -> None:
+        self.values = {"elasticmoe_time_to_first_token_seconds": "0.1",
+                       "elasticmoe_time_per_output_token_seconds": "0.01", "elasticmoe_requests_finished_total": "1"}
+        self.queries: list[str] = []
+        self.port = testprocs.free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    async def _query(self, request: web.Request) -> web.Response:
+        query = request.query["query"]
+        self.queries.append(query)
+        value = next(v for metric, v in self.values.items() if metric in query)
+        return web.json_response({"status": "success", "data": {"resultType": "vector", "result": [
+            {"metric": {}, "value": [time.time(), value]}]}})
+
+    async def __aenter__(self) -> "StandInPrometheus":
+        app = web.Application()
+        app.router.add_get("/api/v1/query", self._query)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.runner.cleanup()
+
+
+def _alert(status: str = "firing") -> dict:
+    return {"version": "4", "groupKey": "{}:{alertname=\"ElasticMoETTFTHigh\"}", "status": status,
+            "receiver": "elasticmoe-operator", "alerts": [{
+                "status": status, "labels": {"alertname": "ElasticMoETTFTHigh", "namespace": NS,
+                                             "elasticmoe_instance": NAME, "severity": "warning"},
+                "annotations": {}, "startsAt": "2026-11-24T12:00:00.5Z", "endsAt": "0001-01-01T00:00:00Z",
+                "fingerprint": "c0ffee0123456789"}]}
+
+
+async def test_slo_mode_a_firing_alert_makes_the_operator_scale_on_the_prometheus_signal(env, tiny_models,
+                                                                                        tmp_path):
+    token = "alerts-token-for-the-test"
+    (tmp_path / "alerts-token").write_text(token + "\n")
+    listen_port = testprocs.free_port()
+    operator_url = f"http://127.0.0.1:{listen_port}"
+    async with StandInPrometheus() as prom:
+        await env.start_operator("--listen", f"127.0.0.1:{listen_port}",
+                                 "--alerts-token-file", str(tmp_path / "alerts-token"))
+        resource = _resource(tiny_models["qwen3_moe"])
+        resource["spec"]["slo"] = {"ttftP90Ms": 2000, "tpotP90Ms": 100}
+        # Only the alert can make it evaluate again within the test: the periodic evaluation is an
+        # hour apart. No cooldown (the one a started operator restarts with included).
+        resource["spec"]["autoscaling"] = {"mode": "Slo", "prometheusUrl": prom.url, "evaluationIntervalSeconds": 3600,
+                                           "scaleUpCooldownSeconds": 0, "scaleDownStabilizationSeconds": 3600}
+        await env.api.request("POST", CR_PATH, resource, "application/json")
+        obj = await env.wait(lambda s: _serving(1)(s) and (s.get("autoscaler") or {}).get("lastEvaluation"), 180,
+                             "the instance to serve and the first evaluation")
+        first = obj["status"]["autoscaler"]["lastEvaluation"]
+        assert (first["action"], first["code"]) == ("hold", "WithinDeadBand"), first
+        assert _condition(obj["status"], "MetricsAvailable")["status"] == "True"
+        assert 'elasticmoe_instance="demo"' in prom.queries[0] and 'namespace="emoe-test"' in prom.queries[0]
+        assert obj["spec"]["devices"].get("replicas") is None, "a hold writes nothing"
+
+        prom.values["elasticmoe_time_to_first_token_seconds"] = "6.0"  # the SLO is breached now
+        async with httpx.AsyncClient(base_url=operator_url, timeout=10) as c:
+            r = await c.post("/alerts", json=_alert())
+            assert r.status_code == 401
+            r = await c.post("/alerts", json=_alert(), headers={"Authorization": f"Bearer {token}"})
+            assert r.status_code == 200 and r.json() == {"alerts": 1, "triggered": 1}, r.text
+            obj = await env.wait(_serving(2), 180, "the autoscaler's scale to 2 devices")
+            assert obj["spec"]["devices"]["replicas"] == 2  # the operator wrote it: the one writer in Slo
+            (entry,) = obj["status"]["autoscaler"]["history"]
+            assert (entry["from"], entry["to"], entry["action"], entry["code"]) == (1, 2, "up", "SloBreached")
+            assert entry["signals"]["ttftP90Ms"] == "6000" and entry["trigger"]["fingerprint"] == "c0ffee0123456789"
+            received = datetime.datetime.fromisoformat(entry["trigger"]["receivedAt"].replace("Z", "+00:00"))
+            decided = datetime.datetime.fromisoformat(entry["time"].replace("Z", "+00:00"))
+            assert 0 <= (decided - received).total_seconds() < 2.0, entry  # the timer runs every second
+            scale = obj["status"]["history"][-1]
+            assert (scale["from"], scale["to"], scale["outcome"]) == (1, 2, "Succeeded")
+            assert scale["reason"].startswith("Slo autoscaler: SLO signal"), scale
+            reasons = [e["reason"] for e in await env.events() if e.get("involvedObject", {}).get("name") == NAME]
+            assert reasons.count("AutoscaleUp") == 1 and "Scaled" in reasons
+            # the same notification again (an Alertmanager HA peer): nothing more happens
+            r = await c.post("/alerts", json=_alert(), headers={"Authorization": f"Bearer {token}"})
+            assert r.json() == {"alerts": 1, "duplicate": 1}
+            # resolved, with the latency back under the SLO: no scale-down by itself
+            prom.values["elasticmoe_time_to_first_token_seconds"] = "0.1"
+            r = await c.post("/alerts", json=_alert("resolved"), headers={"Authorization": f"Bearer {token}"})
+            assert r.json() == {"alerts": 1, "resolved": 1}
+            await asyncio.sleep(3)
+            obj = await env.cr()
+            assert obj["spec"]["devices"]["replicas"] == 2 and len(obj["status"]["autoscaler"]["history"]) == 1
+            text = (await c.get("/metrics")).text
+            assert ('elasticmoe_operator_autoscale_decisions_total{action="up",elasticmoe_instance="demo",'
+                    'namespace="emoe-test",reason="SloBreached"} 1.0') in text
+    assert "Traceback" not in (env.kubelet.tmp / "operator-1.log").read_text()

@@ -241,3 +241,18 @@ def test_metrics_condition_says_who_scales(mode, status, reason):
     spec = api.parse_spec({"autoscaling": {"mode": mode}})
     d = reconcile.decide(_obs(spec, _running(0), _coord(1)))
     assert d.conditions["MetricsAvailable"][:2] == (status, reason)
+
+
+def test_in_slo_mode_the_condition_is_the_policys_and_the_scale_carries_its_reason():
+    spec = api.parse_spec({"devices": {"min": 1, "max": 4, "initial": 1, "replicas": 2},
+                           "autoscaling": {"mode": "Slo", "prometheusUrl": "http://p:9090"}})
+    d = reconcile.decide(_obs(spec, _running(0), _coord(1)))
+    assert d.conditions["MetricsAvailable"][:2] == ("Unknown", "NotEvaluated")
+    assert d.scaling.reason == "spec.devices desired 2, active 1"
+    obs = _obs(spec, _running(0), _coord(1))
+    obs.desired_reason = "SLO signal 1.50 (TTFT p90 3000 ms / 2000) above 1.00: 1 -> 2 devices"
+    obs.metrics_condition = ("True", "SloBreached", obs.desired_reason)
+    d = reconcile.decide(obs)
+    assert d.conditions["MetricsAvailable"] == obs.metrics_condition
+    assert d.scaling.reason == f"Slo autoscaler: {obs.desired_reason}"
+    assert d.events[0][1] == "ScalingUp" and obs.desired_reason in d.events[0][2]

@@ -81,6 +81,21 @@ watch.namespaces without repeats. A JSON list (templates can only return strings
 {{/*
 URL the example Alertmanager receiver posts alerts to: the operator's webhook port.
 */}}
+{{/*
+The Secret holding the bearer token of the operator's POST /alerts (key `token`): the user's, or
+`<release>-operator-alerts`, which templates/alerts-secret.yaml creates.
+*/}}
+{{- define "elasticmoe.alertsSecretName" -}}
+{{- default (printf "%s-alerts" (include "elasticmoe.fullname" .) | trunc 253) .Values.alertmanager.tokenSecret }}
+{{- end }}
+
+{{/*
+Where the operator container reads that token.
+*/}}
+{{- define "elasticmoe.alertsTokenFile" -}}
+/etc/elasticmoe/alerts/token
+{{- end }}
+
 {{- define "elasticmoe.alertsUrl" -}}
 {{- default (printf "http://%s.%s.svc:8081/alerts" (include "elasticmoe.fullname" .) .Release.Namespace) .Values.alertmanager.exampleReceiver.url }}
 {{- end }}
