@@ -14,7 +14,8 @@ A scale A -> B goes through stages:
   switch   — admission pauses, A's executors hand over their sequences, B adopts them, admission
              resumes on B (the commit); A's executors exit, departing workers are released.
 Anything before the switch aborts back to A, which never stopped serving. After the pause there
-is no way back: a rank that never hands over has its requests failed, and B serves.
+is no way back: a rank that never hands over has its requests failed, and B serves (a standby
+of B that fails after the pause is restarted, like any failed executor, once B serves).
 
 Invariants (asserted by the tests for every event order they generate):
 - exactly one configuration serves (`State.config_id`) after every step;
@@ -247,6 +248,8 @@ class Scale:
     plan: planner.Plan | None = None
     ready: Mapping[int, wire.TransitionReady] = dataclasses.field(default_factory=dict)
     handed: Mapping[int, tuple[wire.SequenceState, ...]] = dataclasses.field(default_factory=dict)
+    failures: tuple[str, ...] = ()  # what went wrong after the pause: the record says Failed, whatever ends it
+    broken: str = ""  # an executor of the new configuration failed after the pause: restart them after the commit
 
     @property
     def switched(self) -> bool:
@@ -266,6 +269,7 @@ class State:
     paused: bool = False
     held: tuple[str, ...] = ()  # requests that arrived during the pause
     retired: tuple[int, tuple[int, ...]] | None = None  # (config, new devices) of the last switch
+    adopted: frozenset[str] = frozenset()  # requests the serving configuration adopted: never twice
     error: str | None = None  # why the instance is unhealthy
     hmm_lost: bool = False  # a device's memory is gone: only a new worker can repair that
     recover_at: float | None = None
@@ -449,13 +453,16 @@ def _on_handed_over(state: State, ev: HandedOver) -> tuple[State, list[Action]]:
     if sc is not None and sc.stage == SWITCH and ev.config_id == sc.old_config:
         if ev.rank not in sc.waiting:
             return _adopt_late(state, ev, sc.new_config, sc.new_devices, {})
-        sc = dataclasses.replace(sc, handed={**sc.handed, ev.rank: tuple(ev.requests)},
-                                 waiting=sc.waiting - {ev.rank})
+        # merged: a late handover of the configuration before may have put sequences under this rank
+        handed = {**sc.handed, ev.rank: tuple(sc.handed.get(ev.rank, ())) + tuple(ev.requests)}
+        sc = dataclasses.replace(sc, handed=handed, waiting=sc.waiting - {ev.rank})
         state = dataclasses.replace(state, scale=sc)
         if sc.waiting:
             return state, []
         return _commit(state, ev.now, failed_ranks=())
     if state.retired is not None and ev.config_id == state.retired[0]:
+        # a handover delivered twice lists requests adopted already: adopting one again would run it on two ranks
+        ev = dataclasses.replace(ev, requests=tuple(st for st in ev.requests if st.request_id not in state.adopted))
         return _adopt_late(state, ev, state.config_id, state.retired[1], {})
     return state, []  # a configuration we never switched from
 
@@ -511,7 +518,7 @@ def _adopt_late(state: State, ev: HandedOver, config_id: int, new_devices: tuple
         extra = {**sc.handed}
         extra[ev.rank] = tuple(extra.get(ev.rank, ())) + tuple(ev.requests)
         return dataclasses.replace(state, scale=dataclasses.replace(sc, handed=extra)), []
-    return state, actions + [Rebind(ranks)]
+    return dataclasses.replace(state, adopted=state.adopted | set(ranks)), actions + [Rebind(ranks)]
 
 
 def _commit(state: State, now: float, failed_ranks: tuple[int, ...], message: str = "") -> tuple[State, list[Action]]:
@@ -530,15 +537,30 @@ def _commit(state: State, now: float, failed_ranks: tuple[int, ...], message: st
     if sc.removed:
         actions.append(RemoveWorkers(sc.removed))
     sc = _end_stage(sc, now)
-    outcome = admin.Outcome.FAILED if failed_ranks else admin.Outcome.SUCCEEDED
-    record = msgspec.structs.replace(sc.record, outcome=outcome, message=message, duration_ms=_ms(now - sc.started),
-                                     requests_handed_over=len(ranks))
+    messages = sc.failures + ((message,) if message else ())
+    outcome = admin.Outcome.FAILED if messages else admin.Outcome.SUCCEEDED
+    record = msgspec.structs.replace(sc.record, outcome=outcome, message="; ".join(messages),
+                                     duration_ms=_ms(now - sc.started), requests_handed_over=len(ranks))
     hmm_ready = {d: sc.ready[d].ready for d in sc.new_devices if d in sc.ready}
     actions.append(Finished(record))
     state = dataclasses.replace(
         state, config_id=sc.new_config, num_devices=sc.target, placement=sc.plan.new_placement, hmm_ready=hmm_ready,
-        scale=None, paused=False, held=(), retired=(sc.old_config, sc.new_devices))
+        scale=None, paused=False, held=(), retired=(sc.old_config, sc.new_devices), adopted=frozenset(ranks))
+    if sc.broken:  # the new configuration serves with a dead executor: end its requests, restart them all
+        state, more = _degrade(state, sc.broken, hmm_lost=False, recover_at=now + state.facts.recovery_grace_s)
+        actions += more
     return state, actions
+
+
+def _lose_rank(state: State, now: float, rank: int, failure: str, error: str) -> tuple[State, list[Action]]:
+    """An old rank that died before handing over: its requests are lost, the others go on. The
+    scale is Failed (`failure` in its record) whichever event ends it."""
+    sc = state.scale
+    sc = dataclasses.replace(sc, waiting=sc.waiting - {rank})
+    if not sc.waiting:
+        return _commit(dataclasses.replace(state, scale=sc), now, (rank,), failure)
+    sc = dataclasses.replace(sc, failures=sc.failures + (failure,))
+    return dataclasses.replace(state, scale=sc), [FailRequests(sc.old_config, (rank,), error)]
 
 
 def _abort(state: State, now: float, reason: str) -> tuple[State, list[Action]]:
@@ -572,15 +594,17 @@ def _on_executor_failed(state: State, ev: ExecutorFailed) -> tuple[State, list[A
     sc = state.scale
     if sc is not None and ev.config_id == sc.new_config and not sc.switched:
         return _abort(state, ev.now, f"standby executor rank {ev.rank} failed: {ev.error}")
+    if sc is not None and ev.config_id == sc.new_config:
+        # No way back after the pause: the switch goes on, and the commit restarts the new executors.
+        failure = f"standby executor rank {ev.rank} failed during the switch: {ev.error}"
+        sc = dataclasses.replace(sc, broken=sc.broken or f"executor rank {ev.rank} failed: {ev.error}",
+                                 failures=sc.failures + ((failure,) if failure not in sc.failures else ()))
+        return dataclasses.replace(state, scale=sc), []
     if ev.config_id != state.config_id:
         return state, []  # a straggler of a configuration already replaced or given up
     if sc is not None and sc.switched and ev.rank in sc.waiting:
-        # it died before handing over: its requests are lost, the others go on
-        sc = dataclasses.replace(sc, waiting=sc.waiting - {ev.rank})
-        state = dataclasses.replace(state, scale=sc)
-        if sc.waiting:
-            return state, [FailRequests(sc.old_config, (ev.rank,), f"executor rank {ev.rank} failed: {ev.error}")]
-        return _commit(state, ev.now, (ev.rank,), f"executor rank {ev.rank} failed during the switch: {ev.error}")
+        return _lose_rank(state, ev.now, ev.rank, f"executor rank {ev.rank} failed during the switch: {ev.error}",
+                          f"executor rank {ev.rank} failed: {ev.error}")
     if sc is not None and sc.switched:
         return state, []  # it handed over already; it is on its way out
     actions: list[Action] = []
@@ -601,6 +625,8 @@ def _on_hmm_failed(state: State, ev: HMMFailed) -> tuple[State, list[Action]]:
         return state, []  # a transition that was aborted or is over: its failure changes nothing
     if ev.device >= state.num_devices and (sc is None or ev.device not in sc.new_devices):
         return state, []  # a warm worker's problem; it holds nothing
+    if sc is not None and sc.switched and ev.device not in sc.new_devices:
+        return state, []  # a departing device after the pause: nothing from now on needs its memory
     actions: list[Action] = []
     if sc is not None and not sc.switched:
         state, actions = _abort(state, ev.now, f"device {ev.device} failed: {ev.error}")
@@ -621,12 +647,10 @@ def _on_worker_died(state: State, ev: WorkerDied) -> tuple[State, list[Action]]:
     if sc is not None and not sc.switched:
         state, actions = _abort(state, ev.now, f"device {ev.device} died: {ev.detail}")
     elif sc is not None and sc.switched and ev.device in sc.waiting:
-        sc = dataclasses.replace(sc, waiting=sc.waiting - {ev.device})
-        state = dataclasses.replace(state, scale=sc)
-        if not sc.waiting:
-            state, actions = _commit(state, ev.now, (ev.device,), f"device {ev.device} died during the switch")
-        else:
-            actions = [FailRequests(sc.old_config, (ev.device,), f"device {ev.device} died: {ev.detail}")]
+        state, actions = _lose_rank(state, ev.now, ev.device, f"device {ev.device} died during the switch",
+                                    f"device {ev.device} died: {ev.detail}")
+    if sc is not None and sc.switched and ev.device not in sc.new_devices:
+        return state, actions  # a departing device: the configuration that serves from the commit on does not use it
     state, more = _degrade(state, f"worker process(es) died: device {ev.device} ({ev.detail})", hmm_lost=True,
                            recover_at=None)
     return state, actions + more
