@@ -31,12 +31,17 @@ Not here: which request goes to which rank in steady state (`routing`), liveness
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Union
+from typing import Mapping
 
 import msgspec
 
 from elasticmoe_worker import planner
 from elasticmoe_worker.contract import admin, wire
+from elasticmoe_worker.instance.reconfig_events import (  # noqa: F401 - re-exported: reconfig.X
+    ScaleRequested, WorkerRegistered, WorkerDied, TransferReady, HMMFailed, ExecutorReady, ExecutorFailed,
+    HandedOver, RequestArrived, Tick, AbortRequested, Send, AddWorkers, RemoveWorkers, PauseAdmission, Commit,
+    Release, Rebind, FailRequests, SetHealth, Recovering, Finished, Event, Action,
+)
 
 WORKERS, TRANSFER, STANDBY, SWITCH = "workers", "transfer", "standby_start", "switch"
 STAGES = (WORKERS, TRANSFER, STANDBY, SWITCH)
@@ -65,166 +70,6 @@ class Facts:
     @property
     def expert_bytes(self) -> int:
         return (self.expert_w13_bytes + self.expert_w2_bytes) * len(self.moe_layers)
-
-
-# -- events ---------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class ScaleRequested:
-    target: int
-    scale_id: str
-    reason: str
-    timeout_s: float
-    started_at: str  # RFC 3339 wall clock, for the record
-    now: float
-
-
-@dataclasses.dataclass(frozen=True)
-class WorkerRegistered:
-    device: int
-    now: float = 0.0
-
-
-@dataclasses.dataclass(frozen=True)
-class WorkerDied:
-    device: int
-    detail: str
-    now: float = 0.0
-
-
-@dataclasses.dataclass(frozen=True)
-class TransferReady:
-    msg: wire.TransitionReady
-    now: float = 0.0
-
-
-@dataclasses.dataclass(frozen=True)
-class HMMFailed:
-    device: int
-    config_id: int  # 0: not about a transition (the device's memory is gone)
-    error: str
-    now: float = 0.0
-
-
-@dataclasses.dataclass(frozen=True)
-class ExecutorReady:
-    rank: int
-    config_id: int
-    now: float = 0.0
-
-
-@dataclasses.dataclass(frozen=True)
-class ExecutorFailed:
-    rank: int
-    config_id: int
-    error: str
-    now: float = 0.0
-
-
-@dataclasses.dataclass(frozen=True)
-class HandedOver:
-    rank: int
-    config_id: int
-    requests: tuple[wire.SequenceState, ...]
-    now: float = 0.0
-
-
-@dataclasses.dataclass(frozen=True)
-class RequestArrived:
-    """A request reached the coordinator while admission is paused (the shell holds it)."""
-
-    request_id: str
-    now: float = 0.0
-
-
-@dataclasses.dataclass(frozen=True)
-class Tick:
-    now: float
-
-
-@dataclasses.dataclass(frozen=True)
-class AbortRequested:
-    reason: str
-    now: float = 0.0
-
-
-Event = Union[ScaleRequested, WorkerRegistered, WorkerDied, TransferReady, HMMFailed, ExecutorReady,
-              ExecutorFailed, HandedOver, RequestArrived, Tick, AbortRequested]
-
-
-# -- actions --------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Send:
-    dest: str  # "hmm-<device>" or "exec-<config>-<rank>"
-    msg: wire.Msg
-
-
-@dataclasses.dataclass(frozen=True)
-class AddWorkers:
-    devices: tuple[int, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class RemoveWorkers:
-    devices: tuple[int, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class PauseAdmission:
-    """New requests wait (the shell reports them as RequestArrived) until Commit."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Commit:
-    """The new configuration serves: requests in `ranks` now live on those ranks of
-    `config_id`; admission resumes."""
-
-    config_id: int
-    num_devices: int
-    ranks: Mapping[str, int]
-
-
-@dataclasses.dataclass(frozen=True)
-class Release:
-    """Route these held requests now, to the configuration that serves."""
-
-    request_ids: tuple[str, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class Rebind:
-    """Requests handed over late (after the commit) now live on these ranks."""
-
-    ranks: Mapping[str, int]
-
-
-@dataclasses.dataclass(frozen=True)
-class FailRequests:
-    """End with `error` every request in flight on these ranks of `config_id` (all when ranks is None)."""
-
-    config_id: int
-    ranks: tuple[int, ...] | None
-    error: str
-
-
-@dataclasses.dataclass(frozen=True)
-class SetHealth:
-    error: str | None  # None: healthy again
-
-
-@dataclasses.dataclass(frozen=True)
-class Recovering:
-    """Fresh executors for the same devices start as `config_id`: route to them from now on."""
-
-    config_id: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Finished:
-    record: admin.ScaleRecord
-
-
-Action = Union[Send, AddWorkers, RemoveWorkers, PauseAdmission, Commit, Release, Rebind, FailRequests, SetHealth,
-               Recovering, Finished]
 
 
 # -- state ----------------------------------------------------------------------------
