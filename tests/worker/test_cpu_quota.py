@@ -57,6 +57,10 @@ def test_each_device_runs_in_its_own_group_with_the_quota_and_the_groups_go_at_s
             children = [c for c in members if c != pid]
             assert children, f"device {device}: no executor in {group} ({members})"
             assert all(f"/{group.name}" in pathlib.Path(f"/proc/{c}/cgroup").read_text() for c in children)
+            # one torch thread for a fraction of a core, waiting passively: no quota burnt in spin-waits
+            environ = pathlib.Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            threads = os.environ.get("OMP_NUM_THREADS", "1")  # the user's setting wins
+            assert f"OMP_NUM_THREADS={threads}".encode() in environ and b"OMP_WAIT_POLICY=PASSIVE" in environ
         # starting torch in two processes on 0.3 cores each runs into the quota
         assert sum(_throttled(g) for g in groups.values()) > 0, "the quota was never enforced"
         assert groups[0] != groups[1]

@@ -191,7 +191,7 @@ def _add_serving_arguments(p: argparse.ArgumentParser, host_default: str, device
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from elasticmoe_worker.bench import scaling_bench, serve_bench, simulate
+    from elasticmoe_worker.bench import autoscale_bench, profile_bench, scaling_bench, serve_bench, simulate
 
     parser = argparse.ArgumentParser(
         prog="elasticmoe",
@@ -285,6 +285,16 @@ def build_parser() -> argparse.ArgumentParser:
     scaling_bench.add_arguments(b)
     cliargs.add_engine_arguments(b)
     b.set_defaults(func=scaling_bench.run)
+    b = bench_sub.add_parser("profile", help="measure the service profile `elasticmoe simulate` models an instance with",
+                             description=profile_bench.DESCRIPTION)
+    profile_bench.add_arguments(b)
+    cliargs.add_engine_arguments(b)
+    b.set_defaults(func=profile_bench.run)
+    b = bench_sub.add_parser("autoscale", help="one trace, four scaling policies, CPU devices under a quota",
+                             description=autoscale_bench.DESCRIPTION)
+    autoscale_bench.add_arguments(b)
+    cliargs.add_engine_arguments(b)
+    b.set_defaults(func=autoscale_bench.run)
 
     p = sub.add_parser("simulate", help="replay a trace through the scaling policies on a model of an instance",
                        description=simulate.DESCRIPTION)

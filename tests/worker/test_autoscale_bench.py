@@ -1,0 +1,75 @@
+"""`elasticmoe bench autoscale` and `elasticmoe bench profile`: their checks and arithmetic fast,
+the commands end to end as `slow` (they start four servers / scale an instance: minutes)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import testprocs
+from elasticmoe_worker import cli
+from elasticmoe_worker.bench import autoscale_bench
+from elasticmoe_worker.bench import profile as profile_mod
+
+
+def test_windows_scale_with_the_run_and_keep_their_floors():
+    args = cli.build_parser().parse_args(["bench", "autoscale", "--duration-s", "240"])
+    w = autoscale_bench.windows(args)
+    assert w["factor"] == pytest.approx(0.2)
+    assert (w["hpa_sync_period_s"], w["hpa_stabilization_s"]) == (3.0, 60.0), "the HPA's 15 s and 300 s, x0.2"
+    assert (w["scale_up_cooldown_s"], w["scale_down_stabilization_s"]) == (6.0, 60.0)
+    assert (w["interval_s"], w["window_s"]) == (1.0, 6.0)
+    short = autoscale_bench.windows(cli.build_parser().parse_args(["bench", "autoscale", "--duration-s", "30"]))
+    assert (short["interval_s"], short["window_s"]) == (1.0, 5.0), "at least 1 s and 5 s"
+
+
+def test_in_flight_requests_are_read_from_the_servers_gauges():
+    text = ("# HELP elasticmoe_num_requests_running x\n# TYPE elasticmoe_num_requests_running gauge\n"
+            "elasticmoe_num_requests_running 5.0\nelasticmoe_num_requests_waiting 2.0\n"
+            "elasticmoe_num_requests_running_total 99.0\n")
+    assert autoscale_bench._gauges(text) == 7.0
+
+
+def test_a_quota_that_does_not_fit_the_cores_is_refused():
+    out = subprocess.run(testprocs.elasticmoe("bench", "autoscale", "--cpu-per-device", "1.5", "--max-devices", "3"),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "--cpu-per-device 1.5 x --max-devices 3 = 4.5 cores, more than this machine's" in out.stderr
+
+
+@pytest.mark.slow
+def test_bench_autoscale_quick_end_to_end(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "elasticmoe_worker.cli", "--log-level", "warning", "bench", "autoscale",
+                          "--quick", "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    report = json.loads((tmp_path / "autoscale.json").read_text())
+    runs = {name: r["summary"] for name, r in report["runs"].items()}
+    assert set(runs) == {"slo", "static-min", "static-max", "hpa"}
+    n = report["trace"]["requests"]
+    for s in runs.values():
+        assert s["requests"] == n and 0 <= s["slo_attainment"] <= 1 and s["device_seconds"] > 0
+    assert runs["static-max"]["device_seconds"] == pytest.approx(2 * runs["static-min"]["device_seconds"], rel=0.1)
+    assert runs["static-max"]["failed"] == 0
+    assert report["cpu_per_device"] > 0 and f"{report['cpu_per_device']:g} cores per device" in out.stdout
+    assert report["target"] is not None and "target: attainment" in out.stdout
+    assert (tmp_path / "autoscale.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_bench_profile_quick_writes_a_profile_simulate_reads(tmp_path):
+    path = tmp_path / "profile.json"
+    out = subprocess.run([sys.executable, "-m", "elasticmoe_worker.cli", "--log-level", "warning", "bench", "profile",
+                          "--quick", "--cpu-per-device", "0.5", "--out", str(path)],
+                         capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    prof = profile_mod.load(path)
+    assert [s.devices for s in prof.service] == [1, 2]
+    assert {(s.from_devices, s.to_devices) for s in prof.scale} == {(1, 2), (2, 1)}
+    assert prof.measured["cpuPerDevice"] == 0.5 and prof.start[0][0] == 1
+    sim = subprocess.run([sys.executable, "-m", "elasticmoe_worker.cli", "simulate", "--profile", str(path),
+                          "--duration-s", "60", "--max-devices", "2", "--out-dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert sim.returncode == 0, sim.stderr[-3000:]

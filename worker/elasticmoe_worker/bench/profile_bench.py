@@ -1,0 +1,184 @@
+"""`elasticmoe bench profile`: measure the service profile `elasticmoe simulate` models an
+instance with, on this machine's devices.
+
+Why it exists: the simulator must run on measured numbers. This starts a local instance
+(optionally with a CPU quota per device, as `serve --cpu-per-device`), and for each device
+count from 1 to --max-devices measures, with the load spread evenly over the devices:
+- decode: per-device batches of 1, 2, 4, 8, 16 requests decoding at once -> the device's
+  tokens/s (batch / median time per output token);
+- prefill: one prompt of 32, 128 and 512 tokens per device at once, one output token -> the
+  device's prompt tokens/s (tokens / median time to first token);
+then the time-to-ready of each elastic scale step it took on the way up (1 -> 2 -> ...) and
+back down, and the cold start of a 1-device instance (for "add a replica"). Writes the profile
+JSON (`bench.profile`) and prints a table.
+
+Not guaranteed: the instance runs in this process (its coordinator is not under the quota);
+on a machine shared with other work the rates are lower and noisier than on an idle one (the
+load average is recorded with the profile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import logging
+import os
+import pathlib
+import random
+import statistics
+import time
+
+from elasticmoe_worker import cliargs
+from elasticmoe_worker.bench import profile as profile_mod
+
+logger = logging.getLogger(__name__)
+
+DESCRIPTION = ("Measure a service profile for `elasticmoe simulate` on this machine: per device count (1 .. "
+               "--max-devices, each device under --cpu-per-device cores) the decode tokens/s at each batch size and "
+               "the prefill tokens/s at each prompt size, the time-to-ready of each elastic scale step, and the cold "
+               "start of an instance; writes the profile JSON and prints a table.")
+DECODE_BATCHES = (1, 2, 4, 8, 16)
+PREFILL_TOKENS = (32, 128, 512)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="checkpoint directory (default: generated from --family/--preset)")
+    p.add_argument("--family", default="qwen3_moe", choices=["qwen3_moe", "deepseek_v2", "mixtral"])
+    p.add_argument("--preset", default="tiny", choices=["tiny", "small", "bench"], help="(default: %(default)s)")
+    p.add_argument("--max-devices", type=cliargs.positive_int, default=3, help="(default: %(default)s)")
+    p.add_argument("--cpu-per-device", type=float, default=None,
+                   help="CPU quota of each device in cores, as `serve --cpu-per-device` (default: none)")
+    p.add_argument("--decode-tokens", type=cliargs.positive_int, default=48,
+                   help="tokens generated per decode request (default: %(default)s)")
+    p.add_argument("--repeats", type=cliargs.positive_int, default=3, help="per point, median (default: %(default)s)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 2 devices, batches 1 and 4, prompts of 32 and "
+                   "512, 16 decode tokens, 1 repeat")
+    p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench-results/profile.json"),
+                   help="(default: %(default)s)")
+
+
+def model_dir_of(args: argparse.Namespace) -> pathlib.Path:
+    from elasticmoe_worker import modelgen
+
+    if args.model:
+        return pathlib.Path(args.model)
+    path = cliargs.cache_dir() / "models" / f"{args.family}-{args.preset}-bench"
+    if not (path / "config.json").is_file():
+        modelgen.make_model(args.family, args.preset, path, progress=False)
+    return path
+
+
+async def _one(inst, rid: str, prompt: list[int], max_tokens: int) -> tuple[float, float, int]:
+    """-> (TTFT s, TPOT s, output tokens)."""
+    from elasticmoe_worker.engine import types
+
+    params = types.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    sent = time.perf_counter()
+    first = last = None
+    n = 0
+    async for out in inst.generate(rid, prompt, params):
+        if out.token_ids:
+            now = time.perf_counter()
+            first = first or now
+            last = now
+            n += len(out.token_ids)
+        if out.finished and out.error:
+            raise RuntimeError(f"request {rid} failed: {out.error}")
+    assert first is not None and n >= 1, f"request {rid} produced no token"
+    return first - sent, (last - first) / (n - 1) if n > 1 else 0.0, n
+
+
+def _batch(inst, prompts: list[list[int]], max_tokens: int, tag: str) -> list[tuple[float, float, int]]:
+    async def main():
+        return await asyncio.gather(*(_one(inst, f"{tag}-{i}", p, max_tokens) for i, p in enumerate(prompts)))
+    return asyncio.run(main())
+
+
+def measure_service(inst, devices: int, vocab: int, batches, prefills, decode_tokens: int, repeats: int,
+                    rng: random.Random) -> profile_mod.Service:
+    def prompt(n: int) -> list[int]:
+        return [rng.randrange(3, vocab) for _ in range(n)]
+
+    # untimed: the first steps of a new configuration allocate and warm caches
+    _batch(inst, [prompt(32) for _ in range(4 * devices)], 8, f"w{devices}")
+    decode = []
+    for b in batches:
+        tpots = []
+        for r in range(repeats):
+            res = _batch(inst, [prompt(8) for _ in range(b * devices)], decode_tokens, f"d{devices}-{b}-{r}")
+            tpots.append(statistics.median(t for _, t, _ in res))
+        decode.append((float(b), round(b / statistics.median(tpots), 2)))
+    prefill = []
+    for tokens in prefills:
+        ttfts = []
+        for r in range(repeats):
+            res = _batch(inst, [prompt(tokens) for _ in range(devices)], 1, f"p{devices}-{tokens}-{r}")
+            ttfts.append(statistics.median(t for t, _, _ in res))
+        prefill.append((float(tokens), round(tokens / statistics.median(ttfts), 2)))
+    return profile_mod.Service(devices, tuple(decode), tuple(prefill))
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from elasticmoe_worker.contract import admin
+    from elasticmoe_worker.engine import engine as engine_mod
+    from elasticmoe_worker.instance import coordinator
+
+    if args.quick:
+        args.max_devices, args.decode_tokens, args.repeats = min(args.max_devices, 2), 16, 1
+    batches = (1, 4) if args.quick else DECODE_BATCHES
+    prefills = (32, 512) if args.quick else PREFILL_TOKENS
+    console = Console()
+    model_dir = model_dir_of(args)
+    cfg = cliargs.engine_config_from_args(args)
+    vocab = len(engine_mod.load_tokenizer(model_dir))
+    rng = random.Random(0)
+    quota = f"{args.cpu_per_device:g} cores" if args.cpu_per_device else "no quota"
+    console.print(f"profiling {model_dir.name} on 1..{args.max_devices} devices, {quota} per device")
+    started = time.perf_counter()
+    inst = coordinator.Instance(model_dir, 1, cfg, cpu_per_device=args.cpu_per_device).start()
+    start_s = time.perf_counter() - started
+    services, steps = [], []
+    try:
+        for n in range(1, args.max_devices + 1):
+            if n > 1:
+                rec = inst.scale(n, "profile")
+                if rec.outcome != admin.Outcome.SUCCEEDED:
+                    raise RuntimeError(f"scale {n - 1} -> {n} {rec.outcome.value}: {rec.message}")
+                steps.append(profile_mod.Step(n - 1, n, round(rec.duration_ms / 1000, 3)))
+                time.sleep(2)  # let the warm spare come up again, as between scales in service
+            with console.status(f"{n} device(s): decode and prefill rates"):
+                services.append(measure_service(inst, n, vocab, batches, prefills, args.decode_tokens, args.repeats,
+                                                rng))
+            console.print(f"{n} device(s): decode {services[-1].decode}, prefill {services[-1].prefill}")
+        for n in range(args.max_devices, 1, -1):
+            rec = inst.scale(n - 1, "profile")
+            if rec.outcome != admin.Outcome.SUCCEEDED:
+                raise RuntimeError(f"scale {n} -> {n - 1} {rec.outcome.value}: {rec.message}")
+            steps.append(profile_mod.Step(n, n - 1, round(rec.duration_ms / 1000, 3)))
+    finally:
+        inst.shutdown()
+    prof = profile_mod.Profile(
+        service=tuple(services), scale=tuple(steps), start=((1, round(start_s, 3)),),
+        max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens, max_waiting=cfg.max_waiting,
+        measured={"date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "model": str(model_dir),
+                  "backend": "cpu", "cpuPerDevice": args.cpu_per_device, "cpuCount": os.cpu_count(),
+                  "loadAverage": [round(x, 2) for x in os.getloadavg()], "decodeTokens": args.decode_tokens,
+                  "repeats": args.repeats})
+    profile_mod.save(prof, args.out)
+    table = Table(title=f"service profile of {model_dir.name}, {quota} per device")
+    table.add_column("devices", justify="right")
+    for b in batches:
+        table.add_column(f"decode tok/s @{b}", justify="right")
+    for t in prefills:
+        table.add_column(f"prefill tok/s @{t}", justify="right")
+    for s in services:
+        table.add_row(str(s.devices), *[f"{r:.0f}" for _, r in s.decode], *[f"{r:.0f}" for _, r in s.prefill])
+    console.print(table)
+    console.print("scale steps: " + ", ".join(f"{s.from_devices}->{s.to_devices} {s.seconds:.1f} s" for s in steps)
+                  + f"; cold start of 1 device {start_s:.1f} s", highlight=False)
+    console.print(f"wrote {args.out}", highlight=False)
+    return 0
