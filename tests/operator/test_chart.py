@@ -194,6 +194,7 @@ def test_values_files_meet_the_schema(name):
     {"metrics": {"serviceMonitor": {"interval": "15 seconds"}}},
     {"metrics": {"prometheusRule": {"slo": {"ttftP90Seconds": 0}}}},
     {"metrics": {"prometheusRule": {"sloo": {}}}},
+    {"metrics": {"prometheusRule": {"interval": "1 second"}}},
     {"imageTag": "latest"},
 ], ids=lambda bad: json.dumps(bad))
 def test_schema_rejects(bad):
@@ -526,6 +527,7 @@ def test_prometheus_rule_thresholds_come_from_values(rendered):
     assert alerts["ElasticMoETPOTHigh"]["expr"].endswith("p90_rate1m > 0.05")
     assert alerts["ElasticMoEQueueing"]["expr"].endswith("(elasticmoe_num_requests_waiting) > 4")
     assert {a["for"] for a in alerts.values()} == {"15s"}
+    assert {g["interval"] for g in rule["spec"]["groups"]} == {"10s"}  # metrics.prometheusRule.interval
     assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
 
 
