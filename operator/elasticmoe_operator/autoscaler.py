@@ -177,6 +177,9 @@ async def tick(t: Tracker, k: kube.Kube, body: dict, spec: api.ElasticMoESpec, c
         return Outcome(desired, t.condition, events=events)
     if now_s < t.next_at and not t.triggers:
         return Outcome(desired, t.condition, events=events)
+    # NOTE: the alerts this evaluation answers are those received by now (now_s); one that comes
+    # while Prometheus is queried waits for the next tick, so none looks evaluated before it came.
+    triggers, t.triggers = t.triggers, []
 
     cfg = config(spec)
     a = spec.autoscaling
@@ -191,7 +194,7 @@ async def tick(t: Tracker, k: kube.Kube, body: dict, spec: api.ElasticMoESpec, c
         obs = await signals.observe(prom, selector, a.metrics_window_seconds, at=now_s, active=coord.devices.active,
                                     desired=desired, waiting_requests=coord.requests.running + coord.requests.waiting)
     decision, state = policy.decide(obs, t.state, cfg, now_s)
-    trig = min(t.triggers, key=lambda r: r.received_at) if t.triggers else None
+    trig = min(triggers, key=lambda r: r.received_at) if triggers else None
     entry = record(decision, desired, obs, now_s, trig)
 
     if decision.target != desired:
@@ -202,6 +205,7 @@ async def tick(t: Tracker, k: kube.Kube, body: dict, spec: api.ElasticMoESpec, c
         except kube.KubeError as exc:  # 409: written meanwhile; the next tick reads it and evaluates again
             logger.warning("%s/%s: spec.devices.replicas %d -> %d not written (evaluated again next tick): %s",
                            t.namespace, t.name, desired, decision.target, exc)
+            t.triggers[:0] = triggers  # evaluated again next tick, for them too
             return Outcome(desired, t.condition, events=events)
         t.written, t.reason = decision.target, decision.reason
         t.read_before_write = patch["metadata"]["resourceVersion"]
@@ -210,13 +214,12 @@ async def tick(t: Tracker, k: kube.Kube, body: dict, spec: api.ElasticMoESpec, c
                     desired, decision.target, decision.code, decision.reason, entry.signals)
     else:
         logger.debug("%s/%s: autoscale hold (%s): %s", t.namespace, t.name, decision.code, decision.reason)
-    for r in t.triggers:
+    for r in triggers:
         metrics.ALERT_TO_EVALUATION.observe(max(0.0, now_s - r.received_at))
         logger.info("%s/%s: alert %s (fingerprint %s, startsAt %s) received at %s, evaluated at %s (%.3f s later): "
                     "%s %d -> %d", t.namespace, t.name, r.alertname, r.fingerprint, r.starts_at,
                     alerts.iso_ms(r.received_at), entry.time, now_s - r.received_at, decision.action, desired,
                     decision.target)
-    t.triggers.clear()
     t.state, t.next_at, t.condition = state, now_s + a.evaluation_interval_seconds, condition(decision)
     metrics.AUTOSCALE_DECISIONS.labels(t.namespace, t.name, decision.action, decision.code).inc()
     return Outcome(decision.target, t.condition, entry, events)

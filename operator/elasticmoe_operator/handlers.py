@@ -213,7 +213,9 @@ async def reconcile_once(body: dict, spec: dict, status: dict, generation: int, 
     tracker, auto = None, None
     if autoscaler.writes_replicas(parsed.autoscaling.mode):
         tracker = autoscaler.tracker(namespace, name, status, now.timestamp())
-        auto = await autoscaler.tick(tracker, k, body, parsed, coord_status, now.timestamp(),
+        # The clock again, not the tick's start: listing the pods and asking the coordinator take a
+        # while under load, and an alert received meanwhile must not look evaluated before it came.
+        auto = await autoscaler.tick(tracker, k, body, parsed, coord_status, _now().timestamp(),
                                      transport=CONFIG.prometheus_transport)
         if auto.replicas != parsed.devices.desired:  # written now (or our write not yet in the timer's copy)
             parsed = parsed.model_copy(update={"devices": parsed.devices.model_copy(

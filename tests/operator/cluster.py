@@ -204,5 +204,10 @@ class Kubelet:
 
     async def _phase(self, pod: str, phase: str) -> None:
         ready = "True" if phase == "Running" else "False"
-        await self.api.request("PATCH", f"/api/v1/namespaces/{self.ns}/pods/{pod}/status",
-                               {"status": {"phase": phase, "conditions": [{"type": "Ready", "status": ready}]}})
+        body = {"status": {"phase": phase, "conditions": [{"type": "Ready", "status": ready}]}}
+        async with self.api.session.patch(f"{self.api.url}/api/v1/namespaces/{self.ns}/pods/{pod}/status", json=body,
+                                          headers={"Content-Type": "application/merge-patch+json"}) as r:
+            # 404: deleted since this tick listed it (a released worker exits as its pod goes), as
+            # a kubelet finds a pod gone; nothing to report.
+            if r.status >= 400 and r.status != 404:
+                raise AssertionError(f"PATCH pods/{pod}/status: HTTP {r.status}: {await r.text()}")
