@@ -456,9 +456,14 @@ def test_metrics_scrape_passes_promtool_and_counts(served):
 
 
 @pytest.fixture(scope="module")
-def busy(model_dir) -> Iterator[Served]:
-    """One request runs at a time and one may wait; a waiter gets 3 s to see a first token."""
-    with _serve(model_dir, max_waiting_s=3.0, max_num_seqs=1, max_waiting=1, max_model_len=2048) as s:
+def busy(tmp_path_factory) -> Iterator[Served]:
+    """One request runs at a time and one may wait; a waiter gets 3 s to see a first token.
+
+    The small preset, not the tiny one: its 2000-token occupant must outlast the waiter's 3 s
+    for sure (the tiny model decodes 2000 tokens in about that time on an idle machine)."""
+    small = modelgen.make_model("qwen3_moe", "small", tmp_path_factory.mktemp("api-busy") / "qwen3_moe",
+                                progress=False)
+    with _serve(small, max_waiting_s=3.0, max_num_seqs=1, max_waiting=1, max_model_len=2048) as s:
         yield s
 
 
