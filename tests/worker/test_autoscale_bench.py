@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import testprocs
@@ -73,3 +74,11 @@ def test_bench_profile_quick_writes_a_profile_simulate_reads(tmp_path):
                           "--duration-s", "60", "--max-devices", "2", "--out-dir", str(tmp_path)],
                          capture_output=True, text=True, timeout=300)
     assert sim.returncode == 0, sim.stderr[-3000:]
+
+
+def test_device_seconds_integrate_the_devices_held_until_the_end_only():
+    from elasticmoe_worker.bench import report
+
+    t, held = [0.0, 10.0, 50.0], [1.0, 3.0, 2.0]
+    assert report.device_seconds(np.array(t), np.array(held), 40.0) == 100.0, "10 x 1 + 30 x 3, nothing after 40 s"
+    assert report.device_seconds(np.array(t), np.array(held), 60.0) == 10 + 120 + 20

@@ -116,6 +116,7 @@ class _Run:
         self.errors: dict[str, int] = {}
         self.devices: list[tuple[float, int, int, int]] = []  # (t, held, active, registered)
         self.scales: list[dict[str, Any]] = []
+        self.records: dict[str, dict] = {}  # the server's finished scales, by scale id
         self.t0 = 0.0
 
     def argv(self, port: int, token_file: pathlib.Path) -> list[str]:
@@ -177,6 +178,9 @@ class _Run:
                     if self.devices:
                         self.scales.append({"at_s": round(t, 2), "from": self.devices[-1][1], "to": held})
                 self.devices.append((t, held, d["active"], len(d.get("registered", []))))
+                for rec in [s.get("lastScale"), *s.get("history", [])]:
+                    if rec and rec.get("outcome") not in (None, "Running"):
+                        self.records[rec["scaleId"]] = rec
             except Exception as exc:  # noqa: BLE001 - a missed sample is not fatal
                 logger.debug("status poll failed: %s", exc)
             await asyncio.sleep(0.5)
@@ -242,9 +246,13 @@ class _Run:
                              a.slo_tpot_p90_ms / 1000)
         t, held = self.device_series()
         duration = self.trace.duration_s
+        ups = [r["durationMs"] / 1000 for r in self.records.values()
+               if r["outcome"] == "Succeeded" and r["to"] > r["from"]]
         s.update(name=self.name, device_seconds=round(report.device_seconds(t, held, duration), 1),
                  mean_devices=round(report.device_seconds(t, held, duration) / duration, 3),
                  max_devices=int(held.max()) if len(held) else None, scale_events=len(self.scales),
+                 time_to_capacity_s=round(float(np.mean(ups)), 2) if ups else None,
+                 failed_scales=sum(1 for r in self.records.values() if r["outcome"] != "Succeeded"),
                  warm_spares_max=max((r - h for _, h, _, r in self.devices), default=0),
                  errors=self.errors, wall_s=round(self.end_s, 1))
         return s
@@ -301,6 +309,8 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"--cpu-per-device {args.cpu_per_device:g} x --max-devices {args.max_devices} = "
                          f"{args.cpu_per_device * args.max_devices:g} cores, more than this machine's {cores}: "
                          f"the largest device count must fit for devices to have fixed capacity")
+    if args.profile is not None and not args.profile.is_file():
+        raise FileNotFoundError(f"--profile {args.profile}: no such file; write one with `elasticmoe bench profile`")
     names = [n.strip() for n in args.policies.split(",") if n.strip()]
     for n in names:
         if n not in POLICIES:
@@ -399,8 +409,6 @@ def _validate(args, trace: workload.Trace, summaries: dict, win) -> dict | None:
     """The simulator on the same trace, policies and windows; errors relative to the measurement."""
     path = args.profile or pathlib.Path("bench-results/profile.json")
     if not path.is_file():
-        if args.profile is not None:
-            raise FileNotFoundError(f"--profile {path}: no such file")
         return None
     from elasticmoe_operator import policy
     from elasticmoe_worker.bench import profile as profile_mod

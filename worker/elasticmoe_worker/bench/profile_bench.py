@@ -1,20 +1,21 @@
 """`elasticmoe bench profile`: measure the service profile `elasticmoe simulate` models an
 instance with, on this machine's devices.
 
-Why it exists: the simulator must run on measured numbers. This starts a local instance
-(optionally with a CPU quota per device, as `serve --cpu-per-device`), and for each device
-count from 1 to --max-devices measures, with the load spread evenly over the devices:
-- decode: per-device batches of 1, 2, 4, 8, 16 requests decoding at once -> the device's
-  tokens/s (batch / median time per output token);
+Why it exists: the simulator must run on measured numbers, and on the numbers clients see.
+This starts `elasticmoe serve --devices 1` (optionally with `--cpu-per-device`) and, through its
+HTTP API, for each device count from 1 to --max-devices (scaling up through the admin API)
+measures with the load spread evenly over the devices:
+- decode: per-device batches of 1, 4, 16, 32, 64 streaming requests decoding at once -> the
+  device's tokens/s (batch / median time per output token);
 - prefill: one prompt of 32, 128 and 512 tokens per device at once, one output token -> the
   device's prompt tokens/s (tokens / median time to first token);
-then the time-to-ready of each elastic scale step it took on the way up (1 -> 2 -> ...) and
-back down, and the cold start of a 1-device instance (for "add a replica"). Writes the profile
-JSON (`bench.profile`) and prints a table.
+then the time-to-ready of each elastic scale step on the way up (1 -> 2 -> ...) and back down
+(the server's own scale records), and the cold start of the 1-device server (spawn to
+healthy, for "add a replica"). Writes the profile JSON (`bench.profile`) and prints a table.
 
-Not guaranteed: the instance runs in this process (its coordinator is not under the quota);
-on a machine shared with other work the rates are lower and noisier than on an idle one (the
-load average is recorded with the profile).
+Not guaranteed: the server and this client are not under the quota; on a machine shared with
+other work the rates are lower and noisier than on an idle one (the load average is recorded
+with the profile).
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import json
 import logging
 import os
 import pathlib
 import random
 import statistics
+import sys
 import time
 
 from elasticmoe_worker import cliargs
@@ -38,7 +41,7 @@ DESCRIPTION = ("Measure a service profile for `elasticmoe simulate` on this mach
                "--max-devices, each device under --cpu-per-device cores) the decode tokens/s at each batch size and "
                "the prefill tokens/s at each prompt size, the time-to-ready of each elastic scale step, and the cold "
                "start of an instance; writes the profile JSON and prints a table.")
-DECODE_BATCHES = (1, 2, 4, 8, 16)
+DECODE_BATCHES = (1, 4, 16, 32, 64)
 PREFILL_TOKENS = (32, 128, 512)
 
 
@@ -69,63 +72,97 @@ def model_dir_of(args: argparse.Namespace) -> pathlib.Path:
     return path
 
 
-async def _one(inst, rid: str, prompt: list[int], max_tokens: int) -> tuple[float, float, int]:
-    """-> (TTFT s, TPOT s, output tokens)."""
-    from elasticmoe_worker.engine import types
-
-    params = types.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+async def _one(client, model: str, prompt: list[int], max_tokens: int) -> tuple[float, float, int]:
+    """One streaming completion -> (TTFT s, TPOT s, output tokens)."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, "ignore_eos": True}
     sent = time.perf_counter()
     first = last = None
     n = 0
-    async for out in inst.generate(rid, prompt, params):
-        if out.token_ids:
-            now = time.perf_counter()
-            first = first or now
-            last = now
-            n += len(out.token_ids)
-        if out.finished and out.error:
-            raise RuntimeError(f"request {rid} failed: {out.error}")
-    assert first is not None and n >= 1, f"request {rid} produced no token"
+    async with client.stream("POST", "/v1/completions", json=body) as resp:
+        if resp.status_code != 200:
+            raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}")
+        async for line in resp.aiter_lines():
+            if not line.startswith("data:") or line[5:].strip() == "[DONE]":
+                continue
+            event = json.loads(line[5:])
+            if "error" in event:
+                raise RuntimeError(f"a request failed: {event['error']}")
+            if event.get("choices"):
+                now = time.perf_counter()
+                first = first or now
+                last = now
+            if event.get("usage"):
+                n = int(event["usage"]["completion_tokens"])
+    assert first is not None and n >= 1, "a request produced no token"
     return first - sent, (last - first) / (n - 1) if n > 1 else 0.0, n
 
 
-def _batch(inst, prompts: list[list[int]], max_tokens: int, tag: str) -> list[tuple[float, float, int]]:
+def _batch(base_url: str, prompts: list[list[int]], max_tokens: int) -> list[tuple[float, float, int]]:
+    import httpx
+
     async def main():
-        return await asyncio.gather(*(_one(inst, f"{tag}-{i}", p, max_tokens) for i, p in enumerate(prompts)))
+        limits = httpx.Limits(max_connections=len(prompts) + 4)
+        async with httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(600.0), limits=limits) as client:
+            model = (await client.get("/v1/models")).json()["data"][0]["id"]
+            return await asyncio.gather(*(_one(client, model, p, max_tokens) for p in prompts))
     return asyncio.run(main())
 
 
-def measure_service(inst, devices: int, vocab: int, batches, prefills, decode_tokens: int, repeats: int,
+def measure_service(base_url: str, devices: int, vocab: int, batches, prefills, decode_tokens: int, repeats: int,
                     rng: random.Random) -> profile_mod.Service:
     def prompt(n: int) -> list[int]:
         return [rng.randrange(3, vocab) for _ in range(n)]
 
     # untimed: the first steps of a new configuration allocate and warm caches
-    _batch(inst, [prompt(32) for _ in range(4 * devices)], 8, f"w{devices}")
+    _batch(base_url, [prompt(32) for _ in range(4 * devices)], 8)
     decode = []
     for b in batches:
         tpots = []
-        for r in range(repeats):
-            res = _batch(inst, [prompt(8) for _ in range(b * devices)], decode_tokens, f"d{devices}-{b}-{r}")
+        for _ in range(repeats):
+            res = _batch(base_url, [prompt(8) for _ in range(b * devices)], decode_tokens)
             tpots.append(statistics.median(t for _, t, _ in res))
         decode.append((float(b), round(b / statistics.median(tpots), 2)))
     prefill = []
     for tokens in prefills:
         ttfts = []
-        for r in range(repeats):
-            res = _batch(inst, [prompt(tokens) for _ in range(devices)], 1, f"p{devices}-{tokens}-{r}")
+        for _ in range(repeats):
+            res = _batch(base_url, [prompt(tokens) for _ in range(devices)], 1)
             ttfts.append(statistics.median(t for t, _, _ in res))
         prefill.append((float(tokens), round(tokens / statistics.median(ttfts), 2)))
     return profile_mod.Service(devices, tuple(decode), tuple(prefill))
 
 
+def _scale(base_url: str, headers: dict, devices: int) -> float:
+    """Scale through the admin API, wait for the outcome; -> its measured seconds."""
+    import httpx
+
+    from elasticmoe_worker.contract import admin
+
+    scale_id = f"profile-{devices}-{int(time.time() * 1000)}"
+    r = httpx.post(f"{base_url}/admin/scale", headers=headers, timeout=30,
+                   json={"devices": devices, "reason": "bench profile", "scaleId": scale_id})
+    if r.status_code != 202:
+        raise RuntimeError(f"scale to {devices} refused: {r.status_code} {r.text[:200]}")
+    while True:
+        record = admin.decode_status(httpx.get(f"{base_url}/admin/status", headers=headers, timeout=30).content
+                                     ).find_scale(scale_id)
+        if record is not None and record.outcome in admin.TERMINAL_OUTCOMES:
+            break
+        time.sleep(0.2)
+    if record.outcome != admin.Outcome.SUCCEEDED:
+        raise RuntimeError(f"scale {record.from_devices} -> {devices} {record.outcome.value}: {record.message}")
+    return round(record.duration_ms / 1000, 3)
+
+
 def run(args: argparse.Namespace) -> int:
+    import secrets
+
     from rich.console import Console
     from rich.table import Table
 
-    from elasticmoe_worker.contract import admin
+    from elasticmoe_worker.bench import serve_bench
     from elasticmoe_worker.engine import engine as engine_mod
-    from elasticmoe_worker.instance import coordinator
 
     if args.quick:
         args.max_devices, args.decode_tokens, args.repeats = min(args.max_devices, 2), 16, 1
@@ -134,33 +171,41 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     model_dir = model_dir_of(args)
     cfg = cliargs.engine_config_from_args(args)
+    dtype = serve_bench.resolve_dtype(args.dtype, model_dir)
     vocab = len(engine_mod.load_tokenizer(model_dir))
     rng = random.Random(0)
     quota = f"{args.cpu_per_device:g} cores" if args.cpu_per_device else "no quota"
-    console.print(f"profiling {model_dir.name} on 1..{args.max_devices} devices, {quota} per device")
+    console.print(f"profiling {model_dir.name} on 1..{args.max_devices} devices, {quota} per device, through "
+                  f"`elasticmoe serve` and its HTTP API")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    token_file = args.out.with_suffix(".admin-token")
+    token = secrets.token_urlsafe(24)
+    token_file.write_text(token)
+    headers = {"Authorization": f"Bearer {token}"}
+    port = serve_bench.free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    argv = [sys.executable, "-m", "elasticmoe_worker.cli", "serve", "--model", str(model_dir), "--port", str(port),
+            "--devices", "1", "--admin-token-file", str(token_file), *serve_bench.engine_flags(args, dtype)]
+    if args.cpu_per_device:
+        argv += ["--cpu-per-device", f"{args.cpu_per_device:g}"]
     started = time.perf_counter()
-    inst = coordinator.Instance(model_dir, 1, cfg, cpu_per_device=args.cpu_per_device).start()
-    start_s = time.perf_counter() - started
+    server = serve_bench.ServerProcess(argv, args.out.with_suffix(".server.log"))
     services, steps = [], []
     try:
+        server.wait_healthy(f"{base_url}/health", 600)
+        start_s = time.perf_counter() - started
         for n in range(1, args.max_devices + 1):
             if n > 1:
-                rec = inst.scale(n, "profile")
-                if rec.outcome != admin.Outcome.SUCCEEDED:
-                    raise RuntimeError(f"scale {n - 1} -> {n} {rec.outcome.value}: {rec.message}")
-                steps.append(profile_mod.Step(n - 1, n, round(rec.duration_ms / 1000, 3)))
+                steps.append(profile_mod.Step(n - 1, n, _scale(base_url, headers, n)))
                 time.sleep(2)  # let the warm spare come up again, as between scales in service
             with console.status(f"{n} device(s): decode and prefill rates"):
-                services.append(measure_service(inst, n, vocab, batches, prefills, args.decode_tokens, args.repeats,
-                                                rng))
+                services.append(measure_service(base_url, n, vocab, batches, prefills, args.decode_tokens,
+                                                args.repeats, rng))
             console.print(f"{n} device(s): decode {services[-1].decode}, prefill {services[-1].prefill}")
         for n in range(args.max_devices, 1, -1):
-            rec = inst.scale(n - 1, "profile")
-            if rec.outcome != admin.Outcome.SUCCEEDED:
-                raise RuntimeError(f"scale {n} -> {n - 1} {rec.outcome.value}: {rec.message}")
-            steps.append(profile_mod.Step(n, n - 1, round(rec.duration_ms / 1000, 3)))
+            steps.append(profile_mod.Step(n, n - 1, _scale(base_url, headers, n - 1)))
     finally:
-        inst.shutdown()
+        server.stop()
     prof = profile_mod.Profile(
         service=tuple(services), scale=tuple(steps), start=((1, round(start_s, 3)),),
         max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens, max_waiting=cfg.max_waiting,

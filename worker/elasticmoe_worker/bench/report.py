@@ -42,7 +42,7 @@ def device_seconds(t_s: np.ndarray, devices: np.ndarray, end_s: float) -> float:
     """Integral of a step series (devices[i] from t_s[i] to t_s[i + 1], the last to end_s)."""
     if not len(t_s):
         return 0.0
-    edges = np.append(t_s, max(end_s, t_s[-1]))
+    edges = np.minimum(np.append(t_s, max(end_s, t_s[-1])), end_s)  # nothing after end_s counts
     return float(np.sum(np.diff(edges) * devices))
 
 
