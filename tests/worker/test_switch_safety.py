@@ -75,6 +75,9 @@ def test_flood_across_20_switches_loses_no_request(tiny_models):
     try:
         asyncio.run(main())
         failed = {rid: o for rid, o in outcomes.items() if o != "ok"}
+        print(f"\n20 switches: {len(outcomes)} requests, {len(failed)} failed, "
+              f"{sum(r.requests_handed_over for r in records)} handed over, switch phase ms "
+              f"{sorted(r.phases_ms['switch'] for r in records)}")
         assert [r.outcome.value for r in records] == ["Succeeded"] * 20, [(r.outcome, r.message) for r in records]
         assert failed == {}, f"{len(failed)} of {len(outcomes)} requests failed: {list(failed.items())[:5]}"
         assert len(outcomes) >= 100, f"only {len(outcomes)} requests: not a flood"
