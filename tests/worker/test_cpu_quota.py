@@ -114,3 +114,43 @@ def test_a_quota_without_devices_is_refused(tiny_models):
                                               "0.45", "--port", "0"),
                          capture_output=True, text=True, timeout=120, env={**os.environ})
     assert out.returncode == 2 and "--cpu-per-device needs --devices N" in out.stderr
+
+
+def test_serve_stopped_by_sigterm_stops_its_workers_and_removes_their_groups(tiny_models):
+    _, base = _controller_or_skip()
+    port = testprocs.free_port()
+    proc = subprocess.Popen(testprocs.elasticmoe("serve", "--model", str(tiny_models["qwen3_moe"]), "--devices", "1",
+                                                 "--cpu-per-device", "0.5", "--port", str(port)),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not testprocs.healthy(f"http://127.0.0.1:{port}"):
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "serve did not come up in 180 s"
+            time.sleep(0.5)
+        parent = base / f"elasticmoe-{proc.pid}"
+        assert parent.is_dir() and list(parent.glob("device-*"))
+        proc.terminate()  # SIGTERM, as Kubernetes and `kill` send
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out[-3000:]
+    assert "instance stopped" in out, "the instance's shutdown ran"
+    assert not parent.exists(), f"{parent} left behind"
+
+
+def test_groups_of_a_coordinator_that_was_killed_are_removed_by_the_next(monkeypatch):
+    _, base = _controller_or_skip()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stale = base / f"elasticmoe-{gone.pid}"
+    (stale / "device-0-1").mkdir(parents=True)
+    quotas = cgroup.CpuQuotas(0.5)
+    try:
+        assert not stale.exists()
+        assert quotas.parent.is_dir(), "our own group is untouched"
+    finally:
+        quotas.close()
+    assert not quotas.parent.exists()

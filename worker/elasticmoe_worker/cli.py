@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import pathlib
+import signal
 import socket
 import sys
 
@@ -74,6 +75,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             control_port=args.control_port, worker_secret=secret,
             heartbeat_timeout_s=args.heartbeat_timeout_s).start()
     autoscaler = None
+    # NOTE: uvicorn re-raises the signal that stopped it once its graceful shutdown is done; with
+    # SIGTERM's default action (what Kubernetes and `kill` send) the process would end right there,
+    # before `finally` stops the workers and removes their CPU-quota groups.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         app = api.build_app(engine, served_model_name=args.served_model_name)
         if args.autoscale:
@@ -84,13 +89,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.info("serving %s as %r", model_dir, engine.model_name)
         api.run_server(app, args.host, args.port, log_level=args.log_level)
     except KeyboardInterrupt:
-        pass  # uvicorn re-raises Ctrl-C after its graceful shutdown: that is a clean stop
+        pass  # uvicorn re-raises Ctrl-C (and SIGTERM) after its graceful shutdown: that is a clean stop
     finally:
         if autoscaler is not None:
             autoscaler.stop()
         engine.shutdown()
     log.info("stopped")
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

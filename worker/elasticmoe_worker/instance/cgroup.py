@@ -11,7 +11,7 @@ Both cgroup versions: v1 (a `cpu` hierarchy: `cpu.cfs_quota_us` / `cpu.cfs_perio
 processes into `cgroup.procs`) and v2 (`cpu.max`, after enabling the `cpu` controller for our
 own group's children). Groups live under the cgroup this process runs in, in a parent named
 after this process (`elasticmoe-<pid>`), and are removed when their worker has stopped and at
-`close()`.
+`close()`; empty groups left by a coordinator that was killed are removed by the next one.
 
 Not guaranteed: a quota caps CPU time, it does not reserve it: on a busy machine a device may
 get less. On cgroup v2 the `cpu` controller can only be handed to child groups when our own
@@ -100,6 +100,7 @@ class CpuQuotas:
                              f"machine with cgroup v1 `cpu` or cgroup v2 `cpu.max`, or leave the option out") from None
         self.cores = cores
         self.quota_us = max(MIN_QUOTA_US, round(cores * PERIOD_US))
+        _remove_stale(base)
         self.parent = base / f"elasticmoe-{os.getpid()}"
         self._groups: dict[int, pathlib.Path] = {}
         self._count = 0
@@ -175,6 +176,29 @@ class CpuQuotas:
             except OSError:
                 time.sleep(0.02)
         logger.warning("could not remove cgroup %s", path)
+
+
+def _remove_stale(base: pathlib.Path) -> None:
+    """Remove the empty groups of coordinators that are gone (killed before their `close()`):
+    their workers died with them (parent-death signal), their groups did not."""
+    for parent in base.glob("elasticmoe-*"):
+        try:
+            os.kill(int(parent.name.split("-", 1)[1]), 0)
+            continue  # its coordinator lives
+        except ValueError:
+            continue  # not one of ours
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # a live process of someone else
+        groups = [g for g in parent.glob("device-*") if g.is_dir()]
+        if any(_pids(g) for g in groups) or _pids(parent):
+            logger.warning("stale cgroup %s still holds processes; left alone", parent)
+            continue
+        for g in groups:
+            CpuQuotas._rmdir(g)
+        CpuQuotas._rmdir(parent)
+        logger.info("removed the stale cgroup %s of a coordinator that is gone", parent)
 
 
 def _pids(group: pathlib.Path) -> list[int]:
