@@ -11,9 +11,11 @@ latencies that have samples (llm-d's SLO recipe), smoothed with an exponential m
   no earlier scale is still within its learned time-to-ready (its effect cannot be seen yet:
   acting again would overshoot). The step is proportional to the signal, bounded by `step`
   and `max_devices`.
-- Scale down by one device only when the survivors, taking over its load (x N/(N-1), as
-  NVIDIA Dynamo's planner projects it), stay under `down_threshold` for the whole
-  stabilization window, and never below `min_devices`.
+- Scale down when fewer devices, taking over the load (x N/n, as NVIDIA Dynamo's planner
+  projects it for n = N-1), would stay under `down_threshold`: each evaluation recommends the
+  fewest such devices n (N when none fewer would do), and the instance goes down to the largest
+  recommendation of the whole stabilization window (the HorizontalPodAutoscaler's rule), so a
+  load that fell far removes several devices at once after one window, never below `min_devices`.
 - Between the two thresholds nothing happens (the dead band): stationary noise does not flap.
 - Missing or stale metrics hold the count and say so (`metrics_available=False` and why). An
   instance with no traffic at all is not "missing metrics": its signal is 0.
@@ -44,8 +46,10 @@ class Config:
     step: int = 1
     scale_up_cooldown_s: float = 30.0
     scale_down_stabilization_s: float = 300.0
-    up_threshold: float = 1.0  # smoothed signal above which capacity is added
-    down_threshold: float = 0.6  # survivors' projected signal below which one device may go
+    # Smoothed signal above which capacity is added: below 1, because latency grows steeply near a
+    # device's saturation and a device takes seconds to add (llm-d's recipe scales up at 0.55).
+    up_threshold: float = 0.8
+    down_threshold: float = 0.5  # fewer devices' projected signal below which they may suffice
     smoothing: float = 0.5  # weight of the newest sample in the moving average
     stale_after_s: float = 60.0  # older metrics are not acted on
     default_time_to_ready_s: float = 30.0  # before any scale was measured
@@ -88,7 +92,10 @@ class State:
     smoothed: float | None = None
     smoothed_active: int | None = None  # the active device count the smoothed signal was measured at
     last_up_at: float | None = None
-    low_since: float | None = None  # since when a scale-down would have been safe, continuously
+    # (time, devices) of the evaluations within the stabilization window (and the newest before
+    # it, which shows the window is covered): how few devices each found enough.
+    recommendations: tuple[tuple[float, int], ...] = ()
+    recommended_at: int | None = None  # the device count they were made at; another count starts afresh
     pending: tuple[int, float] | None = None  # (target, time its effect becomes visible)
     time_to_ready_s: Mapping[tuple[int, int], float] = dataclasses.field(default_factory=dict)
 
@@ -203,8 +210,15 @@ def decide(obs: Observation, state: State, cfg: Config, now: float) -> tuple[Dec
         pending = None  # the scale's effect is visible now (or it should be)
         state = dataclasses.replace(state, pending=None)
 
+    window_start = now - cfg.scale_down_stabilization_s
+
+    def recommend(devices: int, st: State) -> State:
+        kept = (st.recommendations if st.recommended_at == current else ()) + ((now, devices),)
+        first = max((i for i, (t, _) in enumerate(kept) if t <= window_start), default=0)
+        return dataclasses.replace(st, recommendations=kept[first:], recommended_at=current)
+
     if projected > cfg.up_threshold:
-        state = dataclasses.replace(state, low_since=None)
+        state = recommend(max(current, bounded), state)
         if current >= cfg.max_devices:
             return hold(f"SLO signal {smoothed:.2f} ({what}) above {cfg.up_threshold:.2f} but already at the "
                         f"maximum of {cfg.max_devices} devices", True, "ok", "AtMaximum", smoothed, raw, values,
@@ -220,7 +234,7 @@ def decide(obs: Observation, state: State, cfg: Config, now: float) -> tuple[Dec
         needed = math.ceil(capacity * projected / cfg.up_threshold)
         target = min(max(needed, current + 1), current + cfg.step, cfg.max_devices)
         ready_at = now + time_to_ready(state, cfg, current, target)
-        state = dataclasses.replace(state, last_up_at=now, pending=(target, ready_at))
+        state = recommend(target, dataclasses.replace(state, last_up_at=now, pending=(target, ready_at)))
         reason = (f"SLO signal {smoothed:.2f} ({what}) above {cfg.up_threshold:.2f} with {obs.active} active + "
                   f"{obs.warming} warming: {current} -> {target} devices (ready in about {ready_at - now:.0f} s)")
         return Decision(target, UP, reason, smoothed, raw, True, "ok", values, "SloBreached"), state
@@ -228,21 +242,31 @@ def decide(obs: Observation, state: State, cfg: Config, now: float) -> tuple[Dec
     if current > cfg.min_devices and pending is None and obs.warming == 0:
         survivors = smoothed * current / (current - 1)
         values["survivorsSignal"] = round(survivors, 4)
-        if survivors < cfg.down_threshold:
-            low_since = state.low_since if state.low_since is not None else now
-            state = dataclasses.replace(state, low_since=low_since)
-            waited = now - low_since
-            if waited >= cfg.scale_down_stabilization_s:
-                target = max(current - 1, cfg.min_devices)
-                state = dataclasses.replace(state, low_since=None)
-                reason = (f"SLO signal {smoothed:.2f} ({what}); the {current - 1} survivors would see "
-                          f"{survivors:.2f} < {cfg.down_threshold:.2f} for {waited:.0f} s: {current} -> {target} "
-                          f"devices")
+        # The fewest devices n with smoothed x current / n < down_threshold, within [min, current].
+        enough = min(max(math.floor(smoothed * current / cfg.down_threshold) + 1, cfg.min_devices), current)
+        state = recommend(enough, state)
+        if enough < current:
+            history = state.recommendations
+            covered = history[0][0] <= window_start
+            target = max(n for _, n in history)
+            low_from = now
+            for t, n in reversed(history):  # the newest run of evaluations that found fewer enough
+                if n >= current:
+                    break
+                low_from = t
+            low_for = now - max(low_from, window_start) if covered else now - low_from
+            if covered and target < current:
+                state = dataclasses.replace(state, recommendations=((now, target),))
+                reason = (f"SLO signal {smoothed:.2f} ({what}); {target} devices would see "
+                          f"{smoothed * current / target:.2f} < {cfg.down_threshold:.2f}, and no evaluation of the "
+                          f"last {cfg.scale_down_stabilization_s:.0f} s asked for more (the {current - 1} survivors "
+                          f"of one removal would see {survivors:.2f}): {current} -> {target} devices")
                 return (Decision(target, DOWN, reason, smoothed, raw, True, "ok", values, "SurvivorsUnderTarget"),
                         state)
-            return hold(f"SLO signal {smoothed:.2f} ({what}): survivors would see {survivors:.2f}, low for "
-                        f"{waited:.0f} of {cfg.scale_down_stabilization_s:.0f} s", True, "ok", "Stabilizing",
-                        smoothed, raw, values, state)
-    state = dataclasses.replace(state, low_since=None)
+            return hold(f"SLO signal {smoothed:.2f} ({what}): {enough} devices would do (survivors of one removal "
+                        f"would see {survivors:.2f}); low for {low_for:.0f} of {cfg.scale_down_stabilization_s:.0f} "
+                        f"s", True, "ok", "Stabilizing", smoothed, raw, values, state)
+    else:
+        state = recommend(current, state)
     return hold(f"SLO signal {smoothed:.2f} ({what}) within the dead band: {current} devices", True, "ok",
                 "WithinDeadBand", smoothed, raw, values, state)

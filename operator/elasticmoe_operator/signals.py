@@ -4,8 +4,11 @@ Why it exists: the Slo policy is pure; something has to turn "what Prometheus sa
 instance" into its input. Three instant queries (`GET /api/v1/query`) over the coordinator's
 own series, selected by the instance's labels (the chart's ServiceMonitor attaches `namespace`
 and `elasticmoe_instance`):
-- p90 time to first token and p90 time per output token:
+- p90 time to first token and p90 time per output token (the per-token gaps, which show a growing
+  batch as the tokens stream, rather than the per-request TPOT that is known only once requests end):
   histogram_quantile(0.9, sum by (le) (rate(<histogram>_bucket{<selector>}[<window>])))
+- the queue now: the largest `elasticmoe_first_token_wait_p90_seconds` (p90 of how long the
+  requests still waiting for a first token have waited; 0, read as "no queue", when none waits)
 - the request rate: sum(rate(elasticmoe_requests_finished_total{<selector>}[<window>])), or 0 when
   that counter has no series yet but the coordinator is scraped (its `elasticmoe_healthy` gauge is
   there): a fresh idle instance is idle, while a selector that matches nothing is an error.
@@ -14,9 +17,8 @@ Device counts come from the coordinator's /admin/status and the spec, not from P
 What it does not guarantee: the p90s are what Prometheus last scraped (one scrape interval old at
 best); a quantile with no samples in the window (NaN, or an empty result) is "no sample", not an
 error. Any failure (unreachable, HTTP error, a body that is not the API's, a non-finite quantile)
-becomes `Observation.error` with the reason, and the policy holds. The queueing-time p90 stays
-None: the coordinator exports no queueing-time histogram (the `ElasticMoEQueueing` alert reads
-the waiting-requests gauge instead).
+becomes `Observation.error` with the reason, and the policy holds. The queue gauge is an instant
+value at the last scrape, not a window.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ import httpx
 from elasticmoe_operator import policy
 
 TTFT = "elasticmoe_time_to_first_token_seconds"
-TPOT = "elasticmoe_time_per_output_token_seconds"
+TPOT = "elasticmoe_inter_token_latency_seconds"
+QUEUE = "elasticmoe_first_token_wait_p90_seconds"
 FINISHED = "elasticmoe_requests_finished_total"
 HEALTHY = "elasticmoe_healthy"  # a gauge every coordinator exports from its start
 QUERY_PATH = "/api/v1/query"
@@ -56,7 +59,7 @@ def queries(selector: str, window_s: int) -> dict[str, str]:
     def p90(histogram: str) -> str:
         return f"histogram_quantile(0.9, sum by (le) (rate({histogram}_bucket{{{selector}}}[{w}])))"
 
-    return {"ttft_p90_s": p90(TTFT), "tpot_p90_s": p90(TPOT),
+    return {"ttft_p90_s": p90(TTFT), "tpot_p90_s": p90(TPOT), "queue_p90_s": f"max({QUEUE}{{{selector}}})",
             # NOTE: a labelled counter has no series before its first increment.
             "requests_per_s": f"sum(rate({FINISHED}{{{selector}}}[{w}])) or 0 * max({HEALTHY}{{{selector}}})"}
 
@@ -146,4 +149,4 @@ async def observe(prometheus: Prometheus, selector: str, window_s: int, *, at: f
         rate = None  # requests are in, none finished in the window: busy, not idle
     return policy.Observation(at=at, active=active, warming=warming, desired=desired,
                               ttft_p90_s=values["ttft_p90_s"], tpot_p90_s=values["tpot_p90_s"],
-                              requests_per_s=rate)
+                              queue_p90_s=values["queue_p90_s"] or None, requests_per_s=rate)

@@ -17,11 +17,12 @@ from elasticmoe_operator import alerts, api, autoscaler, children, handlers, kub
 
 NS, NAME = "ml", "moe"
 NOW = 1_800_000_000.0
+QUERIES = len(signals.queries("", 60))  # one evaluation asks Prometheus this many queries
 
 
 class FakePrometheus:
-    def __init__(self, ttft="0.5", tpot="0.02", rate="2") -> None:
-        self.answers = {signals.TTFT: ttft, signals.TPOT: tpot, signals.FINISHED: rate}
+    def __init__(self, ttft="0.5", tpot="0.02", rate="2", queue="0") -> None:
+        self.answers = {signals.TTFT: ttft, signals.TPOT: tpot, signals.FINISHED: rate, signals.QUEUE: queue}
         self.queries: list[str] = []
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
@@ -207,9 +208,9 @@ async def _tick(t, k, s, prom, now=NOW, coord=None, rv="7"):
 async def test_evaluates_every_interval_and_at_once_on_a_firing_alert():
     prom, k, s, t = FakePrometheus(ttft="0.5"), FakeKube(active=1), spec(), fresh_tracker()
     out = await _tick(t, k, s, prom)
-    assert out.evaluation is not None and len(prom.queries) == 3
+    assert out.evaluation is not None and len(prom.queries) == QUERIES
     out = await _tick(t, k, s, prom, now=NOW + 1)
-    assert out.evaluation is None and len(prom.queries) == 3, "not due before evaluationIntervalSeconds"
+    assert out.evaluation is None and len(prom.queries) == QUERIES, "not due before evaluationIntervalSeconds"
     # a firing SLO alert through the receiver: evaluated on the next tick, not by itself a scale
     autoscaler.TRACKERS[(NS, NAME)] = t
     receiver = alerts.Receiver(lambda: b"tok", autoscaler.trigger)
@@ -291,7 +292,7 @@ async def test_the_prometheus_token_comes_from_the_secret_the_spec_names():
     t = fresh_tracker()
     out = await autoscaler.tick(t, FakeKube(secrets={"prom": {"tok": "s3cret"}}), body(s), s, coordinator(1), NOW,
                                 transport=httpx.MockTransport(answer))
-    assert seen == ["Bearer s3cret"] * 3 and out.condition[1] == "MetricsUnavailable"
+    assert seen == ["Bearer s3cret"] * QUERIES and out.condition[1] == "MetricsUnavailable"
     t = fresh_tracker()
     out = await autoscaler.tick(t, FakeKube(), body(s), s, coordinator(1), NOW, transport=httpx.MockTransport(answer))
     assert out.condition[:2] == ("False", "MetricsUnavailable")

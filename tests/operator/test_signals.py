@@ -21,8 +21,8 @@ def vector(value: str | None, ts: float = 1700000000.0) -> dict:
 class FakePrometheus:
     """Answers each query by the metric it reads; records what it was asked and with which headers."""
 
-    def __init__(self, ttft="NaN", tpot="NaN", rate="0", status=200, body=None) -> None:
-        self.answers = {signals.TTFT: ttft, signals.TPOT: tpot, signals.FINISHED: rate}
+    def __init__(self, ttft="NaN", tpot="NaN", rate="0", queue=None, status=200, body=None) -> None:
+        self.answers = {signals.TTFT: ttft, signals.TPOT: tpot, signals.FINISHED: rate, signals.QUEUE: queue}
         self.status, self.body = status, body
         self.requests: list[httpx.Request] = []
 
@@ -48,7 +48,8 @@ def test_queries_select_the_instance_over_the_window():
     q = signals.queries(SEL, 30)
     assert q["ttft_p90_s"] == ('histogram_quantile(0.9, sum by (le) (rate(elasticmoe_time_to_first_token_seconds_'
                                'bucket{namespace="ml",elasticmoe_instance="moe"}[30s])))')
-    assert "elasticmoe_time_per_output_token_seconds_bucket{" in q["tpot_p90_s"]
+    assert "elasticmoe_inter_token_latency_seconds_bucket{" in q["tpot_p90_s"]
+    assert q["queue_p90_s"] == f"max(elasticmoe_first_token_wait_p90_seconds{{{SEL}}})"
     assert q["requests_per_s"].startswith('sum(rate(elasticmoe_requests_finished_total{namespace="ml",'
                                           'elasticmoe_instance="moe"}[30s]))')
     assert signals.default_selector('a"b', "c\\d") == 'namespace="a\\"b",elasticmoe_instance="c\\\\d"'
@@ -60,9 +61,16 @@ async def test_quantiles_and_rate_become_the_observation():
     o = await observe(fake, active=2, desired=3, token="s3cret")
     assert (o.ttft_p90_s, o.tpot_p90_s, o.requests_per_s, o.queue_p90_s) == (2.5, 0.08, 3.25, None)
     assert (o.at, o.active, o.warming, o.desired, o.error) == (100.0, 2, 1, 3, None)
-    assert len(fake.requests) == 3
+    assert len(fake.requests) == 4
     assert all(r.headers["Authorization"] == "Bearer s3cret" for r in fake.requests)
     assert str(fake.requests[0].url).startswith("http://prometheus:9090/api/v1/query?query=")
+
+
+@pytest.mark.asyncio
+async def test_the_queue_gauge_is_the_queueing_signal_and_zero_means_no_queue():
+    o = await observe(FakePrometheus(rate="1", queue="2.5"))
+    assert o.queue_p90_s == 2.5
+    assert (await observe(FakePrometheus(rate="1", queue="0"))).queue_p90_s is None, "nobody waits"
 
 
 @pytest.mark.asyncio

@@ -77,8 +77,11 @@ def _status(active=1, warming=0, desired=None, running=0, waiting=0, scale=None,
         current_scale=scale, last_scale=history[-1] if history else None, history=list(history))
 
 
-def _sample(at, finished, ttft=((0.1, 0), (INF, 0))):
-    return autoscale.Sample(at=at, ttft=ttft, tpot=((0.1, 0), (INF, 0)), finished=finished)
+EMPTY = ((0.1, 0), (INF, 0))
+
+
+def _sample(at, finished, ttft=EMPTY, tpot=EMPTY, itl=EMPTY, queue_p90_s=0.0):
+    return autoscale.Sample(at=at, ttft=ttft, tpot=tpot, itl=itl, finished=finished, queue_p90_s=queue_p90_s)
 
 
 def test_the_window_diffs_against_the_snapshot_one_window_ago():
@@ -99,6 +102,41 @@ def test_observation_rates_and_idleness():
     assert policy.raw_signal(idle, CFG)[0] == 0.0, "nothing arrived: idle, a signal of 0"
     busy = autoscale.observe(_sample(10, 2), _sample(5, 2), _status(running=3))
     assert busy.requests_per_s is None, "requests run but none ended: not idle, nothing known"
+
+
+def test_time_per_output_token_comes_from_the_per_token_gaps_when_tokens_streamed():
+    # 10 finished requests, all fast; 10 tokens streamed since, all slow: the batch grew.
+    slow_tokens = ((0.1, 0), (1.0, 10), (INF, 10))
+    fast_requests = ((0.1, 10), (1.0, 10), (INF, 10))
+    zero = ((0.1, 0), (1.0, 0), (INF, 0))
+    older = _sample(5, 0, tpot=zero, itl=zero)
+    o = autoscale.observe(_sample(10, 10, tpot=fast_requests, itl=slow_tokens), older, _status(running=4))
+    assert o.tpot_p90_s == pytest.approx(0.1 + 0.9 * 9 / 10), "the per-token gaps, not the finished requests"
+    no_tokens = autoscale.observe(_sample(10, 10, tpot=fast_requests, itl=zero), older, _status())
+    assert no_tokens.tpot_p90_s == pytest.approx(0.09), "no token streamed in the window: per-request TPOT"
+
+
+def test_the_queue_now_is_the_queueing_signal():
+    o = autoscale.observe(_sample(10, 10, queue_p90_s=2.5), _sample(5, 0), _status(waiting=7))
+    assert o.queue_p90_s == 2.5
+    cfg = policy.Config(min_devices=1, max_devices=2, ttft_p90_s=10, tpot_p90_s=10, queue_p90_s=1.0)
+    assert policy.raw_signal(o, cfg) == (2.5, {"queue": 2.5})
+    assert autoscale.observe(_sample(10, 10), _sample(5, 0), _status()).queue_p90_s is None, "nobody waits"
+
+
+def test_the_server_measures_the_wait_of_requests_still_waiting():
+    m = metrics.ServerMetrics(_stats)
+    assert m.first_token_wait_p90_s() == 0.0
+    now = time.perf_counter()
+    for i in range(10):  # waited 0, 1, ..., 9 s so far
+        m.waiting(f"r{i}", now - i)
+    assert 8.0 <= m.first_token_wait_p90_s() < 8.5, "p90 by nearest rank: the 9th of 10"
+    for i in range(5, 10):
+        m.not_waiting(f"r{i}")
+    m.not_waiting("r9")  # idempotent
+    assert 4.0 <= m.first_token_wait_p90_s() < 4.5
+    body = m.render()[0].decode()
+    assert re.search(r"^elasticmoe_first_token_wait_p90_seconds 4\.\d+", body, re.M), body
 
 
 # -- the loop, with a fake instance and a fake clock --------------------------------------------

@@ -153,6 +153,7 @@ class _Generation:
 
     async def start(self) -> None:
         engine = self._state.engine
+        self._state.metrics.waiting(self.request_id, self._arrival_s)
         self._disconnect = asyncio.create_task(_wait_for_disconnect(self._request))
         try:
             self._iterator = aiter(engine.generate(self.request_id, self._prompt_token_ids, self._params))
@@ -226,7 +227,13 @@ class _Generation:
             if self._first_token_s is None:
                 self._first_token_s = now_s
                 m.time_to_first_token_s.observe(now_s - self._arrival_s)
+                m.not_waiting(self.request_id)
                 m.prompt_tokens.inc(self.num_prompt_tokens)
+            else:
+                assert self._last_token_s is not None
+                gap_s = (now_s - self._last_token_s) / len(out.token_ids)
+                for _ in out.token_ids:
+                    m.inter_token_latency_s.observe(gap_s)
             self._last_token_s = now_s
             self.num_output_tokens += len(out.token_ids)
             m.generation_tokens.inc(len(out.token_ids))
@@ -250,6 +257,7 @@ class _Generation:
         if self._closed:
             return
         self._closed = True
+        self._state.metrics.not_waiting(self.request_id)
         if self.finish_reason is None:
             try:
                 self._state.engine.abort(self.request_id)

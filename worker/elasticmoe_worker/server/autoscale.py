@@ -100,8 +100,10 @@ class Sample:
 
     at: float
     ttft: Buckets
-    tpot: Buckets
+    tpot: Buckets  # per request (the SLO's definition; known only once a request ends)
+    itl: Buckets  # per token (known as the tokens stream: the early sign of a growing batch)
     finished: float  # requests that ended, however
+    queue_p90_s: float = 0.0  # of the requests waiting for a first token now
 
 
 class Window:
@@ -126,10 +128,15 @@ def observe(newer: Sample, older: Sample, status: admin.AdminStatus) -> policy.O
     in_flight = status.requests.running + status.requests.waiting
     if rate == 0 and in_flight > 0:
         rate = None  # not idle: requests run but none ended in the window; nothing can be said
+    # Time per output token: the per-token gaps of the window when there are any (a batch that
+    # grows shows in the next token; per-request TPOT only once those requests end), else TPOT.
+    tpot = window_quantile(QUANTILE, newer.itl, older.itl)
+    if tpot is None:
+        tpot = window_quantile(QUANTILE, newer.tpot, older.tpot)
     return policy.Observation(
         at=newer.at, active=status.devices.active, warming=status.devices.warming, desired=status.devices.desired,
-        ttft_p90_s=window_quantile(QUANTILE, newer.ttft, older.ttft),
-        tpot_p90_s=window_quantile(QUANTILE, newer.tpot, older.tpot), requests_per_s=rate)
+        ttft_p90_s=window_quantile(QUANTILE, newer.ttft, older.ttft), tpot_p90_s=tpot,
+        queue_p90_s=newer.queue_p90_s or None, requests_per_s=rate)
 
 
 def reason_kind(reason: str) -> str:
@@ -172,7 +179,9 @@ class Autoscaler:
     def _sample(self) -> Sample:
         m = self._metrics
         return Sample(at=self._clock(), ttft=histogram_buckets(m.time_to_first_token_s),
-                      tpot=histogram_buckets(m.time_per_output_token_s), finished=counter_total(m.requests_finished))
+                      tpot=histogram_buckets(m.time_per_output_token_s),
+                      itl=histogram_buckets(m.inter_token_latency_s), finished=counter_total(m.requests_finished),
+                      queue_p90_s=m.first_token_wait_p90_s())
 
     def start(self) -> "Autoscaler":
         assert self._thread is None, "start() once"
@@ -220,7 +229,8 @@ class Autoscaler:
             if not_started:
                 # Nothing was actuated: no cooldown, no pending scale, the low streak goes on.
                 state = dataclasses.replace(state, last_up_at=before.last_up_at, pending=before.pending,
-                                            low_since=before.low_since)
+                                            recommendations=before.recommendations,
+                                            recommended_at=before.recommended_at)
         self._policy_state = state
         self._record(decision, scale_id, not_started)
         return decision
@@ -272,9 +282,10 @@ class Autoscaler:
 
 # -- command line ----------------------------------------------------------------------------
 DEFAULT_MAX_DEVICES = 4  # or the model's routed experts, if fewer
-_OPTIONS = ("min_devices", "max_devices", "slo_ttft_p90_ms", "slo_tpot_p90_ms", "scale_up_cooldown_s",
+_OPTIONS = ("min_devices", "max_devices", "slo_ttft_p90_ms", "slo_tpot_p90_ms", "slo_queue_p90_ms", "scale_up_cooldown_s",
             "scale_down_stabilization_s", "autoscale_interval_s", "autoscale_window_s")
-_DEFAULTS = {"min_devices": 1, "slo_ttft_p90_ms": 2000.0, "slo_tpot_p90_ms": 100.0, "scale_up_cooldown_s": 30.0,
+_DEFAULTS = {"min_devices": 1, "slo_ttft_p90_ms": 2000.0, "slo_tpot_p90_ms": 100.0, "slo_queue_p90_ms": 1000.0,
+             "scale_up_cooldown_s": 30.0,
              "scale_down_stabilization_s": 300.0, "autoscale_interval_s": 5.0, "autoscale_window_s": 30.0}
 
 
@@ -300,9 +311,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The autoscaling options of `serve` and `coordinator`; defaults are filled in by
     `config_from_args`, so that an option given without --autoscale can be named."""
     d = _DEFAULTS
+    c = policy.Config(min_devices=1, max_devices=1, ttft_p90_s=1, tpot_p90_s=1)  # the thresholds' defaults
     g = p.add_argument_group("autoscaling", "With --autoscale the server scales its own devices on its p90 "
-                             "TTFT and TPOT over the last window (the SLO signal: the larger latency/target "
-                             "ratio, smoothed; up above 1.0, down when the survivors would stay under 0.6). "
+                             "TTFT and time per output token (per streamed token) over the last window and the p90 "
+                             "wait of the requests still waiting for a first token: the SLO signal is the largest "
+                             f"latency/target ratio, smoothed; up above {c.up_threshold:g}, down to the fewest "
+                             f"devices whose projected signal stays under {c.down_threshold:g} for the whole "
+                             "stabilization window. "
                              "Each decision is logged with its reason and shown in GET /admin/status.")
     g.add_argument("--autoscale", action="store_true",
                    help="scale the instance between --min-devices and --max-devices on the SLO signal "
@@ -315,6 +330,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"target p90 time to first token (default: {d['slo_ttft_p90_ms']:g})")
     g.add_argument("--slo-tpot-p90-ms", type=_positive_float, default=None, metavar="MS",
                    help=f"target p90 time per output token (default: {d['slo_tpot_p90_ms']:g})")
+    g.add_argument("--slo-queue-p90-ms", type=_positive_float, default=None, metavar="MS",
+                   help="target p90 of how long the requests waiting for their first token have waited so far "
+                        f"(the queue now; default: {d['slo_queue_p90_ms']:g})")
     g.add_argument("--scale-up-cooldown-s", type=_non_negative_float, default=None, metavar="S",
                    help=f"least time between two scale-ups (default: {d['scale_up_cooldown_s']:g})")
     g.add_argument("--scale-down-stabilization-s", type=_non_negative_float, default=None, metavar="S",
@@ -364,7 +382,8 @@ def config_from_args(args: argparse.Namespace, num_experts: int) -> tuple[policy
                          f"{v['autoscale_interval_s']:g}; expected a window of at least one interval")
     config = policy.Config(
         min_devices=v["min_devices"], max_devices=max_devices, ttft_p90_s=v["slo_ttft_p90_ms"] / 1000,
-        tpot_p90_s=v["slo_tpot_p90_ms"] / 1000, scale_up_cooldown_s=v["scale_up_cooldown_s"],
+        tpot_p90_s=v["slo_tpot_p90_ms"] / 1000, queue_p90_s=v["slo_queue_p90_ms"] / 1000,
+        scale_up_cooldown_s=v["scale_up_cooldown_s"],
         scale_down_stabilization_s=v["scale_down_stabilization_s"],
     )
     return config, v["autoscale_interval_s"], v["autoscale_window_s"]

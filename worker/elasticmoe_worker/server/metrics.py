@@ -12,12 +12,17 @@ never stale and cost nothing between scrapes.
 
 What it does not guarantee: latencies are measured in this process from the moment the
 handler starts (network and JSON parsing before that are not included); TPOT is one
-observation per request (the mean gap per output token after the first), not one per token.
+observation per request (the mean gap per output token after the first); the inter-token
+latency is one observation per streamed token (vLLM's `inter_token_latency`), so it reacts to
+a growing batch within one step, while TPOT waits for requests to end. The first-token wait is
+what requests still waiting have waited so far (a lower bound of their TTFT): the queue now.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from typing import Callable, Iterator
 
 import prometheus_client
@@ -53,6 +58,21 @@ REJECT_REASONS: tuple[str, ...] = (
     REJECT_QUEUE_TIMEOUT,
     REJECT_ENGINE_DEAD,
 )
+
+
+class _FirstTokenWaitCollector(Collector):
+    """The queue now, read at scrape time: a gauge that a scrape cannot see stale."""
+
+    def __init__(self, p90_s: Callable[[], float]) -> None:
+        self._p90_s = p90_s
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            FIRST_TOKEN_WAIT_P90, "p90 of how long the requests still waiting for their first token have waited so "
+            "far (0 when none waits): the queueing signal of the autoscaler.", value=self._p90_s())
+
+
+FIRST_TOKEN_WAIT_P90 = "elasticmoe_first_token_wait_p90_seconds"
 
 
 class _EngineStatsCollector(Collector):
@@ -172,6 +192,12 @@ class ServerMetrics:
             buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
+        self.inter_token_latency_s = prometheus_client.Histogram(
+            "elasticmoe_inter_token_latency_seconds",
+            "Per streamed output token after the first: the gap since the previous token(s) of its request.",
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
         self.e2e_request_latency_s = prometheus_client.Histogram(
             "elasticmoe_e2e_request_latency_seconds",
             "Time from the request reaching the handler to its last output token, for finished requests.",
@@ -203,6 +229,9 @@ class ServerMetrics:
             self.requests_rejected.labels(reason=reason)
         r.register(_EngineStatsCollector(engine_stats))
         r.register(_ScalingCollector(scaling_counters))
+        self._waiting_lock = threading.Lock()  # the autoscaler's thread reads it too
+        self._waiting_since: dict[str, float] = {}  # request id -> arrival (perf_counter), no first token yet
+        r.register(_FirstTokenWaitCollector(self.first_token_wait_p90_s))
         self.autoscaler_decisions: prometheus_client.Counter | None = None
 
     def track_autoscaler(self) -> prometheus_client.Counter:
@@ -218,6 +247,26 @@ class ServerMetrics:
             for action in AUTOSCALER_ACTIONS:
                 self.autoscaler_decisions.labels(action=action)
         return self.autoscaler_decisions
+
+    def waiting(self, request_id: str, arrival_s: float) -> None:
+        """A request waits for its first token since `arrival_s` (`time.perf_counter()`)."""
+        with self._waiting_lock:
+            self._waiting_since[request_id] = arrival_s
+
+    def not_waiting(self, request_id: str) -> None:
+        """Its first token came, or it ended without one; idempotent."""
+        with self._waiting_lock:
+            self._waiting_since.pop(request_id, None)
+
+    def first_token_wait_p90_s(self) -> float:
+        """p90 of how long the requests still waiting for a first token have waited so far
+        (nearest rank); 0 when none waits."""
+        now_s = time.perf_counter()
+        with self._waiting_lock:
+            ages = sorted(now_s - t for t in self._waiting_since.values())
+        if not ages:
+            return 0.0
+        return ages[min(len(ages) - 1, max(0, -(-9 * len(ages) // 10) - 1))]
 
     def reject(self, reason: str) -> None:
         assert reason in REJECT_REASONS, reason
