@@ -65,3 +65,27 @@ def test_bad_expert_ids_and_dtype_are_named(tiny_models):
         registry.load_model(tiny_models["mixtral"], expert_ids=[99])
     with pytest.raises(ValueError, match="dtype: got 'int8'"):
         registry.load_model(tiny_models["mixtral"], dtype="int8")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_experts_equal_one_matmul_per_expert(dtype, monkeypatch):
+    """The grouped matmul over sorted segments computes what one matmul per expert computes,
+    including experts held elsewhere (left at 0) and experts no token chose."""
+    from elasticmoe_worker.models import layers
+
+    gen = torch.Generator().manual_seed(0)
+    tokens, hidden, inter, k = 37, 64, 96, 2
+    x = torch.randn(tokens, hidden, generator=gen).to(dtype)
+    w13 = torch.randn(8, 2 * inter, hidden, generator=gen).to(dtype)
+    w2 = torch.randn(8, hidden, inter, generator=gen).to(dtype)
+    ids = torch.stack([torch.randperm(16, generator=gen)[:k] for _ in range(tokens)])
+    weights_ = torch.rand(tokens, k, generator=gen)
+    held = torch.full((16,), -1)
+    held[torch.tensor([1, 3, 4, 7, 9, 11, 12, 15])] = torch.arange(8)
+    assert layers.grouped_mm_supported(x.device, dtype), "torch 2.13 runs _grouped_mm on CPU"
+    grouped = layers.expert_mlp(x, w13, w2, ids, weights_, held)
+    monkeypatch.setitem(layers._GROUPED_MM, (x.device.type, dtype), False)
+    looped = layers.expert_mlp(x, w13, w2, ids, weights_, held)
+    assert torch.equal(grouped, looped)
+    assert grouped.abs().sum() > 0 and torch.count_nonzero(grouped.abs().sum(-1)) < tokens, "some tokens chose "\
+        "only experts held elsewhere: their rows stay 0"

@@ -179,9 +179,12 @@ def expert_mlp(
     index of each global expert, -1 where this device does not hold it (None: all local).
     Returns [T, H], the weighted sum over the local experts only.
 
-    Token copies are sorted by expert so each expert runs one matmul on a contiguous slice;
-    results are unsorted with one gather and summed over k in ascending expert order, the
-    order the reference implementations accumulate in (so float32 results match them).
+    Token copies are sorted by expert, so the experts' rows are contiguous segments: one grouped
+    matmul per projection runs every local expert at once (`torch._grouped_mm` with the
+    segments' end offsets, where the device and dtype support it; else one matmul per
+    expert on its slice, the same arithmetic). Results are unsorted with one gather and summed
+    over k in ascending expert order, the order the reference implementations accumulate in
+    (so float32 results match them).
     """
     num_tokens, k = topk_ids.shape
     if num_tokens == 0:
@@ -191,17 +194,41 @@ def expert_mlp(
     weights = topk_weights.gather(1, perm).reshape(-1, 1)
     flat = local.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat + 1, minlength=w13.shape[0] + 1).tolist()
-    xs = x[order // k]
-    ys = torch.zeros_like(xs)  # rows of experts held elsewhere stay 0
-    start = counts[0]
-    for local_id, count in enumerate(counts[1:]):
-        if count == 0:
-            continue
-        gate, up = F.linear(xs[start:start + count], w13[local_id]).chunk(2, dim=-1)
-        ys[start:start + count] = F.linear(F.silu(gate) * up, w2[local_id])
-        start += count
+    counts = torch.bincount(flat + 1, minlength=w13.shape[0] + 1)
+    elsewhere = int(counts[0])  # rows of experts held elsewhere come first and stay 0
+    xs = x[order[elsewhere:] // k]
+    if grouped_mm_supported(x.device, x.dtype):
+        offsets = torch.cumsum(counts[1:], 0).to(torch.int32)
+        gate, up = torch._grouped_mm(xs, w13.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
+        held = torch._grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offsets)
+    else:
+        held = torch.empty_like(xs)
+        start = 0
+        for local_id, count in enumerate(counts[1:].tolist()):
+            if count:
+                gate, up = F.linear(xs[start:start + count], w13[local_id]).chunk(2, dim=-1)
+                held[start:start + count] = F.linear(F.silu(gate) * up, w2[local_id])
+                start += count
+    ys = torch.cat((held.new_zeros(elsewhere, held.shape[-1]), held)) if elsewhere else held
     return combine_copies(ys[torch.argsort(order)], weights, num_tokens, k).to(x.dtype)
+
+
+_GROUPED_MM: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `torch._grouped_mm` runs on this device type and dtype (tried once, on a tiny
+    problem: its support differs by backend, dtype and GPU generation)."""
+    key = (device.type, dtype)
+    if key not in _GROUPED_MM:
+        try:
+            a = torch.ones(2, 8, device=device, dtype=dtype)
+            b = torch.ones(2, 8, 8, device=device, dtype=dtype)
+            torch._grouped_mm(a, b, offs=torch.tensor([1, 2], device=device, dtype=torch.int32))
+            _GROUPED_MM[key] = True
+        except (AttributeError, RuntimeError, NotImplementedError):
+            _GROUPED_MM[key] = False
+    return _GROUPED_MM[key]
 
 
 def combine_copies(ys: torch.Tensor, weights: torch.Tensor, num_tokens: int, k: int) -> torch.Tensor:
