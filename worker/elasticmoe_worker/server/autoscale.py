@@ -336,8 +336,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scale-up-cooldown-s", type=_non_negative_float, default=None, metavar="S",
                    help=f"least time between two scale-ups (default: {d['scale_up_cooldown_s']:g})")
     g.add_argument("--scale-down-stabilization-s", type=_non_negative_float, default=None, metavar="S",
-                   help="a device is removed only after the survivors' projected signal stayed low this long "
-                        f"(default: {d['scale_down_stabilization_s']:g})")
+                   help="devices are removed only after every evaluation of this long a window found fewer enough "
+                        "(their projected signal under the down threshold); then down to the largest count the "
+                        f"window asked for (default: {d['scale_down_stabilization_s']:g})")
     g.add_argument("--autoscale-interval-s", type=_positive_float, default=None, metavar="S",
                    help=f"seconds between two evaluations (default: {d['autoscale_interval_s']:g})")
     g.add_argument("--autoscale-window-s", type=_positive_float, default=None, metavar="S",
