@@ -2,7 +2,7 @@
 # Shared setup for scripts/test.sh and scripts/serve.sh; source it, do not run it.
 #
 # emoe_setup_venv: creates (or reuses) the virtualenv and installs this repository into it,
-# editable, with the test extras. The install is skipped when the venv already holds an
+# editable, with the test and ray extras. The install is skipped when the venv already holds an
 # editable install of *this* checkout and pyproject.toml has not changed since (a stamp file in
 # the venv records its hash), so a second run starts in about a second.
 #
@@ -121,9 +121,10 @@ emoe_setup_venv() {
             emoe_say "installing $torch_req from $TORCH_INDEX_URL"
             "${pip[@]}" --index-url "$TORCH_INDEX_URL" "$torch_req"
         fi
-        emoe_say "installing elasticmoe editable with test extras (pip install -e '.[test]'; $hint)"
+        # The ray extra too: the Ray fleet's tests start a real Ray cluster.
+        emoe_say "installing elasticmoe editable with test and ray extras (pip install -e '.[test,ray]'; $hint)"
         local start=$SECONDS
-        "${pip[@]}" -e "${EMOE_ROOT}[test]"
+        "${pip[@]}" -e "${EMOE_ROOT}[test,ray]"
         # The Helm library for the chart tests; it declares Python >= 3.12 and works on 3.10+.
         "${pip[@]}" --ignore-requires-python "helm-sdkpy>=0.1.32"
         _emoe_pyproject_hash >"$EMOE_VENV/.elasticmoe-install-stamp"

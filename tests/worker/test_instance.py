@@ -17,6 +17,7 @@ import pytest
 import torch
 import transformers
 
+import testprocs
 from elasticmoe_worker import modelgen
 from elasticmoe_worker.engine import engine as engine_mod
 from elasticmoe_worker.engine import types
@@ -30,14 +31,6 @@ CFG = engine_mod.EngineConfig(dtype="float32", kv_cache_bytes=8 << 20, max_num_b
 def _prompts(vocab: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(99)
     return [torch.randint(1, vocab, (n,), generator=g).tolist() for n in (3, 9, 14, 22, 31, 40, 6, 17)]
-
-
-def _hf_reference(model_dir, prompts) -> list[list[int]]:
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    hf.generation_config.eos_token_id = None
-    with torch.no_grad():
-        return [hf.generate(torch.tensor([p]), max_new_tokens=MAX_NEW, do_sample=False,
-                            pad_token_id=0)[0, len(p):].tolist() for p in prompts]
 
 
 async def _collect(inst, rid, prompt, params=GREEDY, delay_s=0.0):
@@ -67,7 +60,7 @@ def references(tiny_models):
     out = {}
     for family, model_dir in tiny_models.items():
         prompts = _prompts(transformers.AutoConfig.from_pretrained(str(model_dir)).vocab_size)
-        out[family] = (prompts, _hf_reference(model_dir, prompts))
+        out[family] = (prompts, testprocs.hf_greedy(model_dir, prompts, MAX_NEW))
     return out
 
 

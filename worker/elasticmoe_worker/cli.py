@@ -42,6 +42,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from elasticmoe_worker.server import admin
 
     token = admin.resolve_token(args.admin_token_file, cliargs.cache_dir())
+    if args.fleet == "ray":
+        if getattr(args, "cpu_per_device", None) is not None:
+            log.error("--cpu-per-device: only for --fleet local; with --fleet ray each device asks Ray for "
+                      "--ray-cpus-per-device CPUs")
+            return 2
+        if args.devices is None:
+            log.error("--fleet ray needs --devices N (the devices the instance starts with)")
+            return 2
+        from elasticmoe_worker.instance import rayfleet
+
+        try:
+            rayfleet.import_ray()
+        except RuntimeError as exc:
+            log.error("%s", exc)
+            return 2
     if args.devices is None:
         if getattr(args, "cpu_per_device", None) is not None:
             log.error("--cpu-per-device needs --devices N (a CPU quota for each device of a multi-device instance)")
@@ -54,14 +69,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
         engine = coordinator.Instance(model_dir, args.devices, cliargs.engine_config_from_args(args), model_name=name,
                                       backend=args.backend, collective_timeout_s=args.collective_timeout_s,
                                       cpu_per_device=args.cpu_per_device).start()
+    elif args.fleet == "ray":
+        from elasticmoe_worker.instance import coordinator, rayfleet, transport
+
+        log.info("starting an instance of %d %s device(s) on the Ray cluster at %s", args.devices, args.backend,
+                 args.ray_address or "$RAY_ADDRESS or the one `ray start` made here")
+        is_coordinator = args.command == "coordinator"
+        engine = coordinator.Instance(
+            model_dir, args.devices, cliargs.engine_config_from_args(args), model_name=name, backend=args.backend,
+            collective_timeout_s=args.collective_timeout_s, startup_timeout_s=args.startup_timeout_s, fleet="ray",
+            # serve: the control channel on the address Ray knows this node by; coordinator: on --host
+            bind_host=args.host if is_coordinator else None,
+            advertise_host=args.advertise_host if is_coordinator else None,
+            control_port=args.control_port if is_coordinator else 0,
+            worker_secret=_worker_secret(args) if is_coordinator else os.environ.get(transport.SECRET_ENV, "").strip(),
+            ray_options=rayfleet.Options(address=args.ray_address, cpus_per_device=args.ray_cpus_per_device,
+                                         placement_timeout_s=args.ray_placement_timeout_s)).start()
     else:
         from elasticmoe_worker.instance import coordinator
 
         from elasticmoe_worker.instance import transport
 
         advertise = args.advertise_host or socket.getfqdn()
-        secret = (pathlib.Path(args.worker_secret_file).read_text().strip() if args.worker_secret_file
-                  else os.environ.get(transport.SECRET_ENV, "").strip())
+        secret = _worker_secret(args)
         if not secret:
             log.error("no worker secret: set %s or pass --worker-secret-file (the same value its workers get)",
                       transport.SECRET_ENV)
@@ -100,6 +130,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
+
+
+def _worker_secret(args: argparse.Namespace) -> str:
+    from elasticmoe_worker.instance import transport
+
+    return (pathlib.Path(args.worker_secret_file).read_text().strip() if args.worker_secret_file
+            else os.environ.get(transport.SECRET_ENV, "").strip())
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -166,16 +203,6 @@ def cmd_scale(args: argparse.Namespace) -> int:
     return 0 if record.outcome == admin.Outcome.SUCCEEDED else 1
 
 
-def _cores(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"got {text!r}, expected a number of cores > 0, e.g. 0.45") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"got {text}, expected a number of cores > 0, e.g. 0.45")
-    return value
-
-
 def _add_serving_arguments(p: argparse.ArgumentParser, host_default: str, devices_required: bool) -> None:
     p.add_argument("--model", default=None, help="checkpoint directory (config.json, *.safetensors, tokenizer)")
     p.add_argument("--served-model-name", default=None, help="model name in the API (default: the directory name)")
@@ -199,6 +226,24 @@ def _add_serving_arguments(p: argparse.ArgumentParser, host_default: str, device
     autoscale.add_arguments(p)
 
 
+def _add_ray_arguments(p: argparse.ArgumentParser, fleets: list[str], default_fleet: str, workers: str) -> None:
+    p.add_argument("--fleet", choices=fleets, default=default_fleet,
+                   help=f"who starts the devices' workers: {workers}; ray: one Ray actor per device on a Ray "
+                        "cluster, wherever it has the device's resources (needs the ray package: pip install "
+                        "'elasticmoe[ray]') (default: %(default)s)")
+    g = p.add_argument_group("Ray fleet (--fleet ray)")
+    g.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="the Ray cluster to run the workers on, e.g. 10.0.0.1:6379 (the head's `ray start --head` "
+                        "address) (default: $RAY_ADDRESS, else the cluster `ray start` made on this machine, else "
+                        "a new Ray instance on this machine alone)")
+    g.add_argument("--ray-cpus-per-device", type=cliargs.cores, default=1.0, metavar="CPUS",
+                   help="Ray CPUs each device's worker asks for, besides its GPU (--backend cuda) or NPU "
+                        "(--backend ascend); Ray counts them, it does not enforce them (default: %(default)s)")
+    g.add_argument("--ray-placement-timeout-s", type=cliargs.positive_seconds, default=120.0, metavar="S",
+                   help="a device whose resources no node frees within this long is reported lost (a scale "
+                        "aborts; at start-up, the start fails) (default: %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from elasticmoe_worker.bench import autoscale_bench, profile_bench, scaling_bench, serve_bench, simulate
 
@@ -216,11 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "generated into the cache directory ($ELASTICMOE_CACHE_DIR, default "
                                    "~/.cache/elasticmoe) on first use.")
     _add_serving_arguments(p, host_default="127.0.0.1", devices_required=False)
-    p.add_argument("--cpu-per-device", type=_cores, default=None, metavar="CORES",
+    p.add_argument("--cpu-per-device", type=cliargs.cores, default=None, metavar="CORES",
                    help="give each device (its HMM and executors) a CPU quota of this many cores through the cgroup "
                         "CPU controller (cgroup v1 cpu.cfs_quota_us or v2 cpu.max; needs root), like a Kubernetes "
                         "CPU limit, so that a CPU device has fixed capacity, e.g. 0.45 (default: no quota)")
-    p.set_defaults(func=cmd_serve, fleet="local")
+    _add_ray_arguments(p, ["local", "ray"], "local", "local: child processes on this machine")
+    p.set_defaults(func=cmd_serve, startup_timeout_s=600.0)
 
     p = sub.add_parser("coordinator", help="run an instance's coordinator; its workers run elsewhere (pods)",
                        description="The coordinator of an instance whose workers are started by others, one "
@@ -229,7 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "waits for N workers to register on the control port (CURVE-authenticated "
                                    "with keys derived from the worker secret, $ELASTICMOE_WORKER_SECRET or "
                                    "--worker-secret-file; the collectives' rendezvous runs over the same "
-                                   "channel). A worker silent for --heartbeat-timeout-s is declared dead.")
+                                   "channel). A worker silent for --heartbeat-timeout-s is declared dead. With "
+                                   "--fleet ray it starts the workers itself, one Ray actor per device, and "
+                                   "generates the worker secret when none is given.")
     _add_serving_arguments(p, host_default="0.0.0.0", devices_required=True)
     p.add_argument("--control-port", type=cliargs.port, default=5555,
                    help="ZeroMQ port workers and executors register on (default: %(default)s)")
@@ -238,13 +286,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "admin token, shared only with the workers")
     p.add_argument("--advertise-host", default=None,
                    help="the name workers dial to reach this coordinator, e.g. the Service's DNS name "
-                        "(default: this host's FQDN)")
+                        "(default: this host's FQDN; with --fleet ray, the address Ray reports for this node)")
     p.add_argument("--heartbeat-timeout-s", type=float, default=15.0,
-                   help="declare a worker dead after this long without a message (default: %(default)s)")
+                   help="declare a worker dead after this long without a message (--fleet external; a Ray "
+                        "fleet's workers are lost when their process or actor ends) (default: %(default)s)")
     p.add_argument("--startup-timeout-s", type=float, default=600.0,
                    help="give up if the first N workers have not registered and loaded by then (default: "
                         "%(default)s)")
-    p.set_defaults(func=cmd_serve, fleet="external")
+    _add_ray_arguments(p, ["external", "ray"], "external",
+                       "external: others (the operator's pods, `elasticmoe worker`) start them and they register")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("worker", help="run the worker (HMM) of one device; it registers with a coordinator",
                        description="The long-lived process of one device: registers with the coordinator, "

@@ -12,6 +12,7 @@ import logging
 import os
 import pathlib
 import sys
+from typing import Callable
 
 DEFAULT_FAMILY = "qwen3_moe"
 DEFAULT_PRESET = "tiny"
@@ -47,6 +48,24 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"got {value}, expected an integer >= 1")
     return value
+
+
+def positive_float(expected: str) -> Callable[[str], float]:
+    """An argparse type for a finite number > 0; `expected` completes "expected ..." in its error."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"got {text!r}, expected {expected}") from None
+        if not 0 < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"got {text}, expected {expected}")
+        return value
+
+    return parse
+
+
+positive_seconds = positive_float("a number of seconds > 0")
+cores = positive_float("a number of cores > 0, e.g. 0.45")
 
 
 def port(text: str) -> int:
@@ -97,5 +116,10 @@ def add_worker_arguments(p: argparse.ArgumentParser) -> None:
                    help="the coordinator's ZeroMQ control address, e.g. tcp://demo-coordinator.default.svc:5555")
     p.add_argument("--backend", default="cpu", choices=["cpu", "cuda", "ascend"],
                    help="device backend (default: %(default)s)")
+    p.add_argument("--host", default="",
+                   help="the address this worker's collectives (weight transfers, expert-parallel steps) listen "
+                        "on, which its peers dial: an address of this machine that the other workers reach "
+                        "(default: chosen by gloo: the interface $GLOO_SOCKET_IFNAME names, else the address "
+                        "this machine's hostname resolves to, as in a pod)")
 
 

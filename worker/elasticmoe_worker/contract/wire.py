@@ -249,6 +249,7 @@ class ExecutorSpec(Msg):
     model_name: str
     ready: HMMReady
     start: StartExecutor
+    host: str = ""  # the address its collectives listen on (its HMM's --host); empty: gloo's choice
 
 
 # -- executor <-> coordinator ----------------------------------------------------------

@@ -32,7 +32,7 @@ from elasticmoe_worker.contract import admin, wire
 from elasticmoe_worker.engine import engine as engine_mod
 from elasticmoe_worker.engine import kv_cache, types
 from elasticmoe_worker.instance import fleet as fleet_mod
-from elasticmoe_worker.instance import membership, reconfig, routing, transport
+from elasticmoe_worker.instance import membership, rayfleet, reconfig, routing, transport
 from elasticmoe_worker.models import config as config_mod
 from elasticmoe_worker.models import registry
 
@@ -53,18 +53,24 @@ class Instance:
     def __init__(self, model_dir: str | pathlib.Path, num_devices: int,
                  config: engine_mod.EngineConfig | None = None, *, model_name: str | None = None,
                  backend: str = "cpu", collective_timeout_s: float = 60.0, startup_timeout_s: float = 600.0,
-                 warm_workers: int = 1, fleet: str = "local", bind_host: str = "127.0.0.1",
+                 warm_workers: int = 1, fleet: str = "local", bind_host: str | None = "127.0.0.1",
                  advertise_host: str | None = None, control_port: int = 0, worker_secret: str = "",
-                 heartbeat_timeout_s: float = 15.0, cpu_per_device: float | None = None) -> None:
+                 heartbeat_timeout_s: float = 15.0, cpu_per_device: float | None = None,
+                 ray_options: rayfleet.Options | None = None) -> None:
         """`fleet="local"` starts one HMM process per device here (a worker secret is generated
         when none is given), each in a cgroup with a quota of `cpu_per_device` cores if given;
         `fleet="external"` waits for workers that others start (`elasticmoe worker`, one pod
         per device) to connect to `tcp://<advertise_host>:<control_port>` with the same
-        `worker_secret`."""
-        if fleet not in ("local", "external"):
-            raise ValueError(f"fleet: got {fleet!r}, expected 'local' or 'external'")
-        if fleet == "external" and cpu_per_device is not None:
-            raise ValueError("cpu_per_device: only a local fleet starts its workers (pods get a CPU limit instead)")
+        `worker_secret`; `fleet="ray"` starts one Ray actor per device (`rayfleet`), and the
+        control channel binds and is advertised, where not given (None), on the address Ray
+        reports for this process's node."""
+        if fleet not in ("local", "external", "ray"):
+            raise ValueError(f"fleet: got {fleet!r}, expected 'local', 'external' or 'ray'")
+        if fleet != "local" and cpu_per_device is not None:
+            raise ValueError(f"cpu_per_device: only a local fleet puts its workers under a CPU quota (fleet "
+                             f"{fleet!r}: pods get a CPU limit, Ray actors ask for CPUs)")
+        if fleet != "ray" and (ray_options is not None or bind_host is None):
+            raise ValueError(f"ray_options, bind_host=None: only for fleet 'ray' (got fleet {fleet!r})")
         if fleet == "external" and not worker_secret:
             raise ValueError(f"worker_secret: empty; an external fleet's workers must prove they hold it "
                              f"(set {transport.SECRET_ENV})")
@@ -91,6 +97,7 @@ class Instance:
         self._heartbeat_timeout_s = heartbeat_timeout_s
         self._warm_workers = warm_workers
         self._cpu_per_device = cpu_per_device
+        self._ray_options = ray_options or rayfleet.Options()
         self.transport = transport.Server(self.worker_secret, self._on_message, self._on_tick, bind_host=bind_host,
                                           port=control_port, advertise_host=advertise_host)
         self._lock = threading.RLock()
@@ -121,15 +128,7 @@ class Instance:
     def _start(self) -> None:
         started = time.monotonic()
         deadline = started + self.startup_timeout_s
-        address = self.transport.bind()
-        if self._fleet_kind == "local":
-            env = {transport.SECRET_ENV: self.worker_secret}
-            if self.transport.bind_host in ("127.0.0.1", "localhost"):
-                env["GLOO_SOCKET_IFNAME"] = "lo"  # NOTE: local mode listens on loopback only
-            fleet = fleet_mod.LocalFleet(address, self.backend, env=env, cpu_per_device=self._cpu_per_device)
-        else:
-            fleet = fleet_mod.ExternalFleet(self._heartbeat_timeout_s)
-        self.members = membership.Membership(fleet, self._warm_workers, self.max_devices)
+        self.members = membership.Membership(self._make_fleet(), self._warm_workers, self.max_devices)
         n = self._initial_devices
         self.members.add(range(n))
         warm: set[int] = set()
@@ -157,6 +156,27 @@ class Instance:
                     self.spec.num_experts, time.monotonic() - started)
         self.prewarm()
 
+    def _make_fleet(self) -> fleet_mod.Fleet:
+        """Bind the control channel and make the fleet whose workers dial it."""
+        env = {transport.SECRET_ENV: self.worker_secret}
+        if self._fleet_kind == "local":
+            return fleet_mod.LocalFleet(self.transport.bind(), self.backend, env=env,
+                                        cpu_per_device=self._cpu_per_device)
+        if self._fleet_kind == "external":
+            self.transport.bind()
+            return fleet_mod.ExternalFleet(self._heartbeat_timeout_s)
+        fleet = rayfleet.RayFleet(self.backend, env=env, options=self._ray_options)
+        try:
+            # NOTE: workers on other nodes reach this node at the address Ray knows it by.
+            self.transport.bind_host = self.transport.bind_host or fleet.node_ip
+            if self.transport.bind_host in ("0.0.0.0", "::", "*"):
+                self.transport.advertise_host = self.transport.advertise_host or fleet.node_ip
+            fleet.coordinator_address = self.transport.bind()
+        except BaseException:
+            fleet.close()
+            raise
+        return fleet
+
     def _facts(self, ready0: wire.HMMReady) -> reconfig.Facts:
         options = wire.EngineOptions(**{**dataclasses.asdict(self.config), "max_model_len": self.max_model_len})
         return reconfig.Facts(
@@ -174,7 +194,8 @@ class Instance:
         while len(got) < count:
             dead = self.members.new_deaths()
             if dead:
-                raise RuntimeError(f"worker(s) exited during start-up: {dead} (device -> exit code); see their logs")
+                reasons = "; ".join(f"device {d}: {self.members.death_reason(d, c)}" for d, c in sorted(dead.items()))
+                raise RuntimeError(f"worker(s) lost during start-up: {reasons}; see their logs")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"start-up: {len(got)}/{count} {want.__name__} messages before the deadline")
             received = self.transport.receive(200)
@@ -375,7 +396,7 @@ class Instance:
     def _on_tick(self) -> None:
         now = time.monotonic()
         for device, code in self.members.new_deaths().items():
-            self._step(reconfig.WorkerDied(device, f"exit code {code}" if code >= 0 else "heartbeats stopped", now))
+            self._step(reconfig.WorkerDied(device, self.members.death_reason(device, code), now))
         self._step(reconfig.Tick(now))
 
     # -- scaling (the admin API) ---------------------------------------------------------

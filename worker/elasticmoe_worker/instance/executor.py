@@ -111,7 +111,8 @@ class Executor:
         if self.world_size > 1:
             self.store = rendezvous.ChannelStore(spec.coordinator, secret, f"config-{start.config_id}",
                                                  start.collective_timeout_s)
-            self.group = rendezvous.gloo_group(self.store, self.rank, self.world_size, start.collective_timeout_s)
+            self.group = rendezvous.gloo_group(self.store, self.rank, self.world_size, start.collective_timeout_s,
+                                               spec.host)
             owner = torch.tensor(start.expert_owner, dtype=torch.int64)
             local_map = torch.full((model_spec.num_experts,), -1, dtype=torch.int64)
             local_map[torch.tensor(self.device.expert_ids)] = torch.arange(len(self.device.expert_ids))

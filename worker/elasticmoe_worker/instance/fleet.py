@@ -1,7 +1,7 @@
 """Fleets: who starts and stops the worker (HMM) of each device index.
 
 A fleet only creates and deletes workers by device index; what runs on them is the
-coordinator's business. Two kinds:
+coordinator's business. Every fleet has the interface of `Fleet`. Three kinds:
 
 - `LocalFleet` (`elasticmoe serve --devices N`): one HMM child process per device on this
   machine. Workers start in their own session so a Ctrl-C in the terminal reaches the
@@ -13,6 +13,8 @@ coordinator's business. Two kinds:
   one pod per device) starts and deletes workers; the fleet only learns of them from their
   messages and declares one dead when its heartbeats stop. It cannot start a worker, so the
   coordinator keeps no warm pool of its own with it.
+- `rayfleet.RayFleet` (`--fleet ray`): one Ray actor per device, each supervising the same
+  worker process a `LocalFleet` starts, on whichever node of a Ray cluster has the device.
 """
 
 from __future__ import annotations
@@ -26,21 +28,58 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Protocol
 
 from elasticmoe_worker.instance import cgroup
 
 logger = logging.getLogger(__name__)
 
 
+class Fleet(Protocol):
+    """What the coordinator (through `membership.Membership`) asks of a fleet."""
+
+    starts_workers: bool  # whether `add` starts a worker (False: it only expects one)
+    workers: dict  # device index -> whatever the fleet tracks for it; the keys are the live devices
+
+    def add(self, device_index: int) -> None:
+        """Start (or expect) the worker of that device; idempotent; never blocks for long."""
+
+    def remove(self, device_index: int, timeout_s: float = 10.0, wait: bool = True) -> None:
+        """Stop that worker; the index is free again at once; idempotent."""
+
+    def dead(self) -> dict[int, int]:
+        """Device index -> exit code (-1: none known) of workers that are gone unasked."""
+
+    def death_reason(self, device_index: int, code: int) -> str:
+        """Why that worker is gone, in words, for logs and the scale's record."""
+
+    def pids(self) -> dict[int, int]: ...
+
+    def seen(self, device_index: int) -> None:
+        """A message from this device's worker arrived."""
+
+    def wait_stopped(self, deadline: float) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def exit_reason(code: int) -> str:
+    """A process's exit status in words (Popen's negative codes are signals)."""
+    return f"exit code {code}" if code >= 0 else f"killed by signal {-code}"
+
+
 class LocalFleet:
     starts_workers = True
 
     def __init__(self, coordinator_address: str, backend: str = "cpu", env: dict[str, str] | None = None,
-                 cpu_per_device: float | None = None) -> None:
+                 cpu_per_device: float | None = None, worker_host: str = "127.0.0.1") -> None:
+        """`worker_host`: the address every worker's collectives listen on (all run here, so
+        loopback by default)."""
         # First: an unusable quota fails before any thread or process is started.
         self.quotas = cgroup.CpuQuotas(cpu_per_device) if cpu_per_device is not None else None
         self.coordinator_address = coordinator_address
         self.backend = backend
+        self.worker_host = worker_host
         self.env = {**os.environ, **(env or {})}  # the worker secret travels here, never on a command line
         if cpu_per_device is not None:
             # NOTE: as many torch threads as the quota has cores, waiting passively (unless the user
@@ -69,7 +108,7 @@ class LocalFleet:
         if device_index in self.workers and self.workers[device_index].poll() is None:
             return  # idempotent
         cmd = [sys.executable, "-m", "elasticmoe_worker.instance.hmm", "--device-index", str(device_index),
-               "--coordinator", self.coordinator_address, "--backend", self.backend]
+               "--coordinator", self.coordinator_address, "--backend", self.backend, "--host", self.worker_host]
         done: list = []
         self._requests.put((cmd, done))
         while not done:
@@ -92,6 +131,9 @@ class LocalFleet:
     def dead(self) -> dict[int, int]:
         """Device index -> exit code, for workers that exited."""
         return {i: p.returncode for i, p in self.workers.items() if p.poll() is not None}
+
+    def death_reason(self, device_index: int, code: int) -> str:
+        return exit_reason(code)
 
     def remove(self, device_index: int, timeout_s: float = 10.0, wait: bool = True) -> None:
         """Stop that worker. The device index is free again at once; with wait=False the
@@ -163,6 +205,9 @@ class ExternalFleet:
     def dead(self) -> dict[int, int]:
         now = time.monotonic()
         return {i: -1 for i, t in self.workers.items() if t is not None and now - t > self.heartbeat_timeout_s}
+
+    def death_reason(self, device_index: int, code: int) -> str:
+        return f"heartbeats stopped for {self.heartbeat_timeout_s:g} s"
 
     def remove(self, device_index: int, timeout_s: float = 10.0, wait: bool = True) -> None:
         # The coordinator has told the HMM to shut down; its pod is the operator's to delete.

@@ -37,9 +37,10 @@ HEARTBEAT_INTERVAL_S = 1.0
 
 
 class HMM:
-    def __init__(self, device_index: int, coordinator: str, backend_name: str) -> None:
+    def __init__(self, device_index: int, coordinator: str, backend_name: str, host: str = "") -> None:
         self.device_index = device_index
         self.coordinator = coordinator
+        self.host = host  # where this device's collectives listen (see rendezvous.gloo_group)
         self.backend_name = backend_name
         self.backend = backends.get_backend(backend_name)
         self.secret = os.environ.get(transport.SECRET_ENV, "")
@@ -84,7 +85,7 @@ class HMM:
             # a standby serves the configuration being prepared, with the experts it will hold
             ready=self.memory.ready_for(self.pending_expert_ids if not start.replace and self.pending_expert_ids
                                         is not None else self.expert_ids),
-            start=start,
+            start=start, host=self.host,
         )
         proc, self.spare = self.spare, None
         if proc is None or proc.poll() is not None:
@@ -135,7 +136,7 @@ class HMM:
         def work() -> None:
             try:
                 result = transition.run(self.backend, self.device_index, self.memory, msg, self.coordinator,
-                                        self.secret, cancel)
+                                        self.secret, cancel, self.host)
                 self.pending_expert_ids = list(msg.expert_ids)
                 self.send(wire.TransitionReady(
                     device_index=self.device_index, config_id=msg.config_id,
@@ -267,7 +268,7 @@ def run_worker(args: argparse.Namespace, die_with_parent: bool = False) -> int:
     if die_with_parent:
         procutil.die_with_parent()
     procutil.raise_fd_limit()
-    hmm = HMM(args.device_index, args.coordinator, args.backend)
+    hmm = HMM(args.device_index, args.coordinator, args.backend, args.host)
     signal.signal(signal.SIGTERM, lambda *_: setattr(hmm, "stop", True))
     signal.signal(signal.SIGINT, lambda *_: setattr(hmm, "stop", True))  # the coordinator stops us
     try:

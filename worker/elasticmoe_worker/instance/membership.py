@@ -1,10 +1,11 @@
 """Membership: which workers exist, which are alive, and the warm pool.
 
-Why it exists: a fleet (`fleet.LocalFleet` for child processes, `fleet.ExternalFleet` for pods)
-only starts and stops workers by device index; this module turns what the coordinator hears
-(hellos, heartbeats) and what the fleet sees (exit codes, silence) into facts for the
-reconfiguration: each death is reported once, removals never block the control loop, and the
-warm pool (workers started ahead of a scale-up, holding no memory) is kept at its size.
+Why it exists: a fleet (`fleet.LocalFleet` for child processes, `fleet.ExternalFleet` for pods,
+`rayfleet.RayFleet` for Ray actors) only starts and stops workers by device index; this module
+turns what the coordinator hears (hellos, heartbeats) and what the fleet sees (exit codes,
+silence, ended actors) into facts for the reconfiguration: each death is reported once, removals
+never block the control loop, and the warm pool (workers started ahead of a scale-up, holding
+no memory) is kept at its size.
 
 Not guaranteed: a worker cut off from the coordinator for longer than the heartbeat timeout is
 declared dead even if it still runs (pods); it is then never used again by this instance.
@@ -21,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 
 class Membership:
-    def __init__(self, fleet: fleet_mod.LocalFleet | fleet_mod.ExternalFleet, warm_workers: int,
+    def __init__(self, fleet: fleet_mod.Fleet, warm_workers: int,
                  max_devices: int) -> None:
         self.fleet = fleet
         self.warm_workers = warm_workers
@@ -49,11 +50,14 @@ class Membership:
             self.fleet.remove(d, wait=False)
 
     def new_deaths(self) -> dict[int, int]:
-        """Device -> exit code (-1: silent) of workers that died since the last call."""
+        """Device -> exit code (-1: none known) of workers that died since the last call."""
         with self._lock:
             dead = {d: c for d, c in self.fleet.dead().items() if d not in self._reported}
             self._reported |= set(dead)
         return dead
+
+    def death_reason(self, device: int, code: int) -> str:
+        return self.fleet.death_reason(device, code)
 
     def pool_changes(self, num_devices: int, warm: set[int], busy: set[int]) -> tuple[list[int], list[int]]:
         """-> (devices to start, warm devices to stop) so that `warm_workers` idle workers stand

@@ -112,6 +112,18 @@ class ChannelStore(dist.Store):
         return self._call(op="num_keys").amount
 
 
-def gloo_group(store: ChannelStore, rank: int, world_size: int, timeout_s: float) -> dist.ProcessGroupGloo:
-    """A gloo group formed through `store` (its own key prefix per group)."""
-    return dist.ProcessGroupGloo(store, rank, world_size, datetime.timedelta(seconds=timeout_s))
+def gloo_group(store: ChannelStore, rank: int, world_size: int, timeout_s: float,
+               host: str = "") -> dist.ProcessGroupGloo:
+    """A gloo group formed through `store` (its own key prefix per group). This rank listens
+    on `host`, the address its peers dial (a local fleet: 127.0.0.1; a Ray fleet: the node's
+    address as Ray reports it); empty: gloo's own choice ($GLOO_SOCKET_IFNAME, else the
+    address this machine's hostname resolves to, as in a pod)."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if not host:
+        return dist.ProcessGroupGloo(store, rank, world_size, timeout)
+    # NOTE: the public constructor takes no device; torch's own init_process_group builds
+    # these options the same way.
+    options = dist.ProcessGroupGloo._Options()
+    options._timeout = timeout
+    options._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
+    return dist.ProcessGroupGloo(store, rank, world_size, options)

@@ -83,7 +83,7 @@ def _wait(work, cancel: Cancel, deadline: float) -> None:
 
 
 def run(backend: backends_base.DeviceBackend, device_index: int, mem: memory.DeviceMemory,
-        msg: wire.PrepareTransition, coordinator: str, secret: str, cancel: Cancel) -> Result:
+        msg: wire.PrepareTransition, coordinator: str, secret: str, cancel: Cancel, host: str = "") -> Result:
     started = time.perf_counter()
     deadline = time.monotonic() + msg.timeout_s
     for layer in msg.moe_layers:
@@ -101,7 +101,7 @@ def run(backend: backends_base.DeviceBackend, device_index: int, mem: memory.Dev
     if cancel.reason is not None:
         store.cancel(cancel.reason)
     try:
-        result = _move(mem, msg, device_index, store, cancel, started, deadline)
+        result = _move(mem, msg, device_index, store, cancel, started, deadline, host)
     finally:
         store.close()
     logger.info("device %d: transition %d moved %.1f MB out, %.1f MB in, in %.2f s", device_index,
@@ -110,9 +110,9 @@ def run(backend: backends_base.DeviceBackend, device_index: int, mem: memory.Dev
 
 
 def _move(mem: memory.DeviceMemory, msg: wire.PrepareTransition, device_index: int, store, cancel: Cancel,
-          started: float, deadline: float) -> Result:
+          started: float, deadline: float, host: str = "") -> Result:
     rank_of = {d: r for r, d in enumerate(msg.group_ranks)}
-    pg = rendezvous.gloo_group(store, msg.rank, len(msg.group_ranks), msg.timeout_s)
+    pg = rendezvous.gloo_group(store, msg.rank, len(msg.group_ranks), msg.timeout_s, host)
     setup_seconds = time.perf_counter() - started
     data_started = time.perf_counter()
     works, sent, received = [], 0, 0

@@ -131,14 +131,15 @@ class Server:
     """The ROUTER end. `on_message(identity, msg)` and `on_tick()` run on the I/O thread."""
 
     def __init__(self, secret: str, on_message: Callable[[str, wire.Msg], None], on_tick: Callable[[], None],
-                 bind_host: str = "127.0.0.1", port: int = 0, advertise_host: str | None = None,
+                 bind_host: str | None = "127.0.0.1", port: int = 0, advertise_host: str | None = None,
                  tick_interval_s: float = 0.1) -> None:
         self.keys = keys_from_secret(secret)
         self.on_message = on_message
         self.on_tick = on_tick
         self.bind_host = bind_host
         self.port = port
-        self.advertise_host = advertise_host or ("127.0.0.1" if bind_host in ("0.0.0.0", "::", "*") else bind_host)
+        # Both may be changed until bind() (a Ray fleet learns its node's address only then).
+        self.advertise_host = advertise_host
         self.tick_interval_s = tick_interval_s
         self.store = KeyValue()
         self.malformed_frames = 0
@@ -159,6 +160,10 @@ class Server:
     # -- lifecycle -------------------------------------------------------------------
     def bind(self) -> str:
         """Bind the socket (no thread yet: start-up may read it synchronously); -> address."""
+        advertise = self.advertise_host or self.bind_host
+        if not advertise or advertise in ("0.0.0.0", "::", "*"):
+            raise ValueError(f"advertise_host: not set while the control channel binds {self.bind_host!r} (every "
+                             f"interface); expected the address workers dial to reach this coordinator")
         self._ctx = zmq.Context()
         self._auth = zmq.auth.thread.ThreadAuthenticator(self._ctx, log=logging.getLogger(__name__ + ".zap"))
         self._auth.start()
@@ -186,7 +191,7 @@ class Server:
         self._wake_pull.bind(wake)
         self._wake_push = self._ctx.socket(zmq.PUSH)
         self._wake_push.connect(wake)
-        self.address = f"tcp://{self.advertise_host}:{self.port}"
+        self.address = f"tcp://{advertise}:{self.port}"
         return self.address
 
     def start(self) -> None:
