@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import dataclasses
 import json
 
 from elasticmoe_operator import api
@@ -39,6 +40,7 @@ LABEL_DEVICE_INDEX = "elasticmoe.io/device-index"
 COMPONENT_COORDINATOR = "coordinator"
 COMPONENT_WORKER = "worker"
 COMPONENT_CONFIG = "config"
+COMPONENT_NETWORK = "network"
 MANAGED_BY = "elasticmoe-operator"
 
 RUN_AS_ID = 10001  # the image's `elasticmoe` user and group (see Dockerfile)
@@ -60,6 +62,10 @@ def secret_name(name: str) -> str:
 
 def config_name(name: str) -> str:
     return f"{name}-config"
+
+
+def network_policy_name(name: str) -> str:
+    return f"{name}-ingress"
 
 
 def labels(name: str, component: str) -> dict[str, str]:
@@ -297,3 +303,63 @@ def worker_index(pod: dict) -> int | None:
         return None
     index = int(value)
     return index if str(index) == value else None  # "01" is not what worker_pod writes
+
+
+# -- NetworkPolicy ----------------------------------------------------------------------------
+_PEER_KEYS = frozenset({"podSelector", "namespaceSelector", "ipBlock"})
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkPeers:
+    """Who besides the instance's own pods may reach its coordinator's `http` port, as
+    Kubernetes NetworkPolicyPeers: the operator (admin API), Prometheus (/metrics) and the API's
+    clients (the OpenAI API is served on the same port, so only a port-level rule is possible)."""
+    operator: tuple[dict, ...]
+    prometheus: tuple[dict, ...]
+    api_clients: tuple[dict, ...]
+
+
+def network_peers(text: str) -> NetworkPeers:
+    """Parse `--network-policy`: a JSON object with the lists `operator`, `prometheus`, `apiClients`."""
+    try:
+        raw = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"--network-policy: not JSON ({exc}); expected an object with the lists "
+                         f"operator, prometheus and apiClients") from None
+    fields = {"operator": "operator", "prometheus": "prometheus", "apiClients": "api_clients"}
+    if not isinstance(raw, dict) or set(raw) != set(fields):
+        got = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
+        raise ValueError(f"--network-policy: got {got}, expected an object with exactly the keys {sorted(fields)}")
+    out = {}
+    for key, attr in fields.items():
+        peers = raw[key]
+        if not isinstance(peers, list):
+            raise ValueError(f"--network-policy.{key}: got {type(peers).__name__}, expected a list of NetworkPolicyPeers")
+        for i, peer in enumerate(peers):
+            if not isinstance(peer, dict) or not peer or not set(peer) <= _PEER_KEYS:
+                raise ValueError(f"--network-policy.{key}[{i}]: got {peer!r}, expected a NetworkPolicyPeer "
+                                 f"(one or more of {sorted(_PEER_KEYS)})")
+        out[attr] = tuple(copy.deepcopy(peers))
+    return NetworkPeers(**out)
+
+
+def _instance_pods(name: str) -> dict:
+    """Every pod of the instance: the coordinator's and the workers' (not another instance's)."""
+    return {"matchLabels": {LABEL_NAME: "elasticmoe", LABEL_INSTANCE: name}}
+
+
+def network_policy(owner: dict, peers: NetworkPeers) -> dict:
+    """The instance's ingress policy: its own pods reach each other on every port; the `http`
+    port (OpenAI API, /admin, /metrics) takes the listed peers too; nothing else gets in."""
+    name = owner["metadata"]["name"]
+    # NOTE: the instance's own pods reach one another on *every* port. `control` (5555) carries
+    # worker registration, heartbeats and the rendezvous of every collective group (there is no
+    # separate TCPStore), but gloo's collectives then connect worker to worker on ephemeral
+    # ports, which no port list can name.
+    ingress = [{"from": [{"podSelector": _instance_pods(name)}]}]
+    sources = [copy.deepcopy(p) for p in (*peers.operator, *peers.prometheus, *peers.api_clients)]
+    if sources:  # NOTE: an empty `from` would admit every source; no peers: only the instance's own pods
+        ingress.append({"ports": [{"port": "http", "protocol": "TCP"}], "from": sources})
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": _metadata(owner, network_policy_name(name), COMPONENT_NETWORK),
+            "spec": {"podSelector": _instance_pods(name), "policyTypes": ["Ingress"], "ingress": ingress}}

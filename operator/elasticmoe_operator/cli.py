@@ -58,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="file holding the bearer token Alertmanager must send to POST /alerts (a mounted Secret; "
                         "re-read on every request). Default: $ELASTICMOE_ALERTS_TOKEN_FILE, else the token in "
                         "$ELASTICMOE_ALERTS_TOKEN; with neither, every notification is refused (401)")
+    p.add_argument("--network-policy", default=None, metavar="JSON",
+                   help="also create, for each ElasticMoE, a NetworkPolicy `<name>-ingress`: the instance's own "
+                        "pods reach one another on every port (control channel, rendezvous, collectives) and "
+                        "nothing else reaches them but the peers named here on the coordinator's http port "
+                        "(OpenAI API, /admin, /metrics). JSON: {\"operator\": [...], \"prometheus\": [...], "
+                        "\"apiClients\": [...]}, each a list of NetworkPolicyPeers (the chart writes it from "
+                        "networkPolicy.*). Default: no NetworkPolicy")
     p.add_argument("--log-level", default=os.environ.get("ELASTICMOE_LOG_LEVEL", "info").lower(),
                    choices=["debug", "info", "warning", "error"],
                    help="logging verbosity (default: $ELASTICMOE_LOG_LEVEL, else info)")
@@ -81,18 +88,28 @@ def main(argv: list[str] | None = None) -> int:
             httpserver.parse_address(args.listen)
         except ValueError as exc:
             build_parser().error(str(exc))
+    network_peers = None
+    if args.network_policy is not None:
+        from elasticmoe_operator import children
+
+        try:
+            network_peers = children.network_peers(args.network_policy)
+        except ValueError as exc:
+            build_parser().error(str(exc))
     return run(image=args.image, coordinator_url=args.coordinator_url,
                namespaces=namespaces, standalone=args.standalone, liveness=args.liveness, listen=args.listen,
-               alerts_token_file=args.alerts_token_file)
+               alerts_token_file=args.alerts_token_file, network_peers=network_peers)
 
 
 def run(*, image: str, coordinator_url: str | None = None, namespaces: list[str] = (), standalone: bool = True,
-        liveness: str | None = None, listen: str | None = None, alerts_token_file: str | None = None) -> int:
+        liveness: str | None = None, listen: str | None = None, alerts_token_file: str | None = None,
+        network_peers=None) -> int:
     import kopf
 
     from elasticmoe_operator import handlers
 
     handlers.CONFIG.image = image
+    handlers.CONFIG.network_peers = network_peers
     if coordinator_url:
         handlers.CONFIG.coordinator_url = coordinator_url
     handlers.CONFIG.listen = listen

@@ -44,6 +44,8 @@ class Config:
     alerts_token: str | None = None  # or the token itself (environment)
     http: object | None = None  # the running aiohttp AppRunner
     prometheus_transport: object | None = None  # tests: an httpx transport standing in for Prometheus
+    # --network-policy: who may reach each instance's http port; None: no NetworkPolicy is made
+    network_peers: children.NetworkPeers | None = None
 
 
 CONFIG = Config()
@@ -72,11 +74,13 @@ async def serve_http(**_) -> None:
 
 
 @kopf.on.login()
-def login(**kwargs) -> kopf.ConnectionInfo | None:
-    """kopf's usual login (service account in a pod, else kubeconfig), kept for our own calls."""
-    info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
-    if info is not None:
-        CONFIG.kube = kube.Kube(info)
+async def login(settings: kopf.OperatorSettings, **_) -> kopf.ConnectionInfo:
+    """The service account in a pod, else $KUBECONFIG / ~/.kube/config, as kubernetes_asyncio
+    loads them: kopf gets the credentials, our client (made here, in kopf's loop) the configuration."""
+    configuration, info = await kube.login(trust_env=settings.networking.trust_env)
+    previous, CONFIG.kube = CONFIG.kube, kube.Kube(configuration)
+    if previous is not None:  # a new login (kopf got a 401): the old client may be mid-call
+        previous.retire()
     return info
 
 
@@ -128,6 +132,19 @@ async def _start_devices(k: kube.Kube, owner: dict, spec: api.ElasticMoESpec) ->
     deployment["metadata"].setdefault("annotations", {})[START_DEVICES_ANNOTATION] = str(devices)
     await k.create(deployment)
     return devices
+
+
+async def _network_policy(k: kube.Kube, owner: dict, peers: children.NetworkPeers, memo: kopf.Memo) -> None:
+    """Create the instance's NetworkPolicy if missing; an existing one is brought to this
+    operator's peers once per operator run (after that a 409 means it is as we made it)."""
+    policy = children.network_policy(owner, peers)
+    if await k.create(policy) or memo.get("network_policy") == policy["spec"]:
+        memo["network_policy"] = policy["spec"]
+        return
+    meta = policy["metadata"]
+    # A merge patch replaces the lists (ingress) whole: the spec becomes exactly ours.
+    await k.merge_patch("NetworkPolicy", meta["namespace"], meta["name"], {"spec": policy["spec"]})
+    memo["network_policy"] = policy["spec"]
 
 
 def _pod_phase(pod: dict) -> str:
@@ -187,6 +204,8 @@ async def reconcile_once(body: dict, spec: dict, status: dict, generation: int, 
     image = parsed.worker.image or CONFIG.image
 
     # -- observe (and make sure the parts every instance has exist) -----------------------
+    if CONFIG.network_peers is not None:  # first: until it exists, every pod is open to all
+        await _network_policy(k, owner, CONFIG.network_peers, memo)
     token = await _admin_token(k, owner)
     await k.create(children.config_map(owner, parsed))
     await k.create(children.coordinator_service(owner))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import pathlib
 import signal
@@ -23,7 +24,9 @@ import subprocess
 
 import aiohttp
 import kmock
+import yaml
 
+from elasticmoe_operator import kube
 import testprocs
 
 # The secrets the operator hands to pods; a test runner's own must not reach them.
@@ -40,6 +43,7 @@ RESOURCES = [
     ("v1/configmaps", "ConfigMap", True, set()),
     ("v1/secrets", "Secret", True, set()),
     ("apps/v1/deployments", "Deployment", True, set()),
+    ("networking.k8s.io/v1/networkpolicies", "NetworkPolicy", True, set()),
 ]
 
 
@@ -80,6 +84,32 @@ class Emulator(kmock.KubernetesEmulator):
             if request.action == kmock.action.CREATE and not meta.get("name") and meta.get("generateName"):
                 meta["name"] = f"{meta['generateName']}{self._version}"  # kopf's events use generateName
         return await super()._handle(request)
+
+
+def write_kubeconfig(path: pathlib.Path, server_url: str, token: str = "unused") -> pathlib.Path:
+    """A kubeconfig naming the emulator, as the operator reads it from $KUBECONFIG."""
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
+        "clusters": [{"name": "emulator", "cluster": {"server": server_url}}],
+        "users": [{"name": "emulator", "user": {"token": token}}],
+        "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "emulator"}}]}))
+    return path
+
+
+@contextlib.asynccontextmanager
+async def logged_in(emulator: Emulator, tmp_path: pathlib.Path, monkeypatch, token: str = "unused"):
+    """Serve `emulator` and yield (`kube.Kube`, the ConnectionInfo for kopf), logged in the
+    operator's way: `kube.login` outside a pod, reading a kubeconfig from $KUBECONFIG."""
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)  # not in a pod: the kubeconfig is used
+    async with emulator, kmock.Server(emulator) as server:
+        emulator.setup()
+        monkeypatch.setenv("KUBECONFIG", str(write_kubeconfig(tmp_path / "kubeconfig", str(server.url), token)))
+        configuration, info = await kube.login()
+        k = kube.Kube(configuration)
+        try:
+            yield k, info
+        finally:
+            await k.close()
 
 
 class Api:

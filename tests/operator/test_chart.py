@@ -36,12 +36,16 @@ SERVICE_ACCOUNT = {"kind": "ServiceAccount", "name": OPERATOR, "namespace": NAME
 OPERATOR_NEEDS = {
     ("elasticmoe.io", "elasticmoes"): {"get", "list", "watch", "patch", "update"},
     ("elasticmoe.io", "elasticmoes/status"): {"get", "patch", "update"},
+    # children set blockOwnerDeletion (OwnerReferencesPermissionEnforcement checks this)
+    ("elasticmoe.io", "elasticmoes/finalizers"): {"update"},
     **{("", r): {"get", "list", "watch", "create", "patch", "update", "delete"}
        for r in ("pods", "services", "configmaps", "secrets")},
     ("apps", "deployments"): {"get", "list", "watch", "create", "patch", "update", "delete"},
     ("", "events"): {"create", "patch"},
     ("events.k8s.io", "events"): {"create", "patch"},
 }
+# With networkPolicy.enabled (ci/cluster-values.yaml): one NetworkPolicy per instance.
+NETWORK_POLICY_NEEDS = {("networking.k8s.io", "networkpolicies"): {"get", "create", "patch"}}
 # What kopf reads cluster-wide, whatever the scope.
 CLUSTER_READS = {
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
@@ -364,7 +368,8 @@ def test_cluster_scope_binds_one_cluster_role(rendered, name):
     assert result.find("Role") == [] and result.find("RoleBinding") == []
     cluster_roles = _bound_to_operator(result, "ClusterRoleBinding")
     assert len(cluster_roles) == 1
-    assert _grants(next(iter(cluster_roles.values()))["rules"]) == {**OPERATOR_NEEDS, **CLUSTER_READS}
+    assert _grants(next(iter(cluster_roles.values()))["rules"]) == {**OPERATOR_NEEDS, **NETWORK_POLICY_NEEDS,
+                                                                      **CLUSTER_READS}
 
 
 def test_cluster_roles_of_two_releases_do_not_collide(rendered):
@@ -419,22 +424,45 @@ def test_operator_serves_the_release_namespaces_standalone(rendered):
 
 def test_operator_serves_all_namespaces_in_cluster_scope(rendered):
     container = _operator_pod(_installed(rendered, "cluster-values.yaml"))["containers"][0]
-    assert container["args"] == ["--standalone", "--all-namespaces", "--image", "elasticmoe:0.1.0-test",
-                                 "--liveness", "http://0.0.0.0:8080/healthz", "--listen", "0.0.0.0:8081",
-                                 "--alerts-token-file", "/etc/elasticmoe/alerts/token", "--log-format", "text"]
+    args = container["args"]
+    assert args[:11] == ["--standalone", "--all-namespaces", "--image", "elasticmoe:0.1.0-test",
+                         "--liveness", "http://0.0.0.0:8080/healthz", "--listen", "0.0.0.0:8081",
+                         "--alerts-token-file", "/etc/elasticmoe/alerts/token", "--network-policy"]
+    assert args[12:] == ["--log-format", "text"]  # operator.extraArgs last
     assert {"name": "ELASTICMOE_LOG_LEVEL", "value": "DEBUG"} in container["env"]
+
+
+def test_network_policy_peers_come_from_values_and_name_this_operator(rendered):
+    from elasticmoe_operator import children
+
+    result = _installed(rendered, "cluster-values.yaml")
+    args = _operator_pod(result)["containers"][0]["args"]
+    peers = children.network_peers(args[args.index("--network-policy") + 1])
+    (operator,) = peers.operator
+    assert operator["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": NAMESPACE}}
+    pod_labels = result.one("Deployment", OPERATOR)["spec"]["template"]["metadata"]["labels"]
+    assert operator["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert peers.prometheus == tuple(chartutil.default_values()["networkPolicy"]["prometheus"])
+    assert peers.api_clients == tuple(CI_VALUES["cluster-values.yaml"]["networkPolicy"]["apiClients"])
+    owner = {"apiVersion": "elasticmoe.io/v1alpha1", "kind": "ElasticMoE",
+             "metadata": {"name": "demo", "namespace": "ml", "uid": "u1"}}
+    assert kubernetes_validate.validate(children.network_policy(owner, peers), KUBE_VERSION, strict=True)
+    # off by default: no argument, and no NetworkPolicy permissions (test_namespace_scope_is_least_privilege)
+    assert "--network-policy" not in _operator_pod(_installed(rendered, "values.yaml"))["containers"][0]["args"]
 
 
 @pytest.mark.parametrize("name", ["values.yaml", "default-values.yaml", "cluster-values.yaml",
                                   "monitoring-values.yaml"])
 def test_operator_arguments_are_accepted_by_the_operator(rendered, name):
     """The chart's arguments parse with the real `elasticmoe operator` command line."""
-    from elasticmoe_operator import cli
+    from elasticmoe_operator import children, cli
 
     container = _operator_pod(_installed(rendered, name))["containers"][0]
     assert container["command"] == ["elasticmoe", "operator"]
     args = cli.build_parser().parse_args(container["args"])
     assert args.standalone and args.liveness == "http://0.0.0.0:8080/healthz"
+    if args.network_policy is not None:
+        children.network_peers(args.network_policy)  # raises on what the operator would refuse
     assert args.listen == "0.0.0.0:8081" and args.alerts_token_file == "/etc/elasticmoe/alerts/token"
     env = {e["name"]: e.get("value") for e in container.get("env", [])}
     assert env.get("ELASTICMOE_LOG_LEVEL", "INFO").lower() in ("debug", "info", "warning", "error")

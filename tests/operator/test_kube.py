@@ -1,19 +1,24 @@
-"""`kube.Coordinator` against a real HTTP server on 127.0.0.1: it speaks the admin contract
-(`elasticmoe_worker.contract.admin`) and treats a body that breaks it like no answer."""
+"""`kube.Kube` (kubernetes_asyncio) against kmock's API-server emulator, logged in through a
+kubeconfig as the operator logs in; `kube.Coordinator` against a real HTTP server on 127.0.0.1:
+it speaks the admin contract (`elasticmoe_worker.contract.admin`) and treats a body that breaks
+it like no answer."""
 
 from __future__ import annotations
 
 import json
 
+import kopf
 import pytest
 import pytest_asyncio
 from aiohttp import web
 
 from elasticmoe_worker.contract import admin
 
-from elasticmoe_operator import kube
+from elasticmoe_operator import api, kube
+import cluster
 
 pytestmark = pytest.mark.asyncio
+NS = "t"
 
 TOKEN = "t0ken"
 STATUS = admin.AdminStatus(
@@ -114,3 +119,92 @@ async def test_a_refusal_comes_back_as_a_dict_with_the_message(server, reply, me
     s.scale_reply = (400, reply)
     code, body = await kube.Coordinator(url, TOKEN).scale(admin.ScaleRequest(devices=9))
     assert code == 400 and body["error"]["message"] == message
+
+
+# -- kube.Kube: the children's calls, through kubernetes_asyncio --------------------------------
+class Recording(cluster.Emulator):
+    """The emulator, noting (method, path, Authorization, Content-Type) and the label selector of
+    every request."""
+
+    def setup(self) -> None:
+        super().setup()
+        self.seen: list[tuple[str, str, str, str]] = []
+        self.selectors: list[str | None] = []
+
+    async def _handle(self, request):
+        self.seen.append((request.method, request.url.path, request.headers.get("Authorization", ""),
+                          request.headers.get("Content-Type", "")))
+        self.selectors.append(request.params.get("labelSelector"))
+        return await super()._handle(request)
+
+
+@pytest_asyncio.fixture
+async def emulated(tmp_path, monkeypatch):
+    """(Kube logged in through a kubeconfig naming the emulator, the emulator, the ConnectionInfo for kopf)."""
+    emulator = Recording()
+    async with cluster.logged_in(emulator, tmp_path, monkeypatch, token="s3cret-token") as (k, info):
+        yield k, emulator, info
+
+
+def _secret(name: str, component: str = "coordinator") -> dict:
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": {"name": name, "namespace": NS, "labels": {"app.kubernetes.io/component": component}},
+            "data": {"token": "dG9rZW4="}}
+
+
+async def test_login_gives_kopf_the_kubeconfigs_credentials_and_the_client_sends_them(emulated):
+    k, emulator, info = emulated
+    assert (info.scheme, info.token) == ("Bearer", "s3cret-token") and info.server.startswith("http://127.0.0.1:")
+    assert await k.get("Secret", NS, "absent") is None
+    assert emulator.seen[-1][:3] == ("GET", f"/api/v1/namespaces/{NS}/secrets/absent", "Bearer s3cret-token")
+
+
+async def test_login_without_credentials_says_where_it_looked(tmp_path, monkeypatch):
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
+    with pytest.raises(kopf.LoginError) as info:
+        await kube.login()
+    assert "service account" in str(info.value) and "missing" in str(info.value)
+
+
+async def test_create_and_delete_are_idempotent(emulated):
+    k, _, _ = emulated
+    assert await k.create(_secret("a")) is True
+    assert await k.create(_secret("a")) is False  # 409: it exists
+    got = await k.get("Secret", NS, "a")
+    assert got["data"] == {"token": "dG9rZW4="} and got["metadata"]["labels"]["app.kubernetes.io/component"] == \
+        "coordinator"
+    assert await k.delete("Secret", NS, "a") is True
+    assert await k.delete("Secret", NS, "a") is False  # 404: already gone
+    assert await k.get("Secret", NS, "a") is None
+
+
+async def test_list_sends_the_label_selector_and_gives_plain_dicts(emulated):
+    k, emulator, _ = emulated
+    for name, component in (("c", "coordinator"), ("w0", "worker"), ("w1", "worker")):
+        await k.create(_secret(name, component))
+    listed = await k.list("Secret", NS, "app.kubernetes.io/component=worker")
+    # kmock's emulator does not filter by label: what matters is that the selector went out.
+    assert emulator.selectors[-1] == "app.kubernetes.io/component=worker"
+    assert sorted(s["metadata"]["name"] for s in listed) == ["c", "w0", "w1"]
+    assert all(isinstance(s, dict) and s["data"] == {"token": "dG9rZW4="} for s in listed)
+
+
+async def test_merge_patch_of_the_custom_resource_sends_a_merge_patch(emulated):
+    k, emulator, _ = emulated
+    await k.create({"apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": "demo", "namespace": NS},
+                    "spec": {"devices": {"replicas": 1, "min": 1}}})
+    result = await k.merge_patch(api.KIND, NS, "demo", {"spec": {"devices": {"replicas": 3}}})
+    assert result["spec"]["devices"] == {"replicas": 3, "min": 1}  # merged, not replaced
+    method, path, _, content_type = emulator.seen[-1]
+    assert (method, path, content_type) == ("PATCH", f"/apis/{api.API_VERSION}/namespaces/{NS}/{api.PLURAL}/demo",
+                                            kube.MERGE_PATCH)
+
+
+async def test_other_refusals_are_errors_with_the_status_and_message(emulated):
+    k, _, _ = emulated
+    with pytest.raises(kube.KubeError) as info:  # a patch tolerates nothing: the object must exist
+        await k.merge_patch("Secret", NS, "absent", {"data": {"x": "eA=="}})
+    assert info.value.status == 404 and str(info.value).startswith("Kubernetes API 404: ")
+    with pytest.raises(ValueError, match="kind: got 'Job'"):
+        await k.get("Job", NS, "x")

@@ -54,7 +54,7 @@ def test_module_loads_no_torch_and_only_the_workers_contract(module):
 @pytest.mark.parametrize("module", PURE)
 def test_pure_modules_load_no_kopf_and_no_http_client(module):
     loaded = _loaded_after_import(module)
-    assert sorted(loaded & {"kopf", "aiohttp", "httpx"}) == []
+    assert sorted(loaded & {"kopf", "aiohttp", "httpx", "kubernetes_asyncio"}) == []
 
 
 def _imported_names(path: pathlib.Path) -> list[str]:

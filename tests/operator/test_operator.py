@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime
+import json
 import os
 import subprocess
 import time
@@ -15,7 +16,6 @@ import httpx
 import kmock
 import pytest
 import pytest_asyncio
-import yaml
 from aiohttp import web
 
 from elasticmoe_operator import api
@@ -27,6 +27,9 @@ NAME = "demo"
 CR_PATH = f"/apis/elasticmoe.io/v1alpha1/namespaces/{NS}/elasticmoes"
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(400)]
+# `--network-policy` in the shape the chart writes (its real peers: test_chart.py)
+NETWORK_PEERS = json.dumps({"operator": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "op"}}}],
+                            "prometheus": [], "apiClients": []})
 
 
 def _resource(model, **devices) -> dict:
@@ -92,12 +95,7 @@ class Env:
 async def env(tmp_path):
     async with cluster.Emulator() as emulator, kmock.Server(emulator) as server:
         emulator.setup()
-        kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
-            "clusters": [{"name": "emulator", "cluster": {"server": str(server.url)}}],
-            "users": [{"name": "emulator", "user": {"token": "unused"}}],
-            "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "emulator"}}]}))
+        kubeconfig = cluster.write_kubeconfig(tmp_path / "kubeconfig", str(server.url))
         http_port = testprocs.free_port()
         client = cluster.Api(str(server.url))
         try:
@@ -121,7 +119,7 @@ def _serving(active: int):
 
 
 async def test_create_scale_by_spec_and_subresource_then_delete(env, tiny_models):
-    await env.start_operator()
+    await env.start_operator("--network-policy", NETWORK_PEERS)
     await env.api.request("POST", CR_PATH, _resource(tiny_models["qwen3_moe"]), "application/json")
     obj = await env.wait(_serving(1), 180, "the instance to serve on 1 device")
     status = obj["status"]
@@ -136,6 +134,7 @@ async def test_create_scale_by_spec_and_subresource_then_delete(env, tiny_models
                  f"/api/v1/namespaces/{NS}/services/demo-coordinator",
                  f"/api/v1/namespaces/{NS}/configmaps/demo-config",
                  f"/api/v1/namespaces/{NS}/secrets/demo-admin-token",
+                 f"/apis/networking.k8s.io/v1/namespaces/{NS}/networkpolicies/demo-ingress",
                  f"/api/v1/namespaces/{NS}/pods/demo-worker-0"):
         child = await env.api.get(path)
         assert child is not None, path

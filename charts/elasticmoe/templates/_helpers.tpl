@@ -102,7 +102,8 @@ Where the operator container reads that token.
 
 {{/*
 What the operator does in a namespace it serves: reconcile ElasticMoE resources and own their
-children (Secret, ConfigMap, coordinator Deployment + Service, worker Pods), and record events.
+children (Secret, ConfigMap, coordinator Deployment + Service, worker Pods, and with
+networkPolicy.enabled a NetworkPolicy), and record events.
 One list for the Roles (Namespace scope) and the ClusterRole (Cluster scope).
 */}}
 {{- define "elasticmoe.namespacedRules" -}}
@@ -112,6 +113,11 @@ One list for the Roles (Namespace scope) and the ClusterRole (Cluster scope).
 - apiGroups: ["elasticmoe.io"]
   resources: ["elasticmoes/status"]
   verbs: ["get", "patch", "update"]
+# The children's ownerReferences set blockOwnerDeletion: the OwnerReferencesPermissionEnforcement
+# admission plugin lets only those who may update the owner's finalizers set it.
+- apiGroups: ["elasticmoe.io"]
+  resources: ["elasticmoes/finalizers"]
+  verbs: ["update"]
 - apiGroups: [""]
   resources: ["pods", "services", "configmaps", "secrets"]
   verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
@@ -121,6 +127,22 @@ One list for the Roles (Namespace scope) and the ClusterRole (Cluster scope).
 - apiGroups: ["", "events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
+{{- if .Values.networkPolicy.enabled }}
+# One NetworkPolicy per instance: created, read and patched back to the operator's peers;
+# Kubernetes' garbage collector deletes it with its ElasticMoE.
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "create", "patch"]
+{{- end }}
+{{- end }}
+
+{{/*
+`elasticmoe operator --network-policy`: who besides an instance's own pods may reach its
+coordinator's http port. The operator is this chart's operator pod, in the release namespace.
+*/}}
+{{- define "elasticmoe.networkPeers" -}}
+{{- $operator := dict "namespaceSelector" (dict "matchLabels" (dict "kubernetes.io/metadata.name" .Release.Namespace)) "podSelector" (dict "matchLabels" (include "elasticmoe.selectorLabels" . | fromYaml)) }}
+{{- dict "operator" (list $operator) "prometheus" .Values.networkPolicy.prometheus "apiClients" .Values.networkPolicy.apiClients | toJson }}
 {{- end }}
 
 {{/*
