@@ -115,6 +115,22 @@ def test_keys_are_derived_from_the_secret_alone():
         transport.keys_from_secret("")
 
 
+@pytest.mark.parametrize("bind_host, advertise_host, address", [
+    ("127.0.0.1", None, "tcp://127.0.0.1:"),
+    ("0.0.0.0", "127.0.0.1", "tcp://127.0.0.1:"),
+    (None, None, None), ("0.0.0.0", None, None),
+])
+def test_workers_dial_the_address_given_never_a_guess(bind_host, advertise_host, address):
+    server = transport.Server(SECRET, lambda identity, msg: None, lambda: None, bind_host=bind_host,
+                              advertise_host=advertise_host)
+    if address is None:
+        with pytest.raises(ValueError, match="advertise_host: not set while the control channel binds"):
+            server.bind()
+    else:
+        assert server.bind().startswith(address)
+    server.stop()
+
+
 def test_only_a_peer_with_the_secret_is_heard(bare):
     server, delivered, ctx = bare
     hello = wire.encode(wire.HMMHello(device_index=0, pid=1))

@@ -36,7 +36,7 @@ from elasticmoe_worker.instance import rayfleet
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 TOKEN = "ray-fleet-test"
 MAX_NEW = 40
-STARTED = re.compile(r"device (\d+): worker started by Ray actor (\S+) on node (\S+) \(pid \d+\)")
+STARTED = re.compile(r"device (\d+): worker started by Ray actor (\S+) on node (\S+) \(pid \d+")
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +151,19 @@ def test_coordinator_fleet_ray_sees_a_killed_actor_as_a_lost_device(ray_cluster,
     finally:
         testprocs.interrupt(proc)
     assert proc.returncode == 0, log.read_text()[-3000:]
+
+
+@pytest.mark.parametrize("backend, expected", [
+    ("cpu", {"CPU": 0.5}), ("cuda", {"CPU": 0.5, "GPU": 1.0}), ("ascend", {"CPU": 0.5, "NPU": 1.0})])
+def test_each_device_asks_ray_for_its_resources(backend, expected):
+    assert rayfleet.resources(backend, 0.5) == expected
+
+
+def test_bad_ray_options_are_named():
+    with pytest.raises(ValueError, match="backend: got 'tpu', expected one of cpu, cuda, ascend"):
+        rayfleet.resources("tpu", 1.0)
+    with pytest.raises(ValueError, match="cpus_per_device: got 0, expected a number of CPUs > 0"):
+        rayfleet.Options(cpus_per_device=0)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -23,7 +23,8 @@ processes end with them (parent-death signal).
 
 Not guaranteed / not done: the first devices read the checkpoint from the same path on their
 node (later ones get the weights from peers); Ray does not restart a lost worker (the instance
-handles the loss like any other); nothing is installed on the nodes (each needs elasticmoe in
+handles the loss like any other); a worker whose actor Ray cannot reach (a network split) is
+lost at once, even if it still runs; nothing is installed on the nodes (each needs elasticmoe in
 the Python that runs Ray); a coordinator that cannot reach Ray any more cannot start workers.
 """
 
@@ -90,10 +91,10 @@ class WorkerActor:
         self._proc: subprocess.Popen | None = None
         self._exited = threading.Event()
 
-    def start(self, argv: list[str], env: dict[str, str]) -> tuple[str, int]:
+    def start(self, argv: list[str], env: dict[str, str]) -> tuple[str, str, int]:
         """Start the worker process: `python -m elasticmoe_worker.instance.hmm ARGV --host <this
         node's address>`, with `env` over this process's environment (which holds what Ray set
-        for the device, e.g. CUDA_VISIBLE_DEVICES); -> (node address, pid)."""
+        for the device, e.g. CUDA_VISIBLE_DEVICES); -> (node address, Ray node id, pid)."""
         import ray
 
         host = ray.util.get_node_ip_address()
@@ -105,7 +106,7 @@ class WorkerActor:
         ready.wait()
         if isinstance(started[0], BaseException):
             raise started[0]
-        return host, started[0].pid
+        return host, ray.get_runtime_context().get_node_id(), started[0].pid
 
     def _supervise(self, cmd: list[str], env: dict[str, str], started: list, ready: threading.Event) -> None:
         # NOTE: the worker's parent-death signal fires when the *thread* that forked it exits
@@ -145,6 +146,7 @@ class _Worker:
     actor: Any = None
     exit_ref: Any = None  # WorkerActor.wait_exit's result: ready when the worker is gone
     node_ip: str = ""
+    node_id: str = ""
     pid: int = 0
     started: bool = False  # the start thread is done with it (successfully or not)
     removed: bool = False
@@ -194,6 +196,10 @@ class RayFleet:
             self._generation += 1
             worker = _Worker(device_index, f"elasticmoe-{self._fleet_id}-device-{device_index}-{self._generation}")
             self.workers[device_index] = worker
+            if current is not None:  # a dead one in its place: its actor and bundle still go
+                current.removed = True
+        if current is not None and current.started:
+            threading.Thread(target=self._teardown, args=(current,), name="ray-remove", daemon=True).start()
         threading.Thread(target=self._start, args=(worker,), name=f"ray-add-{device_index}", daemon=True).start()
 
     def remove(self, device_index: int, timeout_s: float = 10.0, wait: bool = True) -> None:
@@ -277,11 +283,12 @@ class RayFleet:
                         worker.pg, placement_group_bundle_index=0)).remote()
                 argv = ["--device-index", str(i), "--coordinator", self.coordinator_address, "--backend",
                         self.backend]
-                worker.node_ip, worker.pid = ray.get(worker.actor.start.remote(argv, self.env),
-                                                     timeout=max(10.0, deadline - time.monotonic()))
+                started = worker.actor.start.remote(argv, self.env)
+                worker.node_ip, worker.node_id, worker.pid = ray.get(started,
+                                                                     timeout=max(10.0, deadline - time.monotonic()))
                 worker.exit_ref = worker.actor.wait_exit.remote()
-                logger.info("device %d: worker started by Ray actor %s on node %s (pid %d)", i, worker.name,
-                            worker.node_ip, worker.pid)
+                logger.info("device %d: worker started by Ray actor %s on node %s (pid %d, Ray node %s)", i,
+                            worker.name, worker.node_ip, worker.pid, worker.node_id[:12])
         except Exception as exc:  # noqa: BLE001 - whatever it was, the device never came up
             worker.code, worker.reason = -1, f"its Ray worker did not start: {_first_line(exc)}"
             logger.error("device %d: %s", i, worker.reason)
@@ -330,6 +337,10 @@ class RayFleet:
                 try:
                     code = ray.get(ref)
                     reason = f"its worker process ended: {fleet_mod.exit_reason(code)}"
+                except ray.exceptions.ActorUnavailableError:
+                    # NOTE: Ray cannot reach it (its node died, or the network between): treated as
+                    # lost, as a pod that stops sending heartbeats is (it is not restartable anyway).
+                    code, reason = -1, "its Ray actor became unreachable (its node died or cannot be reached)"
                 except ray.exceptions.RayActorError as exc:
                     code, reason = -1, f"its Ray actor died: {_actor_death(exc)}"
                 except Exception as exc:  # noqa: BLE001 - any other way of not answering
@@ -348,5 +359,5 @@ def _first_line(exc: BaseException) -> str:
 def _actor_death(exc: BaseException) -> str:
     """The line of Ray's ActorDiedError that says why (killed, node died, ...)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    why = [line for line in lines if "because" in line or "node" in line.lower()]
-    return (why[-1] if why else lines[0] if lines else type(exc).__name__)[:300]
+    why = [line for line in lines if "because" in line]
+    return (why[-1] if why else lines[0] if lines else type(exc).__name__)[:200]
