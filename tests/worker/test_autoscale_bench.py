@@ -82,3 +82,37 @@ def test_device_seconds_integrate_the_devices_held_until_the_end_only():
     t, held = [0.0, 10.0, 50.0], [1.0, 3.0, 2.0]
     assert report.device_seconds(np.array(t), np.array(held), 40.0) == 100.0, "10 x 1 + 30 x 3, nothing after 40 s"
     assert report.device_seconds(np.array(t), np.array(held), 60.0) == 10 + 120 + 20
+
+
+def _result(att_slo, ds_slo, att_max, tpot_max_ms=(100.0, 300.0), load=1.0):
+    """The parts of an autoscale.json that --combine reads: two policies, a 2-bin series."""
+    def run(att, ds):
+        return {"summary": {"slo_attainment": att, "device_seconds": ds, "failed": 0, "scale_events": 2,
+                            "ttft_ms": {"p90": 200.0}, "tpot_ms": {"p90": 100.0}}}
+    return {"trace": {"requests": 100, "duration_s": 100.0}, "cpu_per_device": 0.5, "load_average": [load, 0, 0],
+            "windows": {}, "config": {"min_devices": 1, "max_devices": 4, "slo_ttft_p90_ms": 1000.0,
+                                      "slo_tpot_p90_ms": 250.0},
+            "runs": {"slo": run(att_slo, ds_slo), "static-max": run(att_max, 400.0)},
+            "series": {"static-max": {"t_s": [25.0, 75.0], "ttft_p90_ms": [100.0, None],
+                                      "tpot_p90_ms": list(tpot_max_ms)}}}
+
+
+def test_repeats_combine_into_the_ratio_of_medians_and_an_oracle_estimate(tmp_path):
+    from elasticmoe_worker.bench import autoscale_summary
+
+    paths = []
+    for k, (att, ds) in enumerate([(0.90, 200.0), (0.99, 260.0), (0.95, 300.0)]):
+        paths.append(tmp_path / f"r{k}.json")
+        paths[-1].write_text(json.dumps(_result(att, ds, att_max=1.0)))
+    s = autoscale_summary.combine(paths)
+    assert s["policies"]["slo"]["device_seconds"] == {"median": 260.0, "min": 200.0, "max": 300.0,
+                                                      "values": [200.0, 260.0, 300.0]}
+    t = s["target"]
+    assert t["attainment_over_static_max"] == 0.95 and t["device_seconds_over_static_max"] == 0.65 and t["met"]
+    assert t["per_repeat"][0] == [0.9, 0.5]
+    # oracle: bin 1 needs ceil(0.4 x 4) = 2 devices, bin 2 ceil(1.2 x 4) = 5 -> the maximum 4; 50 s each
+    assert s["oracle_device_seconds"] == [300.0] * 3 and t["oracle_device_seconds_over_static_max"] == 0.75
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**_result(0.9, 200.0, 1.0), "cpu_per_device": 0.25}))
+    with pytest.raises(ValueError, match="another trace or CPU quota"):
+        autoscale_summary.combine([paths[0], other])

@@ -89,7 +89,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"{_QUICK['max_devices']} devices (options given explicitly still win)")
     p.add_argument("--server-start-timeout-s", type=float, default=300.0, help="(default: %(default)s)")
     p.add_argument("--out-dir", type=pathlib.Path, default=pathlib.Path("bench-results"),
-                   help="autoscale.json, autoscale.png and the servers' logs go here (default: %(default)s)")
+                   help="autoscale.json, autoscale.png and the servers' logs go here (default: %(default)s); with "
+                        "--repeats, one folder repeat-K per repeat and autoscale-summary.json")
+    p.add_argument("--repeats", type=cliargs.positive_int, default=1,
+                   help="run every policy this many times (each repeat runs them all, side by side) and report the "
+                        "median of each figure, its spread and the ratio of medians (default: %(default)s)")
+    p.add_argument("--combine", type=pathlib.Path, nargs="+", default=None, metavar="JSON",
+                   help="run nothing: combine the autoscale.json of earlier repeats (same trace and devices) into "
+                        "--out-dir/autoscale-summary.json and print the medians and the ratio of medians")
 
 
 def windows(args: argparse.Namespace) -> dict[str, float]:
@@ -282,10 +289,37 @@ def _gauges(text: str) -> float:
 def run(args: argparse.Namespace) -> int:
     try:
         with serve_bench._sigterm_as_interrupt():
-            return _run(args)
+            if args.combine:
+                return _summarise(args.combine, args.out_dir)
+            if args.repeats == 1:
+                return _run(args)
+            base, paths = args.out_dir, []
+            for k in range(1, args.repeats + 1):
+                args.out_dir = base / f"repeat-{k}"
+                logger.warning("bench autoscale: repeat %d of %d into %s", k, args.repeats, args.out_dir)
+                status = _run(args)
+                if status:
+                    return status
+                paths.append(args.out_dir / "autoscale.json")
+            return _summarise(paths, base)
     except serve_bench.BenchError as exc:
         logger.error("%s", exc)
         return 1
+
+
+def _summarise(paths: list[pathlib.Path], out_dir: pathlib.Path) -> int:
+    from rich import console as rich_console
+
+    from elasticmoe_worker.bench import autoscale_summary
+
+    summary = autoscale_summary.combine(paths)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "autoscale-summary.json"
+    path.write_text(json.dumps(summary, indent=1) + "\n")
+    console = rich_console.Console(width=max(rich_console.Console().width, 140))  # the spreads need room
+    autoscale_summary.print_summary(summary, console)
+    console.print(f"wrote {path}", highlight=False)
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
