@@ -89,3 +89,38 @@ def test_grouped_experts_equal_one_matmul_per_expert(dtype, monkeypatch):
     assert torch.equal(grouped, looped)
     assert grouped.abs().sum() > 0 and torch.count_nonzero(grouped.abs().sum(-1)) < tokens, "some tokens chose "\
         "only experts held elsewhere: their rows stay 0"
+
+
+def test_decode_attention_in_length_groups_equals_attention_per_sequence():
+    """Decoding sequences of very different context lengths are attended in groups of similar
+    length, keys and values gathered a block at a time; each gets what attention over its own
+    context alone gives."""
+    import torch.nn.functional as F
+
+    from elasticmoe_worker.engine import runner
+    from elasticmoe_worker.models import layers
+
+    gen = torch.Generator().manual_seed(1)
+    bs, heads, kv_heads, dim, num_blocks = 4, 4, 2, 8, 64
+    k_cache = torch.randn(num_blocks, bs, kv_heads, dim, generator=gen)
+    v_cache = torch.randn(num_blocks, bs, kv_heads, dim, generator=gen)
+    lengths = [3, 17, 18, 40, 130, 5]  # context after this step's token
+    free = torch.randperm(num_blocks, generator=gen).tolist()
+    work = []
+    for n in lengths:
+        table = [free.pop() for _ in range(-(-n // bs))]
+        work.append(runner.SeqWork(token_ids=[7], start_pos=n - 1, block_table=table, sample=True))
+    _, meta = runner.build_metadata(work, bs)
+    assert [len(g.token_idx) for g in meta.decodes] == [2, 3, 1], "blocks 1, 2 | 5, 5, 10 | 33: a group ends before twice its first length"
+    q = torch.randn(len(lengths), heads, dim, generator=gen)
+    k_new = torch.randn(len(lengths), kv_heads, dim, generator=gen)
+    v_new = torch.randn(len(lengths), kv_heads, dim, generator=gen)
+    out = layers.paged_attention(q, k_new, v_new, k_cache, v_cache, meta, scale=dim ** -0.5)
+    for i, (w, n) in enumerate(zip(work, lengths)):
+        pos = torch.arange(n)
+        slots = torch.tensor(w.block_table)[pos // bs] * bs + pos % bs
+        kk = k_cache.view(-1, kv_heads, dim)[slots].transpose(0, 1)  # [Hkv, n, D], the new key written
+        vv = v_cache.view(-1, kv_heads, dim)[slots].transpose(0, 1)
+        assert torch.equal(kk[:, -1], k_new[i])
+        ref = F.scaled_dot_product_attention(q[i][:, None], kk, vv, scale=dim ** -0.5, enable_gqa=True)[:, 0]
+        torch.testing.assert_close(out[i], ref)

@@ -30,13 +30,17 @@ class SeqWork:
     generator: torch.Generator | None = None
 
 
+# A decode group's longest context is at most this many times its shortest (in blocks): the
+# padded attention work stays under twice the real work, with a few calls per step at most.
+DECODE_GROUP_SPREAD = 2
+
+
 def build_metadata(work: Sequence[SeqWork], block_size: int) -> tuple[torch.Tensor, layers.AttentionMetadata]:
     """-> (input_ids [T], metadata). Pure tensor bookkeeping, no model involved."""
     ids: list[int] = []
     positions: list[torch.Tensor] = []
     slots: list[torch.Tensor] = []
-    dec_idx: list[int] = []
-    dec_slots: list[torch.Tensor] = []
+    decodes: list[tuple[int, int, list[int]]] = []  # (token index, context length, its blocks)
     prefills: list[layers.PrefillSpan] = []
     offset = 0
     for w in work:
@@ -44,40 +48,46 @@ def build_metadata(work: Sequence[SeqWork], block_size: int) -> tuple[torch.Tens
         assert n > 0, "a scheduled sequence computes at least one token"
         total = w.start_pos + n
         assert len(w.block_table) * block_size >= total, "block table too short for the step"
-        table = torch.tensor(w.block_table, dtype=torch.int64)
-        all_pos = torch.arange(total)
-        all_slots = table[all_pos // block_size] * block_size + all_pos % block_size
         ids.extend(w.token_ids)
-        positions.append(all_pos[w.start_pos:])
-        slots.append(all_slots[w.start_pos:])
+        new_pos = torch.arange(w.start_pos, total)
+        table = torch.tensor(w.block_table, dtype=torch.int64)
+        slots.append(table[new_pos // block_size] * block_size + new_pos % block_size)
+        positions.append(new_pos)
         if n == 1:
-            dec_idx.append(offset)
-            dec_slots.append(all_slots)
+            decodes.append((offset, total, list(w.block_table[:-(-total // block_size)])))
         else:
+            all_pos = torch.arange(total)
             prefills.append(layers.PrefillSpan(
                 start=offset, end=offset + n, context_len=w.start_pos,
-                gather_slots=all_slots if w.start_pos > 0 else None,
+                gather_slots=table[all_pos // block_size] * block_size + all_pos % block_size if w.start_pos > 0
+                else None,
             ))
         offset += n
-
-    dec_token_idx = dec_gather = dec_mask = None
-    if dec_idx:
-        width = max(len(s) for s in dec_slots)
-        dec_gather = torch.zeros(len(dec_slots), width, dtype=torch.int64)
-        dec_mask = torch.zeros(len(dec_slots), width, dtype=torch.bool)
-        for row, s in enumerate(dec_slots):
-            dec_gather[row, : len(s)] = s
-            dec_mask[row, : len(s)] = True
-        dec_token_idx = torch.tensor(dec_idx, dtype=torch.int64)
-    meta = layers.AttentionMetadata(
-        positions=torch.cat(positions),
-        slot_mapping=torch.cat(slots),
-        decode_token_idx=dec_token_idx,
-        decode_gather=dec_gather,
-        decode_mask=dec_mask,
-        prefills=prefills,
-    )
+    meta = layers.AttentionMetadata(positions=torch.cat(positions), slot_mapping=torch.cat(slots),
+                                    decodes=_decode_groups(decodes, block_size), prefills=prefills)
     return torch.tensor(ids, dtype=torch.int64), meta
+
+
+def _decode_groups(decodes: list[tuple[int, int, list[int]]], block_size: int) -> list[layers.DecodeGroup]:
+    """Decoding sequences by context length, ascending, cut where a group's longest would exceed
+    DECODE_GROUP_SPREAD x its shortest (in blocks)."""
+    groups: list[layers.DecodeGroup] = []
+    rows = sorted(decodes, key=lambda d: d[1])
+    start = 0
+    while start < len(rows):
+        end = start + 1
+        while end < len(rows) and len(rows[end][2]) <= DECODE_GROUP_SPREAD * len(rows[start][2]):
+            end += 1
+        part = rows[start:end]
+        width = len(part[-1][2])
+        blocks = torch.zeros(len(part), width, dtype=torch.int64)
+        mask = torch.zeros(len(part), width * block_size, dtype=torch.bool)
+        for row, (_, length, table) in enumerate(part):
+            blocks[row, :len(table)] = torch.tensor(table, dtype=torch.int64)
+            mask[row, :length] = True
+        groups.append(layers.DecodeGroup(torch.tensor([d[0] for d in part], dtype=torch.int64), blocks, mask))
+        start = end
+    return groups
 
 
 class ModelRunner:
@@ -89,8 +99,7 @@ class ModelRunner:
     def execute_empty(self) -> None:
         """A forward pass over zero tokens: attention does nothing, MoE collectives still run."""
         empty = torch.empty(0, dtype=torch.int64)
-        meta = layers.AttentionMetadata(positions=empty, slot_mapping=empty, decode_token_idx=None,
-                                        decode_gather=None, decode_mask=None, prefills=[])
+        meta = layers.AttentionMetadata(positions=empty, slot_mapping=empty, decodes=[], prefills=[])
         self.model.forward(empty, meta, self.pool.caches)
 
     @torch.inference_mode()

@@ -81,21 +81,33 @@ class PrefillSpan:
 
 
 @dataclasses.dataclass
+class DecodeGroup:
+    """Sequences computing one token each whose contexts are of similar length, attended in
+    one call: the keys and values are gathered a whole block at a time.
+
+    token_idx [b] index of each one's token in the flat batch; blocks [b, nb] the cache
+    blocks of each context in order (padded); mask [b, nb * block_size] True where a slot
+    holds a real position of that context.
+    """
+
+    token_idx: torch.Tensor
+    blocks: torch.Tensor
+    mask: torch.Tensor
+
+
+@dataclasses.dataclass
 class AttentionMetadata:
     """Where every token of one step reads and writes the paged KV cache.
 
     slot_mapping: [T] flat cache slot (block * block_size + offset) for each new token.
-    decode_*: the sequences computing exactly one token, batched into one attention call:
-      decode_token_idx [B] index of that token in the flat batch; decode_gather [B, C] cache
-      slots of the whole context (padded); decode_mask [B, C] True where a slot is real.
+    decodes: the sequences computing exactly one token, in groups of similar context length
+      (a group's contexts are padded to its longest: grouping bounds the padding).
     prefills: the other sequences, one attention call each.
     """
 
     positions: torch.Tensor
     slot_mapping: torch.Tensor
-    decode_token_idx: torch.Tensor | None
-    decode_gather: torch.Tensor | None
-    decode_mask: torch.Tensor | None
+    decodes: list[DecodeGroup]
     prefills: list[PrefillSpan]
 
 
@@ -131,14 +143,14 @@ def paged_attention(
     gqa = q.shape[1] != num_kv_heads
     out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
 
-    if meta.decode_token_idx is not None:
-        idx = meta.decode_token_idx
-        qq = q[idx].unsqueeze(2)  # [B, H, 1, Dk]
-        kk = k_flat[meta.decode_gather].transpose(1, 2)  # [B, Hkv, C, Dk]
-        vv = v_flat[meta.decode_gather].transpose(1, 2)
-        mask = meta.decode_mask[:, None, None, :]
+    for g in meta.decodes:
+        b, nb = g.blocks.shape
+        qq = q[g.token_idx].unsqueeze(2)  # [b, H, 1, Dk]
+        kk = k_cache[g.blocks].view(b, nb * k_cache.shape[1], num_kv_heads, -1).transpose(1, 2)  # [b, Hkv, C, Dk]
+        vv = v_cache[g.blocks].view(b, nb * v_cache.shape[1], num_kv_heads, -1).transpose(1, 2)
+        mask = g.mask[:, None, None, :]
         o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=scale, enable_gqa=gqa)
-        out[idx] = o[:, :, 0, :]
+        out[g.token_idx] = o[:, :, 0, :]
 
     for span in meta.prefills:
         qq = q[span.start:span.end].transpose(0, 1).unsqueeze(0)  # [1, H, S, Dk]
