@@ -243,11 +243,13 @@ async def test_an_existing_secret_is_kept_and_completed_with_a_worker_secret(env
 
 class StandInPrometheus:
     """Prometheus's HTTP API on 127.0.0.1 answering the operator's queries with fixed values
-    (a real Prometheus is the end-to-end test's): p90 TTFT and TPOT in seconds, requests/s."""
+    (a real Prometheus is the end-to-end test's): p90 TTFT and time per output token in seconds,
+    the first-token wait (0: nobody waits), requests/s."""
 
     def __init__(self) -> None:
         self.values = {"elasticmoe_time_to_first_token_seconds": "0.1",
-                       "elasticmoe_time_per_output_token_seconds": "0.01", "elasticmoe_requests_finished_total": "1"}
+                       "elasticmoe_inter_token_latency_seconds": "0.01",
+                       "elasticmoe_first_token_wait_p90_seconds": "0", "elasticmoe_requests_finished_total": "1"}
         self.queries: list[str] = []
         self.port = testprocs.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
