@@ -193,6 +193,10 @@ class EngineSpec(_Model):
     kv_cache_mb: int = pydantic.Field(256, ge=1, description="KV-cache memory per device, MiB.")
     max_num_seqs: int = pydantic.Field(64, ge=1, description="Most sequences per device in one step.")
     max_model_len: Optional[int] = pydantic.Field(None, ge=1, description="Longest sequence; unset: the model's.")
+    expert_copies: int = pydantic.Field(1, ge=1, le=2, description="Copies of each routed expert across the "
+                                        "devices. 2: when a device is lost, its experts come from a peer's copy "
+                                        "instead of the checkpoint (costs the memory of one more copy of every "
+                                        "expert, reported in the coordinator's /admin/status).")
     extra_args: list[str] = pydantic.Field(default_factory=list, description="More `elasticmoe coordinator` "
                                            "arguments, e.g. [--block-size, '32'].")
 
@@ -258,6 +262,8 @@ class ScaleRecord(_Model):
     transfer_data_ms: int = pydantic.Field(0, description="Of the transfer phase, the time spent moving "
                                            "bytes, milliseconds.")
     requests_handed_over: int = 0
+    tokens_recomputed: int = pydantic.Field(0, description="Of a recovery from a lost device: prompt and "
+                                            "output tokens recomputed for the requests it suspended.")
 
 
 class ScalingStatus(_Model):

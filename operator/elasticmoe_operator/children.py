@@ -210,7 +210,7 @@ def coordinator_args(name: str, namespace: str, spec: api.ElasticMoESpec, device
     if model.served_name:
         args += ["--served-model-name", model.served_name]
     args += ["--dtype", model.dtype, "--kv-cache-mb", str(engine.kv_cache_mb),
-             "--max-num-seqs", str(engine.max_num_seqs)]
+             "--max-num-seqs", str(engine.max_num_seqs), "--expert-copies", str(engine.expert_copies)]
     if engine.max_model_len is not None:
         args += ["--max-model-len", str(engine.max_model_len)]
     return args + list(engine.extra_args)  # last, so they can override what came before

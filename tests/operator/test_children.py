@@ -234,7 +234,7 @@ def test_coordinator_command_carries_the_spec(kind):
         "--advertise-host": "moe-coordinator.serving.svc", "--devices": str(spec.devices.desired),
         "--backend": kind,
         "--dtype": spec.model.dtype, "--kv-cache-mb": str(spec.engine.kv_cache_mb),
-        "--max-num-seqs": str(spec.engine.max_num_seqs),
+        "--max-num-seqs": str(spec.engine.max_num_seqs), "--expert-copies": str(spec.engine.expert_copies),
         **({"--model": spec.model.source} if spec.model.source else {}),
         **({"--served-model-name": spec.model.served_name} if spec.model.served_name else {}),
         **({"--max-model-len": str(spec.engine.max_model_len)} if spec.engine.max_model_len else {}),

@@ -8,9 +8,11 @@ handover or released twice, and none is adopted that was never handed over; noth
 executor of an aborted configuration and no configuration id is started twice; a FailRequests
 names the configuration that serves (the shell drops any other, and its requests would hang);
 only a switch pauses admission; no request held in the pause is forgotten; every finished scale
-has exactly one record, and its phases add up to its duration. Whenever no switch is under way
-it also checks `settled`: every request handed over was adopted or failed, every request held
-in the pause was released or failed.
+has exactly one record, and its phases add up to its duration; admission is paused only in a
+switch or while requests are suspended (a recovery), and suspended requests end recomputed
+(Resume) or failed. Whenever neither a switch nor a recovery is under way (requests wait
+then) it also checks `settled`: every request handed over was adopted or failed, every request
+held in the pause was released or failed.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ FACTS = reconfig.Facts(num_experts=8, replicated_bytes=1000,
                        replicated_layout=(wire.TensorSlot("embed", "float32", (10, 25), 0),),
                        expert_w13_bytes=100, expert_w2_bytes=50, moe_layers=(1, 2), num_kv_blocks=64, kv_bytes=4096,
                        config_json="{}", tokenizer_files={"tokenizer.json": "{}"}, engine=ENGINE, model_name="tiny",
-                       collective_timeout_s=5.0, recovery_grace_s=0.5)
+                       collective_timeout_s=5.0, recovery_grace_s=0.5, model_dir="/models/tiny",
+                       recovery_timeout_s=TIMEOUT_S)
 SAMPLING = wire.SamplingOptions(max_tokens=16, temperature=0.0, top_p=1.0, top_k=0, seed=None, stop=[],
                                 ignore_eos=False)
 
@@ -65,9 +68,10 @@ class Harness:
     """Feeds events to `reconfig.step` and checks the invariants after every step, following
     from the emitted actions where each request id lives."""
 
-    def __init__(self, num_devices: int = 1, warm=()) -> None:
-        placement = planner.initial_placement(FACTS.num_experts, list(range(num_devices)))
-        self.state = reconfig.initial(FACTS, 1, num_devices, placement, {d: hmm_ready(d) for d in range(num_devices)},
+    def __init__(self, num_devices: int = 1, warm=(), copies: int = 1, facts: reconfig.Facts = FACTS) -> None:
+        facts = dataclasses.replace(facts, expert_copies=copies)
+        placement = planner.initial_placement(facts.num_experts, list(range(num_devices)), min(copies, num_devices))
+        self.state = reconfig.initial(facts, 1, num_devices, placement, {d: hmm_ready(d) for d in range(num_devices)},
                                       frozenset(warm))
         self.now = 0.0
         self.serving = 1  # what the actions committed
@@ -87,6 +91,7 @@ class Harness:
         self.records: dict[str, admin.ScaleRecord] = {}
         self.events: list[reconfig.Event] = []
         self.ids = 0
+        self.suspended = False  # a Suspend without its Resume yet
 
     # -- events -------------------------------------------------------------------------
     def step(self, event: reconfig.Event) -> list[reconfig.Action]:
@@ -199,6 +204,13 @@ class Harness:
                 assert dict(a.ranks) == adopted
             elif isinstance(a, reconfig.Recovering):
                 self.serving, self.replaced = a.config_id, None
+            elif isinstance(a, (reconfig.Suspend, reconfig.Resume)):
+                # the router takes back, and later recomputes, what runs on the serving configuration
+                assert isinstance(a, reconfig.Resume) or a.config_id == self.serving, a
+                self.suspended = isinstance(a, reconfig.Suspend)
+                if self.suspended:  # a late handover is the router's to recompute now, not the machine's
+                    assert not self.pending - self.failed, "suspended with handed-over requests pending"
+                    self.replaced = None
             elif isinstance(a, reconfig.Release):
                 for r in a.request_ids:
                     self.released[r] += 1
@@ -209,6 +221,7 @@ class Harness:
                 if a.ranks is None:
                     self.failed_all = max(self.failed_all, a.config_id)
                     self.failed |= set(self.home) | self.held
+                    self.suspended = False  # suspended requests are failed too
                 else:
                     self.failed_ranks |= {(a.config_id, r) for r in a.ranks}
                     self.failed |= {r for r, (c, k) in self.home.items() if c == a.config_id and k in a.ranks}
@@ -219,20 +232,25 @@ class Harness:
                 assert bool(rec.message) == (rec.outcome != admin.Outcome.SUCCEEDED), rec
                 assert sum(rec.phases_ms.values()) == rec.duration_ms
                 self.records[rec.scale_id] = rec
-                assert self.state.scale is None
+                # (a recovery may start in the same step: an aborted scale made way for it)
+                assert self.state.scale is None or (self.state.scale.lost and self.state.scale.scale_id != rec.scale_id)
         self.started |= starts
         s = self.state
         assert all(self.home[r][0] == self.serving for r in adopted), "adopted by a configuration that does not serve"
         assert s.config_id == self.serving, "the state serves another configuration than the actions committed"
-        assert not s.paused or (s.scale is not None and s.scale.stage == SWITCH), "paused outside a switch"
+        assert not s.paused or (s.scale is not None and s.scale.stage == SWITCH) or s.suspended_since is not None, \
+            "paused outside a switch or a recovery"
+        assert s.suspended_since is None or s.paused, "requests suspended while admission goes on"
+        assert self.suspended == (s.suspended_since is not None), "suspended requests neither recomputed nor failed"
         assert self.held - set(self.released) - self.failed <= set(s.held), "a held request was forgotten"
-        if s.scale is None or s.scale.stage != SWITCH:
+        if (s.scale is None or s.scale.stage != SWITCH) and s.suspended_since is None:
             self.settled(scale_over=False)
 
     def settled(self, scale_over: bool = True) -> None:
         if scale_over:
             assert self.state.scale is None and not self.state.paused
-            assert sorted(self.records) == sorted(self.scales), "a scale without exactly one record"
+            asked = sorted(r for r in self.records if not r.startswith("recovery-"))  # recoveries: ours
+            assert asked == sorted(self.scales), "a scale without exactly one record"
         lost = sorted(self.pending - self.failed)
         assert not lost, f"handed over, neither adopted nor failed: {lost}"
         waiting = [r for r in self.held if self.released[r] != 1 and r not in self.failed]

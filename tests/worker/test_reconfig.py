@@ -108,7 +108,8 @@ def test_departing_sequences_go_to_the_least_loaded_rank_and_staying_ones_stay()
 # -- failures ---------------------------------------------------------------------------------
 PRE_SWITCH_FAILURES = {
     "new worker died": (lambda h: reconfig.WorkerDied(3, "exit code -9", h.now), "new worker(s) died: device 3"),
-    "staying worker died": (lambda h: reconfig.WorkerDied(1, "exit code 1", h.now), "device 1 died: exit code 1"),
+    "staying worker died": (lambda h: reconfig.WorkerDied(1, "exit code 1", h.now),
+                            "device 1 lost: worker process(es) died: device 1 (exit code 1)"),
     "transition failed": (lambda h: reconfig.HMMFailed(2, 2, "out of memory", h.now), "device 2: out of memory"),
     "standby failed": (lambda h: reconfig.ExecutorFailed(2, 2, "CUDA error", h.now),
                        "standby executor rank 2 failed: CUDA error"),
@@ -127,20 +128,27 @@ def test_a_failure_before_the_switch_aborts_to_the_old_configuration(stage, fail
     h.to_stage(stage)
     make, message = PRE_SWITCH_FAILURES[failure]
     actions = h.step(make(h))
+    alive = [0] if failure == "staying worker died" else [0, 1]  # a lost device is told nothing
     assert [(a.dest, a.msg.config_id) for a in actions if isinstance(a, reconfig.Send)
-            and isinstance(a.msg, wire.AbortTransition)] == [("hmm-0", 2), ("hmm-1", 2)]
+            and isinstance(a.msg, wire.AbortTransition)] == [(f"hmm-{d}", 2) for d in alive]
     assert {"hmm-2 Shutdown", "hmm-3 Shutdown"} <= set(rh.summary(actions))
     assert reconfig.RemoveWorkers((2, 3)) in actions
     rec = rh.finished(actions)
     assert rec.outcome == admin.Outcome.ABORTED and message.format(what=WAITING_FOR[stage]) in rec.message
     s = h.state
+    if failure == "staying worker died":  # the serving configuration lost a device too: device 0 goes on
+        assert not any(isinstance(a, reconfig.FailRequests) for a in actions)
+        assert (s.config_id, s.scale.lost, s.scale.new_devices, s.scale.stage, s.paused) == (1, (1,), (0,), TRANSFER,
+                                                                                             True)
+        assert h.request("after") == []  # waits for the survivor
+        h.to_stage(STANDBY)
+        h.complete_stage()
+        assert (h.state.config_id, h.state.devices, h.state.phase) == (3, (0,), admin.Phase.SERVING)
+        assert h.state.held == () and h.released["after"] == 1
+        h.settled()
+        return
     assert (s.config_id, s.num_devices, s.scale, s.paused) == (1, 2, None, False)
-    if failure == "staying worker died":  # the serving configuration lost a device too
-        assert [a for a in actions if isinstance(a, reconfig.FailRequests)] == [
-            reconfig.FailRequests(1, None, "worker process(es) died: device 1 (exit code 1)")]
-        assert s.phase == admin.Phase.DEGRADED and reconfig.SetHealth(s.error) in actions
-    else:
-        assert s.phase == admin.Phase.SERVING and not any(isinstance(a, reconfig.FailRequests) for a in actions)
+    assert s.phase == admin.Phase.SERVING and not any(isinstance(a, reconfig.FailRequests) for a in actions)
     assert h.request("after") == [reconfig.Release(("after",))]  # the old configuration admits at once
     h.settled()
 
@@ -336,29 +344,31 @@ def test_a_request_outside_the_pause_is_released_at_once(stage):
 def test_a_failed_executor_is_restarted_on_the_same_memory_after_the_grace():
     h = rh.Harness(2)
     actions = h.step(reconfig.ExecutorFailed(1, 1, "segfault", 5.0))
-    assert actions == [reconfig.FailRequests(1, None, "executor rank 1 failed: segfault"),
-                       reconfig.SetHealth("executor rank 1 failed: segfault")]
-    assert h.state.phase == admin.Phase.DEGRADED and reconfig.refuse_scale(h.state, 3)[0] == "busy"
-    assert h.tick(5.4) == []
+    # its requests (and new ones) wait: the router keeps what their clients have, to recompute them
+    assert actions == [reconfig.Suspend(1, "executor rank 1 failed: segfault"), reconfig.PauseAdmission()]
+    assert h.step(reconfig.ExecutorFailed(0, 1, "connection reset by peer", 5.1)) == []  # its peer's, after
+    assert h.state.phase == admin.Phase.SERVING and reconfig.refuse_scale(h.state, 3)[0] == "busy"
+    assert h.request("waits") == [] and h.tick(5.4) == []
     actions = h.tick(5.5)
     assert actions == [reconfig.Recovering(2)] + [
         reconfig.Send(f"hmm-{d}", reconfig.start_message(FACTS, 2, d, 2, [0] * 4 + [1] * 4)) for d in (0, 1)]
     assert all(a.msg.replace for a in actions[1:])
     assert h.executor_ready(0, 2) == [] and h.executor_ready(1, 1) == []  # one to go; a stale one
-    assert h.executor_ready(1, 2) == [reconfig.SetHealth(None)]
-    assert (h.state.phase, h.state.config_id) == (admin.Phase.SERVING, 2)
+    assert h.executor_ready(1, 2) == [reconfig.Resume(), reconfig.Release(("waits",))]
+    assert (h.state.phase, h.state.config_id, h.state.paused) == (admin.Phase.SERVING, 2, False)
     h.scale(3)
     assert h.state.scale.new_config == 3
 
 
-@pytest.mark.parametrize("loss", [reconfig.WorkerDied(1, "exit code -9"), reconfig.HMMFailed(1, 0, "memory gone")])
-def test_a_lost_worker_is_never_recovered(loss):
+def test_restarted_executors_that_fail_again_end_their_requests():
     h = rh.Harness(2)
-    actions = h.step(loss)
-    assert rh.summary(actions) == ["FailRequests", "SetHealth"] and actions[0].ranks is None
-    actions = h.step(reconfig.ExecutorFailed(1, 1, "broken pipe", 1.0))  # its executor's report comes after
-    assert rh.summary(actions) == ["SetHealth"] and "broken pipe" in actions[0].error
-    assert h.tick(1000.0) == [] and h.state.config_id == 1 and h.state.phase == admin.Phase.DEGRADED
+    h.step(reconfig.ExecutorFailed(1, 1, "segfault", 1.0))
+    h.tick(2.0)  # the restart, configuration 2
+    actions = h.step(reconfig.ExecutorFailed(0, 2, "segfault again", 2.5))
+    assert rh.summary(actions) == ["FailRequests", "SetHealth"] and actions[0] == reconfig.FailRequests(
+        2, None, "executor rank 0 failed: segfault again")
+    assert h.state.phase == admin.Phase.DEGRADED and not h.state.paused
+    h.settled()
 
 
 @pytest.mark.parametrize("target, expected", [(0, "got 0"), (9, "got 9"), (True, "got True"), ("3", "got '3'"),
@@ -385,5 +395,7 @@ def test_any_event_order_keeps_the_invariants(start, warm, ops):
         if kind == "stale":  # an aborted or replaced configuration never changes a later one
             assert actions == [] and h.state == before, event
     h.tick(h.now + 2 * TIMEOUT_S)  # ends any scale (abort or commit) ...
-    h.tick(h.now + 2 * TIMEOUT_S)  # ... and starts any recovery
+    h.tick(h.now + 2 * TIMEOUT_S)  # ... and starts any restart of failed executors ...
+    for rank in sorted(h.state.recovering):  # ... which come up, and recompute the suspended requests
+        h.step(reconfig.ExecutorReady(rank, h.state.config_id, h.now))
     h.settled()

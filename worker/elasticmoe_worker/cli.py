@@ -58,6 +58,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             log.error("%s", exc)
             return 2
     if args.devices is None:
+        if args.expert_copies != 1:
+            log.error("--expert-copies %d needs --devices N (copies live on distinct devices of a multi-device "
+                      "instance)", args.expert_copies)
+            return 2
         if getattr(args, "cpu_per_device", None) is not None:
             log.error("--cpu-per-device needs --devices N (a CPU quota for each device of a multi-device instance)")
             return 2
@@ -68,7 +72,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.info("starting a local instance of %d %s device(s)", args.devices, args.backend)
         engine = coordinator.Instance(model_dir, args.devices, cliargs.engine_config_from_args(args), model_name=name,
                                       backend=args.backend, collective_timeout_s=args.collective_timeout_s,
-                                      cpu_per_device=args.cpu_per_device).start()
+                                      cpu_per_device=args.cpu_per_device, expert_copies=args.expert_copies).start()
     elif args.fleet == "ray":
         from elasticmoe_worker.instance import coordinator, rayfleet, transport
 
@@ -84,7 +88,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             control_port=args.control_port if is_coordinator else 0,
             worker_secret=_worker_secret(args) if is_coordinator else os.environ.get(transport.SECRET_ENV, "").strip(),
             ray_options=rayfleet.Options(address=args.ray_address, cpus_per_device=args.ray_cpus_per_device,
-                                         placement_timeout_s=args.ray_placement_timeout_s)).start()
+                                         placement_timeout_s=args.ray_placement_timeout_s),
+            expert_copies=args.expert_copies).start()
     else:
         from elasticmoe_worker.instance import coordinator
 
@@ -103,7 +108,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             collective_timeout_s=args.collective_timeout_s, startup_timeout_s=args.startup_timeout_s,
             warm_workers=0, fleet="external", bind_host=args.host, advertise_host=advertise,
             control_port=args.control_port, worker_secret=secret,
-            heartbeat_timeout_s=args.heartbeat_timeout_s).start()
+            heartbeat_timeout_s=args.heartbeat_timeout_s, expert_copies=args.expert_copies).start()
     autoscaler = None
     # NOTE: uvicorn re-raises the signal that stopped it once its graceful shutdown is done; with
     # SIGTERM's default action (what Kubernetes and `kill` send) the process would end right there,
@@ -217,6 +222,10 @@ def _add_serving_arguments(p: argparse.ArgumentParser, host_default: str, device
                             "data-parallel, experts spread over all devices (default: one in-process engine)")
     p.add_argument("--backend", default="cpu", choices=["cpu", "cuda", "ascend"],
                    help="device backend of the instance's workers (default: %(default)s)")
+    p.add_argument("--expert-copies", type=int, choices=[1, 2], default=1,
+                   help="copies of each routed expert, on distinct devices: with 2, a lost device's experts come "
+                        "from a peer's copy instead of the checkpoint, at the memory of one more copy of every "
+                        "expert (shown in /admin/status as experts.redundantBytes) (default: %(default)s)")
     p.add_argument("--collective-timeout-s", type=float, default=60.0,
                    help="a collective that stalls longer fails with an error instead of hanging (default: %(default)s)")
     p.add_argument("--admin-token-file", default=None,

@@ -68,6 +68,17 @@ class ScaleRecord(_Body, kw_only=True):
     bytes_transferred: int = 0
     transfer_data_ms: int = 0  # of the transfer phase: moving bytes (the rest: allocation, group set-up)
     requests_handed_over: int = 0
+    tokens_recomputed: int = 0  # of a recovery from a lost device: prompt + output tokens of its suspended requests
+
+
+class ExpertCopies(_Body, kw_only=True):
+    """Where the routed experts live and what redundancy costs (`--expert-copies`)."""
+
+    wanted: int  # copies of each expert asked for
+    copies_per_expert: int  # held now (fewer than wanted on fewer devices)
+    bytes_per_copy: int  # one expert, every MoE layer
+    redundant_bytes: int  # memory of the copies beyond the first, over all devices
+    per_device: dict[str, int] = {}  # device id -> experts it holds (computed + redundant)
 
 
 class DeviceCounts(_Body, kw_only=True):
@@ -136,6 +147,7 @@ class AdminStatus(_Body, kw_only=True):
     last_scale: ScaleRecord | None = None
     history: list[ScaleRecord] = []
     autoscaler: AutoscalerStatus | None = None  # only while `serve --autoscale` runs
+    experts: ExpertCopies | None = None  # a multi-device instance's expert placement
 
     def find_scale(self, scale_id: str) -> ScaleRecord | None:
         """The record of the scale the caller started with `scale_id` (running or ended)."""

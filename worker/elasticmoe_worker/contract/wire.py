@@ -184,6 +184,11 @@ class PrepareTransition(Msg):
     config_json: str  # new devices read nothing from the checkpoint directory
     tokenizer_files: dict[str, str]
     timeout_s: float
+    # After a lost device: experts this device gains that no survivor holds. It reads them (only
+    # them) from the checkpoint at model_dir, in dtype, into the regions it allocates for them.
+    checkpoint_experts: list[int] = []
+    model_dir: str = ""
+    dtype: str = ""
 
 
 class TransitionReady(Msg):

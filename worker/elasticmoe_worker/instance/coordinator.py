@@ -11,8 +11,14 @@ hands the channel to its I/O thread. From then on every message and clock tick b
 `reconfig` event; `step` runs under one lock, and its actions run in order under that lock
 (none of them blocks: sends are queued, worker removals run in the background).
 
-Not guaranteed: after a worker dies the instance reports itself unhealthy and refuses new
-requests; replacing the worker is the operator's (or a scale's) job.
+A worker that dies (or whose memory fails) while serving starts a recovery (`reconfig`): the
+instance goes on with the surviving devices, its requests in flight are recomputed there
+(`routing`), and new ones wait meanwhile. With `expert_copies=2` every expert has a copy on a
+second device, so the survivors need nothing from the checkpoint.
+
+Not guaranteed: a device lost during a switch's pause, or a recovery that fails (no survivor,
+an expert in no copy and no readable checkpoint), leaves the instance Degraded; replacing the
+lost worker (back to the desired device count) is the operator's (or a scale's) job.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ import threading
 import time
 import uuid
 from typing import AsyncIterator, Sequence
+
+import msgspec
 
 from elasticmoe_worker import planner
 from elasticmoe_worker.contract import admin, wire
@@ -56,14 +64,18 @@ class Instance:
                  warm_workers: int = 1, fleet: str = "local", bind_host: str | None = "127.0.0.1",
                  advertise_host: str | None = None, control_port: int = 0, worker_secret: str = "",
                  heartbeat_timeout_s: float = 15.0, cpu_per_device: float | None = None,
-                 ray_options: rayfleet.Options | None = None) -> None:
+                 ray_options: rayfleet.Options | None = None, expert_copies: int = 1) -> None:
         """`fleet="local"` starts one HMM process per device here (a worker secret is generated
         when none is given), each in a cgroup with a quota of `cpu_per_device` cores if given;
         `fleet="external"` waits for workers that others start (`elasticmoe worker`, one pod
         per device) to connect to `tcp://<advertise_host>:<control_port>` with the same
         `worker_secret`; `fleet="ray"` starts one Ray actor per device (`rayfleet`), and the
         control channel binds and is advertised, where not given (None), on the address Ray
-        reports for this process's node."""
+        reports for this process's node. `expert_copies`: copies of each routed expert, on
+        distinct devices (fewer while there are fewer devices); 2 lets a lost device's experts
+        come from a peer instead of the checkpoint."""
+        if not isinstance(expert_copies, int) or isinstance(expert_copies, bool) or not 1 <= expert_copies <= 2:
+            raise ValueError(f"expert_copies: got {expert_copies!r}, expected 1 or 2")
         if fleet not in ("local", "external", "ray"):
             raise ValueError(f"fleet: got {fleet!r}, expected 'local', 'external' or 'ray'")
         if fleet != "local" and cpu_per_device is not None:
@@ -86,6 +98,7 @@ class Instance:
             raise ValueError(f"devices: got {num_devices!r}, expected an integer in [1, {self.max_devices}] "
                              f"(one routed expert per device at least)")
         self._initial_devices = num_devices
+        self.expert_copies = expert_copies
         self.tokenizer = engine_mod.load_tokenizer(self.model_dir)
         self.max_model_len = engine_mod.resolve_max_model_len(self.spec, self.config)
         # Kept in memory so devices that join later read nothing from the checkpoint directory.
@@ -110,6 +123,9 @@ class Instance:
         self.history: list[admin.ScaleRecord] = []
         self.outcomes: dict[str, int] = {o.value: 0 for o in admin.TERMINAL_OUTCOMES}
         self.phase_seconds: list[tuple[str, float]] = []  # (phase, seconds) of every finished scale, for metrics
+        # why the requests in flight wait to be recomputed (broken executors, a lost device); None: they don't
+        self.suspension: str | None = None
+        self._resumed: tuple[int, int] | None = None  # (requests, tokens) the last Resume recomputed
         self._started = False
         self._stopped = False
 
@@ -134,12 +150,12 @@ class Instance:
         warm: set[int] = set()
         stats: dict[int, wire.RankStats] = {}
         self._recv_until(wire.HMMHello, n, deadline, warm, stats)
-        placement = planner.initial_placement(self.spec.num_experts, list(range(n)))
-        owner = reconfig.owner_list(placement)
+        copies = max(1, min(self.expert_copies, n))
+        placement = planner.initial_placement(self.spec.num_experts, list(range(n)), copies)
+        owner = reconfig.owner_list(placement, tuple(range(n)))
         for i in range(n):
             self.transport.send(reconfig.hmm_dest(i), wire.LoadPlan(
-                model_dir=str(self.model_dir), dtype=self.config.dtype,
-                expert_ids=[e for e, d in enumerate(owner) if d == i],
+                model_dir=str(self.model_dir), dtype=self.config.dtype, expert_ids=list(placement.experts_on(i)),
                 kv_cache_bytes=self._kv_cache_bytes(), block_size=self.config.block_size))
         hmm_ready = self._recv_until(wire.HMMReady, n, deadline, warm, stats)
         facts = self._facts(hmm_ready[0])
@@ -152,8 +168,8 @@ class Instance:
         for s in stats.values():
             self.router.on_stats(s)
         self.transport.start()
-        logger.info("instance ready: %d device(s), %d experts placed contiguously, in %.1f s", n,
-                    self.spec.num_experts, time.monotonic() - started)
+        logger.info("instance ready: %d device(s), %d experts x %d copies placed contiguously, in %.1f s", n,
+                    self.spec.num_experts, copies, time.monotonic() - started)
         self.prewarm()
 
     def _make_fleet(self) -> fleet_mod.Fleet:
@@ -161,7 +177,8 @@ class Instance:
         env = {transport.SECRET_ENV: self.worker_secret}
         if self._fleet_kind == "local":
             return fleet_mod.LocalFleet(self.transport.bind(), self.backend, env=env,
-                                        cpu_per_device=self._cpu_per_device)
+                                        cpu_per_device=self._cpu_per_device,
+                                        heartbeat_timeout_s=self._heartbeat_timeout_s)
         if self._fleet_kind == "external":
             self.transport.bind()
             return fleet_mod.ExternalFleet(self._heartbeat_timeout_s)
@@ -185,7 +202,8 @@ class Instance:
             expert_w2_bytes=ready0.experts[0].w2.size_bytes,
             moe_layers=tuple(sorted({r.layer for r in ready0.experts})), num_kv_blocks=ready0.num_kv_blocks,
             kv_bytes=ready0.kv.size_bytes, config_json=self.config_json, tokenizer_files=dict(self.tokenizer_files),
-            engine=options, model_name=self.model_name, collective_timeout_s=self.collective_timeout_s)
+            engine=options, model_name=self.model_name, collective_timeout_s=self.collective_timeout_s,
+            expert_copies=self.expert_copies, model_dir=str(self.model_dir))
 
     def _recv_until(self, want: type, count: int, deadline: float, warm: set[int],
                     stats: dict[int, wire.RankStats]) -> dict[int, wire.Msg]:
@@ -232,7 +250,7 @@ class Instance:
                 return
             sc = self.state.scale
             busy = set(sc.added) if sc is not None else set()
-            start, stop = self.members.pool_changes(self.state.num_devices, set(self.state.warm), busy)
+            start, stop = self.members.pool_changes(set(self.state.devices), set(self.state.warm), busy)
             for d in stop:
                 self.transport.send(reconfig.hmm_dest(d), wire.Shutdown(reason="warm pool shrinks"))
                 self.state = dataclasses.replace(self.state, warm=self.state.warm - {d})
@@ -334,6 +352,7 @@ class Instance:
                 self.router.fail(action.ranks, action.error)
         elif isinstance(action, reconfig.SetHealth):
             self.router.error = action.error
+            self.suspension = None
             if action.error is None:
                 logger.info("instance recovered: executors of configuration %d ready; serving again", self.config_id)
             else:
@@ -341,17 +360,35 @@ class Instance:
         elif isinstance(action, reconfig.Recovering):
             self.router.set_config(action.config_id)
             logger.warning("restarting the executors on the HMMs' memory as configuration %d", action.config_id)
+        elif isinstance(action, reconfig.Suspend):
+            self.suspension = action.reason
+            n = self.router.suspend()
+            logger.warning("configuration %d is broken (%s): %d request(s) in flight wait to be recomputed, new ones "
+                           "wait for the next configuration", action.config_id, action.reason, n)
+        elif isinstance(action, reconfig.Resume):
+            self.suspension = None
+            self._resumed = self.router.resume()
+            logger.info("configuration %d recomputes %d suspended request(s) (%d prompt + output tokens)",
+                        self.router.config_id, *self._resumed)
         elif isinstance(action, reconfig.Finished):
             self._finished(action.record)
         else:
             raise AssertionError(f"unknown action {action!r}")
 
     def _finished(self, record: admin.ScaleRecord) -> None:
+        if self._resumed is not None:  # a recovery: the router knows what it recomputed
+            record = msgspec.structs.replace(record, requests_handed_over=self._resumed[0],
+                                             tokens_recomputed=self._resumed[1])
+            self._resumed = None
         self.last_scale = record
         self.history = (self.history + [record])[-_HISTORY_LIMIT:]
         self.outcomes[record.outcome.value] = self.outcomes.get(record.outcome.value, 0) + 1
         self.phase_seconds += [(p, ms / 1000) for p, ms in record.phases_ms.items()]
-        if record.outcome == admin.Outcome.SUCCEEDED:
+        if record.outcome == admin.Outcome.SUCCEEDED and record.scale_id.startswith("recovery-"):
+            logger.warning("recovered on %d surviving device(s) in %.2f s (%s): %d request(s) recomputed, %d tokens; "
+                           "phases, ms: %s", record.to_devices, record.duration_ms / 1000, record.reason,
+                           record.requests_handed_over, record.tokens_recomputed, record.phases_ms)
+        elif record.outcome == admin.Outcome.SUCCEEDED:
             logger.info("scaled %d -> %d devices in %.2f s (phases, ms: %s)", record.from_devices, record.to_devices,
                         record.duration_ms / 1000, record.phases_ms)
         else:
@@ -454,7 +491,15 @@ class Instance:
                 requests=admin.RequestCounts(running=stats.num_running, waiting=stats.num_waiting),
                 kv_blocks=admin.KVBlocks(used=stats.kv_blocks_used, total=stats.kv_blocks_total),
                 scaling=True, current_scale=sc.record if sc else None, last_scale=self.last_scale,
-                history=list(self.history))
+                history=list(self.history), experts=self._expert_copies() if s is not None else None)
+
+    def _expert_copies(self) -> admin.ExpertCopies:
+        s = self.state
+        copies = s.placement.copies_per_expert
+        return admin.ExpertCopies(
+            wanted=self.expert_copies, copies_per_expert=copies, bytes_per_copy=s.facts.expert_bytes,
+            redundant_bytes=(copies - 1) * s.placement.num_experts * s.facts.expert_bytes,
+            per_device={str(d): n for d, n in s.placement.counts().items()})
 
     def scaling_counters(self) -> admin.ScalingCounters:
         status = self.status()
@@ -478,7 +523,7 @@ class Instance:
             router.fail(None, "the instance is shutting down")
         if self.members is not None and self.transport.address:
             if self.state is not None:
-                for rank in self.state.devices:
+                for rank in range(self.state.num_devices):
                     self.transport.send(reconfig.exec_dest(self.state.config_id, rank),
                                         wire.Shutdown(reason="instance stopping"))
             for i in list(self.members.fleet.workers):

@@ -6,7 +6,9 @@ coordinator's business. Every fleet has the interface of `Fleet`. Three kinds:
 - `LocalFleet` (`elasticmoe serve --devices N`): one HMM child process per device on this
   machine. Workers start in their own session so a Ctrl-C in the terminal reaches the
   coordinator alone, which then stops them in order; a parent-death signal takes them down
-  if the coordinator is killed outright. With `cpu_per_device`, each worker goes into its own
+  if the coordinator is killed outright. With `heartbeat_timeout_s`, a worker that is still a
+  process but has fallen silent that long (stopped, hung) is killed and declared dead too. With
+  `cpu_per_device`, each worker goes into its own
   cgroup with that CPU quota right after it starts (its executors, started later by it,
   inherit it): the device gets fixed capacity, like a pod with a CPU limit (`cgroup`).
 - `ExternalFleet` (`elasticmoe coordinator`, in Kubernetes): someone else (the operator,
@@ -72,9 +74,13 @@ class LocalFleet:
     starts_workers = True
 
     def __init__(self, coordinator_address: str, backend: str = "cpu", env: dict[str, str] | None = None,
-                 cpu_per_device: float | None = None, worker_host: str = "127.0.0.1") -> None:
+                 cpu_per_device: float | None = None, worker_host: str = "127.0.0.1",
+                 heartbeat_timeout_s: float | None = None) -> None:
         """`worker_host`: the address every worker's collectives listen on (all run here, so
         loopback by default)."""
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self._last_seen: dict[int, float] = {}  # from its first message on: a worker still starting is not silent
+        self._silenced: dict[int, float] = {}  # device -> how long it was silent when we killed it
         # First: an unusable quota fails before any thread or process is started.
         self.quotas = cgroup.CpuQuotas(cpu_per_device) if cpu_per_device is not None else None
         self.coordinator_address = coordinator_address
@@ -129,16 +135,29 @@ class LocalFleet:
             logger.info("device %d: HMM started (pid %d)", device_index, self.workers[device_index].pid)
 
     def dead(self) -> dict[int, int]:
-        """Device index -> exit code, for workers that exited."""
+        """Device index -> exit code, for workers that exited (or were killed for their silence)."""
+        if self.heartbeat_timeout_s is not None:
+            now = time.monotonic()
+            for i, p in list(self.workers.items()):
+                silent_s = now - self._last_seen.get(i, now)
+                if silent_s > self.heartbeat_timeout_s and i not in self._silenced and p.poll() is None:
+                    logger.error("device %d: no heartbeat for %.1f s; killing its worker (pid %d)", i, silent_s, p.pid)
+                    self._silenced[i] = silent_s
+                    p.kill()
+                    p.wait()
         return {i: p.returncode for i, p in self.workers.items() if p.poll() is not None}
 
     def death_reason(self, device_index: int, code: int) -> str:
+        if device_index in self._silenced:
+            return f"no heartbeat for {self._silenced[device_index]:.1f} s (stopped or hung); killed"
         return exit_reason(code)
 
     def remove(self, device_index: int, timeout_s: float = 10.0, wait: bool = True) -> None:
         """Stop that worker. The device index is free again at once; with wait=False the
         process is reaped (and killed after `timeout_s`) in the background."""
         proc = self.workers.pop(device_index, None)
+        self._last_seen.pop(device_index, None)
+        self._silenced.pop(device_index, None)
         if proc is None:
             return  # idempotent
         if proc.poll() is None:
@@ -164,7 +183,9 @@ class LocalFleet:
         return {i: p.pid for i, p in self.workers.items()}
 
     def seen(self, device_index: int) -> None:
-        """A message from this device's worker (child processes need no heartbeat)."""
+        """A message from this device's worker."""
+        if device_index in self.workers:
+            self._last_seen[device_index] = time.monotonic()
 
     def wait_stopped(self, deadline: float) -> None:
         for proc in list(self.workers.values()):

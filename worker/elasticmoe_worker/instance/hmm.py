@@ -78,14 +78,15 @@ class HMM:
         assert self.memory is not None, "StartExecutor before the device has memory"
         if start.replace:
             self.stop_executors()
+        # a standby (or a recovery's executor) serves the configuration being prepared, with the
+        # experts this device will hold; of those it maps only the ones it computes (the others
+        # are redundant copies, kept for a peer's loss)
+        held = self.pending_expert_ids if self.pending_expert_ids is not None else self.expert_ids
+        computed = [e for e in held if start.expert_owner[e] == start.rank]
         spec = wire.ExecutorSpec(
             device_index=self.device_index, backend=self.backend_name, coordinator=self.coordinator,
             config_json=self.config_json, tokenizer_files=self.tokenizer_files,
-            model_name=start.model_name,
-            # a standby serves the configuration being prepared, with the experts it will hold
-            ready=self.memory.ready_for(self.pending_expert_ids if not start.replace and self.pending_expert_ids
-                                        is not None else self.expert_ids),
-            start=start, host=self.host,
+            model_name=start.model_name, ready=self.memory.ready_for(computed), start=start, host=self.host,
         )
         proc, self.spare = self.spare, None
         if proc is None or proc.poll() is not None:
@@ -108,6 +109,7 @@ class HMM:
             proc, _ = self.executors.pop(config_id)
             if proc.poll() is None:
                 proc.terminate()
+                proc.send_signal(signal.SIGCONT)  # a stopped one acts on the SIGTERM only once it runs
                 try:
                     proc.wait(timeout=timeout_s)
                 except subprocess.TimeoutExpired:

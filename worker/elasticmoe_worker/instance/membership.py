@@ -59,13 +59,15 @@ class Membership:
     def death_reason(self, device: int, code: int) -> str:
         return self.fleet.death_reason(device, code)
 
-    def pool_changes(self, num_devices: int, warm: set[int], busy: set[int]) -> tuple[list[int], list[int]]:
+    def pool_changes(self, active: set[int], warm: set[int], busy: set[int]) -> tuple[list[int], list[int]]:
         """-> (devices to start, warm devices to stop) so that `warm_workers` idle workers stand
-        beyond the active ones. Only a fleet that starts workers keeps a pool: with pods, the
-        operator decides which exist. `busy`: devices a scale in progress uses."""
+        on the lowest unused ids (those a scale-up adds next, `planner.resize`). Only a fleet
+        that starts workers keeps a pool: with pods, the operator decides which exist. `busy`:
+        devices a scale in progress uses."""
         if not self.fleet.starts_workers:
             return [], []
-        want = set(range(num_devices, min(num_devices + self.warm_workers, self.max_devices)))
+        unused = [d for d in range(self.max_devices) if d not in active]
+        want = set(unused[:self.warm_workers])
         start = sorted(d for d in want if d not in self.fleet.workers)
-        stop = sorted(d for d in self.fleet.workers if d >= num_devices and d not in want and d not in busy)
+        stop = sorted(d for d in self.fleet.workers if d not in active and d not in want and d not in busy)
         return start, stop

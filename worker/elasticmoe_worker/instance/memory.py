@@ -121,15 +121,10 @@ def load_device(backend: backends_base.DeviceBackend, device_index: int, plan: w
         if not is_moe:
             continue
         for e in plan.expert_ids:
-            gate_name, up_name, down_name = fam.expert_names(layer, e)
-            gate, up, down = ckpt.read(gate_name), ckpt.read(up_name), ckpt.read(down_name)
-            inter, hidden = gate.shape
+            inter, hidden = ckpt.shape(fam.expert_names(layer, e)[0])
             w13 = backend.allocate(_round_up(2 * inter * hidden * item, page), f"dev{device_index}.l{layer}.e{e}.w13")
             w2 = backend.allocate(_round_up(hidden * inter * item, page), f"dev{device_index}.l{layer}.e{e}.w2")
-            view13 = w13.tensor(dtype, (2 * inter, hidden))
-            view13[:inter].copy_(gate)
-            view13[inter:].copy_(up)
-            w2.tensor(dtype, (hidden, inter)).copy_(down)
+            _fill_expert(ckpt, fam, layer, e, w13, w2, dtype)
             experts[(layer, e)] = (w13, w2)
             handles.append(wire.ExpertRegion(layer, e, w13.handle, w2.handle))
 
@@ -148,6 +143,37 @@ def load_device(backend: backends_base.DeviceBackend, device_index: int, plan: w
         kv=kv.handle, num_kv_blocks=num_blocks, bytes_read_from_checkpoint=ckpt.bytes_read, load_seconds=seconds,
     )
     return DeviceMemory(replicated, experts, kv, ready)
+
+
+def _fill_expert(ckpt: weights_mod.Checkpoint, fam, layer: int, expert: int, w13: backends_base.Region,
+                 w2: backends_base.Region, dtype: torch.dtype) -> None:
+    """w13 holds [gate; up] as (2 * inter, hidden), w2 holds down as (hidden, inter)."""
+    gate_name, up_name, down_name = fam.expert_names(layer, expert)
+    gate, up, down = ckpt.read(gate_name), ckpt.read(up_name), ckpt.read(down_name)
+    inter, hidden = gate.shape
+    view13 = w13.tensor(dtype, (2 * inter, hidden))
+    view13[:inter].copy_(gate)
+    view13[inter:].copy_(up)
+    w2.tensor(dtype, (hidden, inter)).copy_(down)
+
+
+def read_experts(mem: DeviceMemory, model_dir: str, dtype_name: str, expert_ids: list[int]) -> int:
+    """Fill the regions of `expert_ids` (allocated already, every MoE layer) from the
+    checkpoint, reading only those tensors; -> bytes read. Raises (FileNotFoundError, ...)
+    when the checkpoint cannot be read."""
+    spec = config_mod.load_spec(model_dir)
+    fam = registry.family(spec.model_type)
+    dtype = registry.resolve_dtype(spec, dtype_name)
+    ckpt = weights_mod.Checkpoint(model_dir)
+    try:
+        for layer, is_moe in enumerate(spec.moe_layers):
+            if is_moe:
+                for e in expert_ids:
+                    w13, w2 = mem.experts[(layer, e)]
+                    _fill_expert(ckpt, fam, layer, e, w13, w2, dtype)
+    finally:
+        ckpt.close()
+    return ckpt.bytes_read
 
 
 class SharedWeights(weights_mod.WeightSource):

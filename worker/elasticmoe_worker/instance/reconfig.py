@@ -13,6 +13,12 @@ A scale A -> B goes through stages:
   standby_start — B's executors start beside A's, on the new memory;
   switch   — admission pauses, A's executors hand over their sequences, B adopts them, admission
              resumes on B (the commit); A's executors exit, departing workers are released.
+A lost device (its worker died, its memory failed, or it fell silent) starts a recovery
+instead: the requests in flight are suspended (the router keeps what their clients have), the
+survivors' broken executors are stopped, the survivors move to the placement planned by
+`reconfig_loss` (experts from surviving redundant copies, else read from the checkpoint), start
+executors, and the suspended requests are recomputed there (prompt + tokens already streamed).
+A recovery that fails leaves the instance Degraded with the reason.
 Anything before the switch aborts back to A, which never stopped serving. After the pause there
 is no way back: a rank that never hands over has its requests failed, and B serves (a standby
 of B that fails after the pause is restarted, like any failed executor, once B serves).
@@ -37,141 +43,16 @@ import msgspec
 
 from elasticmoe_worker import planner
 from elasticmoe_worker.contract import admin, wire
+from elasticmoe_worker.instance import reconfig_loss
+from elasticmoe_worker.instance.reconfig_state import (  # noqa: F401 - re-exported: reconfig.X
+    WORKERS, TRANSFER, STANDBY, SWITCH, STAGES, Facts, Scale, State, initial, refuse_scale, owner_list, copies_for,
+    start_message, exec_dest, hmm_dest,
+)
 from elasticmoe_worker.instance.reconfig_events import (  # noqa: F401 - re-exported: reconfig.X
     ScaleRequested, WorkerRegistered, WorkerDied, TransferReady, HMMFailed, ExecutorReady, ExecutorFailed,
     HandedOver, RequestArrived, Tick, AbortRequested, Send, AddWorkers, RemoveWorkers, PauseAdmission, Commit,
-    Release, Rebind, FailRequests, SetHealth, Recovering, Finished, Event, Action,
+    Release, Rebind, FailRequests, SetHealth, Recovering, Suspend, Resume, Finished, Event, Action,
 )
-
-WORKERS, TRANSFER, STANDBY, SWITCH = "workers", "transfer", "standby_start", "switch"
-STAGES = (WORKERS, TRANSFER, STANDBY, SWITCH)
-
-
-# -- facts fixed for the instance's life --------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Facts:
-    """What planning and the messages need; learned at start-up from device 0's memory."""
-
-    num_experts: int
-    replicated_bytes: int
-    replicated_layout: tuple[wire.TensorSlot, ...]
-    expert_w13_bytes: int
-    expert_w2_bytes: int
-    moe_layers: tuple[int, ...]
-    num_kv_blocks: int
-    kv_bytes: int
-    config_json: str
-    tokenizer_files: Mapping[str, str]
-    engine: wire.EngineOptions
-    model_name: str
-    collective_timeout_s: float
-    recovery_grace_s: float = 0.5
-
-    @property
-    def expert_bytes(self) -> int:
-        return (self.expert_w13_bytes + self.expert_w2_bytes) * len(self.moe_layers)
-
-
-# -- state ----------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Scale:
-    scale_id: str
-    target: int
-    old_config: int
-    new_config: int
-    old_devices: tuple[int, ...]
-    new_devices: tuple[int, ...]
-    added: tuple[int, ...]
-    removed: tuple[int, ...]
-    stage: str
-    waiting: frozenset[int]  # devices (or ranks) this stage still waits for
-    started: float
-    stage_started: float
-    deadline: float
-    timeout_s: float
-    record: admin.ScaleRecord
-    plan: planner.Plan | None = None
-    ready: Mapping[int, wire.TransitionReady] = dataclasses.field(default_factory=dict)
-    handed: Mapping[int, tuple[wire.SequenceState, ...]] = dataclasses.field(default_factory=dict)
-    failures: tuple[str, ...] = ()  # what went wrong after the pause: the record says Failed, whatever ends it
-    broken: str = ""  # an executor of the new configuration failed after the pause: restart them after the commit
-
-    @property
-    def switched(self) -> bool:
-        return self.stage == SWITCH
-
-
-@dataclasses.dataclass(frozen=True)
-class State:
-    facts: Facts
-    config_id: int  # the configuration that serves
-    num_devices: int
-    placement: planner.Placement
-    hmm_ready: Mapping[int, wire.HMMReady]  # device -> handles of the memory it serves from
-    last_config_id: int  # ids are never reused: they prefix rendezvous keys
-    warm: frozenset[int] = frozenset()  # registered workers that hold nothing yet
-    scale: Scale | None = None
-    paused: bool = False
-    held: tuple[str, ...] = ()  # requests that arrived during the pause
-    retired: tuple[int, tuple[int, ...]] | None = None  # (config, new devices) of the last switch
-    adopted: frozenset[str] = frozenset()  # requests the serving configuration adopted: never twice
-    error: str | None = None  # why the instance is unhealthy
-    hmm_lost: bool = False  # a device's memory is gone: only a new worker can repair that
-    recover_at: float | None = None
-    recovering: frozenset[int] = frozenset()
-
-    @property
-    def phase(self) -> admin.Phase:
-        if self.error is not None:
-            return admin.Phase.DEGRADED
-        return admin.Phase.SCALING if self.scale is not None else admin.Phase.SERVING
-
-    @property
-    def devices(self) -> tuple[int, ...]:
-        return tuple(range(self.num_devices))
-
-
-def initial(facts: Facts, config_id: int, num_devices: int, placement: planner.Placement,
-            hmm_ready: Mapping[int, wire.HMMReady], warm: frozenset[int] = frozenset()) -> State:
-    return State(facts=facts, config_id=config_id, num_devices=num_devices, placement=placement,
-                 hmm_ready=dict(hmm_ready), last_config_id=config_id, warm=frozenset(warm))
-
-
-def refuse_scale(state: State, target: object) -> tuple[str, str] | None:
-    """Why a scale to `target` cannot start now -> (kind, message); kind is "invalid" (the
-    caller's input) or "busy" (try later). None when it can."""
-    n = state.facts.num_experts
-    if not isinstance(target, int) or isinstance(target, bool) or not 1 <= target <= n:
-        return "invalid", (f"devices: got {target!r}, expected an integer in [1, {n}] "
-                           f"(at most one device per routed expert)")
-    if state.scale is not None:
-        return "busy", (f"a scale {state.scale.record.from_devices} -> {state.scale.record.to_devices} "
-                        f"devices is in progress")
-    if state.error is not None:
-        return "busy", f"instance unhealthy, not scaling: {state.error}"
-    if target == state.num_devices:
-        return "invalid", f"devices: already {target}; nothing to do"
-    return None
-
-
-def owner_list(placement: planner.Placement) -> list[int]:
-    """Expert id -> the device that computes it (the first home; one copy per expert)."""
-    return [homes[0] for homes in placement.homes]
-
-
-def start_message(facts: Facts, config_id: int, rank: int, world_size: int, owner: list[int],
-                  replace: bool = True) -> wire.StartExecutor:
-    return wire.StartExecutor(config_id=config_id, rank=rank, world_size=world_size, expert_owner=owner,
-                              engine=facts.engine, model_name=facts.model_name,
-                              collective_timeout_s=facts.collective_timeout_s, replace=replace)
-
-
-def exec_dest(config_id: int, rank: int) -> str:
-    return f"exec-{config_id}-{rank}"
-
-
-def hmm_dest(device: int) -> str:
-    return f"hmm-{device}"
 
 
 # -- the step -------------------------------------------------------------------------
@@ -198,7 +79,7 @@ def _on_scale_requested(state: State, ev: ScaleRequested) -> tuple[State, list[A
     assert refused is None, f"the shell checks refuse_scale first: {refused}"
     new_config = state.last_config_id + 1
     old = state.devices
-    new = tuple(range(ev.target))
+    new = planner.resize(old, ev.target)  # adds the lowest unused ids, removes the highest
     added = tuple(d for d in new if d not in old)
     removed = tuple(d for d in old if d not in new)
     cold = tuple(d for d in added if d not in state.warm)
@@ -216,14 +97,20 @@ def _on_scale_requested(state: State, ev: ScaleRequested) -> tuple[State, list[A
     return state, actions
 
 
-def _start_transfer(state: State, now: float) -> tuple[State, list[Action]]:
+def _start_transfer(state: State, now: float, recovery: reconfig_loss.Recovery | None = None
+                    ) -> tuple[State, list[Action]]:
     sc, f = state.scale, state.facts
-    plan = planner.plan(state.placement, sc.old_devices, sc.new_devices, replicated_bytes=f.replicated_bytes,
-                        expert_bytes=f.expert_bytes)
+    if recovery is None:
+        plan = planner.plan(state.placement, sc.old_devices, sc.new_devices, replicated_bytes=f.replicated_bytes,
+                            expert_bytes=f.expert_bytes, copies_per_expert=copies_for(f, len(sc.new_devices)))
+        from_checkpoint = {}
+    else:
+        plan, from_checkpoint = recovery.plan, recovery.from_checkpoint
     transfers = [wire.Transfer("replicated", t.src_device, t.dst_device, t.offset_bytes, t.size_bytes)
                  for t in plan.replicated_transfers]
     transfers += [wire.Transfer("expert", m.src_device, m.dst_device, expert_id=m.expert) for m in plan.expert_moves]
-    group = sorted(set(sc.old_devices) | set(sc.new_devices))
+    # NOTE: a lost device takes no part: its memory is gone, and it might never answer.
+    group = sorted((set(sc.old_devices) | set(sc.new_devices)) - set(sc.lost))
     holds: dict[int, list[int]] = {}
     for e, homes in enumerate(plan.new_placement.homes):
         for d in homes:
@@ -234,7 +121,9 @@ def _start_transfer(state: State, now: float) -> tuple[State, list[Action]]:
             transfers=transfers, replicated_layout=list(f.replicated_layout), replicated_bytes=f.replicated_bytes,
             expert_w13_bytes=f.expert_w13_bytes, expert_w2_bytes=f.expert_w2_bytes, moe_layers=list(f.moe_layers),
             num_kv_blocks=f.num_kv_blocks, kv_bytes=f.kv_bytes, config_json=f.config_json,
-            tokenizer_files=dict(f.tokenizer_files), timeout_s=sc.timeout_s))
+            tokenizer_files=dict(f.tokenizer_files), timeout_s=sc.timeout_s,
+            checkpoint_experts=list(from_checkpoint.get(d, ())), model_dir=f.model_dir if d in from_checkpoint else "",
+            dtype=f.engine.dtype))
         for rank, d in enumerate(group)]
     record = msgspec.structs.replace(sc.record, bytes_transferred=plan.bytes_moved)
     sc = _end_stage(dataclasses.replace(sc, record=record), now, stage=TRANSFER, waiting=frozenset(group), plan=plan)
@@ -250,7 +139,7 @@ def _on_registered(state: State, ev: WorkerRegistered) -> tuple[State, list[Acti
             if not sc.waiting:
                 return _start_transfer(state, ev.now)
         return state, []  # a hello repeated while it joins
-    if ev.device < state.num_devices or ev.device in state.warm:
+    if ev.device in state.devices or ev.device in state.warm:
         return state, []  # an active device says hello again: nothing new
     return dataclasses.replace(state, warm=state.warm | {ev.device}), []
 
@@ -264,11 +153,13 @@ def _on_transfer_ready(state: State, ev: TransferReady) -> tuple[State, list[Act
     if sc.waiting:
         return dataclasses.replace(state, scale=sc), []
     record = msgspec.structs.replace(sc.record, transfer_data_ms=_ms(max(r.data_seconds for r in ready.values())))
-    owner = owner_list(sc.plan.new_placement)
+    owner = owner_list(sc.plan.new_placement, sc.new_devices)
+    # a recovery replaces the broken executors; a scale starts standbys beside the serving ones
     actions: list[Action] = [
-        Send(hmm_dest(d), start_message(state.facts, sc.new_config, d, sc.target, owner, replace=False))
-        for d in sc.new_devices]
-    sc = _end_stage(dataclasses.replace(sc, record=record), ev.now, stage=STANDBY, waiting=frozenset(sc.new_devices))
+        Send(hmm_dest(d), start_message(state.facts, sc.new_config, r, sc.target, owner, replace=bool(sc.lost)))
+        for r, d in enumerate(sc.new_devices)]
+    sc = _end_stage(dataclasses.replace(sc, record=record), ev.now, stage=STANDBY,
+                    waiting=frozenset(range(len(sc.new_devices))))
     return dataclasses.replace(state, scale=sc), actions
 
 
@@ -280,16 +171,20 @@ def _on_executor_ready(state: State, ev: ExecutorReady) -> tuple[State, list[Act
         sc = dataclasses.replace(sc, waiting=sc.waiting - {ev.rank})
         if sc.waiting:
             return dataclasses.replace(state, scale=sc), []
-        sc = _end_stage(sc, ev.now, stage=SWITCH, waiting=frozenset(sc.old_devices))
+        if sc.lost:
+            return _commit_recovery(dataclasses.replace(state, scale=sc), ev.now)
+        old_ranks = range(len(sc.old_devices))
+        sc = _end_stage(sc, ev.now, stage=SWITCH, waiting=frozenset(old_ranks))
         actions: list[Action] = [PauseAdmission()]
-        actions += [Send(exec_dest(sc.old_config, r), wire.PauseForSwitch(config_id=sc.old_config))
-                    for r in sc.old_devices]
+        actions += [Send(exec_dest(sc.old_config, r), wire.PauseForSwitch(config_id=sc.old_config)) for r in old_ranks]
         return dataclasses.replace(state, scale=sc, paused=True), actions
     if ev.config_id == state.config_id and ev.rank in state.recovering:
         recovering = state.recovering - {ev.rank}
         state = dataclasses.replace(state, recovering=recovering)
         if not recovering and not state.hmm_lost:
-            return dataclasses.replace(state, error=None), [SetHealth(None)]
+            actions = [Resume()] + ([Release(state.held)] if state.held else [])
+            actions += [SetHealth(None)] if state.error is not None else []
+            return dataclasses.replace(state, error=None, paused=False, held=(), suspended_since=None), actions
     return state, []
 
 
@@ -297,9 +192,10 @@ def _on_handed_over(state: State, ev: HandedOver) -> tuple[State, list[Action]]:
     sc = state.scale
     if sc is not None and sc.stage == SWITCH and ev.config_id == sc.old_config:
         if ev.rank not in sc.waiting:
-            return _adopt_late(state, ev, sc.new_config, sc.new_devices, {})
-        # merged: a late handover of the configuration before may have put sequences under this rank
-        handed = {**sc.handed, ev.rank: tuple(sc.handed.get(ev.rank, ())) + tuple(ev.requests)}
+            return _adopt_late(state, ev, sc.old_devices)
+        # merged: a late handover of the configuration before may have put sequences under this device
+        d = _device_of(sc.old_devices, ev.rank)
+        handed = {**sc.handed, d: tuple(sc.handed.get(d, ())) + tuple(ev.requests)}
         sc = dataclasses.replace(sc, handed=handed, waiting=sc.waiting - {ev.rank})
         state = dataclasses.replace(state, scale=sc)
         if sc.waiting:
@@ -308,28 +204,33 @@ def _on_handed_over(state: State, ev: HandedOver) -> tuple[State, list[Action]]:
     if state.retired is not None and ev.config_id == state.retired[0]:
         # a handover delivered twice lists requests adopted already: adopting one again would run it on two ranks
         ev = dataclasses.replace(ev, requests=tuple(st for st in ev.requests if st.request_id not in state.adopted))
-        return _adopt_late(state, ev, state.config_id, state.retired[1], {})
+        return _adopt_late(state, ev, state.retired[1])
     return state, []  # a configuration we never switched from
+
+
+def _device_of(devices: tuple[int, ...], rank: int) -> int:
+    """The device rank `rank` ran on; a rank the configuration never had is a departing one."""
+    return devices[rank] if 0 <= rank < len(devices) else -1 - rank
 
 
 def _distribute(handed: Mapping[int, tuple[wire.SequenceState, ...]], new_devices: tuple[int, ...],
                 counts: dict[int, int]) -> tuple[dict[int, list[wire.SequenceState]], dict[int, list[wire.SequenceState]]]:
-    """-> (kept: adopted by the same rank, KV in place; moved: sequences of departing ranks,
-    recomputed on the least loaded new rank). NOTE: one request, one adopter, even when two
-    handovers list it."""
+    """`handed`: device -> its sequences. -> (kept: adopted on the same device, KV in place;
+    moved: sequences of departing devices, recomputed on the least loaded new device), by
+    device. NOTE: one request, one adopter, even when two handovers list it."""
     kept: dict[int, list[wire.SequenceState]] = {d: [] for d in new_devices}
     moved: dict[int, list[wire.SequenceState]] = {d: [] for d in new_devices}
     seen: set[str] = set()
     staying = [r for r in sorted(handed) if r in kept]
     departing = [r for r in sorted(handed) if r not in kept]
-    for rank in staying + departing:
-        for st in handed[rank]:
+    for dev in staying + departing:
+        for st in handed[dev]:
             if st.request_id in seen:
                 continue
             seen.add(st.request_id)
-            if rank in kept:
-                kept[rank].append(st)
-                d = rank
+            if dev in kept:
+                kept[dev].append(st)
+                d = dev
             else:
                 d = min(new_devices, key=lambda x: (counts.get(x, 0), x))
                 moved[d].append(st)
@@ -337,46 +238,45 @@ def _distribute(handed: Mapping[int, tuple[wire.SequenceState, ...]], new_device
     return kept, moved
 
 
-def _adopt_actions(config_id: int, kept, moved) -> tuple[list[Action], dict[str, int]]:
+def _adopt_actions(config_id: int, kept, moved, new_devices: tuple[int, ...]) -> tuple[list[Action], dict[str, int]]:
     actions: list[Action] = []
     ranks: dict[str, int] = {}
-    for d in sorted(kept):
+    for r, d in enumerate(new_devices):
         if kept[d]:
-            actions.append(Send(exec_dest(config_id, d), wire.Adopt(config_id=config_id, requests=kept[d], keep_kv=True)))
+            actions.append(Send(exec_dest(config_id, r), wire.Adopt(config_id=config_id, requests=kept[d], keep_kv=True)))
         if moved[d]:
-            actions.append(Send(exec_dest(config_id, d), wire.Adopt(config_id=config_id, requests=moved[d], keep_kv=False)))
-        ranks.update({st.request_id: d for st in kept[d] + moved[d]})
+            actions.append(Send(exec_dest(config_id, r), wire.Adopt(config_id=config_id, requests=moved[d], keep_kv=False)))
+        ranks.update({st.request_id: r for st in kept[d] + moved[d]})
     return actions, ranks
 
 
-def _adopt_late(state: State, ev: HandedOver, config_id: int, new_devices: tuple[int, ...],
-                counts: dict[int, int]) -> tuple[State, list[Action]]:
+def _adopt_late(state: State, ev: HandedOver, old_devices: tuple[int, ...]) -> tuple[State, list[Action]]:
     """Sequences an old executor handed over after its first handover (a request that raced
     the pause): they go to the new configuration like the others."""
     if not ev.requests:
         return state, []
-    kept, moved = _distribute({ev.rank: tuple(ev.requests)}, new_devices, counts)
-    actions, ranks = _adopt_actions(config_id, kept, moved)
+    d = _device_of(old_devices, ev.rank)
     if state.scale is not None and state.scale.stage == SWITCH:
         # not committed yet: the commit will bind them
         sc = state.scale
-        extra = {**sc.handed}
-        extra[ev.rank] = tuple(extra.get(ev.rank, ())) + tuple(ev.requests)
+        extra = {**sc.handed, d: tuple(sc.handed.get(d, ())) + tuple(ev.requests)}
         return dataclasses.replace(state, scale=dataclasses.replace(sc, handed=extra)), []
+    kept, moved = _distribute({d: tuple(ev.requests)}, state.devices, {})
+    actions, ranks = _adopt_actions(state.config_id, kept, moved, state.devices)
     return dataclasses.replace(state, adopted=state.adopted | set(ranks)), actions + [Rebind(ranks)]
 
 
 def _commit(state: State, now: float, failed_ranks: tuple[int, ...], message: str = "") -> tuple[State, list[Action]]:
     sc = state.scale
     kept, moved = _distribute(sc.handed, sc.new_devices, {})
-    actions, ranks = _adopt_actions(sc.new_config, kept, moved)
+    actions, ranks = _adopt_actions(sc.new_config, kept, moved, sc.new_devices)
     if failed_ranks:
         actions.append(FailRequests(sc.old_config, failed_ranks, message))
     actions.append(Commit(config_id=sc.new_config, num_devices=sc.target, ranks=ranks))
     if state.held:
         actions.append(Release(state.held))
     actions += [Send(exec_dest(sc.old_config, r), wire.Shutdown(reason="replaced by a new configuration"))
-                for r in sc.old_devices]
+                for r in range(len(sc.old_devices))]
     actions += [Send(hmm_dest(d), wire.CommitTransition(config_id=sc.new_config)) for d in sc.new_devices]
     actions += [Send(hmm_dest(d), wire.Shutdown(reason="device released")) for d in sc.removed]
     if sc.removed:
@@ -389,8 +289,9 @@ def _commit(state: State, now: float, failed_ranks: tuple[int, ...], message: st
     hmm_ready = {d: sc.ready[d].ready for d in sc.new_devices if d in sc.ready}
     actions.append(Finished(record))
     state = dataclasses.replace(
-        state, config_id=sc.new_config, num_devices=sc.target, placement=sc.plan.new_placement, hmm_ready=hmm_ready,
-        scale=None, paused=False, held=(), retired=(sc.old_config, sc.new_devices), adopted=frozenset(ranks))
+        state, config_id=sc.new_config, device_ids=sc.new_devices, placement=sc.plan.new_placement,
+        hmm_ready=hmm_ready, scale=None, paused=False, held=(), retired=(sc.old_config, sc.old_devices, sc.new_devices),
+        adopted=frozenset(ranks))
     if sc.broken:  # the new configuration serves with a dead executor: end its requests, restart them all
         state, more = _degrade(state, sc.broken, hmm_lost=False, recover_at=now + state.facts.recovery_grace_s)
         actions += more
@@ -409,10 +310,19 @@ def _lose_rank(state: State, now: float, rank: int, failure: str, error: str) ->
 
 
 def _abort(state: State, now: float, reason: str) -> tuple[State, list[Action]]:
+    """Give up the scale in progress: back to the configuration before. A recovery has no
+    working configuration to go back to: the instance is Degraded."""
     sc = state.scale
     assert sc is not None and not sc.switched, "no way back after the pause"
+    if sc.lost:
+        return _fail_recovery(state, now, reason)
+    return _abort_scale(state, now, reason)
+
+
+def _abort_scale(state: State, now: float, reason: str) -> tuple[State, list[Action]]:
+    sc = state.scale
     actions: list[Action] = [Send(hmm_dest(d), wire.AbortTransition(config_id=sc.new_config, reason=reason))
-                             for d in sc.old_devices]
+                             for d in sc.old_devices if d not in sc.lost]
     # A worker of a pod fleet outlives RemoveWorkers: it must drop what it half-received.
     actions += [Send(hmm_dest(d), wire.Shutdown(reason=f"scale aborted: {reason}")) for d in sc.added]
     if sc.added:
@@ -427,11 +337,91 @@ def _abort(state: State, now: float, reason: str) -> tuple[State, list[Action]]:
 def _degrade(state: State, error: str, *, hmm_lost: bool, recover_at: float | None) -> tuple[State, list[Action]]:
     full = error if state.error is None else (state.error if error in state.error else f"{state.error}; {error}")
     actions: list[Action] = []
-    if state.error is None:
-        actions.append(FailRequests(state.config_id, None, error))
+    if state.error is None or state.suspended_since is not None:
+        actions.append(FailRequests(state.config_id, None, error))  # held and suspended ones too
     actions.append(SetHealth(full))
     state = dataclasses.replace(state, error=full, hmm_lost=state.hmm_lost or hmm_lost,
-                                recover_at=None if (hmm_lost or state.hmm_lost) else recover_at)
+                                recover_at=None if (hmm_lost or state.hmm_lost) else recover_at,
+                                paused=False if state.scale is None else state.paused,
+                                held=() if state.scale is None else state.held, suspended_since=None)
+    return state, actions
+
+
+def _suspend(state: State, now: float, reason: str) -> tuple[State, list[Action]]:
+    """The serving configuration's executors are broken: its requests wait to be recomputed,
+    new ones wait for the configuration that replaces it (a pause for their clients)."""
+    if state.suspended_since is not None:
+        return state, []
+    # retired=None: a late handover from now on is ignored; the router recomputes its requests too
+    return (dataclasses.replace(state, paused=True, suspended_since=now, retired=None),
+            [Suspend(state.config_id, reason), PauseAdmission()])
+
+
+def _lose_device(state: State, now: float, device: int, reason: str) -> tuple[State, list[Action]]:
+    """A device of the serving configuration is gone (its worker died, or its memory): go on
+    with the survivors (see reconfig_loss). A recovery under way starts over without it too."""
+    sc, actions = state.scale, []
+    lost = {device} | set(sc.lost if sc is not None else ())
+    if sc is not None:  # (not told to abort: its memory is gone, or it is cut off)
+        state = dataclasses.replace(state, scale=dataclasses.replace(sc, lost=tuple(sorted(lost))))
+        state, actions = _abort_scale(state, now, f"device {device} lost: {reason}")
+    survivors = tuple(d for d in state.devices if d not in lost)
+    state, more = _suspend(state, now, reason)
+    actions += more
+    actions += [Send(hmm_dest(device), wire.Shutdown(reason=f"device lost: {reason}")), RemoveWorkers((device,))]
+    if not survivors:
+        state, more = _degrade(state, f"{reason}; no device survives", hmm_lost=True, recover_at=None)
+        return state, actions + more
+    f = state.facts
+    rec = reconfig_loss.plan_recovery(state.placement, state.devices, sorted(lost), copies_per_expert=f.expert_copies,
+                                      replicated_bytes=f.replicated_bytes, expert_bytes=f.expert_bytes)
+    if rec.checkpoint_experts and not f.model_dir:
+        state, more = _degrade(state, f"device(s) {sorted(lost)} lost ({reason}) and cannot be recovered: experts "
+                                      f"{list(rec.checkpoint_experts)} had no other copy and there is no checkpoint "
+                                      f"to read them from", hmm_lost=True, recover_at=None)
+        return state, actions + more
+    # the broken executors of the survivors: their collective group lost a member
+    actions += [Send(exec_dest(state.config_id, r), wire.Shutdown(reason=f"device lost: {reason}"))
+                for r, d in enumerate(state.devices) if d not in lost]
+    new_config = state.last_config_id + 1
+    since = state.suspended_since
+    record = admin.ScaleRecord(from_devices=len(state.devices), to_devices=len(survivors),
+                               reason=f"recovery: {reason}", scale_id=f"recovery-{new_config}",
+                               outcome=admin.Outcome.RUNNING)
+    timeout_s = f.recovery_timeout_s
+    sc = Scale(scale_id=record.scale_id, target=len(survivors), old_config=state.config_id, new_config=new_config,
+               old_devices=state.devices, new_devices=survivors, added=(), removed=tuple(sorted(lost)), stage="detect",
+               waiting=frozenset(), started=since, stage_started=since, deadline=now + timeout_s, timeout_s=timeout_s,
+               record=record, lost=tuple(sorted(lost)), checkpoint_experts=rec.checkpoint_experts)
+    state = dataclasses.replace(state, scale=sc, last_config_id=new_config, recover_at=None, recovering=frozenset())
+    state, more = _start_transfer(state, now, rec)
+    return state, actions + more
+
+
+def _fail_recovery(state: State, now: float, reason: str) -> tuple[State, list[Action]]:
+    sc = state.scale
+    state, actions = _abort_scale(state, now, reason)
+    why = (f"experts {list(sc.checkpoint_experts)} had no other copy and had to be read from the checkpoint; "
+           if sc.checkpoint_experts else "")
+    state, more = _degrade(state, f"device(s) {list(sc.lost)} lost and the recovery failed: {why}{reason}",
+                           hmm_lost=True, recover_at=None)
+    return state, actions + more
+
+
+def _commit_recovery(state: State, now: float) -> tuple[State, list[Action]]:
+    """The survivors' new executors are ready: recompute the suspended requests there."""
+    sc = state.scale
+    actions: list[Action] = [Commit(config_id=sc.new_config, num_devices=sc.target, ranks={}), Resume()]
+    if state.held:
+        actions.append(Release(state.held))
+    actions += [Send(hmm_dest(d), wire.CommitTransition(config_id=sc.new_config)) for d in sc.new_devices]
+    sc = _end_stage(sc, now)
+    record = msgspec.structs.replace(sc.record, outcome=admin.Outcome.SUCCEEDED, duration_ms=_ms(now - sc.started))
+    actions.append(Finished(record))
+    state = dataclasses.replace(
+        state, config_id=sc.new_config, device_ids=sc.new_devices, placement=sc.plan.new_placement,
+        hmm_ready={d: sc.ready[d].ready for d in sc.new_devices}, scale=None, paused=False, held=(), retired=None,
+        adopted=frozenset(), suspended_since=None)
     return state, actions
 
 
@@ -445,20 +435,24 @@ def _on_executor_failed(state: State, ev: ExecutorFailed) -> tuple[State, list[A
         sc = dataclasses.replace(sc, broken=sc.broken or f"executor rank {ev.rank} failed: {ev.error}",
                                  failures=sc.failures + ((failure,) if failure not in sc.failures else ()))
         return dataclasses.replace(state, scale=sc), []
-    if ev.config_id != state.config_id:
-        return state, []  # a straggler of a configuration already replaced or given up
+    if ev.config_id != state.config_id or (sc is not None and sc.lost):
+        return state, []  # a straggler of a configuration replaced or given up, or being replaced after a loss
     if sc is not None and sc.switched and ev.rank in sc.waiting:
         return _lose_rank(state, ev.now, ev.rank, f"executor rank {ev.rank} failed during the switch: {ev.error}",
                           f"executor rank {ev.rank} failed: {ev.error}")
     if sc is not None and sc.switched:
         return state, []  # it handed over already; it is on its way out
+    error = f"executor rank {ev.rank} failed: {ev.error}"
+    if state.recovering or state.error is not None:  # restarted ones failed too, or unhealthy already: end them
+        return _degrade(state, error, hmm_lost=False, recover_at=ev.now + state.facts.recovery_grace_s)
     actions: list[Action] = []
     if sc is not None:
         state, actions = _abort(state, ev.now, f"the serving configuration failed: rank {ev.rank}: {ev.error}")
     # Decide a moment later: when a whole worker died, its peers' executors report broken
-    # connections before the fleet sees the death, and a dead HMM's memory cannot be recovered.
-    state, more = _degrade(state, f"executor rank {ev.rank} failed: {ev.error}", hmm_lost=False,
-                           recover_at=ev.now + state.facts.recovery_grace_s)
+    # connections before the fleet sees the death. Meanwhile the requests wait (suspended).
+    state, more = _suspend(state, ev.now, error)
+    if state.error is None and state.recover_at is None:
+        state = dataclasses.replace(state, recover_at=ev.now + state.facts.recovery_grace_s)
     return state, actions + more
 
 
@@ -468,15 +462,18 @@ def _on_hmm_failed(state: State, ev: HMMFailed) -> tuple[State, list[Action]]:
         if sc is not None and ev.config_id == sc.new_config and not sc.switched:
             return _abort(state, ev.now, f"device {ev.device}: {ev.error}")
         return state, []  # a transition that was aborted or is over: its failure changes nothing
-    if ev.device >= state.num_devices and (sc is None or ev.device not in sc.new_devices):
+    if sc is not None and ev.device in sc.lost:
+        return state, []  # lost already
+    if sc is not None and not sc.switched and ev.device in sc.added:
+        return _abort(state, ev.now, f"device {ev.device} failed: {ev.error}")
+    if ev.device not in state.devices and (sc is None or ev.device not in sc.new_devices):
         return state, []  # a warm worker's problem; it holds nothing
     if sc is not None and sc.switched and ev.device not in sc.new_devices:
         return state, []  # a departing device after the pause: nothing from now on needs its memory
-    actions: list[Action] = []
-    if sc is not None and not sc.switched:
-        state, actions = _abort(state, ev.now, f"device {ev.device} failed: {ev.error}")
-    state, more = _degrade(state, f"HMM of device {ev.device} failed: {ev.error}", hmm_lost=True, recover_at=None)
-    return state, actions + more
+    error = f"HMM of device {ev.device} failed: {ev.error}"
+    if sc is not None and sc.switched:
+        return _degrade(state, error, hmm_lost=True, recover_at=None)
+    return _lose_device(state, ev.now, ev.device, error)
 
 
 def _on_worker_died(state: State, ev: WorkerDied) -> tuple[State, list[Action]]:
@@ -485,19 +482,20 @@ def _on_worker_died(state: State, ev: WorkerDied) -> tuple[State, list[Action]]:
         return _abort(state, ev.now, f"new worker(s) died: device {ev.device} ({ev.detail})")
     if ev.device in state.warm:
         return dataclasses.replace(state, warm=state.warm - {ev.device}), [RemoveWorkers((ev.device,))]
-    active = ev.device < state.num_devices or (sc is not None and ev.device in sc.new_devices)
-    if not active:
-        return state, [RemoveWorkers((ev.device,))]  # a worker on its way out, or a stray
+    active = ev.device in state.devices or (sc is not None and ev.device in sc.new_devices)
+    if not active or (sc is not None and ev.device in sc.lost):
+        return state, [RemoveWorkers((ev.device,))]  # a worker on its way out, lost already, or a stray
+    error = f"worker process(es) died: device {ev.device} ({ev.detail})"
+    if sc is None or not sc.switched:
+        return _lose_device(state, ev.now, ev.device, error)
     actions: list[Action] = []
-    if sc is not None and not sc.switched:
-        state, actions = _abort(state, ev.now, f"device {ev.device} died: {ev.detail}")
-    elif sc is not None and sc.switched and ev.device in sc.waiting:
-        state, actions = _lose_rank(state, ev.now, ev.device, f"device {ev.device} died during the switch",
+    rank = sc.old_devices.index(ev.device) if ev.device in sc.old_devices else -1
+    if rank in sc.waiting:
+        state, actions = _lose_rank(state, ev.now, rank, f"device {ev.device} died during the switch",
                                     f"device {ev.device} died: {ev.detail}")
-    if sc is not None and sc.switched and ev.device not in sc.new_devices:
+    if ev.device not in sc.new_devices:
         return state, actions  # a departing device: the configuration that serves from the commit on does not use it
-    state, more = _degrade(state, f"worker process(es) died: device {ev.device} ({ev.detail})", hmm_lost=True,
-                           recover_at=None)
+    state, more = _degrade(state, error, hmm_lost=True, recover_at=None)
     return state, actions + more
 
 
@@ -526,23 +524,23 @@ def _on_tick(state: State, ev: Tick) -> tuple[State, list[Action]]:
 
 def _recover(state: State) -> tuple[State, list[Action]]:
     """An executor died but every HMM still holds its memory: a fresh set of executors (new
-    configuration id, new collective group) on the same memory. Nothing is read from the
-    checkpoint; the requests in flight were failed already."""
+    configuration id, new collective group) on the same memory, which then recompute the
+    suspended requests. Nothing is read from the checkpoint."""
     if state.hmm_lost:
         return dataclasses.replace(state, recover_at=None), []
     config_id = state.last_config_id + 1
-    owner = owner_list(state.placement)
+    owner = owner_list(state.placement, state.devices)
     actions: list[Action] = [Recovering(config_id)]
-    actions += [Send(hmm_dest(d), start_message(state.facts, config_id, d, state.num_devices, owner))
-                for d in state.devices]
+    actions += [Send(hmm_dest(d), start_message(state.facts, config_id, r, state.num_devices, owner))
+                for r, d in enumerate(state.devices)]
     return dataclasses.replace(state, config_id=config_id, last_config_id=config_id, recover_at=None,
-                               recovering=frozenset(state.devices), retired=None), actions
+                               recovering=frozenset(range(state.num_devices)), retired=None), actions
 
 
 def _on_abort_requested(state: State, ev: AbortRequested) -> tuple[State, list[Action]]:
     sc = state.scale
-    if sc is None or sc.switched:
-        return state, []
+    if sc is None or sc.switched or sc.lost:
+        return state, []  # a recovery has nothing to go back to: it goes on
     return _abort(state, ev.now, ev.reason)
 
 

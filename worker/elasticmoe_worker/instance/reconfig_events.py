@@ -166,9 +166,24 @@ class Recovering:
 
 
 @dataclasses.dataclass(frozen=True)
+class Suspend:
+    """The serving configuration's executors are broken: admission pauses (new requests wait,
+    reported as RequestArrived) and every request in flight waits to be recomputed."""
+
+    config_id: int
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Resume:
+    """Recompute every suspended request (prompt + the tokens its client already has) on the
+    configuration that serves now, and admit again."""
+
+
+@dataclasses.dataclass(frozen=True)
 class Finished:
     record: admin.ScaleRecord
 
 
 Action = Union[Send, AddWorkers, RemoveWorkers, PauseAdmission, Commit, Release, Rebind, FailRequests, SetHealth,
-               Recovering, Finished]
+               Recovering, Suspend, Resume, Finished]

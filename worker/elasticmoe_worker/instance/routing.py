@@ -11,8 +11,13 @@ NOTE: admission and pause take the same lock, so no `AddRequest` reaches an old 
 its `PauseForSwitch`: every request either went out before the pause (and is handed over) or
 is held and released to the new configuration.
 
-Not guaranteed: a request on a rank that dies is failed, not retried elsewhere (its KV blocks
-died with it).
+Each flight keeps what its client has received (tokens, characters of text), so when the
+serving configuration breaks (a lost device) its requests are suspended and later recomputed
+on the configuration that replaces it: prompt + those tokens, the client sees a pause.
+
+Not guaranteed: a recomputed request that samples (temperature > 0) continues with a fresh
+random state (a seeded one does not reproduce the tokens it would have drawn); outputs an
+executor sent after its request was suspended are dropped (the recompute makes them again).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import asyncio
 import dataclasses
 import logging
 import threading
+import time
 from typing import AsyncIterator, Callable
 
 from elasticmoe_worker.contract import wire
@@ -34,7 +40,12 @@ class _Flight:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     add: wire.AddRequest
-    rank: int | None = None  # None: held during a pause
+    rank: int | None = None  # None: held during a pause, or suspended
+    suspended: bool = False  # its configuration broke: it waits to be recomputed
+    arrival_s: float = dataclasses.field(default_factory=time.monotonic)
+    token_ids: list[int] = dataclasses.field(default_factory=list)  # streamed to the client so far
+    emitted_chars: int = 0
+    done: bool = False  # its last output arrived (the caller may not have read it yet)
 
 
 class Router:
@@ -51,6 +62,8 @@ class Router:
         self.error: str | None = None  # set: refuse new requests (the instance is unhealthy)
         self._lock = threading.Lock()
         self.handed_over_total = 0
+        self.recomputed_requests_total = 0
+        self.recomputed_tokens_total = 0
 
     # -- commands from the reconfiguration ----------------------------------------------
     def pause(self) -> None:
@@ -82,8 +95,58 @@ class Router:
                 if flight is not None and flight.rank is None:
                     self._route(request_id, flight)
 
+    def suspend(self) -> int:
+        """The serving configuration broke: pause admission, and take every routed request back
+        to be recomputed (`resume`); -> how many."""
+        with self._lock:
+            self.paused = True
+            n = 0
+            for flight in self.flights.values():
+                if flight.rank is not None and not flight.done:
+                    flight.rank, flight.suspended = None, True
+                    n += 1
+            return n
+
+    def resume(self) -> tuple[int, int]:
+        """Recompute every suspended request on the configuration that serves now (least loaded
+        rank first), and admit again; -> (requests, tokens to recompute: prompt + output)."""
+        with self._lock:
+            batches: dict[int, list[wire.SequenceState]] = {}
+            tokens = 0
+            for request_id, flight in sorted(self.flights.items(), key=lambda kv: kv[1].arrival_s):
+                if not flight.suspended:
+                    continue
+                flight.suspended = False
+                flight.rank = self._pick_rank()
+                batches.setdefault(flight.rank, []).append(self._sequence(request_id, flight))
+                tokens += len(flight.add.prompt_token_ids) + len(flight.token_ids)
+            for rank, seqs in sorted(batches.items()):
+                self._send(f"exec-{self.config_id}-{rank}",
+                           wire.Adopt(config_id=self.config_id, requests=seqs, keep_kv=False))
+            self.paused = False
+            n = sum(map(len, batches.values()))
+            self.recomputed_requests_total += n
+            self.recomputed_tokens_total += tokens
+            return n, tokens
+
+    @staticmethod
+    def _sequence(request_id: str, flight: _Flight) -> wire.SequenceState:
+        a = flight.add
+        return wire.SequenceState(
+            request_id=request_id, prompt_token_ids=list(a.prompt_token_ids), output_token_ids=list(flight.token_ids),
+            num_computed=0, block_ids=[], arrival_s=flight.arrival_s, emitted_chars=flight.emitted_chars,
+            emitted_tokens=len(flight.token_ids),
+            params=wire.SamplingOptions(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p,
+                                        top_k=a.top_k, seed=a.seed, stop=list(a.stop), ignore_eos=a.ignore_eos))
+
     def fail(self, ranks: tuple[int, ...] | None, error: str) -> None:
-        """End with `error` the requests on these ranks (all, held ones too, when None)."""
+        """End with `error` the requests on these ranks (all, held and suspended ones too, and
+        admission resumes, when None)."""
+        if ranks is None:
+            with self._lock:
+                self.paused = False
+                for flight in self.flights.values():
+                    flight.suspended = False
         for request_id, flight in list(self.flights.items()):
             if ranks is None or flight.rank in ranks:
                 self._put(flight, types.RequestOutput(request_id=request_id, text="", token_ids=[],
@@ -98,8 +161,11 @@ class Router:
     # -- from the executors -----------------------------------------------------------
     def on_output(self, msg: wire.Output) -> None:
         flight = self.flights.get(msg.request_id)
-        if flight is None:
+        if flight is None or flight.suspended:
             return
+        flight.token_ids += msg.token_ids
+        flight.emitted_chars += len(msg.text)
+        flight.done = msg.finish_reason is not None
         self._put(flight, types.RequestOutput(
             request_id=msg.request_id, text=msg.text, token_ids=msg.token_ids,
             finish_reason=types.FinishReason(msg.finish_reason) if msg.finish_reason else None,

@@ -94,6 +94,15 @@ def run(backend: backends_base.DeviceBackend, device_index: int, mem: memory.Dev
                     backend.allocate(msg.expert_w2_bytes, f"dev{device_index}.l{layer}.e{e}.w2"),
                 )
     cancel.check()
+    if msg.checkpoint_experts:  # after a lost device: experts no survivor holds
+        t0 = time.perf_counter()
+        read_bytes = memory.read_experts(mem, msg.model_dir, msg.dtype, list(msg.checkpoint_experts))
+        logger.info("device %d: read experts %s from the checkpoint (%.1f MB) in %.2f s", device_index,
+                    list(msg.checkpoint_experts), read_bytes / 1e6, time.perf_counter() - t0)
+    if len(msg.group_ranks) == 1:  # a lone survivor of a loss: nobody to exchange with
+        assert not msg.transfers, "transfers need two devices"
+        seconds = time.perf_counter() - started
+        return Result(mem, seconds, 0, 0, seconds, 0.0)
     # NOTE: longer than the scale's own timeout: the coordinator, which knows who is missing,
     # decides when to give up and cancels us; this is only a safety net.
     store = rendezvous.ChannelStore(coordinator, secret, f"transition-{msg.config_id}", 1.5 * msg.timeout_s + 2)

@@ -1,0 +1,167 @@
+"""The state of `reconfig.step`: facts fixed for the instance's life, the serving
+configuration, the scale or recovery in progress, and the small pure helpers both the machine
+and its shell use (owner lists, executor start messages, destination names).
+
+Why it is apart: `reconfig` holds the decisions, `reconfig_events` the events and actions, this
+module the records they change. Pure: no I/O, no clock, no threads. `reconfig` re-exports every
+name, so callers write `reconfig.State`, `reconfig.initial`.
+
+Devices and ranks: a configuration runs on `devices` (ascending ids, not always 0..n-1: a lost
+device leaves a gap); rank r of its collective group runs on `devices[r]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+from elasticmoe_worker import planner
+from elasticmoe_worker.contract import admin, wire
+from elasticmoe_worker.instance import reconfig_loss
+
+WORKERS, TRANSFER, STANDBY, SWITCH = "workers", "transfer", "standby_start", "switch"
+STAGES = (WORKERS, TRANSFER, STANDBY, SWITCH)
+
+
+# -- facts fixed for the instance's life --------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Facts:
+    """What planning and the messages need; learned at start-up from device 0's memory."""
+
+    num_experts: int
+    replicated_bytes: int
+    replicated_layout: tuple[wire.TensorSlot, ...]
+    expert_w13_bytes: int
+    expert_w2_bytes: int
+    moe_layers: tuple[int, ...]
+    num_kv_blocks: int
+    kv_bytes: int
+    config_json: str
+    tokenizer_files: Mapping[str, str]
+    engine: wire.EngineOptions
+    model_name: str
+    collective_timeout_s: float
+    recovery_grace_s: float = 0.5
+    expert_copies: int = 1  # wanted copies of each expert (fewer when there are fewer devices)
+    model_dir: str = ""  # where a recovery reads experts no survivor holds
+    recovery_timeout_s: float = 60.0  # a recovery from a lost device that takes longer gives up (Degraded)
+
+    @property
+    def expert_bytes(self) -> int:
+        return (self.expert_w13_bytes + self.expert_w2_bytes) * len(self.moe_layers)
+
+
+# -- state ----------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    scale_id: str
+    target: int
+    old_config: int
+    new_config: int
+    old_devices: tuple[int, ...]  # device ids; rank r of a configuration runs on its devices[r]
+    new_devices: tuple[int, ...]
+    added: tuple[int, ...]
+    removed: tuple[int, ...]
+    stage: str
+    waiting: frozenset[int]  # devices (workers, transfer) or ranks (standby_start, switch) this stage waits for
+    started: float
+    stage_started: float
+    deadline: float
+    timeout_s: float
+    record: admin.ScaleRecord
+    plan: planner.Plan | None = None
+    ready: Mapping[int, wire.TransitionReady] = dataclasses.field(default_factory=dict)
+    handed: Mapping[int, tuple[wire.SequenceState, ...]] = dataclasses.field(default_factory=dict)
+    failures: tuple[str, ...] = ()  # what went wrong after the pause: the record says Failed, whatever ends it
+    broken: str = ""  # an executor of the new configuration failed after the pause: restart them after the commit
+    lost: tuple[int, ...] = ()  # a recovery from these lost devices: no switch, its requests are recomputed
+    checkpoint_experts: tuple[int, ...] = ()  # a recovery reads these from the checkpoint (no survivor has them)
+
+    @property
+    def switched(self) -> bool:
+        return self.stage == SWITCH
+
+
+@dataclasses.dataclass(frozen=True)
+class State:
+    facts: Facts
+    config_id: int  # the configuration that serves
+    device_ids: tuple[int, ...]  # its devices, ascending: rank r runs on device_ids[r]
+    placement: planner.Placement
+    hmm_ready: Mapping[int, wire.HMMReady]  # device -> handles of the memory it serves from
+    last_config_id: int  # ids are never reused: they prefix rendezvous keys
+    warm: frozenset[int] = frozenset()  # registered workers that hold nothing yet
+    scale: Scale | None = None
+    paused: bool = False
+    held: tuple[str, ...] = ()  # requests that arrived during the pause
+    retired: tuple[int, tuple[int, ...], tuple[int, ...]] | None = None  # (config, its devices, new devices) of the last switch
+    adopted: frozenset[str] = frozenset()  # requests the serving configuration adopted: never twice
+    error: str | None = None  # why the instance is unhealthy
+    hmm_lost: bool = False  # a device's memory is gone: only a new worker can repair that
+    recover_at: float | None = None
+    recovering: frozenset[int] = frozenset()  # ranks of restarted executors not ready yet
+    suspended_since: float | None = None  # when the requests in flight were suspended (executors broken)
+
+    @property
+    def phase(self) -> admin.Phase:
+        if self.error is not None:
+            return admin.Phase.DEGRADED
+        return admin.Phase.SCALING if self.scale is not None else admin.Phase.SERVING
+
+    @property
+    def devices(self) -> tuple[int, ...]:
+        return self.device_ids
+
+    @property
+    def num_devices(self) -> int:
+        return len(self.device_ids)
+
+
+def initial(facts: Facts, config_id: int, num_devices: int, placement: planner.Placement,
+            hmm_ready: Mapping[int, wire.HMMReady], warm: frozenset[int] = frozenset()) -> State:
+    return State(facts=facts, config_id=config_id, device_ids=tuple(range(num_devices)), placement=placement,
+                 hmm_ready=dict(hmm_ready), last_config_id=config_id, warm=frozenset(warm))
+
+
+def refuse_scale(state: State, target: object) -> tuple[str, str] | None:
+    """Why a scale to `target` cannot start now -> (kind, message); kind is "invalid" (the
+    caller's input) or "busy" (try later). None when it can."""
+    n = state.facts.num_experts
+    if not isinstance(target, int) or isinstance(target, bool) or not 1 <= target <= n:
+        return "invalid", (f"devices: got {target!r}, expected an integer in [1, {n}] "
+                           f"(at most one device per routed expert)")
+    if state.scale is not None:
+        return "busy", (f"a scale {state.scale.record.from_devices} -> {state.scale.record.to_devices} "
+                        f"devices is in progress")
+    if state.error is not None:
+        return "busy", f"instance unhealthy, not scaling: {state.error}"
+    if state.suspended_since is not None:
+        return "busy", "recovering from failed executors or a lost device; try again when it serves"
+    if target == state.num_devices:
+        return "invalid", f"devices: already {target}; nothing to do"
+    return None
+
+
+def owner_list(placement: planner.Placement, devices: tuple[int, ...] | None = None) -> list[int]:
+    """Expert id -> the rank that computes it (one of its holders; `devices`: the
+    configuration's devices, rank order; default: all holders, ascending)."""
+    return reconfig_loss.owner_ranks(placement, devices if devices is not None else placement.devices)
+
+
+def copies_for(facts: Facts, num_devices: int) -> int:
+    return max(1, min(facts.expert_copies, num_devices))
+
+
+def start_message(facts: Facts, config_id: int, rank: int, world_size: int, owner: list[int],
+                  replace: bool = True) -> wire.StartExecutor:
+    return wire.StartExecutor(config_id=config_id, rank=rank, world_size=world_size, expert_owner=owner,
+                              engine=facts.engine, model_name=facts.model_name,
+                              collective_timeout_s=facts.collective_timeout_s, replace=replace)
+
+
+def exec_dest(config_id: int, rank: int) -> str:
+    return f"exec-{config_id}-{rank}"
+
+
+def hmm_dest(device: int) -> str:
+    return f"hmm-{device}"
