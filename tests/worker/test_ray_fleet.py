@@ -142,12 +142,19 @@ def test_coordinator_fleet_ray_sees_a_killed_actor_as_a_lost_device(ray_cluster,
                              env={**os.environ, **RAY_ENV}, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr[-2000:]
 
-        def unhealthy():
-            health = httpx.get(f"{base}/health", timeout=5)
-            return health.status_code == 503 and health.json()["error"]
+        def recovered():
+            s = httpx.get(f"{base}/admin/status", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10).json()
+            last = s.get("lastScale") or {}
+            return s if last.get("scaleId", "").startswith("recovery-") and s["phase"] == "Serving" else None
 
-        error = testprocs.until("the lost device to show", unhealthy, 60, proc, log)
-        assert "device 1" in error and "Ray actor died" in error and "ray.kill" in error, error
+        # A lost device is recovered from like any other: the instance goes on with the survivor.
+        status = testprocs.until("the recovery from the lost device", recovered, 120, proc, log)
+        reason = status["lastScale"]["reason"]
+        assert "device 1" in reason and "Ray actor died" in reason and "ray.kill" in reason, reason
+        assert (status["lastScale"]["from"], status["lastScale"]["to"], status["devices"]["active"]) == (2, 1, 1)
+        r = httpx.post(f"{base}/v1/completions", json={"model": tiny_models["mixtral"].name, "prompt": [5, 6, 7],
+                                                       "max_tokens": 4}, timeout=60)
+        assert r.status_code == 200, r.text
     finally:
         testprocs.interrupt(proc)
     assert proc.returncode == 0, log.read_text()[-3000:]
