@@ -251,6 +251,21 @@ def test_repeated_holds_are_logged_once_at_info(caplog):
     assert len(scaler.status().history) == 1
 
 
+def test_notable_holds_never_push_a_scale_decision_out_of_the_history():
+    scaler, _, _ = _scaler(FakeInstance())
+
+    def decision(action, reason):
+        return policy.Decision(target=2, action=action, reason=reason, signal=1.0, raw_signal=1.0,
+                               metrics_available=True, metrics_reason="ok")
+
+    scaler._record(decision(policy.UP, "up"), "autoscaler-1", "")
+    for letter in "abcdefghijklmnopqrstuvwxyz":  # each hold says something new: each is kept, the last ten
+        scaler._record(decision(policy.HOLD, f"hold {letter}"), "", "")
+    history = scaler.status().history
+    assert [h.action for h in history] == ["up"] + ["hold"] * autoscale.HISTORY_LIMIT
+    assert history[-1].reason == "hold z" and history[0].scale_id == "autoscaler-1"
+
+
 def test_a_refused_scale_costs_no_cooldown_and_is_asked_again(caplog):
     caplog.set_level(logging.INFO, logger="elasticmoe_worker.server.autoscale")
     inst = FakeInstance()

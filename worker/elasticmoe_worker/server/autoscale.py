@@ -48,7 +48,7 @@ from elasticmoe_worker.contract import admin
 logger = logging.getLogger(__name__)
 
 QUANTILE = 0.9
-HISTORY_LIMIT = 10
+HISTORY_LIMIT = 10  # scale decisions kept, and as many notable holds (holds never push a scale out)
 
 # (upper bound, cumulative count) per bucket, ascending, +Inf last: a Prometheus histogram.
 Buckets = tuple[tuple[float, float], ...]
@@ -171,7 +171,10 @@ class Autoscaler:
         self._last: policy.Decision | None = None
         self._last_kind = ""
         self._evaluations = 0
-        self._history: collections.deque[admin.AutoscalerDecision] = collections.deque(maxlen=HISTORY_LIMIT)
+        # (order, decision): the last scale decisions and the last notable holds, merged in status()
+        self._scales: collections.deque[tuple[int, admin.AutoscalerDecision]] = collections.deque(maxlen=HISTORY_LIMIT)
+        self._holds: collections.deque[tuple[int, admin.AutoscalerDecision]] = collections.deque(maxlen=HISTORY_LIMIT)
+        self._recorded = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._window.add(self._sample())  # the baseline of the first window: what came before is not judged
@@ -265,9 +268,11 @@ class Autoscaler:
             self._evaluations += 1
             if notable:
                 values = {k: float(v) for k, v in decision.values.items()}
-                self._history.append(admin.AutoscalerDecision(
+                self._recorded += 1
+                kept = self._holds if decision.action == policy.HOLD else self._scales
+                kept.append((self._recorded, admin.AutoscalerDecision(
                     time=_now_rfc3339(), action=decision.action, target=decision.target, reason=decision.reason,
-                    values=values, scale_id=scale_id))
+                    values=values, scale_id=scale_id)))
 
     def status(self) -> admin.AutoscalerStatus:
         with self._lock:
@@ -277,7 +282,8 @@ class Autoscaler:
                 evaluations=self._evaluations, action=d.action if d else "", target=d.target if d else None,
                 reason=d.reason if d else "", signal=d.signal if d else None,
                 metrics_available=d.metrics_available if d else False,
-                metrics_reason=d.metrics_reason if d else "no evaluation yet", history=list(self._history))
+                metrics_reason=d.metrics_reason if d else "no evaluation yet",
+                history=[entry for _, entry in sorted([*self._scales, *self._holds], key=lambda e: e[0])])
 
 
 # -- command line ----------------------------------------------------------------------------
