@@ -44,7 +44,8 @@ def test_full_spec_round_trips_in_kubernetes_form():
                         "prometheusSelector": 'job="moe"', "metricsWindowSeconds": 30,
                         "evaluationIntervalSeconds": 5, "scaleUpCooldownSeconds": 60,
                         "scaleDownStabilizationSeconds": 600},
-        "engine": {"kvCacheMb": 1024, "maxNumSeqs": 16, "maxModelLen": 4096, "extraArgs": ["--block-size", "32"]},
+        "engine": {"kvCacheMb": 1024, "maxNumSeqs": 16, "maxModelLen": 4096, "expertCopies": 2,
+                   "extraArgs": ["--block-size", "32"]},
         "coordinator": {"image": "elasticmoe:dev", "imagePullPolicy": "Never", "resources": {"limits": {"memory": "1Gi"}},
                         "env": [{"name": "A", "value": "1"}], "nodeSelector": {"pool": "cpu"}, "tolerations": []},
         "worker": {"image": "elasticmoe:dev", "imagePullPolicy": "Always", "env": [], "nodeSelector": {},
@@ -64,7 +65,7 @@ def test_empty_spec_dump_holds_every_default():
         "autoscaling": {"mode": "Disabled", "prometheusUrl": "", "prometheusSelector": "",
                         "metricsWindowSeconds": 60, "evaluationIntervalSeconds": 15, "scaleUpCooldownSeconds": 30,
                         "scaleDownStabilizationSeconds": 300},
-        "engine": {"kvCacheMb": 256, "maxNumSeqs": 64, "extraArgs": []},
+        "engine": {"kvCacheMb": 256, "maxNumSeqs": 64, "expertCopies": 1, "extraArgs": []},
         "coordinator": {"image": "", "imagePullPolicy": "IfNotPresent", "env": [], "nodeSelector": {}, "tolerations": []},
         "worker": {"image": "", "imagePullPolicy": "IfNotPresent", "env": [], "nodeSelector": {}, "tolerations": [],
                    "shmSizeMiB": 2048},
@@ -153,10 +154,10 @@ STATUS = {
     "lastScale": {"from": 1, "to": 2, "reason": "kubectl scale", "scaleId": "m-1-2-2025-01-01T000000Z",
                   "startedAt": "2025-01-01T00:00:00Z", "outcome": "Succeeded", "message": "", "durationMs": 4200,
                   "phasesMs": {"transfer": 3000, "switch": 200}, "bytesTransferred": 123456789,
-                  "transferDataMs": 2500, "requestsHandedOver": 7},
+                  "transferDataMs": 2500, "requestsHandedOver": 7, "tokensRecomputed": 0},
     "history": [{"from": 1, "to": 2, "reason": "kubectl scale", "scaleId": "", "startedAt": "2025-01-01T00:00:00Z",
                  "outcome": "Aborted", "message": "workers did not register", "durationMs": 4200, "phasesMs": {},
-                 "bytesTransferred": 0, "transferDataMs": 0, "requestsHandedOver": 0}],
+                 "bytesTransferred": 0, "transferDataMs": 0, "requestsHandedOver": 0, "tokensRecomputed": 0}],
 }
 
 
