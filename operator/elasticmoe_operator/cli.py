@@ -75,12 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if args.log_format == "json" else
-                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()), handlers=[handler], force=True)
-    namespaces = args.namespace or ([os.environ["POD_NAMESPACE"]] if os.environ.get("POD_NAMESPACE")
-                                    and not args.all_namespaces else [])
+    # The whole command line is checked before logging is set up: a refused one changes nothing.
     if args.listen:
         from elasticmoe_operator import httpserver
 
@@ -96,6 +91,12 @@ def main(argv: list[str] | None = None) -> int:
             network_peers = children.network_peers(args.network_policy)
         except ValueError as exc:
             build_parser().error(str(exc))
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if args.log_format == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), handlers=[handler], force=True)
+    namespaces = args.namespace or ([os.environ["POD_NAMESPACE"]] if os.environ.get("POD_NAMESPACE")
+                                    and not args.all_namespaces else [])
     return run(image=args.image, coordinator_url=args.coordinator_url,
                namespaces=namespaces, standalone=args.standalone, liveness=args.liveness, listen=args.listen,
                alerts_token_file=args.alerts_token_file, network_peers=network_peers)
