@@ -254,7 +254,7 @@ def _add_ray_arguments(p: argparse.ArgumentParser, fleets: list[str], default_fl
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from elasticmoe_worker.bench import autoscale_bench, profile_bench, scaling_bench, serve_bench, simulate
+    from elasticmoe_worker.bench import autoscale_bench, decode_floor, profile_bench, scaling_bench, serve_bench, simulate
 
     parser = argparse.ArgumentParser(
         prog="elasticmoe",
@@ -349,6 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve_bench.add_arguments(b)
     cliargs.add_engine_arguments(b)
     b.set_defaults(func=serve_bench.run)
+    b = bench_sub.add_parser("decode", help="decode time per token at batch 1 vs its memory-bandwidth floor",
+                             description=decode_floor.DESCRIPTION)
+    decode_floor.add_arguments(b)
+    b.set_defaults(func=decode_floor.run)
     b = bench_sub.add_parser("scaling", help="elastic scaling vs cold restart, extravagant and horizontal",
                              description=scaling_bench.DESCRIPTION)
     scaling_bench.add_arguments(b)

@@ -469,7 +469,7 @@ def aggregate(runs: dict[str, list[SideRun]]) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
+def sigterm_as_interrupt() -> Iterator[None]:
     """SIGTERM raises KeyboardInterrupt, so `finally` blocks stop the server."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -485,7 +485,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _progress(disabled: bool):
+def progress(disabled: bool):
     from rich import console as rich_console
     from rich import progress as rich_progress
 
@@ -498,7 +498,7 @@ def _progress(disabled: bool):
 
 def run(args: argparse.Namespace) -> int:
     try:
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             return _run(args)
     except BenchError as exc:
         logger.error("%s", exc)
@@ -530,7 +530,7 @@ def _run(args: argparse.Namespace) -> int:
     logger.info("starting the server: %s", " ".join(argv))
     server = ServerProcess(argv, args.out_json.with_suffix(".server.log"), env)
     try:
-        with _progress(progress_off) as bar:
+        with progress(progress_off) as bar:
             task = bar.add_task("loading the transformers model", total=settings.repeats * 3 * n)
             # Loading overlaps the server's start-up: neither is timed.
             tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
