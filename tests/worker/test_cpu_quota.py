@@ -154,3 +154,30 @@ def test_groups_of_a_coordinator_that_was_killed_are_removed_by_the_next(monkeyp
     finally:
         quotas.close()
     assert not quotas.parent.exists()
+
+
+_REPORT_CPUS = ("import sys; sys.stdin.readline(); from elasticmoe_worker.instance import cgroup; "
+                "print(cgroup.cpu_limit(), *cgroup.available_cpus(), sep='|')")
+
+
+def test_available_cpus_follow_the_quota_and_the_affinity_mask():
+    _controller_or_skip()
+    quotas = cgroup.CpuQuotas(0.45)
+    proc = subprocess.Popen([os.sys.executable, "-c", _REPORT_CPUS], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        quotas.place(0, proc.pid)
+        out, _ = proc.communicate("go\n", timeout=60)
+    finally:
+        proc.kill()
+        quotas.close()
+    limit, threads, why = out.strip().split("|")
+    assert float(limit) == pytest.approx(0.45) and threads == "1", out
+    assert "CPU quota of 0.45 cores" in why
+    # no quota of ours: the affinity mask decides (one CPU with taskset)
+    out = subprocess.run(["taskset", "-c", "0", os.sys.executable, "-c", _REPORT_CPUS], input="go\n",
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    limit, threads, why = out.strip().split("|")
+    assert threads == "1", out
+    if limit == "None":  # (a quota above this test, e.g. a CI container's, would be named instead)
+        assert why == "1 CPU in this process' affinity mask"

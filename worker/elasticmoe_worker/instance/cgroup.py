@@ -22,6 +22,7 @@ that runs its processes in its root group that fails, with an error saying so.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import pathlib
 import time
@@ -84,6 +85,61 @@ def detect() -> tuple[int, pathlib.Path]:
             else:
                 return 2, base
     raise Unavailable("; ".join(tried) or "no cgroup file system mounted")
+
+
+def _read_quota(group: pathlib.Path, version: int) -> float | None:
+    """`group`'s own CPU quota in cores, None when it sets none (or it cannot be read)."""
+    try:
+        if version == 1:
+            quota = int((group / "cpu.cfs_quota_us").read_text())
+            period = int((group / "cpu.cfs_period_us").read_text())
+        else:
+            text = (group / "cpu.max").read_text().split()
+            if text[0] == "max":
+                return None
+            quota, period = int(text[0]), int(text[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def cpu_limit() -> float | None:
+    """The CPU quota this process runs under, in cores: the smallest quota of its own cgroup and
+    its ancestors (a device's group under `serve --cpu-per-device`, a pod's `limits.cpu`); None
+    when none is set or none is visible. Reads only; needs no privilege."""
+    own = _own_paths()
+    limits = []
+    for mount, kind, options in _mounts():
+        if kind == "cgroup" and "cpu" in options:
+            version, path = 1, own.get("cpu", "/")
+        elif kind == "cgroup2" and "" in own:
+            version, path = 2, own[""]
+        else:
+            continue
+        root = pathlib.Path(mount)
+        group = root / path.lstrip("/")
+        if not group.is_dir():
+            group = root  # a container's view: its own group is the mount's root
+        while True:
+            limit = _read_quota(group, version)
+            if limit is not None:
+                limits.append(limit)
+            if group == root:
+                break
+            group = group.parent
+    return min(limits) if limits else None
+
+
+def available_cpus() -> tuple[int, str]:
+    """-> (how many threads of compute this process can run at once, why): the CPUs it may be
+    scheduled on, capped by its CPU quota rounded up (0.45 cores -> 1 thread: more threads than
+    the quota only take turns being throttled)."""
+    affinity = len(os.sched_getaffinity(0))
+    limit = cpu_limit()
+    if limit is None or math.ceil(limit) >= affinity:
+        return affinity, f"{affinity} CPU{'' if affinity == 1 else 's'} in this process' affinity mask" + (
+            "" if limit is None else f" (its CPU quota, {limit:.3g} cores, allows as many)")
+    return max(1, math.ceil(limit)), f"CPU quota of {limit:.3g} cores (of {affinity} CPUs in its affinity mask)"
 
 
 class CpuQuotas:
