@@ -86,6 +86,10 @@ class DeviceCounts(_Body, kw_only=True):
     active: int
     warming: int = 0
     registered: list[int] = []  # workers up and registered (serving or idle): what the operator waits for
+    # The device ids of the serving configuration, ascending (rank r on active_ids[r]). Not always
+    # 0..active-1: a recovery drops the lost device's id, and a scale-up then takes the lowest unused
+    # ids first. [] from a coordinator that predates the field (read as 0..active-1).
+    active_ids: list[int] = []
 
 
 class Parallelism(_Body, kw_only=True):

@@ -486,7 +486,8 @@ class Instance:
             return admin.AdminStatus(
                 phase=self.phase, healthy=stats.healthy, error=stats.error, configuration=self.config_id,
                 devices=admin.DeviceCounts(desired=sc.target if sc else active, active=active,
-                                           warming=len(sc.added) if sc else 0, registered=self.registered_devices),
+                                           warming=len(sc.added) if sc else 0, registered=self.registered_devices,
+                                           active_ids=list(s.devices) if s is not None else []),
                 parallelism=admin.Parallelism(dp=active, ep=active, tp=1),
                 requests=admin.RequestCounts(running=stats.num_running, waiting=stats.num_waiting),
                 kv_blocks=admin.KVBlocks(used=stats.kv_blocks_used, total=stats.kv_blocks_total),
