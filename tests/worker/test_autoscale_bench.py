@@ -116,3 +116,17 @@ def test_repeats_combine_into_the_ratio_of_medians_and_an_oracle_estimate(tmp_pa
     other.write_text(json.dumps({**_result(0.9, 200.0, 1.0), "cpu_per_device": 0.25}))
     with pytest.raises(ValueError, match="another trace or CPU quota"):
         autoscale_summary.combine([paths[0], other])
+
+
+def test_the_simulator_reads_the_slo_policy_from_the_flags_the_measured_run_gets():
+    args = cli.build_parser().parse_args(["bench", "autoscale", "--duration-s", "240", "--min-devices", "1",
+                                          "--max-devices", "3", "--slo-ttft-p90-ms", "1500", "--slo-tpot-p90-ms",
+                                          "250"])
+    win = autoscale_bench.windows(args)
+    flags = autoscale_bench.slo_flags(args, win)
+    cfg = autoscale_bench.slo_config(args, win, num_experts=16)
+    assert "--autoscale" in flags and flags[flags.index("--max-devices") + 1] == "3"
+    assert (cfg.min_devices, cfg.max_devices, cfg.ttft_p90_s, cfg.tpot_p90_s) == (1, 3, 1.5, 0.25)
+    assert cfg.queue_p90_s == 1.0, "serve's default queue target, which the simulator lacked"
+    assert (cfg.scale_up_cooldown_s, cfg.scale_down_stabilization_s) == (win["scale_up_cooldown_s"],
+                                                                          win["scale_down_stabilization_s"])

@@ -109,6 +109,27 @@ def windows(args: argparse.Namespace) -> dict[str, float]:
 # ---------------------------------------------------------------- one run
 
 
+def slo_flags(a, win: dict[str, float]) -> list[str]:
+    """The `serve` options of our SLO autoscaler's run (the simulator reads its policy from the same)."""
+    return ["--autoscale", "--min-devices", str(a.min_devices), "--max-devices", str(a.max_devices),
+            "--slo-ttft-p90-ms", f"{a.slo_ttft_p90_ms:g}", "--slo-tpot-p90-ms", f"{a.slo_tpot_p90_ms:g}",
+            "--scale-up-cooldown-s", f"{win['scale_up_cooldown_s']:g}",
+            "--scale-down-stabilization-s", f"{win['scale_down_stabilization_s']:g}",
+            "--autoscale-interval-s", f"{win['interval_s']:g}", "--autoscale-window-s", f"{win['window_s']:g}"]
+
+
+def slo_config(a, win: dict[str, float], num_experts: int):
+    """The policy config `serve` builds from `slo_flags` (its own parser and defaults)."""
+    from elasticmoe_worker.server import autoscale
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--devices", type=int)
+    autoscale.add_arguments(parser)
+    config, _, _ = autoscale.config_from_args(
+        parser.parse_args(["--devices", str(a.min_devices), *slo_flags(a, win)]), num_experts)
+    return config
+
+
 class _Run:
     """One server, one policy, the trace replayed against it."""
 
@@ -134,12 +155,7 @@ class _Run:
                 "--cpu-per-device", f"{a.cpu_per_device:g}", "--admin-token-file", str(token_file),
                 *serve_bench.engine_flags(a, a.dtype)]
         if self.name == "slo":
-            w = self.win
-            argv += ["--autoscale", "--min-devices", str(a.min_devices), "--max-devices", str(a.max_devices),
-                     "--slo-ttft-p90-ms", f"{a.slo_ttft_p90_ms:g}", "--slo-tpot-p90-ms", f"{a.slo_tpot_p90_ms:g}",
-                     "--scale-up-cooldown-s", f"{w['scale_up_cooldown_s']:g}",
-                     "--scale-down-stabilization-s", f"{w['scale_down_stabilization_s']:g}",
-                     "--autoscale-interval-s", f"{w['interval_s']:g}", "--autoscale-window-s", f"{w['window_s']:g}"]
+            argv += slo_flags(a, self.win)
         return argv
 
     async def request(self, client, i: int, model: str) -> None:
@@ -444,15 +460,12 @@ def _validate(args, trace: workload.Trace, summaries: dict, win) -> dict | None:
     path = args.profile or pathlib.Path("bench-results/profile.json")
     if not path.is_file():
         return None
-    from elasticmoe_operator import policy
     from elasticmoe_worker.bench import profile as profile_mod
     from elasticmoe_worker.bench import sim
+    from elasticmoe_worker.models import config as model_config
 
     prof = profile_mod.load(path)
-    slo_cfg = policy.Config(min_devices=args.min_devices, max_devices=args.max_devices,
-                            ttft_p90_s=args.slo_ttft_p90_ms / 1000, tpot_p90_s=args.slo_tpot_p90_ms / 1000,
-                            scale_up_cooldown_s=win["scale_up_cooldown_s"],
-                            scale_down_stabilization_s=win["scale_down_stabilization_s"])
+    slo_cfg = slo_config(args, win, model_config.load_spec(profile_bench.model_dir_of(args)).num_experts)
     common = dict(ttft_slo_s=args.slo_ttft_p90_ms / 1000, tpot_slo_s=args.slo_tpot_p90_ms / 1000,
                   eval_period_s=win["interval_s"], window_s=win["window_s"])
     out = {"profile": str(path), "runs": {}}

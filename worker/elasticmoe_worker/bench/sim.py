@@ -229,7 +229,7 @@ def simulate(trace: workload.Trace, prof: profile_mod.Profile, controller, setup
             next_eval += setup.eval_period_s
             signals = _signals(i, t, dt, window_ticks, active, setup, scale, starting if setup.mode == REPLICA
                                else None, R, rec_C, rec_P, rec_dsteps, rec_dec, cum, acc, arrival, arrived_by,
-                               n_acc - n_fin)
+                               n_acc - n_fin, n_acc)
             target, reason = controller.decide(signals, t)
             if setup.mode == DEVICES:
                 if scale is None and target != active:
@@ -395,7 +395,7 @@ def _own_prefill_s(prof, active_rec, t_first, dt, prompt, setup: Setup) -> np.nd
 
 
 def _signals(i, t, dt, window_ticks, active, setup, scale, starting, R, rec_C, rec_P, rec_dsteps, rec_dec, cum,
-             acc, arrival, arrived_by, inflight) -> controllers.Signals:
+             acc, arrival, arrived_by, inflight, n_acc) -> controllers.Signals:
     """What the server's metrics would show now over the last window."""
     lo = max(0, i - window_ticks)
     a, z = int(rec_P[lo]), int(rec_P[i])
@@ -415,6 +415,10 @@ def _signals(i, t, dt, window_ticks, active, setup, scale, starting, R, rec_C, r
         order = np.argsort(per_token)
         cw = np.cumsum(weight[order])
         tpot_p90 = float(per_token[order][np.searchsorted(cw, 0.9 * cw[-1])])
+    # the queue now: how long the accepted requests without a first token have waited (FIFO:
+    # the first rec_P[i] accepted have one), nearest-rank p90 as the server's gauge; none: None
+    waits = np.sort(t - arrival[acc[int(rec_P[i]):n_acc]])
+    queue_p90 = float(waits[math.ceil(0.9 * len(waits)) - 1]) if len(waits) else None
     window = max((i - lo) * dt, dt)
     rate = (int(arrived_by[i - 1]) - (int(arrived_by[lo - 1]) if lo else 0)) / window if i else 0.0
     if setup.mode == DEVICES:
@@ -424,5 +428,5 @@ def _signals(i, t, dt, window_ticks, active, setup, scale, starting, R, rec_C, r
         warming = len(starting) * R
         desired = active + warming
     obs = policy.Observation(at=t, active=active, warming=warming, desired=desired, ttft_p90_s=ttft_p90,
-                             tpot_p90_s=tpot_p90, requests_per_s=rate)
+                             tpot_p90_s=tpot_p90, queue_p90_s=queue_p90, requests_per_s=rate)
     return controllers.Signals(obs, float(inflight))

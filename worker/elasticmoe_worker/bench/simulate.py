@@ -61,6 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--initial-devices", type=int, default=None, help="autoscaled runs start here (default: min)")
     g.add_argument("--slo-ttft-p90-ms", type=float, default=2000.0, help="(default: %(default)s)")
     g.add_argument("--slo-tpot-p90-ms", type=float, default=100.0, help="(default: %(default)s)")
+    g.add_argument("--slo-queue-p90-ms", type=float, default=1000.0,
+                   help="target p90 wait of the requests still without a first token (default: %(default)s)")
     g.add_argument("--scale-up-cooldown-s", type=float, default=30.0, help="(default: %(default)s)")
     g.add_argument("--scale-down-stabilization-s", type=float, default=300.0, help="(default: %(default)s)")
     g.add_argument("--step", type=int, default=1, help="most devices added in one scale-up (default: %(default)s)")
@@ -140,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--policies: got {n!r}, expected some of {', '.join(POLICIES)}")
     slo_config = policy.Config(
         min_devices=args.min_devices, max_devices=args.max_devices, ttft_p90_s=args.slo_ttft_p90_ms / 1000,
-        tpot_p90_s=args.slo_tpot_p90_ms / 1000, step=args.step, scale_up_cooldown_s=args.scale_up_cooldown_s,
+        tpot_p90_s=args.slo_tpot_p90_ms / 1000, queue_p90_s=args.slo_queue_p90_ms / 1000, step=args.step, scale_up_cooldown_s=args.scale_up_cooldown_s,
         scale_down_stabilization_s=args.scale_down_stabilization_s)
     if args.target_peak_devices is not None:
         if args.trace_csv is not None:
