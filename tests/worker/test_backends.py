@@ -11,14 +11,18 @@ import gc
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 
+import httpx
 import msgspec
 import pytest
 import torch
+
+import testprocs
 
 from elasticmoe_worker import backends
 from elasticmoe_worker.backends import cpu as cpu_backend
@@ -442,3 +446,119 @@ def test_cpu_close_under_a_live_view_defers_the_unmap() -> None:
     del t, view
     gc.collect()
     assert not maps_mention("lifetime.check")
+
+
+# --- handles in restricted pods (fds over a Unix socket, SCM_RIGHTS) ---------------------------
+
+# Drops every capability for the command and all its descendants: bounding, inheritable and
+# ambient sets cleared, so even uid 0 execs with none (what `capabilities: drop: [ALL]` gives a pod).
+DROP_ALL_CAPS = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--ambient-caps=-all", "--no-new-privs"]
+
+
+def _capabilities(pid: int | str = "self") -> dict[str, int]:
+    with open(f"/proc/{pid}/status") as f:
+        return {k: int(v, 16) for k, v in (line.split(":") for line in f if line.startswith("Cap"))}
+
+
+def _capless_prefix() -> list[str]:
+    """The command prefix that runs a process with no capability, or skip when none works here."""
+    if shutil.which("setpriv"):
+        probe = subprocess.run([*DROP_ALL_CAPS, "grep", "^Cap", "/proc/self/status"], capture_output=True, text=True)
+        if probe.returncode == 0 and all(int(line.split()[1], 16) == 0 for line in probe.stdout.splitlines()):
+            return DROP_ALL_CAPS
+    if not any(_capabilities().values()):
+        return []  # this process has none to drop
+    pytest.skip("cannot drop capabilities here (no working setpriv) and this process holds some")
+
+
+ATTACH_CHILD = textwrap.dedent(
+    """
+    import json, os, sys
+    import msgspec, torch
+    from elasticmoe_worker import backends
+    handle = msgspec.json.decode(sys.argv[1].encode(), type=backends.MemoryHandle)
+    caps = {l.split(":")[0]: int(l.split()[1], 16) for l in open("/proc/self/status") if l.startswith("Cap")}
+    try:  # the route attach used to take; reported, not used
+        os.close(os.open(f"/proc/{handle.owner_pid}/fd/{handle.fd}", os.O_RDWR))
+        proc_fd = "opened"
+    except OSError as exc:
+        proc_fd = exc.strerror
+    try:
+        region = backends.get_backend("cpu").attach(handle)
+    except backends.AttachError as exc:
+        print(json.dumps({"caps": caps, "proc_fd": proc_fd, "error": str(exc)}), flush=True)
+        sys.exit(0)
+    words = region.tensor(torch.int64, (4,))
+    seen = int(words[0])
+    words[1] = seen + 1
+    print(json.dumps({"caps": caps, "proc_fd": proc_fd, "seen": seen}), flush=True)
+    """
+)
+
+
+def _run_attach_child(tmp_path, handle, prefix: list[str], via_grandchild: bool = False) -> dict:
+    script = tmp_path / "attach.py"
+    script.write_text(ATTACH_CHILD)
+    cmd = [sys.executable, str(script), msgspec.json.encode(handle).decode()]
+    if via_grandchild:  # a shell that stays the parent of python: not the owner's child
+        cmd = ["sh", "-c", '"$@"; exit $?', "sh", *cmd]
+    proc = subprocess.run([*prefix, *cmd], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout, proc.stderr
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def test_cpu_attach_with_every_capability_dropped(tmp_path) -> None:
+    prefix = _capless_prefix()
+    b = backends.get_backend("cpu")
+    with b.allocate(4096, "restricted.attach") as region:
+        words = region.tensor(torch.int64, (4,))
+        words[0] = 41
+        report = _run_attach_child(tmp_path, region.handle, prefix)
+        assert not any(report["caps"][k] for k in ("CapEff", "CapPrm", "CapBnd")), report["caps"]
+        assert report.get("seen") == 41, report
+        assert int(words[1]) == 42, "the parent does not see the child's write: not the same memory"
+        logger.info("capless child: /proc/<owner>/fd reopen gave %r; attach over the socket worked",
+                    report["proc_fd"])
+        if any(_capabilities().values()):
+            # The owner (this test) holds capabilities the child lacks: the kernel denies it
+            # /proc/<owner>/fd, so the attach above cannot have gone that way.
+            assert report["proc_fd"] == "Permission denied", report
+
+
+def test_cpu_attach_from_a_process_the_owner_did_not_start_is_refused(tmp_path) -> None:
+    with backends.get_backend("cpu").allocate(4096, "restricted.grandchild") as region:
+        report = _run_attach_child(tmp_path, region.handle, [], via_grandchild=True)
+    assert "is not a child of the owner pid" in report.get("error", ""), report
+
+
+def test_attach_with_a_forged_token_names_the_closed_region() -> None:
+    b = backends.get_backend("cpu")
+    with b.allocate(4096, "real") as region:
+        forged = msgspec.structs.replace(region.handle, fd_token=bytes(16))
+        with pytest.raises(backends.AttachError, match="'real'.*closed the region"):
+            b.attach(forged)
+        with pytest.raises(backends.AttachError, match="names no fd server"):
+            b.attach(msgspec.structs.replace(region.handle, fd_socket=""))
+        assert b.attach(region.handle).alloc_bytes == 4096  # the connection still serves
+
+
+def test_serve_with_every_capability_dropped(tiny_models, tmp_path) -> None:
+    """A real HMM + executor (serve --devices 1) under no capability, as in the operator's pods."""
+    prefix = _capless_prefix()
+    port = testprocs.free_port()
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([*prefix, *testprocs.elasticmoe("serve", "--model", str(tiny_models["mixtral"]),
+                                                                  "--port", str(port), "--devices", "1")],
+                                stdout=out, stderr=subprocess.STDOUT, preexec_fn=testprocs.die_with_test)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        testprocs.until("serve to be healthy", lambda: testprocs.healthy(base), 120, proc, log)
+        caps = _capabilities(proc.pid)
+        assert not (caps["CapEff"] or caps["CapBnd"]), caps  # the bounding set binds every descendant
+        r = httpx.post(f"{base}/v1/completions", timeout=60,
+                       json={"model": "mixtral", "prompt": [5, 6, 7], "max_tokens": 4, "ignore_eos": True})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4, r.text
+    finally:
+        testprocs.interrupt(proc)
+    assert "executor rank 0 of 1 started" in log.read_text()

@@ -5,8 +5,9 @@ HMM / executor split, zero-copy attach and expert remapping must work for real t
 the embedded default run on it).
 
 How: `allocate` creates a memfd (`memfd_create`; an unlinked file in /dev/shm where memfd is
-missing), sizes it to whole pages and maps it MAP_SHARED. `attach` opens the owner's
-`/proc/<owner_pid>/fd/<fd>`, which reopens the very same file, and maps it MAP_SHARED too: both
+missing), sizes it to whole pages, maps it MAP_SHARED and registers the fd with the process's
+fd server (`fdpass`). `attach` receives the owner's fd over that Unix socket (SCM_RIGHTS: no
+/proc reopening, no ptrace permission, no capability) and maps it MAP_SHARED too: both
 processes' tensors are views of the same physical pages. `ExpertPages` reserves one PROT_NONE
 anonymous range with libc `mmap` and puts each expert's file into a slot with
 `mmap(MAP_SHARED | MAP_FIXED)`; a single `torch.frombuffer` view over the range keeps working
@@ -19,10 +20,10 @@ is a SIGSEGV, as an unmapped device address is a fault on the accelerators.
 
 What it does not guarantee:
 - attaching needs the owner alive with the region open (this is why the HMM outlives
-  executors), the same user, and a shared PID namespace (`/proc/<pid>` must be the owner;
-  in Kubernetes: one container, or `shareProcessNamespace: true`); once attached, the pages
-  stay valid even if the owner exits;
-- Linux only (memfd, /proc, MAP_FIXED).
+  executors), and the attaching process must be the owner or its child, of the same user, in
+  the same network namespace (see `fdpass`); once attached, the pages stay valid even if the
+  owner exits;
+- Linux only (memfd, abstract Unix sockets, MAP_FIXED).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import weakref
 
 import torch
 
-from elasticmoe_worker.backends import base
+from elasticmoe_worker.backends import base, fdpass
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,7 @@ class CpuRegion(base.Region):
     def __init__(self, handle: base.MemoryHandle, fd: int, alloc_bytes: int, *, owned: bool) -> None:
         super().__init__(handle, alloc_bytes, owned=owned)
         self._fd = fd
+        self._token = handle.fd_token if owned else b""  # registered with this process's fd server
         # NOTE: the mmap object is the memory's lifetime. torch.frombuffer keeps a reference
         # to it (not an exported buffer), so mm.close() under a live view would succeed and
         # leave the view dangling; we never call it. Dropping our reference unmaps once the
@@ -125,6 +127,8 @@ class CpuRegion(base.Region):
 
     def _close(self) -> None:
         self._mm = None
+        if self._token:
+            fdpass.server().unregister(self._token)  # before the fd number can be reused
         fd, self._fd = self._fd, -1
         if fd >= 0:
             os.close(fd)
@@ -189,7 +193,7 @@ class CpuBackend(base.DeviceBackend):
 
     def unavailable_reason(self) -> str | None:
         if not sys.platform.startswith("linux"):
-            return f"the CPU backend needs Linux (memfd, /proc, MAP_FIXED); this is {sys.platform}"
+            return f"the CPU backend needs Linux (memfd, abstract Unix sockets, MAP_FIXED); this is {sys.platform}"
         return None
 
     def page_size_bytes(self) -> int:
@@ -199,14 +203,18 @@ class CpuBackend(base.DeviceBackend):
         self._check_allocate_args(size_bytes, name)
         alloc_bytes = base.round_up(size_bytes, mmap.PAGESIZE)
         fd = _create_file(name, self.use_memfd)
+        server = fdpass.server()
+        token = b""
         try:
             os.ftruncate(fd, alloc_bytes)
+            token = server.register(fd)
             handle = base.MemoryHandle(
                 backend=self.name, name=name, size_bytes=size_bytes, owner_pid=os.getpid(),
-                fd=fd, device_index=self.device_index, inode=os.fstat(fd).st_ino,
+                fd=fd, device_index=self.device_index, fd_socket=server.name, fd_token=token,
             )
             region = CpuRegion(handle, fd, alloc_bytes, owned=True)
         except BaseException:
+            server.unregister(token)
             os.close(fd)
             raise
         logger.debug("allocated %s: %d bytes, fd %d", name, size_bytes, fd)
@@ -214,27 +222,14 @@ class CpuBackend(base.DeviceBackend):
 
     def attach(self, handle: base.MemoryHandle) -> CpuRegion:
         self._check_handle(handle)
-        path = f"/proc/{handle.owner_pid}/fd/{handle.fd}"
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise base.AttachError(
-                f"cannot attach {handle.name!r}: {path} is gone (owner pid {handle.owner_pid} "
-                "exited or closed the region)"
-            ) from None
-        except PermissionError as exc:
-            raise base.AttachError(
-                f"cannot attach {handle.name!r}: {path}: {exc.strerror} (the owner must run as "
-                "the same user in the same PID namespace)"
-            ) from None
+        fd = fdpass.receive(handle)
         try:
             st = os.fstat(fd)
             alloc_bytes = base.round_up(handle.size_bytes, mmap.PAGESIZE)
-            if st.st_ino != handle.inode or st.st_size < alloc_bytes:
+            if st.st_size < alloc_bytes:
                 raise base.AttachError(
-                    f"cannot attach {handle.name!r}: {path} is another file now "
-                    f"(inode {st.st_ino}, {st.st_size} bytes; expected inode {handle.inode}, "
-                    f"{alloc_bytes} bytes); the owner closed the region"
+                    f"cannot attach {handle.name!r}: the owner sent a file of {st.st_size} bytes; "
+                    f"the handle needs {alloc_bytes}"
                 )
             region = CpuRegion(handle, fd, alloc_bytes, owned=False)
         except BaseException:

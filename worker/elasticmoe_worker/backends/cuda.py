@@ -7,10 +7,10 @@ serves weights, experts and the KV pool:
 
 - allocate: `cuMemCreate` (pinned device memory, `requestedHandleTypes` = POSIX fd) →
   `cuMemAddressReserve` → `cuMemMap` → `cuMemSetAccess`; `cuMemExportToShareableHandle` gives an
-  fd in the owner, published as `MemoryHandle.fd`;
-- attach: the fd is pulled out of the owner with `pidfd_open` + `pidfd_getfd` (Linux >= 5.6; the
-  same route torch's expandable segments use), then `cuMemImportFromShareableHandle` →
-  reserve / map / set access in this process;
+  fd in the owner, registered with the process's fd server (`fdpass`);
+- attach: the owner sends the fd over a Unix socket (SCM_RIGHTS: no `pidfd_getfd`, no ptrace
+  permission, no capability), then `cuMemImportFromShareableHandle` → reserve / map / set
+  access in this process;
 - expert pages: one `cuMemAddressReserve` range; `map` = `cuMemUnmap` of the slot (if mapped),
   `cuMemMap` of the region's allocation handle at the slot, `cuMemSetAccess`. torch asks the
   driver which device a pointer is on when it wraps it, so while the view is built an unmapped
@@ -19,39 +19,29 @@ serves weights, experts and the KV pool:
   to it, and a finalizer on it unmaps and frees the range when the last view dies.
 
 What it does not guarantee:
-- `pidfd_getfd` needs ptrace-level access to the owner. Under Yama `ptrace_scope=1` only
-  ancestors may do that, so the owner calls `prctl(PR_SET_PTRACER, PR_SET_PTRACER_ANY)` at its
-  first export: any process of the same user may then ptrace the HMM. `ptrace_scope>=2` or a
-  different user / PID namespace makes attach fail with AttachError;
+- the attaching process must be the owner or its child, of the same user, in the same network
+  namespace (see `fdpass`);
 - both processes must see the device under the same index (same CUDA_VISIBLE_DEVICES);
 - remapping synchronises the context first (`cuCtxSynchronize`) so no in-flight kernel reads a
   slot as it changes, but kernels launched by other threads during the remap are the caller's
   problem;
-- untested in this repository's CI (no GPU there); tests marked `cuda` run where one exists.
+- it has never run in this repository's development or CI (no GPU there); tests marked `cuda`
+  and `scripts/device-check.sh` run it where a GPU exists.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import sys
-import threading
 import weakref
 from typing import Any, Callable
 
 import torch
 
-from elasticmoe_worker.backends import base
+from elasticmoe_worker.backends import base, fdpass
 
 logger = logging.getLogger(__name__)
-
-_SYS_PIDFD_GETFD = 438  # same number on every Linux architecture (added after the unification)
-_PR_SET_PTRACER = 0x59616D61
-_PR_SET_PTRACER_ANY = ctypes.c_ulong(-1).value
-_ptracer_lock = threading.Lock()
-_ptracer_set = False
-
 
 def _import_driver() -> Any | None:
     """cuda-python's driver module, or None when the package is absent."""
@@ -184,40 +174,6 @@ def _free_mappings(cu: _Driver, address: int, total_bytes: int, mapped: dict[int
         logger.exception("freeing cuda range %#x failed", address)
 
 
-def _allow_fd_pull() -> None:
-    """Let executors pidfd_getfd our exported fds under Yama ptrace_scope=1 (see module doc)."""
-    global _ptracer_set
-    with _ptracer_lock:
-        if _ptracer_set:
-            return
-        _ptracer_set = True
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(_PR_SET_PTRACER, ctypes.c_ulong(_PR_SET_PTRACER_ANY), 0, 0, 0) != 0:
-            logger.debug("prctl(PR_SET_PTRACER) not applied: %s", os.strerror(ctypes.get_errno()))
-
-
-def _pull_fd(owner_pid: int, remote_fd: int, name: str) -> int:
-    if owner_pid == os.getpid():
-        return os.dup(remote_fd)
-    libc = ctypes.CDLL(None, use_errno=True)
-    try:
-        pidfd = os.pidfd_open(owner_pid)
-    except ProcessLookupError:
-        raise base.AttachError(f"cannot attach {name!r}: owner pid {owner_pid} has exited") from None
-    try:
-        fd = libc.syscall(_SYS_PIDFD_GETFD, pidfd, remote_fd, 0)
-        if fd < 0:
-            err = ctypes.get_errno()
-            raise base.AttachError(
-                f"cannot attach {name!r}: pidfd_getfd(pid {owner_pid}, fd {remote_fd}): "
-                f"{os.strerror(err)} (the owner closed the region, or ptrace access is denied: "
-                "same user, same PID namespace, Yama ptrace_scope <= 1)"
-            )
-        return fd
-    finally:
-        os.close(pidfd)
-
-
 class CudaRegion(base.Region):
     def __init__(
         self, handle: base.MemoryHandle, cu: _Driver, alloc_handle: int, alloc_bytes: int,
@@ -227,6 +183,7 @@ class CudaRegion(base.Region):
         self._cu = cu
         self._alloc_handle = alloc_handle
         self._export_fd = export_fd
+        self._token = handle.fd_token if owned else b""  # registered with this process's fd server
         address = cu.reserve(alloc_bytes)
         mapped = {0: alloc_bytes}
         try:
@@ -261,6 +218,8 @@ class CudaRegion(base.Region):
         # Releasing the handle now is safe: the physical memory lives while any mapping
         # (ours, expert slots, other processes) does.
         self._cu.release(self._alloc_handle)
+        if self._token:
+            fdpass.server().unregister(self._token)  # before the fd number can be reused
         if self._export_fd >= 0:
             os.close(self._export_fd)
             self._export_fd = -1
@@ -361,14 +320,16 @@ class CudaBackend(base.DeviceBackend):
         except BaseException:
             cu.release(alloc_handle)
             raise
-        _allow_fd_pull()
+        server = fdpass.server()
+        token = server.register(fd)
         handle = base.MemoryHandle(
             backend=self.name, name=name, size_bytes=size_bytes, owner_pid=os.getpid(),
-            fd=fd, device_index=self.device_index,
+            fd=fd, device_index=self.device_index, fd_socket=server.name, fd_token=token,
         )
         try:
             region = CudaRegion(handle, cu, alloc_handle, alloc_bytes, owned=True, export_fd=fd)
         except BaseException:
+            server.unregister(token)
             os.close(fd)
             cu.release(alloc_handle)
             raise
@@ -382,7 +343,7 @@ class CudaBackend(base.DeviceBackend):
         self._check_handle(handle)
         cu = self._driver()
         cu.make_current()
-        fd = _pull_fd(handle.owner_pid, handle.fd, handle.name)
+        fd = fdpass.receive(handle)
         try:
             alloc_handle = cu.import_fd(fd)
         finally:

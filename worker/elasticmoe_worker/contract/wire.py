@@ -28,7 +28,10 @@ class MemoryHandle(msgspec.Struct, frozen=True):
     fd: int = -1  # cpu: memfd number in the owner; cuda: the exported POSIX fd in the owner
     ipc: bytes = b""  # ascend: the 8-byte shareable handle; unused elsewhere
     device_index: int = 0
-    inode: int = 0  # cpu: st_ino of the memfd, so a reused fd number cannot attach another file
+    # cpu, cuda: the owner's abstract Unix socket that sends the fd (SCM_RIGHTS), and the
+    # region's random token it asks for (see backends.fdpass)
+    fd_socket: str = ""
+    fd_token: bytes = b""
 
 
 class ErrorKind(str, enum.Enum):
