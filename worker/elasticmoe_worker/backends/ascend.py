@@ -11,6 +11,10 @@ so every region is a CANN physical allocation (`aclrtMallocPhysical`, HBM huge p
 - attach: `aclrtMemImportFromShareableHandle` → reserve → map;
 - expert pages: one `aclrtReserveMemAddress` range; `map` = `aclrtUnmapMem` of the slot (if
   mapped) then `aclrtMapMem` of the region's physical handle at the slot;
+- release: CANN's `aclrtFreePhysical` must come only after every `aclrtUnmapMem` of that
+  memory in this process, so each physical allocation counts its mappings (the region's own
+  and expert slots'); closing a region unmaps its own range and frees the physical memory
+  when the last slot showing it is unmapped too (at once if none does);
 - tensors: `torch_npu._C._construct_storage_from_data_pointer` +
   `_construct_NPU_Tensor_From_Storage_And_Metadata` (private torch_npu helpers that CANN's own
   shmem package uses); the CANN C API is called through ctypes on `libascendcl.so`.
@@ -20,7 +24,9 @@ What it does not guarantee:
   view dies, so `close()` unmaps at once: drop every view first;
 - with PID validation off, any process on the host that learns the 64-bit handle can import the
   memory; run HMM and executors in one trust domain;
-- untested in this repository's CI (no NPU there); tests marked `ascend` run where one exists.
+- it has never run in this repository's development or CI (no NPU there); tests marked
+  `ascend` run it where one exists. Only the release ordering is unit-tested (with a recorder
+  of the ACL calls in place of `_Acl`).
 """
 
 from __future__ import annotations
@@ -186,22 +192,56 @@ class _Acl:
         return torch_npu._C._construct_NPU_Tensor_From_Storage_And_Metadata(metadata, storage)
 
 
+class _Physical:
+    """One physical allocation in this process and how many mappings of it exist.
+
+    NOTE: `aclrtFreePhysical` only after every mapping is unmapped (CANN's rule): the memory is
+    freed when its region has released it and the last mapping goes, whichever comes last.
+    """
+
+    def __init__(self, acl: _Acl, handle: int) -> None:
+        self.acl = acl
+        self.handle = handle
+        self.num_mappings = 0
+        self.released = False
+        self.freed = False
+
+    def mapped(self) -> None:
+        assert not self.freed, "mapping freed physical memory"
+        self.num_mappings += 1
+
+    def unmapped(self) -> None:
+        assert self.num_mappings > 0, "unmapped more often than mapped"
+        self.num_mappings -= 1
+        self._free_if_unused()
+
+    def release(self) -> None:
+        self.released = True
+        self._free_if_unused()
+
+    def _free_if_unused(self) -> None:
+        if self.released and self.num_mappings == 0 and not self.freed:
+            self.freed = True
+            self.acl.free_physical(self.handle)
+
+
 class AscendRegion(base.Region):
     def __init__(
         self, handle: base.MemoryHandle, acl: _Acl, phys: int, alloc_bytes: int, *, owned: bool
     ) -> None:
         super().__init__(handle, alloc_bytes, owned=owned)
         self._acl = acl
-        self._phys = phys
+        self._phys = _Physical(acl, phys)
         self.address = acl.reserve(alloc_bytes)
         try:
             acl.map(self.address, alloc_bytes, phys)
         except BaseException:
             acl.release_range(self.address)
             raise
+        self._phys.mapped()
 
     @property
-    def physical_handle(self) -> int:
+    def physical(self) -> _Physical:
         if self._closed:
             raise ValueError(f"region {self.name!r} is closed")
         return self._phys
@@ -215,9 +255,10 @@ class AscendRegion(base.Region):
         acl.make_current()
         acl.synchronize()
         acl.unmap(self.address)
+        self._phys.unmapped()
         acl.release_range(self.address)
-        # Physical memory lives on while expert slots or other processes map it.
-        acl.free_physical(self._phys)
+        # Freed now, or when the last expert slot showing it is unmapped (see _Physical).
+        self._phys.release()
 
 
 class AscendExpertPages(base.ExpertPages):
@@ -226,6 +267,7 @@ class AscendExpertPages(base.ExpertPages):
         self._acl = acl
         acl.make_current()
         self.address = acl.reserve(self.total_bytes)
+        self._slot_physical: dict[int, _Physical] = {}
 
     def _byte_tensor(self) -> torch.Tensor:
         return self._acl.byte_tensor(self.address, self.total_bytes)
@@ -234,16 +276,21 @@ class AscendExpertPages(base.ExpertPages):
         if not isinstance(region, AscendRegion):
             raise TypeError(f"Ascend expert pages map Ascend regions, got {type(region).__name__}")
         self._unmap(slot)
-        self._acl.map(self.address + slot * self.slot_bytes, region.alloc_bytes, region.physical_handle)
+        phys = region.physical
+        self._acl.map(self.address + slot * self.slot_bytes, region.alloc_bytes, phys.handle)
+        phys.mapped()
+        self._slot_physical[slot] = phys
 
     def _unmap(self, slot: int) -> None:
-        if slot in self._mapped:
+        phys = self._slot_physical.pop(slot, None)
+        if phys is not None:
             self._acl.make_current()
             self._acl.synchronize()  # no kernel may be reading the slot as it goes
             self._acl.unmap(self.address + slot * self.slot_bytes)
+            phys.unmapped()  # frees it if its region was closed before
 
     def _close(self) -> None:
-        for slot in list(self._mapped):
+        for slot in list(self._slot_physical):
             self._unmap(slot)
         self._acl.release_range(self.address)
 
