@@ -161,30 +161,10 @@ class _Run:
     async def request(self, client, i: int, model: str) -> None:
         await asyncio.sleep(max(0.0, self.t0 + float(self.trace.arrival_s[i]) - time.perf_counter()))
         sent = self.t0 + float(self.trace.arrival_s[i])  # TTFT counts from when it was due
-        body = {"model": model, "prompt": self.prompts[i], "max_tokens": int(self.trace.output_tokens[i]),
-                "temperature": 0, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
-        first = last = None
-        n = 0
+        body = serve_bench.completion_body(model, self.prompts[i], int(self.trace.output_tokens[i]))
         try:
-            async with client.stream("POST", "/v1/completions", json=body) as resp:
-                if resp.status_code != 200:
-                    raise RuntimeError(f"HTTP {resp.status_code}")
-                async for line in resp.aiter_lines():
-                    if not line.startswith("data:") or line[5:].strip() == "[DONE]":
-                        continue
-                    event = json.loads(line[5:])
-                    if "error" in event:
-                        raise RuntimeError(f"stream error: {str(event['error'])[:80]}")
-                    if event.get("choices"):
-                        now = time.perf_counter()
-                        first = first or now
-                        last = now
-                    if event.get("usage"):
-                        n = int(event["usage"]["completion_tokens"])
-            if first is None or n < 1:
-                raise RuntimeError("no token")
-            self.ttft[i] = first - sent
-            self.tpot[i] = (last - first) / (n - 1) if n > 1 else 0.0
+            sample = await serve_bench.stream_completion(client, "/v1/completions", body, sent_s=sent)
+            self.ttft[i], self.tpot[i] = sample.ttft_s, sample.tpot_s
         except Exception as exc:  # noqa: BLE001 - a failed request is data here
             self.failed[i] = True
             key = f"{type(exc).__name__}: {exc}"[:100]

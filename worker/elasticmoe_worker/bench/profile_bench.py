@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
-import json
 import logging
 import os
 import pathlib
@@ -34,6 +33,7 @@ import time
 
 from elasticmoe_worker import cliargs
 from elasticmoe_worker.bench import profile as profile_mod
+from elasticmoe_worker.bench import serve_bench
 
 logger = logging.getLogger(__name__)
 
@@ -74,28 +74,9 @@ def model_dir_of(args: argparse.Namespace) -> pathlib.Path:
 
 async def _one(client, model: str, prompt: list[int], max_tokens: int) -> tuple[float, float, int]:
     """One streaming completion -> (TTFT s, TPOT s, output tokens)."""
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}, "ignore_eos": True}
-    sent = time.perf_counter()
-    first = last = None
-    n = 0
-    async with client.stream("POST", "/v1/completions", json=body) as resp:
-        if resp.status_code != 200:
-            raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}")
-        async for line in resp.aiter_lines():
-            if not line.startswith("data:") or line[5:].strip() == "[DONE]":
-                continue
-            event = json.loads(line[5:])
-            if "error" in event:
-                raise RuntimeError(f"a request failed: {event['error']}")
-            if event.get("choices"):
-                now = time.perf_counter()
-                first = first or now
-                last = now
-            if event.get("usage"):
-                n = int(event["usage"]["completion_tokens"])
-    assert first is not None and n >= 1, "a request produced no token"
-    return first - sent, (last - first) / (n - 1) if n > 1 else 0.0, n
+    s = await serve_bench.stream_completion(client, "/v1/completions", serve_bench.completion_body(model, prompt,
+                                                                                                   max_tokens))
+    return s.ttft_s, s.tpot_s, s.num_output_tokens
 
 
 def _batch(base_url: str, prompts: list[list[int]], max_tokens: int) -> list[tuple[float, float, int]]:

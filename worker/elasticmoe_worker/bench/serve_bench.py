@@ -253,8 +253,16 @@ def engine_flags(args: argparse.Namespace, dtype: str) -> list[str]:
     return flags
 
 
-async def _stream_one(client, url: str, body: dict[str, Any]) -> RequestSample:
-    sent_s = time.perf_counter()
+def completion_body(model: str, prompt: list[int], max_tokens: int) -> dict[str, Any]:
+    """A greedy streaming completion of exactly `max_tokens` tokens, with usage in the last chunk."""
+    return {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, "ignore_eos": True}
+
+
+async def stream_completion(client, url: str, body: dict[str, Any], sent_s: float | None = None) -> RequestSample:
+    """POST one streaming completion and time it; TTFT counts from `sent_s` (default: now).
+    BenchError for an HTTP error, an error event in the stream, or a stream without usage or text."""
+    sent_s = time.perf_counter() if sent_s is None else sent_s
     first_s = last_s = usage = None
     async with client.stream("POST", url, json=body) as resp:
         if resp.status_code != 200:
@@ -291,10 +299,8 @@ def run_ours(base_url: str, model_name: str, prompts: list[list[int]], output_le
     url = f"{base_url}/v1/completions"
 
     async def one(client, limit: asyncio.Semaphore, ids: list[int]) -> RequestSample:
-        body = {"model": model_name, "prompt": ids, "max_tokens": output_len, "temperature": 0,
-                "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
         async with limit:
-            sample = await _stream_one(client, url, body)
+            sample = await stream_completion(client, url, completion_body(model_name, ids, output_len))
         on_done()
         return sample
 
