@@ -9,18 +9,21 @@
 #   CPU (default): python:3.11-slim + the CPU build of torch
 #     docker build -t elasticmoe:cpu .
 #
-#   NVIDIA CUDA: a CUDA runtime base + the torch build for that CUDA version. Bases without
-#   Python (nvidia/cuda) get the distribution's python3 (Ubuntu 24.04: 3.12).
+#   NVIDIA CUDA: a CUDA runtime base + the torch build for that CUDA version + the `cuda` extra
+#   (cuda-python). Bases without Python (nvidia/cuda) get the distribution's python3 (Ubuntu
+#   24.04: 3.12).
 #     docker build -t elasticmoe:cuda \
 #       --build-arg BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 \
-#       --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .
+#       --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 \
+#       --build-arg EXTRAS=cuda .
 #
 #   Huawei Ascend: a CANN base image with Python >= 3.10 (the driver is mounted from the host
-#   at run time) + torch_npu of the same release as torch, on top of the CPU build of torch.
-#   The CANN toolkit's environment (its set_env.sh) must be in the image's ENV.
+#   at run time) + the `ascend` extra (torch_npu of torch's release), on top of the CPU build
+#   of torch. The CANN toolkit's environment (its set_env.sh) must be in the image's ENV.
 #     docker build -t elasticmoe:ascend \
 #       --build-arg BASE_IMAGE=<a CANN image, e.g. from ascendai/cann> \
-#       --build-arg EXTRA_PIP="torch-npu==2.13.0" .
+#       --build-arg EXTRAS=ascend .
+#   Neither accelerator image has been built or run by this project yet (no GPU or NPU here).
 #
 # Run: docker run -p 8000:8000 elasticmoe:cpu   (then http://127.0.0.1:8000/v1)
 # Arguments after the image name replace CMD, e.g. `serve --host 0.0.0.0 --model /models/x`.
@@ -32,7 +35,9 @@ FROM ${BASE_IMAGE} AS builder
 # NOTE: keep TORCH_SPEC equal to the torch pin in pyproject.toml (tests/test_dockerfile.py checks).
 ARG TORCH_SPEC=torch==2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-# Extra pip requirements installed with the package, e.g. "torch-npu==2.13.0".
+# The package's extras to install, comma-separated: "cuda" or "ascend" (pyproject.toml).
+ARG EXTRAS=""
+# Extra pip requirements installed with the package, e.g. "nvidia-ml-py".
 ARG EXTRA_PIP=""
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -52,7 +57,7 @@ COPY pyproject.toml README.md ./
 COPY worker/ worker/
 COPY operator/ operator/
 # EXTRA_PIP is unquoted on purpose: empty means nothing, several words mean several packages.
-RUN pip install . ${EXTRA_PIP} \
+RUN pip install ".${EXTRAS:+[${EXTRAS}]}" ${EXTRA_PIP} \
     && elasticmoe --help >/dev/null
 
 FROM ${BASE_IMAGE} AS runtime

@@ -118,8 +118,22 @@ def test_base_image_and_torch_are_build_args_defaulting_to_pinned_cpu(instructio
     assert "EXTRA_PIP" in args
 
     runs = " ".join(ins.args for ins in instructions if ins.keyword == "RUN")
-    for name in ("TORCH_SPEC", "TORCH_INDEX_URL", "EXTRA_PIP"):
+    for name in ("TORCH_SPEC", "TORCH_INDEX_URL", "EXTRAS", "EXTRA_PIP"):
         assert "${" + name + "}" in runs, f"build arg {name} is declared but no RUN uses it"
+
+
+@pytest.mark.parametrize("variant,package", [("cuda", "cuda-python"), ("ascend", "torch-npu")])
+def test_accelerator_build_commands_install_the_packages_extra(variant: str, package: str) -> None:
+    """The header's documented build command for a variant passes EXTRAS=<variant>, that extra
+    exists in pyproject.toml and brings the variant's package, and the RUN installs `.[EXTRAS]`."""
+    text = (REPO / "Dockerfile").read_text()
+    command = re.search(rf"#\s+docker build -t elasticmoe:{variant}(.*?)\s\.\n", text, re.DOTALL)
+    assert command, f"the Dockerfile's header documents no build command for elasticmoe:{variant}"
+    assert f"--build-arg EXTRAS={variant}" in command.group(1), command.group(1)
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(re.match(rf"{package}\b", req) for req in extras.get(variant, [])), extras.get(variant)
+    runs = " ".join(ins.args for ins in parse(text) if ins.keyword == "RUN")
+    assert 'pip install ".${EXTRAS:+[${EXTRAS}]}"' in runs, "the package is not installed with its EXTRAS"
 
 
 def test_runs_as_a_non_root_user(instructions: list[Instruction]) -> None:

@@ -115,6 +115,9 @@ def test_wheel_declares_the_console_script_and_the_torch_pin(wheel_path: pathlib
     metadata = _dist_info_file(wheel_path, "METADATA").splitlines()
     requires = [line for line in metadata if line.startswith("Requires-Dist:")]
     assert "Requires-Dist: torch==2.13.0" in requires, requires
+    # the accelerator images install these extras (Dockerfile EXTRAS)
+    assert 'Requires-Dist: cuda-python<13,>=12.6; extra == "cuda"' in requires, requires
+    assert 'Requires-Dist: torch-npu<2.14,>=2.13; extra == "ascend"' in requires, requires
 
 
 def test_installed_wheel_runs_the_cli_and_imports_both_packages(

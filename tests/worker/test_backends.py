@@ -31,27 +31,14 @@ logger = logging.getLogger(__name__)
 
 MiB = 2**20
 
-BACKEND_PARAMS = [
-    pytest.param("cpu", id="cpu"),
-    pytest.param(
-        "cuda",
-        id="cuda",
-        marks=[
-            pytest.mark.cuda,
-            pytest.mark.skipif(not backends.backend_available("cuda"), reason="needs an NVIDIA GPU"),
-        ],
-    ),
-    pytest.param(
-        "ascend",
-        id="ascend",
-        marks=[
-            pytest.mark.ascend,
-            pytest.mark.skipif(
-                not backends.backend_available("ascend"), reason="needs an Ascend NPU with torch_npu"
-            ),
-        ],
-    ),
-]
+def _device_param(name: str):
+    """`name` as a test parameter, marked with its pytest marker and skipped with what is missing."""
+    reason = backends.unavailable_reason(name)
+    return pytest.param(name, id=name, marks=[getattr(pytest.mark, name),
+                                              pytest.mark.skipif(reason is not None, reason=f"{name}: {reason}")])
+
+
+BACKEND_PARAMS = [pytest.param("cpu", id="cpu"), _device_param("cuda"), _device_param("ascend")]
 
 
 @pytest.fixture(params=BACKEND_PARAMS)
@@ -111,6 +98,33 @@ def test_get_backend_without_hardware_is_a_clear_runtime_error(name: str) -> Non
         pytest.skip(f"{name} is available here")
     with pytest.raises(RuntimeError, match=f"'{name}' is not usable here: .+"):
         backends.get_backend(name)
+
+
+def test_cuda_unavailable_reason_names_everything_missing_here() -> None:
+    reason = backends.unavailable_reason("cuda")
+    if reason is None:
+        pytest.skip("cuda is available here")
+    import importlib.util
+    import ctypes.util
+
+    if torch.version.cuda is None:
+        assert "a build without CUDA" in reason, reason
+    if importlib.util.find_spec("cuda") is None:
+        assert "`cuda-python` is not installed (pip install 'elasticmoe[cuda]')" in reason, reason
+    if ctypes.util.find_library("cuda") is None:
+        assert "libcuda.so.1 cannot be loaded" in reason, reason
+
+
+def test_ascend_unavailable_reason_names_everything_missing_here() -> None:
+    reason = backends.unavailable_reason("ascend")
+    if reason is None:
+        pytest.skip("ascend is available here")
+    import importlib.util
+
+    if importlib.util.find_spec("torch_npu") is None:
+        assert "`torch_npu` is not installed (pip install 'elasticmoe[ascend]')" in reason, reason
+    if not os.environ.get("ASCEND_TOOLKIT_HOME"):
+        assert "libascendcl.so cannot be loaded" in reason, reason
 
 
 def test_handle_roundtrips_through_msgpack() -> None:

@@ -32,6 +32,7 @@ __all__ = [
     "Region",
     "backend_available",
     "base",
+    "unavailable_reason",
     "get_backend",
     "round_up",
 ]
@@ -68,3 +69,9 @@ def get_backend(name: str, device_index: int = 0) -> DeviceBackend:
 def backend_available(name: str) -> bool:
     """Whether `get_backend(name)` would succeed (device 0). ValueError for an unknown name."""
     return _backend_class(name)().is_available()
+
+
+def unavailable_reason(name: str) -> str | None:
+    """None when backend `name` can run here (device 0); else everything missing (driver,
+    package, device) in one sentence: what tests skip with. ValueError for an unknown name."""
+    return _backend_class(name)().unavailable_reason()

@@ -35,7 +35,6 @@ import ctypes
 import logging
 import os
 import struct
-from typing import Any
 
 import torch
 
@@ -68,13 +67,17 @@ class _PhysicalMemProp(ctypes.Structure):
     ]
 
 
-def _import_torch_npu() -> Any | None:
+def _torch_npu_problem() -> str | None:
+    """Why torch_npu cannot be imported (absent, or present without CANN's libraries), or None."""
     try:
         import torch_npu  # noqa: F401  (registers the "npu" device with torch)
-
-        return torch_npu
-    except ImportError:
-        return None
+    except ImportError as exc:
+        if getattr(exc, "name", None) == "torch_npu":
+            return "the Python package `torch_npu` is not installed (pip install 'elasticmoe[ascend]')"
+        return f"`torch_npu` is installed but does not import ({exc}): source CANN's set_env.sh"
+    except Exception as exc:  # torch_npu raises other errors when the driver or toolkit is missing
+        return f"`torch_npu` is installed but does not import ({type(exc).__name__}: {exc})"
+    return None
 
 
 class _Acl:
@@ -307,16 +310,22 @@ class AscendBackend(base.DeviceBackend):
         return torch.device("npu", self.device_index if index is None else index)
 
     def unavailable_reason(self) -> str | None:
-        if _import_torch_npu() is None:
-            return "the Python package `torch_npu` (with the CANN toolkit) is not installed"
-        if not torch.npu.is_available():
-            return "no Ascend NPU visible to torch_npu (torch.npu.is_available() is False)"
-        if self.device_index >= torch.npu.device_count():
-            return f"npu:{self.device_index} does not exist ({torch.npu.device_count()} devices visible)"
+        """Everything missing, in one sentence: the package, CANN's runtime, the device."""
+        missing = []
+        problem = _torch_npu_problem()
+        if problem is not None:
+            missing.append(problem)
         try:
             ctypes.CDLL("libascendcl.so")
         except OSError as exc:
-            return f"CANN's libascendcl.so cannot be loaded ({exc}); source CANN's set_env.sh"
+            missing.append(f"CANN's runtime libascendcl.so cannot be loaded ({exc}): install the CANN toolkit and "
+                           "source its set_env.sh (the NPU driver comes from the host)")
+        if missing:
+            return "; ".join(missing)
+        if not torch.npu.is_available():
+            return "torch_npu sees no Ascend NPU (torch.npu.is_available() is False; check npu-smi and the driver)"
+        if self.device_index >= torch.npu.device_count():
+            return f"npu:{self.device_index} does not exist ({torch.npu.device_count()} devices visible)"
         return None
 
     def _runtime(self) -> _Acl:

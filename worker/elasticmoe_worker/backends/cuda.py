@@ -31,6 +31,7 @@ What it does not guarantee:
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import sys
@@ -288,14 +289,33 @@ class CudaBackend(base.DeviceBackend):
         return torch.device("cuda", self.device_index if index is None else index)
 
     def unavailable_reason(self) -> str | None:
+        """Everything missing, in one sentence: torch's CUDA build, the package, the driver, the device."""
         if not sys.platform.startswith("linux"):
             return f"the CUDA backend shares memory by POSIX fd and needs Linux; this is {sys.platform}"
-        if torch.version.cuda is None or not torch.cuda.is_available():
-            return "no NVIDIA GPU visible to torch (torch.cuda.is_available() is False)"
+        missing = []
+        if torch.version.cuda is None:
+            missing.append(f"this torch ({torch.__version__}) is a build without CUDA: install a CUDA build "
+                           "(pip install torch --index-url https://download.pytorch.org/whl/cu128)")
+        drv = _import_driver()
+        if drv is None:
+            missing.append("the Python package `cuda-python` is not installed (pip install 'elasticmoe[cuda]')")
+        try:
+            ctypes.CDLL("libcuda.so.1")
+        except OSError as exc:
+            missing.append(f"the NVIDIA driver library libcuda.so.1 cannot be loaded ({exc}): no driver on this "
+                           "machine, or not mounted into the container")
+        else:
+            if drv is not None:
+                err, *_ = drv.cuInit(0)
+                if err != drv.CUresult.CUDA_SUCCESS:
+                    missing.append(f"the NVIDIA driver is loaded but cuInit fails with {err!r} (no GPU visible: "
+                                   "check nvidia-smi and CUDA_VISIBLE_DEVICES)")
+        if missing:
+            return "; ".join(missing)
+        if not torch.cuda.is_available():
+            return "torch sees no NVIDIA GPU (torch.cuda.is_available() is False; check CUDA_VISIBLE_DEVICES)"
         if self.device_index >= torch.cuda.device_count():
             return f"cuda:{self.device_index} does not exist ({torch.cuda.device_count()} devices visible)"
-        if _import_driver() is None:
-            return "the Python package `cuda-python` is not installed (pip install cuda-python)"
         return None
 
     def _driver(self) -> _Driver:
