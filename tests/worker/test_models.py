@@ -110,7 +110,7 @@ def test_decode_attention_in_length_groups_equals_attention_per_sequence():
     for n in lengths:
         table = [free.pop() for _ in range(-(-n // bs))]
         work.append(runner.SeqWork(token_ids=[7], start_pos=n - 1, block_table=table, sample=True))
-    _, meta = runner.build_metadata(work, bs)
+    _, meta = runner.build_metadata(work, bs, torch.device("cpu"))
     assert [len(g.token_idx) for g in meta.decodes] == [2, 3, 1], "blocks 1, 2 | 5, 5, 10 | 33: a group ends before twice its first length"
     q = torch.randn(len(lengths), heads, dim, generator=gen)
     k_new = torch.randn(len(lengths), kv_heads, dim, generator=gen)

@@ -89,9 +89,10 @@ class LLMEngine:
         else:
             useful = config.max_num_seqs * kv_cache.blocks_for(self.max_model_len, config.block_size)
             num_blocks = max(1, min(config.kv_cache_bytes // per_block, useful))
+        self.device = model.device
         self.pool = pool or kv_cache.KVCachePool.allocate(
             spec.num_layers, spec.num_kv_heads, spec.qk_head_dim, spec.v_head_dim,
-            num_blocks, config.block_size, model.dtype,
+            num_blocks, config.block_size, model.dtype, self.device,
         )
         self.scheduler = scheduler.Scheduler(
             scheduler.SchedulerConfig(
@@ -105,19 +106,20 @@ class LLMEngine:
         self.eos_token_ids = frozenset(spec.eos_token_ids) | (
             {tokenizer.eos_token_id} if getattr(tokenizer, "eos_token_id", None) is not None else set()
         )
-        self.generator = torch.Generator().manual_seed(config.seed)
+        # Generators live on the model's device: sampling draws there (`torch.multinomial`).
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.tracked: dict[str, _Tracked] = {}
         self.num_steps = 0
         logger.info(
-            "engine ready: model %s, max_model_len %d, KV pool %d blocks x %d tokens (%.1f MB)",
-            model_name, self.max_model_len, num_blocks, config.block_size, num_blocks * per_block / 1e6,
+            "engine ready: model %s on %s, max_model_len %d, KV pool %d blocks x %d tokens (%.1f MB)",
+            model_name, self.device, self.max_model_len, num_blocks, config.block_size, num_blocks * per_block / 1e6,
         )
 
     @classmethod
     def from_model_dir(cls, model_dir: str | pathlib.Path, config: EngineConfig | None = None,
-                       model_name: str | None = None) -> "LLMEngine":
+                       model_name: str | None = None, device: torch.device = torch.device("cpu")) -> "LLMEngine":
         config = config or EngineConfig()
-        model, _ = registry.load_model(model_dir, dtype=config.dtype)
+        model, _ = registry.load_model(model_dir, dtype=config.dtype, device=device)
         return cls(model, load_tokenizer(model_dir), config, model_name or pathlib.Path(model_dir).name)
 
     # -- requests ------------------------------------------------------------------
@@ -132,7 +134,8 @@ class LLMEngine:
         req = scheduler.Request(request_id, list(prompt_token_ids), params,
                                 arrival_s=time.monotonic() if arrival_s is None else arrival_s)
         self.scheduler.add(req)
-        generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else self.generator
+        generator = (torch.Generator(device=self.device).manual_seed(params.seed) if params.seed is not None
+                     else self.generator)
         self.tracked[request_id] = _Tracked(req, output.Detokenizer(self.tokenizer, params.stop), generator)
 
     def abort_request(self, request_id: str) -> types.RequestOutput | None:
@@ -255,7 +258,8 @@ class LLMEngine:
             self.scheduler.requests[req.request_id] = req
             generator = self.generator
             if st.generator_state is not None:
-                generator = torch.Generator()
+                generator = torch.Generator(device=self.device)
+                # NOTE: a generator's state is a host byte tensor whatever its device (set_state takes only that).
                 generator.set_state(torch.tensor(st.generator_state, dtype=torch.uint8))
             detok = output.Detokenizer(self.tokenizer, params.stop)
             detok.text = self.tokenizer.decode(req.output_token_ids, skip_special_tokens=True)

@@ -64,15 +64,15 @@ class KVCachePool:
     @staticmethod
     def bytes_per_block(num_layers: int, kv_heads: int, k_dim: int, v_dim: int, block_size: int,
                         dtype: torch.dtype) -> int:
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        return num_layers * block_size * kv_heads * (k_dim + v_dim) * itemsize
+        return num_layers * block_size * kv_heads * (k_dim + v_dim) * dtype.itemsize
 
     @classmethod
     def allocate(cls, num_layers: int, kv_heads: int, k_dim: int, v_dim: int, num_blocks: int,
-                 block_size: int, dtype: torch.dtype) -> "KVCachePool":
+                 block_size: int, dtype: torch.dtype, device: torch.device) -> "KVCachePool":
+        """A pool of its own on `device` (an engine without an HMM)."""
         caches = [
-            (torch.zeros(num_blocks, block_size, kv_heads, k_dim, dtype=dtype),
-             torch.zeros(num_blocks, block_size, kv_heads, v_dim, dtype=dtype))
+            (torch.zeros(num_blocks, block_size, kv_heads, k_dim, dtype=dtype, device=device),
+             torch.zeros(num_blocks, block_size, kv_heads, v_dim, dtype=dtype, device=device))
             for _ in range(num_layers)
         ]
         return cls(block_size, num_blocks, caches)

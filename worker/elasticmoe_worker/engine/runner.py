@@ -9,6 +9,7 @@ to sample after them.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Sequence
 
 import torch
@@ -35,8 +36,10 @@ class SeqWork:
 DECODE_GROUP_SPREAD = 2
 
 
-def build_metadata(work: Sequence[SeqWork], block_size: int) -> tuple[torch.Tensor, layers.AttentionMetadata]:
-    """-> (input_ids [T], metadata). Pure tensor bookkeeping, no model involved."""
+def build_metadata(work: Sequence[SeqWork], block_size: int,
+                   device: torch.device) -> tuple[torch.Tensor, layers.AttentionMetadata]:
+    """-> (input_ids [T], metadata), every tensor on `device`. Pure tensor bookkeeping, no
+    model involved."""
     ids: list[int] = []
     positions: list[torch.Tensor] = []
     slots: list[torch.Tensor] = []
@@ -49,14 +52,14 @@ def build_metadata(work: Sequence[SeqWork], block_size: int) -> tuple[torch.Tens
         total = w.start_pos + n
         assert len(w.block_table) * block_size >= total, "block table too short for the step"
         ids.extend(w.token_ids)
-        new_pos = torch.arange(w.start_pos, total)
-        table = torch.tensor(w.block_table, dtype=torch.int64)
+        new_pos = torch.arange(w.start_pos, total, device=device)
+        table = torch.tensor(w.block_table, dtype=torch.int64, device=device)
         slots.append(table[new_pos // block_size] * block_size + new_pos % block_size)
         positions.append(new_pos)
         if n == 1:
             decodes.append((offset, total, list(w.block_table[:-(-total // block_size)])))
         else:
-            all_pos = torch.arange(total)
+            all_pos = torch.arange(total, device=device)
             prefills.append(layers.PrefillSpan(
                 start=offset, end=offset + n, context_len=w.start_pos,
                 gather_slots=table[all_pos // block_size] * block_size + all_pos % block_size if w.start_pos > 0
@@ -64,13 +67,15 @@ def build_metadata(work: Sequence[SeqWork], block_size: int) -> tuple[torch.Tens
             ))
         offset += n
     meta = layers.AttentionMetadata(positions=torch.cat(positions), slot_mapping=torch.cat(slots),
-                                    decodes=_decode_groups(decodes, block_size), prefills=prefills)
-    return torch.tensor(ids, dtype=torch.int64), meta
+                                    decodes=_decode_groups(decodes, block_size, device), prefills=prefills)
+    return torch.tensor(ids, dtype=torch.int64, device=device), meta
 
 
-def _decode_groups(decodes: list[tuple[int, int, list[int]]], block_size: int) -> list[layers.DecodeGroup]:
+def _decode_groups(decodes: list[tuple[int, int, list[int]]], block_size: int,
+                   device: torch.device) -> list[layers.DecodeGroup]:
     """Decoding sequences by context length, ascending, cut where a group's longest would exceed
-    DECODE_GROUP_SPREAD x its shortest (in blocks)."""
+    DECODE_GROUP_SPREAD x its shortest (in blocks). Each group's tensors are made from host
+    lists in one call each (one copy to the device per tensor, not one per row)."""
     groups: list[layers.DecodeGroup] = []
     rows = sorted(decodes, key=lambda d: d[1])
     start = 0
@@ -80,25 +85,33 @@ def _decode_groups(decodes: list[tuple[int, int, list[int]]], block_size: int) -
             end += 1
         part = rows[start:end]
         width = len(part[-1][2])
-        blocks = torch.zeros(len(part), width, dtype=torch.int64)
-        mask = torch.zeros(len(part), width * block_size, dtype=torch.bool)
-        for row, (_, length, table) in enumerate(part):
-            blocks[row, :len(table)] = torch.tensor(table, dtype=torch.int64)
-            mask[row, :length] = True
-        groups.append(layers.DecodeGroup(torch.tensor([d[0] for d in part], dtype=torch.int64), blocks, mask))
+        blocks = torch.tensor([table + [0] * (width - len(table)) for _, _, table in part], dtype=torch.int64,
+                              device=device)
+        lengths = torch.tensor([length for _, length, _ in part], dtype=torch.int64, device=device)
+        mask = torch.arange(width * block_size, device=device)[None, :] < lengths[:, None]
+        groups.append(layers.DecodeGroup(torch.tensor([d[0] for d in part], dtype=torch.int64, device=device),
+                                         blocks, mask))
         start = end
     return groups
 
 
 class ModelRunner:
+    """Runs steps on the model's device (`model.device`): every tensor a step makes goes there;
+    the sampled token ids come back to the host once per step (`sampling.sample`)."""
+
     def __init__(self, model: model_mod.CausalLM, pool: kv_cache.KVCachePool) -> None:
+        for layer, (k, v) in enumerate(pool.caches):
+            if k.device != model.device or v.device != model.device:
+                raise ValueError(f"KV pool layer {layer}: on {k.device}/{v.device}, expected the model's device "
+                                 f"{model.device}")
         self.model = model
         self.pool = pool
+        self.device = model.device
 
     @torch.inference_mode()
     def execute_empty(self) -> None:
         """A forward pass over zero tokens: attention does nothing, MoE collectives still run."""
-        empty = torch.empty(0, dtype=torch.int64)
+        empty = torch.empty(0, dtype=torch.int64, device=self.device)
         meta = layers.AttentionMetadata(positions=empty, slot_mapping=empty, decodes=[], prefills=[])
         self.model.forward(empty, meta, self.pool.caches)
 
@@ -107,14 +120,15 @@ class ModelRunner:
         """Compute one step; returns the sampled token per sequence (None where not sampled)."""
         if not work:
             return []
-        input_ids, meta = build_metadata(work, self.pool.block_size)
+        input_ids, meta = build_metadata(work, self.pool.block_size, self.device)
         hidden = self.model.forward(input_ids, meta, self.pool.caches)
-        ends = torch.tensor([len(w.token_ids) for w in work]).cumsum(0) - 1
+        ends = list(itertools.accumulate(len(w.token_ids) for w in work))
         want = [i for i, w in enumerate(work) if w.sample]
         result: list[int | None] = [None] * len(work)
         if not want:
             return result
-        logits = self.model.logits(hidden[ends[want]])
+        last = torch.tensor([ends[i] - 1 for i in want], dtype=torch.int64, device=self.device)
+        logits = self.model.logits(hidden[last])
         picked = sampling.sample(logits, [work[i].params for i in want], [work[i].generator for i in want])
         for i, tok in zip(want, picked):
             result[i] = tok

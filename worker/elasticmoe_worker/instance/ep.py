@@ -2,7 +2,9 @@
 there, bring the result back, combine in the reference order.
 
 Per MoE layer every rank runs the same four all-to-alls (counts, expert ids, hidden rows,
-results), also with zero tokens.
+results), also with zero tokens. Every tensor lives on the rank's device, the all-to-alls
+included (gloo on CPU tensors, NCCL/HCCL on device tensors); the split sizes come back to the
+host once per layer (`.tolist()`), which the other three exchanges need as Python lists.
 NOTE: all DP ranks enter every MoE collective each step; a rank with nothing to do runs an
 empty batch. A rank that skips one deadlocks the others until the group's timeout fires.
 """
@@ -19,7 +21,11 @@ class ExpertParallel:
     """The experts_fn of one MoE layer on one rank."""
 
     def __init__(self, group, world_size: int, owner: torch.Tensor, local_map: torch.Tensor,
-                 w13: torch.Tensor, w2: torch.Tensor) -> None:
+                 w13: torch.Tensor, w2: torch.Tensor, device: torch.device) -> None:
+        for name, t in (("owner", owner), ("local_map", local_map), ("w13", w13), ("w2", w2)):
+            if t.device != device:
+                raise ValueError(f"expert parallel {name}: on {t.device}, expected {device}")
+        self.device = device
         self.group = group
         self.world_size = world_size
         self.owner = owner  # [E] global expert -> rank
@@ -28,11 +34,12 @@ class ExpertParallel:
         self.w2 = w2
 
     def _a2a(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> None:
-        # `group` is the gloo backend itself (see rendezvous: groups are not registered with
-        # torch.distributed's default world), so its methods are called directly.
+        # `group` is the collective backend itself (see rendezvous.process_group: groups are not
+        # registered with torch.distributed's default world), so its methods are called directly.
         self.group.alltoall_base(out, inp, out_splits, in_splits, dist.AllToAllOptions()).wait()
 
     def __call__(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """x: [T, H], topk_ids/topk_weights: [T, K] on this rank's device -> [T, H] there."""
         num_tokens, k = topk_ids.shape
         hidden = x.shape[1]
         ids, perm = topk_ids.sort(dim=1)
@@ -46,14 +53,14 @@ class ExpertParallel:
         send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()
         num_recv = sum(recv_splits)
 
-        recv_ids = torch.empty(num_recv, dtype=torch.int64)
+        recv_ids = torch.empty(num_recv, dtype=torch.int64, device=self.device)
         self._a2a(recv_ids, flat[order].contiguous(), recv_splits, send_splits)
-        recv_x = torch.empty(num_recv, hidden, dtype=x.dtype)
+        recv_x = torch.empty(num_recv, hidden, dtype=x.dtype, device=self.device)
         self._a2a(recv_x, x[order // k].contiguous(), recv_splits, send_splits)
 
-        ones = torch.ones(num_recv, 1, dtype=x.dtype)
+        ones = torch.ones(num_recv, 1, dtype=x.dtype, device=self.device)
         y = layers.expert_mlp(recv_x, self.w13, self.w2, recv_ids[:, None], ones, self.local_map)
-        back = torch.empty(len(order), hidden, dtype=x.dtype)
+        back = torch.empty(len(order), hidden, dtype=x.dtype, device=self.device)
         self._a2a(back, y.contiguous(), send_splits, recv_splits)
         ys = torch.empty_like(back)
         ys[order] = back

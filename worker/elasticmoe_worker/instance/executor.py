@@ -101,7 +101,10 @@ class Executor:
         self.device = memory.attach_device(backend, model_spec, spec.ready, dtype, cfg.block_size)
         self.attach_seconds = time.perf_counter() - attach_started
         fam = registry.family(model_spec.model_type)
-        model = fam.build(model_spec, self.device.weights, self.device.expert_ids)
+        # NOTE: one code path on every backend: the model, the engine and the expert exchange make
+        # their tensors on this device, and the groups use this backend's collective library.
+        self.torch_device = backend.torch_device()
+        model = fam.build(model_spec, self.device.weights, self.device.expert_ids, self.torch_device)
         self.weight_bytes = _touch_weights(model)
         self.attach_private_bytes = procutil.private_bytes() - before
 
@@ -111,16 +114,17 @@ class Executor:
         if self.world_size > 1:
             self.store = rendezvous.ChannelStore(spec.coordinator, secret, f"config-{start.config_id}",
                                                  start.collective_timeout_s)
-            self.group = rendezvous.gloo_group(self.store, self.rank, self.world_size, start.collective_timeout_s,
-                                               spec.host)
-            owner = torch.tensor(start.expert_owner, dtype=torch.int64)
-            local_map = torch.full((model_spec.num_experts,), -1, dtype=torch.int64)
-            local_map[torch.tensor(self.device.expert_ids)] = torch.arange(len(self.device.expert_ids))
+            self.group = rendezvous.process_group(backend.collective_backend, self.store, self.rank, self.world_size,
+                                                  start.collective_timeout_s, self.torch_device, spec.host)
+            owner = torch.tensor(start.expert_owner, dtype=torch.int64, device=self.torch_device)
+            local_map = torch.full((model_spec.num_experts,), -1, dtype=torch.int64, device=self.torch_device)
+            local_map[torch.tensor(self.device.expert_ids, dtype=torch.int64, device=self.torch_device)] = \
+                torch.arange(len(self.device.expert_ids), device=self.torch_device)
             assert all(start.expert_owner[e] == self.rank for e in self.device.expert_ids), \
                 "the HMM holds experts the plan gives to another rank"
             for block in model.moe_blocks():
                 block.experts_fn = ep.ExpertParallel(self.group, self.world_size, owner, local_map,
-                                                     block.w13, block.w2)
+                                                     block.w13, block.w2, self.torch_device)
 
         self.engine = engine_mod.LLMEngine(model, _tokenizer(spec.tokenizer_files), cfg, spec.model_name,
                                            pool=self.device.pool)
@@ -180,7 +184,8 @@ class Executor:
 
     def _agree(self) -> tuple[bool, bool, bool]:
         """-> (anyone has work, anyone is stopping, anyone is pausing), the same on every rank."""
-        flags = torch.tensor([int(self.engine.has_work()), int(self.stop), int(self.pausing)], dtype=torch.int64)
+        flags = torch.tensor([int(self.engine.has_work()), int(self.stop), int(self.pausing)], dtype=torch.int64,
+                             device=self.torch_device)
         if self.group is not None:
             opts = dist.AllreduceOptions()
             opts.reduceOp = dist.ReduceOp.MAX

@@ -6,11 +6,13 @@ publish rank addresses for the groups that carry hidden states and weights. Here
 coordinator holds the keys (`transport.KeyValue`) and a process reaches them only through a
 CURVE-authenticated socket, i.e. only with the worker secret.
 
-`ChannelStore` is a `torch.distributed.Store` written in Python. Gloo calls it while a group
-forms (a few dozen keys), so a blocking `get` simply polls. NOTE: torch 2.13 cannot wrap a
-Python store in `PrefixStore` (an internal assert), so this store prefixes keys itself, and
-groups are built as `ProcessGroupGloo(store, rank, size, timeout)` directly rather than by
-`init_process_group`, which would wrap it.
+`ChannelStore` is a `torch.distributed.Store` written in Python. The collective library
+calls it while a group forms (a few dozen keys), so a blocking `get` simply polls. NOTE: torch
+2.13 cannot wrap a Python store in `PrefixStore` (an internal assert), so this store prefixes
+keys itself, and groups are built by `process_group` as the backend's own class
+(`ProcessGroupGloo`, `ProcessGroupNCCL`, torch_npu's `ProcessGroupHCCL`) on this store
+directly rather than by `init_process_group`, which would wrap it. Only the gloo path has run
+here; NCCL and HCCL groups are built the same way but have not been formed on a GPU or NPU.
 
 `cancel()` makes every waiting call raise at once: an aborted transition leaves no thread
 blocked in a rendezvous that will never complete.
@@ -20,20 +22,30 @@ from __future__ import annotations
 
 import datetime
 import itertools
+import logging
 import threading
 import time
 
+import torch
 import torch.distributed as dist
 import zmq
 
 from elasticmoe_worker.contract import wire
 from elasticmoe_worker.instance import transport
 
+logger = logging.getLogger(__name__)
+
 _POLL_S = 0.005
+
+COLLECTIVE_BACKENDS = ("gloo", "nccl", "hccl")
 
 
 class Cancelled(RuntimeError):
     pass
+
+
+class CollectiveUnavailable(RuntimeError):
+    """The collective library a device backend needs is not usable in this process."""
 
 
 class ChannelStore(dist.Store):
@@ -127,3 +139,53 @@ def gloo_group(store: ChannelStore, rank: int, world_size: int, timeout_s: float
     options._timeout = timeout
     options._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
     return dist.ProcessGroupGloo(store, rank, world_size, options)
+
+
+def process_group(collective_backend: str, store: dist.Store, rank: int, world_size: int, timeout_s: float,
+                  device: torch.device, host: str = ""):
+    """A group of `collective_backend` (a `DeviceBackend.collective_backend`: "gloo", "nccl" or
+    "hccl") formed through `store`, for tensors on `device`. The caller uses its methods
+    (`allreduce`, `alltoall_base`, `send`, ...) directly: it is not registered with
+    torch.distributed's default world.
+
+    `host` is where a gloo rank listens (see `gloo_group`); NCCL and HCCL pick their network
+    interface themselves (NCCL_SOCKET_IFNAME, HCCL_IF_IP). NCCL and HCCL bind this thread to
+    `device` first, as their groups require. Raises `CollectiveUnavailable` naming what is
+    missing, ValueError for an unknown name.
+    """
+    if collective_backend not in COLLECTIVE_BACKENDS:
+        raise ValueError(f"collective backend: got {collective_backend!r}, expected one of "
+                         f"{', '.join(COLLECTIVE_BACKENDS)}")
+    logger.info("forming a %s group: rank %d of %d on %s", collective_backend, rank, world_size, device)
+    if collective_backend == "gloo":
+        return gloo_group(store, rank, world_size, timeout_s, host)
+    if host:
+        logger.info("%s picks its own network interface; the listen address %s is for gloo only",
+                    collective_backend, host)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if collective_backend == "nccl":
+        if not dist.is_nccl_available():
+            raise CollectiveUnavailable(
+                f"collective backend 'nccl': this torch build ({torch.__version__}) has no NCCL "
+                f"(torch.distributed.is_nccl_available() is False); a CUDA build of torch is needed")
+        torch.cuda.set_device(device)
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        return dist.ProcessGroupNCCL(store, rank, world_size, options)
+    hccl = _import_hccl()
+    torch.npu.set_device(device)
+    options = hccl.ProcessGroupHCCL.Options()
+    options._timeout = timeout
+    return hccl.ProcessGroupHCCL(store, rank, world_size, options)
+
+
+def _import_hccl():
+    """torch_npu's c10d bindings (ProcessGroupHCCL)."""
+    try:
+        import torch_npu  # noqa: F401  (registers the NPU device with torch)
+        from torch_npu._C import _distributed_c10d
+    except ImportError as exc:
+        raise CollectiveUnavailable(
+            "collective backend 'hccl' needs the Python package `torch_npu` (Ascend's extension of torch, "
+            f"with the CANN toolkit), which cannot be imported here: {exc}") from exc
+    return _distributed_c10d

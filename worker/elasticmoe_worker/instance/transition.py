@@ -1,12 +1,14 @@
 """The HMM's part of a reconfiguration: allocate what the new configuration needs and move
 bytes peer to peer, while this device's current executor keeps serving.
 
-Runs in a thread of the HMM. The transfer group is a gloo process group created for this
-transition only (its own rendezvous prefix, over the authenticated control channel), so it
-never touches the executors' collectives. `Cancel.set()` (an abort) makes the thread give up
+Runs in a thread of the HMM. The transfer group is a process group of the backend's collective
+library (gloo, NCCL, HCCL: `rendezvous.process_group`) created for this transition only (its
+own rendezvous prefix, over the authenticated control channel), so it never touches the
+executors' collectives. `Cancel.set()` (an abort) makes the thread give up
 within about half a second wherever it waits: in the rendezvous or on a transfer.
 Every HMM walks the same ordered transfer list and posts the sends and receives that
-involve it; the tag is the transfer's position, so pairs never mix up their messages.
+involve it; the tag is the transfer's position, so pairs never mix up their messages (NCCL and
+HCCL ignore tags and match a pair's messages in posting order: the same list order on both sides).
 Staying memory is never copied: only new devices receive replicated bytes, and only the
 experts a device gains are received.
 """
@@ -110,7 +112,7 @@ def run(backend: backends_base.DeviceBackend, device_index: int, mem: memory.Dev
     if cancel.reason is not None:
         store.cancel(cancel.reason)
     try:
-        result = _move(mem, msg, device_index, store, cancel, started, deadline, host)
+        result = _move(backend, mem, msg, device_index, store, cancel, started, deadline, host)
     finally:
         store.close()
     logger.info("device %d: transition %d moved %.1f MB out, %.1f MB in, in %.2f s", device_index,
@@ -118,10 +120,12 @@ def run(backend: backends_base.DeviceBackend, device_index: int, mem: memory.Dev
     return result
 
 
-def _move(mem: memory.DeviceMemory, msg: wire.PrepareTransition, device_index: int, store, cancel: Cancel,
-          started: float, deadline: float, host: str = "") -> Result:
+def _move(backend: backends_base.DeviceBackend, mem: memory.DeviceMemory, msg: wire.PrepareTransition,
+          device_index: int, store, cancel: Cancel, started: float, deadline: float, host: str = "") -> Result:
+    """Sends and receives straight from and into the regions' device memory (no staging copy)."""
     rank_of = {d: r for r, d in enumerate(msg.group_ranks)}
-    pg = rendezvous.gloo_group(store, msg.rank, len(msg.group_ranks), msg.timeout_s, host)
+    pg = rendezvous.process_group(backend.collective_backend, store, msg.rank, len(msg.group_ranks), msg.timeout_s,
+                                  backend.torch_device(), host)
     setup_seconds = time.perf_counter() - started
     data_started = time.perf_counter()
     works, sent, received = [], 0, 0

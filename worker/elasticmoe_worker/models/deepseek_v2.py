@@ -121,9 +121,11 @@ def deepseek_router(gate: torch.Tensor, hf) -> model_mod.RouterFn:
     return route
 
 
-def build(spec: config_mod.ModelSpec, w: weights_mod.WeightSource, expert_ids: Sequence[int]) -> model_mod.CausalLM:
+def build(spec: config_mod.ModelSpec, w: weights_mod.WeightSource, expert_ids: Sequence[int],
+          device: torch.device) -> model_mod.CausalLM:
+    """The model over `w`'s tensors, which live on `device`."""
     hf = spec.hf_config
-    rotary = layers.Rotary(hf, hf.qk_rope_head_dim, interleaved=True)
+    rotary = layers.Rotary(hf, hf.qk_rope_head_dim, interleaved=True, device=device)
     scale = spec.qk_head_dim ** -0.5
     rope_params = getattr(hf, "rope_parameters", None) or {}
     if rope_params.get("rope_type", "default") != "default" and rope_params.get("mscale_all_dim"):
@@ -154,7 +156,7 @@ def build(spec: config_mod.ModelSpec, w: weights_mod.WeightSource, expert_ids: S
                 w13=w13, w2=w2,
                 shared=model_mod.DenseMLP(*(w.tensor(f"{m}.shared_experts.{n}.weight")
                                            for n in ("gate_proj", "up_proj", "down_proj"))),
-                expert_map=model_mod.expert_map(spec.num_experts, expert_ids),
+                expert_map=model_mod.expert_map(spec.num_experts, expert_ids, device),
             )
         else:
             mlp = model_mod.DenseMLP(*(w.tensor(f"{m}.{n}.weight") for n in ("gate_proj", "up_proj", "down_proj")))
@@ -165,4 +167,4 @@ def build(spec: config_mod.ModelSpec, w: weights_mod.WeightSource, expert_ids: S
         ))
     embed = w.tensor("model.embed_tokens.weight")
     lm_head = embed if spec.tie_word_embeddings else w.tensor("lm_head.weight")
-    return model_mod.CausalLM(spec, embed, decoder, w.tensor("model.norm.weight"), lm_head, rotary)
+    return model_mod.CausalLM(spec, embed, decoder, w.tensor("model.norm.weight"), lm_head, rotary, device)

@@ -36,12 +36,15 @@ class Rotary:
     from `transformers`' own table so long-context configs behave as upstream.
     """
 
-    def __init__(self, hf_config, dim: int, *, interleaved: bool) -> None:
+    def __init__(self, hf_config, dim: int, *, interleaved: bool, device: torch.device) -> None:
         params = getattr(hf_config, "rope_parameters", None) or {}
         rope_type = params.get("rope_type", "default")
+        # NOTE: the frequency table is computed on the host and then moved to `device`, as a
+        # `transformers` model computes its buffer at construction and moves it with `.to()`:
+        # the same table bit for bit on every device.
         if rope_type == "default":
             base = float(params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0)))
-            self.inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+            inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
             self.scaling = 1.0
         else:
             from transformers import modeling_rope_utils
@@ -49,7 +52,8 @@ class Rotary:
             init_fn = modeling_rope_utils.ROPE_INIT_FUNCTIONS.get(rope_type)
             if init_fn is None:
                 raise ValueError(f"rope_parameters.rope_type: got {rope_type!r}, not supported")
-            self.inv_freq, self.scaling = init_fn(hf_config, None)
+            inv_freq, self.scaling = init_fn(hf_config, None)
+        self.inv_freq = inv_freq.to(device)
         self.interleaved = interleaved
 
     def freqs(self, positions: torch.Tensor) -> torch.Tensor:
@@ -113,7 +117,7 @@ class AttentionMetadata:
 
 def _window_mask(q_pos: torch.Tensor, k_len: int, window: int | None) -> torch.Tensor:
     """Causal (and optionally sliding-window) mask [Q, K]: True where attention is allowed."""
-    k_pos = torch.arange(k_len)
+    k_pos = torch.arange(k_len, device=q_pos.device)
     mask = k_pos[None, :] <= q_pos[:, None]
     if window is not None:
         mask &= k_pos[None, :] > (q_pos[:, None] - window)
@@ -164,7 +168,7 @@ def paged_attention(
         if span.context_len == 0 and sliding_window is None:
             o = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=scale, enable_gqa=gqa)
         else:
-            q_pos = torch.arange(span.context_len, span.context_len + n)
+            q_pos = torch.arange(span.context_len, span.context_len + n, device=q.device)
             mask = _window_mask(q_pos, span.context_len + n, sliding_window)
             o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=scale, enable_gqa=gqa)
         out[span.start:span.end] = o[0].transpose(0, 1)

@@ -115,6 +115,15 @@ class CausalLM:
     final_norm: torch.Tensor
     lm_head: torch.Tensor  # [V, H] (the embedding itself when tied)
     rotary: layers.Rotary
+    device: torch.device  # where every weight lives and every step's tensors are made
+
+    def __post_init__(self) -> None:
+        # NOTE: the engine makes its tensors on `device`; a weight elsewhere would fail at the
+        # first forward pass with a device mismatch deep inside a layer.
+        for name, t in (("embed", self.embed), ("lm_head", self.lm_head), ("final_norm", self.final_norm),
+                        ("rotary.inv_freq", self.rotary.inv_freq)):
+            if t.device != self.device:
+                raise ValueError(f"model {name}: on {t.device}, expected the model's device {self.device}")
 
     @property
     def dtype(self) -> torch.dtype:
@@ -164,14 +173,15 @@ def softmax_topk_router(
     return route
 
 
-def expert_map(num_experts: int, expert_ids) -> torch.Tensor | None:
-    """Global expert id -> index in this device's stacked buffer (-1: held elsewhere).
+def expert_map(num_experts: int, expert_ids, device: torch.device) -> torch.Tensor | None:
+    """Global expert id -> index in this device's stacked buffer (-1: held elsewhere), [E] int64
+    on `device`.
 
     None when the device holds every expert in order (the common single-device case).
     """
     expert_ids = list(expert_ids)
     if expert_ids == list(range(num_experts)):
         return None
-    table = torch.full((num_experts,), -1, dtype=torch.int64)
-    table[torch.tensor(expert_ids, dtype=torch.int64)] = torch.arange(len(expert_ids))
+    table = torch.full((num_experts,), -1, dtype=torch.int64, device=device)
+    table[torch.tensor(expert_ids, dtype=torch.int64, device=device)] = torch.arange(len(expert_ids), device=device)
     return table

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
+
 from elasticmoe_worker.models import config as config_mod
 from elasticmoe_worker.models import layers
 from elasticmoe_worker.models import model as model_mod
@@ -35,9 +37,11 @@ def replicated_names(spec: config_mod.ModelSpec) -> list[str]:
     return names
 
 
-def build(spec: config_mod.ModelSpec, w: weights_mod.WeightSource, expert_ids: Sequence[int]) -> model_mod.CausalLM:
+def build(spec: config_mod.ModelSpec, w: weights_mod.WeightSource, expert_ids: Sequence[int],
+          device: torch.device) -> model_mod.CausalLM:
+    """The model over `w`'s tensors, which live on `device`."""
     hf = spec.hf_config
-    rotary = layers.Rotary(hf, spec.qk_head_dim, interleaved=False)
+    rotary = layers.Rotary(hf, spec.qk_head_dim, interleaved=False, device=device)
     decoder = []
     for i in range(spec.num_layers):
         p = f"model.layers.{i}"
@@ -59,7 +63,7 @@ def build(spec: config_mod.ModelSpec, w: weights_mod.WeightSource, expert_ids: S
                     w.tensor(f"{p}.mlp.gate.weight"), spec.num_experts_per_tok,
                     renormalize=bool(hf.norm_topk_prob),
                 ),
-                w13=w13, w2=w2, expert_map=model_mod.expert_map(spec.num_experts, expert_ids),
+                w13=w13, w2=w2, expert_map=model_mod.expert_map(spec.num_experts, expert_ids, device),
             )
         else:
             mlp = model_mod.DenseMLP(*(w.tensor(f"{p}.mlp.{n}.weight") for n in ("gate_proj", "up_proj", "down_proj")))
@@ -70,4 +74,4 @@ def build(spec: config_mod.ModelSpec, w: weights_mod.WeightSource, expert_ids: S
         ))
     embed = w.tensor("model.embed_tokens.weight")
     lm_head = embed if spec.tie_word_embeddings else w.tensor("lm_head.weight")
-    return model_mod.CausalLM(spec, embed, decoder, w.tensor("model.norm.weight"), lm_head, rotary)
+    return model_mod.CausalLM(spec, embed, decoder, w.tensor("model.norm.weight"), lm_head, rotary, device)

@@ -45,8 +45,9 @@ def load_model(
     *,
     dtype: str = "auto",
     expert_ids: Sequence[int] | None = None,
+    device: torch.device = torch.device("cpu"),
 ) -> tuple[model_mod.CausalLM, weights_mod.Checkpoint]:
-    """Load the tensors this device holds (all replicated ones plus `expert_ids`)."""
+    """Load the tensors this device holds (all replicated ones plus `expert_ids`) onto `device`."""
     spec = config_mod.load_spec(model_dir)
     fam = family(spec.model_type)
     torch_dtype = resolve_dtype(spec, dtype)
@@ -56,11 +57,12 @@ def load_model(
         raise ValueError(f"expert_ids: got {bad or expert_ids}, expected non-empty ids in [0, {spec.num_experts})")
     checkpoint = weights_mod.Checkpoint(model_dir)
     started = time.perf_counter()
-    model = fam.build(spec, weights_mod.CheckpointWeights(checkpoint, torch_dtype, expert_ids), expert_ids)
+    model = fam.build(spec, weights_mod.CheckpointWeights(checkpoint, torch_dtype, expert_ids, device), expert_ids,
+                      device)
     checkpoint.close()
     logger.info(
-        "loaded %s from %s: %d layers, %d/%d experts, dtype %s, %.1f MB read in %.2f s",
-        spec.model_type, model_dir, spec.num_layers, len(expert_ids), spec.num_experts,
+        "loaded %s from %s onto %s: %d layers, %d/%d experts, dtype %s, %.1f MB read in %.2f s",
+        spec.model_type, model_dir, device, spec.num_layers, len(expert_ids), spec.num_experts,
         str(torch_dtype).removeprefix("torch."), checkpoint.bytes_read / 1e6, time.perf_counter() - started,
     )
     return model, checkpoint

@@ -110,14 +110,19 @@ class WeightSource(abc.ABC):
 
 
 class CheckpointWeights(WeightSource):
-    def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype, expert_ids: Sequence[int]) -> None:
+    """Tensors read from the checkpoint (host memory) and placed on `device` in `dtype`."""
+
+    def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype, expert_ids: Sequence[int],
+                 device: torch.device) -> None:
         self.checkpoint = checkpoint
         self.dtype = dtype
         self.expert_ids = list(expert_ids)
+        self.device = device
 
     def tensor(self, name: str) -> torch.Tensor:
         t = self.checkpoint.read(name)
-        return t.to(self.dtype).contiguous() if t.dtype != self.dtype else t.clone()
+        # A copy either way: the read tensor is a view of the memory-mapped file.
+        return t.to(device=self.device, dtype=self.dtype, copy=True).contiguous()
 
     def experts(self, layer, names):
         w13 = w2 = None
@@ -126,8 +131,8 @@ class CheckpointWeights(WeightSource):
             gate, up, down = (self.checkpoint.read(n) for n in (gate_name, up_name, down_name))
             if w13 is None:
                 inter, hidden = gate.shape
-                w13 = torch.empty(len(self.expert_ids), 2 * inter, hidden, dtype=self.dtype)
-                w2 = torch.empty(len(self.expert_ids), hidden, inter, dtype=self.dtype)
+                w13 = torch.empty(len(self.expert_ids), 2 * inter, hidden, dtype=self.dtype, device=self.device)
+                w2 = torch.empty(len(self.expert_ids), hidden, inter, dtype=self.dtype, device=self.device)
             inter = gate.shape[0]
             w13[local, :inter].copy_(gate)
             w13[local, inter:].copy_(up)
