@@ -10,9 +10,11 @@ In mode Slo the same tick first lets the autoscaler (`autoscaler.tick`) evaluate
 write spec.devices.replicas, then carries the count out. The operator's HTTP port (`--listen`:
 POST /alerts from Alertmanager, GET /metrics) runs in the same event loop, started here.
 
+A worker pod that fails or is deleted is replaced, and a restarting coordinator is waited for
+with its worker pods left alone: `reconcile` says how and what it does not guarantee.
+
 Not guaranteed: no finalizer is set (children carry owner references, and Kubernetes' garbage
-collector deletes them with the resource); a coordinator that restarts loses its instance
-(the worker pods then register again with the new one only if they are recreated).
+collector deletes them with the resource).
 """
 
 from __future__ import annotations
@@ -153,6 +155,17 @@ def _pod_phase(pod: dict) -> str:
     return (pod.get("status") or {}).get("phase") or "Pending"
 
 
+def _pod_detail(pod: dict) -> str:
+    """Why a pod's container ended, as the kubelet reports it (for the event), or ""."""
+    status = pod.get("status") or {}
+    for cs in status.get("containerStatuses") or []:
+        ended = (cs.get("state") or {}).get("terminated")
+        if ended:
+            parts = [f"exit code {ended.get('exitCode')}", ended.get("reason"), ended.get("message")]
+            return ", ".join(str(p) for p in parts if p)
+    return ", ".join(p for p in (status.get("reason"), status.get("message")) if p)
+
+
 def _last_scale(status: dict) -> api.ScaleRecord | None:
     """status.lastScale (for the retry back-off); one that does not parse is logged and ignored."""
     raw = status.get("lastScale")
@@ -210,11 +223,13 @@ async def reconcile_once(body: dict, spec: dict, status: dict, generation: int, 
     await k.create(children.config_map(owner, parsed))
     await k.create(children.coordinator_service(owner))
     start_devices = await _start_devices(k, owner, parsed)
-    pods = {}
+    pods, pod_details = {}, {}
     for pod in await k.list("Pod", namespace, children.worker_selector(name)):
         index = children.worker_index(pod)
         if index is not None:
             pods[index] = _pod_phase(pod)
+            if pods[index] in reconcile.ENDED_PHASES:
+                pod_details[index] = _pod_detail(pod)
     url = coordinator_url(name, namespace)
     coordinator = kube.Coordinator(url, token)
     coord_status, coord_error = None, ""
@@ -245,13 +260,15 @@ async def reconcile_once(body: dict, spec: dict, status: dict, generation: int, 
                              coordinator=coord_status, coordinator_error=coord_error,
                              scaling=_scaling_from(memo, status), last_scale=_last_scale(status),
                              start_devices=start_devices, desired_reason=tracker.reason if tracker else "",
-                             metrics_condition=auto.condition if auto else None)
+                             metrics_condition=auto.condition if auto else None, pod_details=pod_details,
+                             conditions=list(status.get("conditions") or []))
 
     # -- decide ------------------------------------------------------------------------------
     d = reconcile.decide(obs)
 
     # -- act ---------------------------------------------------------------------------------
     for i in d.create_pods:
+        logger.info("%s/%s: creating worker pod %s", namespace, name, children.worker_name(name, i))
         await k.create(children.worker_pod(owner, parsed, image, i))
     if d.post_scale is not None:
         request = d.post_scale
@@ -268,8 +285,10 @@ async def reconcile_once(body: dict, spec: dict, status: dict, generation: int, 
             else:
                 error = reply.get("error")
                 message = (error.get("message") if isinstance(error, dict) else error) or str(reply)
-                reconcile.refuse(d, d.scaling, f"the coordinator refused the scale (HTTP {code}): {message}", now)
+                reconcile.refuse(d, obs, f"the coordinator refused the scale (HTTP {code}): {message}")
     for i in d.delete_pods:
+        logger.info("%s/%s: deleting worker pod %s (%s)", namespace, name, children.worker_name(name, i),
+                    pods.get(i, "gone"))
         await k.delete("Pod", namespace, children.worker_name(name, i))
     for etype, reason, message in (auto.events if auto else []) + d.events:
         logger.info("%s/%s: %s: %s", namespace, name, reason, message)

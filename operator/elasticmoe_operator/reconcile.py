@@ -17,23 +17,56 @@ or not) tells its scale's outcome from any other. Outcomes are the coordinator's
 (`admin.Outcome`). A scale that does not reach Scaling within `scaleTimeoutSeconds` is Aborted
 (its new pods deleted).
 
-Not guaranteed: a worker pod that fails while serving is reported (Degraded), not replaced: the
-coordinator has lost that device's memory and only a scale can repair it.
+Which pods serve is the coordinator's `devices.activeIds` (not 0..n-1: a recovery drops the
+lost device's id), and a scale-up adds the ids the coordinator will take (`target_devices`).
+
+A lost worker (its pod deleted, or Failed: restartPolicy Never) is replaced in three steps, each
+a Degraded reason and an Event: the coordinator notices the loss (heartbeats stop) and recovers
+onto the survivors (`Recovering`; the operator follows that recovery like any scale and records
+it), then the operator scales back to the desired count the normal way (`ReplacingLostDevices`:
+a new pod by the lost device's index, which pulls its weights from live peers), then `Recovered`.
+NOTE: a pod is never created for a device the coordinator still holds (active or registered):
+a new worker saying hello under the id of a device the coordinator still counts would keep that
+device's heartbeats alive and hide its loss. A Failed or Succeeded worker pod is deleted at once
+(its process is gone; the name is needed for the replacement).
+
+A coordinator that stops answering, or answers Starting, after the instance has served
+(`_served`) is a restart: its worker pods are left alone (a restarted coordinator adopts their
+memory), and the instance is Degraded (`CoordinatorUnavailable`, `CoordinatorRestarting`) until
+it serves again.
+
+Not guaranteed: a lost device whose pod keeps running (cut off, or stopped) is only replaced
+after the coordinator has dropped it (its heartbeat timeout); a worker pod lost while the
+coordinator restarts is not replaced until the restarted coordinator serves (which it may not do
+without that device's memory: it then reports why).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import itertools
 import re
 
 from elasticmoe_worker.contract import admin
 
-from elasticmoe_operator import api
+from elasticmoe_operator import api, children
 
 WAITING_FOR_WORKERS = "WaitingForWorkers"
 SCALING = "Scaling"
 RETRY_AFTER_FAILURE_S = 30
+# NOTE: the coordinator names the scale records of its recoveries from a lost device so
+# (reconfig._lose_device; README "Losing a device").
+RECOVERY_PREFIX = "recovery-"
+ENDED_PHASES = ("Failed", "Succeeded")
+
+# Reasons of the Degraded condition (each change of reason is also an Event of that reason).
+COORDINATOR_UNAVAILABLE = "CoordinatorUnavailable"
+COORDINATOR_RESTARTING = "CoordinatorRestarting"
+UNHEALTHY = "Unhealthy"
+RECOVERING = "Recovering"
+WORKER_LOST = "WorkerLost"
+REPLACING = "ReplacingLostDevices"
 
 
 @dataclasses.dataclass
@@ -42,7 +75,7 @@ class Observed:
     spec: api.ElasticMoESpec
     generation: int
     now: datetime.datetime
-    pods: dict[int, str]  # device index -> pod phase (Pending, Running, Succeeded, Failed)
+    pods: dict[int, str]  # device index -> pod phase (Pending, Running, Succeeded, Failed, Terminating)
     coordinator: admin.AdminStatus | None  # GET /admin/status, None while unreachable or unusable
     scaling: api.ScalingStatus | None  # the scale in progress
     last_scale: api.ScaleRecord | None
@@ -52,6 +85,8 @@ class Observed:
     # MetricsAvailable condition its last evaluation left.
     desired_reason: str = ""
     metrics_condition: tuple[str, str, str] | None = None
+    pod_details: dict[int, str] = dataclasses.field(default_factory=dict)  # ended pod -> e.g. "exit code 137"
+    conditions: list[dict] = dataclasses.field(default_factory=list)  # status.conditions as last written
 
 
 @dataclasses.dataclass
@@ -86,6 +121,26 @@ def scale_id(name: str, from_devices: int, to_devices: int, started_at: str) -> 
     return re.sub(r"[^A-Za-z0-9.-]", "", f"{name}-{from_devices}-{to_devices}-{started_at}")
 
 
+def is_recovery(record: admin.ScaleRecord | api.ScaleRecord | api.ScalingStatus | None) -> bool:
+    return record is not None and record.scale_id.startswith(RECOVERY_PREFIX)
+
+
+def target_devices(active_ids: list[int], num_devices: int) -> list[int]:
+    """The device ids the coordinator serves on after a scale to `num_devices`.
+    NOTE: the coordinator's own choice (planner.resize): up adds the lowest unused ids, down
+    removes the highest; the operator makes the pods of exactly these."""
+    ids = sorted(active_ids)
+    if num_devices <= len(ids):
+        return ids[:num_devices]
+    unused = (i for i in itertools.count() if i not in set(ids))
+    return sorted(ids + list(itertools.islice(unused, num_devices - len(ids))))
+
+
+def _active_ids(coord: admin.AdminStatus) -> list[int]:
+    # [] from a coordinator that predates the field: its devices were always 0..active-1
+    return sorted(coord.devices.active_ids) if coord.devices.active_ids else list(range(coord.devices.active))
+
+
 def _record(scaling: api.ScalingStatus, outcome: admin.Outcome, message: str, now: datetime.datetime,
             coordinator_record: admin.ScaleRecord | None = None) -> api.ScaleRecord:
     """The operator's record: its own timing (it includes waiting for workers), the
@@ -99,12 +154,54 @@ def _record(scaling: api.ScalingStatus, outcome: admin.Outcome, message: str, no
         rec.bytes_transferred = coordinator_record.bytes_transferred
         rec.transfer_data_ms = coordinator_record.transfer_data_ms
         rec.requests_handed_over = coordinator_record.requests_handed_over
+        rec.tokens_recomputed = coordinator_record.tokens_recomputed
     return rec
 
 
 def _step_target(active: int, desired: int, step: int) -> int:
     delta = max(-step, min(step, desired - active))
     return active + delta
+
+
+def _previous(obs: Observed, ctype: api.ConditionType) -> dict:
+    return next((c for c in obs.conditions if c.get("type") == ctype.value), {})
+
+
+def _served(obs: Observed) -> bool:
+    """Whether this instance's coordinator has served before (then no answer, or Starting, is a
+    restart, not the first start); read from the conditions last written, so a restarted operator
+    knows it too."""
+    available, degraded = _previous(obs, api.ConditionType.AVAILABLE), _previous(obs, api.ConditionType.DEGRADED)
+    return (available.get("reason") in ("Serving", UNHEALTHY)
+            or (degraded.get("status") == "True"
+                and degraded.get("reason") in (COORDINATOR_UNAVAILABLE, COORDINATOR_RESTARTING)))
+
+
+def _lost_since(coord: admin.AdminStatus) -> admin.ScaleRecord | None:
+    """The coordinator's recovery from a lost device, if nothing has scaled successfully since."""
+    records = [*coord.history, *([coord.last_scale] if coord.last_scale is not None else [])]
+    for rec in reversed(records):
+        if rec.outcome == admin.Outcome.SUCCEEDED:
+            return rec if is_recovery(rec) else None
+    return None
+
+
+def _ended_pods(d: Decision, obs: Observed, held: set[int]) -> None:
+    """Worker pods whose process ended (restartPolicy Never) are deleted; a failure is an Event."""
+    for i, phase in sorted(obs.pods.items()):
+        if phase not in ENDED_PHASES:
+            continue
+        d.delete_pods = sorted(set(d.delete_pods) | {i})
+        detail = f" ({obs.pod_details[i]})" if obs.pod_details.get(i) else ""
+        pod = children.worker_name(obs.name, i)
+        then = ("a replacement follows once the coordinator has recovered without it" if i in held
+                else "its device serves nothing")
+        if phase == "Failed":
+            d.events.append(("Warning", "WorkerFailed", f"worker pod {pod} (device {i}) failed{detail}; "
+                                                        f"deleted, {then}"))
+        elif i in held:
+            d.events.append(("Warning", "WorkerExited", f"worker pod {pod} (device {i}) exited{detail} while its "
+                                                        f"device served; deleted, {then}"))
 
 
 def decide(obs: Observed) -> Decision:
@@ -115,31 +212,51 @@ def decide(obs: Observed) -> Decision:
     d.devices.desired = desired
 
     if coord is None or coord.phase == admin.Phase.STARTING:
-        # Starting (or the coordinator is unreachable): make sure the workers it waits for exist.
         n = obs.scaling.from_devices if obs.scaling else obs.start_devices
         registered = set(coord.devices.registered) if coord is not None else set()
-        d.create_pods = [i for i in range(n) if i not in obs.pods]
+        restart = _served(obs)
+        _ended_pods(d, obs, set(live) if restart else set())
         d.scaling = obs.scaling
         d.devices.ready = len(registered & live)
         d.devices.warming = len(live - registered)
-        d.phase = api.Phase.PENDING.value
-        if coord is None:
-            available = ("False", "CoordinatorUnreachable", "the coordinator's admin API does not answer yet"
-                         + (f" ({obs.coordinator_error})" if obs.coordinator_error else ""))
+        unreachable = "the coordinator's admin API does not answer" + (
+            f" ({obs.coordinator_error})" if obs.coordinator_error else "")
+        if restart:
+            # NOTE: no pod is created or deleted for a restarting coordinator: its workers keep their
+            # memory and rejoin it (ended ones were deleted above and are replaced once it serves).
+            d.phase = api.Phase.DEGRADED.value
+            if coord is None:
+                why = (COORDINATOR_UNAVAILABLE, f"{unreachable}; its {len(live)} worker pod(s) are kept for "
+                                                "the restarted coordinator to adopt")
+            else:
+                why = (COORDINATOR_RESTARTING, f"the coordinator restarted: {len(registered)} worker(s) have "
+                                               f"registered with it so far, of {len(live)} worker pod(s)"
+                                               + (f" ({coord.error})" if coord.error else ""))
+            _conditions(d, obs, available=("False", *why), degraded=("True", *why),
+                        progressing=("True", why[0], "waiting for the coordinator to serve again"))
         else:
-            available = ("False", "Starting", f"{len(registered)} of {n} worker(s) registered")
-        _conditions(d, obs, available=available, progressing=("True", "Starting", f"waiting for the coordinator "
-                                                              f"and {n} worker(s)"))
+            d.create_pods = [i for i in range(n) if i not in obs.pods]
+            d.phase = api.Phase.PENDING.value
+            if coord is None:
+                available = ("False", "CoordinatorUnreachable", f"{unreachable} yet")
+            else:
+                available = ("False", "Starting", f"{len(registered)} of {n} worker(s) registered")
+            _conditions(d, obs, available=available, progressing=("True", "Starting", f"waiting for the "
+                                                                  f"coordinator and {n} worker(s)"))
         return d
 
     active = coord.devices.active
+    active_ids = _active_ids(coord)
     registered = set(coord.devices.registered)
+    held = set(active_ids) | registered  # never create a pod under one of these ids (see the module doc)
     healthy = coord.healthy
     d.devices.active = active
     d.devices.ready = len(registered & live)
     d.devices.warming = len(live - registered)
     par = coord.parallelism
     d.parallelism = api.ParallelismStatus(dp=par.dp, ep=par.ep, tp=par.tp)
+    _ended_pods(d, obs, held)
+    lost = _lost_since(coord) if active < desired else None
 
     sc = obs.scaling
     if sc is None and coord.phase == admin.Phase.SCALING:
@@ -155,39 +272,58 @@ def decide(obs: Observed) -> Decision:
             backing_off = True
         else:
             started_at = _iso(now)
+            if lost is not None and target > active:
+                reason = f"replacing lost device(s): {active} of {desired} desired serve since {lost.reason}"
+            elif obs.desired_reason:
+                reason = f"Slo autoscaler: {obs.desired_reason}"
+            else:
+                reason = f"spec.devices desired {desired}, active {active}"
             sc = api.ScalingStatus(**{"from": active, "to": target}, started_at=started_at,
                                    scale_id=scale_id(obs.name, active, target, started_at),
-                                   reason=(f"Slo autoscaler: {obs.desired_reason}" if obs.desired_reason else
-                                           f"spec.devices desired {desired}, active {active}")
-                                          + (f", step {spec.devices.step}" if abs(desired - active) > spec.devices.step else ""),
+                                   reason=reason + (f", step {spec.devices.step}"
+                                                    if abs(desired - active) > spec.devices.step else ""),
                                    stage=WAITING_FOR_WORKERS if target > active else SCALING)
             d.events.append(("Normal", "ScalingUp" if target > active else "ScalingDown",
                              f"scaling {active} -> {target} devices: {sc.reason}"))
+            if target > active:  # leftovers (a lost device's pod still running, cut off): made afresh
+                d.delete_pods = sorted(set(d.delete_pods) | {i for i in obs.pods if i not in held})
 
     if sc is not None:
-        _advance(d, obs, sc, active, registered)
+        _advance(d, obs, sc, active_ids, registered, held)
     else:
-        # Steady: the workers of the active devices exist, and nothing else does.
-        d.create_pods = [i for i in range(active) if i not in obs.pods]
-        d.delete_pods = sorted(i for i in obs.pods if i >= active)
+        # Steady: the pods of the active devices stay (one that is gone is replaced once the
+        # coordinator has dropped its device); the rest go, but registered spare workers while
+        # below the desired count (the next scale-up takes them).
+        d.delete_pods = sorted(set(d.delete_pods) | {i for i in obs.pods if i not in active_ids
+                                                     and (i not in registered or active >= desired)})
 
-    failed = sorted(i for i, phase in obs.pods.items() if phase == "Failed" and i < active)
-    if not healthy or failed:
+    gone = sorted(i for i in active_ids if i not in live)
+    unhealthy = coord.error or "the coordinator reports unhealthy"
+    degraded = None
+    if not healthy:
+        degraded = ("True", UNHEALTHY, unhealthy)
+    elif is_recovery(coord.current_scale):
+        degraded = ("True", RECOVERING, f"the coordinator recovers onto the surviving devices "
+                                        f"({coord.current_scale.from_devices} -> {coord.current_scale.to_devices}): "
+                                        f"{coord.current_scale.reason}")
+    elif gone:
+        degraded = ("True", WORKER_LOST, f"the worker pod(s) of active device(s) {gone} are gone "
+                                         f"({', '.join(obs.pods.get(i, 'deleted') for i in gone)}); the coordinator "
+                                         "recovers onto the survivors once it notices, then they are replaced")
+    elif lost is not None:
+        degraded = ("True", REPLACING, f"{active} of {desired} desired device(s) serve since {lost.reason}; "
+                    + (f"scaling {d.scaling.from_devices} -> {d.scaling.to_devices} (stage {d.scaling.stage})"
+                       if d.scaling is not None else "the replacement waits to be started"))
+    if degraded is not None:
         d.phase = api.Phase.DEGRADED.value
     elif d.scaling is not None:
         d.phase = api.Phase.SCALING.value
     else:
         d.phase = api.Phase.SERVING.value
-    unhealthy = coord.error or "the coordinator reports unhealthy"
-    available = ("True", "Serving", f"{active} device(s) serving") if healthy else ("False", "Unhealthy", unhealthy)
+    available = ("True", "Serving", f"{active} device(s) serving") if healthy else ("False", UNHEALTHY, unhealthy)
     progressing = (("True", "Scaling", f"{d.scaling.from_devices} -> {d.scaling.to_devices} devices, stage "
                     f"{d.scaling.stage}") if d.scaling is not None else ("False", "Stable", f"{active} of {desired} "
                                                                              "desired device(s) active"))
-    degraded = None
-    if not healthy:
-        degraded = ("True", "Unhealthy", unhealthy)
-    elif failed:
-        degraded = ("True", "WorkerFailed", f"worker pod(s) of device(s) {failed} failed")
     _conditions(d, obs, available=available, progressing=progressing, degraded=degraded,
                 scaling_active=("False", "BackingOff", f"the last scale failed; retrying after "
                                 f"{RETRY_AFTER_FAILURE_S} s") if backing_off else None)
@@ -195,36 +331,42 @@ def decide(obs: Observed) -> Decision:
 
 
 def _followed(coord: admin.AdminStatus, now: datetime.datetime) -> api.ScalingStatus:
-    """A scale another client of the admin API started: followed, not fought."""
+    """A scale another client of the admin API started, or the coordinator's recovery from a lost
+    device: followed, not fought."""
     reason = "started outside the operator (admin API)"
     cur = coord.current_scale
     if cur is None:
         return api.ScalingStatus(**{"from": coord.devices.active, "to": coord.devices.desired}, reason=reason,
                                  started_at=_iso(now), stage=SCALING)
-    return api.ScalingStatus(**{"from": cur.from_devices, "to": cur.to_devices},
-                             reason=f"{reason}: {cur.reason}" if cur.reason else reason, scale_id=cur.scale_id,
-                             started_at=cur.started_at or _iso(now), stage=SCALING)
+    if is_recovery(cur):
+        reason = f"the coordinator's {cur.reason}" if cur.reason else "the coordinator's recovery"
+    elif cur.reason:
+        reason = f"{reason}: {cur.reason}"
+    return api.ScalingStatus(**{"from": cur.from_devices, "to": cur.to_devices}, reason=reason,
+                             scale_id=cur.scale_id, started_at=cur.started_at or _iso(now), stage=SCALING)
 
 
 def _request(sc: api.ScalingStatus) -> admin.ScaleRequest:
     return admin.ScaleRequest(devices=sc.to_devices, reason=sc.reason, scale_id=sc.scale_id)
 
 
-def _advance(d: Decision, obs: Observed, sc: api.ScalingStatus, active: int, registered: set[int]) -> None:
+def _advance(d: Decision, obs: Observed, sc: api.ScalingStatus, active_ids: list[int], registered: set[int],
+             held: set[int]) -> None:
     """One step of a scale in progress."""
     coord, now = obs.coordinator, obs.now
+    active = len(active_ids)
     started = _parse(sc.started_at) or now
     up = sc.to_devices > sc.from_devices
     timed_out = (now - started).total_seconds() > obs.spec.scale_timeout_seconds
     d.scaling = sc
     if up and sc.stage == WAITING_FOR_WORKERS:
+        wanted = target_devices(active_ids, sc.to_devices)
         if timed_out:
-            waiting = [i for i in range(sc.to_devices) if i not in registered]
-            return _end(d, sc, admin.Outcome.ABORTED, f"workers of device(s) {waiting} did not register within "
-                        f"{obs.spec.scale_timeout_seconds} s", now, None,
-                        delete=list(range(sc.from_devices, sc.to_devices)))
-        d.create_pods = [i for i in range(sc.to_devices) if i not in obs.pods]
-        if all(i in registered for i in range(sc.to_devices)):
+            waiting = [i for i in wanted if i not in registered]
+            return _end(d, obs, sc, admin.Outcome.ABORTED, f"workers of device(s) {waiting} did not register "
+                        f"within {obs.spec.scale_timeout_seconds} s", None)
+        d.create_pods = [i for i in wanted if i not in obs.pods and i not in held]
+        if all(i in registered for i in wanted):
             sc = d.scaling = sc.model_copy(update={"stage": SCALING})
             d.post_scale = _request(sc)
         return
@@ -232,43 +374,45 @@ def _advance(d: Decision, obs: Observed, sc: api.ScalingStatus, active: int, reg
     ours = coord.find_scale(sc.scale_id)
     if coord.phase == admin.Phase.SCALING or (ours is not None and ours.outcome == admin.Outcome.RUNNING):
         return
-    # NOTE: which pods go is decided by what serves (`active`), never by the outcome alone.
+    # NOTE: which pods go is decided by what serves (`active_ids`), never by the outcome alone.
     if active == sc.to_devices:  # the new configuration serves; down: the released devices idle
-        _end(d, sc, ours.outcome if ours else admin.Outcome.SUCCEEDED, ours.message if ours else "", now, ours,
-             delete=list(range(sc.to_devices, sc.from_devices)))
+        _end(d, obs, sc, ours.outcome if ours else admin.Outcome.SUCCEEDED, ours.message if ours else "", ours)
     elif active != sc.from_devices:
-        _end(d, sc, admin.Outcome.FAILED, f"the coordinator has {active} active devices, neither "
-             f"{sc.from_devices} nor {sc.to_devices}", now, ours, delete=[])
+        _end(d, obs, sc, admin.Outcome.FAILED, f"the coordinator has {active} active devices, neither "
+             f"{sc.from_devices} nor {sc.to_devices}", ours)
     elif ours is None:
         # Not started yet (or the POST was lost with a restarted operator): ask (again).
         d.post_scale = _request(sc)
     else:  # ended on the old configuration; up: the new pods serve nothing
-        _end(d, sc, ours.outcome, ours.message or f"the coordinator reports {ours.outcome.value}", now, ours,
-             delete=list(range(sc.from_devices, sc.to_devices)) if up else [])
+        _end(d, obs, sc, ours.outcome, ours.message or f"the coordinator reports {ours.outcome.value}", ours)
 
 
-def refuse(d: Decision, sc: api.ScalingStatus, message: str, now: datetime.datetime) -> None:
+def refuse(d: Decision, obs: Observed, message: str) -> None:
     """The coordinator refused the scale (HTTP 400): end it as failed, release new pods."""
     d.post_scale = None
-    up = sc.to_devices > sc.from_devices
-    _end(d, sc, admin.Outcome.FAILED, message, now, None,
-         delete=list(range(sc.from_devices, sc.to_devices)) if up else [])
+    _end(d, obs, d.scaling, admin.Outcome.FAILED, message, None)
 
 
 _EVENTS = {admin.Outcome.SUCCEEDED: ("Normal", "Scaled"), admin.Outcome.ABORTED: ("Warning", "ScaleAborted"),
            admin.Outcome.FAILED: ("Warning", "ScaleFailed")}
 
 
-def _end(d: Decision, sc: api.ScalingStatus, outcome: admin.Outcome, message: str, now: datetime.datetime,
-         coordinator_record: admin.ScaleRecord | None, delete: list[int]) -> None:
+def _end(d: Decision, obs: Observed, sc: api.ScalingStatus, outcome: admin.Outcome, message: str,
+         coordinator_record: admin.ScaleRecord | None) -> None:
+    """The scale is over: record it, and delete the pods of every device that does not serve
+    (up: the new ones if it failed; down: the released ones; a recovery: the lost one)."""
     assert outcome in admin.TERMINAL_OUTCOMES, outcome
+    now = obs.now
     d.scaling = None
-    d.delete_pods = sorted(set(d.delete_pods) | set(delete))
+    d.delete_pods = sorted(set(d.delete_pods) | {i for i in obs.pods if i not in _active_ids(obs.coordinator)})
     d.finished = _record(sc, outcome, message, now, coordinator_record)
     etype, reason = _EVENTS[admin.Outcome(outcome)]
-    if outcome == admin.Outcome.SUCCEEDED:
-        text = (f"scaled {sc.from_devices} -> {sc.to_devices} devices in {d.finished.duration_ms / 1000:.1f} s "
-                f"({sc.reason})")
+    seconds = d.finished.duration_ms / 1000
+    if outcome == admin.Outcome.SUCCEEDED and is_recovery(sc):
+        etype, reason = "Warning", "RecoveredOnSurvivors"
+        text = f"serving on {sc.to_devices} surviving device(s) after {seconds:.1f} s ({sc.reason})"
+    elif outcome == admin.Outcome.SUCCEEDED:
+        text = f"scaled {sc.from_devices} -> {sc.to_devices} devices in {seconds:.1f} s ({sc.reason})"
     else:
         text = f"scale {sc.from_devices} -> {sc.to_devices} devices: {message}"
     d.events.append((etype, reason, text))
@@ -291,6 +435,22 @@ def _conditions(d: Decision, obs: Observed, available, progressing, degraded=Non
         api.AutoscalingMode.SLO.value: obs.metrics_condition or ("Unknown", "NotEvaluated", "the Slo policy "
                                                                  "evaluates once the coordinator serves"),
     }[mode]
+    _degraded_events(d, obs)
+
+
+def _degraded_events(d: Decision, obs: Observed) -> None:
+    """An Event for every change of the Degraded condition: each new reason while degraded
+    (Warning, that reason), and `Recovered` when it clears."""
+    prev = _previous(obs, api.ConditionType.DEGRADED)
+    status, reason, message = d.conditions[api.ConditionType.DEGRADED.value]
+    if status == "True" and (prev.get("status") != "True" or prev.get("reason") != reason):
+        d.events.append(("Warning", reason, message))
+    elif status != "True" and prev.get("status") == "True" and prev.get("reason") != "InvalidSpec":
+        since = _parse(prev.get("lastTransitionTime") or "")
+        took = f" after {(obs.now - since).total_seconds():.0f} s degraded" if since is not None else ""
+        d.events.append(("Normal", "Recovered", f"{d.conditions[api.ConditionType.AVAILABLE.value][2]}, "
+                                                f"{d.devices.desired} desired{took}; last: {prev.get('reason')}: "
+                                                f"{prev.get('message', '')}"))
 
 
 def invalid_spec_conditions(error: api.SpecError) -> dict[str, tuple[str, str, str]]:

@@ -70,9 +70,11 @@ def test_steady_state_does_nothing_and_is_available():
     assert d.conditions["Available"][0] == "True" and d.conditions["Degraded"][0] == "False"
 
 
-def test_steady_state_removes_stray_pods_and_recreates_missing_ones():
+def test_steady_state_removes_stray_pods_and_does_not_recreate_a_pod_the_coordinator_still_counts():
     d = reconcile.decide(_obs(_spec(initial=2), {1: "Running", 4: "Pending"}, _coord(2)))
-    assert d.create_pods == [0] and d.delete_pods == [4]
+    assert d.create_pods == [] and d.delete_pods == [4]
+    assert d.phase == "Degraded" and d.conditions["Degraded"][:2] == ("True", "WorkerLost")
+    assert "[0]" in d.conditions["Degraded"][2] and d.events[-1][:2] == ("Warning", "WorkerLost")
 
 
 def test_scale_up_creates_pods_then_waits_for_registration():
@@ -182,7 +184,8 @@ def test_a_refused_scale_fails_and_releases_its_new_pods():
     sc = _scaling(1, 2, reconcile.SCALING)
     d = reconcile.decide(_obs(_spec(replicas=2), _running(0, 1), _coord(1, registered=[0, 1]), scaling=sc))
     assert d.post_scale is not None
-    reconcile.refuse(d, sc, "the coordinator refused the scale (HTTP 400): devices: got 2", NOW)
+    reconcile.refuse(d, _obs(_spec(replicas=2), _running(0, 1), _coord(1, registered=[0, 1]), scaling=sc),
+                     "the coordinator refused the scale (HTTP 400): devices: got 2")
     assert d.post_scale is None and d.finished.outcome == "Failed" and d.delete_pods == [1]
     assert d.events[-1][:2] == ("Warning", "ScaleFailed")
 
@@ -256,3 +259,151 @@ def test_in_slo_mode_the_condition_is_the_policys_and_the_scale_carries_its_reas
     assert d.conditions["MetricsAvailable"] == obs.metrics_condition
     assert d.scaling.reason == f"Slo autoscaler: {obs.desired_reason}"
     assert d.events[0][1] == "ScalingUp" and obs.desired_reason in d.events[0][2]
+
+
+# -- a lost worker is replaced; a restarting coordinator keeps its workers -----------------------
+def _conditions(**by_type) -> list[dict]:
+    """status.conditions as the last tick wrote them: type -> (status, reason)."""
+    return [{"type": t, "status": s, "reason": r, "message": "m", "lastTransitionTime": "2026-11-24T11:59:30Z"}
+            for t, (s, r) in by_type.items()]
+
+
+SERVING_BEFORE = _conditions(Available=("True", "Serving"), Degraded=("False", "AsExpected"))
+
+
+def _ids(active_ids, registered=None, **kw) -> admin.AdminStatus:
+    coord = _coord(len(active_ids), registered=sorted(active_ids) if registered is None else registered, **kw)
+    coord.devices.active_ids = list(active_ids)
+    return coord
+
+
+def _recovery(frm: int, to: int, outcome=admin.Outcome.SUCCEEDED, device=1) -> admin.ScaleRecord:
+    return admin.ScaleRecord(from_devices=frm, to_devices=to, scale_id="recovery-7", outcome=outcome,
+                             reason=f"recovery: worker process(es) died: device {device} (heartbeats stopped for 5 s)",
+                             started_at="2026-11-24T11:59:55Z", tokens_recomputed=40)
+
+
+@pytest.mark.parametrize("active, n", [([0, 1, 2], 4), ([0, 2], 3), ([1, 2], 3), ([1, 2], 4), ([0, 3, 5], 5),
+                                       ([1, 2], 1), ([0, 2, 4], 2)])
+def test_target_devices_are_the_ones_the_coordinator_takes(active, n):
+    from elasticmoe_worker import planner
+    assert reconcile.target_devices(active, n) == list(planner.resize(active, n))
+
+
+def test_a_failed_worker_pod_is_deleted_with_an_event_and_replaced_only_after_the_coordinator_dropped_it():
+    obs = _obs(_spec(initial=2), {0: "Running", 1: "Failed"}, _ids([0, 1]))
+    obs.pod_details, obs.conditions = {1: "exit code 137, Error"}, SERVING_BEFORE
+    d = reconcile.decide(obs)
+    assert d.delete_pods == [1] and d.create_pods == [] and d.scaling is None
+    assert ("Warning", "WorkerFailed") == d.events[0][:2] and "demo-worker-1" in d.events[0][2]
+    assert "exit code 137" in d.events[0][2]
+    assert d.phase == "Degraded" and d.conditions["Degraded"][:2] == ("True", "WorkerLost")
+    # deleted now; the coordinator still counts device 1: no pod under its id yet
+    gone = _obs(_spec(initial=2), _running(0), _ids([0, 1]))
+    gone.conditions = _conditions(Available=("True", "Serving"), Degraded=("True", "WorkerLost"))
+    d = reconcile.decide(gone)
+    assert (d.create_pods, d.delete_pods, d.events) == ([], [], [])  # the same reason: no second event
+
+
+def test_the_coordinators_recovery_is_followed_and_recorded_then_the_lost_device_is_replaced():
+    spec = _spec(initial=3)
+    lost_before = _conditions(Available=("True", "Serving"), Degraded=("True", "WorkerLost"))
+    running = _recovery(3, 2, admin.Outcome.RUNNING)
+    obs = _obs(spec, _running(0, 2), _ids([0, 1, 2], phase=admin.Phase.SCALING, desired=2, current=running))
+    obs.conditions = lost_before
+    d = reconcile.decide(obs)
+    assert d.scaling.scale_id == "recovery-7" and d.post_scale is None and (d.create_pods, d.delete_pods) == ([], [])
+    assert d.scaling.reason.startswith("the coordinator's recovery: worker process(es) died: device 1")
+    assert d.conditions["Degraded"][:2] == ("True", "Recovering") and d.events[-1][:2] == ("Warning", "Recovering")
+
+    # it ended: serving on the survivors 0 and 2; recorded, and the operator scales back to 3
+    done = _recovery(3, 2)
+    obs = _obs(spec, _running(0, 2), _ids([0, 2], last=done, history=[done]), scaling=d.scaling)
+    obs.conditions = _conditions(Available=("True", "Serving"), Degraded=("True", "Recovering"))
+    d = reconcile.decide(obs)
+    assert d.finished.scale_id == "recovery-7" and d.finished.outcome == "Succeeded"
+    assert d.finished.tokens_recomputed == 40 and d.scaling is None
+    assert ("Warning", "RecoveredOnSurvivors") in [e[:2] for e in d.events]
+    assert d.conditions["Degraded"][:2] == ("True", "ReplacingLostDevices") and d.phase == "Degraded"
+
+    obs = _obs(spec, _running(0, 2), _ids([0, 2], last=done, history=[done]), last_scale=d.finished)
+    obs.conditions = _conditions(Available=("True", "Serving"), Degraded=("True", "ReplacingLostDevices"))
+    d = reconcile.decide(obs)
+    assert (d.scaling.from_devices, d.scaling.to_devices) == (2, 3) and d.create_pods == [1]
+    assert d.scaling.reason.startswith("replacing lost device(s): 2 of 3 desired serve since recovery: ")
+    assert d.events == [("Normal", "ScalingUp", f"scaling 2 -> 3 devices: {d.scaling.reason}")]
+    assert d.conditions["Degraded"][:2] == ("True", "ReplacingLostDevices") and "scaling 2 -> 3" in \
+        d.conditions["Degraded"][2]
+    sc = d.scaling
+    obs = _obs(spec, _running(0, 1, 2), _ids([0, 2], registered=[0, 1, 2], last=done, history=[done]), scaling=sc)
+    d = reconcile.decide(obs)
+    assert d.post_scale.devices == 3
+
+    # the replacement scale served: Degraded clears with an event
+    ours = _record(sc, admin.Outcome.SUCCEEDED)
+    obs = _obs(spec, _running(0, 1, 2), _ids([0, 1, 2], last=ours, history=[done, ours]), scaling=d.scaling)
+    obs.conditions = _conditions(Available=("True", "Serving"), Degraded=("True", "ReplacingLostDevices"))
+    d = reconcile.decide(obs)
+    assert d.finished.outcome == "Succeeded" and d.phase == "Serving" and d.delete_pods == []
+    assert d.conditions["Degraded"][0] == "False"
+    assert [e[1] for e in d.events] == ["Scaled", "Recovered"] and "after 30 s degraded" in d.events[1][2]
+
+
+def test_after_device_0_was_lost_the_survivors_pods_are_kept():
+    """Device 0 was lost: 1 and 2 serve. Steady at 2 desired: no pod of a serving device goes
+    (a count-based rule would have deleted pod 2); a scale down releases the highest id."""
+    spec = _spec(initial=2)
+    d = reconcile.decide(_obs(spec, _running(1, 2), _ids([1, 2])))
+    assert (d.create_pods, d.delete_pods, d.phase) == ([], [], "Serving")
+    down = _spec(initial=2, replicas=1)
+    d = reconcile.decide(_obs(down, _running(1, 2), _ids([1, 2])))
+    sc = d.scaling
+    done = reconcile.decide(_obs(down, _running(1, 2), _ids([1], last=_record(sc, admin.Outcome.SUCCEEDED)),
+                                 scaling=sc))
+    assert done.delete_pods == [2] and done.finished.outcome == "Succeeded"
+
+
+def test_a_lost_devices_pod_still_running_after_the_recovery_is_made_afresh():
+    """Cut off (say SIGSTOP) past the heartbeat timeout: the coordinator dropped device 1 but its
+    pod still runs; the replacement deletes it first and creates it again next tick."""
+    done = _recovery(2, 1)
+    d = reconcile.decide(_obs(_spec(initial=2), _running(0, 1), _ids([0], last=done, history=[done])))
+    assert d.scaling.to_devices == 2 and d.delete_pods == [1] and d.create_pods == []
+    again = reconcile.decide(_obs(_spec(initial=2), _running(0), _ids([0], last=done, history=[done]),
+                                  scaling=d.scaling))
+    assert again.create_pods == [1] and again.delete_pods == []
+
+
+def test_a_registered_device_without_its_pod_gets_no_new_pod_while_the_coordinator_holds_it():
+    sc = _scaling(1, 2, reconcile.WAITING_FOR_WORKERS)
+    d = reconcile.decide(_obs(_spec(replicas=2), _running(0), _ids([0], registered=[0, 1]), scaling=sc))
+    assert d.create_pods == [] and d.post_scale is not None  # registered already: the scale goes on
+
+
+def test_a_scale_up_by_the_user_after_serving_is_not_degraded():
+    ok = admin.ScaleRecord(from_devices=1, to_devices=2, scale_id="x", outcome=admin.Outcome.SUCCEEDED)
+    d = reconcile.decide(_obs(_spec(initial=2, replicas=3), _running(0, 1), _ids([0, 1], history=[_recovery(2, 1), ok])))
+    assert d.phase == "Scaling" and d.conditions["Degraded"][0] == "False"
+    assert d.scaling.reason == "spec.devices desired 3, active 2"
+
+
+@pytest.mark.parametrize("coord, reason", [
+    (None, "CoordinatorUnavailable"),
+    (_coord(0, registered=[1], phase=admin.Phase.STARTING, desired=2), "CoordinatorRestarting")])
+def test_a_restarting_coordinator_keeps_its_workers_and_degrades_the_instance(coord, reason):
+    obs = _obs(_spec(initial=1, replicas=3), _running(1, 2), coord, start=1, error="connection refused")
+    obs.conditions = SERVING_BEFORE
+    d = reconcile.decide(obs)
+    assert (d.create_pods, d.delete_pods, d.post_scale) == ([], [], None)  # pod 0 is missing: not made now
+    assert d.phase == "Degraded" and d.conditions["Degraded"][:2] == ("True", reason)
+    assert d.conditions["Available"][:2] == ("False", reason) and d.events[-1][:2] == ("Warning", reason)
+    # still down on the next tick (a restarted operator reads the same from status): no event again
+    obs.conditions = _conditions(Available=("False", reason), Degraded=("True", reason))
+    again = reconcile.decide(obs)
+    assert again.phase == "Degraded" and again.events == [] and again.create_pods == []
+    # it serves again with the workers it adopted
+    back = _obs(_spec(initial=1, replicas=3), _running(1, 2), _ids([1, 2]), start=1)
+    back.conditions = obs.conditions
+    d = reconcile.decide(back)
+    assert d.delete_pods == [] and d.scaling.to_devices == 3 and d.create_pods == [0]
+    assert d.conditions["Degraded"][0] == "False" and ("Normal", "Recovered") in [e[:2] for e in d.events]
