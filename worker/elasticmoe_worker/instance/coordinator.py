@@ -410,7 +410,7 @@ class Instance:
         elif isinstance(msg, wire.Heartbeat):
             self.members.seen(msg.device_index)
         elif isinstance(msg, wire.HMMHello):
-            self.members.seen(msg.device_index)
+            self.members.registered(msg.device_index)
             self._step(reconfig.WorkerRegistered(msg.device_index, now))
         elif isinstance(msg, wire.TransitionReady):
             self._step(reconfig.TransferReady(msg, now))

@@ -37,6 +37,17 @@ class Membership:
     def seen(self, device: int) -> None:
         self.fleet.seen(device)
 
+    def registered(self, device: int) -> None:
+        """A worker said hello. Only one that holds nothing yet does (one on its way out sends
+        heartbeats only), so with pods it is a new worker even under the id of one that died or
+        was released: the operator replaces a lost device's pod under the same index, and that
+        worker's heartbeats and death must count again."""
+        if not self.fleet.starts_workers:
+            with self._lock:
+                self._reported.discard(device)
+            self.fleet.add(device)
+        self.fleet.seen(device)
+
     def add(self, devices) -> None:
         for d in devices:
             with self._lock:
