@@ -9,7 +9,11 @@
   `elasticmoe worker`, with the same arguments, only hosts and ports rewritten to 127.0.0.1,
   and the container's env (`value`s and `secretKeyRef`s resolved, like a kubelet; none of the
   test runner's own ELASTICMOE_* secrets leak in) — and reports pod phases back through the API
-  like a kubelet. It kills what it started when the pod is deleted and at teardown.
+  like a kubelet, with the container's exit code (128 + the signal for a killed one). A
+  Deployment's process that exits is started again (restartPolicy Always: a coordinator pod
+  restarting); a worker pod's is not (restartPolicy Never: the pod goes Failed or Succeeded). It
+  kills what it started when the pod is deleted and at teardown; `kill` signals a pod's process
+  as a crash, OOM kill or node problem would.
 """
 
 from __future__ import annotations
@@ -145,6 +149,7 @@ class Kubelet:
         self.procs: dict[tuple[str, str], subprocess.Popen] = {}
         self.started: list[str] = []  # names of pods started, in order
         self.env: dict[str, dict[str, str]] = {}  # pod (or Deployment) name -> the env it last started with
+        self.restarts: dict[str, int] = {}  # Deployment name -> times its process was started again
         self._task: asyncio.Task | None = None
 
     async def __aenter__(self) -> "Kubelet":
@@ -159,6 +164,12 @@ class Kubelet:
             pass
         for key in list(self.procs):
             self._stop(key)
+
+    def kill(self, kind: str, name: str, sig: int = signal.SIGKILL) -> None:
+        """Signal the main process of a running pod (`kind` "Pod") or Deployment, not its children."""
+        proc = self.procs[(kind, name)]
+        assert proc.poll() is None, f"{kind} {name} is not running"
+        proc.send_signal(sig)
 
     def _stop(self, key) -> None:
         proc = self.procs.pop(key)
@@ -209,6 +220,12 @@ class Kubelet:
         for d in deployments:
             key = ("Deployment", d["metadata"]["name"])
             c = d["spec"]["template"]["spec"]["containers"][0]
+            if key in self.procs and self.procs[key].poll() is not None:  # restartPolicy Always
+                old = self.procs.pop(key)
+                if old.returncode < 0:  # the process group's other members (none expected) go with it
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(old.pid, signal.SIGKILL)
+                self.restarts[key[1]] = self.restarts.get(key[1], 0) + 1
             env = None if key in self.procs else await self._env(c)
             if env is None:
                 continue
@@ -230,11 +247,16 @@ class Kubelet:
                 self._spawn(key, ["worker", *args], env, f"{key[1]}.log")
                 await self._phase(key[1], "Running")
             elif key in self.procs and phase == "Running" and self.procs[key].poll() is not None:
-                await self._phase(key[1], "Succeeded" if self.procs[key].returncode == 0 else "Failed")
+                code = self.procs[key].returncode
+                code = 128 - code if code < 0 else code  # as a container runtime reports a signal
+                await self._phase(key[1], "Succeeded" if code == 0 else "Failed", code)
 
-    async def _phase(self, pod: str, phase: str) -> None:
+    async def _phase(self, pod: str, phase: str, exit_code: int | None = None) -> None:
         ready = "True" if phase == "Running" else "False"
         body = {"status": {"phase": phase, "conditions": [{"type": "Ready", "status": ready}]}}
+        if exit_code is not None:
+            body["status"]["containerStatuses"] = [{"name": "worker", "ready": False, "state": {"terminated": {
+                "exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error"}}}]
         async with self.api.session.patch(f"{self.api.url}/api/v1/namespaces/{self.ns}/pods/{pod}/status", json=body,
                                           headers={"Content-Type": "application/merge-patch+json"}) as r:
             # 404: deleted since this tick listed it (a released worker exits as its pod goes), as

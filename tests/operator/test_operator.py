@@ -241,6 +241,117 @@ async def test_an_existing_secret_is_kept_and_completed_with_a_worker_secret(env
 
 
 
+def _degraded_reason(status: dict) -> str:
+    return next((c["reason"] for c in status.get("conditions", []) if c["type"] == "Degraded"), "")
+
+
+async def _track(env, predicate, timeout_s: float, what: str) -> tuple[dict, list[tuple[str, str]]]:
+    """`env.wait`, also returning the distinct (phase, Degraded reason) pairs seen on the way, in order."""
+    seen: list[tuple[str, str]] = []
+
+    def note(status: dict) -> bool:
+        step = (status.get("phase", ""), _degraded_reason(status))
+        if not seen or seen[-1] != step:
+            seen.append(step)
+        return predicate(status)
+
+    return await env.wait(note, timeout_s, what), seen
+
+
+def _replaced(times: int):
+    """Serving on 2 devices, not degraded, after `times` replacements of a lost device."""
+    def pred(s: dict) -> bool:
+        replacements = [h for h in s.get("history", []) if h["reason"].startswith("replacing lost device(s)")
+                        and h["outcome"] == "Succeeded"]
+        return _serving(2)(s) and len(replacements) == times and _degraded_reason(s) == "AsExpected"
+    return pred
+
+
+async def _serving_two_under_load(env, tiny_models) -> testprocs.StreamingLoad:
+    await env.start_operator()
+    resource = _resource(tiny_models["qwen3_moe"], initial=2)
+    resource["spec"]["engine"]["expertCopies"] = 2  # a lost device's experts come from the survivor
+    await env.api.request("POST", CR_PATH, resource, "application/json")
+    obj = await env.wait(_serving(2), 180, "the instance to serve on 2 devices")
+    return testprocs.StreamingLoad(obj["status"]["coordinatorUrl"], "m", [[5, 6, 7, 8], [9, 10, 11]], max_tokens=6,
+                                   clients=2)
+
+
+async def _replaced_after_loss(env, device: int, times: int) -> list[str]:
+    """Wait for the instance to serve on 2 devices again after losing `device`; check the status
+    on the way and the records; -> the instance's Event reasons."""
+    obj, seen = await _track(env, _replaced(times), 180, f"device {device} replaced and 2 devices serving again")
+    assert seen[0] == ("Serving", "AsExpected") and seen[-1] == ("Serving", "AsExpected"), seen
+    assert ("Degraded", "ReplacingLostDevices") in seen and {"WorkerLost", "Recovering"} & {r for _, r in seen}, seen
+    recovery, replacement = obj["status"]["history"][-2:]
+    assert recovery["scaleId"].startswith("recovery-") and (recovery["from"], recovery["to"]) == (2, 1), recovery
+    assert f"device {device}" in recovery["reason"] and recovery["outcome"] == "Succeeded", recovery
+    # the normal scale-up: the new worker got its weights from the live peer
+    assert (replacement["from"], replacement["to"]) == (1, 2) and replacement["bytesTransferred"] > 0, replacement
+    assert await env.pods() == ["demo-worker-0", "demo-worker-1"]
+    assert env.kubelet.started.count(f"demo-worker-{device}") == 2
+    assert env.kubelet.started.count(f"demo-worker-{1 - device}") == 1
+    reasons = [e["reason"] for e in await env.events() if e.get("involvedObject", {}).get("name") == NAME]
+    for reason in ("ReplacingLostDevices", "Recovered", "Scaled"):
+        assert reasons.count(reason) == times, (reason, reasons)
+    # in order: lost (or recovering), replacing, scaling up, scaled, recovered
+    assert reasons.index("ReplacingLostDevices") < reasons.index("ScalingUp") < reasons.index("Scaled") \
+        < reasons.index("Recovered"), reasons
+    return reasons
+
+
+async def test_a_deleted_worker_pod_is_replaced_and_a_restarting_coordinator_keeps_its_workers(env, tiny_models):
+    """Pod 1 deleted while a streaming load runs: the coordinator recovers onto device 0, the
+    operator follows, then scales back to 2 the normal way (a new pod 1 whose worker pulls its
+    weights from the live peer); status and Events show each step; no request fails. Then the
+    coordinator's process is killed and its Deployment's pod restarts (the stand-in kubelet starts
+    it again): Degraded with the reason and an Event, and no worker pod deleted or made again (their
+    memory is for the new coordinator to adopt)."""
+    load = await _serving_two_under_load(env, tiny_models)
+    try:
+        await env.api.request("DELETE", f"/api/v1/namespaces/{NS}/pods/demo-worker-1", None, "application/json")
+        await _replaced_after_loss(env, 1, 1)
+    finally:
+        load.stop()
+    assert load.failed == [] and len(load.results) > 0, load.failed[:5]
+
+    env.kubelet.kill("Deployment", "demo-coordinator")
+    restarting = ("CoordinatorUnavailable", "CoordinatorRestarting")
+    obj = await env.wait(lambda s: s.get("phase") == "Degraded" and _degraded_reason(s) in restarting, 60,
+                         "Degraded for the coordinator restart")
+    assert _condition(obj["status"], "Available")["status"] == "False"
+    deadline = time.monotonic() + 8
+    while time.monotonic() < deadline:  # meanwhile: degraded for it, the same worker pods
+        status = (await env.cr())["status"]
+        if status.get("phase") == "Serving":
+            break  # the new coordinator has adopted the workers already
+        assert _degraded_reason(status) in restarting, status
+        await asyncio.sleep(0.5)
+    assert env.kubelet.restarts.get("demo-coordinator", 0) >= 1
+    assert await env.pods() == ["demo-worker-0", "demo-worker-1"]
+    assert env.kubelet.started.count("demo-worker-0") == 1 and env.kubelet.started.count("demo-worker-1") == 2
+    reasons = [e["reason"] for e in await env.events() if e.get("involvedObject", {}).get("name") == NAME]
+    assert set(restarting) & set(reasons), reasons
+    assert "Traceback" not in (env.kubelet.tmp / "operator-1.log").read_text()
+
+
+@pytest.mark.slow
+async def test_a_failed_worker_pod_is_replaced_and_requests_keep_succeeding(env, tiny_models):
+    """Pod 0's process killed (SIGKILL: the pod goes Failed, exit code 137): the operator deletes
+    the pod with an Event saying so, and the instance gets back to 2 devices on ids 1 and then 0
+    (the lowest unused id, the recreated pod's)."""
+    load = await _serving_two_under_load(env, tiny_models)
+    try:
+        env.kubelet.kill("Pod", "demo-worker-0")
+        await _replaced_after_loss(env, 0, 1)
+    finally:
+        load.stop()
+    assert load.failed == [] and len(load.results) > 0, load.failed[:5]
+    failed = [e["message"] for e in await env.events() if e["reason"] == "WorkerFailed"]
+    assert len(failed) == 1 and "demo-worker-0" in failed[0] and "exit code 137" in failed[0], failed
+    assert "Traceback" not in (env.kubelet.tmp / "operator-1.log").read_text()
+
+
 class StandInPrometheus:
     """Prometheus's HTTP API on 127.0.0.1 answering the operator's queries with fixed values
     (a real Prometheus is the end-to-end test's): p90 TTFT and time per output token in seconds,
