@@ -13,6 +13,7 @@ import pathlib
 import signal
 import socket
 import sys
+import threading
 
 from elasticmoe_worker import cliargs
 from elasticmoe_worker.server import autoscale
@@ -30,8 +31,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from elasticmoe_worker.server import api
 
     log = logging.getLogger("elasticmoe")
+    # serve --control-port: its workers outlive it, and the same command started again adopts them
+    restartable = args.command == "serve" and bool(args.control_port)
+    if restartable and (args.fleet != "local" or args.devices is None):
+        log.error("--control-port: only for a local fleet (--devices N, --fleet local): the address a restarted "
+                  "serve finds its workers on")
+        return 2
+    if restartable and not _worker_secret(args):
+        log.error("--control-port needs the worker secret from $ELASTICMOE_WORKER_SECRET or --worker-secret-file: "
+                  "a restarted serve must prove the same secret to the workers it adopts")
+        return 2
     model_dir = pathlib.Path(args.model) if args.model else cliargs.default_model_dir()
-    if not model_dir.is_dir():
+    if not model_dir.is_dir() and not (restartable and not args.autoscale):
         log.error("--model %s: not a directory (expected a Hugging Face checkpoint directory)", model_dir)
         return 2
     if args.autoscale:
@@ -72,7 +83,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.info("starting a local instance of %d %s device(s)", args.devices, args.backend)
         engine = coordinator.Instance(model_dir, args.devices, cliargs.engine_config_from_args(args), model_name=name,
                                       backend=args.backend, collective_timeout_s=args.collective_timeout_s,
-                                      cpu_per_device=args.cpu_per_device, expert_copies=args.expert_copies).start()
+                                      cpu_per_device=args.cpu_per_device, expert_copies=args.expert_copies,
+                                      control_port=args.control_port,
+                                      worker_secret=_worker_secret(args) if restartable else "",
+                                      orphan_timeout_s=args.orphan_timeout_s if restartable else None)
+        if not restartable:
+            engine.start()
     elif args.fleet == "ray":
         from elasticmoe_worker.instance import coordinator, rayfleet, transport
 
@@ -121,8 +137,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
             autoscaler = autoscale.Autoscaler(engine, app.state.elasticmoe.metrics, policy_config,
                                               interval_s=interval_s, window_s=window_s).start()
         admin.add_routes(app, engine, token, autoscaler=autoscaler)
+        server = api.make_server(app, args.host, args.port, log_level=args.log_level)
+        if restartable:
+            # NOTE: listening before the instance serves: while it starts (or adopts the workers of a
+            # serve that was killed), requests are answered 503 with Retry-After instead of refused.
+            threading.Thread(target=_start_in_background, args=(engine, server, failed := []), name="instance-start",
+                             daemon=True).start()
         log.info("serving %s as %r", model_dir, engine.model_name)
-        api.run_server(app, args.host, args.port, log_level=args.log_level)
+        server.run()
+        if restartable and failed:
+            return 1
     except KeyboardInterrupt:
         pass  # uvicorn re-raises Ctrl-C (and SIGTERM) after its graceful shutdown: that is a clean stop
     finally:
@@ -135,6 +159,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
+
+
+def _start_in_background(engine, server, failed: list) -> None:
+    try:
+        engine.start()
+    except BaseException as exc:
+        logging.getLogger("elasticmoe").error("the instance did not start: %s", exc)
+        failed.append(exc)
+        server.should_exit = True
 
 
 def _worker_secret(args: argparse.Namespace) -> str:
@@ -274,6 +307,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="give each device (its HMM and executors) a CPU quota of this many cores through the cgroup "
                         "CPU controller (cgroup v1 cpu.cfs_quota_us or v2 cpu.max; needs root), like a Kubernetes "
                         "CPU limit, so that a CPU device has fixed capacity, e.g. 0.45 (default: no quota)")
+    g = p.add_argument_group("restarting serve without losing its workers (--fleet local)")
+    g.add_argument("--control-port", type=cliargs.port, default=0,
+                   help="the port the workers' control channel listens on (loopback); with a fixed port and the "
+                        "worker secret ($ELASTICMOE_WORKER_SECRET or --worker-secret-file) the workers outlive a "
+                        "killed serve, keeping their memory, and the same command started again adopts them and "
+                        "serves without reading the checkpoint (0 = any free port: the workers die with serve) "
+                        "(default: %(default)s)")
+    g.add_argument("--worker-secret-file", default=None,
+                   help="file holding the worker secret (default: $ELASTICMOE_WORKER_SECRET; without "
+                        "--control-port, a fresh one is generated)")
+    g.add_argument("--orphan-timeout-s", type=cliargs.positive_seconds, default=60.0, metavar="S",
+                   help="with --control-port: workers whose serve is gone wait this long for a new one, then "
+                        "exit and free their memory (default: %(default)s)")
     _add_ray_arguments(p, ["local", "ray"], "local", "local: child processes on this machine")
     p.set_defaults(func=cmd_serve, startup_timeout_s=600.0)
 

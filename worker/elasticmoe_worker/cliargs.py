@@ -121,5 +121,9 @@ def add_worker_arguments(p: argparse.ArgumentParser) -> None:
                         "on, which its peers dial: an address of this machine that the other workers reach "
                         "(default: chosen by gloo: the interface $GLOO_SOCKET_IFNAME names, else the address "
                         "this machine's hostname resolves to, as in a pod)")
+    p.add_argument("--orphan-timeout-s", type=positive_seconds, default=None, metavar="S",
+                   help="when the coordinator goes away, keep this device's memory (its executors stop) for a "
+                        "coordinator that connects again with the same secret, at most this long, then exit and "
+                        "free it (default: wait as long as it takes)")
 
 

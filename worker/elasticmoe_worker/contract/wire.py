@@ -247,6 +247,23 @@ class HMMFailed(Msg):
     config_id: int = 0  # the transition that failed, 0 when not about one
 
 
+class HMMRejoin(Msg):
+    """HMM -> a coordinator it connected to again while holding memory (the coordinator it
+    served restarted): what it holds, so the new coordinator adopts it instead of reading the
+    checkpoint. Its executors were stopped when the old coordinator went away."""
+
+    device_index: int
+    pid: int
+    config_id: int  # the configuration whose memory it holds (its last committed or started one)
+    last_config_id: int  # the highest configuration id it has seen (executor identities, rendezvous keys)
+    rank: int  # its rank in config_id (devices ascending), -1 when it never started an executor of it
+    world_size: int  # the devices of config_id, 0 when unknown
+    expert_ids: list[int]
+    ready: HMMReady  # its memory: layout and handles, for `expert_ids`
+    config_json: str  # the model's config and tokenizer, kept in memory: the checkpoint may be gone
+    tokenizer_files: dict[str, str]
+
+
 # -- HMM -> executor (over the executor's stdin) ----------------------------------------
 class ExecutorSpec(Msg):
     device_index: int
@@ -342,7 +359,7 @@ class StoreReply(Msg):
     amount: int = 0
 
 
-ANY = HMMHello | Heartbeat | LoadPlan | HMMReady | StartExecutor | HMMFailed | ExecutorSpec | ExecutorReady | AddRequest \
+ANY = HMMHello | HMMRejoin | Heartbeat | LoadPlan | HMMReady | StartExecutor | HMMFailed | ExecutorSpec | ExecutorReady | AddRequest \
     | AbortRequest | Output | RankStats | ExecutorFailed | Shutdown | PrepareTransition | TransitionReady \
     | CommitTransition | AbortTransition | PauseForSwitch | Handover | Adopt | Adopted | StoreRequest | StoreReply
 

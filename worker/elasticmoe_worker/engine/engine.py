@@ -46,6 +46,17 @@ def load_tokenizer(model_dir: str | pathlib.Path):
     return transformers.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
 
 
+def tokenizer_from_files(files: dict[str, str]):
+    """The tokenizer from its files' contents (name -> text), for a process that has no
+    checkpoint directory to read (an executor; a coordinator that adopted its workers)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="elasticmoe-tok-") as d:
+        for name, text in files.items():
+            pathlib.Path(d, name).write_text(text)
+        return load_tokenizer(d)
+
+
 def chat_token_ids(tokenizer, messages) -> list[int]:
     """The chat template applied, with the assistant's turn opened; -> token ids."""
     ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)

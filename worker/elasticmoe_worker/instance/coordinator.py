@@ -16,6 +16,14 @@ instance goes on with the surviving devices, its requests in flight are recomput
 (`routing`), and new ones wait meanwhile. With `expert_copies=2` every expert has a copy on a
 second device, so the survivors need nothing from the checkpoint.
 
+A coordinator that is killed leaves its workers holding their memory (a local fleet's only when
+started with `orphan_timeout_s`, on a fixed control port, with a given worker secret; a pod's
+always). A new one started with the same arguments binds the same address; the workers connect
+again and send what they hold (`wire.HMMRejoin`); `start()` adopts them (`reconfig_rejoin`)
+and starts fresh executors on their memory, reading nothing from the checkpoint (which may be
+gone: the model's config and tokenizer come from the workers too). Requests that were in
+flight died with the old coordinator's HTTP connections.
+
 Not guaranteed: a device lost during a switch's pause, or a recovery that fails (no survivor,
 an expert in no copy and no readable checkpoint), leaves the instance Degraded; replacing the
 lost worker (back to the desired device count) is the operator's (or a scale's) job.
@@ -40,13 +48,17 @@ from elasticmoe_worker.contract import admin, wire
 from elasticmoe_worker.engine import engine as engine_mod
 from elasticmoe_worker.engine import kv_cache, types
 from elasticmoe_worker.instance import fleet as fleet_mod
-from elasticmoe_worker.instance import membership, rayfleet, reconfig, routing, transport
+from elasticmoe_worker.instance import membership, rayfleet, reconfig, reconfig_rejoin, routing, transport
 from elasticmoe_worker.models import config as config_mod
 from elasticmoe_worker.models import registry
 
 logger = logging.getLogger(__name__)
 
 _HISTORY_LIMIT = 10
+# A restarted local coordinator waits this long for its predecessor's workers to rejoin before it
+# starts fresh ones (they reconnect within a second: ZeroMQ retries every 100 ms).
+_REJOIN_WINDOW_S = 5.0
+_LEARNING_MODEL = "starting: the model is learned from the workers that hold it"
 
 
 class ScaleInProgress(RuntimeError):
@@ -64,7 +76,8 @@ class Instance:
                  warm_workers: int = 1, fleet: str = "local", bind_host: str | None = "127.0.0.1",
                  advertise_host: str | None = None, control_port: int = 0, worker_secret: str = "",
                  heartbeat_timeout_s: float = 15.0, cpu_per_device: float | None = None,
-                 ray_options: rayfleet.Options | None = None, expert_copies: int = 1) -> None:
+                 ray_options: rayfleet.Options | None = None, expert_copies: int = 1,
+                 orphan_timeout_s: float | None = None) -> None:
         """`fleet="local"` starts one HMM process per device here (a worker secret is generated
         when none is given), each in a cgroup with a quota of `cpu_per_device` cores if given;
         `fleet="external"` waits for workers that others start (`elasticmoe worker`, one pod
@@ -73,7 +86,11 @@ class Instance:
         control channel binds and is advertised, where not given (None), on the address Ray
         reports for this process's node. `expert_copies`: copies of each routed expert, on
         distinct devices (fewer while there are fewer devices); 2 lets a lost device's experts
-        come from a peer instead of the checkpoint."""
+        come from a peer instead of the checkpoint. `orphan_timeout_s` (local fleet, with a fixed
+        `control_port` and a given `worker_secret`): the workers outlive this coordinator that
+        long, and a new one started with the same arguments adopts them. An instance that can
+        adopt workers (that, or an external fleet) starts without `model_dir` when the workers
+        hold the model."""
         if not isinstance(expert_copies, int) or isinstance(expert_copies, bool) or not 1 <= expert_copies <= 2:
             raise ValueError(f"expert_copies: got {expert_copies!r}, expected 1 or 2")
         if fleet not in ("local", "external", "ray"):
@@ -86,25 +103,38 @@ class Instance:
         if fleet == "external" and not worker_secret:
             raise ValueError(f"worker_secret: empty; an external fleet's workers must prove they hold it "
                              f"(set {transport.SECRET_ENV})")
+        if orphan_timeout_s is not None and (fleet != "local" or not control_port or not worker_secret):
+            raise ValueError(f"orphan_timeout_s: only for a local fleet on a fixed control_port with a given "
+                             f"worker_secret (a restarted coordinator must bind the workers' address and prove the "
+                             f"same secret); got fleet {fleet!r}, control_port {control_port}, worker_secret "
+                             f"{'given' if worker_secret else 'empty'}")
+        self._orphan_timeout_s = orphan_timeout_s
+        # whether start() looks for the workers of a coordinator that died, to adopt them
+        self._adopts = fleet == "external" or orphan_timeout_s is not None
         self.model_dir = pathlib.Path(model_dir).resolve()
         self.config = config or engine_mod.EngineConfig()
         self.backend = backend
         self.collective_timeout_s = collective_timeout_s
         self.startup_timeout_s = startup_timeout_s
         self.model_name = model_name or self.model_dir.name
-        self.spec = config_mod.load_spec(self.model_dir)
-        self.max_devices = self.spec.num_experts
-        if not isinstance(num_devices, int) or not 1 <= num_devices <= self.max_devices:
-            raise ValueError(f"devices: got {num_devices!r}, expected an integer in [1, {self.max_devices}] "
-                             f"(one routed expert per device at least)")
+        if not isinstance(num_devices, int) or isinstance(num_devices, bool) or num_devices < 1:
+            raise ValueError(f"devices: got {num_devices!r}, expected an integer >= 1")
         self._initial_devices = num_devices
         self.expert_copies = expert_copies
-        self.tokenizer = engine_mod.load_tokenizer(self.model_dir)
-        self.max_model_len = engine_mod.resolve_max_model_len(self.spec, self.config)
-        # Kept in memory so devices that join later read nothing from the checkpoint directory.
-        self.config_json = (self.model_dir / "config.json").read_text()
-        self.tokenizer_files = {n: (self.model_dir / n).read_text() for n in engine_mod.TOKENIZER_FILES
-                                if (self.model_dir / n).is_file()}
+        self.spec: config_mod.ModelSpec | None = None
+        self.tokenizer = None
+        self._max_model_len: int | None = None
+        self.max_devices = num_devices
+        if self._adopts and not (self.model_dir / "config.json").is_file():
+            logger.warning("%s: no checkpoint; this coordinator can only serve a model its workers hold already",
+                           self.model_dir)
+        else:
+            config_mod.load_spec(self.model_dir)  # a missing or unsupported checkpoint fails here, named
+            # Kept in memory so devices that join later read nothing from the checkpoint directory.
+            self._set_model((self.model_dir / "config.json").read_text(),
+                            {n: (self.model_dir / n).read_text() for n in engine_mod.TOKENIZER_FILES
+                             if (self.model_dir / n).is_file()})
+            self._check_devices(num_devices)
         self.worker_secret = worker_secret or secrets.token_urlsafe(32)
         self._fleet_kind = fleet
         self._heartbeat_timeout_s = heartbeat_timeout_s
@@ -126,8 +156,31 @@ class Instance:
         # why the requests in flight wait to be recomputed (broken executors, a lost device); None: they don't
         self.suspension: str | None = None
         self._resumed: tuple[int, int] | None = None  # (requests, tokens) the last Resume recomputed
+        self._adopted_at: float | None = None  # start() of a coordinator that adopted workers, until a request ends
         self._started = False
         self._stopped = False
+
+    def _set_model(self, config_json: str, tokenizer_files: dict[str, str], load_tokenizer: bool = True) -> None:
+        """The model's facts, from the checkpoint's files or from the workers that hold it
+        (`load_tokenizer=False`: later, `tokenizer_from_files` takes seconds)."""
+        self.spec = config_mod.spec_from_json(config_json, origin=str(self.model_dir / "config.json"))
+        self.max_devices = self.spec.num_experts
+        if load_tokenizer:
+            self.tokenizer = engine_mod.tokenizer_from_files(tokenizer_files)
+        self._max_model_len = engine_mod.resolve_max_model_len(self.spec, self.config)
+        self.config_json = config_json
+        self.tokenizer_files = dict(tokenizer_files)
+
+    def _check_devices(self, num_devices: int) -> None:
+        if not num_devices <= self.max_devices:
+            raise ValueError(f"devices: got {num_devices!r}, expected an integer in [1, {self.max_devices}] "
+                             f"(one routed expert per device at least)")
+
+    @property
+    def max_model_len(self) -> int:
+        if self._max_model_len is None:
+            raise types.EngineDead(_LEARNING_MODEL)
+        return self._max_model_len
 
     # -- start-up --------------------------------------------------------------------
     def start(self) -> "Instance":
@@ -145,11 +198,22 @@ class Instance:
         started = time.monotonic()
         deadline = started + self.startup_timeout_s
         self.members = membership.Membership(self._make_fleet(), self._warm_workers, self.max_devices)
+        rejoins, hellos = self._discover(deadline)
+        if rejoins:
+            self._adopt(rejoins, hellos, started, deadline)
+            return
+        if self.spec is None:
+            raise FileNotFoundError(f"model directory {self.model_dir}: no config.json, and no worker holding a "
+                                    f"model rejoined on {self.transport.address}")
         n = self._initial_devices
+        if isinstance(self.members.fleet, fleet_mod.LocalFleet):
+            for d, hello in hellos.items():  # workers of a coordinator that died before they held anything
+                self.members.fleet.adopt(d, hello.pid)
         self.members.add(range(n))
         warm: set[int] = set()
         stats: dict[int, wire.RankStats] = {}
-        self._recv_until(wire.HMMHello, n, deadline, warm, stats)
+        self._recv_until(wire.HMMHello, n, deadline, warm, stats, got={d: h for d, h in hellos.items() if d < n})
+        warm |= {d for d in hellos if d >= n}
         copies = max(1, min(self.expert_copies, n))
         placement = planner.initial_placement(self.spec.num_experts, list(range(n)), copies)
         owner = reconfig.owner_list(placement, tuple(range(n)))
@@ -172,13 +236,112 @@ class Instance:
                     self.spec.num_experts, copies, time.monotonic() - started)
         self.prewarm()
 
+    def _discover(self, deadline: float) -> tuple[dict[int, wire.HMMRejoin], dict[int, wire.HMMHello]]:
+        """Start-up: the workers of a coordinator that died, as they connect -> (those holding
+        memory, by device; those holding nothing). Returns once the ones holding memory make a
+        whole configuration, or when none came: after a short window (local fleet) or once the
+        first N workers have said hello holding nothing (external fleet). Raises when some came
+        but never a whole configuration."""
+        if not self._adopts:
+            return {}, {}
+        local = self._fleet_kind == "local"
+        window_end = time.monotonic() + _REJOIN_WINDOW_S if local else deadline
+        rejoins: dict[int, wire.HMMRejoin] = {}
+        hellos: dict[int, wire.HMMHello] = {}
+        while True:
+            if rejoins and reconfig_rejoin.missing(rejoins) is None:
+                return rejoins, hellos
+            if not rejoins and not local and all(d in hellos for d in range(self._initial_devices)):
+                return rejoins, hellos
+            if time.monotonic() > window_end:
+                if rejoins:
+                    raise RuntimeError(f"coordinator restart: {reconfig_rejoin.missing(rejoins)} on "
+                                       f"{self.transport.address}; not adopting an incomplete configuration")
+                if not local:
+                    raise TimeoutError(f"start-up: {len(hellos)}/{self._initial_devices} workers registered "
+                                       f"before the deadline")
+                return rejoins, hellos
+            received = self.transport.receive(200)
+            if received is None:
+                continue
+            _, msg = received
+            if isinstance(msg, (wire.HMMHello, wire.HMMRejoin, wire.Heartbeat)):
+                self.members.seen(msg.device_index)
+            if isinstance(msg, wire.HMMRejoin):
+                if not rejoins:
+                    logger.info("coordinator restart: device %d rejoined holding configuration %d; waiting for the "
+                                "others", msg.device_index, msg.config_id)
+                    window_end = max(window_end, time.monotonic() + _REJOIN_WINDOW_S) if local else window_end
+                rejoins[msg.device_index] = msg
+                hellos.pop(msg.device_index, None)
+            elif isinstance(msg, wire.HMMHello) and msg.device_index not in rejoins:
+                hellos[msg.device_index] = msg
+
+    def _adopt(self, rejoins: dict[int, wire.HMMRejoin], hellos: dict[int, wire.HMMHello], started: float,
+               deadline: float) -> None:
+        """Serve on the memory of the workers a coordinator that died left behind: learn the
+        configuration from what they hold, start fresh executors on it (new configuration id:
+        the old executors' identities and rendezvous keys are never reused)."""
+        started_at = _now_rfc3339()
+        discovered = time.monotonic()
+        first = rejoins[min(rejoins)]
+        from_checkpoint = self.config_json if self.spec is not None else None
+        if self.spec is None:
+            self._set_model(first.config_json, first.tokenizer_files, load_tokenizer=False)
+        try:
+            adoption = reconfig_rejoin.adopt(rejoins, num_experts=self.spec.num_experts,
+                                             expert_copies=self.expert_copies, model_config_json=from_checkpoint)
+        except reconfig_rejoin.Refused as exc:
+            raise RuntimeError(f"coordinator restart: cannot adopt the workers that rejoined: {exc}") from None
+        devices, n = adoption.devices, len(adoption.devices)
+        self.members.max_devices = self.max_devices
+        if isinstance(self.members.fleet, fleet_mod.LocalFleet):
+            for d, msg in [*rejoins.items(), *hellos.items()]:
+                self.members.fleet.adopt(d, msg.pid)
+        else:
+            for d in [*rejoins, *hellos]:
+                self.members.fleet.add(d)
+        for d in [*rejoins, *hellos]:
+            self.members.seen(d)
+        warm = set(hellos) - set(devices)
+        facts = self._facts(adoption.hmm_ready[devices[0]])
+        config_id = adoption.next_config_id
+        owner = reconfig.owner_list(adoption.placement, devices)
+        for rank, d in enumerate(devices):
+            self.transport.send(reconfig.hmm_dest(d), reconfig.start_message(facts, config_id, rank, n, owner))
+        if self.tokenizer is None:  # while the executors start
+            self.tokenizer = engine_mod.tokenizer_from_files(self.tokenizer_files)
+        stats: dict[int, wire.RankStats] = {}
+        self.executors = self._recv_until(wire.ExecutorReady, n, deadline, warm, stats, config_id=config_id)
+        self.state = reconfig.initial(facts, config_id, n, adoption.placement, adoption.hmm_ready, frozenset(warm),
+                                      device_ids=devices)
+        self.router = routing.Router(self.transport.send, self._on_held, config_id, n, self.config.max_waiting)
+        for s in stats.values():
+            self.router.on_stats(s)
+        self.transport.start()
+        now = time.monotonic()
+        reason = (f"coordinator restart: adopted the memory of device(s) {list(devices)} (configuration "
+                  f"{adoption.config_id}); nothing read from the checkpoint")
+        record = admin.ScaleRecord(
+            from_devices=n, to_devices=n, reason=reason, scale_id=f"restart-{config_id}", started_at=started_at,
+            outcome=admin.Outcome.SUCCEEDED, duration_ms=round((now - started) * 1000),
+            phases_ms={reconfig.WORKERS: round((discovered - started) * 1000),
+                       reconfig.STANDBY: round((now - started) * 1000) - round((discovered - started) * 1000)})
+        self._adopted_at = started
+        logger.warning("%s; serving as configuration %d %.2f s after start-up began (%.2f s for the workers to "
+                       "rejoin, %.2f s to start executors on their memory)", reason, config_id, now - started, discovered - started,
+                       now - discovered)
+        with self._lock:
+            self._finished(record)
+
     def _make_fleet(self) -> fleet_mod.Fleet:
         """Bind the control channel and make the fleet whose workers dial it."""
         env = {transport.SECRET_ENV: self.worker_secret}
         if self._fleet_kind == "local":
             return fleet_mod.LocalFleet(self.transport.bind(), self.backend, env=env,
                                         cpu_per_device=self._cpu_per_device,
-                                        heartbeat_timeout_s=self._heartbeat_timeout_s)
+                                        heartbeat_timeout_s=self._heartbeat_timeout_s,
+                                        orphan_timeout_s=self._orphan_timeout_s)
         if self._fleet_kind == "external":
             self.transport.bind()
             return fleet_mod.ExternalFleet(self._heartbeat_timeout_s)
@@ -206,9 +369,12 @@ class Instance:
             expert_copies=self.expert_copies, model_dir=str(self.model_dir))
 
     def _recv_until(self, want: type, count: int, deadline: float, warm: set[int],
-                    stats: dict[int, wire.RankStats]) -> dict[int, wire.Msg]:
-        """Start-up only (before the I/O thread owns the channel): wait for `count` messages."""
-        got: dict[int, wire.Msg] = {}
+                    stats: dict[int, wire.RankStats], config_id: int = 1,
+                    got: dict[int, wire.Msg] | None = None) -> dict[int, wire.Msg]:
+        """Start-up only (before the I/O thread owns the channel): wait for `count` messages
+        (`got`: those that came already). Messages about other configurations than `config_id`
+        (a dead coordinator's, queued in its workers' sockets) are ignored."""
+        got = dict(got or {})
         while len(got) < count:
             dead = self.members.new_deaths()
             if dead:
@@ -222,6 +388,10 @@ class Instance:
             _, msg = received
             if isinstance(msg, (wire.HMMHello, wire.Heartbeat)):
                 self.members.seen(msg.device_index)
+            if isinstance(msg, (wire.HMMFailed, wire.ExecutorFailed, wire.ExecutorReady, wire.RankStats)) \
+                    and msg.config_id not in (0, config_id):
+                logger.debug("start-up: ignored %s of configuration %d", type(msg).__name__, msg.config_id)
+                continue
             if isinstance(msg, (wire.HMMFailed, wire.ExecutorFailed)):
                 raise RuntimeError(f"start-up failed: {msg.error}")
             if isinstance(msg, want):
@@ -295,9 +465,13 @@ class Instance:
 
     # -- EngineClient ------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise types.EngineDead(_LEARNING_MODEL)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def apply_chat_template(self, messages_: Sequence[dict]) -> list[int]:
+        if self.tokenizer is None:
+            raise types.EngineDead(_LEARNING_MODEL)
         return engine_mod.chat_token_ids(self.tokenizer, messages_)
 
     def stats(self) -> types.EngineStats:
@@ -388,6 +562,8 @@ class Instance:
             logger.warning("recovered on %d surviving device(s) in %.2f s (%s): %d request(s) recomputed, %d tokens; "
                            "phases, ms: %s", record.to_devices, record.duration_ms / 1000, record.reason,
                            record.requests_handed_over, record.tokens_recomputed, record.phases_ms)
+        elif record.scale_id.startswith("restart-"):
+            pass  # logged by _adopt
         elif record.outcome == admin.Outcome.SUCCEEDED:
             logger.info("scaled %d -> %d devices in %.2f s (phases, ms: %s)", record.from_devices, record.to_devices,
                         record.duration_ms / 1000, record.phases_ms)
@@ -405,6 +581,10 @@ class Instance:
         router = self.router
         if isinstance(msg, wire.Output):
             router.on_output(msg)
+            if self._adopted_at is not None and msg.finish_reason is not None and msg.request_id in router.flights:
+                logger.warning("coordinator restart: first request completed %.2f s after start-up began",
+                               now - self._adopted_at)
+                self._adopted_at = None
         elif isinstance(msg, wire.RankStats):
             router.on_stats(msg)
         elif isinstance(msg, wire.Heartbeat):
@@ -412,6 +592,8 @@ class Instance:
         elif isinstance(msg, wire.HMMHello):
             self.members.registered(msg.device_index)
             self._step(reconfig.WorkerRegistered(msg.device_index, now))
+        elif isinstance(msg, wire.HMMRejoin):
+            self._on_rejoin(msg, now)
         elif isinstance(msg, wire.TransitionReady):
             self._step(reconfig.TransferReady(msg, now))
         elif isinstance(msg, wire.ExecutorReady):
@@ -429,6 +611,22 @@ class Instance:
                          msg.num_requests)
         else:
             logger.warning("control channel: unexpected %s from %s; ignored", type(msg).__name__, identity)
+
+    def _on_rejoin(self, msg: wire.HMMRejoin, now: float) -> None:
+        """A worker of this running instance whose connection dropped and came back: it stopped
+        its executors meanwhile, so its configuration is broken (handled as a failed executor:
+        fresh executors on the same memory once it is one of the serving devices)."""
+        self.members.seen(msg.device_index)
+        state = self.state
+        if state is not None and msg.device_index in state.devices:
+            rank = state.devices.index(msg.device_index)
+            logger.warning("device %d reconnected to this coordinator; its executor was stopped meanwhile",
+                           msg.device_index)
+            self._step(reconfig.ExecutorFailed(rank, state.config_id, f"device {msg.device_index}'s control "
+                                               f"connection dropped and its HMM stopped its executor", now))
+        else:
+            logger.warning("device %d rejoined holding configuration %d, which this coordinator does not serve; "
+                           "ignored", msg.device_index, msg.config_id)
 
     def _on_tick(self) -> None:
         now = time.monotonic()

@@ -16,9 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import pathlib
 import sys
-import tempfile
 import time
 
 import msgspec
@@ -38,15 +36,6 @@ logger = logging.getLogger("elasticmoe.executor")
 
 _STATS_INTERVAL_S = 0.05
 _IDLE_POLL_MS = 2
-
-
-def _tokenizer(files: dict[str, str]):
-    import transformers
-
-    with tempfile.TemporaryDirectory(prefix="elasticmoe-tok-") as d:
-        for name, text in files.items():
-            pathlib.Path(d, name).write_text(text)
-        return transformers.AutoTokenizer.from_pretrained(d, local_files_only=True)
 
 
 def _weight_tensors(obj, seen: set[int]):
@@ -126,8 +115,8 @@ class Executor:
                 block.experts_fn = ep.ExpertParallel(self.group, self.world_size, owner, local_map,
                                                      block.w13, block.w2, self.torch_device)
 
-        self.engine = engine_mod.LLMEngine(model, _tokenizer(spec.tokenizer_files), cfg, spec.model_name,
-                                           pool=self.device.pool)
+        tokenizer = engine_mod.tokenizer_from_files(spec.tokenizer_files)
+        self.engine = engine_mod.LLMEngine(model, tokenizer, cfg, spec.model_name, pool=self.device.pool)
         if self.group is not None:
             self.engine.runner.execute_empty()  # warm-up: the first collectives of the new group
         self.ctx = zmq.Context()

@@ -6,7 +6,9 @@ coordinator's business. Every fleet has the interface of `Fleet`. Three kinds:
 - `LocalFleet` (`elasticmoe serve --devices N`): one HMM child process per device on this
   machine. Workers start in their own session so a Ctrl-C in the terminal reaches the
   coordinator alone, which then stops them in order; a parent-death signal takes them down
-  if the coordinator is killed outright. With `heartbeat_timeout_s`, a worker that is still a
+  if the coordinator is killed outright, unless they have an orphan timeout: then they keep
+  their memory for that long, and a coordinator restarted on the same control address adopts
+  them (`adopt`: watched by pid, as they are not its children). With `heartbeat_timeout_s`, a worker that is still a
   process but has fallen silent that long (stopped, hung) is killed and declared dead too. With
   `cpu_per_device`, each worker goes into its own
   cgroup with that CPU quota right after it starts (its executors, started later by it,
@@ -32,7 +34,7 @@ import threading
 import time
 from typing import Protocol
 
-from elasticmoe_worker.instance import cgroup
+from elasticmoe_worker.instance import cgroup, procutil
 
 logger = logging.getLogger(__name__)
 
@@ -75,10 +77,12 @@ class LocalFleet:
 
     def __init__(self, coordinator_address: str, backend: str = "cpu", env: dict[str, str] | None = None,
                  cpu_per_device: float | None = None, worker_host: str = "127.0.0.1",
-                 heartbeat_timeout_s: float | None = None) -> None:
+                 heartbeat_timeout_s: float | None = None, orphan_timeout_s: float | None = None) -> None:
         """`worker_host`: the address every worker's collectives listen on (all run here, so
-        loopback by default)."""
+        loopback by default). `orphan_timeout_s`: workers outlive this coordinator that long
+        (None: they die with it)."""
         self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.orphan_timeout_s = orphan_timeout_s
         self._last_seen: dict[int, float] = {}  # from its first message on: a worker still starting is not silent
         self._silenced: dict[int, float] = {}  # device -> how long it was silent when we killed it
         # First: an unusable quota fails before any thread or process is started.
@@ -94,7 +98,7 @@ class LocalFleet:
             # in every collective (measured: 10x slower decode steps on 2 devices).
             self.env.setdefault("OMP_NUM_THREADS", str(max(1, math.ceil(cpu_per_device))))
             self.env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        self.workers: dict[int, subprocess.Popen] = {}
+        self.workers: dict[int, subprocess.Popen | procutil.AdoptedProcess] = {}
         # NOTE: Linux sends the parent-death signal when the *thread* that forked a child
         # exits, not the process. Workers are forked by this one long-lived thread, so a
         # worker started from a short-lived thread (a scale) is not killed when it ends.
@@ -115,6 +119,8 @@ class LocalFleet:
             return  # idempotent
         cmd = [sys.executable, "-m", "elasticmoe_worker.instance.hmm", "--device-index", str(device_index),
                "--coordinator", self.coordinator_address, "--backend", self.backend, "--host", self.worker_host]
+        if self.orphan_timeout_s is not None:
+            cmd += ["--orphan-timeout-s", str(self.orphan_timeout_s)]
         done: list = []
         self._requests.put((cmd, done))
         while not done:
@@ -134,6 +140,14 @@ class LocalFleet:
         else:
             logger.info("device %d: HMM started (pid %d)", device_index, self.workers[device_index].pid)
 
+    def adopt(self, device_index: int, pid: int) -> None:
+        """Take over the worker a killed coordinator left running (it rejoined on our address)."""
+        if device_index in self.workers and self.workers[device_index].poll() is None:
+            return
+        self.workers[device_index] = procutil.AdoptedProcess(pid)
+        self._last_seen[device_index] = time.monotonic()
+        logger.info("device %d: adopted the HMM a previous coordinator started (pid %d)", device_index, pid)
+
     def dead(self) -> dict[int, int]:
         """Device index -> exit code, for workers that exited (or were killed for their silence)."""
         if self.heartbeat_timeout_s is not None:
@@ -150,6 +164,8 @@ class LocalFleet:
     def death_reason(self, device_index: int, code: int) -> str:
         if device_index in self._silenced:
             return f"no heartbeat for {self._silenced[device_index]:.1f} s (stopped or hung); killed"
+        if isinstance(self.workers.get(device_index), procutil.AdoptedProcess):
+            return "exited (a worker adopted from a previous coordinator: its exit status is not known here)"
         return exit_reason(code)
 
     def remove(self, device_index: int, timeout_s: float = 10.0, wait: bool = True) -> None:

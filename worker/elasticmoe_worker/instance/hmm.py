@@ -6,7 +6,13 @@ executor can be killed and restarted, or replaced by one for another configurati
 without the HMM reading the checkpoint again.
 
 Talks to the coordinator over one ZeroMQ DEALER socket (typed messages, see `messages`).
-Exits when the coordinator says so or dies (parent-death signal).
+Exits when the coordinator says so. When the coordinator goes away (its connection drops), the
+HMM stops its executors (their requests' clients were the coordinator's) and keeps its memory:
+a coordinator that connects again (a restart on the same address with the same secret) gets an
+`HMMRejoin` saying what it holds, and adopts it without the checkpoint. With an orphan timeout,
+an HMM that no coordinator reaches for that long exits and frees its memory; a local fleet that
+cannot be restarted (no fixed control address) has its HMMs die with the coordinator instead
+(parent-death signal).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import time
 
 import msgspec
 import zmq
+import zmq.utils.monitor
 
 from elasticmoe_worker import backends, cliargs
 from elasticmoe_worker.engine import engine as engine_mod
@@ -37,15 +44,24 @@ HEARTBEAT_INTERVAL_S = 1.0
 
 
 class HMM:
-    def __init__(self, device_index: int, coordinator: str, backend_name: str, host: str = "") -> None:
+    def __init__(self, device_index: int, coordinator: str, backend_name: str, host: str = "",
+                 orphan_timeout_s: float | None = None) -> None:
         self.device_index = device_index
+        self.orphan_timeout_s = orphan_timeout_s  # None: wait for a coordinator as long as it takes
         self.coordinator = coordinator
         self.host = host  # where this device's collectives listen (see rendezvous.gloo_group)
         self.backend_name = backend_name
         self.backend = backends.get_backend(backend_name)
         self.secret = os.environ.get(transport.SECRET_ENV, "")
         self.ctx = zmq.Context()
-        self.sock = transport.connect(self.ctx, coordinator, f"hmm-{device_index}", self.secret)
+        self.sock = transport.connect(self.ctx, coordinator, f"hmm-{device_index}", self.secret,
+                                      heartbeat_s=HEARTBEAT_INTERVAL_S)
+        # How the HMM learns that its coordinator went away (the connection dropped, or its
+        # ZeroMQ heartbeats went unanswered) and that one is back (a handshake succeeded).
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        # NOTE: counted from the start too: a worker whose coordinator died before it connected
+        # (a warm one started just then) must not wait forever.
+        self.orphaned_since: float | None = time.monotonic() if orphan_timeout_s is not None else None
         self.send_lock = threading.Lock()
         self.expert_ids: list[int] = []
         self.pending_expert_ids: list[int] | None = None
@@ -58,6 +74,11 @@ class HMM:
         self.spare: subprocess.Popen | None = None
         self.transition: threading.Thread | None = None
         self.cancels: dict[int, transition.Cancel] = {}  # config id -> its transition's cancel switch
+        # for HMMRejoin: the configuration whose memory this device holds, each started
+        # configuration's (rank, world size), and the highest id seen
+        self.held_config_id = 0
+        self.config_ranks: dict[int, tuple[int, int]] = {}
+        self.last_config_id = 0
         self.stop = False
 
     def send(self, msg: wire.Msg) -> None:
@@ -95,6 +116,10 @@ class HMM:
         proc.stdin.close()
         self.spare = self._spawn_executor_process()  # the next standby is warm before it is needed
         self.executors[start.config_id] = (proc, start.rank)
+        self.config_ranks[start.config_id] = (start.rank, start.world_size)
+        self.last_config_id = max(self.last_config_id, start.config_id)
+        if self.pending_expert_ids is None:  # an executor of the memory held now (not a scale's standby)
+            self.held_config_id = start.config_id
         logger.info("device %d: executor rank %d of %d started (pid %d, configuration %d)", self.device_index,
                     start.rank, start.world_size, proc.pid, start.config_id)
 
@@ -134,6 +159,7 @@ class HMM:
             self.memory = transition.allocate_new_device(self.backend, self.device_index, msg)
 
         cancel = self.cancels[msg.config_id] = transition.Cancel()
+        self.last_config_id = max(self.last_config_id, msg.config_id)
 
         def work() -> None:
             try:
@@ -163,6 +189,7 @@ class HMM:
             self.expert_ids = self.pending_expert_ids
             self.pending_expert_ids = None
         freed = self.memory.drop_experts_except(self.expert_ids) if self.memory else 0
+        self.held_config_id = msg.config_id
         self.stop_executors(keep=msg.config_id)
         logger.info("device %d: configuration %d committed; %.1f MB of experts released", self.device_index,
                     msg.config_id, freed / 1e6)
@@ -182,17 +209,55 @@ class HMM:
         logger.warning("device %d: transition %d aborted (%s); %.1f MB released", self.device_index,
                        msg.config_id, msg.reason, freed / 1e6)
 
+    def _on_connection_event(self) -> None:
+        event = zmq.utils.monitor.recv_monitor_message(self.monitor)
+        if event["event"] == zmq.EVENT_DISCONNECTED and self.orphaned_since is None:
+            self.orphaned_since = time.monotonic()
+            logger.warning("device %d: the coordinator went away; stopping %d executor(s) (their requests came "
+                           "from it), keeping this device's memory and waiting %s for a coordinator", self.device_index,
+                           len(self.executors), "indefinitely" if self.orphan_timeout_s is None
+                           else f"up to {self.orphan_timeout_s:g} s")
+            for config_id in list(self.cancels):  # a scale that was under way will not be finished by anyone
+                self.abort(wire.AbortTransition(config_id=config_id, reason="the coordinator went away"))
+            self.stop_executors()
+        elif event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED and self.orphaned_since is not None:
+            away_s = time.monotonic() - self.orphaned_since
+            self.orphaned_since = None
+            if self.memory is not None:
+                logger.info("device %d: a coordinator is back after %.1f s; rejoining with configuration %d's memory",
+                            self.device_index, away_s, self.held_config_id)
+                self.send(self.rejoin())
+
+    def rejoin(self) -> wire.HMMRejoin:
+        rank, world_size = self.config_ranks.get(self.held_config_id, (-1, 0))
+        return wire.HMMRejoin(
+            device_index=self.device_index, pid=os.getpid(), config_id=self.held_config_id,
+            last_config_id=self.last_config_id, rank=rank, world_size=world_size, expert_ids=list(self.expert_ids),
+            ready=self.memory.ready_for(self.expert_ids), config_json=self.config_json,
+            tokenizer_files=dict(self.tokenizer_files))
+
     def run(self) -> None:
         threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True).start()
         self.spare = self._spawn_executor_process()
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.monitor, zmq.POLLIN)
         next_hello = 0.0
         while not self.stop:
+            if (self.orphaned_since is not None and self.orphan_timeout_s is not None
+                    and time.monotonic() - self.orphaned_since > self.orphan_timeout_s):
+                logger.warning("device %d: no coordinator for %.0f s (--orphan-timeout-s); exiting, freeing this "
+                               "device's memory", self.device_index, self.orphan_timeout_s)
+                break
             # Until told what to hold, say hello every second: a coordinator that starts (or
             # restarts) after us still learns of us.
             if self.memory is None and self.pending_expert_ids is None and time.monotonic() >= next_hello:
                 next_hello = time.monotonic() + HEARTBEAT_INTERVAL_S
                 self.send(wire.HMMHello(device_index=self.device_index, pid=os.getpid()))
-            if self.sock.poll(200):
+            events = dict(poller.poll(200))
+            if self.monitor in events:
+                self._on_connection_event()
+            if self.sock in events:
                 try:
                     msg = wire.decode(self.sock.recv())
                 except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -242,6 +307,8 @@ class HMM:
             self.spare.wait()
         if self.memory is not None:
             self.memory.close()
+        self.sock.disable_monitor()
+        self.monitor.close(linger=0)
         self.sock.close()
         self.ctx.term()
 
@@ -251,14 +318,15 @@ def main(argv: list[str] | None = None) -> int:
                                 description="The HBM manager of one device (started by a fleet, not by hand).")
     cliargs.add_worker_arguments(p)
     args = p.parse_args(argv)
-    return run_worker(args, die_with_parent=True)
+    # NOTE: with an orphan timeout the coordinator can be restarted and adopt us: we must outlive it.
+    return run_worker(args, die_with_parent=args.orphan_timeout_s is None)
 
 
 def run_worker(args: argparse.Namespace, die_with_parent: bool = False) -> int:
     """Run the HMM of one device until the coordinator stops it or a signal arrives. The
     worker proves it holds $ELASTICMOE_WORKER_SECRET (the control channel's CURVE keys derive
-    from it). A local fleet's workers die with the coordinator that forked them; a pod's
-    worker lives on its own."""
+    from it). A local fleet's workers die with the coordinator that forked them unless they
+    have an orphan timeout (the coordinator can be restarted); a pod's worker lives on its own."""
     if args.device_index < 0:
         raise ValueError(f"--device-index: got {args.device_index}, expected an integer >= 0")
     if not os.environ.get(transport.SECRET_ENV, ""):
@@ -270,7 +338,7 @@ def run_worker(args: argparse.Namespace, die_with_parent: bool = False) -> int:
     if die_with_parent:
         procutil.die_with_parent()
     procutil.raise_fd_limit()
-    hmm = HMM(args.device_index, args.coordinator, args.backend, args.host)
+    hmm = HMM(args.device_index, args.coordinator, args.backend, args.host, args.orphan_timeout_s)
     signal.signal(signal.SIGTERM, lambda *_: setattr(hmm, "stop", True))
     signal.signal(signal.SIGINT, lambda *_: setattr(hmm, "stop", True))  # the coordinator stops us
     try:

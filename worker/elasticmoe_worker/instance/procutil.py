@@ -5,8 +5,10 @@ from __future__ import annotations
 import ctypes
 import os
 import resource
+import select
 import signal
 import socket
+import subprocess
 import sys
 
 _PR_SET_PDEATHSIG = 1
@@ -44,3 +46,42 @@ def private_bytes(pid: int | str = "self") -> int:
             if line.startswith(("Private_Clean:", "Private_Dirty:")):
                 total += int(line.split()[1]) * 1024
     return total
+
+
+class AdoptedProcess:
+    """A process this one did not start (a worker a killed coordinator left behind), watched and
+    signalled through a pidfd so a reused pid is never mistaken for it. The part of
+    `subprocess.Popen` a fleet uses; the exit code of a process that is not our child is not
+    known: `returncode` is -1 once it is gone."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._fd = os.pidfd_open(pid)  # ProcessLookupError when it is gone already
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        return self.returncode if self.returncode is not None else self._wait(0)
+
+    def _wait(self, timeout_s: float) -> int | None:
+        if self.returncode is None and select.select([self._fd], [], [], timeout_s)[0]:
+            self.returncode = -1
+            os.close(self._fd)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self._wait(10**9 if timeout is None else max(0.0, timeout)) is None:
+            raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            try:
+                signal.pidfd_send_signal(self._fd, sig)
+            except ProcessLookupError:
+                pass
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)

@@ -118,8 +118,13 @@ class State:
 
 
 def initial(facts: Facts, config_id: int, num_devices: int, placement: planner.Placement,
-            hmm_ready: Mapping[int, wire.HMMReady], warm: frozenset[int] = frozenset()) -> State:
-    return State(facts=facts, config_id=config_id, device_ids=tuple(range(num_devices)), placement=placement,
+            hmm_ready: Mapping[int, wire.HMMReady], warm: frozenset[int] = frozenset(),
+            device_ids: tuple[int, ...] | None = None) -> State:
+    """`device_ids`: default 0..num_devices-1; others when a restarted coordinator adopts a
+    configuration that lost a device earlier."""
+    devices = tuple(range(num_devices)) if device_ids is None else tuple(device_ids)
+    assert len(devices) == num_devices and list(devices) == sorted(set(devices)), devices
+    return State(facts=facts, config_id=config_id, device_ids=devices, placement=placement,
                  hmm_ready=dict(hmm_ready), last_config_id=config_id, warm=frozenset(warm))
 
 

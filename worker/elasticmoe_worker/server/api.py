@@ -12,7 +12,9 @@ Lifecycle of one generation request:
 2. the engine is asked to generate and the *first* update is awaited before any response
    is sent, because that is when the engine reports `EngineOverloaded` (429) or `EngineDead`
    (503), or refuses the request (a `types.refusal` update: 400 naming the field, or 429),
-   streaming or not, in-process engine or executors alike; `max_waiting_s` bounds this wait;
+   streaming or not, in-process engine or executors alike; `max_waiting_s` bounds this wait
+   (an engine still starting, e.g. a coordinator adopting its workers, is `EngineDead` from
+   step 1 on: 503 + Retry-After);
 3. updates are returned whole (non-streaming) or as SSE chunks ending with `data: [DONE]`.
 A client that disconnects at any point stops the iteration: the engine's generator is
 cancelled and closed, and `engine.abort` is called, so its KV blocks are freed at once.
@@ -99,6 +101,11 @@ def _overloaded_error(reason: str, retry_after_s: int) -> ApiError:
                     reject_reason=metrics_mod.REJECT_OVERLOADED)
 
 
+def _engine_dead_error(exc: types.EngineDead) -> ApiError:
+    return ApiError(503, f"the engine is not running: {exc}", type="server_error", code="engine_dead",
+                    headers={"Retry-After": str(_ENGINE_DEAD_RETRY_AFTER_S)}, reject_reason=metrics_mod.REJECT_ENGINE_DEAD)
+
+
 def _refusal_error(out: types.RequestOutput) -> ApiError | None:
     """The 4xx for a `types.refusal` update; None for any other update."""
     if out.finish_reason is not types.FinishReason.ERROR or out.error is None:
@@ -163,10 +170,7 @@ class _Generation:
             raise _overloaded_error(str(exc), exc.retry_after_s) from exc
         except types.EngineDead as exc:
             await self.close(counted=False)
-            raise ApiError(
-                503, f"the engine is not running: {exc}", type="server_error", code="engine_dead",
-                headers={"Retry-After": str(_ENGINE_DEAD_RETRY_AFTER_S)}, reject_reason=metrics_mod.REJECT_ENGINE_DEAD,
-            ) from exc
+            raise _engine_dead_error(exc) from exc
         except TimeoutError:
             await self.close(counted=False)
             raise ApiError(
@@ -578,6 +582,12 @@ def build_app(
         message = f"{request.method} {request.url.path}: {exc.detail}"
         return _error_response(ApiError(exc.status_code, message, code=str(exc.detail).lower().replace(" ", "_"),
                                         headers=getattr(exc, "headers", None), reject_reason=None))
+
+    @app.exception_handler(types.EngineDead)
+    async def _on_engine_dead(request: fastapi.Request, exc: types.EngineDead) -> fastapi.Response:
+        # from the engine's model facts too (tokenizer, max_model_len): a coordinator still
+        # learning the model from its workers after a restart
+        return await _on_api_error(request, _engine_dead_error(exc))
 
     @app.exception_handler(Exception)
     async def _on_unexpected(request: fastapi.Request, exc: Exception) -> fastapi.Response:

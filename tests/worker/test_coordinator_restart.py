@@ -1,0 +1,188 @@
+"""A coordinator restart (issue 11, point 3): `elasticmoe serve --devices 2 --control-port P` with a
+worker secret is SIGKILLed; its workers keep their memory; the checkpoint is moved away; the same
+command started again adopts the workers as they rejoin and serves the same greedy outputs, having
+read nothing (it could not: the checkpoint is gone). A request in flight at the kill sees its
+connection drop. Without a coordinator, workers exit after their orphan timeout, leaving no
+process behind.
+
+Each run prints the time to serve again (the new process started -> its first completion).
+Timings are reported, never asserted.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+
+import httpx
+import pytest
+
+import testprocs
+
+TOKEN = "restart-test"
+SECRET = "restart-test-worker-secret"
+HMM_STARTED = re.compile(r"device (\d+): HMM started \(pid (\d+)\)")
+PROMPTS = [[5, 17, 300, 42], [900, 3, 3, 8, 1200, 77, 5], [11]]
+
+
+def _serve(model_dir, tmp_path, control_port: int, http_port: int, log_name: str, orphan_timeout_s: float = 60):
+    log = tmp_path / log_name
+    env = {**os.environ, "ELASTICMOE_ADMIN_TOKEN": TOKEN, "ELASTICMOE_CACHE_DIR": str(tmp_path / "cache"),
+           "ELASTICMOE_WORKER_SECRET": SECRET}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            testprocs.elasticmoe("serve", "--model", str(model_dir), "--devices", "2", "--port", str(http_port),
+                                 "--control-port", str(control_port), "--orphan-timeout-s", str(orphan_timeout_s),
+                                 "--dtype", "float32", "--kv-cache-mb", "8", "--max-num-batched-tokens", "64"),
+            env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=testprocs.die_with_test)
+    return proc, log
+
+
+def _complete(base: str, prompt: list[int]) -> httpx.Response:
+    return httpx.post(f"{base}/v1/completions", timeout=60, json={
+        "model": "model", "prompt": prompt, "max_tokens": 12, "temperature": 0.0, "ignore_eos": True})
+
+
+def _status(base: str) -> dict:
+    return httpx.get(f"{base}/admin/status", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10).json()
+
+
+def _session_members(sids: set[int]) -> dict[int, int]:
+    """pid -> session id of every process in these sessions (an HMM leads its own session, with
+    its executors in it)."""
+    found = {}
+    for entry in pathlib.Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[3]) in sids:  # state, ppid, pgrp, session
+            found[int(entry.name)] = int(fields[3])
+    return found
+
+
+def _wait_gone(sids: set[int], timeout_s: float) -> dict[int, int]:
+    deadline = time.monotonic() + timeout_s
+    while (left := _session_members(sids)) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    return left
+
+
+def _kill_sessions(sids: set[int]) -> None:
+    for pid in _session_members(sids):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _shm_of(pids: set[int]) -> list[str]:
+    return [p.name for p in pathlib.Path("/dev/shm").glob("elasticmoe-*") if int(p.name.split("-")[1]) in pids]
+
+
+def test_a_restarted_serve_adopts_its_workers_and_serves_without_the_checkpoint(tiny_models, tmp_path):
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_models["qwen3_moe"], model_dir)
+    control_port, http_port = testprocs.free_port(), testprocs.free_port()
+    base = f"http://127.0.0.1:{http_port}"
+    proc, log = _serve(model_dir, tmp_path, control_port, http_port, "first.log")
+    hmms: set[int] = set()
+    second = None
+    try:
+        testprocs.until("serve --devices 2", lambda: testprocs.healthy(base), 180, proc, log)
+        hmms = {int(p) for _, p in HMM_STARTED.findall(log.read_text())}
+        before = [_complete(base, p).json()["choices"][0]["text"] for p in PROMPTS]
+
+        # a request in flight when the coordinator dies: its client sees the connection drop
+        in_flight: list[str] = []
+
+        def stream() -> None:
+            try:
+                with httpx.stream("POST", f"{base}/v1/completions", timeout=60, json={
+                        "model": "model", "prompt": PROMPTS[0], "max_tokens": 2000, "temperature": 0.0,
+                        "ignore_eos": True, "stream": True}) as r:
+                    for _ in r.iter_lines():
+                        in_flight.append("line")
+                in_flight.append("completed")
+            except httpx.TransportError as exc:
+                in_flight.append(f"{type(exc).__name__}")
+
+        client = threading.Thread(target=stream)
+        client.start()
+        testprocs.until("the request to stream", lambda: len(in_flight) >= 3, 60, proc, log)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        client.join(timeout=30)
+        assert in_flight[-1] in ("RemoteProtocolError", "ReadError"), in_flight[-3:]
+        assert _session_members(hmms).keys() >= hmms, "the workers died with their coordinator"
+        model_dir.rename(tmp_path / "moved-away")  # the restarted one cannot read the checkpoint
+
+        started = time.monotonic()
+        second, log2 = _serve(model_dir, tmp_path, control_port, http_port, "second.log")
+        refusals: set[tuple[int, str | None]] = set()
+
+        def first_completion():
+            try:
+                r = _complete(base, PROMPTS[0])
+            except httpx.TransportError:
+                return None  # not listening yet
+            if r.status_code != 200:
+                refusals.add((r.status_code, r.headers.get("Retry-After")))
+                return None
+            return r
+
+        testprocs.until("the restarted serve's first completion", first_completion, 180, second, log2)
+        to_serve_s = time.monotonic() - started
+        after = [_complete(base, p).json()["choices"][0]["text"] for p in PROMPTS]
+        status = _status(base)
+        text = log2.read_text()
+        print(f"\ncoordinator SIGKILLed, restarted with the checkpoint moved away: first completion {to_serve_s:.2f} s "
+              f"after the new process started; adoption record {status['lastScale']['durationMs']} ms "
+              f"(phases, ms: {status['lastScale']['phasesMs']}); answers while it recovered: {sorted(refusals)}")
+        assert after == before
+        assert all(code == 503 and retry for code, retry in refusals), refusals
+        record = status["lastScale"]
+        assert record["scaleId"].startswith("restart-") and record["outcome"] == "Succeeded", record
+        assert (status["phase"], status["devices"]["active"]) == ("Serving", 2), status
+        assert "HMM started" not in text.split("serving as configuration")[0], "fresh workers were started"
+        assert "first request completed" in text
+        assert set(map(int, re.findall(r"adopted the HMM a previous coordinator started \(pid (\d+)\)", text))) \
+            <= hmms and len(hmms) >= 2
+    finally:
+        for p in (proc, second):
+            if p is not None:
+                testprocs.interrupt(p)
+        if (tmp_path / "moved-away").exists():
+            (tmp_path / "moved-away").rename(model_dir)
+        left = _wait_gone(hmms, 30)
+        _kill_sessions(hmms)
+    assert left == {}, f"processes of the workers' sessions left after shutdown: {left}"
+    assert _shm_of(hmms) == []
+
+
+def test_workers_without_a_coordinator_exit_after_their_orphan_timeout(tiny_models, tmp_path):
+    control_port, http_port = testprocs.free_port(), testprocs.free_port()
+    base = f"http://127.0.0.1:{http_port}"
+    proc, log = _serve(tiny_models["qwen3_moe"], tmp_path, control_port, http_port, "serve.log", orphan_timeout_s=3)
+    hmms: set[int] = set()
+    try:
+        testprocs.until("serve --devices 2", lambda: testprocs.healthy(base), 180, proc, log)
+        hmms = {int(p) for _, p in HMM_STARTED.findall(log.read_text())}
+        assert len(hmms) >= 2 and _session_members(hmms).keys() >= hmms
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        left = _wait_gone(hmms, 60)
+    finally:
+        testprocs.interrupt(proc)
+        _kill_sessions(hmms)
+    assert left == {}, f"still running 60 s after the coordinator died (orphan timeout 3 s): {left}"
+    assert len(re.findall(r"no coordinator for 3 s \(--orphan-timeout-s\); exiting", log.read_text())) == len(hmms)
+    assert _shm_of(hmms) == []
