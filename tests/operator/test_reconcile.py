@@ -280,7 +280,7 @@ def _ids(active_ids, registered=None, **kw) -> admin.AdminStatus:
 def _recovery(frm: int, to: int, outcome=admin.Outcome.SUCCEEDED, device=1) -> admin.ScaleRecord:
     return admin.ScaleRecord(from_devices=frm, to_devices=to, scale_id="recovery-7", outcome=outcome,
                              reason=f"recovery: worker process(es) died: device {device} (heartbeats stopped for 5 s)",
-                             started_at="2026-11-24T11:59:55Z", tokens_recomputed=40)
+                             duration_ms=6590 if outcome == admin.Outcome.SUCCEEDED else 0, tokens_recomputed=40)
 
 
 @pytest.mark.parametrize("active, n", [([0, 1, 2], 4), ([0, 2], 3), ([1, 2], 3), ([1, 2], 4), ([0, 3, 5], 5),
@@ -322,7 +322,7 @@ def test_the_coordinators_recovery_is_followed_and_recorded_then_the_lost_device
     obs.conditions = _conditions(Available=("True", "Serving"), Degraded=("True", "Recovering"))
     d = reconcile.decide(obs)
     assert d.finished.scale_id == "recovery-7" and d.finished.outcome == "Succeeded"
-    assert d.finished.tokens_recomputed == 40 and d.scaling is None
+    assert d.finished.tokens_recomputed == 40 and d.scaling is None and d.finished.duration_ms == 6590
     assert ("Warning", "RecoveredOnSurvivors") in [e[:2] for e in d.events]
     assert d.conditions["Degraded"][:2] == ("True", "ReplacingLostDevices") and d.phase == "Degraded"
 
