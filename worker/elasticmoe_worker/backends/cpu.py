@@ -113,6 +113,8 @@ class CpuRegion(base.Region):
         self._mm: mmap.mmap | None = mmap.mmap(
             fd, alloc_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
         )
+        # where this process maps the region (its tensors start here: no copy)
+        self.address = ctypes.addressof(ctypes.c_char.from_buffer(self._mm))
 
     @property
     def fd(self) -> int:
