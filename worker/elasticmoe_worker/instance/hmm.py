@@ -1,7 +1,9 @@
 """The HBM manager (HMM): the long-lived process of one device.
 
 It owns the device's memory (weights, expert pages, KV pool), loads it once, hands
-zero-copy handles to the executors it starts as child processes, and outlives them: an
+zero-copy handles to the executors it starts as child processes (the fds behind CPU and CUDA
+handles reach them over this process's Unix socket, `backends.fdpass`, which serves its own
+children only: no ptrace access, no capability), and outlives them: an
 executor can be killed and restarted, or replaced by one for another configuration,
 without the HMM reading the checkpoint again.
 
