@@ -128,8 +128,8 @@ def test_serve_stopped_by_sigterm_stops_its_workers_and_removes_their_groups(tin
             assert proc.poll() is None, proc.stdout.read()
             assert time.monotonic() < deadline, "serve did not come up in 180 s"
             time.sleep(0.5)
-        parent = base / f"elasticmoe-{proc.pid}"
-        assert parent.is_dir() and list(parent.glob("device-*"))
+        (parent,) = base.glob(f"elasticmoe-{proc.pid}-*")
+        assert list(parent.glob("device-*"))
         proc.terminate()  # SIGTERM, as Kubernetes and `kill` send
         out, _ = proc.communicate(timeout=120)
     finally:
@@ -145,7 +145,7 @@ def test_groups_of_a_coordinator_that_was_killed_are_removed_by_the_next(monkeyp
     _, base = _controller_or_skip()
     gone = subprocess.Popen(["true"])
     gone.wait()
-    stale = base / f"elasticmoe-{gone.pid}"
+    stale = base / f"elasticmoe-{gone.pid}-1"
     (stale / "device-0-1").mkdir(parents=True)
     quotas = cgroup.CpuQuotas(0.5)
     try:
@@ -154,6 +154,23 @@ def test_groups_of_a_coordinator_that_was_killed_are_removed_by_the_next(monkeyp
     finally:
         quotas.close()
     assert not quotas.parent.exists()
+
+
+def test_two_instances_in_one_process_get_their_own_groups():
+    _controller_or_skip()
+    first, second = cgroup.CpuQuotas(0.3), cgroup.CpuQuotas(0.3)
+    procs = [subprocess.Popen(["sleep", "30"]) for _ in range(2)]
+    try:
+        assert first.parent != second.parent
+        groups = [first.place(0, procs[0].pid), second.place(0, procs[1].pid)]  # the same device id and count
+        assert groups[0] != groups[1]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        first.close()
+        second.close()
+    assert not first.parent.exists() and not second.parent.exists()
 
 
 _REPORT_CPUS = ("import sys; sys.stdin.readline(); from elasticmoe_worker.instance import cgroup; "

@@ -10,7 +10,8 @@ as a whole (HMM + executors) gets 0.45 cores per period, as a pod with `limits.c
 Both cgroup versions: v1 (a `cpu` hierarchy: `cpu.cfs_quota_us` / `cpu.cfs_period_us`,
 processes into `cgroup.procs`) and v2 (`cpu.max`, after enabling the `cpu` controller for our
 own group's children). Groups live under the cgroup this process runs in, in a parent named
-after this process (`elasticmoe-<pid>`), and are removed when their worker has stopped and at
+after this process and instance (`elasticmoe-<pid>-<n>`: a process may run several instances,
+as `bench scaling` does), and are removed when their worker has stopped and at
 `close()`; empty groups left by a coordinator that was killed are removed by the next one.
 
 Not guaranteed: a quota caps CPU time, it does not reserve it: on a busy machine a device may
@@ -146,6 +147,8 @@ class CpuQuotas:
     """Per-device groups with a quota of `cores` each; `place(device, pid)` after a spawn,
     `release(device)` once its processes have exited."""
 
+    _instances = 0  # in this process: each gets its own parent group
+
     def __init__(self, cores: float, option: str = "--cpu-per-device") -> None:
         if not cores > 0:
             raise ValueError(f"{option}: got {cores!r}, expected a positive number of cores (e.g. 0.45)")
@@ -157,7 +160,8 @@ class CpuQuotas:
         self.cores = cores
         self.quota_us = max(MIN_QUOTA_US, round(cores * PERIOD_US))
         _remove_stale(base)
-        self.parent = base / f"elasticmoe-{os.getpid()}"
+        CpuQuotas._instances += 1
+        self.parent = base / f"elasticmoe-{os.getpid()}-{CpuQuotas._instances}"
         self._groups: dict[int, pathlib.Path] = {}
         self._count = 0
         try:
@@ -239,7 +243,7 @@ def _remove_stale(base: pathlib.Path) -> None:
     their workers died with them (parent-death signal), their groups did not."""
     for parent in base.glob("elasticmoe-*"):
         try:
-            os.kill(int(parent.name.split("-", 1)[1]), 0)
+            os.kill(int(parent.name.split("-")[1]), 0)
             continue  # its coordinator lives
         except ValueError:
             continue  # not one of ours
