@@ -28,17 +28,26 @@ class Cluster:
         token_file.write_text(TOKEN + "\n")
         self.tmp = tmp_path
         self.workers: dict[int, subprocess.Popen] = {}
-        self.coordinator = subprocess.Popen(
-            testprocs.elasticmoe("coordinator", "--model", str(model), "--devices", str(devices), "--host", "127.0.0.1",
-                        "--port", str(self.http_port), "--control-port", str(self.control_port),
-                        "--advertise-host", "127.0.0.1",
-                        "--admin-token-file", str(token_file), "--heartbeat-timeout-s", str(heartbeat_timeout_s),
-                        "--kv-cache-mb", "8", "--served-model-name", "m"),
-            env={**os.environ, "ELASTICMOE_WORKER_SECRET": SECRET},
-            stdout=open(tmp_path / "coordinator.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=testprocs.die_with_test)
+        self._coordinator_cmd = testprocs.elasticmoe(
+            "coordinator", "--model", str(model), "--devices", str(devices), "--host", "127.0.0.1",
+            "--port", str(self.http_port), "--control-port", str(self.control_port), "--advertise-host", "127.0.0.1",
+            "--admin-token-file", str(token_file), "--heartbeat-timeout-s", str(heartbeat_timeout_s),
+            "--kv-cache-mb", "8", "--served-model-name", "m")
+        self.coordinator = self._start_coordinator("wb")
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.client = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+
+    def _start_coordinator(self, mode: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            self._coordinator_cmd, env={**os.environ, "ELASTICMOE_WORKER_SECRET": SECRET},
+            stdout=open(self.tmp / "coordinator.log", mode), stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=testprocs.die_with_test)
+
+    def restart_coordinator(self) -> None:
+        """SIGKILL the coordinator (a pod that dies) and start it again with the same command."""
+        self.coordinator.kill()
+        self.coordinator.wait()
+        self.coordinator = self._start_coordinator("ab")
 
     def start_worker(self, index: int, secret: str = SECRET) -> subprocess.Popen:
         proc = subprocess.Popen(
@@ -154,3 +163,27 @@ def test_a_silent_worker_is_declared_dead_and_the_instance_goes_on_without_it(ti
         assert c.complete()  # the survivor serves (device 1's experts read from the checkpoint)
     finally:
         os.killpg(c.workers[1].pid, signal.SIGKILL)
+
+
+@pytest.mark.slow  # the same adoption as test_coordinator_restart's (default suite), here with pods' workers
+def test_a_restarted_coordinator_adopts_its_worker_pods_without_the_checkpoint(tiny_models, cluster_factory, tmp_path):
+    """The coordinator's pod dies (SIGKILL) and restarts with the same command and Secret while
+    the checkpoint is gone: the workers, which kept their memory, rejoin and are adopted; the
+    instance serves the same output on the same worker processes."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_models["qwen3_moe"], model)
+    c = cluster_factory(model, 2)
+    for i in range(2):
+        c.start_worker(i)
+    c.wait(lambda s: s["phase"] == "Serving", 180, "the instance to serve")
+    before = c.complete()
+    model.rename(tmp_path / "moved-away")
+    c.restart_coordinator()
+    status = c.wait(lambda s: s["phase"] == "Serving", 120, "the restarted coordinator to serve")
+    assert c.complete() == before
+    record = status["lastScale"]
+    assert record["scaleId"].startswith("restart-") and record["outcome"] == "Succeeded", record
+    assert status["devices"]["active"] == 2 and all(w.poll() is None for w in c.workers.values())
+    print(f"\ncoordinator pod restarted: adopted its 2 workers in {record['durationMs']} ms ({record['phasesMs']})")

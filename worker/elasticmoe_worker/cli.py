@@ -41,8 +41,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.error("--control-port needs the worker secret from $ELASTICMOE_WORKER_SECRET or --worker-secret-file: "
                   "a restarted serve must prove the same secret to the workers it adopts")
         return 2
+    # these adopt the workers a killed coordinator left (which hold the model: the checkpoint may be gone)
+    adopts = restartable or (args.command == "coordinator" and args.fleet == "external")
     model_dir = pathlib.Path(args.model) if args.model else cliargs.default_model_dir()
-    if not model_dir.is_dir() and not (restartable and not args.autoscale):
+    if not model_dir.is_dir() and not (adopts and not args.autoscale):
         log.error("--model %s: not a directory (expected a Hugging Face checkpoint directory)", model_dir)
         return 2
     if args.autoscale:
@@ -87,7 +89,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                       control_port=args.control_port,
                                       worker_secret=_worker_secret(args) if restartable else "",
                                       orphan_timeout_s=args.orphan_timeout_s if restartable else None)
-        if not restartable:
+        if not adopts:
             engine.start()
     elif args.fleet == "ray":
         from elasticmoe_worker.instance import coordinator, rayfleet, transport
@@ -124,7 +126,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             collective_timeout_s=args.collective_timeout_s, startup_timeout_s=args.startup_timeout_s,
             warm_workers=0, fleet="external", bind_host=args.host, advertise_host=advertise,
             control_port=args.control_port, worker_secret=secret,
-            heartbeat_timeout_s=args.heartbeat_timeout_s, expert_copies=args.expert_copies).start()
+            heartbeat_timeout_s=args.heartbeat_timeout_s, expert_copies=args.expert_copies)
+        # started below, once the HTTP API listens
     autoscaler = None
     # NOTE: uvicorn re-raises the signal that stopped it once its graceful shutdown is done; with
     # SIGTERM's default action (what Kubernetes and `kill` send) the process would end right there,
@@ -138,14 +141,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                               interval_s=interval_s, window_s=window_s).start()
         admin.add_routes(app, engine, token, autoscaler=autoscaler)
         server = api.make_server(app, args.host, args.port, log_level=args.log_level)
-        if restartable:
-            # NOTE: listening before the instance serves: while it starts (or adopts the workers of a
-            # serve that was killed), requests are answered 503 with Retry-After instead of refused.
+        if adopts:
+            # NOTE: listening before the instance serves: while it starts (waits for its workers, or
+            # adopts those of a coordinator that was killed), requests get 503 + Retry-After, not refused.
             threading.Thread(target=_start_in_background, args=(engine, server, failed := []), name="instance-start",
                              daemon=True).start()
         log.info("serving %s as %r", model_dir, engine.model_name)
         server.run()
-        if restartable and failed:
+        if adopts and failed:
             return 1
     except KeyboardInterrupt:
         pass  # uvicorn re-raises Ctrl-C (and SIGTERM) after its graceful shutdown: that is a clean stop
