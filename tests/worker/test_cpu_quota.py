@@ -198,3 +198,17 @@ def test_available_cpus_follow_the_quota_and_the_affinity_mask():
     assert threads == "1", out
     if limit == "None":  # (a quota above this test, e.g. a CI container's, would be named instead)
         assert why == "1 CPU in this process' affinity mask"
+
+
+def test_an_executor_sets_torch_threads_from_the_cpus_it_can_use():
+    code = ("import logging, torch; logging.basicConfig(level=logging.INFO); "
+            "from elasticmoe_worker.instance import executor; "
+            "print(executor.set_compute_threads(), torch.get_num_threads())")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    out = subprocess.run(["taskset", "-c", "0", os.sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["1", "1"] and "torch threads: 1 (1 CPU in this process' affinity mask)" in out.stderr
+    if len(os.sched_getaffinity(0)) > 1:
+        out = subprocess.run([os.sys.executable, "-c", code], env={**env, "OMP_NUM_THREADS": "1"},
+                             capture_output=True, text=True, timeout=120, check=True)
+        assert out.stdout.split() == ["1", "1"], "the user's OMP_NUM_THREADS wins over the CPUs available"

@@ -28,7 +28,7 @@ from elasticmoe_worker import backends
 from elasticmoe_worker.engine import engine as engine_mod
 from elasticmoe_worker.engine import types
 from elasticmoe_worker.contract import wire
-from elasticmoe_worker.instance import ep, memory, procutil, rendezvous, transport
+from elasticmoe_worker.instance import cgroup, ep, memory, procutil, rendezvous, transport
 from elasticmoe_worker.models import config as config_mod
 from elasticmoe_worker.models import registry
 
@@ -227,10 +227,24 @@ class Executor:
         self.ctx.term()
 
 
+def set_compute_threads() -> int:
+    """torch's intra-op threads from the cores this process can actually use: its affinity mask
+    capped by its CPU quota (a pod's `limits.cpu`, `serve --cpu-per-device`), where torch's
+    default counts every core of the machine; OMP_NUM_THREADS, when set, wins."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        n, why = torch.get_num_threads(), "OMP_NUM_THREADS"
+    else:
+        n, why = cgroup.available_cpus()
+        torch.set_num_threads(n)
+    logger.info("torch threads: %d (%s)", n, why)
+    return n
+
+
 def main() -> int:
     logging.basicConfig(level=os.environ.get("ELASTICMOE_LOG_LEVEL", "INFO").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     procutil.die_with_parent()
+    set_compute_threads()
     import transformers  # noqa: F401  (warm: a spare executor pays its imports before it is needed)
 
     spec = wire.decode(sys.stdin.buffer.read())
