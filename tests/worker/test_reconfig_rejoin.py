@@ -51,6 +51,9 @@ def test_a_configuration_with_devices_still_missing_is_waited_for_and_then_refus
     del rejoins[1]
     assert reconfig_rejoin.missing(rejoins) == "configuration 3 ran on 3 device(s); only device(s) [0, 2] rejoined"
     assert reconfig_rejoin.missing({}) == "no worker holding memory has rejoined"
+    loading = {d: msgspec.structs.replace(r, config_id=0, last_config_id=0, rank=-1, world_size=0)
+               for d, r in whole([0, 1]).items()}
+    assert reconfig_rejoin.missing(loading).startswith("device(s) [0, 1] hold memory no configuration ever served")
     with pytest.raises(reconfig_rejoin.Refused, match=r"only device\(s\) \[0, 2\] rejoined"):
         reconfig_rejoin.adopt(rejoins, num_experts=8, expert_copies=1)
 

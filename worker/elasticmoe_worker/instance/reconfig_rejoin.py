@@ -48,6 +48,9 @@ def missing(rejoins: Mapping[int, wire.HMMRejoin]) -> str | None:
     for d, r in rejoins.items():
         by_config.setdefault(r.config_id, []).append(d)
     newest = max(by_config)
+    if newest == 0:
+        return (f"device(s) {sorted(by_config[0])} hold memory no configuration ever served from (their "
+                f"coordinator died while they loaded it); they exit after their orphan timeout")
     sizes = {rejoins[d].world_size for d in by_config[newest]}
     have = len(by_config[newest])
     want = max(sizes)

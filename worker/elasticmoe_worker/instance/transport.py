@@ -63,15 +63,16 @@ def keys_from_secret(secret: str) -> Keys:
 def connect(ctx: zmq.Context, address: str, identity: str, secret: str, linger_ms: int = 1000,
             heartbeat_s: float | None = None) -> zmq.Socket:
     """A DEALER to the coordinator, as an admitted client (CURVE with the secret's keys). With
-    `heartbeat_s`, ZeroMQ pings the coordinator that often and drops the connection after three
-    unanswered intervals, so a coordinator that vanished without closing it counts as gone."""
+    `heartbeat_s`, ZeroMQ pings the coordinator that often and drops the connection after ten
+    unanswered intervals (libzmq answers, not Python: a busy coordinator still does), so a
+    coordinator that vanished without closing the connection counts as gone."""
     keys = keys_from_secret(secret)
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.IDENTITY, identity.encode())
     sock.setsockopt(zmq.LINGER, linger_ms)
     if heartbeat_s is not None:
         sock.setsockopt(zmq.HEARTBEAT_IVL, int(heartbeat_s * 1000))
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(3 * heartbeat_s * 1000))
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(10 * heartbeat_s * 1000))
     sock.curve_serverkey = keys.server_public
     sock.curve_publickey = keys.client_public
     sock.curve_secretkey = keys.client_secret
