@@ -91,6 +91,25 @@ def test_grouped_experts_equal_one_matmul_per_expert(dtype, monkeypatch):
         "only experts held elsewhere: their rows stay 0"
 
 
+def test_expert_shapes_grouped_mm_cannot_lay_out_take_the_loop():
+    """torch._grouped_mm needs every operand row a multiple of 16 bytes; an intermediate width
+    of 6 float32 (24 bytes) used to fail inside it instead of falling back."""
+    from elasticmoe_worker.models import layers
+
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(5, 8, generator=gen)
+    w13, w2 = torch.randn(3, 12, 8, generator=gen), torch.randn(3, 8, 6, generator=gen)
+    ids, weights_ = torch.tensor([[0, 1], [1, 2], [2, 0], [0, 2], [1, 0]]), torch.rand(5, 2, generator=gen)
+    assert not layers.grouped_mm_fits(w13, w2) and layers.grouped_mm_fits(torch.empty(3, 16, 8), torch.empty(3, 8, 8))
+    expected = torch.zeros(5, 8)
+    for t in range(5):
+        for j in sorted(range(2), key=lambda j: int(ids[t, j])):
+            e = int(ids[t, j])
+            gate, up = (w13[e] @ x[t]).chunk(2)
+            expected[t] += weights_[t, j] * (w2[e] @ (torch.nn.functional.silu(gate) * up))
+    torch.testing.assert_close(layers.expert_mlp(x, w13, w2, ids, weights_), expected)
+
+
 def test_decode_attention_in_length_groups_equals_attention_per_sequence():
     """Decoding sequences of very different context lengths are attended in groups of similar
     length, keys and values gathered a block at a time; each gets what attention over its own

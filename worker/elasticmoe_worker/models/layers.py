@@ -213,7 +213,7 @@ def expert_mlp(
     counts = torch.bincount(flat + 1, minlength=w13.shape[0] + 1)
     elsewhere = int(counts[0])  # rows of experts held elsewhere come first and stay 0
     xs = x[order[elsewhere:] // k]
-    if grouped_mm_supported(x.device, x.dtype):
+    if grouped_mm_supported(x.device, x.dtype) and grouped_mm_fits(w13, w2):
         offsets = torch.cumsum(counts[1:], 0).to(torch.int32)
         gate, up = torch._grouped_mm(xs, w13.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
         held = torch._grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offsets)
@@ -245,6 +245,14 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
         except (AttributeError, RuntimeError, NotImplementedError):
             _GROUPED_MM[key] = False
     return _GROUPED_MM[key]
+
+
+def grouped_mm_fits(w13: torch.Tensor, w2: torch.Tensor) -> bool:
+    """Whether these expert shapes meet `torch._grouped_mm`'s layout rule: every row of every
+    operand a multiple of 16 bytes (hidden and intermediate widths; e.g. an intermediate size
+    of 6 float32 fails with "strides should be multiple of 16 bytes")."""
+    itemsize = w13.element_size()
+    return all(width * itemsize % 16 == 0 for width in (w2.shape[1], w2.shape[2]))
 
 
 def combine_copies(ys: torch.Tensor, weights: torch.Tensor, num_tokens: int, k: int) -> torch.Tensor:
