@@ -382,7 +382,8 @@ def test_a_registered_device_without_its_pod_gets_no_new_pod_while_the_coordinat
 
 def test_a_scale_up_by_the_user_after_serving_is_not_degraded():
     ok = admin.ScaleRecord(from_devices=1, to_devices=2, scale_id="x", outcome=admin.Outcome.SUCCEEDED)
-    d = reconcile.decide(_obs(_spec(initial=2, replicas=3), _running(0, 1), _ids([0, 1], history=[_recovery(2, 1), ok])))
+    coord = _ids([0, 1], history=[_recovery(2, 1), ok])
+    d = reconcile.decide(_obs(_spec(initial=2, replicas=3), _running(0, 1), coord))
     assert d.phase == "Scaling" and d.conditions["Degraded"][0] == "False"
     assert d.scaling.reason == "spec.devices desired 3, active 2"
 
