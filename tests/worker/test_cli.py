@@ -52,6 +52,20 @@ def test_bad_arguments_are_named(argv, message):
     assert out.returncode == 2 and message in out.stderr
 
 
+def test_serve_on_one_device_of_a_backend_that_cannot_run_here_says_why(tiny_models):
+    from elasticmoe_worker import backends
+
+    reason = backends.unavailable_reason("cuda")
+    if reason is None:
+        pytest.skip("CUDA runs here: serve --backend cuda would serve")
+    out = subprocess.run(testprocs.elasticmoe("serve", "--model", str(tiny_models["qwen3_moe"]), "--backend", "cuda",
+                                              "--port", str(testprocs.free_port())),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "--backend cuda: device backend 'cuda' is not usable here" in out.stderr, \
+        "it used to serve on the CPU whatever --backend said"
+    assert reason in out.stderr
+
+
 def test_make_model_writes_a_loadable_checkpoint(tmp_path):
     out = subprocess.run(testprocs.elasticmoe("make-model", "--family", "mixtral", "--preset", "tiny", "--out",
                                      str(tmp_path / "m"), "--no-progress"),

@@ -27,6 +27,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 def cmd_serve(args: argparse.Namespace) -> int:
     autoscale.check_arguments(args)  # before the slow imports: a wrong option fails at once
+    from elasticmoe_worker import backends
     from elasticmoe_worker.engine import async_engine
     from elasticmoe_worker.server import api
 
@@ -78,7 +79,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if getattr(args, "cpu_per_device", None) is not None:
             log.error("--cpu-per-device needs --devices N (a CPU quota for each device of a multi-device instance)")
             return 2
-        engine = async_engine.AsyncEngine.from_model_dir(model_dir, cliargs.engine_config_from_args(args), model_name=name)
+        try:  # one process, one device: the backend's first (cuda:0, npu:0) or the CPU
+            device = backends.get_backend(args.backend).torch_device()
+        except RuntimeError as exc:
+            log.error("--backend %s: %s", args.backend, exc)
+            return 2
+        log.info("serving from this process on %s", device)
+        engine = async_engine.AsyncEngine.from_model_dir(model_dir, cliargs.engine_config_from_args(args),
+                                                         model_name=name, device=device)
     elif args.fleet == "local":
         from elasticmoe_worker.instance import coordinator
 

@@ -22,6 +22,8 @@ import time
 import traceback
 from typing import AsyncIterator, Sequence
 
+import torch
+
 from elasticmoe_worker.engine import engine as engine_mod
 from elasticmoe_worker.engine import types
 
@@ -55,8 +57,9 @@ class AsyncEngine:
 
     @classmethod
     def from_model_dir(cls, model_dir: str | pathlib.Path, config: engine_mod.EngineConfig | None = None,
-                       model_name: str | None = None) -> "AsyncEngine":
-        return cls(engine_mod.LLMEngine.from_model_dir(model_dir, config, model_name))
+                       model_name: str | None = None, device: torch.device | None = None) -> "AsyncEngine":
+        return cls(engine_mod.LLMEngine.from_model_dir(model_dir, config, model_name,
+                                                       device if device is not None else torch.device("cpu")))
 
     # -- EngineClient ----------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
