@@ -33,7 +33,7 @@ device's heartbeats alive and hide its loss. A Failed or Succeeded worker pod is
 A coordinator that stops answering, or answers Starting, after the instance has served
 (`_served`) is a restart: its worker pods are left alone (a restarted coordinator adopts their
 memory), and the instance is Degraded (`CoordinatorUnavailable`, `CoordinatorRestarting`) until
-it serves again.
+it serves again. With no worker pod left running, it gets new ones as at its first start.
 
 Not guaranteed: a lost device whose pod keeps running (cut off, or stopped) is only replaced
 after the coordinator has dropped it (its heartbeat timeout); a worker pod lost while the
@@ -217,7 +217,9 @@ def decide(obs: Observed) -> Decision:
     if coord is None or coord.phase == admin.Phase.STARTING:
         n = obs.scaling.from_devices if obs.scaling else obs.start_devices
         registered = set(coord.devices.registered) if coord is not None else set()
-        restart = _served(obs)
+        # A restart keeps its workers; with none left running (all deleted, or exited) the new
+        # coordinator has nothing to adopt and starts afresh: then its workers are made as at first.
+        restart = _served(obs) and bool(live)
         _ended_pods(d, obs, set(live) if restart else set())
         d.scaling = obs.scaling
         d.devices.ready = len(registered & live)
@@ -235,6 +237,13 @@ def decide(obs: Observed) -> Decision:
                 why = (COORDINATOR_RESTARTING, f"the coordinator restarted: {len(registered)} worker(s) have "
                                                f"registered with it so far, of {len(live)} worker pod(s)"
                                                + (f" ({coord.error})" if coord.error else ""))
+            _conditions(d, obs, available=("False", *why), degraded=("True", *why),
+                        progressing=("True", why[0], "waiting for the coordinator to serve again"))
+        elif _served(obs):
+            d.create_pods = [i for i in range(n) if i not in obs.pods]
+            d.phase = api.Phase.DEGRADED.value
+            why = (COORDINATOR_RESTARTING, f"the coordinator restarts and no worker pod is left to rejoin it: "
+                                           f"{n} new worker(s) for it to start afresh")
             _conditions(d, obs, available=("False", *why), degraded=("True", *why),
                         progressing=("True", why[0], "waiting for the coordinator to serve again"))
         else:

@@ -408,3 +408,13 @@ def test_a_restarting_coordinator_keeps_its_workers_and_degrades_the_instance(co
     d = reconcile.decide(back)
     assert d.delete_pods == [] and d.scaling.to_devices == 3 and d.create_pods == [0]
     assert d.conditions["Degraded"][0] == "False" and ("Normal", "Recovered") in [e[:2] for e in d.events]
+
+
+def test_a_restarting_coordinator_with_no_worker_left_gets_new_ones_as_at_first():
+    obs = _obs(_spec(initial=2), {0: "Succeeded"}, None, start=2, error="connection refused")
+    obs.conditions = _conditions(Available=("False", "CoordinatorUnavailable"),
+                                 Degraded=("True", "CoordinatorUnavailable"))
+    d = reconcile.decide(obs)
+    assert d.delete_pods == [0] and d.create_pods == [1]  # 0 again once its ended pod is gone
+    assert d.phase == "Degraded" and d.conditions["Degraded"][:2] == ("True", "CoordinatorRestarting")
+    assert "no worker pod is left" in d.conditions["Degraded"][2]
