@@ -34,6 +34,9 @@ A coordinator that stops answering, or answers Starting, after the instance has 
 (`_served`) is a restart: its worker pods are left alone (a restarted coordinator adopts their
 memory), and the instance is Degraded (`CoordinatorUnavailable`, `CoordinatorRestarting`) until
 it serves again. With no worker pod left running, it gets new ones as at its first start.
+Not handled: a worker pod lost while others wait for the restarted coordinator (it refuses an
+incomplete configuration; starting afresh would throw away the others' memory, so the operator
+leaves that to a person, and stays Degraded).
 
 Not guaranteed: a lost device whose pod keeps running (cut off, or stopped) is only replaced
 after the coordinator has dropped it (its heartbeat timeout); a worker pod lost while the
@@ -240,7 +243,9 @@ def decide(obs: Observed) -> Decision:
             _conditions(d, obs, available=("False", *why), degraded=("True", *why),
                         progressing=("True", why[0], "waiting for the coordinator to serve again"))
         elif _served(obs):
-            d.create_pods = [i for i in range(n) if i not in obs.pods]
+            # all at once, once no pod is left (not even an ended one being deleted): a first pod alone
+            # would make this a restart again, and the rest would never come
+            d.create_pods = [] if obs.pods else list(range(n))
             d.phase = api.Phase.DEGRADED.value
             why = (COORDINATOR_RESTARTING, f"the coordinator restarts and no worker pod is left to rejoin it: "
                                            f"{n} new worker(s) for it to start afresh")

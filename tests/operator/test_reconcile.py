@@ -415,6 +415,8 @@ def test_a_restarting_coordinator_with_no_worker_left_gets_new_ones_as_at_first(
     obs.conditions = _conditions(Available=("False", "CoordinatorUnavailable"),
                                  Degraded=("True", "CoordinatorUnavailable"))
     d = reconcile.decide(obs)
-    assert d.delete_pods == [0] and d.create_pods == [1]  # 0 again once its ended pod is gone
+    assert d.delete_pods == [0] and d.create_pods == []  # all at once, when the ended one is gone
     assert d.phase == "Degraded" and d.conditions["Degraded"][:2] == ("True", "CoordinatorRestarting")
     assert "no worker pod is left" in d.conditions["Degraded"][2]
+    obs.pods = {}
+    assert reconcile.decide(obs).create_pods == [0, 1]
