@@ -1,5 +1,6 @@
-"""`elasticmoe bench scaling --quick` end to end (slow: four instances started and scaled;
-run with `bash scripts/test.sh -m slow`)."""
+"""`elasticmoe bench scaling`: the summary's arithmetic (medians, ratios of medians, the floor,
+the targets) on made-up runs, and `--quick` end to end (slow: four instances started and
+scaled; run with `bash scripts/test.sh -m slow`)."""
 
 from __future__ import annotations
 
@@ -9,21 +10,63 @@ import sys
 
 import pytest
 
+from elasticmoe_worker.bench import scaling_bench
+
+
+def _run(strategy, a, b, t, failed=0, during=40, per_s=4.0, peak=1.05, repeat=0, **extra):
+    return {"strategy": strategy, "from": a, "to": b, "repeat": repeat, "warm_workers": 1 if strategy == "elastic"
+            else 0, "time_to_new_capacity_s": t, "failed": failed, "requests": 100, "completed_during": during,
+            "completed_per_s": {"before": 4.0, "during": per_s, "after": 4.0},
+            "memory": {"peak_over_steady": peak, "peak_bytes": 2e9}, "phases": {"transfer": t / 2}, **extra}
+
+
+def test_scales_are_parsed_or_refused_by_name():
+    assert scaling_bench.parse_scales("1:2, 4:2") == [(1, 2), (4, 2)]
+    for bad in ("1", "2:2", "0:1", "a:b", ""):
+        with pytest.raises(ValueError, match="--scales"):
+            scaling_bench.parse_scales(bad)
+
+
+def test_summary_takes_the_ratio_of_medians_and_judges_every_target():
+    runs = []
+    for r, (el, cold) in enumerate([(2.0, 30.0), (4.0, 20.0), (3.0, 60.0)]):
+        runs.append(_run("elastic", 1, 2, el, repeat=r))
+        runs.append(_run("cold", 1, 2, cold, failed=5, during=0, per_s=0.0, peak=1.0, repeat=r))
+    floors = [{"from": 1, "to": 2, "floor_s": f, "bytes": 1e9, "idle_bytes_per_s": 1e9, "decode_step_s": 0.1,
+               "transfer_bytes_per_s": 5e8} for f in (1.0, 1.5, 2.0)]
+    steps = [{"added": 1, "seconds": s} for s in (2.0, 2.0, 3.0)] + [{"added": 4, "seconds": s} for s in (4.0, 5.0)]
+    s = scaling_bench.summarise_repeats(runs, floors, steps)
+    sc = s["scales"]["1:2"]
+    assert sc["strategies"]["elastic"]["time_to_new_capacity_s"] == {"median": 3.0, "spread": [2.0, 4.0]}
+    assert sc["cold_over_elastic"] == 10.0, "median 30 / median 3, not the median of 15, 5, 20"
+    assert sc["elastic_over_floor"] == 2.0 and sc["transfer_over_idle"] == 0.5
+    assert s["steps_4_over_1"] == 2.25
+    verdicts = {t["target"]: t["met"] for t in scaling_bench.targets(s)}
+    assert verdicts["1:2: elastic ÷ physical floor ≤ 3×"] is True
+    assert verdicts["1:2: cold restart ÷ elastic ≥ 10×"] is True
+    assert verdicts["1:2: elastic failed requests = 0"] is True
+    assert verdicts["1:2: throughput during ≥ 2× cold restart"] is True  # the cold restart completes none
+    assert verdicts["1:2: transfer rate ≥ 0.8× idle transport"] is False
+    assert verdicts["1:2: peak ≤ 1.10× steady memory, staying devices"] is True
+    assert verdicts["+4 devices ≤ 1.5× (+1)"] is False
+
 
 @pytest.mark.slow
 def test_bench_scaling_quick_writes_every_measure(tmp_path):
     out = subprocess.run([sys.executable, "-m", "elasticmoe_worker.cli", "--log-level", "warning", "bench", "scaling",
-                          "--quick", "--dtype", "float32", "--from-devices", "1", "--to-devices", "2",
-                          "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=1200)
+                          "--quick", "--dtype", "float32", "--no-progress", "--out-dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     report = json.loads((tmp_path / "scaling.json").read_text())
-    by = {r["strategy"]: r for r in report["results"]}
+    by = {r["strategy"]: r for r in report["runs"]}
     assert set(by) == {"elastic", "cold", "extravagant", "horizontal"}
-    assert by["elastic"]["failed"] == 0 and by["elastic"]["outcome"] == "succeeded"
+    assert by["elastic"]["failed"] == 0 and by["elastic"]["outcome"] == "Succeeded"
     assert by["cold"]["failed"] > 0, "a cold restart refuses the requests that arrive while it restarts"
     for r in by.values():
         assert r["time_to_new_capacity_s"] > 0 and r["memory"]["peak_bytes"] > 0
         assert set(r["completed_per_s"]) == {"before", "during", "after"}
-    assert report["targets"]["cold_over_elastic_time"] > 0
-    assert report["p2p"]["ratio"] > 0
-    assert (tmp_path / "scaling.png").stat().st_size > 1000 and (tmp_path / "scaling.md").is_file()
+    scale = report["summary"]["scales"]["1:2"]
+    assert scale["cold_over_elastic"] > 0 and scale["elastic_over_floor"] > 0
+    assert report["floors"][0]["idle_bytes_per_s"] > 0
+    assert any(t["target"].startswith("1:2: elastic ÷ physical floor") for t in report["targets"])
+    assert (tmp_path / "scaling.png").stat().st_size > 1000 and "physical floor" in (tmp_path / "scaling.md").read_text()

@@ -1,19 +1,28 @@
-"""`elasticmoe bench scaling`: the same scale performed four ways under the same open-loop
-load, side by side in one run.
+"""`elasticmoe bench scaling`: the same scales performed several ways under the same open-loop
+load, side by side in one run, repeated.
 
-Strategies (A -> B devices):
-- elastic: ours; `Instance.scale(B)` on the live instance.
-- cold restart: stop the A instance, start a B instance loading from disk.
+Strategies (A -> B devices, every scale of `--scales`, up and down):
+- elastic: ours; `Instance.scale(B)` on the live instance, with `--warm-workers` started ahead.
+- cold restart: stop the A instance, start a B instance loading from disk (no warm pool).
 - extravagant: start a B instance on fresh workers beside A (from disk), then switch traffic.
 - horizontal: a second A instance from disk beside the first (only when B == 2A).
 
+Every device of every strategy runs under the same CPU quota (`--cpu-per-device`, a cgroup
+like a Kubernetes CPU limit), so a device is a fixed amount of capacity on any machine.
+
 The "during" window, the same for every strategy: from the moment the scale is requested
 until the new capacity serves its first request (elastic: the switch; cold restart and
-extravagant: the new instance is up; horizontal: the replica is up). Downtime: the longest
-interval inside that window in which requests could not be admitted. Memory: the summed
-proportional set size (PSS) of all worker processes, sampled every 100 ms.
+extravagant: the new instance is up; horizontal: the replica is up). Memory: the summed
+proportional set size (PSS) of each device's processes, sampled every 100 ms; "staying" devices
+are those in both configurations (for elastic scale-down: the devices that gain experts).
 
-Not guaranteed: timings on a shared 2-core machine are noisy; compare ratios from one run.
+The physical floor of an elastic scale: the bytes it moved ÷ the idle bandwidth of the same
+transport (two processes, one gloo send/recv of as many bytes, measured in the same repeat
+while nothing else runs) plus one decode step (TPOT p50 before the scale). Figures are medians
+over `--repeats`; ratios are ratios of medians.
+
+Not guaranteed: the quota caps CPU time, it does not reserve it: on a busy machine a device
+gets less. Compare ratios from one run.
 """
 
 from __future__ import annotations
@@ -22,13 +31,16 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import pathlib
 import random
+import statistics
 import threading
 import time
 
-DESCRIPTION = ("Scale a live instance A -> B devices four ways (elastic, cold restart, extravagant, horizontal) "
-               "under one open-loop load; print a table, write JSON, markdown and a PNG.")
+DESCRIPTION = ("Scale a live instance A -> B devices (several scales, up and down) four ways (elastic, cold restart, "
+               "extravagant, horizontal) under one open-loop load, each device under a CPU quota, --repeats times; "
+               "print medians, ratios of medians, the physical floor and the targets; write JSON, markdown and a PNG.")
 logger = logging.getLogger(__name__)
 
 
@@ -36,8 +48,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="checkpoint directory (default: generated from --family/--preset)")
     p.add_argument("--family", default="qwen3_moe", choices=["qwen3_moe", "deepseek_v2", "mixtral"])
     p.add_argument("--preset", default="bench", choices=["tiny", "small", "bench"])
-    p.add_argument("--from-devices", type=int, default=2, help="A (default: %(default)s)")
-    p.add_argument("--to-devices", type=int, default=3, help="B (default: %(default)s)")
+    p.add_argument("--scales", default=None,
+                   help="scales to measure, FROM:TO, comma-separated (default: 1:2,2:4,2:1,4:2; --quick: 1:2)")
+    p.add_argument("--repeats", type=int, default=3, help="every scale and strategy, interleaved (default: %(default)s)")
+    p.add_argument("--cpu-per-device", type=float, default=None,
+                   help="CPU quota of each device in cores (cgroup; needs root); 0: none (default: 0.9 x cores / "
+                        "(2 x the largest device count), so that extravagant's A + B devices fit)")
+    p.add_argument("--warm-workers", type=int, default=1,
+                   help="workers the elastic instance starts ahead of a scale (default: %(default)s)")
     p.add_argument("--rate", type=float, default=2.0, help="open-loop arrivals per second (default: %(default)s)")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--output-len", type=int, default=32)
@@ -46,7 +64,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategies", default="elastic,cold,extravagant,horizontal")
     p.add_argument("--steps", default="1,2,4", help="elastic scale-up sizes to time (+k devices) (default: %(default)s)")
     p.add_argument("--out-dir", type=pathlib.Path, default=pathlib.Path("bench-results"))
-    p.add_argument("--quick", action="store_true", help="tiny model, short windows (for tests)")
+    p.add_argument("--quick", action="store_true", help="tiny model, one scale (1:2), one repeat, short windows (tests)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 class _Memory(threading.Thread):
@@ -92,11 +111,11 @@ class _Memory(threading.Thread):
             time.sleep(0.1)
 
 
-def _started(model_dir, devices: int, cfg):
+def _started(model_dir, devices: int, cfg, cpu_per_device: float | None):
     """A baseline instance: no warm pool (it would not have one)."""
     from elasticmoe_worker.instance import coordinator
 
-    return coordinator.Instance(model_dir, devices, cfg, warm_workers=0).start()
+    return coordinator.Instance(model_dir, devices, cfg, warm_workers=0, cpu_per_device=cpu_per_device).start()
 
 
 def _device_pids(instances) -> dict[str, list[int]]:
@@ -193,8 +212,12 @@ def _summarise(records, window: tuple[float, float], end: float, output_len: int
     gaps = [b - a for a, b in zip(sent_ok, sent_ok[1:])]
     fails_in = [r["sent"] for r in failed if start <= r["sent"] <= stop + 1]
     downtime = (max(fails_in) - min(fails_in)) if fails_in else 0.0
+    before = [(r["done"] - r["first"]) * 1000 / (r["tokens"] - 1) for r in ok
+              if r.get("first") is not None and r["done"] < start and r["tokens"] > 1]
     return {
         "requests": len(records), "failed": len(failed),
+        "completed_during": sum(1 for r in ok if start <= r["done"] < stop),
+        "tpot_before_ms": _pct(before, 50),
         "completed_per_s": {"before": rate(0, start), "during": rate(start, stop), "after": rate(stop, end)},
         "ttft_ms": {q: _pct(ttft, q) for q in (50, 90, 99)},
         "tpot_ms": {q: _pct(tpot, q) for q in (50, 90, 99)},
@@ -203,15 +226,17 @@ def _summarise(records, window: tuple[float, float], end: float, output_len: int
     }
 
 
-def _run_strategy(name: str, args, model_dir, cfg, prompts, params) -> dict:
+def _run_strategy(name: str, args, a: int, b: int, model_dir, cfg, prompts, params) -> dict:
+    """One scale A -> B performed by strategy `name` under the open-loop load."""
     from elasticmoe_worker.instance import coordinator
 
-    a, b = args.from_devices, args.to_devices
     load = _Load(args.rate, prompts, params, seed=1)
     instances: list = []
     mem = _Memory(lambda: _device_pids(instances))
-    result: dict = {"strategy": name, "from": a, "to": b}
-    inst = coordinator.Instance(model_dir, a, cfg, warm_workers=1 if name == "elastic" else 0).start()
+    result: dict = {"strategy": name, "from": a, "to": b,
+                    "warm_workers": args.warm_workers if name == "elastic" else 0}
+    inst = coordinator.Instance(model_dir, a, cfg, warm_workers=result["warm_workers"],
+                                cpu_per_device=args.cpu_per_device).start()
     instances.append(inst)
     active = [inst]
     load.target = lambda: active[0] if active else None
@@ -241,29 +266,28 @@ def _run_strategy(name: str, args, model_dir, cfg, prompts, params) -> dict:
             await asyncio.to_thread(inst.shutdown)
             instances.remove(inst)
             started = time.perf_counter()
-            new = await asyncio.to_thread(_started, model_dir, b, cfg)
+            new = await asyncio.to_thread(_started, model_dir, b, cfg, args.cpu_per_device)
             instances.append(new)
             active.append(new)
             result["phases"] = {"restart": round(time.perf_counter() - started, 4)}
         elif name == "extravagant":
             started = time.perf_counter()
-            new = await asyncio.to_thread(_started, model_dir, b, cfg)
+            new = await asyncio.to_thread(_started, model_dir, b, cfg, args.cpu_per_device)
             instances.append(new)
             active[0] = new
             result["phases"] = {"start_beside": round(time.perf_counter() - started, 4)}
-            old = inst
-            await asyncio.sleep(0)  # the old one drains in the background
-            asyncio.get_running_loop().run_in_executor(None, _drain_and_stop, old, instances)
+            asyncio.get_running_loop().run_in_executor(None, _drain_and_stop, inst, instances)
         elif name == "horizontal":
             load.target = horizontal_target
             started = time.perf_counter()
-            new = await asyncio.to_thread(_started, model_dir, a, cfg)
+            new = await asyncio.to_thread(_started, model_dir, a, cfg, args.cpu_per_device)
             instances.append(new)
             active.append(new)
             result["phases"] = {"replica_start": round(time.perf_counter() - started, 4)}
         capacity = time.monotonic() - t0
         peak = mem.total(requested_abs)
-        per_device = mem.per_device_ratio(requested_abs, requested_abs, {f"0/{d}" for d in range(a)})
+        staying = {f"0/{d}" for d in range(min(a, b))} if name == "elastic" else {f"0/{d}" for d in range(a)}
+        per_device = mem.per_device_ratio(requested_abs, requested_abs, staying)
         await asyncio.sleep(args.after_s)
         stop.set()
         await runner
@@ -318,9 +342,128 @@ def _p2p_vs_plain(total_bytes: int) -> dict:
     return {"bytes": total_bytes, "seconds": seconds, "bytes_per_s": total_bytes / seconds}
 
 
+def parse_scales(text: str) -> list[tuple[int, int]]:
+    """'1:2,2:4,2:1' -> [(1, 2), (2, 4), (2, 1)]; ValueError naming the bad item."""
+    out = []
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        a, sep, b = item.partition(":")
+        if not (sep and a.isdigit() and b.isdigit() and int(a) >= 1 and int(b) >= 1 and a != b):
+            raise ValueError(f"--scales: got {item!r}, expected FROM:TO with two different positive device counts "
+                             "(e.g. 1:2 or 4:2)")
+        out.append((int(a), int(b)))
+    if not out:
+        raise ValueError("--scales: no scale given")
+    return out
+
+
+def _median(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def _spread(values: list[float]) -> list[float] | None:
+    values = [v for v in values if v is not None]
+    return [min(values), max(values)] if values else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
+def summarise_repeats(runs: list[dict], floors: list[dict], steps: list[dict]) -> dict:
+    """Medians over repeats of every figure, the ratios of medians the targets are judged on."""
+    out: dict = {"scales": {}, "steps": {}}
+    for key in sorted({(r["from"], r["to"]) for r in runs}, key=lambda k: (k[0] > k[1], k)):
+        a, b = key
+        by = {}
+        for r in runs:
+            if (r["from"], r["to"]) == key:
+                by.setdefault(r["strategy"], []).append(r)
+        strategies = {}
+        for name, rs in by.items():
+            t = [r["time_to_new_capacity_s"] for r in rs]
+            strategies[name] = {
+                "repeats": len(rs), "warm_workers": rs[0]["warm_workers"],
+                "time_to_new_capacity_s": {"median": _median(t), "spread": _spread(t)},
+                "failed": sum(r["failed"] for r in rs), "requests": sum(r["requests"] for r in rs),
+                "completed_during": {"median": _median([r["completed_during"] for r in rs]),
+                                     "min": min(r["completed_during"] for r in rs)},
+                "completed_per_s_during": _median([r["completed_per_s"]["during"] for r in rs]),
+                "peak_over_steady_staying": max((r["memory"]["peak_over_steady"] or 0) for r in rs) or None,
+                "total_peak_bytes": _median([r["memory"]["peak_bytes"] for r in rs]),
+                "phases_s": {p: _median([r["phases"].get(p) for r in rs]) for p in rs[0].get("phases", {})},
+            }
+        scale = {"from": a, "to": b, "strategies": strategies}
+        el, cold = strategies.get("elastic"), strategies.get("cold")
+        fl = [f for f in floors if (f["from"], f["to"]) == key]
+        if el and fl:
+            floor_s = _median([f["floor_s"] for f in fl])
+            scale["floor"] = {"median_s": floor_s, "spread": _spread([f["floor_s"] for f in fl]),
+                              "bytes_moved": _median([f["bytes"] for f in fl]),
+                              "idle_bytes_per_s": _median([f["idle_bytes_per_s"] for f in fl]),
+                              "decode_step_s": _median([f["decode_step_s"] for f in fl]),
+                              "transfer_bytes_per_s": _median([f["transfer_bytes_per_s"] for f in fl])}
+            scale["elastic_over_floor"] = _ratio(el["time_to_new_capacity_s"]["median"], floor_s)
+            scale["transfer_over_idle"] = _ratio(scale["floor"]["transfer_bytes_per_s"],
+                                                 scale["floor"]["idle_bytes_per_s"])
+        if el and cold:
+            scale["cold_over_elastic"] = _ratio(cold["time_to_new_capacity_s"]["median"],
+                                                el["time_to_new_capacity_s"]["median"])
+            scale["throughput_during_elastic_over_cold"] = _ratio(el["completed_per_s_during"],
+                                                                  cold["completed_per_s_during"])
+        out["scales"][f"{a}:{b}"] = scale
+    for k in sorted({s["added"] for s in steps}):
+        secs = [s["seconds"] for s in steps if s["added"] == k]
+        out["steps"][str(k)] = {"median_s": _median(secs), "spread": _spread(secs), "repeats": len(secs)}
+    if "1" in out["steps"] and "4" in out["steps"]:
+        out["steps_4_over_1"] = _ratio(out["steps"]["4"]["median_s"], out["steps"]["1"]["median_s"])
+    return out
+
+
+def targets(summary: dict) -> list[dict]:
+    """Issue 12's targets, each met or not with the measured value (None: not measured)."""
+    rows = []
+
+    def add(name, value, met, text):
+        rows.append({"target": name, "measured": text if value is not None else "not measured",
+                     "met": None if value is None else bool(met)})
+
+    for key, s in summary["scales"].items():
+        v = s.get("elastic_over_floor")
+        add(f"{key}: elastic ÷ physical floor ≤ 3×", v, v is not None and v <= 3, f"{v}×")
+        v = s.get("cold_over_elastic")
+        add(f"{key}: cold restart ÷ elastic ≥ 10×", v, v is not None and v >= 10, f"{v}×")
+        el = s["strategies"].get("elastic")
+        if el:
+            add(f"{key}: elastic failed requests = 0", el["failed"], el["failed"] == 0,
+                f"{el['failed']} of {el['requests']}")
+            v = s.get("throughput_during_elastic_over_cold")
+            cold = s["strategies"].get("cold")
+            if v is None and cold and cold["completed_per_s_during"] == 0 and el["completed_per_s_during"]:
+                add(f"{key}: throughput during ≥ 2× cold restart", el["completed_per_s_during"], True,
+                    f"{el['completed_per_s_during']:.2f} req/s vs 0 (cold restart completes none); "
+                    f"{el['completed_during']['min']} completed in the window at least")
+            else:
+                add(f"{key}: throughput during ≥ 2× cold restart", v, v is not None and v >= 2, f"{v}×")
+            v = s.get("transfer_over_idle")
+            add(f"{key}: transfer rate ≥ 0.8× idle transport", v, v is not None and v >= 0.8, f"{v}×")
+            v = el["peak_over_steady_staying"]
+            add(f"{key}: peak ≤ 1.10× steady memory, staying devices", v, v is not None and v <= 1.10, f"{v}×")
+    v = summary.get("steps_4_over_1")
+    add("+4 devices ≤ 1.5× (+1)", v, v is not None and v <= 1.5, f"{v}×")
+    return rows
+
+
+def _default_quota(scales: list[tuple[int, int]]) -> float:
+    """Cores per device so that the largest instance of the run fits the machine's cores."""
+    cores = len(os.sched_getaffinity(0))
+    most = max(max(a, b) for a, b in scales)
+    return round(min(1.0, 0.9 * cores / (2 * most)), 3)  # the extravagant strategy holds A + B at once
+
+
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.table import Table
+    from rich.progress import Progress
 
     from elasticmoe_worker import cliargs, modelgen
     from elasticmoe_worker.engine import engine as engine_mod
@@ -328,8 +471,14 @@ def run(args: argparse.Namespace) -> int:
 
     if args.quick:
         args.preset, args.before_s, args.after_s, args.rate, args.steps = "tiny", 3.0, 3.0, 4.0, "1"
-        args.output_len = 16
-    console = Console()
+        args.output_len, args.repeats = 16, 1
+        args.scales = args.scales or "1:2"
+    scales = parse_scales(args.scales or "1:2,2:4,2:1,4:2")
+    if args.cpu_per_device is None:
+        args.cpu_per_device = _default_quota(scales)
+    elif args.cpu_per_device == 0:
+        args.cpu_per_device = None
+    console = Console(stderr=True)
     model_dir = pathlib.Path(args.model) if args.model else cliargs.cache_dir() / "models" / f"{args.family}-{args.preset}-bench"
     if not (model_dir / "config.json").is_file():
         modelgen.make_model(args.family, args.preset, model_dir, progress=True)
@@ -338,108 +487,166 @@ def run(args: argparse.Namespace) -> int:
     rng = random.Random(0)
     prompts = [[rng.randrange(1, vocab) for _ in range(args.prompt_len)] for _ in range(32)]
     params = types.SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
-    strategies = [s for s in args.strategies.split(",") if s]
-    if args.to_devices != 2 * args.from_devices and "horizontal" in strategies:
-        strategies.remove("horizontal")
-        console.print("horizontal skipped: it needs to-devices == 2 x from-devices")
-    results = []
-    for name in strategies:
-        console.print(f"[bold]{name}[/bold]: {args.from_devices} -> {args.to_devices} devices under "
-                      f"{args.rate}/s open-loop load …")
-        results.append(_run_strategy(name, args, model_dir, cfg, prompts, params))
-    steps = []
-    for k in [int(x) for x in args.steps.split(",") if x]:
-        from elasticmoe_worker.instance import coordinator
-
-        inst = coordinator.Instance(model_dir, 1, cfg).start()
-        try:
-            time.sleep(3)  # let the warm worker come up, as it would between scales in service
-            rec = inst.scale(1 + k, "benchmark step")
-            steps.append({"added": k, "seconds": rec.duration_ms / 1000,
-                          "phases": {n: ms / 1000 for n, ms in rec.phases_ms.items()}, "outcome": rec.outcome.value})
-        finally:
-            inst.shutdown()
-    elastic = next((r for r in results if r["strategy"] == "elastic"), None)
-    p2p = None
-    if elastic and elastic.get("bytes_transferred") and elastic.get("transfer_data_seconds"):
-        # ours: the bytes over the time spent moving them (group set-up and allocation are in
-        # the transfer phase, reported apart); plain: the same bytes, one send/recv, idle machine
-        ours = elastic["bytes_transferred"] / elastic["transfer_data_seconds"]
-        plain = _p2p_vs_plain(elastic["bytes_transferred"])
-        p2p = {"ours_bytes_per_s": ours, "ours_phase_bytes_per_s": elastic["bytes_transferred"] /
-               elastic["phases"]["transfer"], "plain": plain, "ratio": ours / plain["bytes_per_s"]}
+    wanted = [s for s in args.strategies.split(",") if s]
+    plan = [(r, a, b, name) for r in range(args.repeats) for a, b in scales for name in wanted
+            if name != "horizontal" or b == 2 * a]
+    step_sizes = [int(x) for x in args.steps.split(",") if x]
+    runs: list[dict] = []
+    floors: list[dict] = []
+    steps: list[dict] = []
+    with Progress(console=console, disable=args.no_progress) as bar:
+        task = bar.add_task("scaling", total=len(plan) + args.repeats * (len(step_sizes) + 1))
+        for r in range(args.repeats):
+            for _, a, b, name in [p for p in plan if p[0] == r]:
+                bar.update(task, description=f"repeat {r + 1}/{args.repeats}: {name} {a} -> {b}")
+                res = _run_strategy(name, args, a, b, model_dir, cfg, prompts, params)
+                res["repeat"] = r
+                runs.append(res)
+                bar.advance(task)
+            bar.update(task, description=f"repeat {r + 1}/{args.repeats}: idle transport bandwidth")
+            mine = [x for x in runs if x["repeat"] == r and x["strategy"] == "elastic" and x.get("bytes_transferred")]
+            if mine:
+                idle = _p2p_vs_plain(max(x["bytes_transferred"] for x in mine))
+                for x in mine:
+                    floors.append(_floor(x, idle))
+            bar.advance(task)
+            for k in step_sizes:
+                bar.update(task, description=f"repeat {r + 1}/{args.repeats}: elastic 1 -> {1 + k}")
+                steps.append({**_step(model_dir, cfg, k, args), "repeat": r})
+                bar.advance(task)
+    summary = summarise_repeats(runs, floors, steps)
     report = {"config": {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()
-                         if k != "func"}, "model_dir": str(model_dir), "results": results, "steps": steps, "p2p": p2p,
+                         if k != "func"}, "model_dir": str(model_dir), "cores": len(os.sched_getaffinity(0)),
+              "summary": summary, "targets": targets(summary), "runs": runs, "floors": floors, "steps": steps,
               "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    cold = next((r for r in results if r["strategy"] == "cold"), None)
-    if elastic and cold:
-        report["targets"] = {
-            "cold_over_elastic_time": round(cold["time_to_new_capacity_s"] / elastic["time_to_new_capacity_s"], 2),
-            "elastic_failed": elastic["failed"],
-            "throughput_during_elastic_over_cold": (
-                round(elastic["completed_per_s"]["during"] / cold["completed_per_s"]["during"], 2)
-                if cold["completed_per_s"]["during"] else None),
-            "p2p_over_plain": round(p2p["ratio"], 2) if p2p else None,
-            "elastic_peak_memory_over_steady": elastic["memory"]["peak_over_steady"],
-        }
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "scaling.json").write_text(json.dumps(report, indent=1))
-    table = Table(title=f"scale {args.from_devices} -> {args.to_devices} devices, {model_dir.name}")
-    for col in ("strategy", "to capacity s", "downtime s", "failed", "req/s before", "during", "after",
-                "TTFT p50/p90/p99 ms", "TPOT p50/p90/p99 ms", "peak/steady mem"):
-        table.add_column(col)
-    md = ["| " + " | ".join(c.header for c in table.columns) + " |", "|" + "---|" * len(table.columns)]
-
-    def f(x, fmt="{:.2f}"):
-        return "-" if x is None else fmt.format(x)
-
-    for r in results:
-        c = r["completed_per_s"]
-        row = [r["strategy"], f(r["time_to_new_capacity_s"]), f(r["downtime_s"]), str(r["failed"]),
-               f(c["before"]), f(c["during"]), f(c["after"]),
-               "/".join(f(r["ttft_ms"][q], "{:.0f}") for q in (50, 90, 99)),
-               "/".join(f(r["tpot_ms"][q], "{:.0f}") for q in (50, 90, 99)),
-               f(r["memory"]["peak_over_steady"])]
-        table.add_row(*row)
-        md.append("| " + " | ".join(row) + " |")
-    console.print(table)
-    if steps:
-        md.append("")
-        md.append("| elastic scale-up | seconds | phases |")
-        md.append("|---|---|---|")
-        for s in steps:
-            md.append(f"| 1 -> {1 + s['added']} | {s['seconds']:.2f} | {s['phases']} |")
-    if report.get("targets"):
-        console.print(report["targets"])
-        md.append("")
-        md.append(f"targets: {report['targets']}")
-    (args.out_dir / "scaling.md").write_text("\n".join(md) + "\n")
-    _plot(results, args.out_dir / "scaling.png")
+    md = _report(report, args)
+    (args.out_dir / "scaling.md").write_text(md)
+    _plot(runs, args.out_dir / "scaling.png")
     console.print(f"wrote {args.out_dir / 'scaling.json'}, scaling.md, scaling.png")
     return 0
 
 
-def _plot(results, path: pathlib.Path) -> None:
+def _floor(elastic: dict, idle: dict) -> dict:
+    """Bytes moved ÷ the transport's idle bandwidth, plus one decode step (the switch cannot
+    serve before the new executors ran one)."""
+    step_s = (elastic["tpot_before_ms"] or 0) / 1000
+    moved = elastic["bytes_transferred"]
+    return {"from": elastic["from"], "to": elastic["to"], "repeat": elastic.get("repeat"), "bytes": moved,
+            "idle_bytes_per_s": idle["bytes_per_s"], "decode_step_s": step_s,
+            "floor_s": moved / idle["bytes_per_s"] + step_s,
+            "transfer_bytes_per_s": moved / elastic["transfer_data_seconds"] if elastic["transfer_data_seconds"] else None}
+
+
+def _step(model_dir, cfg, k: int, args) -> dict:
+    """Elastic 1 -> 1 + k with the warm pool the elastic strategy gets, no load."""
+    from elasticmoe_worker.instance import coordinator
+
+    inst = coordinator.Instance(model_dir, 1, cfg, warm_workers=args.warm_workers,
+                                cpu_per_device=args.cpu_per_device).start()
+    try:
+        time.sleep(3)  # let the warm pool come up, as it would between scales in service
+        rec = inst.scale(1 + k, "benchmark step")
+        return {"added": k, "seconds": rec.duration_ms / 1000, "outcome": rec.outcome.value,
+                "phases": {n: ms / 1000 for n, ms in rec.phases_ms.items()}}
+    finally:
+        inst.shutdown()
+
+
+def _report(report: dict, args) -> str:
+    """The tables on the console and as markdown (returned)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    summary = report["summary"]
+    console = Console() if Console().is_terminal else Console(width=160)
+
+    def f(x, fmt="{:.2f}"):
+        return "—" if x is None else fmt.format(x)
+
+    cols = ("scale", "strategy", "warm pool", "to capacity s (min–max)", "completed during", "req/s during",
+            "failed / requests", "peak ÷ steady, staying", "total peak MB")
+    table = Table(title=f"elasticmoe bench scaling: {pathlib.Path(report['model_dir']).name}, median of "
+                        f"{args.repeats} repeat(s), {args.rate:g} req/s open loop, {args.cpu_per_device or 'no'} "
+                        f"cores per device")
+    for c in cols:
+        table.add_column(c)
+    md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for key, s in summary["scales"].items():
+        for name, st in s["strategies"].items():
+            t = st["time_to_new_capacity_s"]
+            row = [key.replace(":", " → "), name, str(st["warm_workers"]),
+                   f"{f(t['median'])} ({f(t['spread'][0])}–{f(t['spread'][1])})" if t["spread"] else "—",
+                   f"{f(st['completed_during']['median'], '{:.0f}')} (min {st['completed_during']['min']})",
+                   f(st["completed_per_s_during"]), f"{st['failed']} / {st['requests']}",
+                   f(st["peak_over_steady_staying"]), f(st["total_peak_bytes"] / 1e6 if st["total_peak_bytes"] else None,
+                                                         "{:.0f}")]
+            table.add_row(*row)
+            md.append("| " + " | ".join(row) + " |")
+        if "floor" in s:
+            fl = s["floor"]
+            row = [key.replace(":", " → "), "physical floor", "", f"{f(fl['median_s'])}", "", "", "", "", ""]
+            table.add_row(*row)
+            md.append("| " + " | ".join(row) + " |")
+    console.print(table)
+    md.append("")
+    md.append("| scale | bytes moved | idle transport | elastic transfer rate | decode step s | phases s (median) |")
+    md.append("|---|---|---|---|---|---|")
+    for key, s in summary["scales"].items():
+        if "floor" in s:
+            fl, ph = s["floor"], s["strategies"]["elastic"]["phases_s"]
+            md.append(f"| {key.replace(':', ' → ')} | {fl['bytes_moved'] / 1e6:.0f} MB | "
+                      f"{fl['idle_bytes_per_s'] / 1e6:.0f} MB/s | "
+                      f"{f(fl['transfer_bytes_per_s'] / 1e6 if fl['transfer_bytes_per_s'] else None, '{:.0f}')} MB/s | "
+                      f"{f(fl['decode_step_s'], '{:.3f}')} | "
+                      + ", ".join(f"{p} {f(v)}" for p, v in ph.items()) + " |")
+    if summary["steps"]:
+        md.append("")
+        md.append("| elastic scale-up from 1 device | seconds, median (min–max) | repeats |")
+        md.append("|---|---|---|")
+        for k, st in summary["steps"].items():
+            md.append(f"| +{k} | {f(st['median_s'])} ({f(st['spread'][0])}–{f(st['spread'][1])}) | {st['repeats']} |")
+    md.append("")
+    md.append("| target | measured | |")
+    md.append("|---|---|---|")
+    tt = Table(title="targets (issue 12)")
+    for c in ("target", "measured", ""):
+        tt.add_column(c)
+    for t in report["targets"]:
+        verdict = "—" if t["met"] is None else ("met" if t["met"] else "**not met**")
+        md.append(f"| {t['target']} | {t['measured']} | {verdict} |")
+        tt.add_row(t["target"], t["measured"], verdict.replace("**", ""))
+    console.print(tt)
+    return "\n".join(md) + "\n"
+
+
+def _plot(runs: list[dict], path: pathlib.Path) -> None:
+    """Completed requests per second over time, one panel per scale (first repeat), the window
+    from request to new capacity shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 4))
-    for r in results:
-        done = sorted(t["done"] for t in r["timeline"] if t["ok"] and t["done"] is not None)
-        if not done:
-            continue
-        end = int(max(done)) + 1
-        xs = list(range(end))
-        ys = [sum(1 for d in done if x <= d < x + 1) for x in xs]
-        line, = ax.plot(xs, ys, label=r["strategy"])
-        ax.axvspan(r["requested_at_s"], r["new_capacity_at_s"], color=line.get_color(), alpha=0.12)
-        ax.axvline(r["requested_at_s"], color=line.get_color(), ls=":")
-    ax.set_xlabel("seconds")
-    ax.set_ylabel("completed requests / s")
-    ax.set_title("throughput while scaling (shaded: request -> new capacity)")
-    ax.legend()
+    first = [r for r in runs if r.get("repeat", 0) == 0]
+    keys = sorted({(r["from"], r["to"]) for r in first}, key=lambda k: (k[0] > k[1], k))
+    fig, axes = plt.subplots(len(keys), 1, figsize=(9, 3 * len(keys)), squeeze=False)
+    for ax, key in zip(axes[:, 0], keys):
+        for r in (x for x in first if (x["from"], x["to"]) == key):
+            done = sorted(t["done"] for t in r["timeline"] if t["ok"] and t["done"] is not None)
+            if not done:
+                continue
+            xs = list(range(int(max(done)) + 1))
+            ys = [sum(1 for d in done if x <= d < x + 1) for x in xs]
+            line, = ax.plot(xs, ys, label=r["strategy"])
+            ax.axvspan(r["requested_at_s"], r["new_capacity_at_s"], color=line.get_color(), alpha=0.12)
+            ax.axvline(r["requested_at_s"], color=line.get_color(), ls=":")
+        ax.set_ylabel("completed / s")
+        ax.set_title(f"{key[0]} → {key[1]} devices (shaded: request → new capacity)")
+        ax.legend(fontsize=8)
+    axes[-1, 0].set_xlabel("seconds")
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
