@@ -22,8 +22,11 @@ import time
 
 import httpx
 import pytest
+from fastapi import testclient
 
 import testprocs
+from elasticmoe_worker.instance import coordinator, procutil
+from elasticmoe_worker.server import api
 
 TOKEN = "restart-test"
 SECRET = "restart-test-worker-secret"
@@ -186,3 +189,38 @@ def test_workers_without_a_coordinator_exit_after_their_orphan_timeout(tiny_mode
     assert left == {}, f"still running 60 s after the coordinator died (orphan timeout 3 s): {left}"
     assert len(re.findall(r"no coordinator for 3 s \(--orphan-timeout-s\); exiting", log.read_text())) == len(hmms)
     assert _shm_of(hmms) == []
+
+
+def test_a_coordinator_still_learning_the_model_from_its_workers_answers_503_with_retry_after(tmp_path):
+    """Before its workers rejoin, a coordinator without a checkpoint knows neither the tokenizer
+    nor max_model_len: every request is 503 + Retry-After (retry), never a 500 or a 400."""
+    inst = coordinator.Instance(tmp_path / "gone", 2, fleet="external", worker_secret="s")
+    try:
+        with testclient.TestClient(api.build_app(inst, served_model_name="m")) as client:
+            answers = [client.post("/v1/completions", json={"model": "m", "prompt": "hello", "max_tokens": 4}),
+                       client.post("/v1/completions", json={"model": "m", "prompt": [1, 2, 3], "max_tokens": 4}),
+                       client.post("/v1/chat/completions", json={"model": "m", "max_tokens": 4,
+                                                                 "messages": [{"role": "user", "content": "hi"}]})]
+            health = client.get("/health")
+    finally:
+        inst.shutdown()
+    for r in answers:
+        assert r.status_code == 503 and r.headers.get("retry-after") == "5", (r.status_code, r.headers, r.text)
+    assert (health.status_code, health.json()["error"]) == (503, "starting")
+    assert "learned from the workers" in answers[0].json()["error"]["message"]
+
+
+def test_an_adopted_process_is_watched_and_signalled_by_pidfd():
+    proc = subprocess.Popen(["sleep", "60"])
+    try:
+        adopted = procutil.AdoptedProcess(proc.pid)
+        assert adopted.poll() is None
+        with pytest.raises(subprocess.TimeoutExpired):
+            adopted.wait(timeout=0.1)
+        adopted.terminate()
+        assert adopted.wait(timeout=10) == -1 and adopted.poll() == -1  # not our child: no exit status
+        adopted.kill()  # gone: a no-op, never another process that took the pid
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGTERM
