@@ -70,3 +70,13 @@ def test_bench_scaling_quick_writes_every_measure(tmp_path):
     assert report["floors"][0]["idle_bytes_per_s"] > 0
     assert any(t["target"].startswith("1:2: elastic ÷ physical floor") for t in report["targets"])
     assert (tmp_path / "scaling.png").stat().st_size > 1000 and "physical floor" in (tmp_path / "scaling.md").read_text()
+
+
+def test_staying_devices_peak_is_judged_against_their_larger_steady_state():
+    mem = scaling_bench._Memory(lambda: {})
+    # device 0 stays and gains experts (scale-down): 100 before, 190 after, 200 at the peak;
+    # device 1 leaves; "w" is a warm worker, not a staying device
+    mem.samples = [(0.0, {"0/0": 100, "0/1": 100, "w": 10}), (1.0, {"0/0": 100, "0/1": 100, "w": 10}),
+                   (2.0, {"0/0": 200, "0/1": 100, "w": 90}), (3.0, {"0/0": 190, "w": 90})]
+    assert mem.per_device_ratio(1.0, {"0/0"}) == pytest.approx(200 / 190)
+    assert mem.per_device_ratio(-1.0, {"0/0"}) is None, "no sample before the scale"

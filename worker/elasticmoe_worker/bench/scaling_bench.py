@@ -18,7 +18,7 @@ are those in both configurations (for elastic scale-down: the devices that gain 
 
 The physical floor of an elastic scale: the bytes it moved ÷ the idle bandwidth of the same
 transport (two processes, one gloo send/recv of as many bytes, measured in the same repeat
-while nothing else runs) plus one decode step (TPOT p50 before the scale). Figures are medians
+while nothing else runs) plus one decode step (TPOT p50 of the run's requests). Figures are medians
 over `--repeats`; ratios are ratios of medians.
 
 Not guaranteed: the quota caps CPU time, it does not reserve it: on a busy machine a device
@@ -80,20 +80,22 @@ class _Memory(threading.Thread):
     def total(self, t_from: float = 0.0) -> int:
         return max((sum(d.values()) for t, d in self.samples if t >= t_from), default=0)
 
-    def per_device_ratio(self, t_steady: float, t_from: float, active: set[str]) -> float | None:
-        """Largest peak ÷ steady over the devices that served before the scale (`active`;
-        a warm worker holds no weights yet, so its growth is the new device, not overhead)."""
-        steady = [d for t, d in self.samples if t <= t_steady]
-        if not steady:
+    def per_device_ratio(self, t_before: float, active: set[str]) -> float | None:
+        """Largest peak ÷ steady over the devices that serve before and after the scale
+        (`active`; a warm worker holds no weights yet, so its growth is a new device, not
+        overhead). Steady: the larger of the device's footprint just before the scale and at the
+        end (a staying device of a scale-down gains experts: its steady state grows); peak: the
+        most it held from the scale on. Call at the end of the run."""
+        before = [d for t, d in self.samples if t <= t_before]
+        if not before or not self.samples:
             return None
-        base = steady[-1]
+        after = self.samples[-1][1]
         ratios = []
-        for key, value in base.items():
-            if key not in active:
-                continue
-            peak = max((d.get(key, 0) for t, d in self.samples if t >= t_from), default=0)
-            if value:
-                ratios.append(peak / value)
+        for key in active:
+            steady = max(before[-1].get(key, 0), after.get(key, 0))
+            peak = max((d.get(key, 0) for t, d in self.samples if t >= t_before), default=0)
+            if steady:
+                ratios.append(peak / steady)
         return max(ratios) if ratios else None
 
     @staticmethod
@@ -212,12 +214,12 @@ def _summarise(records, window: tuple[float, float], end: float, output_len: int
     gaps = [b - a for a, b in zip(sent_ok, sent_ok[1:])]
     fails_in = [r["sent"] for r in failed if start <= r["sent"] <= stop + 1]
     downtime = (max(fails_in) - min(fails_in)) if fails_in else 0.0
-    before = [(r["done"] - r["first"]) * 1000 / (r["tokens"] - 1) for r in ok
-              if r.get("first") is not None and r["done"] < start and r["tokens"] > 1]
+    every = [(r["done"] - r["first"]) * 1000 / (r["tokens"] - 1) for r in ok
+             if r.get("first") is not None and r["tokens"] > 1]
     return {
         "requests": len(records), "failed": len(failed),
         "completed_during": sum(1 for r in ok if start <= r["done"] < stop),
-        "tpot_before_ms": _pct(before, 50),
+        "tpot_all_p50_ms": _pct(every, 50),  # one decode step under this load, every request of the run
         "completed_per_s": {"before": rate(0, start), "during": rate(start, stop), "after": rate(stop, end)},
         "ttft_ms": {q: _pct(ttft, q) for q in (50, 90, 99)},
         "tpot_ms": {q: _pct(tpot, q) for q in (50, 90, 99)},
@@ -286,17 +288,18 @@ def _run_strategy(name: str, args, a: int, b: int, model_dir, cfg, prompts, para
             result["phases"] = {"replica_start": round(time.perf_counter() - started, 4)}
         capacity = time.monotonic() - t0
         peak = mem.total(requested_abs)
-        staying = {f"0/{d}" for d in range(min(a, b))} if name == "elastic" else {f"0/{d}" for d in range(a)}
-        per_device = mem.per_device_ratio(requested_abs, requested_abs, staying)
         await asyncio.sleep(args.after_s)
         stop.set()
         await runner
+        staying = {f"0/{d}" for d in range(min(a, b))} if name == "elastic" else {f"0/{d}" for d in range(a)}
+        per_device = mem.per_device_ratio(requested_abs, staying)
         end = time.monotonic() - t0
         result.update(requested_at_s=round(requested, 3), new_capacity_at_s=round(capacity, 3),
                       time_to_new_capacity_s=round(capacity - requested, 3),
                       memory={"steady_bytes": steady, "peak_bytes": peak,
                               "total_peak_over_steady": round(peak / steady, 3) if steady else None,
                               # the measure of the target: devices that stay, peak ÷ their own steady state
+                              # (before or after the scale, the larger)
                               "peak_over_steady": round(per_device, 3) if per_device else None},
                       **_summarise(load.records, (requested, capacity), end, args.output_len),
                       timeline=[{"sent": r["sent"], "done": r.get("done"), "ok": r["ok"]} for r in load.records])
@@ -531,7 +534,10 @@ def run(args: argparse.Namespace) -> int:
 def _floor(elastic: dict, idle: dict) -> dict:
     """Bytes moved ÷ the transport's idle bandwidth, plus one decode step (the switch cannot
     serve before the new executors ran one)."""
-    step_s = (elastic["tpot_before_ms"] or 0) / 1000
+    if elastic["tpot_all_p50_ms"] is None:
+        raise RuntimeError(f"elastic {elastic['from']} -> {elastic['to']}: no request completed more than one token; "
+                           "no decode step to put in the floor (raise --before-s/--after-s or lower the load)")
+    step_s = elastic["tpot_all_p50_ms"] / 1000
     moved = elastic["bytes_transferred"]
     return {"from": elastic["from"], "to": elastic["to"], "repeat": elastic.get("repeat"), "bytes": moved,
             "idle_bytes_per_s": idle["bytes_per_s"], "decode_step_s": step_s,
