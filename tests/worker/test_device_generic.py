@@ -56,10 +56,12 @@ def _device_params():
         pytest.param("cpu", id="cpu"),
         pytest.param("cuda:0", id="cuda", marks=[
             pytest.mark.cuda,
-            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU visible to torch")]),
+            pytest.mark.skipif(not torch.cuda.is_available(),
+                               reason=f"needs an NVIDIA GPU visible to torch: {backends.unavailable_reason('cuda')}")]),
         pytest.param("npu:0", id="ascend", marks=[
             pytest.mark.ascend,
-            pytest.mark.skipif(not backends.backend_available("ascend"), reason="needs an Ascend NPU with torch_npu")]),
+            pytest.mark.skipif(backends.unavailable_reason("ascend") is not None,
+                               reason=f"needs an Ascend NPU: {backends.unavailable_reason('ascend')}")]),
     ]
 
 
