@@ -162,7 +162,9 @@ class Kubelet:
             await self._task
         except asyncio.CancelledError:
             pass
-        for key in list(self.procs):
+        # The coordinator first (it stops its workers in order), also after it was started again
+        # (then it comes after them in `procs`).
+        for key in sorted(self.procs, key=lambda k: k[0] != "Deployment"):
             self._stop(key)
 
     def kill(self, kind: str, name: str, sig: int = signal.SIGKILL) -> None:
