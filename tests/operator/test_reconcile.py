@@ -420,3 +420,15 @@ def test_a_restarting_coordinator_with_no_worker_left_gets_new_ones_as_at_first(
     assert "no worker pod is left" in d.conditions["Degraded"][2]
     obs.pods = {}
     assert reconcile.decide(obs).create_pods == [0, 1]
+
+
+@pytest.mark.parametrize("status, detail", [
+    ({"phase": "Failed", "containerStatuses": [{"state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}]},
+     "exit code 137, OOMKilled"),
+    ({"phase": "Failed", "reason": "Evicted", "message": "The node was low on resource: memory."},
+     "Evicted, The node was low on resource: memory."),
+    ({"phase": "Succeeded"}, ""),
+])
+def test_an_ended_pods_detail_is_what_the_kubelet_reported(status, detail):
+    from elasticmoe_operator import handlers
+    assert handlers._pod_detail({"metadata": {}, "status": status}) == detail
