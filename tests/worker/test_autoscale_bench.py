@@ -130,3 +130,25 @@ def test_the_simulator_reads_the_slo_policy_from_the_flags_the_measured_run_gets
     assert cfg.queue_p90_s == 1.0, "serve's default queue target, which the simulator lacked"
     assert (cfg.scale_up_cooldown_s, cfg.scale_down_stabilization_s) == (win["scale_up_cooldown_s"],
                                                                           win["scale_down_stabilization_s"])
+
+
+def test_the_simulator_is_validated_against_a_measured_run(tiny_models, tmp_path):
+    """`_validate` replays the measured run's trace through the simulator with the same policies
+    (it was never exercised: only a run with a profile at hand reaches it)."""
+    from elasticmoe_worker.bench import workload
+
+    prof = profile_mod.Profile(service=(profile_mod.Service(1, ((1, 40.0), (16, 400.0)), ((16, 400.0), (512, 2500.0))),
+                                        profile_mod.Service(2, ((1, 70.0), (16, 700.0)), ((16, 700.0), (512, 4500.0)))),
+                               scale=(profile_mod.Step(1, 2, 5.0), profile_mod.Step(2, 1, 1.0)),
+                               start=((1, 10.0), (2, 12.0)))
+    profile_mod.save(prof, tmp_path / "profile.json")
+    args = cli.build_parser().parse_args(["bench", "autoscale", "--duration-s", "60", "--min-devices", "1",
+                                          "--max-devices", "2", "--profile", str(tmp_path / "profile.json")])
+    trace = workload.Trace(np.arange(0, 60, 0.5), np.full(120, 32, dtype=np.int32), np.full(120, 16, dtype=np.int32))
+    measured = {"ttft_ms": {"p90": 500.0}, "device_seconds": 90.0, "slo_attainment": 0.9}
+    summaries = {name: measured for name in ("slo", "static-min", "static-max", "hpa")}
+    out = autoscale_bench._validate(args, trace, summaries, autoscale_bench.windows(args), tiny_models["qwen3_moe"])
+    assert set(out["runs"]) == set(summaries)
+    for v in out["runs"].values():
+        assert v["device_seconds"]["measured"] == 90.0 and v["device_seconds"]["simulated"] > 0
+    assert out["runs"]["static-max"]["device_seconds"]["simulated"] == pytest.approx(120, rel=0.05), "2 devices x 60 s"

@@ -405,7 +405,7 @@ def _report(args, trace: workload.Trace, runs: list[_Run], win, console, cores: 
                   "min_attainment_ratio": TARGET_ATTAINMENT_RATIO, "max_device_seconds_ratio": TARGET_DEVICE_SECONDS_RATIO,
                   "met": att is not None and dev is not None and att >= TARGET_ATTAINMENT_RATIO
                   and dev <= TARGET_DEVICE_SECONDS_RATIO}
-    validation = _validate(args, trace, summaries, win)
+    validation = _validate(args, trace, summaries, win, model_dir)
     out = {"trace": trace.summary(), "cpu_per_device": args.cpu_per_device, "cores": cores,
            "load_average": [round(x, 2) for x in os.getloadavg()], "windows": win,
            "config": {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items() if k != "func"},
@@ -435,7 +435,7 @@ def _report(args, trace: workload.Trace, runs: list[_Run], win, console, cores: 
     return 0
 
 
-def _validate(args, trace: workload.Trace, summaries: dict, win) -> dict | None:
+def _validate(args, trace: workload.Trace, summaries: dict, win, model_dir: pathlib.Path) -> dict | None:
     """The simulator on the same trace, policies and windows; errors relative to the measurement."""
     path = args.profile or pathlib.Path("bench-results/profile.json")
     if not path.is_file():
@@ -445,7 +445,7 @@ def _validate(args, trace: workload.Trace, summaries: dict, win) -> dict | None:
     from elasticmoe_worker.models import config as model_config
 
     prof = profile_mod.load(path)
-    slo_cfg = slo_config(args, win, model_config.load_spec(profile_bench.model_dir_of(args)).num_experts)
+    slo_cfg = slo_config(args, win, model_config.load_spec(model_dir).num_experts)
     common = dict(ttft_slo_s=args.slo_ttft_p90_ms / 1000, tpot_slo_s=args.slo_tpot_p90_ms / 1000,
                   eval_period_s=win["interval_s"], window_s=win["window_s"])
     out = {"profile": str(path), "runs": {}}

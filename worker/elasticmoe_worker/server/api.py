@@ -26,15 +26,11 @@ status is already 200 by then).
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
-import json
 import logging
 import time
 import uuid
 from typing import Any, AsyncIterator, Callable
 
-import anyio
 import fastapi
 import jinja2
 import pydantic
@@ -43,300 +39,24 @@ from fastapi import exceptions as fastapi_exceptions
 from fastapi import responses
 from starlette import exceptions as starlette_exceptions
 
-from elasticmoe_worker.contract import wire
 from elasticmoe_worker.engine import types
+from elasticmoe_worker.server import generation
 from elasticmoe_worker.server import metrics as metrics_mod
 from elasticmoe_worker.server import protocol
 
 logger = logging.getLogger(__name__)
 
-_SSE_DONE = "data: [DONE]\n\n"
-# A dead engine needs a restart by the supervisor; clients should not hammer it meanwhile.
-_ENGINE_DEAD_RETRY_AFTER_S = 5
-# A request that waited max_waiting_s for its first token may find room soon after.
-_QUEUE_TIMEOUT_RETRY_AFTER_S = 1
-# An executor's full queue says no more than `EngineOverloaded`'s default.
-_RANK_OVERLOADED_RETRY_AFTER_S = 1
-
-
-class ApiError(Exception):
-    """A refusal to be sent as an OpenAI error body; `reject_reason` is counted if set."""
-
-    def __init__(
-        self,
-        status_code: int,
-        message: str,
-        *,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-        reject_reason: str | None = metrics_mod.REJECT_INVALID_REQUEST,
-    ) -> None:
-        super().__init__(message)
-        self.status_code = status_code
-        self.message = message
-        self.type = type
-        self.param = param
-        self.code = code
-        self.headers = headers
-        self.reject_reason = reject_reason
-
-
-class _ClientDisconnected(Exception):
-    """The client closed the connection; there is nobody left to answer."""
-
-
-def _error_response(err: ApiError) -> responses.JSONResponse:
-    body = protocol.ErrorResponse(
-        error=protocol.ErrorInfo(message=err.message, type=err.type, param=err.param, code=err.code)
-    )
-    return responses.JSONResponse(body.model_dump(), status_code=err.status_code, headers=err.headers)
-
-
-def _overloaded_error(reason: str, retry_after_s: int) -> ApiError:
-    retry = str(max(1, int(retry_after_s)))
-    return ApiError(429, f"the engine is overloaded: {reason}; retry after {retry} s", type="rate_limit_error",
-                    code="engine_overloaded", headers={"Retry-After": retry},
-                    reject_reason=metrics_mod.REJECT_OVERLOADED)
-
-
-def _engine_dead_error(exc: types.EngineDead) -> ApiError:
-    return ApiError(503, f"the engine is not running: {exc}", type="server_error", code="engine_dead",
-                    headers={"Retry-After": str(_ENGINE_DEAD_RETRY_AFTER_S)}, reject_reason=metrics_mod.REJECT_ENGINE_DEAD)
-
-
-def _refusal_error(out: types.RequestOutput) -> ApiError | None:
-    """The 4xx for a `types.refusal` update; None for any other update."""
-    if out.finish_reason is not types.FinishReason.ERROR or out.error is None:
-        return None
-    if out.error_kind == wire.ErrorKind.INVALID_REQUEST:
-        return ApiError(400, out.error, param=out.error_param or "prompt")
-    if out.error_kind == wire.ErrorKind.OVERLOADED:
-        return _overloaded_error(out.error, _RANK_OVERLOADED_RETRY_AFTER_S)
-    return None
-
-
-@dataclasses.dataclass
-class _AppState:
-    engine: types.EngineClient
-    model_name: str
-    max_waiting_s: float | None
-    metrics: metrics_mod.ServerMetrics
-
-
-class _Generation:
-    """One request's run through the engine, with disconnect detection and metrics.
-
-    `start()` waits for the first update (where overload and death are reported);
-    `outputs()` yields that update and all later ones, exactly once.
-    """
-
-    def __init__(
-        self,
-        state: _AppState,
-        request: fastapi.Request,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: types.SamplingParams,
-        arrival_s: float,
-    ) -> None:
-        self._state = state
-        self._request = request
-        self.request_id = request_id
-        self._prompt_token_ids = prompt_token_ids
-        self._params = params
-        self._arrival_s = arrival_s
-        self._iterator: AsyncIterator[types.RequestOutput] | None = None
-        self._step: asyncio.Future | None = None
-        self._disconnect: asyncio.Task | None = None
-        self._first: types.RequestOutput | None = None
-        self._first_token_s: float | None = None
-        self._last_token_s: float | None = None
-        self.num_prompt_tokens = len(prompt_token_ids)
-        self.num_output_tokens = 0
-        self.finish_reason: types.FinishReason | None = None
-        self._closed = False
-
-    async def start(self) -> None:
-        engine = self._state.engine
-        self._state.metrics.waiting(self.request_id, self._arrival_s)
-        self._disconnect = asyncio.create_task(_wait_for_disconnect(self._request))
-        try:
-            self._iterator = aiter(engine.generate(self.request_id, self._prompt_token_ids, self._params))
-            first = await self._next(timeout_s=self._state.max_waiting_s)
-        except types.EngineOverloaded as exc:
-            await self.close(counted=False)
-            raise _overloaded_error(str(exc), exc.retry_after_s) from exc
-        except types.EngineDead as exc:
-            await self.close(counted=False)
-            raise _engine_dead_error(exc) from exc
-        except TimeoutError:
-            await self.close(counted=False)
-            raise ApiError(
-                429, f"no output within max_waiting_s={self._state.max_waiting_s} s; the server is busy",
-                type="rate_limit_error", code="queue_timeout",
-                headers={"Retry-After": str(_QUEUE_TIMEOUT_RETRY_AFTER_S)},
-                reject_reason=metrics_mod.REJECT_QUEUE_TIMEOUT,
-            ) from None
-        except StopAsyncIteration:
-            await self.close(counted=False)
-            raise ApiError(500, "the engine ended the request without any output", type="server_error",
-                           reject_reason=None) from None
-        except (_ClientDisconnected, asyncio.CancelledError):
-            await self.close()
-            raise
-        except Exception:
-            await self.close(failed=True)
-            raise
-        refused = _refusal_error(first)
-        if refused is not None:
-            self.finish_reason = first.finish_reason  # ended in the engine already: nothing to abort
-            await self.close(counted=False)
-            raise refused
-        self._first = first
-        self._account(first)
-
-    async def outputs(self) -> AsyncIterator[types.RequestOutput]:
-        """Yields every update; the caller must call `close()` (also on cancellation)."""
-        assert self._first is not None, "start() first"
-        out, self._first = self._first, None
-        yield out
-        while not out.finished:
-            try:
-                out = await self._next(timeout_s=None)
-            except StopAsyncIteration:
-                raise RuntimeError("the engine stopped streaming before the request finished") from None
-            self._account(out)
-            yield out
-
-    async def _next(self, timeout_s: float | None) -> types.RequestOutput:
-        assert self._iterator is not None and self._disconnect is not None
-        self._step = asyncio.ensure_future(anext(self._iterator))
-        done, _ = await asyncio.wait({self._step, self._disconnect}, timeout=timeout_s,
-                                     return_when=asyncio.FIRST_COMPLETED)
-        if self._step in done:
-            step, self._step = self._step, None
-            return step.result()
-        if self._disconnect in done:
-            raise _ClientDisconnected()
-        raise TimeoutError()
-
-    def _account(self, out: types.RequestOutput) -> None:
-        m = self._state.metrics
-        now_s = time.perf_counter()
-        if out.num_prompt_tokens:
-            self.num_prompt_tokens = out.num_prompt_tokens
-        if out.token_ids:
-            if self._first_token_s is None:
-                self._first_token_s = now_s
-                m.time_to_first_token_s.observe(now_s - self._arrival_s)
-                m.not_waiting(self.request_id)
-                m.prompt_tokens.inc(self.num_prompt_tokens)
-            else:
-                assert self._last_token_s is not None
-                gap_s = (now_s - self._last_token_s) / len(out.token_ids)
-                for _ in out.token_ids:
-                    m.inter_token_latency_s.observe(gap_s)
-            self._last_token_s = now_s
-            self.num_output_tokens += len(out.token_ids)
-            m.generation_tokens.inc(len(out.token_ids))
-        self.num_output_tokens = max(self.num_output_tokens, out.num_output_tokens)
-        if not out.finished:
-            return
-        self.finish_reason = out.finish_reason
-        m.finish(out.finish_reason)
-        if out.finish_reason in (types.FinishReason.STOP, types.FinishReason.LENGTH):
-            m.e2e_request_latency_s.observe(now_s - self._arrival_s)
-            if self._first_token_s is not None and self.num_output_tokens > 1:
-                assert self._last_token_s is not None
-                gap_s = (self._last_token_s - self._first_token_s) / (self.num_output_tokens - 1)
-                m.time_per_output_token_s.observe(gap_s)
-
-    async def close(self, *, counted: bool = True, failed: bool = False) -> None:
-        """Stops the engine run if it has not finished; idempotent, safe under cancellation.
-
-        `counted=False` for runs refused before any output (counted as rejections instead).
-        """
-        if self._closed:
-            return
-        self._closed = True
-        self._state.metrics.not_waiting(self.request_id)
-        if self.finish_reason is None:
-            try:
-                self._state.engine.abort(self.request_id)
-            except Exception:
-                logger.debug("engine.abort(%s) failed", self.request_id, exc_info=True)
-            if counted:
-                self._state.metrics.finish(types.FinishReason.ERROR if failed else types.FinishReason.ABORT)
-        # NOTE: shielded so that a cancelled stream (client gone) still closes the engine's
-        # generator, which is what frees its KV blocks.
-        with anyio.CancelScope(shield=True):
-            for task in (self._step, self._disconnect):
-                if task is not None and not task.done():
-                    task.cancel()
-                    await asyncio.gather(task, return_exceptions=True)
-            aclose = getattr(self._iterator, "aclose", None)
-            if aclose is not None:
-                try:
-                    await aclose()
-                except Exception:
-                    logger.debug("closing the engine stream of %s failed", self.request_id, exc_info=True)
-
-
-async def _wait_for_disconnect(request: fastapi.Request) -> None:
-    # The body has been read already, so the next ASGI message is `http.disconnect`.
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-class _GenerationStream(responses.StreamingResponse):
-    """An SSE response that closes its generation however the response ends.
-
-    Starlette may cancel the body before it starts (client gone between the first output
-    and the response headers); the body's own `finally` would then never run.
-    """
-
-    def __init__(self, gen: _Generation, events: AsyncIterator[str]) -> None:
-        super().__init__(events, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self._gen = gen
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self._gen.close()
-
-
-def _engine_failure_message(out: types.RequestOutput) -> str:
-    if out.finish_reason is types.FinishReason.ABORT:
-        return "the request was aborted by the server"
-    return f"the engine failed while generating: {out.error or 'unknown error'}"
-
-
-def _sse(payload: pydantic.BaseModel | dict) -> str:
-    text = payload.model_dump_json() if isinstance(payload, pydantic.BaseModel) else json.dumps(payload)
-    return f"data: {text}\n\n"
-
-
-def _sse_error(message: str, code: str) -> str:
-    return _sse(protocol.ErrorResponse(error=protocol.ErrorInfo(message=message, type="server_error", code=code)))
-
-
 class _Endpoints:
     """Request handlers; one instance per app, holding that app's engine and metrics."""
 
-    def __init__(self, state: _AppState) -> None:
+    def __init__(self, state: generation.AppState) -> None:
         self.s = state
 
     # ------------------------------------------------------------ shared steps
 
     def check_model(self, model: str) -> None:
         if model != self.s.model_name:
-            raise ApiError(
+            raise generation.ApiError(
                 404, f"model: {model!r} is not served here; the served model is {self.s.model_name!r}",
                 param="model", code="model_not_found", reject_reason=metrics_mod.REJECT_MODEL_NOT_FOUND,
             )
@@ -347,10 +67,10 @@ class _Endpoints:
     ) -> types.SamplingParams:
         max_len = self.s.engine.max_model_len
         if num_prompt_tokens == 0:
-            raise ApiError(400, f"{prompt_param}: the prompt is empty (0 tokens); expected at least one token",
+            raise generation.ApiError(400, f"{prompt_param}: the prompt is empty (0 tokens); expected at least one token",
                            param=prompt_param)
         if num_prompt_tokens >= max_len:
-            raise ApiError(
+            raise generation.ApiError(
                 400, f"{prompt_param}: the prompt has {num_prompt_tokens} tokens but max_model_len is {max_len}; "
                 f"expected at most {max_len - 1} tokens so that at least one can be generated",
                 param=prompt_param, code="context_length_exceeded", reject_reason=metrics_mod.REJECT_CONTEXT_LENGTH,
@@ -359,7 +79,7 @@ class _Endpoints:
         if max_tokens is None:
             max_tokens = room
         elif max_tokens > room:
-            raise ApiError(
+            raise generation.ApiError(
                 400, f"{max_tokens_param}: prompt ({num_prompt_tokens} tokens) + {max_tokens_param} ({max_tokens}) = "
                 f"{num_prompt_tokens + max_tokens} exceeds max_model_len {max_len}; expected at most {room}",
                 param=max_tokens_param, code="context_length_exceeded",
@@ -376,22 +96,22 @@ class _Endpoints:
                 ignore_eos=bool(body.ignore_eos),
             )
         except ValueError as exc:
-            raise ApiError(400, str(exc), param=types.param_of(str(exc))) from exc
+            raise generation.ApiError(400, str(exc), param=types.param_of(str(exc))) from exc
 
     async def run(
         self, request: fastapi.Request, request_id: str, prompt_token_ids: list[int], params: types.SamplingParams,
         arrival_s: float, stream: bool,
-        make_events: Callable[[_Generation], AsyncIterator[str]],
-        make_body: Callable[[_Generation, str, types.FinishReason], pydantic.BaseModel],
+        make_events: Callable[[generation.Generation], AsyncIterator[str]],
+        make_body: Callable[[generation.Generation, str, types.FinishReason], pydantic.BaseModel],
     ) -> fastapi.Response:
-        gen = _Generation(self.s, request, request_id, prompt_token_ids, params, arrival_s)
+        gen = generation.Generation(self.s, request, request_id, prompt_token_ids, params, arrival_s)
         try:
             await gen.start()
-        except _ClientDisconnected:
+        except generation.ClientDisconnected:
             logger.info("client went away before the first output of %s", request_id)
             return fastapi.Response(status_code=499)
         if stream:
-            return _GenerationStream(gen, make_events(gen))
+            return generation.GenerationStream(gen, make_events(gen))
         pieces: list[str] = []
         failed = False
         try:
@@ -401,10 +121,10 @@ class _Endpoints:
                     logger.warning("request %s ended with %s: %s", request_id, out.finish_reason.value, out.error)
                     # A worker failure is the service being unavailable, not a bad request:
                     # 503 + Retry-After so clients back off and retry elsewhere or later.
-                    raise ApiError(503, _engine_failure_message(out), type="server_error",
+                    raise generation.ApiError(503, generation.engine_failure_message(out), type="server_error",
                                    code=out.finish_reason.value, reject_reason=None,
-                                   headers={"Retry-After": str(_ENGINE_DEAD_RETRY_AFTER_S)})
-        except _ClientDisconnected:
+                                   headers={"Retry-After": str(generation.ENGINE_DEAD_RETRY_AFTER_S)})
+        except generation.ClientDisconnected:
             logger.info("client went away during %s; aborted", request_id)
             return fastapi.Response(status_code=499)
         except Exception:
@@ -416,7 +136,7 @@ class _Endpoints:
         return responses.JSONResponse(make_body(gen, "".join(pieces), gen.finish_reason).model_dump(mode="json"))
 
     async def stream_events(
-        self, gen: _Generation, include_usage: bool,
+        self, gen: generation.Generation, include_usage: bool,
         chunk: Callable[[types.RequestOutput, bool], pydantic.BaseModel | None],
         usage_chunk: Callable[[protocol.UsageInfo], pydantic.BaseModel],
     ) -> AsyncIterator[str]:
@@ -427,23 +147,23 @@ class _Endpoints:
             async for out in gen.outputs():
                 if out.finished and out.finish_reason not in (types.FinishReason.STOP, types.FinishReason.LENGTH):
                     logger.warning("request %s ended with %s: %s", gen.request_id, out.finish_reason.value, out.error)
-                    yield _sse_error(_engine_failure_message(out), out.finish_reason.value)
+                    yield generation.sse_error(generation.engine_failure_message(out), out.finish_reason.value)
                     break
                 event = chunk(out, is_first)
                 is_first = False
                 if event is not None:
-                    yield _sse(event)
+                    yield generation.sse(event)
             else:
                 if include_usage:
-                    yield _sse(usage_chunk(protocol.UsageInfo.of(gen.num_prompt_tokens, gen.num_output_tokens)))
-            yield _SSE_DONE
-        except _ClientDisconnected:
+                    yield generation.sse(usage_chunk(protocol.UsageInfo.of(gen.num_prompt_tokens, gen.num_output_tokens)))
+            yield generation.SSE_DONE
+        except generation.ClientDisconnected:
             logger.info("client went away during stream %s; aborted", gen.request_id)
         except Exception as exc:
             failed = True
             logger.exception("stream %s failed", gen.request_id)
-            yield _sse_error(f"the server failed while streaming: {exc}", "error")
-            yield _SSE_DONE
+            yield generation.sse_error(f"the server failed while streaming: {exc}", "error")
+            yield generation.SSE_DONE
         finally:
             await gen.close(failed=failed)
 
@@ -469,7 +189,7 @@ class _Endpoints:
         def usage_chunk(usage: protocol.UsageInfo) -> pydantic.BaseModel:
             return protocol.CompletionChunk(id=request_id, model=model, choices=[], usage=usage)
 
-        def body_of(gen: _Generation, text: str, reason: types.FinishReason) -> pydantic.BaseModel:
+        def body_of(gen: generation.Generation, text: str, reason: types.FinishReason) -> pydantic.BaseModel:
             return protocol.CompletionResponse(
                 id=request_id, model=model, choices=[choice(text, reason)],
                 usage=protocol.UsageInfo.of(gen.num_prompt_tokens, gen.num_output_tokens),
@@ -488,7 +208,7 @@ class _Endpoints:
         try:
             prompt_ids = self.s.engine.apply_chat_template(body.messages_as_dicts())
         except (ValueError, TypeError, jinja2.TemplateError) as exc:
-            raise ApiError(400, f"messages: the chat template rejected them: {exc}", param="messages") from exc
+            raise generation.ApiError(400, f"messages: the chat template rejected them: {exc}", param="messages") from exc
         limit_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         params = self.sampling_params(body, body.output_token_limit(), len(prompt_ids), "messages", limit_param)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -508,7 +228,7 @@ class _Endpoints:
         def usage_chunk(usage: protocol.UsageInfo) -> pydantic.BaseModel:
             return protocol.ChatCompletionChunk(id=request_id, model=model, choices=[], usage=usage)
 
-        def body_of(gen: _Generation, text: str, reason: types.FinishReason) -> pydantic.BaseModel:
+        def body_of(gen: generation.Generation, text: str, reason: types.FinishReason) -> pydantic.BaseModel:
             return protocol.ChatCompletionResponse(
                 id=request_id, model=model,
                 choices=[protocol.ChatChoice(message=protocol.AssistantMessage(content=text),
@@ -551,7 +271,7 @@ def build_app(
     """
     if max_waiting_s is not None and not max_waiting_s > 0:
         raise ValueError(f"max_waiting_s: got {max_waiting_s!r}, expected a positive number of seconds or None")
-    state = _AppState(
+    state = generation.AppState(
         engine=engine,
         model_name=served_model_name or engine.model_name,
         max_waiting_s=max_waiting_s,
@@ -561,39 +281,39 @@ def build_app(
     app = fastapi.FastAPI(title="ElasticMoE OpenAI-compatible API")
     app.state.elasticmoe = state
 
-    @app.exception_handler(ApiError)
-    async def _on_api_error(request: fastapi.Request, exc: ApiError) -> fastapi.Response:
+    @app.exception_handler(generation.ApiError)
+    async def _on_api_error(request: fastapi.Request, exc: generation.ApiError) -> fastapi.Response:
         if exc.reject_reason is not None:
             state.metrics.reject(exc.reject_reason)
         # debug, not info: under overload every refused request would log a line.
         logger.debug("%s %s -> %d: %s", request.method, request.url.path, exc.status_code, exc.message)
-        return _error_response(exc)
+        return generation.error_response(exc)
 
     @app.exception_handler(fastapi_exceptions.RequestValidationError)
     async def _on_validation_error(
         request: fastapi.Request, exc: fastapi_exceptions.RequestValidationError
     ) -> fastapi.Response:
         message, param, code = protocol.describe_validation_errors(list(exc.errors()))
-        return await _on_api_error(request, ApiError(400, message, param=param, code=code))
+        return await _on_api_error(request, generation.ApiError(400, message, param=param, code=code))
 
     @app.exception_handler(starlette_exceptions.HTTPException)
     async def _on_http_error(request: fastapi.Request, exc: starlette_exceptions.HTTPException) -> fastapi.Response:
         # Unknown paths and wrong methods: same error shape as everything else, not counted.
         message = f"{request.method} {request.url.path}: {exc.detail}"
-        return _error_response(ApiError(exc.status_code, message, code=str(exc.detail).lower().replace(" ", "_"),
+        return generation.error_response(generation.ApiError(exc.status_code, message, code=str(exc.detail).lower().replace(" ", "_"),
                                         headers=getattr(exc, "headers", None), reject_reason=None))
 
     @app.exception_handler(types.EngineDead)
     async def _on_engine_dead(request: fastapi.Request, exc: types.EngineDead) -> fastapi.Response:
         # from the engine's model facts too (tokenizer, max_model_len): a coordinator still
         # learning the model from its workers after a restart
-        return await _on_api_error(request, _engine_dead_error(exc))
+        return await _on_api_error(request, generation.engine_dead_error(exc))
 
     @app.exception_handler(Exception)
     async def _on_unexpected(request: fastapi.Request, exc: Exception) -> fastapi.Response:
         logger.error("%s %s failed", request.method, request.url.path, exc_info=exc)
         message = f"internal server error: {type(exc).__name__}: {exc}"
-        return _error_response(ApiError(500, message, type="server_error", reject_reason=None))
+        return generation.error_response(generation.ApiError(500, message, type="server_error", reject_reason=None))
 
     app.add_api_route("/v1/completions", endpoints.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", endpoints.chat_completions, methods=["POST"])
