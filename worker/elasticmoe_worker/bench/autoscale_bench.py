@@ -384,10 +384,11 @@ def _run(args: argparse.Namespace) -> int:
         s = r.summary()
         console.print(f"{name}: attainment {s['slo_attainment']}, {s['device_seconds']:.0f} device-s, "
                       f"{s['failed']} failed", highlight=False)
-    return _report(args, trace, runs, win, console, cores)
+    return _report(args, trace, runs, win, console, cores, model_dir)
 
 
-def _report(args, trace: workload.Trace, runs: list[_Run], win, console, cores: int) -> int:
+def _report(args, trace: workload.Trace, runs: list[_Run], win, console, cores: int,
+            model_dir: pathlib.Path) -> int:
     duration = trace.duration_s
     summaries = {r.name: r.summary() for r in runs}
     series = {}
