@@ -47,9 +47,9 @@ def _serve(model_dir, tmp_path, control_port: int, http_port: int, log_name: str
     return proc, log
 
 
-def _complete(base: str, prompt: list[int]) -> httpx.Response:
+def _complete(base: str, prompt: list[int], model: str = "model") -> httpx.Response:
     return httpx.post(f"{base}/v1/completions", timeout=60, json={
-        "model": "model", "prompt": prompt, "max_tokens": 12, "temperature": 0.0, "ignore_eos": True})
+        "model": model, "prompt": prompt, "max_tokens": 12, "temperature": 0.0, "ignore_eos": True})
 
 
 def _status(base: str) -> dict:
@@ -224,3 +224,47 @@ def test_an_adopted_process_is_watched_and_signalled_by_pidfd():
         proc.kill()
         proc.wait()
     assert proc.returncode == -signal.SIGTERM
+
+
+@pytest.mark.slow
+def test_a_serve_killed_during_a_scale_up_restarts_on_the_configuration_before_it(tiny_models, tmp_path):
+    """serve killed while scaling 2 -> 3: the workers drop the half-done scale; the added device's
+    worker, whose memory no configuration served from, is told to exit; the restart adopts the
+    2 devices of before and serves the same outputs (the checkpoint moved away)."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_models["qwen3_moe"], model_dir)
+    control_port, http_port = testprocs.free_port(), testprocs.free_port()
+    base = f"http://127.0.0.1:{http_port}"
+    proc, log = _serve(model_dir, tmp_path, control_port, http_port, "first.log")
+    second = None
+    hmms: set[int] = set()
+    try:
+        testprocs.until("serve --devices 2", lambda: testprocs.healthy(base), 180, proc, log)
+        before = [_complete(base, p).json()["choices"][0]["text"] for p in PROMPTS]
+        r = httpx.post(f"{base}/admin/scale", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10,
+                       json={"devices": 3, "reason": "test"})
+        assert r.status_code == 202, r.text
+        # killed once device 2 has its memory, before the standby executors are ready (the switch)
+        stage = testprocs.until("the scale's transfer", lambda: re.search(r"device 2: transition \d+ moved",
+                                                                         log.read_text()), 120, proc, log)
+        proc.kill()
+        proc.wait()
+        hmms = {int(p) for _, p in HMM_STARTED.findall(log.read_text())}
+        model_dir.rename(tmp_path / "moved-away")
+        second, log2 = _serve(model_dir, tmp_path, control_port, http_port, "second.log")
+        testprocs.until("the restarted serve", lambda: testprocs.healthy(base), 180, second, log2)
+        after = [_complete(base, p).json()["choices"][0]["text"] for p in PROMPTS]
+        status, text = _status(base), log2.read_text()
+        print(f"\nkilled at {stage.group(0)!r}; restart record {status['lastScale']}")
+        assert after == before
+        assert status["lastScale"]["scaleId"].startswith("restart-") and status["devices"]["active"] == 2, status
+        assert "device 2 holds memory of no configuration that served" in text, text[-3000:]
+    finally:
+        for p in (proc, second):
+            if p is not None:
+                testprocs.interrupt(p)
+        if (tmp_path / "moved-away").exists():
+            (tmp_path / "moved-away").rename(model_dir)
+        left = _wait_gone(hmms, 30)
+        _kill_sessions(hmms)
+    assert left == {}, f"processes of the first workers' sessions left: {left}"

@@ -48,7 +48,7 @@ from elasticmoe_worker.contract import admin, wire
 from elasticmoe_worker.engine import engine as engine_mod
 from elasticmoe_worker.engine import kv_cache, types
 from elasticmoe_worker.instance import fleet as fleet_mod
-from elasticmoe_worker.instance import membership, rayfleet, reconfig, reconfig_rejoin, routing, transport
+from elasticmoe_worker.instance import membership, procutil, rayfleet, reconfig, reconfig_rejoin, routing, transport
 from elasticmoe_worker.models import config as config_mod
 from elasticmoe_worker.models import registry
 
@@ -58,6 +58,7 @@ _HISTORY_LIMIT = 10
 # A restarted local coordinator waits this long for its predecessor's workers to rejoin before it
 # starts fresh ones (they reconnect within a second: ZeroMQ retries every 100 ms).
 _REJOIN_WINDOW_S = 5.0
+_REJOIN_SETTLE_S = 0.5
 _LEARNING_MODEL = "starting: the model is learned from the workers that hold it"
 
 
@@ -248,12 +249,16 @@ class Instance:
         window_end = time.monotonic() + _REJOIN_WINDOW_S if local else deadline
         rejoins: dict[int, wire.HMMRejoin] = {}
         hellos: dict[int, wire.HMMHello] = {}
+        complete_at = None
         while True:
             if rejoins and reconfig_rejoin.missing(rejoins) is None:
-                return rejoins, hellos
+                # a moment more for the rest of the wave (workers holding nothing, or a half-done scale's)
+                complete_at = complete_at or time.monotonic()
+                if time.monotonic() - complete_at > _REJOIN_SETTLE_S:
+                    return rejoins, hellos
             if not rejoins and not local and all(d in hellos for d in range(self._initial_devices)):
                 return rejoins, hellos
-            if time.monotonic() > window_end:
+            if time.monotonic() > window_end and complete_at is None:
                 if rejoins:
                     raise RuntimeError(f"coordinator restart: {reconfig_rejoin.missing(rejoins)} on "
                                        f"{self.transport.address}; not adopting an incomplete configuration")
@@ -261,13 +266,15 @@ class Instance:
                     raise TimeoutError(f"start-up: {len(hellos)}/{self._initial_devices} workers registered "
                                        f"before the deadline")
                 return rejoins, hellos
-            received = self.transport.receive(200)
+            received = self.transport.receive(100)
             if received is None:
                 continue
             _, msg = received
             if isinstance(msg, (wire.HMMHello, wire.HMMRejoin, wire.Heartbeat)):
                 self.members.seen(msg.device_index)
-            if isinstance(msg, wire.HMMRejoin):
+            if isinstance(msg, wire.HMMRejoin) and msg.config_id == 0:
+                self._release_stray(msg)
+            elif isinstance(msg, wire.HMMRejoin):
                 if not rejoins:
                     logger.info("coordinator restart: device %d rejoined holding configuration %d; waiting for the "
                                 "others", msg.device_index, msg.config_id)
@@ -276,6 +283,23 @@ class Instance:
                 hellos.pop(msg.device_index, None)
             elif isinstance(msg, wire.HMMHello) and msg.device_index not in rejoins:
                 hellos[msg.device_index] = msg
+
+    def _release_stray(self, msg: wire.HMMRejoin) -> None:
+        """A worker holding memory that no configuration served from (its coordinator died while
+        it loaded, or while a scale-up was filling it): nothing can use that memory; it exits
+        (a pod's is then replaced by the operator)."""
+        d = msg.device_index
+        logger.warning("coordinator restart: device %d holds memory of no configuration that served (its coordinator "
+                       "died while it loaded or joined a scale); telling it to exit", d)
+        if isinstance(self.members.fleet, fleet_mod.LocalFleet):
+            # NOTE: by pid, not by message or fleet: a fresh worker of ours may hold that device index already
+            try:
+                procutil.AdoptedProcess(msg.pid).terminate()
+            except ProcessLookupError:
+                pass
+            return
+        self.transport.send(reconfig.hmm_dest(d), wire.Shutdown(reason="its memory belongs to no configuration"))
+        self.members.remove([d])
 
     def _adopt(self, rejoins: dict[int, wire.HMMRejoin], hellos: dict[int, wire.HMMHello], started: float,
                deadline: float) -> None:
@@ -388,6 +412,8 @@ class Instance:
             _, msg = received
             if isinstance(msg, (wire.HMMHello, wire.Heartbeat)):
                 self.members.seen(msg.device_index)
+            if isinstance(msg, wire.HMMRejoin) and msg.config_id == 0:
+                self._release_stray(msg)
             if isinstance(msg, (wire.HMMFailed, wire.ExecutorFailed, wire.ExecutorReady, wire.RankStats)) \
                     and msg.config_id not in (0, config_id):
                 logger.debug("start-up: ignored %s of configuration %d", type(msg).__name__, msg.config_id)
@@ -616,6 +642,9 @@ class Instance:
         """A worker of this running instance whose connection dropped and came back: it stopped
         its executors meanwhile, so its configuration is broken (handled as a failed executor:
         fresh executors on the same memory once it is one of the serving devices)."""
+        if msg.config_id == 0:
+            self._release_stray(msg)
+            return
         self.members.seen(msg.device_index)
         state = self.state
         if state is not None and msg.device_index in state.devices:
