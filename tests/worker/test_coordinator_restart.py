@@ -87,6 +87,19 @@ def _kill_sessions(sids: set[int]) -> None:
             pass
 
 
+def _stop(first, second, hmms: set[int], moved, model_dir) -> dict[int, int]:
+    """Stop both serves, put the checkpoint back; -> what of the workers' sessions was still
+    running 30 s later (killed then, so nothing outlives the test)."""
+    for p in (first, second):
+        if p is not None:
+            testprocs.interrupt(p)
+    if moved.exists():
+        moved.rename(model_dir)
+    left = _wait_gone(hmms, 30)
+    _kill_sessions(hmms)
+    return left
+
+
 def _shm_of(pids: set[int]) -> list[str]:
     return [p.name for p in pathlib.Path("/dev/shm").glob("elasticmoe-*") if int(p.name.split("-")[1]) in pids]
 
@@ -160,13 +173,7 @@ def test_a_restarted_serve_adopts_its_workers_and_serves_without_the_checkpoint(
         assert set(map(int, re.findall(r"adopted the HMM a previous coordinator started \(pid (\d+)\)", text))) \
             <= hmms and len(hmms) >= 2
     finally:
-        for p in (proc, second):
-            if p is not None:
-                testprocs.interrupt(p)
-        if (tmp_path / "moved-away").exists():
-            (tmp_path / "moved-away").rename(model_dir)
-        left = _wait_gone(hmms, 30)
-        _kill_sessions(hmms)
+        left = _stop(proc, second, hmms, tmp_path / "moved-away", model_dir)
     assert left == {}, f"processes of the workers' sessions left after shutdown: {left}"
     assert _shm_of(hmms) == []
 
@@ -260,11 +267,5 @@ def test_a_serve_killed_during_a_scale_up_restarts_on_the_configuration_before_i
         assert status["lastScale"]["scaleId"].startswith("restart-") and status["devices"]["active"] == 2, status
         assert "device 2 holds memory of no configuration that served" in text, text[-3000:]
     finally:
-        for p in (proc, second):
-            if p is not None:
-                testprocs.interrupt(p)
-        if (tmp_path / "moved-away").exists():
-            (tmp_path / "moved-away").rename(model_dir)
-        left = _wait_gone(hmms, 30)
-        _kill_sessions(hmms)
+        left = _stop(proc, second, hmms, tmp_path / "moved-away", model_dir)
     assert left == {}, f"processes of the first workers' sessions left: {left}"
