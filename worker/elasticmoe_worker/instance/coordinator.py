@@ -118,8 +118,6 @@ class Instance:
         self.collective_timeout_s = collective_timeout_s
         self.startup_timeout_s = startup_timeout_s
         self.model_name = model_name or self.model_dir.name
-        if not isinstance(num_devices, int) or isinstance(num_devices, bool) or num_devices < 1:
-            raise ValueError(f"devices: got {num_devices!r}, expected an integer >= 1")
         self._initial_devices = num_devices
         self.expert_copies = expert_copies
         self.spec: config_mod.ModelSpec | None = None
@@ -135,7 +133,7 @@ class Instance:
             self._set_model((self.model_dir / "config.json").read_text(),
                             {n: (self.model_dir / n).read_text() for n in engine_mod.TOKENIZER_FILES
                              if (self.model_dir / n).is_file()})
-            self._check_devices(num_devices)
+        self._check_devices(num_devices)
         self.worker_secret = worker_secret or secrets.token_urlsafe(32)
         self._fleet_kind = fleet
         self._heartbeat_timeout_s = heartbeat_timeout_s
@@ -172,10 +170,13 @@ class Instance:
         self.config_json = config_json
         self.tokenizer_files = dict(tokenizer_files)
 
-    def _check_devices(self, num_devices: int) -> None:
-        if not num_devices <= self.max_devices:
-            raise ValueError(f"devices: got {num_devices!r}, expected an integer in [1, {self.max_devices}] "
-                             f"(one routed expert per device at least)")
+    def _check_devices(self, num_devices: object) -> None:
+        top = self.spec.num_experts if self.spec is not None else None
+        if not isinstance(num_devices, int) or isinstance(num_devices, bool) or num_devices < 1 \
+                or (top is not None and num_devices > top):
+            raise ValueError(f"devices: got {num_devices!r}, expected an integer in [1, {top}] (one routed expert "
+                             f"per device at least)" if top is not None
+                             else f"devices: got {num_devices!r}, expected an integer >= 1")
 
     @property
     def max_model_len(self) -> int:
