@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime
 import json
 import os
@@ -91,8 +92,10 @@ class Env:
         return await self.api.list(f"/api/v1/namespaces/{NS}/events")
 
 
-@pytest_asyncio.fixture
-async def env(tmp_path):
+@contextlib.asynccontextmanager
+async def environment(tmp_path):
+    """The emulator, the stand-in kubelet and the operator's `Env`; everything they started is
+    stopped on exit (the chaos test checks what is left after it)."""
     async with cluster.Emulator() as emulator, kmock.Server(emulator) as server:
         emulator.setup()
         kubeconfig = cluster.write_kubeconfig(tmp_path / "kubeconfig", str(server.url))
@@ -107,6 +110,12 @@ async def env(tmp_path):
                     await e.stop_operator()
         finally:
             await client.close()
+
+
+@pytest_asyncio.fixture
+async def env(tmp_path):
+    async with environment(tmp_path) as e:
+        yield e
 
 
 def _condition(status: dict, ctype: str) -> dict:
