@@ -269,3 +269,20 @@ def test_a_serve_killed_during_a_scale_up_restarts_on_the_configuration_before_i
     finally:
         left = _stop(proc, second, hmms, tmp_path / "moved-away", model_dir)
     assert left == {}, f"processes of the first workers' sessions left: {left}"
+
+
+@pytest.mark.parametrize("argv, env, message", [
+    (["--devices", "2", "--control-port", "5999"], {}, "--control-port needs the worker secret"),
+    (["--control-port", "5999"], {"ELASTICMOE_WORKER_SECRET": "s"}, "--control-port: only for a local fleet"),
+    (["--devices", "2"], {"ELASTICMOE_WORKER_SECRET": "s"}, "not a directory"),  # no --control-port: no adoption
+])
+def test_serve_says_what_a_restartable_instance_needs(tmp_path, monkeypatch, caplog, argv, env, message):
+    from elasticmoe_worker import cli
+
+    monkeypatch.delenv("ELASTICMOE_WORKER_SECRET", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("ELASTICMOE_CACHE_DIR", str(tmp_path / "cache"))
+    args = cli.build_parser().parse_args(["serve", "--model", str(tmp_path / "gone"), *argv])
+    assert cli.cmd_serve(args) == 2  # (not cli.main: no logging set-up inside the test process)
+    assert message in caplog.text, caplog.text
