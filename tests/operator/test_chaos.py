@@ -9,8 +9,8 @@ waits for the instance to be Serving at its desired count again before the next 
 second loss while one is recovering is a case the README says is not handled: a worker lost
 while the others wait for a restarted coordinator); operator kills come at random moments of
 their own, also in the middle of those recoveries. A mid-scale fault patches
-`spec.devices.replicas` (up from 2, down from 3), waits until `status.scaling` shows the scale
-and kills its victim (worker, coordinator or operator) a random 0-2 s later.
+`spec.devices.replicas` from 2 to 3, waits until `status.scaling` shows a random stage of the
+scale and kills its victim (worker, coordinator or operator) a random 0-1 s later.
 
 What counts as a clean, retryable failure of a request (each kind counted apart):
 - `status`: an HTTP 503 or 429 with Retry-After (the server said when to come back);
@@ -43,6 +43,7 @@ import uuid
 import httpx
 import pytest
 
+from elasticmoe_operator import reconcile
 from elasticmoe_worker.bench import serve_bench
 import testprocs
 import test_operator as top
@@ -150,12 +151,13 @@ class Chaos:
         raise AssertionError(f"{fault.kind} fault on {fault.target}: not Serving at {self.desired} devices within "
                              f"{RECOVERY_TIMEOUT_S:g} s; status: {status}\n{logs}")
 
-    async def kill(self, victim: str) -> str:
-        """SIGKILL the victim (a random running worker pod, the coordinator, the operator); -> its name."""
+    async def kill(self, victim: str, rng: random.Random) -> str:
+        """SIGKILL the victim (a random running worker pod, the coordinator, the operator, which
+        is started again a random 0-2 s later); -> its name."""
         kubelet = self.env.kubelet
         if victim == "worker":
             pods = sorted(name for (kind, name), p in kubelet.procs.items() if kind == "Pod" and p.poll() is None)
-            pod = self.rng.choice(pods)
+            pod = rng.choice(pods)
             kubelet.kill("Pod", pod)
             return pod
         if victim == "coordinator":
@@ -164,37 +166,51 @@ class Chaos:
         assert victim == "operator", victim
         async with self.operator_lock:
             await self.env.kill_operator()
-            await asyncio.sleep(self.rng.uniform(0, 2))  # the operator is down for a random while
+            await asyncio.sleep(rng.uniform(0, 2))  # the operator is down for a random while
             await self.start_operator()
             return f"operator run {self.env.runs - 1}"
 
     async def steady(self, kind: str) -> None:
         fault = Fault(kind, "", time.monotonic(), self.desired)
         self.faults.append(fault)
-        fault.target = await self.kill(kind)
+        fault.target = await self.kill(kind, self.rng)
         await self.recovered(fault)
+
+    async def set_replicas(self, desired: int) -> None:
+        self.desired = desired
+        await self.env.api.request("PATCH", f"{top.CR_PATH}/{top.NAME}", {"spec": {"devices": {"replicas": desired}}})
 
     async def mid_scale(self, victim: str) -> None:
-        self.desired = 3 if self.desired == 2 else 2
-        await self.env.api.request("PATCH", f"{top.CR_PATH}/{top.NAME}",
-                                   {"spec": {"devices": {"replicas": self.desired}}})
-        # a scale-down can be over within a poll: then the kill comes after it (`scaling` None)
-        await self.env.wait(lambda s: bool(s.get("scaling")) or _serving_at(self.desired, s), 60,
-                            f"the scale to {self.desired} to start")
-        await asyncio.sleep(self.rng.uniform(0, 2))
-        scaling = (await self._status()).get("scaling")
-        fault = Fault(f"mid-scale:{victim}", "", time.monotonic(), self.desired, scaling)
+        """A scale-up 2 -> 3 (after a plain scale-down to 2 first if at 3: a scale-down is often
+        over within a poll) whose victim is killed in a random stage of it (`reconcile`'s
+        WaitingForWorkers: the new pod starting and registering; Scaling: the coordinator moving
+        experts and switching), a random 0-1 s after the stage was seen."""
+        if self.desired == 3:
+            await self.set_replicas(2)
+            await self.env.wait(lambda s: _serving_at(2, s), RECOVERY_TIMEOUT_S, "the scale down to 2")
+        stage = self.rng.choice((reconcile.WAITING_FOR_WORKERS, reconcile.SCALING))
+        await self.set_replicas(3)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # faster polls than env.wait: a stage can be short
+            status = await self._status()
+            if (status.get("scaling") or {}).get("stage") == stage or _serving_at(3, status):
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(self.rng.uniform(0, 1))
+        # the scale may be over by now (or was missed): then `scaling` says None
+        fault = Fault(f"mid-scale:{victim}", "", time.monotonic(), 3, (await self._status()).get("scaling"))
         self.faults.append(fault)
-        fault.target = await self.kill(victim)
+        fault.target = await self.kill(victim, self.rng)
         await self.recovered(fault)
 
-    async def operator_kills(self, times_s: list[float], t0_s: float) -> None:
-        """Operator kills at these moments (seconds after `t0_s`), whatever else is going on."""
+    async def operator_kills(self, times_s: list[float], t0_s: float, rng: random.Random) -> None:
+        """Operator kills at these moments (seconds after `t0_s`), whatever else is going on;
+        `rng` their own (the other faults' draws stay in the seed's order)."""
         for at_s in times_s:
             await asyncio.sleep(max(0.0, t0_s + at_s - time.monotonic()))
             fault = Fault("operator", "", time.monotonic(), self.desired)
             self.faults.append(fault)
-            fault.target = await self.kill("operator")
+            fault.target = await self.kill("operator", rng)
             await self.recovered(fault)
 
 
@@ -219,7 +235,7 @@ def attribute(failure, faults: list[Fault]) -> str:
     return max(hits, key=lambda f: (f.kind != "operator", f.at_s)).kind if hits else "none"
 
 
-def report(faults: list[Fault], failures: list, coordinator_down, num_ok: int, seed: int) -> dict:
+def report(faults: list[Fault], failures: list, coordinator_down, num_ok: int, seed: int, t0_s: float) -> dict:
     kinds = sorted({f.kind for f in faults})
     table = {}
     for kind in kinds + ["none"]:
@@ -238,8 +254,9 @@ def report(faults: list[Fault], failures: list, coordinator_down, num_ok: int, s
                         "recovery_max_s": round(max(times), 1)})
         table[kind] = row
     return {"seed": seed, "requests_ok": num_ok, "requests_failed": len(failures), "by_fault": table,
-            "faults": [{"kind": f.kind, "target": f.target, "recovery_s": f.recovery_s, "scaling": f.scaling}
-                       for f in faults],
+            "faults": [{"kind": f.kind, "target": f.target, "at_s": round(f.at_s - t0_s, 1),
+                        "recovery_s": round(f.recovery_s, 1) if f.recovery_s is not None else None,
+                        "scaling": f.scaling} for f in sorted(faults, key=lambda f: f.at_s)],
             "failures": [{"kind": x.kind, "class": classify(x, coordinator_down), "fault": attribute(x, faults),
                           "detail": x.detail[:300]} for x in failures]}
 
@@ -251,6 +268,10 @@ def _print_table(result: dict) -> None:
     for kind, row in result["by_fault"].items():
         print(f"{kind:<24}{row['faults']:>3}{row['failed_requests']:>8}{row.get('recovery_p50_s', '-'):>8}"
               f"{row.get('recovery_p90_s', '-'):>8}{row.get('recovery_max_s', '-'):>8}  {row['failed_by_class']}")
+    for f in result["faults"]:
+        stage = f" (during {f['scaling']['stage']} of {f['scaling']['from']} -> {f['scaling']['to']})" \
+            if f["scaling"] else ""
+        print(f"  {f['at_s']:6.1f} s  {f['kind']:<22} {f['target']}{stage}: Serving again after {f['recovery_s']} s")
 
 
 async def run_chaos(tiny_models, tmp_path, monkeypatch, seed: int, duration_s: float, num_steady: int,
@@ -271,8 +292,9 @@ async def run_chaos(tiny_models, tmp_path, monkeypatch, seed: int, duration_s: f
                                        max_tokens=6, clients=2, deadline_s=DEADLINE_S, backoff_s=1.0)
         try:
             t0_s = time.monotonic()
-            operator_times = sorted(rng.uniform(0, duration_s) for _ in range(num_operator_kills))
-            killer = asyncio.create_task(chaos.operator_kills(operator_times, t0_s))
+            operator_rng = random.Random(rng.random())
+            operator_times = sorted(operator_rng.uniform(0, duration_s) for _ in range(num_operator_kills))
+            killer = asyncio.create_task(chaos.operator_kills(operator_times, t0_s, operator_rng))
             try:
                 for kind in kinds:
                     await asyncio.sleep(rng.uniform(0, 4))
@@ -288,10 +310,12 @@ async def run_chaos(tiny_models, tmp_path, monkeypatch, seed: int, duration_s: f
             load.stop()
         coordinator_down = [(f.at_s, f.recovered_s or float("inf")) for f in chaos.faults
                             if f.kind.endswith("coordinator")]
-        result = report(chaos.faults, load.failures, coordinator_down, len(load.results), seed)
+        result = report(chaos.faults, load.failures, coordinator_down, len(load.results), seed, t0_s)
         result["chaos_s"] = round(time.monotonic() - t0_s, 1)
         result["final_status"] = {"phase": final.get("phase"), "devices": final.get("devices")}
         pids = chaos.pids | set(_ours())
+        # before the shutdown (kopf's own shutdown of an orphaned timer may log one)
+        tracebacks = [p.name for p in sorted(tmp_path.glob("operator-*.log")) if "Traceback" in p.read_text()]
     # everything started is stopped now (the kubelet's pods and the coordinator, the operator)
     left = _ours()
     result["left_processes"], result["left_shm"] = left, _shm_of(pids | set(left))
@@ -304,6 +328,7 @@ async def run_chaos(tiny_models, tmp_path, monkeypatch, seed: int, duration_s: f
     assert not mid_scale or any(f.scaling for f in mid_scale), "no fault came while a scale was in progress"
     assert _serving_at(chaos.desired, final), final
     assert final["devices"]["active"] == final["devices"]["ready"] == chaos.desired, final
+    assert tracebacks == [], f"the operator logged a Traceback while faults came: {tracebacks}"
     unclean = [x for x in result["failures"] if x["class"].startswith("unclean")]
     assert unclean == [], unclean[:5]
     assert load.results, "no request succeeded"
