@@ -50,11 +50,10 @@ import httpx
 import pytest
 
 from elasticmoe_operator import reconcile
+from elasticmoe_worker import reference
 from elasticmoe_worker.bench import serve_bench
 import testprocs
 import test_operator as top
-
-pytestmark = [pytest.mark.asyncio]
 
 # A request suspended through a worker loss waits the heartbeat timeout (5 s here) and the
 # recovery; one that has no complete answer in this long hangs.
@@ -352,6 +351,7 @@ async def run_chaos(tiny_models, tmp_path, monkeypatch, seed: int, duration_s: f
 SEED = int(os.environ.get("ELASTICMOE_CHAOS_SEED", "11"))
 
 
+@pytest.mark.asyncio
 @pytest.mark.timeout(420)
 @pytest.mark.parametrize("seed", [SEED], ids=lambda s: f"seed{s}")
 async def test_chaos_60s(tiny_models, tmp_path, monkeypatch, seed):
@@ -361,9 +361,49 @@ async def test_chaos_60s(tiny_models, tmp_path, monkeypatch, seed):
 
 
 @pytest.mark.slow
+@pytest.mark.asyncio
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("seed", [SEED], ids=lambda s: f"seed{s}")
 async def test_chaos_3min(tiny_models, tmp_path, monkeypatch, seed):
     """Two kills of each steady kind, three mid-scale faults (every victim once), three operator kills."""
     await run_chaos(tiny_models, tmp_path, monkeypatch, seed, duration_s=180, num_steady=2, num_mid_scale=3,
                     num_operator_kills=3)
+
+
+def test_a_seed_gives_one_schedule_with_every_kind_and_every_mid_scale_victim():
+    assert schedule(5, 2, 3) == schedule(5, 2, 3)
+    kinds = schedule(5, 2, 3)
+    assert sorted(kinds) == sorted(["worker", "worker", "coordinator", "coordinator", "mid-scale:worker",
+                                    "mid-scale:coordinator", "mid-scale:operator"])
+    assert len({tuple(schedule(seed, 1, 1)) for seed in range(20)}) > 1  # the seed decides the order
+
+
+def _failure(kind: str, detail: str = "", retry_after: str | None = None, ended_s: float = 10.0):
+    return reference.Failure(0, ended_s - 1, ended_s, kind, detail, retry_after)
+
+
+@pytest.mark.parametrize("failure, expected", [
+    (_failure("status", "HTTP 503: engine dead", "5"), "status"),
+    (_failure("status", "HTTP 429: overloaded", "1"), "status"),
+    (_failure("status", "HTTP 503: engine dead"), "unclean: a status without Retry-After or not 503/429"),
+    (_failure("status", "HTTP 500: boom", "5"), "unclean: a status without Retry-After or not 503/429"),
+    (_failure("connection", "ConnectError", ended_s=10.0), "connection"),
+    (_failure("connection", "ReadError", ended_s=30.0), "unclean: a connection failure while the coordinator was up"),
+    (_failure("timeout", "no complete answer within 90 s"), "unclean: timeout"),
+    (_failure("error_event", "error event: {}"), "unclean: error_event"),
+    (_failure("incomplete", "finish 'abort'"), "unclean: incomplete"),
+])
+def test_what_counts_as_a_clean_retryable_failure(failure, expected):
+    assert classify(failure, coordinator_down=[(5.0, 20.0)]) == expected
+
+
+def test_a_failure_is_put_on_the_latest_fault_it_ended_in_an_operator_kill_last():
+    worker = Fault("worker", "demo-worker-1", at_s=0.0, desired=2, recovered_s=30.0)
+    operator = Fault("operator", "operator run 1", at_s=10.0, desired=2, recovered_s=20.0)
+    coordinator = Fault("coordinator", "demo-coordinator", at_s=40.0, desired=2, recovered_s=50.0)
+    faults = [worker, operator, coordinator]
+    assert attribute(_failure("status", ended_s=15.0), faults) == "worker"  # not the operator's, though later
+    assert attribute(_failure("status", ended_s=45.0), faults) == "coordinator"
+    assert attribute(_failure("status", ended_s=30.5), faults) == "worker"  # 1 s of slack
+    assert attribute(_failure("status", ended_s=35.0), faults) == "none"
+    assert attribute(_failure("status", ended_s=15.0), [operator]) == "operator"
