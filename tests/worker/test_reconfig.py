@@ -51,15 +51,16 @@ def test_a_scale_goes_through_every_stage_and_commits(start, target, warm):
                  for t in plan.replicated_transfers] + [
                  wire.Transfer("expert", m.src_device, m.dst_device, expert_id=m.expert) for m in plan.expert_moves]
     assert rh.summary(actions) == [f"hmm-{d} PrepareTransition" for d in group]
+    owner = [homes[0] for homes in plan.new_placement.homes]
     for rank, (d, a) in enumerate(zip(group, actions)):
         assert (a.msg.config_id, a.msg.rank, a.msg.group_ranks, a.msg.transfers) == (2, rank, group, transfers)
         assert a.msg.expert_ids == list(plan.new_placement.experts_on(d))
+        # the standby of each new rank starts with the transfer (pre-initialised), beside the serving one
+        assert a.msg.standby == (reconfig.start_message(FACTS, 2, new.index(d), target, owner, replace=False)
+                                 if d in new else None)
     assert h.state.scale.stage == TRANSFER and h.state.warm == frozenset(warm) - set(added)
     assert all(h.transfer_ready(d) == [] for d in group[:-1])
-    actions = h.transfer_ready(group[-1])
-    owner = [homes[0] for homes in plan.new_placement.homes]
-    assert actions == [reconfig.Send(f"hmm-{d}", reconfig.start_message(FACTS, 2, d, target, owner, replace=False))
-                       for d in new] and not any(a.msg.replace for a in actions)
+    assert h.transfer_ready(group[-1]) == [], "no StartExecutor after the transfer: they started with it"
     assert h.state.scale.stage == STANDBY and h.state.config_id == 1
     assert all(h.executor_ready(r) == [] for r in new[:-1])
     actions = h.executor_ready(new[-1])
@@ -92,6 +93,37 @@ def test_a_scale_goes_through_every_stage_and_commits(start, target, warm):
         2, target, plan.new_placement, None, False, ())
     assert sorted(s.hmm_ready) == new and s.phase == admin.Phase.SERVING
     h.settled()
+
+
+def test_standbys_ready_before_the_transfer_ends_switch_as_the_last_byte_arrives():
+    """Pre-initialised standbys say ready as soon as their own HMM has every byte, perhaps while
+    peers still move theirs; the switch then starts the moment the transfer stage ends, with a
+    standby_start of 0 ms, and the phases still add up to the total."""
+    h = rh.Harness(1)
+    t0 = h.now + DT
+    h.scale(2)
+    h.to_stage(TRANSFER)
+    assert h.transfer_ready(0) == []
+    assert h.executor_ready(0) == [] and h.executor_ready(1) == [], "early: recorded, nothing to do yet"
+    assert h.state.scale.stage == TRANSFER and h.state.scale.early_ready == {0, 1}
+    assert h.executor_ready(7) == [] and h.state.scale.early_ready == {0, 1}, "not a rank of the new configuration"
+    actions = h.transfer_ready(1)
+    assert actions == [reconfig.PauseAdmission(), reconfig.Send("exec-1-0", wire.PauseForSwitch(config_id=1))]
+    assert h.state.scale.stage == SWITCH
+    rec = rh.finished(h.complete_stage({0: []}))
+    assert rec.phases_ms["standby_start"] == 0 and sum(rec.phases_ms.values()) == rec.duration_ms
+    assert rec.duration_ms == round((h.now - t0) * 1000)
+
+
+def test_a_standby_ready_early_on_some_ranks_waits_for_the_others_after_the_transfer():
+    h = rh.Harness(2)
+    h.scale(3)
+    h.to_stage(TRANSFER)
+    assert h.executor_ready(1) == []
+    for d in (0, 1):
+        assert h.transfer_ready(d) == []
+    assert h.transfer_ready(2) == [] and h.state.scale.stage == STANDBY and h.state.scale.waiting == {0, 2}
+    assert h.executor_ready(0) == [] and h.executor_ready(2)[0] == reconfig.PauseAdmission()
 
 
 def test_departing_sequences_go_to_the_least_loaded_rank_and_staying_ones_stay():

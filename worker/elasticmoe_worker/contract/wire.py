@@ -192,6 +192,10 @@ class PrepareTransition(Msg):
     checkpoint_experts: list[int] = []
     model_dir: str = ""
     dtype: str = ""
+    # The standby executor of this device in the new configuration, started as soon as the new
+    # memory is allocated (before bytes move): it builds its model, engine and group meanwhile
+    # and says ready only once the HMM has received every byte. None: started after the transfer.
+    standby: StartExecutor | None = None
 
 
 class TransitionReady(Msg):
@@ -275,6 +279,9 @@ class ExecutorSpec(Msg):
     ready: HMMReady
     start: StartExecutor
     host: str = ""  # the address its collectives listen on (its HMM's --host); empty: gloo's choice
+    # a pre-initialised standby: its memory is still being received; it prepares everything and
+    # says ready only when its HMM writes b"1" on its stdin after the spec (EOF: the scale ended)
+    wait_for_weights: bool = False
 
 
 # -- executor <-> coordinator ----------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import struct
 import sys
 import time
 
@@ -195,6 +196,13 @@ class Executor:
                                             requests=self.engine.export_requests()))
 
     def run(self) -> None:
+        if self.spec.wait_for_weights:  # pre-initialised: ready only once the HMM has every byte
+            waited = time.perf_counter()
+            if sys.stdin.buffer.read(1) != b"1":
+                logger.info("rank %d: its configuration's transfer ended without it; leaving", self.rank)
+                return
+            logger.info("rank %d: pre-initialised in %.2f s while its bytes arrived, then waited %.2f s for the "
+                        "last of them", self.rank, self.startup_seconds, time.perf_counter() - waited)
         self.send(wire.ExecutorReady(rank=self.rank, config_id=self.spec.start.config_id, pid=os.getpid(),
                                          bytes_read_from_checkpoint=0, startup_seconds=self.startup_seconds,
                                          attach_seconds=self.attach_seconds,
@@ -227,6 +235,13 @@ class Executor:
         self.ctx.term()
 
 
+def _read_exactly(stream, n: int) -> bytes:
+    data = stream.read(n)
+    if len(data) != n:
+        raise SystemExit(f"executor: stdin closed after {len(data)} of {n} bytes (the HMM went away)")
+    return data
+
+
 def set_compute_threads() -> int:
     """torch's intra-op threads from the cores this process can actually use: its affinity mask
     capped by its CPU quota (a pod's `limits.cpu`, `serve --cpu-per-device`), where torch's
@@ -247,7 +262,8 @@ def main() -> int:
     set_compute_threads()
     import transformers  # noqa: F401  (warm: a spare executor pays its imports before it is needed)
 
-    spec = wire.decode(sys.stdin.buffer.read())
+    (length,) = struct.unpack("<Q", _read_exactly(sys.stdin.buffer, 8))
+    spec = wire.decode(_read_exactly(sys.stdin.buffer, length))
     assert isinstance(spec, wire.ExecutorSpec), "an executor starts from an ExecutorSpec"
     rank = spec.start.rank
     executor = None

@@ -20,10 +20,12 @@ cannot be restarted (no fixed control address) has its HMMs die with the coordin
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import logging
 import os
 import pathlib
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -73,6 +75,10 @@ class HMM:
         self.tokenizer_files: dict[str, str] = {}
         # config id -> (process, rank): the serving executor, and a standby during a scale
         self.executors: dict[int, tuple[subprocess.Popen, int]] = {}
+        # config id -> a pre-initialised standby waiting for its bytes (its stdin still open)
+        self.gated: dict[int, subprocess.Popen] = {}
+        self.exec_lock = threading.RLock()  # the transition thread starts standbys too
+        self._spawner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="spawn")
         self.spare: subprocess.Popen | None = None
         self.transition: threading.Thread | None = None
         self.cancels: dict[int, transition.Cancel] = {}  # config id -> its transition's cancel switch
@@ -97,43 +103,76 @@ class HMM:
         self.expert_ids = list(plan.expert_ids)
         self.send(self.memory.ready)
 
-    def start_executor(self, start: wire.StartExecutor) -> None:
+    def start_executor(self, start: wire.StartExecutor, held: list[int] | None = None,
+                       wait_for_weights: bool = False) -> None:
+        """Start an executor of `start.config_id` on this device's memory. `wait_for_weights`: a
+        pre-initialised standby, started by the transition thread once the new regions exist;
+        it says ready only after `release_standby` (every byte received)."""
         assert self.memory is not None, "StartExecutor before the device has memory"
-        if start.replace:
-            self.stop_executors()
-        # a standby (or a recovery's executor) serves the configuration being prepared, with the
-        # experts this device will hold; of those it maps only the ones it computes (the others
-        # are redundant copies, kept for a peer's loss)
-        held = self.pending_expert_ids if self.pending_expert_ids is not None else self.expert_ids
-        computed = [e for e in held if start.expert_owner[e] == start.rank]
-        spec = wire.ExecutorSpec(
-            device_index=self.device_index, backend=self.backend_name, coordinator=self.coordinator,
-            config_json=self.config_json, tokenizer_files=self.tokenizer_files,
-            model_name=start.model_name, ready=self.memory.ready_for(computed), start=start, host=self.host,
-        )
-        proc, self.spare = self.spare, None
-        if proc is None or proc.poll() is not None:
-            proc = self._spawn_executor_process()
-        proc.stdin.write(wire.encode(spec))
-        proc.stdin.close()
-        self.spare = self._spawn_executor_process()  # the next standby is warm before it is needed
-        self.executors[start.config_id] = (proc, start.rank)
+        with self.exec_lock:
+            if start.replace:
+                self.stop_executors()
+            # a standby (or a recovery's executor) serves the configuration being prepared, with the
+            # experts this device will hold; of those it maps only the ones it computes (the others
+            # are redundant copies, kept for a peer's loss)
+            if held is None:
+                held = self.pending_expert_ids if self.pending_expert_ids is not None else self.expert_ids
+            computed = [e for e in held if start.expert_owner[e] == start.rank]
+            spec = wire.ExecutorSpec(
+                device_index=self.device_index, backend=self.backend_name, coordinator=self.coordinator,
+                config_json=self.config_json, tokenizer_files=self.tokenizer_files,
+                model_name=start.model_name, ready=self.memory.ready_for(computed), start=start, host=self.host,
+                wait_for_weights=wait_for_weights,
+            )
+            proc, self.spare = self.spare, None
+            if proc is None or proc.poll() is not None:
+                proc = self._spawn_executor_process()
+            frame = wire.encode(spec)
+            proc.stdin.write(struct.pack("<Q", len(frame)) + frame)
+            proc.stdin.flush()
+            if wait_for_weights:
+                self.gated[start.config_id] = proc
+            else:
+                proc.stdin.close()
+            self.spare = self._spawn_executor_process()  # the next standby is warm before it is needed
+            self.executors[start.config_id] = (proc, start.rank)
         self.config_ranks[start.config_id] = (start.rank, start.world_size)
         self.last_config_id = max(self.last_config_id, start.config_id)
         if self.pending_expert_ids is None:  # an executor of the memory held now (not a scale's standby)
             self.held_config_id = start.config_id
-        logger.info("device %d: executor rank %d of %d started (pid %d, configuration %d)", self.device_index,
-                    start.rank, start.world_size, proc.pid, start.config_id)
+        logger.info("device %d: executor rank %d of %d started (pid %d, configuration %d%s)", self.device_index,
+                    start.rank, start.world_size, proc.pid, start.config_id,
+                    ", pre-initialised while its bytes arrive" if wait_for_weights else "")
 
-    @staticmethod
-    def _spawn_executor_process() -> subprocess.Popen:
+    def release_standby(self, config_id: int) -> None:
+        """Every byte of `config_id` is here: its pre-initialised standby may say ready."""
+        with self.exec_lock:
+            proc = self.gated.pop(config_id, None)
+        if proc is not None:
+            try:
+                proc.stdin.write(b"1")
+                proc.stdin.close()
+            except (BrokenPipeError, ValueError):
+                pass  # it exited (it failed, and said so, or was stopped)
+
+    def _spawn_executor_process(self) -> subprocess.Popen:
         """An executor process that imports everything now and then waits for its spec on
-        stdin: starting a standby later costs attach + group join, not interpreter start-up."""
-        return subprocess.Popen([sys.executable, "-m", "elasticmoe_worker.instance.executor"], stdin=subprocess.PIPE)
+        stdin: starting a standby later costs attach + group join, not interpreter start-up.
+
+        NOTE: always forked from one long-lived thread: an executor's parent-death signal fires
+        when the *thread* that forked it ends, and a transition thread (which starts
+        pre-initialised standbys) ends with its transition."""
+        return self._spawner.submit(subprocess.Popen, [sys.executable, "-m", "elasticmoe_worker.instance.executor"],
+                                    stdin=subprocess.PIPE).result()
 
     def stop_executors(self, keep: int | None = None, timeout_s: float = 10.0) -> None:
-        for config_id in [c for c in self.executors if c != keep]:
-            proc, _ = self.executors.pop(config_id)
+        with self.exec_lock:
+            stopping = [(c, self.executors.pop(c)[0]) for c in [c for c in self.executors if c != keep]]
+            for config_id, _ in stopping:
+                gate = self.gated.pop(config_id, None)
+                if gate is not None:
+                    gate.stdin.close()  # EOF: a waiting standby leaves without saying ready
+        for config_id, proc in stopping:
             if proc.poll() is None:
                 proc.terminate()
                 proc.send_signal(signal.SIGCONT)  # a stopped one acts on the SIGTERM only once it runs
@@ -144,10 +183,16 @@ class HMM:
                     proc.wait()
 
     def _check_executors(self) -> None:
-        for config_id, (proc, rank) in list(self.executors.items()):
+        with self.exec_lock:
+            items = list(self.executors.items())
+        for config_id, (proc, rank) in items:
             if proc.poll() is None:
                 continue
-            del self.executors[config_id]
+            with self.exec_lock:
+                if self.executors.get(config_id, (None,))[0] is not proc:
+                    continue  # replaced or stopped meanwhile
+                del self.executors[config_id]
+                self.gated.pop(config_id, None)
             if proc.returncode != 0 and not self.stop:
                 self.send(wire.ExecutorFailed(
                     rank=rank, config_id=config_id,
@@ -164,10 +209,15 @@ class HMM:
         self.last_config_id = max(self.last_config_id, msg.config_id)
 
         def work() -> None:
+            def standby() -> None:  # the regions exist: prepare the next executor while the bytes move
+                if msg.standby is not None and cancel.reason is None:
+                    self.start_executor(msg.standby, held=list(msg.expert_ids), wait_for_weights=True)
+
             try:
                 result = transition.run(self.backend, self.device_index, self.memory, msg, self.coordinator,
-                                        self.secret, cancel, self.host)
+                                        self.secret, cancel, self.host, on_allocated=standby)
                 self.pending_expert_ids = list(msg.expert_ids)
+                self.release_standby(msg.config_id)
                 self.send(wire.TransitionReady(
                     device_index=self.device_index, config_id=msg.config_id,
                     ready=result.memory.ready_for(msg.expert_ids), transfer_seconds=result.seconds,

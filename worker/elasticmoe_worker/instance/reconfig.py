@@ -115,6 +115,11 @@ def _start_transfer(state: State, now: float, recovery: reconfig_loss.Recovery |
     for e, homes in enumerate(plan.new_placement.homes):
         for d in homes:
             holds.setdefault(d, []).append(e)
+    # A scale pre-initialises its standbys: each new rank's executor starts with the transfer (a
+    # recovery replaces broken executors after it, as before).
+    owner = owner_list(plan.new_placement, sc.new_devices) if recovery is None else []
+    standby = {d: start_message(f, sc.new_config, r, sc.target, owner, replace=False)
+               for r, d in enumerate(sc.new_devices)} if recovery is None else {}
     actions: list[Action] = [
         Send(hmm_dest(d), wire.PrepareTransition(
             config_id=sc.new_config, rank=rank, group_ranks=group, expert_ids=sorted(holds.get(d, [])),
@@ -123,7 +128,7 @@ def _start_transfer(state: State, now: float, recovery: reconfig_loss.Recovery |
             num_kv_blocks=f.num_kv_blocks, kv_bytes=f.kv_bytes, config_json=f.config_json,
             tokenizer_files=dict(f.tokenizer_files), timeout_s=sc.timeout_s,
             checkpoint_experts=list(from_checkpoint.get(d, ())), model_dir=f.model_dir if d in from_checkpoint else "",
-            dtype=f.engine.dtype))
+            dtype=f.engine.dtype, standby=standby.get(d)))
         for rank, d in enumerate(group)]
     record = msgspec.structs.replace(sc.record, bytes_transferred=plan.bytes_moved)
     sc = _end_stage(dataclasses.replace(sc, record=record), now, stage=TRANSFER, waiting=frozenset(group), plan=plan)
@@ -153,31 +158,31 @@ def _on_transfer_ready(state: State, ev: TransferReady) -> tuple[State, list[Act
     if sc.waiting:
         return dataclasses.replace(state, scale=sc), []
     record = msgspec.structs.replace(sc.record, transfer_data_ms=_ms(max(r.data_seconds for r in ready.values())))
-    owner = owner_list(sc.plan.new_placement, sc.new_devices)
-    # a recovery replaces the broken executors; a scale starts standbys beside the serving ones
-    actions: list[Action] = [
-        Send(hmm_dest(d), start_message(state.facts, sc.new_config, r, sc.target, owner, replace=bool(sc.lost)))
-        for r, d in enumerate(sc.new_devices)]
-    sc = _end_stage(dataclasses.replace(sc, record=record), ev.now, stage=STANDBY,
-                    waiting=frozenset(range(len(sc.new_devices))))
-    return dataclasses.replace(state, scale=sc), actions
+    actions: list[Action] = []
+    if sc.lost:  # a recovery replaces the broken executors now; a scale's standbys started with the transfer
+        owner = owner_list(sc.plan.new_placement, sc.new_devices)
+        actions = [Send(hmm_dest(d), start_message(state.facts, sc.new_config, r, sc.target, owner, replace=True))
+                   for r, d in enumerate(sc.new_devices)]
+    waiting = frozenset(range(len(sc.new_devices))) - sc.early_ready
+    sc = _end_stage(dataclasses.replace(sc, record=record), ev.now, stage=STANDBY, waiting=waiting)
+    state = dataclasses.replace(state, scale=sc)
+    if not waiting:  # every standby was ready before the last byte arrived
+        return _standbys_ready(state, ev.now)
+    return state, actions
 
 
 def _on_executor_ready(state: State, ev: ExecutorReady) -> tuple[State, list[Action]]:
     sc = state.scale
     if sc is not None and ev.config_id == sc.new_config:
+        if sc.stage == TRANSFER and not sc.lost and 0 <= ev.rank < len(sc.new_devices):
+            # a pre-initialised standby: ready (its HMM has every byte) while peers still move theirs
+            return dataclasses.replace(state, scale=dataclasses.replace(sc, early_ready=sc.early_ready | {ev.rank})), []
         if sc.stage != STANDBY or ev.rank not in sc.waiting:
             return state, []
         sc = dataclasses.replace(sc, waiting=sc.waiting - {ev.rank})
         if sc.waiting:
             return dataclasses.replace(state, scale=sc), []
-        if sc.lost:
-            return _commit_recovery(dataclasses.replace(state, scale=sc), ev.now)
-        old_ranks = range(len(sc.old_devices))
-        sc = _end_stage(sc, ev.now, stage=SWITCH, waiting=frozenset(old_ranks))
-        actions: list[Action] = [PauseAdmission()]
-        actions += [Send(exec_dest(sc.old_config, r), wire.PauseForSwitch(config_id=sc.old_config)) for r in old_ranks]
-        return dataclasses.replace(state, scale=sc, paused=True), actions
+        return _standbys_ready(dataclasses.replace(state, scale=sc), ev.now)
     if ev.config_id == state.config_id and ev.rank in state.recovering:
         recovering = state.recovering - {ev.rank}
         state = dataclasses.replace(state, recovering=recovering)
@@ -186,6 +191,18 @@ def _on_executor_ready(state: State, ev: ExecutorReady) -> tuple[State, list[Act
             actions += [SetHealth(None)] if state.error is not None else []
             return dataclasses.replace(state, error=None, paused=False, held=(), suspended_since=None), actions
     return state, []
+
+
+def _standbys_ready(state: State, now: float) -> tuple[State, list[Action]]:
+    """Every executor of the new configuration is ready: a recovery commits, a scale switches."""
+    sc = state.scale
+    if sc.lost:
+        return _commit_recovery(state, now)
+    old_ranks = range(len(sc.old_devices))
+    sc = _end_stage(sc, now, stage=SWITCH, waiting=frozenset(old_ranks))
+    actions: list[Action] = [PauseAdmission()]
+    actions += [Send(exec_dest(sc.old_config, r), wire.PauseForSwitch(config_id=sc.old_config)) for r in old_ranks]
+    return dataclasses.replace(state, scale=sc, paused=True), actions
 
 
 def _on_handed_over(state: State, ev: HandedOver) -> tuple[State, list[Action]]:

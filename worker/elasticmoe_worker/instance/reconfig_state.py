@@ -76,6 +76,9 @@ class Scale:
     broken: str = ""  # an executor of the new configuration failed after the pause: restart them after the commit
     lost: tuple[int, ...] = ()  # a recovery from these lost devices: no switch, its requests are recomputed
     checkpoint_experts: tuple[int, ...] = ()  # a recovery reads these from the checkpoint (no survivor has them)
+    # ranks of the new configuration whose standby executor, started with the transfer (pre-initialised
+    # while bytes move), said ready before the transfer ended
+    early_ready: frozenset[int] = frozenset()
 
     @property
     def switched(self) -> bool:

@@ -19,6 +19,7 @@ import dataclasses
 import datetime
 import logging
 import time
+from typing import Callable
 
 import torch
 
@@ -85,7 +86,10 @@ def _wait(work, cancel: Cancel, deadline: float) -> None:
 
 
 def run(backend: backends_base.DeviceBackend, device_index: int, mem: memory.DeviceMemory,
-        msg: wire.PrepareTransition, coordinator: str, secret: str, cancel: Cancel, host: str = "") -> Result:
+        msg: wire.PrepareTransition, coordinator: str, secret: str, cancel: Cancel, host: str = "",
+        on_allocated: Callable[[], None] | None = None) -> Result:
+    """Allocate what this device gains, call `on_allocated` (the regions exist, their bytes do
+    not yet: a standby may attach and prepare), then read and receive the bytes."""
     started = time.perf_counter()
     deadline = time.monotonic() + msg.timeout_s
     for layer in msg.moe_layers:
@@ -96,6 +100,8 @@ def run(backend: backends_base.DeviceBackend, device_index: int, mem: memory.Dev
                     backend.allocate(msg.expert_w2_bytes, f"dev{device_index}.l{layer}.e{e}.w2"),
                 )
     cancel.check()
+    if on_allocated is not None:
+        on_allocated()
     if msg.checkpoint_experts:  # after a lost device: experts no survivor holds
         t0 = time.perf_counter()
         read_bytes = memory.read_experts(mem, msg.model_dir, msg.dtype, list(msg.checkpoint_experts))
