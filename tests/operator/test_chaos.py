@@ -303,10 +303,10 @@ async def run_chaos(tiny_models, tmp_path, monkeypatch, seed: int, duration_s: f
             killer = asyncio.create_task(chaos.operator_kills(operator_times, t0_s, operator_rng))
             try:
                 for i, kind in enumerate(kinds):
+                    await asyncio.sleep(rng.uniform(0, 4))
                     if time.monotonic() - t0_s > duration_s:  # the bound: no fault starts after it
                         skipped = kinds[i:]
                         break
-                    await asyncio.sleep(rng.uniform(0, 4))
                     if kind.startswith("mid-scale:"):
                         await chaos.mid_scale(kind.split(":", 1)[1])
                     else:
