@@ -104,3 +104,43 @@ def test_serve_without_model_generates_default_serves_and_stops_on_ctrl_c(tmp_pa
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_serve_keeps_as_many_warm_workers_as_asked_and_a_scale_up_takes_them(tiny_models, tmp_path):
+    """--warm-workers 2: two workers wait, started, beside the serving one; a scale to 3 devices
+    then waits for no process to start (its workers phase is 0 ms)."""
+    port, token = testprocs.free_port(), "t" * 32
+    (tmp_path / "token").write_text(token)
+    base, headers = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {token}"}
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(testprocs.elasticmoe("serve", "--model", str(tiny_models["qwen3_moe"]), "--devices", "1",
+                                                     "--warm-workers", "2", "--port", str(port), "--admin-token-file",
+                                                     str(tmp_path / "token"), "--dtype", "float32"),
+                                stdout=out, stderr=subprocess.STDOUT, preexec_fn=testprocs.die_with_test)
+    try:
+        def registered():
+            if not testprocs.healthy(base):
+                return None
+            devices = httpx.get(f"{base}/admin/status", headers=headers, timeout=10).json()["devices"]
+            return devices if len(devices["registered"]) == 3 else None
+        devices = testprocs.until("1 serving + 2 warm workers", registered, 180, proc, log)
+        assert devices["active"] == 1
+        r = httpx.post(f"{base}/admin/scale", headers=headers, json={"devices": 3, "reason": "test"}, timeout=30)
+        assert r.status_code == 202, r.text
+
+        def finished():
+            last = httpx.get(f"{base}/admin/status", headers=headers, timeout=10).json()["lastScale"]
+            return last if last and last["outcome"] != "Running" else None
+        record = testprocs.until("the scale to 3 devices", finished, 300, proc, log)
+        assert record["outcome"] == "Succeeded" and record["phasesMs"]["workers"] == 0, record
+    finally:
+        testprocs.interrupt(proc)
+    assert proc.returncode == 0, log.read_text()[-3000:]
+
+
+def test_warm_workers_are_refused_for_an_external_fleet():
+    out = subprocess.run(testprocs.elasticmoe("coordinator", "--devices", "1", "--warm-workers", "1"),
+                         capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "ELASTICMOE_WORKER_SECRET": "s" * 32})
+    assert out.returncode == 2 and "--warm-workers 1: the workers of an external fleet" in out.stderr, out.stderr

@@ -94,6 +94,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         engine = coordinator.Instance(model_dir, args.devices, cliargs.engine_config_from_args(args), model_name=name,
                                       backend=args.backend, collective_timeout_s=args.collective_timeout_s,
                                       cpu_per_device=args.cpu_per_device, expert_copies=args.expert_copies,
+                                      warm_workers=1 if args.warm_workers is None else args.warm_workers,
                                       control_port=args.control_port,
                                       worker_secret=_worker_secret(args) if restartable else "",
                                       orphan_timeout_s=args.orphan_timeout_s if restartable else None)
@@ -115,12 +116,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
             worker_secret=_worker_secret(args) if is_coordinator else os.environ.get(transport.SECRET_ENV, "").strip(),
             ray_options=rayfleet.Options(address=args.ray_address, cpus_per_device=args.ray_cpus_per_device,
                                          placement_timeout_s=args.ray_placement_timeout_s),
-            expert_copies=args.expert_copies).start()
+            expert_copies=args.expert_copies,
+            warm_workers=1 if args.warm_workers is None else args.warm_workers).start()
     else:
         from elasticmoe_worker.instance import coordinator
 
         from elasticmoe_worker.instance import transport
 
+        if args.warm_workers:
+            log.error("--warm-workers %d: the workers of an external fleet (pods) are started by others, not by "
+                      "the coordinator; leave it out", args.warm_workers)
+            return 2
         advertise = args.advertise_host or socket.getfqdn()
         secret = _worker_secret(args)
         if not secret:
@@ -270,6 +276,10 @@ def _add_serving_arguments(p: argparse.ArgumentParser, host_default: str, device
                    help="copies of each routed expert, on distinct devices: with 2, a lost device's experts come "
                         "from a peer's copy instead of the checkpoint, at the memory of one more copy of every "
                         "expert (shown in /admin/status as experts.redundantBytes) (default: %(default)s)")
+    p.add_argument("--warm-workers", type=cliargs.non_negative_int, default=None, metavar="N",
+                   help="workers (an HMM and a pre-started executor each, holding no weights) kept started ahead of "
+                        "a scale-up, so that adding up to N devices does not wait for processes to start; local and "
+                        "Ray fleets (an external fleet's workers are started by others) (default: 1)")
     p.add_argument("--collective-timeout-s", type=float, default=60.0,
                    help="a collective that stalls longer fails with an error instead of hanging (default: %(default)s)")
     p.add_argument("--admin-token-file", default=None,

@@ -40,14 +40,22 @@ def default_model_dir() -> pathlib.Path:
     return modelgen.make_model(DEFAULT_FAMILY, DEFAULT_PRESET, path, progress=sys.stderr.isatty())
 
 
-def positive_int(text: str) -> int:
+def _int_at_least(text: str, least: int) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"got {text!r}, expected an integer >= 1") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"got {value}, expected an integer >= 1")
+        raise argparse.ArgumentTypeError(f"got {text!r}, expected an integer >= {least}") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"got {value}, expected an integer >= {least}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    return _int_at_least(text, 0)
 
 
 def positive_float(expected: str) -> Callable[[str], float]:
