@@ -138,7 +138,9 @@ class HMM:
             self.executors[start.config_id] = (proc, start.rank)
         self.config_ranks[start.config_id] = (start.rank, start.world_size)
         self.last_config_id = max(self.last_config_id, start.config_id)
-        if self.pending_expert_ids is None:  # an executor of the memory held now (not a scale's standby)
+        if self.pending_expert_ids is None and not wait_for_weights:
+            # an executor of the memory held now (not a scale's standby, whose memory is still arriving
+            # or not yet committed: a coordinator restart must not adopt that configuration)
             self.held_config_id = start.config_id
         logger.info("device %d: executor rank %d of %d started (pid %d, configuration %d%s)", self.device_index,
                     start.rank, start.world_size, proc.pid, start.config_id,
