@@ -16,8 +16,8 @@ experts a device gains are received.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import logging
+import threading
 import time
 from typing import Callable
 
@@ -72,17 +72,31 @@ class Cancel:
             raise Cancelled(f"transition cancelled: {self.reason}")
 
 
-def _wait(work, cancel: Cancel, deadline: float) -> None:
-    while True:
+def _wait(works: list, cancel: Cancel, deadline: float) -> None:
+    """Wait for every work, giving up on a cancel or past `deadline`.
+
+    NOTE: gloo's send/recv cannot be polled: `wait(timeout)` that times out completes the work
+    as failed (a send slower than the timeout used to fail the whole transition), and
+    `is_completed()` changes only inside `wait`. So one waiter thread waits without a timeout
+    and this thread polls it; after a cancel the waiter ends once its peers close the group."""
+    done, failure = threading.Event(), []
+
+    def waiter() -> None:
         try:
-            work.wait(datetime.timedelta(seconds=0.5))
-            return
-        except RuntimeError:
-            if work.is_completed():
-                raise  # it failed (a peer went away), not just slow
-            cancel.check()
-            if time.monotonic() > deadline:
-                raise
+            for work in works:
+                work.wait()
+        except Exception as exc:  # a peer went away, or the group was torn down
+            failure.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=waiter, name="transfer-wait", daemon=True).start()
+    while not done.wait(0.5):
+        cancel.check()
+        if time.monotonic() > deadline:
+            raise TimeoutError("the transfers did not complete before the transition's deadline")
+    if failure:
+        raise failure[0]
 
 
 def run(backend: backends_base.DeviceBackend, device_index: int, mem: memory.DeviceMemory,
@@ -154,11 +168,10 @@ def _move(backend: backends_base.DeviceBackend, mem: memory.DeviceMemory, msg: w
             else:
                 works.append(pg.recv([buf], rank_of[t.src], tag))
                 received += buf.numel()
-    for w in works:
-        _wait(w, cancel, deadline)
+    _wait(works, cancel, deadline)
     data_seconds = time.perf_counter() - data_started
     # NOTE: nobody leaves before everyone is done: a rank that tears its group down early
     # resets connections that slower peers are still setting up.
-    _wait(pg.barrier(), cancel, deadline)
+    _wait([pg.barrier()], cancel, deadline)
     seconds = time.perf_counter() - started
     return Result(mem, seconds, sent, received, setup_seconds, data_seconds)
