@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from elasticmoe_worker.bench import scaling_bench
+from elasticmoe_worker.bench import scaling_bench, scaling_report
 
 
 def _run(strategy, a, b, t, failed=0, during=40, per_s=4.0, peak=1.05, repeat=0, **extra):
@@ -35,13 +35,13 @@ def test_summary_takes_the_ratio_of_medians_and_judges_every_target():
     floors = [{"from": 1, "to": 2, "floor_s": f, "bytes": 1e9, "idle_bytes_per_s": 1e9, "decode_step_s": 0.1,
                "transfer_bytes_per_s": 5e8} for f in (1.0, 1.5, 2.0)]
     steps = [{"added": 1, "seconds": s} for s in (2.0, 2.0, 3.0)] + [{"added": 4, "seconds": s} for s in (4.0, 5.0)]
-    s = scaling_bench.summarise_repeats(runs, floors, steps)
+    s = scaling_report.summarise_repeats(runs, floors, steps)
     sc = s["scales"]["1:2"]
     assert sc["strategies"]["elastic"]["time_to_new_capacity_s"] == {"median": 3.0, "spread": [2.0, 4.0]}
     assert sc["cold_over_elastic"] == 10.0, "median 30 / median 3, not the median of 15, 5, 20"
     assert sc["elastic_over_floor"] == 2.0 and sc["transfer_over_idle"] == 0.5
     assert s["steps_4_over_1"] == 2.25
-    verdicts = {t["target"]: t["met"] for t in scaling_bench.targets(s)}
+    verdicts = {t["target"]: t["met"] for t in scaling_report.targets(s)}
     assert verdicts["1:2: elastic ÷ physical floor ≤ 3×"] is True
     assert verdicts["1:2: cold restart ÷ elastic ≥ 10×"] is True
     assert verdicts["1:2: elastic failed requests = 0"] is True

@@ -34,9 +34,10 @@ import logging
 import os
 import pathlib
 import random
-import statistics
 import threading
 import time
+
+from elasticmoe_worker.bench import scaling_report
 
 DESCRIPTION = ("Scale a live instance A -> B devices (several scales, up and down) four ways (elastic, cold restart, "
                "extravagant, horizontal) under one open-loop load, each device under a CPU quota, --repeats times; "
@@ -359,104 +360,6 @@ def parse_scales(text: str) -> list[tuple[int, int]]:
     return out
 
 
-def _median(values: list[float]) -> float | None:
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
-
-
-def _spread(values: list[float]) -> list[float] | None:
-    values = [v for v in values if v is not None]
-    return [min(values), max(values)] if values else None
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return round(a / b, 3) if a is not None and b else None
-
-
-def summarise_repeats(runs: list[dict], floors: list[dict], steps: list[dict]) -> dict:
-    """Medians over repeats of every figure, the ratios of medians the targets are judged on."""
-    out: dict = {"scales": {}, "steps": {}}
-    for key in sorted({(r["from"], r["to"]) for r in runs}, key=lambda k: (k[0] > k[1], k)):
-        a, b = key
-        by = {}
-        for r in runs:
-            if (r["from"], r["to"]) == key:
-                by.setdefault(r["strategy"], []).append(r)
-        strategies = {}
-        for name, rs in by.items():
-            t = [r["time_to_new_capacity_s"] for r in rs]
-            strategies[name] = {
-                "repeats": len(rs), "warm_workers": rs[0]["warm_workers"],
-                "time_to_new_capacity_s": {"median": _median(t), "spread": _spread(t)},
-                "failed": sum(r["failed"] for r in rs), "requests": sum(r["requests"] for r in rs),
-                "completed_during": {"median": _median([r["completed_during"] for r in rs]),
-                                     "min": min(r["completed_during"] for r in rs)},
-                "completed_per_s_during": _median([r["completed_per_s"]["during"] for r in rs]),
-                "peak_over_steady_staying": max((r["memory"]["peak_over_steady"] or 0) for r in rs) or None,
-                "total_peak_bytes": _median([r["memory"]["peak_bytes"] for r in rs]),
-                "phases_s": {p: _median([r["phases"].get(p) for r in rs]) for p in rs[0].get("phases", {})},
-            }
-        scale = {"from": a, "to": b, "strategies": strategies}
-        el, cold = strategies.get("elastic"), strategies.get("cold")
-        fl = [f for f in floors if (f["from"], f["to"]) == key]
-        if el and fl:
-            floor_s = _median([f["floor_s"] for f in fl])
-            scale["floor"] = {"median_s": floor_s, "spread": _spread([f["floor_s"] for f in fl]),
-                              "bytes_moved": _median([f["bytes"] for f in fl]),
-                              "idle_bytes_per_s": _median([f["idle_bytes_per_s"] for f in fl]),
-                              "decode_step_s": _median([f["decode_step_s"] for f in fl]),
-                              "transfer_bytes_per_s": _median([f["transfer_bytes_per_s"] for f in fl])}
-            scale["elastic_over_floor"] = _ratio(el["time_to_new_capacity_s"]["median"], floor_s)
-            scale["transfer_over_idle"] = _ratio(scale["floor"]["transfer_bytes_per_s"],
-                                                 scale["floor"]["idle_bytes_per_s"])
-        if el and cold:
-            scale["cold_over_elastic"] = _ratio(cold["time_to_new_capacity_s"]["median"],
-                                                el["time_to_new_capacity_s"]["median"])
-            scale["throughput_during_elastic_over_cold"] = _ratio(el["completed_per_s_during"],
-                                                                  cold["completed_per_s_during"])
-        out["scales"][f"{a}:{b}"] = scale
-    for k in sorted({s["added"] for s in steps}):
-        secs = [s["seconds"] for s in steps if s["added"] == k]
-        out["steps"][str(k)] = {"median_s": _median(secs), "spread": _spread(secs), "repeats": len(secs)}
-    if "1" in out["steps"] and "4" in out["steps"]:
-        out["steps_4_over_1"] = _ratio(out["steps"]["4"]["median_s"], out["steps"]["1"]["median_s"])
-    return out
-
-
-def targets(summary: dict) -> list[dict]:
-    """Issue 12's targets, each met or not with the measured value (None: not measured)."""
-    rows = []
-
-    def add(name, value, met, text):
-        rows.append({"target": name, "measured": text if value is not None else "not measured",
-                     "met": None if value is None else bool(met)})
-
-    for key, s in summary["scales"].items():
-        v = s.get("elastic_over_floor")
-        add(f"{key}: elastic ÷ physical floor ≤ 3×", v, v is not None and v <= 3, f"{v}×")
-        v = s.get("cold_over_elastic")
-        add(f"{key}: cold restart ÷ elastic ≥ 10×", v, v is not None and v >= 10, f"{v}×")
-        el = s["strategies"].get("elastic")
-        if el:
-            add(f"{key}: elastic failed requests = 0", el["failed"], el["failed"] == 0,
-                f"{el['failed']} of {el['requests']}")
-            v = s.get("throughput_during_elastic_over_cold")
-            cold = s["strategies"].get("cold")
-            if v is None and cold and cold["completed_per_s_during"] == 0 and el["completed_per_s_during"]:
-                add(f"{key}: throughput during ≥ 2× cold restart", el["completed_per_s_during"], True,
-                    f"{el['completed_per_s_during']:.2f} req/s vs 0 (cold restart completes none); "
-                    f"{el['completed_during']['min']} completed in the window at least")
-            else:
-                add(f"{key}: throughput during ≥ 2× cold restart", v, v is not None and v >= 2, f"{v}×")
-            v = s.get("transfer_over_idle")
-            add(f"{key}: transfer rate ≥ 0.8× idle transport", v, v is not None and v >= 0.8, f"{v}×")
-            v = el["peak_over_steady_staying"]
-            add(f"{key}: peak ≤ 1.10× steady memory, staying devices", v, v is not None and v <= 1.10, f"{v}×")
-    v = summary.get("steps_4_over_1")
-    add("+4 devices ≤ 1.5× (+1)", v, v is not None and v <= 1.5, f"{v}×")
-    return rows
-
-
 def _default_quota(scales: list[tuple[int, int]]) -> float:
     """Cores per device so that the largest instance of the run fits the machine's cores."""
     cores = len(os.sched_getaffinity(0))
@@ -511,38 +414,24 @@ def run(args: argparse.Namespace) -> int:
             if mine:
                 idle = _p2p_vs_plain(max(x["bytes_transferred"] for x in mine))
                 for x in mine:
-                    floors.append(_floor(x, idle))
+                    floors.append(scaling_report.floor(x, idle))
             bar.advance(task)
             for k in step_sizes:
                 bar.update(task, description=f"repeat {r + 1}/{args.repeats}: elastic 1 -> {1 + k}")
                 steps.append({**_step(model_dir, cfg, k, args), "repeat": r})
                 bar.advance(task)
-    summary = summarise_repeats(runs, floors, steps)
+    summary = scaling_report.summarise_repeats(runs, floors, steps)
     report = {"config": {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()
                          if k != "func"}, "model_dir": str(model_dir), "cores": len(os.sched_getaffinity(0)),
-              "summary": summary, "targets": targets(summary), "runs": runs, "floors": floors, "steps": steps,
+              "summary": summary, "targets": scaling_report.targets(summary), "runs": runs, "floors": floors, "steps": steps,
               "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "scaling.json").write_text(json.dumps(report, indent=1))
-    md = _report(report, args)
+    md = scaling_report.report(report, args)
     (args.out_dir / "scaling.md").write_text(md)
-    _plot(runs, args.out_dir / "scaling.png")
+    scaling_report.plot(runs, args.out_dir / "scaling.png")
     console.print(f"wrote {args.out_dir / 'scaling.json'}, scaling.md, scaling.png")
     return 0
-
-
-def _floor(elastic: dict, idle: dict) -> dict:
-    """Bytes moved ÷ the transport's idle bandwidth, plus one decode step (the switch cannot
-    serve before the new executors ran one)."""
-    if elastic["tpot_all_p50_ms"] is None:
-        raise RuntimeError(f"elastic {elastic['from']} -> {elastic['to']}: no request completed more than one token; "
-                           "no decode step to put in the floor (raise --before-s/--after-s or lower the load)")
-    step_s = elastic["tpot_all_p50_ms"] / 1000
-    moved = elastic["bytes_transferred"]
-    return {"from": elastic["from"], "to": elastic["to"], "repeat": elastic.get("repeat"), "bytes": moved,
-            "idle_bytes_per_s": idle["bytes_per_s"], "decode_step_s": step_s,
-            "floor_s": moved / idle["bytes_per_s"] + step_s,
-            "transfer_bytes_per_s": moved / elastic["transfer_data_seconds"] if elastic["transfer_data_seconds"] else None}
 
 
 def _step(model_dir, cfg, k: int, args) -> dict:
@@ -558,101 +447,3 @@ def _step(model_dir, cfg, k: int, args) -> dict:
                 "phases": {n: ms / 1000 for n, ms in rec.phases_ms.items()}}
     finally:
         inst.shutdown()
-
-
-def _report(report: dict, args) -> str:
-    """The tables on the console and as markdown (returned)."""
-    from rich.console import Console
-    from rich.table import Table
-
-    summary = report["summary"]
-    console = Console() if Console().is_terminal else Console(width=160)
-
-    def f(x, fmt="{:.2f}"):
-        return "—" if x is None else fmt.format(x)
-
-    cols = ("scale", "strategy", "warm pool", "to capacity s (min–max)", "completed during", "req/s during",
-            "failed / requests", "peak ÷ steady, staying", "total peak MB")
-    table = Table(title=f"elasticmoe bench scaling: {pathlib.Path(report['model_dir']).name}, median of "
-                        f"{args.repeats} repeat(s), {args.rate:g} req/s open loop, {args.cpu_per_device or 'no'} "
-                        f"cores per device")
-    for c in cols:
-        table.add_column(c)
-    md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for key, s in summary["scales"].items():
-        for name, st in s["strategies"].items():
-            t = st["time_to_new_capacity_s"]
-            row = [key.replace(":", " → "), name, str(st["warm_workers"]),
-                   f"{f(t['median'])} ({f(t['spread'][0])}–{f(t['spread'][1])})" if t["spread"] else "—",
-                   f"{f(st['completed_during']['median'], '{:.0f}')} (min {st['completed_during']['min']})",
-                   f(st["completed_per_s_during"]), f"{st['failed']} / {st['requests']}",
-                   f(st["peak_over_steady_staying"]), f(st["total_peak_bytes"] / 1e6 if st["total_peak_bytes"] else None,
-                                                         "{:.0f}")]
-            table.add_row(*row)
-            md.append("| " + " | ".join(row) + " |")
-        if "floor" in s:
-            fl = s["floor"]
-            row = [key.replace(":", " → "), "physical floor", "", f"{f(fl['median_s'])}", "", "", "", "", ""]
-            table.add_row(*row)
-            md.append("| " + " | ".join(row) + " |")
-    console.print(table)
-    md.append("")
-    md.append("| scale | bytes moved | idle transport | elastic transfer rate | decode step s | phases s (median) |")
-    md.append("|---|---|---|---|---|---|")
-    for key, s in summary["scales"].items():
-        if "floor" in s:
-            fl, ph = s["floor"], s["strategies"]["elastic"]["phases_s"]
-            md.append(f"| {key.replace(':', ' → ')} | {fl['bytes_moved'] / 1e6:.0f} MB | "
-                      f"{fl['idle_bytes_per_s'] / 1e6:.0f} MB/s | "
-                      f"{f(fl['transfer_bytes_per_s'] / 1e6 if fl['transfer_bytes_per_s'] else None, '{:.0f}')} MB/s | "
-                      f"{f(fl['decode_step_s'], '{:.3f}')} | "
-                      + ", ".join(f"{p} {f(v)}" for p, v in ph.items()) + " |")
-    if summary["steps"]:
-        md.append("")
-        md.append("| elastic scale-up from 1 device | seconds, median (min–max) | repeats |")
-        md.append("|---|---|---|")
-        for k, st in summary["steps"].items():
-            md.append(f"| +{k} | {f(st['median_s'])} ({f(st['spread'][0])}–{f(st['spread'][1])}) | {st['repeats']} |")
-    md.append("")
-    md.append("| target | measured | |")
-    md.append("|---|---|---|")
-    tt = Table(title="targets (issue 12)")
-    for c in ("target", "measured", ""):
-        tt.add_column(c)
-    for t in report["targets"]:
-        verdict = "—" if t["met"] is None else ("met" if t["met"] else "**not met**")
-        md.append(f"| {t['target']} | {t['measured']} | {verdict} |")
-        tt.add_row(t["target"], t["measured"], verdict.replace("**", ""))
-    console.print(tt)
-    return "\n".join(md) + "\n"
-
-
-def _plot(runs: list[dict], path: pathlib.Path) -> None:
-    """Completed requests per second over time, one panel per scale (first repeat), the window
-    from request to new capacity shaded."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    first = [r for r in runs if r.get("repeat", 0) == 0]
-    keys = sorted({(r["from"], r["to"]) for r in first}, key=lambda k: (k[0] > k[1], k))
-    fig, axes = plt.subplots(len(keys), 1, figsize=(9, 3 * len(keys)), squeeze=False)
-    for ax, key in zip(axes[:, 0], keys):
-        for r in (x for x in first if (x["from"], x["to"]) == key):
-            done = sorted(t["done"] for t in r["timeline"] if t["ok"] and t["done"] is not None)
-            if not done:
-                continue
-            xs = list(range(int(max(done)) + 1))
-            ys = [sum(1 for d in done if x <= d < x + 1) for x in xs]
-            line, = ax.plot(xs, ys, label=r["strategy"])
-            ax.axvspan(r["requested_at_s"], r["new_capacity_at_s"], color=line.get_color(), alpha=0.12)
-            ax.axvline(r["requested_at_s"], color=line.get_color(), ls=":")
-        ax.set_ylabel("completed / s")
-        ax.set_title(f"{key[0]} → {key[1]} devices (shaded: request → new capacity)")
-        ax.legend(fontsize=8)
-    axes[-1, 0].set_xlabel("seconds")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
