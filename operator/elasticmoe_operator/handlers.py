@@ -194,8 +194,32 @@ async def reconcile_timer(body, spec, status, meta, name, namespace, patch, memo
                          namespace, patch, memo)
 
 
+# Status fields that only this operator writes and that each tick rebuilds from the last value.
+OWN_FIELDS = ("conditions", "lastScale", "history")
+
+
+def _as_written(memo: kopf.Memo, status: dict) -> dict:
+    """`status` with the fields of OWN_FIELDS as this process last wrote them. NOTE: a timer gets
+    kopf's latest copy of the object, which can lag our own last patch (its watch event not in
+    yet, seen under load); a history rebuilt from that copy would drop the record written one
+    tick before. A fresh operator (empty memo) reads the object's."""
+    return status | memo.get("written", {})
+
+
+def _remember_written(memo: kopf.Memo, patch) -> None:
+    memo["written"] = memo.get("written", {}) | {f: patch.status[f] for f in OWN_FIELDS if f in patch.status}
+
+
 async def reconcile_once(body: dict, spec: dict, status: dict, generation: int, name: str, namespace: str,
                          patch, memo: kopf.Memo) -> None:
+    try:
+        await _reconcile(body, spec, _as_written(memo, status), generation, name, namespace, patch, memo)
+    finally:
+        _remember_written(memo, patch)
+
+
+async def _reconcile(body: dict, spec: dict, status: dict, generation: int, name: str, namespace: str,
+                     patch, memo: kopf.Memo) -> None:
     now = _now()
     k = CONFIG.kube
     if k is None:
@@ -261,7 +285,8 @@ async def reconcile_once(body: dict, spec: dict, status: dict, generation: int, 
                              scaling=_scaling_from(memo, status), last_scale=_last_scale(status),
                              start_devices=start_devices, desired_reason=tracker.reason if tracker else "",
                              metrics_condition=auto.condition if auto else None, pod_details=pod_details,
-                             conditions=list(status.get("conditions") or []))
+                             conditions=list(status.get("conditions") or []),
+                             recorded={h.get("scaleId", "") for h in status.get("history") or []})
 
     # -- decide ------------------------------------------------------------------------------
     d = reconcile.decide(obs)
@@ -307,12 +332,14 @@ async def reconcile_once(body: dict, spec: dict, status: dict, generation: int, 
     patch.status["scaling"] = d.scaling.dump() if d.scaling is not None else None
     if auto is not None and auto.evaluation is not None:
         patch.status["autoscaler"] = autoscaler.status_patch(tracker, auto.evaluation)
-    if d.finished is not None:
+    ended = [r for r in (d.unseen, d.finished) if r is not None]
+    for rec in ended:
         if tracker is not None:
-            autoscaler.learn(tracker, d.finished)
-        record = d.finished.dump()
-        patch.status["lastScale"] = record
-        patch.status["history"] = ((status.get("history") or []) + [record])[-api.HISTORY_LIMIT:]
+            autoscaler.learn(tracker, rec)
+    if ended:
+        records = [r.dump() for r in ended]
+        patch.status["lastScale"] = records[-1]
+        patch.status["history"] = ((status.get("history") or []) + records)[-api.HISTORY_LIMIT:]
 
 
 @kopf.on.delete(api.GROUP, api.VERSION, api.PLURAL, id="forget", optional=True)

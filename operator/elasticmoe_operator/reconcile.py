@@ -90,6 +90,7 @@ class Observed:
     metrics_condition: tuple[str, str, str] | None = None
     pod_details: dict[int, str] = dataclasses.field(default_factory=dict)  # ended pod -> e.g. "exit code 137"
     conditions: list[dict] = dataclasses.field(default_factory=list)  # status.conditions as last written
+    recorded: set[str] = dataclasses.field(default_factory=set)  # scale ids in status.history
 
 
 @dataclasses.dataclass
@@ -99,6 +100,9 @@ class Decision:
     post_scale: admin.ScaleRequest | None = None  # POST /admin/scale
     scaling: api.ScalingStatus | None = None
     finished: api.ScaleRecord | None = None  # a scale that ended now: lastScale + history
+    # A recovery of the coordinator's that began and ended between two ticks (never followed):
+    # recorded in history before `finished`.
+    unseen: api.ScaleRecord | None = None
     events: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)  # (type, reason, message)
     phase: str = api.Phase.PENDING.value
     devices: api.DevicesStatus = dataclasses.field(default_factory=api.DevicesStatus)
@@ -274,12 +278,17 @@ def decide(obs: Observed) -> Decision:
     d.parallelism = api.ParallelismStatus(dp=par.dp, ep=par.ep, tp=par.tp)
     _ended_pods(d, obs, held)
     lost = _lost_since(coord) if active < desired else None
+    recorded = obs.recorded | ({obs.last_scale.scale_id} if obs.last_scale is not None else set())
+    if lost is not None and lost.scale_id not in recorded and (obs.scaling is None
+                                                                or obs.scaling.scale_id != lost.scale_id):
+        _unseen_recovery(d, lost, now)
 
     sc = obs.scaling
     if sc is None and coord.phase == admin.Phase.SCALING:
         sc = _followed(coord, now)
     backing_off = False
-    if sc is None and desired != active and healthy:
+    # NOTE: an unseen recovery is recorded on its own tick, as a followed one is; the replacement starts next tick.
+    if sc is None and desired != active and healthy and d.unseen is None:
         target = _step_target(active, desired, spec.devices.step)
         last = obs.last_scale
         ended = (_parse(last.started_at) or now) + datetime.timedelta(milliseconds=last.duration_ms) if last else None
@@ -402,6 +411,17 @@ def _advance(d: Decision, obs: Observed, sc: api.ScalingStatus, active_ids: list
         d.post_scale = _request(sc)
     else:  # ended on the old configuration; up: the new pods serve nothing
         _end(d, obs, sc, ours.outcome, ours.message or f"the coordinator reports {ours.outcome.value}", ours)
+
+
+def _unseen_recovery(d: Decision, rec: admin.ScaleRecord, now: datetime.datetime) -> None:
+    """The coordinator recovered from a lost device between two ticks (a tiny model's recovery
+    takes well under the 1 s interval): recorded and announced as if followed."""
+    sc = api.ScalingStatus(**{"from": rec.from_devices, "to": rec.to_devices},
+                           reason=f"the coordinator's {rec.reason}" if rec.reason else "the coordinator's recovery",
+                           scale_id=rec.scale_id, started_at=rec.started_at or _iso(now), stage=SCALING)
+    d.unseen = _record(sc, admin.Outcome(rec.outcome), rec.message, now, rec)
+    d.events.append(("Warning", "RecoveredOnSurvivors", f"serving on {sc.to_devices} surviving device(s) after "
+                                                        f"{d.unseen.duration_ms / 1000:.1f} s ({sc.reason})"))
 
 
 def refuse(d: Decision, obs: Observed, message: str) -> None:

@@ -367,11 +367,36 @@ def test_a_lost_devices_pod_still_running_after_the_recovery_is_made_afresh():
     """Cut off (say SIGSTOP) past the heartbeat timeout: the coordinator dropped device 1 but its
     pod still runs; the replacement deletes it first and creates it again next tick."""
     done = _recovery(2, 1)
-    d = reconcile.decide(_obs(_spec(initial=2), _running(0, 1), _ids([0], last=done, history=[done])))
+    obs = _obs(_spec(initial=2), _running(0, 1), _ids([0], last=done, history=[done]))
+    obs.recorded = {done.scale_id}  # the operator has recorded the recovery
+    d = reconcile.decide(obs)
     assert d.scaling.to_devices == 2 and d.delete_pods == [1] and d.create_pods == []
     again = reconcile.decide(_obs(_spec(initial=2), _running(0), _ids([0], last=done, history=[done]),
                                   scaling=d.scaling))
     assert again.create_pods == [1] and again.delete_pods == []
+
+
+def test_a_recovery_that_began_and_ended_between_two_ticks_is_recorded_then_the_device_replaced():
+    """A tiny model recovers in well under the 1 s tick: the operator never saw it run. It is
+    recorded (history, lastScale, an Event) on the tick that finds it, as a followed one is;
+    the replacement starts on the next tick, and the record is not made twice."""
+    done = _recovery(2, 1)
+    obs = _obs(_spec(initial=2), _running(0), _ids([0], last=done, history=[done]))
+    obs.conditions = _conditions(Available=("True", "Serving"), Degraded=("True", "WorkerLost"))
+    d = reconcile.decide(obs)
+    assert d.unseen.scale_id == "recovery-7" and d.unseen.outcome == "Succeeded" and d.finished is None
+    assert (d.unseen.from_devices, d.unseen.to_devices, d.unseen.duration_ms) == (2, 1, 6590)
+    assert d.unseen.tokens_recomputed == 40 and d.unseen.reason.startswith("the coordinator's recovery: ")
+    assert d.scaling is None and d.create_pods == [] and d.post_scale is None
+    assert [e[:2] for e in d.events] == [("Warning", "RecoveredOnSurvivors"), ("Warning", "ReplacingLostDevices")]
+    assert d.conditions["Degraded"][:2] == ("True", "ReplacingLostDevices")
+
+    obs = _obs(_spec(initial=2), _running(0), _ids([0], last=done, history=[done]), last_scale=d.unseen)
+    obs.recorded = {done.scale_id}
+    obs.conditions = _conditions(Available=("True", "Serving"), Degraded=("True", "ReplacingLostDevices"))
+    d = reconcile.decide(obs)
+    assert d.unseen is None and (d.scaling.from_devices, d.scaling.to_devices) == (1, 2) and d.create_pods == [1]
+    assert [e[1] for e in d.events] == ["ScalingUp"]
 
 
 def test_a_registered_device_without_its_pod_gets_no_new_pod_while_the_coordinator_holds_it():
