@@ -164,3 +164,30 @@ def test_handover_to_another_engine_keeps_kv_in_place_and_outputs(tiny_models):
             got[o.request_id] += o.token_ids
     assert [got[str(i)] for i in range(len(prompts))] == run_alone()
     assert b.scheduler.allocator.num_used == 0
+
+
+def test_the_engine_is_built_on_the_thread_that_steps_it(tiny_models):
+    """NOTE on AsyncEngine: built on one thread and stepped on another, a CPU engine runs two
+    OpenMP teams and decodes far slower; so the factory runs on the engine-loop thread."""
+    import threading
+
+    seen = []
+
+    def make():
+        seen.append(threading.current_thread().name)
+        return engine_mod.LLMEngine.from_model_dir(tiny_models["qwen3_moe"], engine_mod.EngineConfig(dtype="float32"))
+
+    e = async_engine.AsyncEngine(make)
+    try:
+        assert seen == ["engine-loop"] and e.engine.model_name and e.stats().healthy
+
+        async def one():
+            return await _collect(e, "r1", [5, 6, 7], GREEDY)
+        assert len(asyncio.run(one())[1]) == 16
+    finally:
+        e.shutdown()
+
+
+def test_an_engine_that_fails_to_build_raises_in_the_caller(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        async_engine.AsyncEngine.from_model_dir(tmp_path / "missing", engine_mod.EngineConfig(dtype="float32"))

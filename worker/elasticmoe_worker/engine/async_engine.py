@@ -20,7 +20,7 @@ import pathlib
 import threading
 import time
 import traceback
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, Callable, Sequence
 
 import torch
 
@@ -39,11 +39,27 @@ class _Add:
 
 
 class AsyncEngine:
-    def __init__(self, engine: engine_mod.LLMEngine) -> None:
-        self.engine = engine
-        self.model_name = engine.model_name
-        self.max_model_len = engine.max_model_len
-        self.tokenizer = engine.tokenizer
+    def __init__(self, make_engine: Callable[[], engine_mod.LLMEngine]) -> None:
+        """`make_engine` runs on the engine-loop thread, and this returns once it has (its
+        exception is raised here). NOTE: on purpose: a CPU engine built (weights loaded, torch
+        ops run) on one thread and stepped on another makes two OpenMP thread teams, and its
+        steps took 1.6x as long: batch-1 decode of the bench preset on 2 cores, 17 ms/step
+        stepped where it was built, 28 ms/step stepped on a second thread. One thread that
+        builds and steps the engine keeps torch's parallel regions on one team."""
+        failed: list[BaseException] = []
+        ready = threading.Event()
+
+        def build_then_run() -> None:
+            try:
+                self.engine = make_engine()
+                self._stats = self.engine.stats()
+            except BaseException as exc:  # raised in the caller's thread below
+                failed.append(exc)
+                return
+            finally:
+                ready.set()
+            self._run()
+
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._adds: list[_Add] = []
@@ -51,15 +67,21 @@ class AsyncEngine:
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stop = False
         self._error: str | None = None
-        self._stats = engine.stats()
-        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread = threading.Thread(target=build_then_run, name="engine-loop", daemon=True)
         self._thread.start()
+        ready.wait()
+        if failed:
+            raise failed[0]
+        engine = self.engine
+        self.model_name = engine.model_name
+        self.max_model_len = engine.max_model_len
+        self.tokenizer = engine.tokenizer
 
     @classmethod
     def from_model_dir(cls, model_dir: str | pathlib.Path, config: engine_mod.EngineConfig | None = None,
                        model_name: str | None = None, device: torch.device | None = None) -> "AsyncEngine":
-        return cls(engine_mod.LLMEngine.from_model_dir(model_dir, config, model_name,
-                                                       device if device is not None else torch.device("cpu")))
+        return cls(lambda: engine_mod.LLMEngine.from_model_dir(model_dir, config, model_name,
+                                                               device if device is not None else torch.device("cpu")))
 
     # -- EngineClient ----------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
