@@ -255,6 +255,8 @@ def _run_strategy(name: str, args, a: int, b: int, model_dir, cfg, prompts, para
         runner = asyncio.create_task(load.run(t0, stop))
         mem.start()
         await asyncio.sleep(args.before_s)
+        if result["warm_workers"]:
+            await asyncio.to_thread(_wait_warm, inst, a, result["warm_workers"])
         steady = mem.total()
         requested_abs = time.monotonic()
         requested = requested_abs - t0
@@ -312,6 +314,18 @@ def _run_strategy(name: str, args, a: int, b: int, model_dir, cfg, prompts, para
         for i in instances:
             i.shutdown()
     return result
+
+
+def _wait_warm(inst, active: int, warm: int, timeout_s: float = 300.0) -> None:
+    """Until `warm` idle workers have registered beside the `active` serving devices (the pool a
+    scale-up takes from); RuntimeError past `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    want = min(active + warm, inst.members.max_devices)  # the pool stands on ids below the device limit
+    while len(inst.registered_devices) < want:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the warm pool did not come up within {timeout_s:.0f} s: "
+                               f"{inst.registered_devices} registered, {want} expected")
+        time.sleep(0.1)
 
 
 def _drain_and_stop(old, instances) -> None:
@@ -441,7 +455,7 @@ def _step(model_dir, cfg, k: int, args) -> dict:
     inst = coordinator.Instance(model_dir, 1, cfg, warm_workers=args.warm_workers,
                                 cpu_per_device=args.cpu_per_device).start()
     try:
-        time.sleep(3)  # let the warm pool come up, as it would between scales in service
+        _wait_warm(inst, 1, args.warm_workers)  # the pool up, as it would be between scales in service
         rec = inst.scale(1 + k, "benchmark step")
         return {"added": k, "seconds": rec.duration_ms / 1000, "outcome": rec.outcome.value,
                 "phases": {n: ms / 1000 for n, ms in rec.phases_ms.items()}}
