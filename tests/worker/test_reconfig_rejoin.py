@@ -71,6 +71,8 @@ def test_a_configuration_with_devices_still_missing_is_waited_for_and_then_refus
     (lambda r: {**r, 1: msgspec.structs.replace(r[1], expert_ids=[4, 5, 6])},
      r"expert\(s\) \[7\] are held by no rejoined device"),
     (lambda r: {**r, 1: msgspec.structs.replace(r[1], expert_ids=[3, 4, 5, 6, 7])},
+     r"hold 1 to 2 copies \(several: experts \[3\]\) of each expert; this coordinator's expert_copies=1 wants 1"),
+    (lambda r: {**r, 1: msgspec.structs.replace(r[1], expert_ids=[4, 5, 6, 7, 7])},
      "no placement: homes"),
     (lambda r: {**r, 1: msgspec.structs.replace(r[1], expert_ids=[4, 5, 6, 7, 8])},
      r"expert id\(s\) \[8\] held, but the model has 8 routed experts"),

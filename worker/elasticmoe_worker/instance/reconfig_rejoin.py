@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping
 
-from elasticmoe_worker import planner
+from elasticmoe_worker import hotcopies, planner
 from elasticmoe_worker.contract import wire
 
 
@@ -61,12 +61,15 @@ def missing(rejoins: Mapping[int, wire.HMMRejoin]) -> str | None:
 
 
 def adopt(rejoins: Mapping[int, wire.HMMRejoin], *, num_experts: int, expert_copies: int,
-          model_config_json: str | None = None) -> Adoption:
+          model_config_json: str | None = None, redundant_budget_bytes: int | None = None) -> Adoption:
     """The configuration the rejoined workers served. Raises `Refused` when their holdings do not
     agree: different configurations, a device missing or extra, different models or memory
     layouts, an expert of the model's `num_experts` nobody holds, or copies other than `expert_copies` (fewer when there are
-    fewer devices) wants. `model_config_json`: the checkpoint's config.json when the coordinator
-    could read it (the workers must hold that model)."""
+    fewer devices) wants. With a `redundant_budget_bytes` per device only some experts need the
+    extra copies: any that hold 1 or `expert_copies` are accepted, as long as no more experts hold
+    the extra ones than the budget fits (which ones is the dead coordinator's choice by load; the
+    next scale or recovery chooses again). `model_config_json`: the checkpoint's config.json when
+    the coordinator could read it (the workers must hold that model)."""
     if not rejoins:
         raise Refused("no worker holding memory rejoined")
     configs = {d: r.config_id for d, r in sorted(rejoins.items())}
@@ -115,9 +118,22 @@ def adopt(rejoins: Mapping[int, wire.HMMRejoin], *, num_experts: int, expert_cop
     except ValueError as exc:
         raise Refused(f"the rejoined workers' experts are no placement: {exc}") from exc
     want = max(1, min(expert_copies, world))
-    if placement.copies_per_expert != want:
-        raise Refused(f"the rejoined workers hold {placement.copies_per_expert} copies of each expert; this "
-                      f"coordinator's expert_copies={expert_copies} wants {want} on {world} device(s)")
+    if redundant_budget_bytes is None and not (placement.uniform and placement.copies_per_expert == want):
+        held = (f"{placement.copies_per_expert} copies" if placement.uniform else
+                f"{min(placement.copy_counts)} to {placement.copies_per_expert} copies (several: experts "
+                f"{list(placement.redundant_experts)})")
+        raise Refused(f"the rejoined workers hold {held} of each expert; this coordinator's "
+                      f"expert_copies={expert_copies} wants {want} on {world} device(s)")
+    if redundant_budget_bytes is not None:
+        regions = first.ready.experts
+        expert_bytes = sum(r.w13.size_bytes + r.w2.size_bytes for r in regions if r.expert_id == regions[0].expert_id)
+        fits = hotcopies.redundant_within(num_experts, world, redundant_budget_bytes, expert_bytes * (want - 1))
+        extra = [e for e in range(num_experts) if placement.copies(e) not in (1, want)]
+        if extra or len(placement.redundant_experts) > fits:
+            raise Refused(f"the rejoined workers hold {len(placement.redundant_experts)} experts in more than one "
+                          f"copy (experts {extra} in neither 1 nor {want}); this coordinator's budget of "
+                          f"{redundant_budget_bytes} B per device on {world} device(s) fits {fits} experts with "
+                          f"{want} copies")
     return Adoption(config_id=config_id, next_config_id=max(r.last_config_id for r in rejoins.values()) + 1,
                     devices=devices, placement=placement, hmm_ready={d: rejoins[d].ready for d in devices},
                     config_json=first.config_json, tokenizer_files=dict(first.tokenizer_files))
