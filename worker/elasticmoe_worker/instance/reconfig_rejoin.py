@@ -125,15 +125,18 @@ def adopt(rejoins: Mapping[int, wire.HMMRejoin], *, num_experts: int, expert_cop
         raise Refused(f"the rejoined workers hold {held} of each expert; this coordinator's "
                       f"expert_copies={expert_copies} wants {want} on {world} device(s)")
     if redundant_budget_bytes is not None:
-        regions = first.ready.experts
-        expert_bytes = sum(r.w13.size_bytes + r.w2.size_bytes for r in regions if r.expert_id == regions[0].expert_id)
+        regions = first.ready.experts  # (a device of a balanced placement holds at least one expert)
+        expert_bytes = sum(r.w13.size_bytes + r.w2.size_bytes for r in regions
+                           if r.expert_id == regions[0].expert_id) if regions else 0
         fits = hotcopies.redundant_within(num_experts, world, redundant_budget_bytes, expert_bytes * (want - 1))
-        extra = [e for e in range(num_experts) if placement.copies(e) not in (1, want)]
-        if extra or len(placement.redundant_experts) > fits:
-            raise Refused(f"the rejoined workers hold {len(placement.redundant_experts)} experts in more than one "
-                          f"copy (experts {extra} in neither 1 nor {want}); this coordinator's budget of "
-                          f"{redundant_budget_bytes} B per device on {world} device(s) fits {fits} experts with "
-                          f"{want} copies")
+        odd = [e for e in range(num_experts) if placement.copies(e) not in (1, want)]
+        if odd:
+            raise Refused(f"the rejoined workers hold experts {odd} in neither 1 nor {want} copies; this "
+                          f"coordinator's expert_copies={expert_copies} wants 1 or {want} on {world} device(s)")
+        if len(placement.redundant_experts) > fits:
+            raise Refused(f"the rejoined workers hold {len(placement.redundant_experts)} experts in {want} copies; "
+                          f"this coordinator's budget of {redundant_budget_bytes} B per device on {world} "
+                          f"device(s) fits {fits}")
     return Adoption(config_id=config_id, next_config_id=max(r.last_config_id for r in rejoins.values()) + 1,
                     devices=devices, placement=placement, hmm_ready={d: rejoins[d].ready for d in devices},
                     config_json=first.config_json, tokenizer_files=dict(first.tokenizer_files))
