@@ -133,7 +133,7 @@ def test_with_a_budget_for_some_second_copies_only_the_others_are_read_after_a_l
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_models["qwen3_moe"], model_dir)
     spec = config_mod.load_spec(model_dir)
-    expert_bytes = 3 * spec.moe_intermediate_size * spec.hidden_size * 4 * spec.num_moe_layers  # float32
+    expert_bytes = testprocs.float32_expert_bytes(model_dir)
     figures = _lose_a_device_under_load(model_dir, tmp_path, copies=2, move_checkpoint=False, devices=2,
                                         extra=("--redundant-expert-mb", repr(expert_bytes * 1.5 / (1 << 20))))
     before, after = figures["before"]["experts"], figures["after"]["experts"]

@@ -49,7 +49,7 @@ def _settled_tokens(inst: coordinator.Instance, want: int) -> tuple[int, ...]:
 def test_a_scale_gives_the_second_copies_to_the_most_routed_experts(tiny_models):
     model_dir = tiny_models["qwen3_moe"]
     spec = config_mod.load_spec(model_dir)
-    expert_bytes = 3 * spec.moe_intermediate_size * spec.hidden_size * 4 * spec.num_moe_layers  # float32, whole pages
+    expert_bytes = testprocs.float32_expert_bytes(model_dir)
     budget = expert_bytes * 3 // 2  # 3 second copies on 2 devices, 4 on 3
     g = torch.Generator().manual_seed(23)
     prompts = [torch.randint(1, 2000, (int(n),), generator=g).tolist() for n in torch.randint(3, 30, (6,), generator=g)]

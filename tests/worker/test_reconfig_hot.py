@@ -76,6 +76,15 @@ def test_without_a_budget_every_expert_keeps_two_copies_whatever_the_load():
     assert (s.limited_by, s.chosen_by, s.redundant_bytes) == ("", "", 8 * 300)
 
 
+def test_a_scale_down_keeps_second_copies_for_as_many_of_the_hottest_as_still_fit():
+    h = harness(3)
+    report(h, LOAD)
+    h.scale(2)
+    plan = h.state.scale.plan
+    assert plan.new_placement.copy_counts == hotcopies.hot_copies(8, 2, 3, LOAD)  # 4 fit on 3 devices, 3 on 2
+    assert plan.new_placement.devices == (0, 1) and sorted(plan.new_placement.counts().values()) == [5, 6]
+
+
 def test_a_recovery_keeps_second_copies_for_the_hottest_and_reads_only_experts_no_survivor_holds():
     h = harness(3)
     old = h.state.placement
