@@ -99,17 +99,19 @@ def _with_experts(rejoins: dict[int, wire.HMMRejoin]) -> dict[int, wire.HMMRejoi
         for layer in (1, 2) for e in r.expert_ids])) for d, r in rejoins.items()}
 
 
-def test_with_a_budget_the_workers_may_hold_second_copies_of_some_experts_as_many_as_it_fits():
+def test_with_a_budget_the_workers_may_hold_second_copies_of_some_experts_more_than_it_fits_is_said():
     """450 B per device on 2 devices fits the second copy of 3 experts of 300 B."""
     three = _with_experts(whole([0, 1], copies=hotcopies.hot_copies(8, 2, 3, [0, 0, 0, 0, 0, 9, 8, 7])))
     a = reconfig_rejoin.adopt(three, num_experts=8, expert_copies=2, redundant_budget_bytes=450)
     assert a.placement.redundant_experts == (5, 6, 7)  # the dead coordinator's choice stands
     none = _with_experts(whole([0, 1]))
     assert reconfig_rejoin.adopt(none, num_experts=8, expert_copies=2, redundant_budget_bytes=450).placement.uniform
+    assert a.over_budget == ""
     four = _with_experts(whole([0, 1], copies=hotcopies.hot_copies(8, 2, 4)))
-    with pytest.raises(reconfig_rejoin.Refused, match=r"hold 4 experts in 2 copies; this coordinator's budget of 450 B "
-                                                      r"per device on 2 device\(s\) fits 3$"):
-        reconfig_rejoin.adopt(four, num_experts=8, expert_copies=2, redundant_budget_bytes=450)
+    over = reconfig_rejoin.adopt(four, num_experts=8, expert_copies=2, redundant_budget_bytes=450)
+    assert over.placement.redundant_experts == (0, 1, 2, 3)  # held already: adopted, and said
+    assert over.over_budget == "the rejoined workers hold 4 experts in 2 copies; this coordinator's budget of 450 B " \
+                               "per device on 2 device(s) fits 3"
     with pytest.raises(reconfig_rejoin.Refused, match=r"hold 1 to 2 copies \(several: experts \[5, 6, 7\]\) of each "
                                                       r"expert; this coordinator's expert_copies=2 wants 2"):
         reconfig_rejoin.adopt(three, num_experts=8, expert_copies=2)  # no budget: every expert needs its copies

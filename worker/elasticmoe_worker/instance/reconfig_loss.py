@@ -5,7 +5,8 @@ lost device's memory is gone. `plan_recovery` asks the planner for the move-mini
 placement on the survivors (the same one a scale-down to them would get), then re-sources
 every copy the planner would take from a lost device: from a surviving redundant copy when
 one exists (`--expert-copies 2`; with a memory budget only the hottest experts have one), else
-from the checkpoint, read by the copy's new home (only those experts). `reconfig` turns the result into the transitions it sends the survivors.
+from the checkpoint, read by the copy's new home (only those experts). `reconfig` turns the
+result into the transitions it sends the survivors.
 
 `owner_ranks` decides which holder of an expert computes it when there are several copies: the
 holder that computes fewest so far, so redundant copies do not pile the work on low device ids.

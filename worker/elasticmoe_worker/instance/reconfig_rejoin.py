@@ -37,6 +37,9 @@ class Adoption:
     hmm_ready: Mapping[int, wire.HMMReady]
     config_json: str
     tokenizer_files: Mapping[str, str]
+    # more experts hold a second copy than this coordinator's budget fits, in words ("" when not);
+    # adopted anyway (the memory is held already), and the next scale or recovery drops the excess
+    over_budget: str = ""
 
 
 def missing(rejoins: Mapping[int, wire.HMMRejoin]) -> str | None:
@@ -66,10 +69,12 @@ def adopt(rejoins: Mapping[int, wire.HMMRejoin], *, num_experts: int, expert_cop
     agree: different configurations, a device missing or extra, different models or memory
     layouts, an expert of the model's `num_experts` nobody holds, or copies other than `expert_copies` (fewer when there are
     fewer devices) wants. With a `redundant_budget_bytes` per device only some experts need the
-    extra copies: any that hold 1 or `expert_copies` are accepted, as long as no more experts hold
-    the extra ones than the budget fits (which ones is the dead coordinator's choice by load; the
-    next scale or recovery chooses again). `model_config_json`: the checkpoint's config.json when
-    the coordinator could read it (the workers must hold that model)."""
+    extra copies: experts holding 1 or `expert_copies` are accepted (which ones is the dead
+    coordinator's choice by load; the next scale or recovery chooses again), and more of them than
+    the budget fits is said in `Adoption.over_budget`, not refused: the start-up's choice divides
+    the budget by an estimate of an expert's size, which page padding can exceed, and refusing
+    would leave the workers' memory unserved. `model_config_json`: the checkpoint's config.json
+    when the coordinator could read it (the workers must hold that model)."""
     if not rejoins:
         raise Refused("no worker holding memory rejoined")
     configs = {d: r.config_id for d, r in sorted(rejoins.items())}
@@ -118,6 +123,7 @@ def adopt(rejoins: Mapping[int, wire.HMMRejoin], *, num_experts: int, expert_cop
     except ValueError as exc:
         raise Refused(f"the rejoined workers' experts are no placement: {exc}") from exc
     want = max(1, min(expert_copies, world))
+    over_budget = ""
     if redundant_budget_bytes is None and not (placement.uniform and placement.copies_per_expert == want):
         held = (f"{placement.copies_per_expert} copies" if placement.uniform else
                 f"{min(placement.copy_counts)} to {placement.copies_per_expert} copies (several: experts "
@@ -134,9 +140,10 @@ def adopt(rejoins: Mapping[int, wire.HMMRejoin], *, num_experts: int, expert_cop
             raise Refused(f"the rejoined workers hold experts {odd} in neither 1 nor {want} copies; this "
                           f"coordinator's expert_copies={expert_copies} wants 1 or {want} on {world} device(s)")
         if len(placement.redundant_experts) > fits:
-            raise Refused(f"the rejoined workers hold {len(placement.redundant_experts)} experts in {want} copies; "
-                          f"this coordinator's budget of {redundant_budget_bytes} B per device on {world} "
-                          f"device(s) fits {fits}")
+            over_budget = (f"the rejoined workers hold {len(placement.redundant_experts)} experts in {want} copies; "
+                           f"this coordinator's budget of {redundant_budget_bytes} B per device on {world} "
+                           f"device(s) fits {fits}")
     return Adoption(config_id=config_id, next_config_id=max(r.last_config_id for r in rejoins.values()) + 1,
                     devices=devices, placement=placement, hmm_ready={d: rejoins[d].ready for d in devices},
-                    config_json=first.config_json, tokenizer_files=dict(first.tokenizer_files))
+                    config_json=first.config_json, tokenizer_files=dict(first.tokenizer_files),
+                    over_budget=over_budget)

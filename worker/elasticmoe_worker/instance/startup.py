@@ -182,6 +182,9 @@ class StartUp:
         except reconfig_rejoin.Refused as exc:
             raise RuntimeError(f"coordinator restart: cannot adopt the workers that rejoined: {exc}") from None
         devices, n = adoption.devices, len(adoption.devices)
+        if adoption.over_budget:
+            logger.warning("coordinator restart: %s; adopted as it is, the next scale or recovery drops the excess",
+                           adoption.over_budget)
         self.members.max_devices = self.max_devices
         if isinstance(self.members.fleet, fleet_mod.LocalFleet):
             for d, msg in [*rejoins.items(), *hellos.items()]:
