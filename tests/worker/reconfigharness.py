@@ -322,6 +322,8 @@ def random_event(h: Harness, kind: str, i: int) -> reconfig.Event | None:
         return reconfig.RequestArrived(f"q{h.ids}", now)
     if kind == "tick":
         return reconfig.Tick(now)
+    if kind == "load":  # an executor's routed tokens per expert (a delta)
+        return reconfig.ExpertLoadReported(tuple((i * (e + 3)) % 7 for e in range(s.facts.num_experts)), now)
     if kind == "abort":
         return reconfig.AbortRequested("random abort", now)
     if kind == "worker_died":

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 import reconfigharness as rh
 from elasticmoe_worker import hotcopies, planner
 from elasticmoe_worker.instance import reconfig
@@ -74,6 +77,32 @@ def test_without_a_budget_every_expert_keeps_two_copies_whatever_the_load():
     assert h.state.scale.plan.new_placement.copy_counts == (2,) * 8
     s = reconfig.expert_copies_status(h.state)
     assert (s.limited_by, s.chosen_by, s.redundant_bytes) == ("", "", 8 * 300)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(start=st.integers(1, 3), warm=st.sets(st.integers(2, 5), max_size=2),
+       ops=st.lists(st.tuples(st.sampled_from(rh.KINDS + ("load",) * 3), st.integers(0, 11),
+                              st.sampled_from((0.0, 0.01, 0.1, 0.5, 4.0))), min_size=20, max_size=80))
+def test_any_event_order_with_a_budget_keeps_the_invariants_and_the_hottest_get_the_copies(start, warm, ops):
+    """test_reconfig's event orders, with load reports among them: the harness' invariants hold,
+    and every plan's copies are the ones the load known when it was made asks for."""
+    h = harness(start, warm={d for d in warm if d >= start})
+    for kind, i, dt in ops:
+        h.now += dt
+        event = rh.random_event(h, kind, i)
+        if event is None:
+            continue
+        before = h.state
+        h.step(event)
+        sc = h.state.scale
+        if sc is not None and sc.plan is not None and sc.plan is not (before.scale and before.scale.plan):
+            assert sc.plan.new_placement.copy_counts == reconfig.copies_for(FACTS, len(sc.new_devices),
+                                                                            before.expert_tokens)
+    h.tick(h.now + 2 * rh.TIMEOUT_S)
+    h.tick(h.now + 2 * rh.TIMEOUT_S)
+    for rank in sorted(h.state.recovering):
+        h.step(reconfig.ExecutorReady(rank, h.state.config_id, h.now))
+    h.settled()
 
 
 def test_a_scale_down_keeps_second_copies_for_as_many_of_the_hottest_as_still_fit():
