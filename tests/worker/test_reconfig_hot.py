@@ -87,22 +87,14 @@ def test_any_event_order_with_a_budget_keeps_the_invariants_and_the_hottest_get_
     """test_reconfig's event orders, with load reports among them: the harness' invariants hold,
     and every plan's copies are the ones the load known when it was made asks for."""
     h = harness(start, warm={d for d in warm if d >= start})
-    for kind, i, dt in ops:
-        h.now += dt
-        event = rh.random_event(h, kind, i)
-        if event is None:
-            continue
-        before = h.state
-        h.step(event)
+
+    def check(before, kind, event, actions):
         sc = h.state.scale
         if sc is not None and sc.plan is not None and sc.plan is not (before.scale and before.scale.plan):
             assert sc.plan.new_placement.copy_counts == reconfig.copies_for(FACTS, len(sc.new_devices),
                                                                             before.expert_tokens)
-    h.tick(h.now + 2 * rh.TIMEOUT_S)
-    h.tick(h.now + 2 * rh.TIMEOUT_S)
-    for rank in sorted(h.state.recovering):
-        h.step(reconfig.ExecutorReady(rank, h.state.config_id, h.now))
-    h.settled()
+
+    rh.play(h, ops, check)
 
 
 def test_a_scale_down_keeps_second_copies_for_as_many_of_the_hottest_as_still_fit():
