@@ -27,7 +27,8 @@ ROOT = "elasticmoe_worker"
 PACKAGE_DIR = pathlib.Path(elasticmoe_worker.__file__).parent
 CONTRACT = ["elasticmoe_worker.contract"] + [
     f"elasticmoe_worker.contract.{m.name}" for m in pkgutil.iter_modules(elasticmoe_worker.contract.__path__)]
-PURE = CONTRACT + ["elasticmoe_worker.planner", "elasticmoe_worker.instance.reconfig",
+PURE = CONTRACT + ["elasticmoe_worker.planner", "elasticmoe_worker.flow", "elasticmoe_worker.hotcopies",
+                   "elasticmoe_worker.instance.reconfig",
                    "elasticmoe_worker.instance.reconfig_events", "elasticmoe_worker.instance.reconfig_state",
                    "elasticmoe_worker.instance.reconfig_loss", "elasticmoe_worker.instance.reconfig_rejoin"]
 FORBIDDEN = {"torch", "zmq", "threading"}

@@ -1,7 +1,7 @@
 """Helpers for tests that start real processes: free loopback ports, the `elasticmoe` command
 line, a health probe, a parent-death signal so a killed test run takes its processes along,
 and (from `elasticmoe_worker.reference`) `transformers`' greedy outputs and streaming clients
-of a running server."""
+of a running server; the size of a model's routed expert, for redundancy budgets."""
 
 from __future__ import annotations
 
@@ -15,6 +15,14 @@ import httpx
 
 from elasticmoe_worker import reference
 from elasticmoe_worker.instance import procutil
+from elasticmoe_worker.models import config as config_mod
+
+
+def float32_expert_bytes(model_dir) -> int:
+    """One routed expert of the checkpoint over every MoE layer in float32 (w1 + w3 + w2): what an
+    HMM allocates for it where those are whole pages (the tiny preset's are)."""
+    spec = config_mod.load_spec(model_dir)
+    return 3 * spec.moe_intermediate_size * spec.hidden_size * 4 * spec.num_moe_layers
 
 
 def free_port() -> int:

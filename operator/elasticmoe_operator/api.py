@@ -197,6 +197,11 @@ class EngineSpec(_Model):
                                         "devices. 2: when a device is lost, its experts come from a peer's copy "
                                         "instead of the checkpoint (costs the memory of one more copy of every "
                                         "expert, reported in the coordinator's /admin/status).")
+    redundant_expert_mb: Optional[int] = pydantic.Field(
+        None, ge=0, description="With expertCopies 2: memory per device for the second copies, MiB. The "
+        "hottest experts (most routed tokens; before any, the lowest ids) get one, as many as fit: "
+        "min(experts, floor(devices x this / one expert's bytes)), kept on average over the devices. "
+        "Unset: every expert gets its second copy.")
     extra_args: list[str] = pydantic.Field(default_factory=list, description="More `elasticmoe coordinator` "
                                            "arguments, e.g. [--block-size, '32'].")
 
@@ -381,6 +386,10 @@ def parse_spec(spec: dict | None) -> ElasticMoESpec:
     if d.backend != Backend.CPU.value and not d.resource:
         raise SpecError("devices.resource", d.resource, f"a device resource name for backend {d.backend} "
                         "(e.g. nvidia.com/gpu or huawei.com/Ascend910)")
+    if parsed.engine.redundant_expert_mb is not None and parsed.engine.expert_copies != 2:
+        raise SpecError("engine.redundantExpertMb", parsed.engine.redundant_expert_mb,
+                        f"unset unless engine.expertCopies is 2 (got {parsed.engine.expert_copies}): it budgets "
+                        f"the second copies")
     if parsed.autoscaling.mode == AutoscalingMode.SLO.value and not parsed.autoscaling.prometheus_url:
         raise SpecError("autoscaling.prometheusUrl", "", "a Prometheus URL when autoscaling.mode is Slo")
     return parsed
@@ -395,6 +404,8 @@ CEL_RULES: list[tuple[str, str, str, str]] = [
      "devices.replicas must be in [devices.min, devices.max]", ".replicas"),
     ("devices", "self.backend == 'cpu' || self.resource != ''",
      "devices.resource is required when devices.backend is cuda or ascend", ".resource"),
+    ("engine", "!has(self.redundantExpertMb) || self.expertCopies == 2",
+     "engine.redundantExpertMb is only allowed when engine.expertCopies is 2", ".redundantExpertMb"),
     ("autoscaling", "self.mode != 'Slo' || self.prometheusUrl != ''",
      "autoscaling.prometheusUrl is required when autoscaling.mode is Slo", ".prometheusUrl"),
 ]

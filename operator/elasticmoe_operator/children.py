@@ -213,6 +213,8 @@ def coordinator_args(name: str, namespace: str, spec: api.ElasticMoESpec, device
              "--max-num-seqs", str(engine.max_num_seqs), "--expert-copies", str(engine.expert_copies)]
     if engine.max_model_len is not None:
         args += ["--max-model-len", str(engine.max_model_len)]
+    if engine.redundant_expert_mb is not None:
+        args += ["--redundant-expert-mb", str(engine.redundant_expert_mb)]
     return args + list(engine.extra_args)  # last, so they can override what came before
 
 

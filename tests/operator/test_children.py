@@ -23,7 +23,8 @@ SPECS = {
                   "volume": {"persistentVolumeClaim": {"claimName": "models", "readOnly": True}},
                   "mountPath": "/models"},
         "devices": {"min": 1, "max": 8, "initial": 2, "backend": "cuda", "resource": "nvidia.com/gpu"},
-        "engine": {"kvCacheMb": 4096, "maxNumSeqs": 128, "maxModelLen": 8192, "extraArgs": ["--block-size", "32"]},
+        "engine": {"kvCacheMb": 4096, "maxNumSeqs": 128, "maxModelLen": 8192, "expertCopies": 2,
+                   "redundantExpertMb": 2048, "extraArgs": ["--block-size", "32"]},
         "coordinator": {"image": "registry.example/elasticmoe:coord", "imagePullPolicy": "Always",
                         "resources": {"requests": {"cpu": "2", "memory": "8Gi"}},
                         "env": [{"name": "LOG_FORMAT", "value": "json"}]},
@@ -238,6 +239,8 @@ def test_coordinator_command_carries_the_spec(kind):
         **({"--model": spec.model.source} if spec.model.source else {}),
         **({"--served-model-name": spec.model.served_name} if spec.model.served_name else {}),
         **({"--max-model-len": str(spec.engine.max_model_len)} if spec.engine.max_model_len else {}),
+        **({"--redundant-expert-mb": str(spec.engine.redundant_expert_mb)}
+           if spec.engine.redundant_expert_mb is not None else {}),
     }
 
 
@@ -248,12 +251,14 @@ def test_coordinator_args_of_the_full_spec():
                                                                                  "bfloat16")
     assert (flags["--kv-cache-mb"], flags["--max-num-seqs"], flags["--max-model-len"]) == ("4096", "128", "8192")
     assert flags["--devices"] == "5"
+    assert (flags["--expert-copies"], flags["--redundant-expert-mb"]) == ("2", "2048")
     assert args[-2:] == ["--block-size", "32"]
 
 
 def test_empty_model_source_uses_the_embedded_model():
     args = children.coordinator_args(NAME, NAMESPACE, _spec("cpu"), devices=2)
     assert "--model" not in args and "--served-model-name" not in args and "--max-model-len" not in args
+    assert "--redundant-expert-mb" not in args  # unset: no budget, every expert gets its copies
 
 
 @pytest.mark.parametrize("kind", KINDS)

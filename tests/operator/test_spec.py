@@ -25,6 +25,8 @@ from elasticmoe_operator import api, crd
     ({"devices": {"backend": "ascend", "resource": "huawei.com/Ascend910", "max": 16, "initial": 8}}, 8, "ascend"),
     ({"autoscaling": {"mode": "Slo", "prometheusUrl": "http://prometheus:9090"}}, 1, "cpu"),
     ({"autoscaling": {"mode": "External"}, "devices": {"replicas": 3}}, 3, "cpu"),
+    ({"engine": {"expertCopies": 2, "redundantExpertMb": 0}}, 1, "cpu"),
+    ({"engine": {"expertCopies": 2, "redundantExpertMb": 4096}}, 1, "cpu"),
 ])
 def test_parse_spec_accepts(spec, desired, backend):
     parsed = api.parse_spec(spec)
@@ -83,6 +85,8 @@ def test_empty_spec_dump_holds_every_default():
     ({"devices": {"backend": "cuda"}}, "devices.resource", "", "resource name for backend cuda"),
     ({"devices": {"backend": "ascend"}}, "devices.resource", "", "huawei.com/Ascend910"),
     ({"autoscaling": {"mode": "Slo"}}, "autoscaling.prometheusUrl", "", "when autoscaling.mode is Slo"),
+    ({"engine": {"redundantExpertMb": 512}}, "engine.redundantExpertMb", 512,
+     "unset unless engine.expertCopies is 2 (got 1)"),
     # field rules (the OpenAPI schema of the CRD)
     ({"devices": {"min": 0}}, "devices.min", 0, "greater than or equal to 1"),
     ({"devices": {"max": 2000}}, "devices.max", 2000, "less than or equal to 1024"),
@@ -97,6 +101,8 @@ def test_empty_spec_dump_holds_every_default():
     ({"parallelism": {"tensorParallel": 2}}, "parallelism.tensorParallel", 2, "less than or equal to 1"),
     ({"slo": {"ttftP90Ms": 0}}, "slo.ttftP90Ms", 0, "greater than or equal to 1"),
     ({"engine": {"kvCacheMb": "lots"}}, "engine.kvCacheMb", "lots", "a valid integer"),
+    ({"engine": {"expertCopies": 2, "redundantExpertMb": -1}}, "engine.redundantExpertMb", -1,
+     "greater than or equal to 0"),
     ({"engine": {"extraArgs": [3]}}, "engine.extraArgs[0]", 3, "a valid string"),
     ({"coordinator": {"imagePullPolicy": "Sometimes"}}, "coordinator.imagePullPolicy", "Sometimes",
      "pattern '^(Always|IfNotPresent|Never)$'"),

@@ -272,6 +272,27 @@ KINDS = ("progress",) * 16 + ("dup",) * 3 + ("stale", "stale", "late", "late", "
                                              "abort", "scale", "worker_died", "executor_failed", "hmm_failed")
 
 
+def play(h: Harness, ops, check=None) -> None:
+    """Feed hypothesis' (kind, i, dt) draws to the machine as `random_event`s (`check(before,
+    kind, event, actions)` after each), then end whatever is under way — any scale aborts or
+    commits, restarted executors come up and recompute the suspended requests — and check
+    `settled`."""
+    for kind, i, dt in ops:
+        h.now += dt
+        event = random_event(h, kind, i)
+        if event is None:
+            continue
+        before = h.state
+        actions = h.step(event)
+        if check is not None:
+            check(before, kind, event, actions)
+    h.tick(h.now + 2 * TIMEOUT_S)  # ends any scale (abort or commit) ...
+    h.tick(h.now + 2 * TIMEOUT_S)  # ... and starts any restart of failed executors ...
+    for rank in sorted(h.state.recovering):  # ... which come up, and recompute the suspended requests
+        h.step(reconfig.ExecutorReady(rank, h.state.config_id, h.now))
+    h.settled()
+
+
 def random_event(h: Harness, kind: str, i: int) -> reconfig.Event | None:
     """An event of `kind` that fits the state (`i` picks among the candidates), or None when
     there is none: "progress" is what the scale waits for (or a new scale), "dup" a message
@@ -322,6 +343,8 @@ def random_event(h: Harness, kind: str, i: int) -> reconfig.Event | None:
         return reconfig.RequestArrived(f"q{h.ids}", now)
     if kind == "tick":
         return reconfig.Tick(now)
+    if kind == "load":  # an executor's routed tokens per expert (a delta)
+        return reconfig.ExpertLoadReported(tuple((i * (e + 3)) % 7 for e in range(s.facts.num_experts)), now)
     if kind == "abort":
         return reconfig.AbortRequested("random abort", now)
     if kind == "worker_died":

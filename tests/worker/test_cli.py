@@ -40,12 +40,23 @@ def test_help_loads_no_torch(argv):
 def test_serve_defaults_are_loopback_8000_and_the_embedded_model():
     args = cli.build_parser().parse_args(["serve"])
     assert (args.host, args.port, args.model) == ("127.0.0.1", 8000, None)
+    assert args.redundant_expert_bytes is None  # no budget: every expert gets its second copy
+
+
+def test_the_redundancy_budget_is_read_in_mib_fractions_allowed():
+    args = cli.build_parser().parse_args(["coordinator", "--devices", "2", "--expert-copies", "2",
+                                          "--redundant-expert-mb", "0.140625"])
+    assert args.redundant_expert_bytes == 147456
 
 
 @pytest.mark.parametrize("argv, message", [
     (["serve", "--port", "70000"], "expected a port number"),
     (["serve", "--max-num-seqs", "0"], "expected an integer >= 1"),
     (["make-model", "--family", "llama", "--preset", "tiny", "--out", "x"], "invalid choice: 'llama'"),
+    (["serve", "--devices", "2", "--expert-copies", "2", "--redundant-expert-mb", "-1"],
+     "got -1, expected a number of MiB >= 0"),
+    (["serve", "--devices", "2", "--redundant-expert-mb", "64"],
+     "--redundant-expert-mb needs --expert-copies 2 (it budgets the second copies; got --expert-copies 1)"),
 ])
 def test_bad_arguments_are_named(argv, message):
     out = subprocess.run(testprocs.elasticmoe(*argv), capture_output=True, text=True, timeout=60)

@@ -34,7 +34,8 @@ HMM_STARTED = re.compile(r"device (\d+): HMM started \(pid (\d+)\)")
 PROMPTS = [[5, 17, 300, 42], [900, 3, 3, 8, 1200, 77, 5], [11]]
 
 
-def _serve(model_dir, tmp_path, control_port: int, http_port: int, log_name: str, orphan_timeout_s: float = 60):
+def _serve(model_dir, tmp_path, control_port: int, http_port: int, log_name: str, orphan_timeout_s: float = 60,
+           extra: tuple[str, ...] = ()):
     log = tmp_path / log_name
     env = {**os.environ, "ELASTICMOE_ADMIN_TOKEN": TOKEN, "ELASTICMOE_CACHE_DIR": str(tmp_path / "cache"),
            "ELASTICMOE_WORKER_SECRET": SECRET}
@@ -42,7 +43,7 @@ def _serve(model_dir, tmp_path, control_port: int, http_port: int, log_name: str
         proc = subprocess.Popen(
             testprocs.elasticmoe("serve", "--model", str(model_dir), "--devices", "2", "--port", str(http_port),
                                  "--control-port", str(control_port), "--orphan-timeout-s", str(orphan_timeout_s),
-                                 "--dtype", "float32", "--kv-cache-mb", "8", "--max-num-batched-tokens", "64"),
+                                 "--dtype", "float32", "--kv-cache-mb", "8", "--max-num-batched-tokens", "64", *extra),
             env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=testprocs.die_with_test)
     return proc, log
 
@@ -104,12 +105,17 @@ def _shm_of(pids: set[int]) -> list[str]:
     return [p.name for p in pathlib.Path("/dev/shm").glob("elasticmoe-*") if int(p.name.split("-")[1]) in pids]
 
 
-def test_a_restarted_serve_adopts_its_workers_and_serves_without_the_checkpoint(tiny_models, tmp_path):
+@pytest.mark.parametrize("hot_copies", [False, True], ids=["one-copy", "hot-copies"])
+def test_a_restarted_serve_adopts_its_workers_and_serves_without_the_checkpoint(tiny_models, tmp_path, hot_copies):
+    """hot-copies: `--expert-copies 2` with a budget that fits 3 of the 8 experts' second copies;
+    the restarted serve adopts that placement as it is."""
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_models["qwen3_moe"], model_dir)
+    expert_bytes = testprocs.float32_expert_bytes(model_dir)
+    extra = ("--expert-copies", "2", "--redundant-expert-mb", repr(expert_bytes * 1.5 / (1 << 20))) if hot_copies else ()
     control_port, http_port = testprocs.free_port(), testprocs.free_port()
     base = f"http://127.0.0.1:{http_port}"
-    proc, log = _serve(model_dir, tmp_path, control_port, http_port, "first.log")
+    proc, log = _serve(model_dir, tmp_path, control_port, http_port, "first.log", extra=extra)
     hmms: set[int] = set()
     second = None
     try:
@@ -142,7 +148,7 @@ def test_a_restarted_serve_adopts_its_workers_and_serves_without_the_checkpoint(
         model_dir.rename(tmp_path / "moved-away")  # the restarted one cannot read the checkpoint
 
         started = time.monotonic()
-        second, log2 = _serve(model_dir, tmp_path, control_port, http_port, "second.log")
+        second, log2 = _serve(model_dir, tmp_path, control_port, http_port, "second.log", extra=extra)
         refusals: set[tuple[int, str | None]] = set()
 
         def first_completion():
@@ -168,6 +174,9 @@ def test_a_restarted_serve_adopts_its_workers_and_serves_without_the_checkpoint(
         record = status["lastScale"]
         assert record["scaleId"].startswith("restart-") and record["outcome"] == "Succeeded", record
         assert (status["phase"], status["devices"]["active"]) == ("Serving", 2), status
+        experts = status["experts"]
+        assert (experts["redundantExperts"], experts["minCopies"]) == (([0, 1, 2], 1) if hot_copies else ([], 1))
+        assert experts["budgetBytesPerDevice"] == (expert_bytes * 3 // 2 if hot_copies else None)
         assert "HMM started" not in text.split("serving as configuration")[0], "fresh workers were started"
         assert "first request completed" in text
         assert set(map(int, re.findall(r"adopted the HMM a previous coordinator started \(pid (\d+)\)", text))) \

@@ -29,7 +29,7 @@ import pytest
 import torch
 
 import testprocs
-from elasticmoe_worker import modelgen
+from elasticmoe_worker import hotcopies, modelgen, planner
 from elasticmoe_worker.engine import engine as engine_mod
 from elasticmoe_worker.engine import types
 from elasticmoe_worker.instance import coordinator
@@ -41,7 +41,7 @@ HMM_STARTED = re.compile(r"device (\d+): HMM started \(pid (\d+)\)")
 READ_FROM_CHECKPOINT = re.compile(r"device (\d+): read experts \[([\d, ]+)\] from the checkpoint")
 
 
-def _serve(model_dir, tmp_path, devices: int, copies: int):
+def _serve(model_dir, tmp_path, devices: int, copies: int, extra: tuple[str, ...] = ()):
     port = testprocs.free_port()
     log = tmp_path / "server.log"
     env = {**os.environ, "ELASTICMOE_ADMIN_TOKEN": TOKEN, "ELASTICMOE_CACHE_DIR": str(tmp_path / "cache")}
@@ -49,7 +49,7 @@ def _serve(model_dir, tmp_path, devices: int, copies: int):
         proc = subprocess.Popen(
             testprocs.elasticmoe("serve", "--model", str(model_dir), "--devices", str(devices), "--expert-copies",
                                  str(copies), "--port", str(port), "--dtype", "float32", "--kv-cache-mb", "8",
-                                 "--max-num-batched-tokens", "64"),
+                                 "--max-num-batched-tokens", "64", *extra),
             env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=testprocs.die_with_test)
     return proc, f"http://127.0.0.1:{port}", log
 
@@ -58,15 +58,17 @@ def _status(base: str) -> dict:
     return httpx.get(f"{base}/admin/status", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10).json()
 
 
-def _lose_a_device_under_load(model_dir, tmp_path, *, copies: int, move_checkpoint: bool, lost: int = 1) -> dict:
-    """Serve on 3 devices, stream, SIGKILL device `lost`'s worker, stream on; -> the figures."""
+def _lose_a_device_under_load(model_dir, tmp_path, *, copies: int, move_checkpoint: bool, lost: int = 1,
+                              devices: int = 3, extra: tuple[str, ...] = ()) -> dict:
+    """Serve on `devices` devices (`extra`: more serve arguments), stream, SIGKILL device `lost`'s
+    worker, stream on; -> the figures, with the admin status before the kill and after the recovery."""
     g = torch.Generator().manual_seed(11)
     prompts = [torch.randint(1, 2000, (int(n),), generator=g).tolist() for n in torch.randint(3, 40, (8,), generator=g)]
     tokenizer = engine_mod.load_tokenizer(model_dir)
     expected = [tokenizer.decode(t, skip_special_tokens=True) for t in testprocs.hf_greedy(model_dir, prompts, MAX_NEW)]
-    proc, base, log = _serve(model_dir, tmp_path, 3, copies)
+    proc, base, log = _serve(model_dir, tmp_path, devices, copies, extra)
     try:
-        testprocs.until("serve --devices 3", lambda: testprocs.healthy(base), 180, proc, log)
+        testprocs.until(f"serve --devices {devices}", lambda: testprocs.healthy(base), 180, proc, log)
         before = _status(base)
         if move_checkpoint:  # from here on nothing can read it: the lost experts must come from peers
             model_dir.rename(tmp_path / "moved-away")
@@ -90,21 +92,25 @@ def _lose_a_device_under_load(model_dir, tmp_path, *, copies: int, move_checkpoi
         figures = {"recovery_s": record["durationMs"] / 1000, "failed": len(load.failed),
                    "requests": len(load.results) + len(load.failed), "recomputed": record["requestsHandedOver"],
                    "tokens_recomputed": record["tokensRecomputed"], "phases_ms": record["phasesMs"]}
-        print(f"\ndevice {lost} of 3 SIGKILLed, --expert-copies {copies}: recovered in {figures['recovery_s']:.2f} s "
-              f"(phases, ms: {record['phasesMs']}); {figures['requests']} requests, {figures['failed']} failed; "
+        print(f"\ndevice {lost} of {devices} SIGKILLed, --expert-copies {copies} {' '.join(extra)}: recovered in "
+              f"{figures['recovery_s']:.2f} s (phases, ms: {record['phasesMs']}); {figures['requests']} requests, {figures['failed']} failed; "
               f"{figures['recomputed']} requests recomputed, {figures['tokens_recomputed']} tokens")
         assert load.failed == [], load.failed[:5]
         assert [text for _, text in load.results] == [expected[i] for i, _ in load.results]
-        assert (record["from"], record["to"], record["outcome"]) == (3, 2, "Succeeded"), record
+        assert (record["from"], record["to"], record["outcome"]) == (devices, devices - 1, "Succeeded"), record
         assert f"device {lost}" in record["reason"] and "killed by signal 9" in record["reason"], record["reason"]
-        assert (after["devices"]["active"], after["parallelism"]["dp"], after["healthy"]) == (2, 2, True)
+        assert (after["devices"]["active"], after["parallelism"]["dp"], after["healthy"]) == (devices - 1, devices - 1,
+                                                                                             True)
         assert before["experts"]["copiesPerExpert"] == copies
         assert (before["experts"]["redundantBytes"] > 0) == (copies == 2)
         num_experts = config_mod.load_spec(tmp_path / "moved-away" if move_checkpoint else model_dir).num_experts
         for s in (before, after):
-            assert sum(s["experts"]["perDevice"].values()) == s["experts"]["copiesPerExpert"] * num_experts, s["experts"]
-        assert sorted(after["experts"]["perDevice"]) == [str(d) for d in range(3) if d != lost]
+            held = s["experts"]["copiesPerExpert"] * num_experts if s["experts"]["minCopies"] == \
+                s["experts"]["copiesPerExpert"] else num_experts + len(s["experts"]["redundantExperts"])
+            assert sum(s["experts"]["perDevice"].values()) == held, s["experts"]
+        assert sorted(after["experts"]["perDevice"]) == [str(d) for d in range(devices) if d != lost]
         figures["read"] = READ_FROM_CHECKPOINT.findall(log.read_text())
+        figures["before"], figures["after"] = before, after
         return figures
     finally:
         testprocs.interrupt(proc)
@@ -117,6 +123,33 @@ def test_a_killed_worker_with_expert_copies_2_costs_a_pause_not_a_request(tiny_m
     shutil.copytree(tiny_models["qwen3_moe"], model_dir)
     figures = _lose_a_device_under_load(model_dir, tmp_path, copies=2, move_checkpoint=True)
     assert figures["read"] == []  # every expert of the lost device had a copy on a survivor
+
+
+def test_with_a_budget_for_some_second_copies_only_the_others_are_read_after_a_loss(tiny_models, tmp_path):
+    """`--devices 2 --expert-copies 2 --redundant-expert-mb` with room for 1.5 experts per device:
+    3 of the 8 experts get a second copy, before any load the lowest ids. Device 1's worker is
+    killed under load: the survivor reads from the checkpoint exactly the experts only device 1
+    held, not the ones with a copy on device 0, and serves on with outputs unchanged."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_models["qwen3_moe"], model_dir)
+    spec = config_mod.load_spec(model_dir)
+    expert_bytes = testprocs.float32_expert_bytes(model_dir)
+    figures = _lose_a_device_under_load(model_dir, tmp_path, copies=2, move_checkpoint=False, devices=2,
+                                        extra=("--redundant-expert-mb", repr(expert_bytes * 1.5 / (1 << 20))))
+    before, after = figures["before"]["experts"], figures["after"]["experts"]
+    assert spec.num_experts == 8 and before["bytesPerCopy"] == expert_bytes  # tiny's regions are whole pages
+    assert before["budgetBytesPerDevice"] == expert_bytes * 3 // 2
+    assert (before["copiesPerExpert"], before["minCopies"], before["redundantExperts"]) == (2, 1, [0, 1, 2])
+    assert before["redundantBytes"] == 3 * expert_bytes and sorted(before["perDevice"].values()) == [5, 6]
+    assert "fits the second copy of 3 of 8 experts" in before["limitedBy"], before["limitedBy"]
+    assert before["chosenBy"] == "lowest expert ids (no routed tokens counted yet)"
+    assert sum(after["routedTokens"]) > 0, after  # the executors counted what their routers sent
+    assert (after["copiesPerExpert"], after["redundantExperts"], after["redundantBytes"]) == (1, [], 0)
+    assert after["limitedBy"].startswith("devices: 1 device(s)"), after["limitedBy"]
+    placement = planner.initial_placement(8, [0, 1], hotcopies.hot_copies(8, 2, 3))
+    only_on_1 = [e for e, homes in enumerate(placement.homes) if homes == (1,)]
+    read = sorted(int(e) for _, experts in figures["read"] for e in experts.split(", "))
+    assert read == only_on_1 and len(only_on_1) == 8 - len(placement.experts_on(0)), (read, placement)
 
 
 @pytest.mark.slow

@@ -52,16 +52,22 @@ def simple_bound(cur: planner.Placement, targets, copies: int) -> int:
     return cur.num_experts * copies - min(per_device, per_expert)
 
 
-def flow_minimum(cur: planner.Placement, targets, copies: int) -> int:
-    """Fewest moved copies over all balanced placements, by networkx's network simplex."""
+def _each(cur: planner.Placement, copies) -> list[int]:
+    """`copies`: one int for every expert, or one per expert -> one per expert."""
+    return [copies] * cur.num_experts if isinstance(copies, int) else list(copies)
+
+
+def flow_minimum(cur: planner.Placement, targets, copies) -> int:
+    """Fewest moved copies over all balanced placements, by networkx's network simplex.
+    `copies`: one int, or one per expert."""
     nx = pytest.importorskip("networkx")
-    n = len(targets)
-    base, extra = divmod(cur.num_experts * copies, n)
+    n, each = len(targets), _each(cur, copies)
+    base, extra = divmod(sum(each), n)
     g = nx.DiGraph()
-    g.add_node("s", demand=-cur.num_experts * copies)
-    g.add_node("t", demand=cur.num_experts * copies)
+    g.add_node("s", demand=-sum(each))
+    g.add_node("t", demand=sum(each))
     for e, devs in enumerate(cur.homes):
-        g.add_edge("s", ("e", e), capacity=copies, weight=0)
+        g.add_edge("s", ("e", e), capacity=each[e], weight=0)
         for d in targets:
             g.add_edge(("e", e), ("d", d), capacity=1, weight=0 if d in devs else 1)
     for d in targets:
@@ -71,11 +77,11 @@ def flow_minimum(cur: planner.Placement, targets, copies: int) -> int:
     return nx.network_simplex(g)[0]
 
 
-def brute_minimum(cur: planner.Placement, targets, copies: int) -> int:
-    """Fewest moved copies by trying every placement (tiny inputs only)."""
-    num = cur.num_experts
-    base, extra = divmod(num * copies, len(targets))
-    choices = list(itertools.combinations(targets, copies))
+def brute_minimum(cur: planner.Placement, targets, copies) -> int:
+    """Fewest moved copies by trying every placement (tiny inputs only). `copies`: one int, or
+    one per expert."""
+    num, each = cur.num_experts, _each(cur, copies)
+    base, extra = divmod(sum(each), len(targets))
     best = -1
     count = dict.fromkeys(targets, 0)
 
@@ -84,9 +90,9 @@ def brute_minimum(cur: planner.Placement, targets, copies: int) -> int:
         if e == num:
             best = max(best, kept)
             return
-        if kept + copies * (num - e) <= best:
+        if kept + sum(each[e:]) <= best:
             return
-        for devs in choices:
+        for devs in itertools.combinations(targets, each[e]):
             if any(count[d] >= base + 1 for d in devs):
                 continue
             for d in devs:
@@ -97,7 +103,7 @@ def brute_minimum(cur: planner.Placement, targets, copies: int) -> int:
                 count[d] -= 1
 
     go(0, 0)
-    return num * copies - best
+    return sum(each) - best
 
 
 def moved_pairs(p: planner.Plan) -> set[tuple[int, int]]:
@@ -510,7 +516,9 @@ CUR = planner.initial_placement(4, [0, 1])
     (lambda: planner.Placement(()), "homes"),
     (lambda: planner.Placement(((0,), ())), "homes[1]"),
     (lambda: planner.Placement(((0, 0),)), "homes[0]"),
-    (lambda: planner.Placement(((0, 1), (1,))), "homes[1]"),
+    (lambda: planner.plan_placement(CUR, [0, 1], copies_per_expert=[1, 2, 3, 1]), "copies_per_expert[2]"),
+    (lambda: planner.plan_placement(CUR, [0, 1], copies_per_expert=[1, 2]), "copies_per_expert"),
+    (lambda: planner.plan_placement(CUR, [0, 1, 2], copies_per_expert=[0, 1, 1, 1]), "copies_per_expert[0]"),
     (lambda: planner.resize([0, 1], 0), "num_devices"),
     (lambda: planner.Placement(((0, 1),)).expert_owner, "copies_per_expert"),
 ])

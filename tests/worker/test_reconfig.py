@@ -417,17 +417,9 @@ def test_an_invalid_target_is_refused_naming_the_field(target, expected):
                               st.sampled_from((0.0, 0.01, 0.1, 0.1, 0.5, 4.0))), min_size=20, max_size=80))
 def test_any_event_order_keeps_the_invariants(start, warm, ops):
     h = rh.Harness(start, {d for d in warm if d >= start})
-    for kind, i, dt in ops:
-        h.now += dt
-        event = rh.random_event(h, kind, i)
-        if event is None:
-            continue
-        before = h.state
-        actions = h.step(event)
+
+    def check(before, kind, event, actions):
         if kind == "stale":  # an aborted or replaced configuration never changes a later one
             assert actions == [] and h.state == before, event
-    h.tick(h.now + 2 * TIMEOUT_S)  # ends any scale (abort or commit) ...
-    h.tick(h.now + 2 * TIMEOUT_S)  # ... and starts any restart of failed executors ...
-    for rank in sorted(h.state.recovering):  # ... which come up, and recompute the suspended requests
-        h.step(reconfig.ExecutorReady(rank, h.state.config_id, h.now))
-    h.settled()
+
+    rh.play(h, ops, check)

@@ -9,7 +9,7 @@ import msgspec
 import pytest
 
 import reconfigharness as rh
-from elasticmoe_worker import planner
+from elasticmoe_worker import hotcopies, planner
 from elasticmoe_worker.contract import wire
 from elasticmoe_worker.instance import reconfig_rejoin
 
@@ -71,6 +71,8 @@ def test_a_configuration_with_devices_still_missing_is_waited_for_and_then_refus
     (lambda r: {**r, 1: msgspec.structs.replace(r[1], expert_ids=[4, 5, 6])},
      r"expert\(s\) \[7\] are held by no rejoined device"),
     (lambda r: {**r, 1: msgspec.structs.replace(r[1], expert_ids=[3, 4, 5, 6, 7])},
+     r"hold 1 to 2 copies \(several: experts \[3\]\) of each expert; this coordinator's expert_copies=1 wants 1"),
+    (lambda r: {**r, 1: msgspec.structs.replace(r[1], expert_ids=[4, 5, 6, 7, 7])},
      "no placement: homes"),
     (lambda r: {**r, 1: msgspec.structs.replace(r[1], expert_ids=[4, 5, 6, 7, 8])},
      r"expert id\(s\) \[8\] held, but the model has 8 routed experts"),
@@ -86,3 +88,33 @@ def test_workers_of_another_model_or_another_copy_count_than_the_command_says_ar
     with pytest.raises(reconfig_rejoin.Refused, match="hold 1 copies of each expert; this coordinator's "
                                                       r"expert_copies=2 wants 2 on 2 device\(s\)"):
         reconfig_rejoin.adopt(whole([0, 1]), num_experts=8, expert_copies=2)
+
+
+def _with_experts(rejoins: dict[int, wire.HMMRejoin]) -> dict[int, wire.HMMRejoin]:
+    """Each device's HMMReady lists its expert regions: 100 + 50 B in each of 2 MoE layers (300 B an expert)."""
+    def region(layer, e, size):
+        return wire.MemoryHandle(backend="cpu", name=f"l{layer}.e{e}", size_bytes=size, owner_pid=1)
+    return {d: msgspec.structs.replace(r, ready=msgspec.structs.replace(r.ready, experts=[
+        wire.ExpertRegion(layer, e, region(layer, e, 100), region(layer, e, 50))
+        for layer in (1, 2) for e in r.expert_ids])) for d, r in rejoins.items()}
+
+
+def test_with_a_budget_the_workers_may_hold_second_copies_of_some_experts_more_than_it_fits_is_said():
+    """450 B per device on 2 devices fits the second copy of 3 experts of 300 B."""
+    three = _with_experts(whole([0, 1], copies=hotcopies.hot_copies(8, 2, 3, [0, 0, 0, 0, 0, 9, 8, 7])))
+    a = reconfig_rejoin.adopt(three, num_experts=8, expert_copies=2, redundant_budget_bytes=450)
+    assert a.placement.redundant_experts == (5, 6, 7)  # the dead coordinator's choice stands
+    none = _with_experts(whole([0, 1]))
+    assert reconfig_rejoin.adopt(none, num_experts=8, expert_copies=2, redundant_budget_bytes=450).placement.uniform
+    assert a.over_budget == ""
+    four = _with_experts(whole([0, 1], copies=hotcopies.hot_copies(8, 2, 4)))
+    over = reconfig_rejoin.adopt(four, num_experts=8, expert_copies=2, redundant_budget_bytes=450)
+    assert over.placement.redundant_experts == (0, 1, 2, 3)  # held already: adopted, and said
+    assert over.over_budget == "the rejoined workers hold 4 experts in 2 copies; this coordinator's budget of 450 B " \
+                               "per device on 2 device(s) fits 3"
+    with pytest.raises(reconfig_rejoin.Refused, match=r"hold 1 to 2 copies \(several: experts \[5, 6, 7\]\) of each "
+                                                      r"expert; this coordinator's expert_copies=2 wants 2"):
+        reconfig_rejoin.adopt(three, num_experts=8, expert_copies=2)  # no budget: every expert needs its copies
+    triple = _with_experts(whole([0, 1, 2], copies=[3, 1, 1, 1, 1, 1, 1, 1]))
+    with pytest.raises(reconfig_rejoin.Refused, match=r"hold experts \[0\] in neither 1 nor 2 copies"):
+        reconfig_rejoin.adopt(triple, num_experts=8, expert_copies=2, redundant_budget_bytes=450)

@@ -42,6 +42,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.error("--control-port needs the worker secret from $ELASTICMOE_WORKER_SECRET or --worker-secret-file: "
                   "a restarted serve must prove the same secret to the workers it adopts")
         return 2
+    redundant_bytes = args.redundant_expert_bytes
+    if redundant_bytes is not None and args.expert_copies != 2:
+        log.error("--redundant-expert-mb needs --expert-copies 2 (it budgets the second copies; got --expert-copies "
+                  "%d)", args.expert_copies)
+        return 2
     # these adopt the workers a killed coordinator left (which hold the model: the checkpoint may be gone)
     adopts = restartable or (args.command == "coordinator" and args.fleet == "external")
     model_dir = pathlib.Path(args.model) if args.model else cliargs.default_model_dir()
@@ -94,6 +99,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         engine = coordinator.Instance(model_dir, args.devices, cliargs.engine_config_from_args(args), model_name=name,
                                       backend=args.backend, collective_timeout_s=args.collective_timeout_s,
                                       cpu_per_device=args.cpu_per_device, expert_copies=args.expert_copies,
+                                      redundant_expert_bytes=redundant_bytes,
                                       warm_workers=1 if args.warm_workers is None else args.warm_workers,
                                       control_port=args.control_port,
                                       worker_secret=_worker_secret(args) if restartable else "",
@@ -116,7 +122,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             worker_secret=_worker_secret(args) if is_coordinator else os.environ.get(transport.SECRET_ENV, "").strip(),
             ray_options=rayfleet.Options(address=args.ray_address, cpus_per_device=args.ray_cpus_per_device,
                                          placement_timeout_s=args.ray_placement_timeout_s),
-            expert_copies=args.expert_copies,
+            expert_copies=args.expert_copies, redundant_expert_bytes=redundant_bytes,
             warm_workers=1 if args.warm_workers is None else args.warm_workers).start()
     else:
         from elasticmoe_worker.instance import coordinator
@@ -140,7 +146,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             collective_timeout_s=args.collective_timeout_s, startup_timeout_s=args.startup_timeout_s,
             warm_workers=0, fleet="external", bind_host=args.host, advertise_host=advertise,
             control_port=args.control_port, worker_secret=secret,
-            heartbeat_timeout_s=args.heartbeat_timeout_s, expert_copies=args.expert_copies)
+            heartbeat_timeout_s=args.heartbeat_timeout_s, expert_copies=args.expert_copies,
+            redundant_expert_bytes=redundant_bytes)
         # started below, once the HTTP API listens
     autoscaler = None
     # NOTE: uvicorn re-raises the signal that stopped it once its graceful shutdown is done; with
@@ -276,6 +283,12 @@ def _add_serving_arguments(p: argparse.ArgumentParser, host_default: str, device
                    help="copies of each routed expert, on distinct devices: with 2, a lost device's experts come "
                         "from a peer's copy instead of the checkpoint, at the memory of one more copy of every "
                         "expert (shown in /admin/status as experts.redundantBytes) (default: %(default)s)")
+    p.add_argument("--redundant-expert-mb", type=cliargs.mebibytes, default=None, metavar="N",
+                   dest="redundant_expert_bytes",
+                   help="with --expert-copies 2: MiB per device (fractions allowed) for the second copies. Only the hottest experts "
+                        "(most routed tokens; before any are counted, the lowest ids) get one, as many as fit: "
+                        "min(experts, floor(devices x N MiB / one expert's bytes)), on average over the devices; "
+                        "re-chosen at every scale and recovery (default: no limit, every expert gets its copy)")
     p.add_argument("--warm-workers", type=cliargs.non_negative_int, default=None, metavar="N",
                    help="workers (an HMM and a pre-started executor each, holding no weights) kept started ahead of "
                         "a scale-up, so that adding up to N devices does not wait for processes to start; local and "

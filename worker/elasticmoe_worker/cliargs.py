@@ -72,6 +72,17 @@ def positive_float(expected: str) -> Callable[[str], float]:
     return parse
 
 
+def mebibytes(text: str) -> int:
+    """An argparse type: a number of MiB >= 0, fractions allowed (small test models) -> bytes."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"got {text!r}, expected a number of MiB >= 0, e.g. 512 or 0.1") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"got {text}, expected a number of MiB >= 0, e.g. 512 or 0.1")
+    return round(value * (1 << 20))
+
+
 positive_seconds = positive_float("a number of seconds > 0")
 cores = positive_float("a number of cores > 0, e.g. 0.45")
 

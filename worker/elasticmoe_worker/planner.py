@@ -8,10 +8,11 @@ plan is a pure, deterministic function of plain data: the coordinator computes i
 
 What it computes:
 - `plan_placement`: a balanced placement on the target devices (each holds floor or ceil of
-  experts x copies / devices) keeping as many (expert, device) pairs as any balanced placement
+  the total number of copies / devices; experts may have different numbers of copies) keeping as many (expert, device) pairs as any balanced placement
   can: exact, a greedy keep-set completed by a min-cost flow (cost 1 per copy placed where it is
   not now). With one copy that is the simple per-device bound; with more it can be higher (a
   copy may not land where its twin is), and the flow still finds the minimum.
+  Which experts get a redundant copy under a memory budget is `hotcopies`' choice.
 - `plan`: that placement plus the transfers: each moved copy from a current holder, bytes per
   sender balanced; each new device's replicated weights in disjoint 64-byte-aligned slices
   from all live staying devices, rotated across new devices.
@@ -31,12 +32,13 @@ What it does not guarantee:
 from __future__ import annotations
 
 import collections
-import heapq
 import itertools
 import math
 from typing import Sequence
 
 import msgspec
+
+from elasticmoe_worker import flow
 
 ALIGNMENT_BYTES = 64  # replicated slices start on this boundary; the last takes the remainder
 
@@ -44,8 +46,9 @@ ALIGNMENT_BYTES = 64  # replicated slices start on this boundary; the last takes
 class Placement(msgspec.Struct, frozen=True):
     """Where each routed expert lives: `homes[e]` is the sorted tuple of device ids holding it.
 
-    Every expert has the same number of copies, on distinct devices. Construction sorts each
-    tuple, so equal placements compare equal whatever order the ids were given in.
+    Each expert has one or more copies, on distinct devices; experts may differ in how many
+    (the hottest get a redundant copy when a memory budget allows only some). Construction sorts
+    each tuple, so equal placements compare equal whatever order the ids were given in.
     """
 
     homes: tuple[tuple[int, ...], ...]
@@ -62,8 +65,6 @@ class Placement(msgspec.Struct, frozen=True):
                 _check_id(f"homes[{e}]", d)
             if len(set(devs)) != len(devs):
                 raise ValueError(f"homes[{e}]: {list(devs)} names a device twice; expected distinct devices")
-            if len(devs) != len(self.homes[0]):
-                raise ValueError(f"homes[{e}]: {len(devs)} copies; expected {len(self.homes[0])} like expert 0")
             normal.append(tuple(sorted(devs)))
         msgspec.structs.force_setattr(self, "homes", tuple(normal))
 
@@ -73,7 +74,32 @@ class Placement(msgspec.Struct, frozen=True):
 
     @property
     def copies_per_expert(self) -> int:
-        return len(self.homes[0])
+        """The most copies any expert has: the number of copies of every expert when the
+        placement is uniform (see `uniform`)."""
+        return max(map(len, self.homes))
+
+    @property
+    def uniform(self) -> bool:
+        """Whether every expert has the same number of copies."""
+        return len(set(map(len, self.homes))) == 1
+
+    def copies(self, expert: int) -> int:
+        return len(self.homes[expert])
+
+    @property
+    def copy_counts(self) -> tuple[int, ...]:
+        """Expert id -> its number of copies (what `plan` keeps when not told otherwise)."""
+        return tuple(map(len, self.homes))
+
+    @property
+    def num_copies(self) -> int:
+        """Copies of all experts together: what the devices hold between them."""
+        return sum(map(len, self.homes))
+
+    @property
+    def redundant_experts(self) -> tuple[int, ...]:
+        """The experts with more than one copy, ascending."""
+        return tuple(e for e, devs in enumerate(self.homes) if len(devs) > 1)
 
     @property
     def devices(self) -> tuple[int, ...]:
@@ -93,9 +119,10 @@ class Placement(msgspec.Struct, frozen=True):
 
     @property
     def expert_owner(self) -> list[int]:
-        """Expert id -> its device, the single-copy form the executors route by."""
+        """Expert id -> its device, for a placement with one copy of every expert."""
         if self.copies_per_expert != 1:
-            raise ValueError(f"copies_per_expert: {self.copies_per_expert}; expert_owner needs exactly 1")
+            raise ValueError(f"copies_per_expert: {self.copies_per_expert}; expert_owner needs exactly 1 copy of "
+                             f"every expert (experts {list(self.redundant_experts)} have more)")
         return [devs[0] for devs in self.homes]
 
 
@@ -179,16 +206,23 @@ class Plan(msgspec.Struct, frozen=True):
 
 # -- public functions ------------------------------------------------------------------------
 
-def initial_placement(num_experts: int, devices: Sequence[int], copies_per_expert: int = 1) -> Placement:
+def initial_placement(num_experts: int, devices: Sequence[int],
+                      copies_per_expert: int | Sequence[int] = 1) -> Placement:
     """Balanced contiguous blocks: copy k of expert e is slot k*num_experts + e, and the devices
     (ascending) take consecutive runs of slots, the first ones one slot more.
 
     With one copy this is the coordinator's `contiguous_placement`, keyed by device id.
+    `copies_per_expert`: one int for every expert, or one per expert; when they differ, the
+    first copies are the contiguous blocks of one copy each and the extra copies are added the
+    way `plan_placement` would add them (balanced, no expert twice on a device).
     """
     if not _is_int(num_experts) or num_experts < 1:
         raise ValueError(f"num_experts: got {num_experts!r}; expected an int >= 1")
     devs = _check_devices("devices", devices)
-    copies = _check_copies(copies_per_expert, num_experts, devs, "devices")
+    wanted = _check_copies(copies_per_expert, num_experts, devs, "devices")
+    if len(set(wanted)) > 1:
+        return _solve(initial_placement(num_experts, devs), devs, wanted, None)[0]
+    copies = wanted[0]
     base, extra = divmod(num_experts * copies, len(devs))
     homes: list[list[int]] = [[] for _ in range(num_experts)]
     slot = 0
@@ -209,18 +243,20 @@ def resize(current_devices: Sequence[int], num_devices: int) -> tuple[int, ...]:
     return tuple(sorted(devs[:num_devices] + tuple(itertools.islice(unused, max(0, num_devices - len(devs))))))
 
 
-def plan_placement(current: Placement, target_devices: Sequence[int], copies_per_expert: int | None = None,
-                   *, expert_load: Sequence[float] | None = None) -> Placement:
+def plan_placement(current: Placement, target_devices: Sequence[int],
+                   copies_per_expert: int | Sequence[int] | None = None, *,
+                   expert_load: Sequence[float] | None = None) -> Placement:
     """The balanced placement on `target_devices` that moves the fewest expert copies.
 
-    `copies_per_expert` defaults to the current one. `expert_load` (one non-negative number per
+    `copies_per_expert`: one int for every expert, or one per expert (e.g. from `hot_copies`);
+    default: each expert keeps its current number. `expert_load` (one non-negative number per
     expert, e.g. tokens routed) breaks ties between move-minimal placements towards even load.
     """
     return _solve(current, _check_devices("target_devices", target_devices), copies_per_expert, expert_load)[0]
 
 
 def plan(current: Placement, current_devices: Sequence[int], target_devices: Sequence[int], *,
-         replicated_bytes: int, expert_bytes: int, copies_per_expert: int | None = None,
+         replicated_bytes: int, expert_bytes: int, copies_per_expert: int | Sequence[int] | None = None,
          expert_load: Sequence[float] | None = None) -> Plan:
     """The full reconfiguration plan from `current_devices` to `target_devices`.
 
@@ -275,16 +311,28 @@ def _check_size(field: str, value: object) -> None:
         raise ValueError(f"{field}: got {value!r}; expected an int number of bytes >= 0")
 
 
-def _check_copies(copies: object, num_experts: int, targets: tuple[int, ...], field: str) -> int:
-    if not _is_int(copies) or copies < 1:
-        raise ValueError(f"copies_per_expert: got {copies!r}; expected an int >= 1")
-    if copies > len(targets):
-        raise ValueError(f"copies_per_expert: got {copies} for {len(targets)} devices in {field}; "
-                         f"expected at most one copy per device (<= {len(targets)})")
-    if len(targets) > num_experts * copies:
-        raise ValueError(f"{field}: got {len(targets)} devices for {num_experts} experts x {copies} copies; "
-                         f"expected at most {num_experts * copies}, so that every device holds an expert")
-    return copies
+def _check_copies(copies: object, num_experts: int, targets: tuple[int, ...], field: str) -> list[int]:
+    """One int for every expert, or one per expert -> the copies of each expert."""
+    if _is_int(copies):
+        each, name = [copies] * num_experts, "copies_per_expert"
+    elif isinstance(copies, Sequence) and not isinstance(copies, (str, bytes)):
+        each, name = list(copies), None
+        if len(each) != num_experts:
+            raise ValueError(f"copies_per_expert: got {len(each)} values; expected one int, or one per expert "
+                             f"({num_experts})")
+    else:
+        raise ValueError(f"copies_per_expert: got {copies!r}; expected an int >= 1 or one per expert")
+    for e, c in enumerate(each):
+        name_e = name or f"copies_per_expert[{e}]"
+        if not _is_int(c) or c < 1:
+            raise ValueError(f"{name_e}: got {c!r}; expected an int >= 1")
+        if c > len(targets):
+            raise ValueError(f"{name_e}: got {c} for {len(targets)} devices in {field}; "
+                             f"expected at most one copy per device (<= {len(targets)})")
+    if len(targets) > sum(each):
+        raise ValueError(f"{field}: got {len(targets)} devices for {num_experts} experts with {sum(each)} copies; "
+                         f"expected at most {sum(each)}, so that every device holds an expert")
+    return each
 
 
 def _check_load(load: Sequence[float] | None, num_experts: int) -> list[float] | None:
@@ -301,14 +349,14 @@ def _check_load(load: Sequence[float] | None, num_experts: int) -> list[float] |
 
 # -- placement ---------------------------------------------------------------------------------
 
-def _solve(current: Placement, targets: tuple[int, ...], copies_per_expert: int | None,
+def _solve(current: Placement, targets: tuple[int, ...], copies_per_expert: int | Sequence[int] | None,
            expert_load: Sequence[float] | None) -> tuple[Placement, tuple[ExpertMove, ...]]:
     """The new placement and the moves that build it, by (dst_device, expert)."""
     num = current.num_experts
-    copies = _check_copies(current.copies_per_expert if copies_per_expert is None else copies_per_expert,
+    copies = _check_copies(current.copy_counts if copies_per_expert is None else copies_per_expert,
                            num, targets, "target_devices")
     load = _check_load(expert_load, num)
-    base, extra = divmod(num * copies, len(targets))
+    base, extra = divmod(sum(copies), len(targets))
     kept = _greedy_keep(current.homes, targets, copies, base, extra, load)
     final = _complete(current.homes, targets, copies, base, extra, kept)
     units = [(e, d) for e in range(num) for d in final[e] if d not in current.homes[e]]
@@ -321,7 +369,7 @@ def _solve(current: Placement, targets: tuple[int, ...], copies_per_expert: int 
 
 
 def _greedy_keep(homes, targets, copies, base, extra, load):
-    """A good keep-set to start the flow from: per expert at most `copies` current homes, per
+    """A good keep-set to start the flow from: per expert at most `copies[e]` current homes, per
     device at most its quota, the ceil going to the fullest devices. kept[e] = list of devices."""
     tset = set(targets)
     cur = {d: 0 for d in targets}
@@ -329,8 +377,8 @@ def _greedy_keep(homes, targets, copies, base, extra, load):
     for devs in keep:
         for d in devs:
             cur[d] += 1
-    for devs in keep:  # fewer copies than now: give up the copy on the fullest device
-        while len(devs) > copies:
+    for e, devs in enumerate(keep):  # fewer copies than now: give up the copy on the fullest device
+        while len(devs) > copies[e]:
             d = max(devs, key=lambda d: (cur[d], d))
             devs.remove(d)
             cur[d] -= 1
@@ -347,7 +395,7 @@ def _greedy_keep(homes, targets, copies, base, extra, load):
         if load is None:  # spread drops over experts (copies > 1), then drop the highest ids
             drops = sorted(on[d], key=lambda e: (dropped[e], -e))[:over]
         else:
-            drops = _drops_for_load(on[d], over, load, copies, (base + (d in ceil)) * sum(load) / (len(homes) * copies))
+            drops = _drops_for_load(on[d], over, load, copies, (base + (d in ceil)) * sum(load) / sum(copies))
         for e in drops:
             keep[e].remove(d)
             dropped[e] += 1
@@ -355,32 +403,33 @@ def _greedy_keep(homes, targets, copies, base, extra, load):
 
 
 def _drops_for_load(experts, over, load, copies, fair):
-    """Which `over` experts leave a full device so that what stays is near its `fair` load."""
+    """Which `over` experts leave a full device so that what stays is near its `fair` load
+    (an expert's load is shared by its `copies[e]` copies)."""
     left = sorted(experts)
-    now = sum(load[e] / copies for e in left)
+    now = sum(load[e] / copies[e] for e in left)
     drops = []
     for r in range(over, 0, -1):
         want = (now - fair) / r
-        e = min(left, key=lambda e: (abs(load[e] / copies - want), -e))
+        e = min(left, key=lambda e: (abs(load[e] / copies[e] - want), -e))
         left.remove(e)
         drops.append(e)
-        now -= load[e] / copies
+        now -= load[e] / copies[e]
     return drops
 
 
 def _complete(homes, targets, copies, base, extra, kept):
-    """Min-cost flow: source -> expert (cap copies) -> device (cap 1; cost 0 where it holds the
-    expert now, else 1) -> sink (cap base) or -> hub (cap 1) -> sink (cap extra). Total capacity
-    into the sink is exactly experts x copies, so a full flow is a balanced placement, and the
+    """Min-cost flow: source -> expert (cap copies[e]) -> device (cap 1; cost 0 where it holds
+    the expert now, else 1) -> sink (cap base) or -> hub (cap 1) -> sink (cap extra). Total
+    capacity into the sink is exactly the sum of copies, so a full flow is a balanced placement, and the
     cheapest full flow moves the fewest copies. The greedy keep-set is preloaded: it costs 0,
     so it is a cheapest flow of its size and successive shortest paths stay exact from it."""
     num, n = len(homes), len(targets)
     src, hub, sink = num + n, num + n + 1, num + n + 2
-    g = _Graph(num + n + 3)
+    g = flow.Graph(num + n + 3)
     dev_node = {d: num + i for i, d in enumerate(targets)}
     pair, count = {}, dict.fromkeys(targets, 0)
     for e in range(num):
-        g.add(src, e, copies, 0, flow=len(kept[e]))
+        g.add(src, e, copies[e], 0, flow=len(kept[e]))
         for d in targets:
             pair[e, d] = g.add(e, dev_node[d], 1, 0 if d in homes[e] else 1, flow=int(d in kept[e]))
             count[d] += d in kept[e]
@@ -388,92 +437,11 @@ def _complete(homes, targets, copies, base, extra, kept):
         g.add(dev_node[d], sink, base, 0, flow=min(count[d], base))
         g.add(dev_node[d], hub, 1, 0, flow=int(count[d] > base))
     g.add(hub, sink, extra, 0, flow=sum(count[d] > base for d in targets))
-    need = num * copies - sum(len(k) for k in kept)
+    need = sum(copies) - sum(len(k) for k in kept)
     g.min_cost_flow(src, sink, need)
     final = [[d for d in targets if g.cap[pair[e, d]] == 0] for e in range(num)]
-    assert all(len(devs) == copies for devs in final)
+    assert all(len(devs) == c for devs, c in zip(final, copies))
     return final
-
-
-class _Graph:
-    """A residual graph for min-cost flow; edge i and its reverse are i and i ^ 1."""
-
-    def __init__(self, num_nodes: int) -> None:
-        self.adj: list[list[int]] = [[] for _ in range(num_nodes)]
-        self.to: list[int] = []
-        self.cap: list[int] = []
-        self.cost: list[int] = []
-
-    def add(self, u: int, v: int, cap: int, cost: int, flow: int = 0) -> int:
-        assert 0 <= flow <= cap
-        i = len(self.to)
-        self.adj[u].append(i)
-        self.adj[v].append(i + 1)
-        self.to += [v, u]
-        self.cap += [cap - flow, flow]
-        self.cost += [cost, -cost]
-        return i
-
-    def min_cost_flow(self, s: int, t: int, need: int) -> None:
-        """Push `need` more units s -> t at least cost: primal-dual, i.e. Dijkstra on reduced
-        costs, then a Dinic blocking flow on the zero-reduced-cost edges, until done. The
-        current flow must be a cheapest one of its size (here: all of cost 0)."""
-        n, to, cap, cost, adj = len(self.adj), self.to, self.cap, self.cost, self.adj
-        pot = [0] * n
-        while need > 0:
-            inf = float("inf")
-            dist = [inf] * n
-            dist[s] = 0
-            heap = [(0, s)]
-            while heap:
-                du, u = heapq.heappop(heap)
-                if du > dist[u]:
-                    continue
-                pu = pot[u]
-                for i in adj[u]:
-                    if cap[i] > 0:
-                        v = to[i]
-                        dv = du + cost[i] + pu - pot[v]
-                        if dv < dist[v]:
-                            dist[v] = dv
-                            heapq.heappush(heap, (dv, v))
-            assert dist[t] < inf, "a balanced placement always exists"
-            pot = [p + d if d < inf else p for p, d in zip(pot, dist)]
-            while need > 0:
-                level = [-1] * n
-                level[s] = 0
-                queue = [s]
-                for u in queue:
-                    for i in adj[u]:
-                        v = to[i]
-                        if cap[i] > 0 and level[v] < 0 and cost[i] + pot[u] - pot[v] == 0:
-                            level[v] = level[u] + 1
-                            queue.append(v)
-                if level[t] < 0:
-                    break
-                it = [0] * n
-
-                def dfs(u: int, limit: int) -> int:
-                    if u == t:
-                        return limit
-                    edges = adj[u]
-                    while it[u] < len(edges):
-                        i = edges[it[u]]
-                        v = to[i]
-                        if cap[i] > 0 and level[v] == level[u] + 1 and cost[i] + pot[u] - pot[v] == 0:
-                            got = dfs(v, min(limit, cap[i]))
-                            if got:
-                                cap[i] -= got
-                                cap[i ^ 1] += got
-                                return got
-                        it[u] += 1
-                    return 0
-
-                while need > 0:
-                    got = dfs(s, need)
-                    if not got:
-                        break
-                    need -= got
 
 
 def _spread(homes, final, units, srcs, load, copies) -> tuple[ExpertMove, ...]:
@@ -503,7 +471,7 @@ def _spread(homes, final, units, srcs, load, copies) -> tuple[ExpertMove, ...]:
         share = {(s, d): len(by_src[s]) * free[d] / len(units) for s in by_src for d in free}
     else:
         order = sorted(((e, s) for (e, _), s in zip(units, srcs)), key=lambda u: (-load[u[0]], u[0], u[1]))
-        dev_load = {d: sum(load[e] / copies for e in range(len(homes)) if d in has[e]) for d in free}
+        dev_load = {d: sum(load[e] / copies[e] for e in range(len(homes)) if d in has[e]) for d in free}
 
     def better(s: int, d: int) -> tuple:
         return (share[s, d] <= 0, d) if load is None else (dev_load[d], d)
@@ -513,7 +481,7 @@ def _spread(homes, final, units, srcs, load, copies) -> tuple[ExpertMove, ...]:
         if load is None:
             share[m.src_device, m.dst_device] -= sign
         else:
-            dev_load[m.dst_device] += sign * load[m.expert] / copies
+            dev_load[m.dst_device] += sign * load[m.expert] / copies[m.expert]
         (has[m.expert].add if sign > 0 else has[m.expert].discard)(m.dst_device)
 
     moves: list[ExpertMove] = []

@@ -72,13 +72,25 @@ class ScaleRecord(_Body, kw_only=True):
 
 
 class ExpertCopies(_Body, kw_only=True):
-    """Where the routed experts live and what redundancy costs (`--expert-copies`)."""
+    """Where the routed experts live and what redundancy costs (`--expert-copies`,
+    `--redundant-expert-mb`). Fields after `per_device` are absent from older coordinators
+    (read as their defaults)."""
 
     wanted: int  # copies of each expert asked for
-    copies_per_expert: int  # held now (fewer than wanted on fewer devices)
+    copies_per_expert: int  # the most any expert holds now (fewer than wanted on fewer devices)
     bytes_per_copy: int  # one expert, every MoE layer
     redundant_bytes: int  # memory of the copies beyond the first, over all devices
     per_device: dict[str, int] = {}  # device id -> experts it holds (computed + redundant)
+    min_copies: int = 0  # the fewest any expert holds now (< copies_per_expert: only some have a second)
+    redundant_experts: list[int] = []  # the experts that hold more than one copy now, ascending
+    # redundancy budget per device (`--redundant-expert-mb`, in bytes); None: no limit
+    budget_bytes_per_device: int | None = None
+    # why fewer experts than all have `wanted` copies ("" when all do): one device, or the budget
+    limited_by: str = ""
+    # how the experts with a second copy were chosen: the most routed tokens, or (before any were
+    # counted) the lowest ids
+    chosen_by: str = ""
+    routed_tokens: list[int] = []  # tokens routed to each expert so far, every MoE layer ([] before any)
 
 
 class DeviceCounts(_Body, kw_only=True):

@@ -332,6 +332,9 @@ class RankStats(Msg):
     kv_blocks_used: int
     kv_blocks_total: int
     num_preemptions_total: int
+    # Token copies this rank's routers sent to each expert (global id), over every MoE layer, since
+    # the previous report that carried them; [] in the reports in between (sent about once a second).
+    expert_tokens: list[int] = []
 
 
 class ExecutorFailed(Msg):

@@ -14,7 +14,8 @@ loads the model and hands the channel to its I/O thread. From then on every mess
 A worker that dies (or whose memory fails) while serving starts a recovery (`reconfig`): the
 instance goes on with the surviving devices, its requests in flight are recomputed there
 (`routing`), and new ones wait meanwhile. With `expert_copies=2` every expert has a copy on a
-second device, so the survivors need nothing from the checkpoint.
+second device, so the survivors need nothing from the checkpoint; with a `redundant_expert_bytes`
+budget only the hottest experts have one (`hotcopies`), and the others are read from the checkpoint.
 
 A coordinator that is killed leaves its workers holding their memory (a local fleet's only when
 started with `orphan_timeout_s`, on a fixed control port, with a given worker secret; a pod's
@@ -66,7 +67,7 @@ class Instance(startup.StartUp):
                  advertise_host: str | None = None, control_port: int = 0, worker_secret: str = "",
                  heartbeat_timeout_s: float = 15.0, cpu_per_device: float | None = None,
                  ray_options: rayfleet.Options | None = None, expert_copies: int = 1,
-                 orphan_timeout_s: float | None = None) -> None:
+                 redundant_expert_bytes: int | None = None, orphan_timeout_s: float | None = None) -> None:
         """`fleet="local"` starts one HMM process per device here (a worker secret is generated
         when none is given), each in a cgroup with a quota of `cpu_per_device` cores if given;
         `fleet="external"` waits for workers that others start (`elasticmoe worker`, one pod
@@ -75,13 +76,20 @@ class Instance(startup.StartUp):
         control channel binds and is advertised, where not given (None), on the address Ray
         reports for this process's node. `expert_copies`: copies of each routed expert, on
         distinct devices (fewer while there are fewer devices); 2 lets a lost device's experts
-        come from a peer instead of the checkpoint. `orphan_timeout_s` (local fleet, with a fixed
+        come from a peer instead of the checkpoint. `redundant_expert_bytes` (with `expert_copies=2`):
+        memory per device for the second copies; only the hottest experts get one, as many as fit
+        (`hotcopies.redundant_within`; None: every expert). `orphan_timeout_s` (local fleet, with a fixed
         `control_port` and a given `worker_secret`): the workers outlive this coordinator that
         long, and a new one started with the same arguments adopts them. An instance that can
         adopt workers (that, or an external fleet) starts without `model_dir` when the workers
         hold the model."""
         if not isinstance(expert_copies, int) or isinstance(expert_copies, bool) or not 1 <= expert_copies <= 2:
             raise ValueError(f"expert_copies: got {expert_copies!r}, expected 1 or 2")
+        if redundant_expert_bytes is not None and (
+                not isinstance(redundant_expert_bytes, int) or isinstance(redundant_expert_bytes, bool)
+                or redundant_expert_bytes < 0 or expert_copies != 2):
+            raise ValueError(f"redundant_expert_bytes: got {redundant_expert_bytes!r} with expert_copies "
+                             f"{expert_copies}; expected None, or an int >= 0 with expert_copies 2")
         if fleet not in ("local", "external", "ray"):
             raise ValueError(f"fleet: got {fleet!r}, expected 'local', 'external' or 'ray'")
         if fleet != "local" and cpu_per_device is not None:
@@ -108,6 +116,7 @@ class Instance(startup.StartUp):
         self.model_name = model_name or self.model_dir.name
         self._initial_devices = num_devices
         self.expert_copies = expert_copies
+        self.redundant_expert_bytes = redundant_expert_bytes
         self.spec: config_mod.ModelSpec | None = None
         self.tokenizer = None
         self._max_model_len: int | None = None
@@ -358,6 +367,8 @@ class Instance(startup.StartUp):
                 self._adopted_at = None
         elif isinstance(msg, wire.RankStats):
             router.on_stats(msg)
+            if msg.expert_tokens:
+                self._step(reconfig.ExpertLoadReported(tuple(msg.expert_tokens), now))
         elif isinstance(msg, wire.Heartbeat):
             self.members.seen(msg.device_index)
         elif isinstance(msg, wire.HMMHello):
@@ -467,12 +478,7 @@ class Instance(startup.StartUp):
                 history=list(self.history), experts=self._expert_copies() if s is not None else None)
 
     def _expert_copies(self) -> admin.ExpertCopies:
-        s = self.state
-        copies = s.placement.copies_per_expert
-        return admin.ExpertCopies(
-            wanted=self.expert_copies, copies_per_expert=copies, bytes_per_copy=s.facts.expert_bytes,
-            redundant_bytes=(copies - 1) * s.placement.num_experts * s.facts.expert_bytes,
-            per_device={str(d): n for d, n in s.placement.counts().items()})
+        return reconfig.expert_copies_status(self.state)
 
     def scaling_counters(self) -> admin.ScalingCounters:
         status = self.status()

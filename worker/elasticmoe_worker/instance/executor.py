@@ -36,6 +36,8 @@ from elasticmoe_worker.models import registry
 logger = logging.getLogger("elasticmoe.executor")
 
 _STATS_INTERVAL_S = 0.05
+# How often the routed-token counts go along (reading them back is a host sync on an accelerator).
+_LOAD_INTERVAL_S = 1.0
 _IDLE_POLL_MS = 2
 
 
@@ -96,6 +98,10 @@ class Executor:
         self.torch_device = backend.torch_device()
         model = fam.build(model_spec, self.device.weights, self.device.expert_ids, self.torch_device)
         self.weight_bytes = _touch_weights(model)
+        # token copies routed to each expert, every MoE layer together (which experts are hot)
+        self.routed = torch.zeros(model_spec.num_experts, dtype=torch.int64, device=self.torch_device)
+        for block in model.moe_blocks():
+            block.routed = self.routed
         self.attach_private_bytes = procutil.private_bytes() - before
 
         self.group = None
@@ -125,6 +131,7 @@ class Executor:
         self.stop = False
         self.pausing = False
         self._last_stats = 0.0
+        self._last_load = 0.0
         self.startup_seconds = time.perf_counter() - started
 
     def send(self, msg: wire.Msg) -> None:
@@ -168,9 +175,15 @@ class Executor:
             return
         self._last_stats = now
         s = self.engine.stats()
+        tokens: list[int] = []
+        if now - self._last_load >= _LOAD_INTERVAL_S:
+            self._last_load = now
+            tokens = self.routed.tolist()
+            self.routed.zero_()
         self.send(wire.RankStats(rank=self.rank, config_id=self.spec.start.config_id, num_running=s.num_running, num_waiting=s.num_waiting,
                                      kv_blocks_used=s.kv_blocks_used, kv_blocks_total=s.kv_blocks_total,
-                                     num_preemptions_total=s.num_preemptions_total))
+                                     num_preemptions_total=s.num_preemptions_total,
+                                     expert_tokens=tokens if any(tokens) else []))
 
     def _agree(self) -> tuple[bool, bool, bool]:
         """-> (anyone has work, anyone is stopping, anyone is pausing), the same on every rank."""

@@ -46,12 +46,13 @@ from elasticmoe_worker.contract import admin, wire
 from elasticmoe_worker.instance import reconfig_loss
 from elasticmoe_worker.instance.reconfig_state import (  # noqa: F401 - re-exported: reconfig.X
     WORKERS, TRANSFER, STANDBY, SWITCH, STAGES, Facts, Scale, State, initial, refuse_scale, owner_list, copies_for,
+    expert_load, expert_copies_status,
     start_message, exec_dest, hmm_dest,
 )
 from elasticmoe_worker.instance.reconfig_events import (  # noqa: F401 - re-exported: reconfig.X
     ScaleRequested, WorkerRegistered, WorkerDied, TransferReady, HMMFailed, ExecutorReady, ExecutorFailed,
-    HandedOver, RequestArrived, Tick, AbortRequested, Send, AddWorkers, RemoveWorkers, PauseAdmission, Commit,
-    Release, Rebind, FailRequests, SetHealth, Recovering, Suspend, Resume, Finished, Event, Action,
+    HandedOver, RequestArrived, ExpertLoadReported, Tick, AbortRequested, Send, AddWorkers, RemoveWorkers,
+    PauseAdmission, Commit, Release, Rebind, FailRequests, SetHealth, Recovering, Suspend, Resume, Finished, Event, Action,
 )
 
 
@@ -102,7 +103,9 @@ def _start_transfer(state: State, now: float, recovery: reconfig_loss.Recovery |
     sc, f = state.scale, state.facts
     if recovery is None:
         plan = planner.plan(state.placement, sc.old_devices, sc.new_devices, replicated_bytes=f.replicated_bytes,
-                            expert_bytes=f.expert_bytes, copies_per_expert=copies_for(f, len(sc.new_devices)))
+                            expert_bytes=f.expert_bytes,
+                            copies_per_expert=copies_for(f, len(sc.new_devices), state.expert_tokens),
+                            expert_load=expert_load(state.expert_tokens))
         from_checkpoint = {}
     else:
         plan, from_checkpoint = recovery.plan, recovery.from_checkpoint
@@ -390,8 +393,10 @@ def _lose_device(state: State, now: float, device: int, reason: str) -> tuple[St
         state, more = _degrade(state, f"{reason}; no device survives", hmm_lost=True, recover_at=None)
         return state, actions + more
     f = state.facts
-    rec = reconfig_loss.plan_recovery(state.placement, state.devices, sorted(lost), copies_per_expert=f.expert_copies,
-                                      replicated_bytes=f.replicated_bytes, expert_bytes=f.expert_bytes)
+    rec = reconfig_loss.plan_recovery(state.placement, state.devices, sorted(lost),
+                                      copies_per_expert=copies_for(f, len(survivors), state.expert_tokens),
+                                      replicated_bytes=f.replicated_bytes, expert_bytes=f.expert_bytes,
+                                      expert_load=expert_load(state.expert_tokens))
     if rec.checkpoint_experts and not f.model_dir:
         state, more = _degrade(state, f"device(s) {sorted(lost)} lost ({reason}) and cannot be recovered: experts "
                                       f"{list(rec.checkpoint_experts)} had no other copy and there is no checkpoint "
@@ -523,6 +528,17 @@ def _on_request_arrived(state: State, ev: RequestArrived) -> tuple[State, list[A
     return dataclasses.replace(state, held=state.held + (ev.request_id,)), []
 
 
+def _on_expert_load(state: State, ev: ExpertLoadReported) -> tuple[State, list[Action]]:
+    """Add up the routed tokens per expert: the next scale or recovery gives the redundant copies
+    to the hottest. Any configuration's report counts (load is load); a report of another length
+    than the model's experts (none is sent) is ignored."""
+    n = state.facts.num_experts
+    if len(ev.tokens) != n or not any(ev.tokens):
+        return state, []
+    total = state.expert_tokens or (0,) * n
+    return dataclasses.replace(state, expert_tokens=tuple(a + b for a, b in zip(total, ev.tokens))), []
+
+
 def _on_tick(state: State, ev: Tick) -> tuple[State, list[Action]]:
     sc = state.scale
     if sc is not None and ev.now >= sc.deadline:
@@ -565,5 +581,5 @@ _HANDLERS = {
     ScaleRequested: _on_scale_requested, WorkerRegistered: _on_registered, WorkerDied: _on_worker_died,
     TransferReady: _on_transfer_ready, HMMFailed: _on_hmm_failed, ExecutorReady: _on_executor_ready,
     ExecutorFailed: _on_executor_failed, HandedOver: _on_handed_over, RequestArrived: _on_request_arrived,
-    Tick: _on_tick, AbortRequested: _on_abort_requested,
+    ExpertLoadReported: _on_expert_load, Tick: _on_tick, AbortRequested: _on_abort_requested,
 }

@@ -84,6 +84,14 @@ class RequestArrived:
 
 
 @dataclasses.dataclass(frozen=True)
+class ExpertLoadReported:
+    """An executor's routed-token counts per expert since its previous report (a delta)."""
+
+    tokens: tuple[int, ...]
+    now: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
 class Tick:
     now: float
 
@@ -95,7 +103,7 @@ class AbortRequested:
 
 
 Event = Union[ScaleRequested, WorkerRegistered, WorkerDied, TransferReady, HMMFailed, ExecutorReady,
-              ExecutorFailed, HandedOver, RequestArrived, Tick, AbortRequested]
+              ExecutorFailed, HandedOver, RequestArrived, ExpertLoadReported, Tick, AbortRequested]
 
 
 # -- actions --------------------------------------------------------------------------

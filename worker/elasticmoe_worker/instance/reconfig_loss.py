@@ -4,8 +4,9 @@ Why it exists: a scale has every current device alive to send what it holds; aft
 lost device's memory is gone. `plan_recovery` asks the planner for the move-minimal balanced
 placement on the survivors (the same one a scale-down to them would get), then re-sources
 every copy the planner would take from a lost device: from a surviving redundant copy when
-one exists (`--expert-copies 2`), else from the checkpoint, read by the copy's new home (only
-those experts). `reconfig` turns the result into the transitions it sends the survivors.
+one exists (`--expert-copies 2`; with a memory budget only the hottest experts have one), else
+from the checkpoint, read by the copy's new home (only those experts). `reconfig` turns the
+result into the transitions it sends the survivors.
 
 `owner_ranks` decides which holder of an expert computes it when there are several copies: the
 holder that computes fewest so far, so redundant copies do not pile the work on low device ids.
@@ -29,7 +30,7 @@ class Recovery:
     survivors: tuple[int, ...]
     plan: planner.Plan  # its expert moves all come from surviving holders
     from_checkpoint: Mapping[int, tuple[int, ...]]  # device -> experts it reads from the checkpoint
-    copies_per_expert: int
+    copies_per_expert: int  # the most copies any expert has after the recovery
 
     @property
     def checkpoint_experts(self) -> tuple[int, ...]:
@@ -46,16 +47,21 @@ class Recovery:
         return "\n".join(lines)
 
 
-def plan_recovery(placement: planner.Placement, devices: Sequence[int], lost: Sequence[int], *, copies_per_expert: int,
-                  replicated_bytes: int, expert_bytes: int) -> Recovery:
-    """The configuration of the devices that survive `lost`. Raises ValueError when none does."""
+def plan_recovery(placement: planner.Placement, devices: Sequence[int], lost: Sequence[int], *,
+                  copies_per_expert: int | Sequence[int], replicated_bytes: int, expert_bytes: int,
+                  expert_load: Sequence[float] | None = None) -> Recovery:
+    """The configuration of the devices that survive `lost`. Raises ValueError when none does.
+
+    `copies_per_expert`: one int for every expert, or one per expert, each capped at the number
+    of survivors (a copy per device at most). `expert_load`: as for `planner.plan`."""
     lost_set = set(lost)
     survivors = tuple(d for d in sorted(devices) if d not in lost_set)
     if not survivors:
         raise ValueError(f"lost: {sorted(lost_set)} are all the devices {sorted(devices)}; expected a survivor")
-    copies = max(1, min(copies_per_expert, len(survivors)))
+    each = [copies_per_expert] * placement.num_experts if isinstance(copies_per_expert, int) else copies_per_expert
+    copies = [max(1, min(c, len(survivors))) for c in each]
     base = planner.plan(placement, devices, survivors, replicated_bytes=replicated_bytes, expert_bytes=expert_bytes,
-                        copies_per_expert=copies)
+                        copies_per_expert=copies, expert_load=expert_load)
     assert not base.replicated_transfers, "nothing is added after a loss"
     sent = {d: 0 for d in survivors}
     moves = [m for m in base.expert_moves if m.src_device not in lost_set]
@@ -74,7 +80,8 @@ def plan_recovery(placement: planner.Placement, devices: Sequence[int], lost: Se
             from_checkpoint.setdefault(m.dst_device, []).append(m.expert)
     moves.sort(key=lambda m: (m.dst_device, m.expert))
     plan = msgspec.structs.replace(base, expert_moves=tuple(moves))
-    return Recovery(survivors, plan, {d: tuple(sorted(es)) for d, es in sorted(from_checkpoint.items())}, copies)
+    return Recovery(survivors, plan, {d: tuple(sorted(es)) for d, es in sorted(from_checkpoint.items())},
+                    plan.new_placement.copies_per_expert)
 
 
 def owner_ranks(placement: planner.Placement, devices: Sequence[int]) -> list[int]:

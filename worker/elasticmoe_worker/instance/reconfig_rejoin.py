@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping
 
-from elasticmoe_worker import planner
+from elasticmoe_worker import hotcopies, planner
 from elasticmoe_worker.contract import wire
 
 
@@ -37,6 +37,9 @@ class Adoption:
     hmm_ready: Mapping[int, wire.HMMReady]
     config_json: str
     tokenizer_files: Mapping[str, str]
+    # more experts hold a second copy than this coordinator's budget fits, in words ("" when not);
+    # adopted anyway (the memory is held already), and the next scale or recovery drops the excess
+    over_budget: str = ""
 
 
 def missing(rejoins: Mapping[int, wire.HMMRejoin]) -> str | None:
@@ -61,12 +64,17 @@ def missing(rejoins: Mapping[int, wire.HMMRejoin]) -> str | None:
 
 
 def adopt(rejoins: Mapping[int, wire.HMMRejoin], *, num_experts: int, expert_copies: int,
-          model_config_json: str | None = None) -> Adoption:
+          model_config_json: str | None = None, redundant_budget_bytes: int | None = None) -> Adoption:
     """The configuration the rejoined workers served. Raises `Refused` when their holdings do not
     agree: different configurations, a device missing or extra, different models or memory
     layouts, an expert of the model's `num_experts` nobody holds, or copies other than `expert_copies` (fewer when there are
-    fewer devices) wants. `model_config_json`: the checkpoint's config.json when the coordinator
-    could read it (the workers must hold that model)."""
+    fewer devices) wants. With a `redundant_budget_bytes` per device only some experts need the
+    extra copies: experts holding 1 or `expert_copies` are accepted (which ones is the dead
+    coordinator's choice by load; the next scale or recovery chooses again), and more of them than
+    the budget fits is said in `Adoption.over_budget`, not refused: the start-up's choice divides
+    the budget by an estimate of an expert's size, which page padding can exceed, and refusing
+    would leave the workers' memory unserved. `model_config_json`: the checkpoint's config.json
+    when the coordinator could read it (the workers must hold that model)."""
     if not rejoins:
         raise Refused("no worker holding memory rejoined")
     configs = {d: r.config_id for d, r in sorted(rejoins.items())}
@@ -115,9 +123,27 @@ def adopt(rejoins: Mapping[int, wire.HMMRejoin], *, num_experts: int, expert_cop
     except ValueError as exc:
         raise Refused(f"the rejoined workers' experts are no placement: {exc}") from exc
     want = max(1, min(expert_copies, world))
-    if placement.copies_per_expert != want:
-        raise Refused(f"the rejoined workers hold {placement.copies_per_expert} copies of each expert; this "
-                      f"coordinator's expert_copies={expert_copies} wants {want} on {world} device(s)")
+    over_budget = ""
+    if redundant_budget_bytes is None and not (placement.uniform and placement.copies_per_expert == want):
+        held = (f"{placement.copies_per_expert} copies" if placement.uniform else
+                f"{min(placement.copy_counts)} to {placement.copies_per_expert} copies (several: experts "
+                f"{list(placement.redundant_experts)})")
+        raise Refused(f"the rejoined workers hold {held} of each expert; this coordinator's "
+                      f"expert_copies={expert_copies} wants {want} on {world} device(s)")
+    if redundant_budget_bytes is not None:
+        regions = first.ready.experts  # (a device of a balanced placement holds at least one expert)
+        expert_bytes = sum(r.w13.size_bytes + r.w2.size_bytes for r in regions
+                           if r.expert_id == regions[0].expert_id) if regions else 0
+        fits = hotcopies.redundant_within(num_experts, world, redundant_budget_bytes, expert_bytes * (want - 1))
+        odd = [e for e in range(num_experts) if placement.copies(e) not in (1, want)]
+        if odd:
+            raise Refused(f"the rejoined workers hold experts {odd} in neither 1 nor {want} copies; this "
+                          f"coordinator's expert_copies={expert_copies} wants 1 or {want} on {world} device(s)")
+        if len(placement.redundant_experts) > fits:
+            over_budget = (f"the rejoined workers hold {len(placement.redundant_experts)} experts in {want} copies; "
+                           f"this coordinator's budget of {redundant_budget_bytes} B per device on {world} "
+                           f"device(s) fits {fits}")
     return Adoption(config_id=config_id, next_config_id=max(r.last_config_id for r in rejoins.values()) + 1,
                     devices=devices, placement=placement, hmm_ready={d: rejoins[d].ready for d in devices},
-                    config_json=first.config_json, tokenizer_files=dict(first.tokenizer_files))
+                    config_json=first.config_json, tokenizer_files=dict(first.tokenizer_files),
+                    over_budget=over_budget)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping
 
-from elasticmoe_worker import planner
+from elasticmoe_worker import hotcopies, planner
 from elasticmoe_worker.contract import admin, wire
 from elasticmoe_worker.instance import reconfig_loss
 
@@ -45,6 +45,9 @@ class Facts:
     expert_copies: int = 1  # wanted copies of each expert (fewer when there are fewer devices)
     model_dir: str = ""  # where a recovery reads experts no survivor holds
     recovery_timeout_s: float = 60.0  # a recovery from a lost device that takes longer gives up (Degraded)
+    # per device, for the copies beyond the first (`--redundant-expert-mb`); None: no limit, every expert
+    # gets `expert_copies`. With a budget only the hottest experts do (see hotcopies).
+    redundant_budget_bytes: int | None = None
 
     @property
     def expert_bytes(self) -> int:
@@ -104,6 +107,9 @@ class State:
     recover_at: float | None = None
     recovering: frozenset[int] = frozenset()  # ranks of restarted executors not ready yet
     suspended_since: float | None = None  # when the requests in flight were suspended (executors broken)
+    # routed token copies per expert, summed over every MoE layer and rank since the coordinator started
+    # (empty until an executor reported any): which experts are hot, for the redundant copies
+    expert_tokens: tuple[int, ...] = ()
 
     @property
     def phase(self) -> admin.Phase:
@@ -156,8 +162,41 @@ def owner_list(placement: planner.Placement, devices: tuple[int, ...] | None = N
     return reconfig_loss.owner_ranks(placement, devices if devices is not None else placement.devices)
 
 
-def copies_for(facts: Facts, num_devices: int) -> int:
-    return max(1, min(facts.expert_copies, num_devices))
+def copies_for(facts: Facts, num_devices: int, expert_tokens: tuple[int, ...] = ()) -> tuple[int, ...]:
+    """Copies per expert on `num_devices` devices: `expert_copies` (one per device at most) for
+    the hottest experts the redundancy budget fits, one for the others; without observed load,
+    the lowest expert ids (`hotcopies.wanted`)."""
+    return hotcopies.wanted(facts.num_experts, num_devices, facts.expert_copies, facts.redundant_budget_bytes,
+                            facts.expert_bytes, expert_load(expert_tokens))
+
+
+def expert_load(expert_tokens: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The planner's `expert_load`: None until any token was routed (nothing to steer by)."""
+    return expert_tokens if any(expert_tokens) else None
+
+
+def expert_copies_status(state: State) -> admin.ExpertCopies:
+    """What `/admin/status` says of the experts' copies: held now, what they cost, the budget,
+    and why fewer than all experts have the wanted copies."""
+    f, p, n = state.facts, state.placement, state.num_devices
+    per = max(1, min(f.expert_copies, n))
+    within = hotcopies.redundant_within(f.num_experts, n, f.redundant_budget_bytes, f.expert_bytes * (per - 1))
+    limited_by = ""
+    if f.expert_copies > 1 and n < f.expert_copies:
+        limited_by = f"devices: {n} device(s) hold at most {per} copy of each expert"
+    elif f.expert_copies > 1 and within < f.num_experts:
+        limited_by = (f"budget: {f.redundant_budget_bytes} B per device x {n} devices fits the second copy of "
+                      f"{within} of {f.num_experts} experts ({f.expert_bytes} B each)")
+    hot = bool(any(state.expert_tokens))
+    return admin.ExpertCopies(
+        wanted=f.expert_copies, copies_per_expert=p.copies_per_expert, bytes_per_copy=f.expert_bytes,
+        redundant_bytes=(p.num_copies - p.num_experts) * f.expert_bytes,
+        per_device={str(d): k for d, k in p.counts().items()}, min_copies=min(p.copy_counts),
+        redundant_experts=list(p.redundant_experts), budget_bytes_per_device=f.redundant_budget_bytes,
+        limited_by=limited_by,
+        chosen_by=("" if not limited_by.startswith("budget") else
+                   "routed tokens (the most first)" if hot else "lowest expert ids (no routed tokens counted yet)"),
+        routed_tokens=list(state.expert_tokens))
 
 
 def start_message(facts: Facts, config_id: int, rank: int, world_size: int, owner: list[int],

@@ -21,7 +21,9 @@ import datetime
 import logging
 import time
 
-from elasticmoe_worker import planner
+import torch
+
+from elasticmoe_worker import hotcopies, planner
 from elasticmoe_worker.contract import admin, wire
 from elasticmoe_worker.engine import engine as engine_mod
 from elasticmoe_worker.engine import kv_cache
@@ -64,8 +66,14 @@ class StartUp:
         stats: dict[int, wire.RankStats] = {}
         self._recv_until(wire.HMMHello, n, deadline, warm, stats, got={d: h for d, h in hellos.items() if d < n})
         warm |= {d for d in hellos if d >= n}
-        copies = max(1, min(self.expert_copies, n))
+        copies = hotcopies.wanted(self.spec.num_experts, n, self.expert_copies, self.redundant_expert_bytes,
+                                  self._estimated_expert_bytes())
         placement = planner.initial_placement(self.spec.num_experts, list(range(n)), copies)
+        if not placement.uniform:
+            logger.info("start-up: no routed tokens counted yet, so the %d expert(s) with a second copy that the "
+                        "budget of %d B per device fits are the lowest ids: %s; every scale and recovery chooses "
+                        "the most routed ones again", len(placement.redundant_experts), self.redundant_expert_bytes,
+                        list(placement.redundant_experts))
         owner = reconfig.owner_list(placement, tuple(range(n)))
         for i in range(n):
             self.transport.send(reconfig.hmm_dest(i), wire.LoadPlan(
@@ -73,6 +81,11 @@ class StartUp:
                 kv_cache_bytes=self._kv_cache_bytes(), block_size=self.config.block_size))
         hmm_ready = self._recv_until(wire.HMMReady, n, deadline, warm, stats)
         facts = self._facts(hmm_ready[0])
+        fits = sum(c > 1 for c in reconfig.copies_for(facts, n))
+        if len(placement.redundant_experts) > fits:  # the estimate left out the page padding
+            logger.warning("start-up: %d experts have a second copy, but at their %d B as loaded the budget fits %d; "
+                           "the next scale or recovery drops the excess", len(placement.redundant_experts),
+                           facts.expert_bytes, fits)
         config_id = 1
         for i in range(n):
             self.transport.send(reconfig.hmm_dest(i), reconfig.start_message(facts, config_id, i, n, owner))
@@ -82,8 +95,9 @@ class StartUp:
         for s in stats.values():
             self.router.on_stats(s)
         self.transport.start()
-        logger.info("instance ready: %d device(s), %d experts x %d copies placed contiguously, in %.1f s", n,
-                    self.spec.num_experts, copies, time.monotonic() - started)
+        logger.info("instance ready: %d device(s), %d experts x %d copies placed contiguously (%d with more than "
+                    "one), in %.1f s", n, self.spec.num_experts, placement.copies_per_expert,
+                    len(placement.redundant_experts), time.monotonic() - started)
         self.prewarm()
 
     def _discover(self, deadline: float) -> tuple[dict[int, wire.HMMRejoin], dict[int, wire.HMMHello]]:
@@ -163,10 +177,14 @@ class StartUp:
             self._set_model(first.config_json, first.tokenizer_files, load_tokenizer=False)
         try:
             adoption = reconfig_rejoin.adopt(rejoins, num_experts=self.spec.num_experts,
-                                             expert_copies=self.expert_copies, model_config_json=from_checkpoint)
+                                             expert_copies=self.expert_copies, model_config_json=from_checkpoint,
+                                             redundant_budget_bytes=self.redundant_expert_bytes)
         except reconfig_rejoin.Refused as exc:
             raise RuntimeError(f"coordinator restart: cannot adopt the workers that rejoined: {exc}") from None
         devices, n = adoption.devices, len(adoption.devices)
+        if adoption.over_budget:
+            logger.warning("coordinator restart: %s; adopted as it is, the next scale or recovery drops the excess",
+                           adoption.over_budget)
         self.members.max_devices = self.max_devices
         if isinstance(self.members.fleet, fleet_mod.LocalFleet):
             for d, msg in [*rejoins.items(), *hellos.items()]:
@@ -239,7 +257,16 @@ class StartUp:
             moe_layers=tuple(sorted({r.layer for r in ready0.experts})), num_kv_blocks=ready0.num_kv_blocks,
             kv_bytes=ready0.kv.size_bytes, config_json=self.config_json, tokenizer_files=dict(self.tokenizer_files),
             engine=options, model_name=self.model_name, collective_timeout_s=self.collective_timeout_s,
-            expert_copies=self.expert_copies, model_dir=str(self.model_dir))
+            expert_copies=self.expert_copies, model_dir=str(self.model_dir),
+            redundant_budget_bytes=self.redundant_expert_bytes)
+
+    def _estimated_expert_bytes(self) -> int:
+        """One routed expert over every MoE layer at the serving dtype, from the model's config:
+        what the budget is divided by before any HMM says what it allocated (which adds page
+        padding, so it can be a little more; `Facts.expert_bytes` is exact)."""
+        spec = self.spec
+        item = torch.empty((), dtype=registry.resolve_dtype(spec, self.config.dtype)).element_size()
+        return 3 * spec.moe_intermediate_size * spec.hidden_size * item * spec.num_moe_layers
 
     def _recv_until(self, want: type, count: int, deadline: float, warm: set[int],
                     stats: dict[int, wire.RankStats], config_id: int = 1,

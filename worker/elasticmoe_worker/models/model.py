@@ -87,9 +87,16 @@ class MoEMLP:
     shared: DenseMLP | None = None
     expert_map: torch.Tensor | None = None  # [E_global] -> local index or -1
     experts_fn: ExpertsFn | None = None
+    # [E_global] int64 on the model's device: when set, each call adds the token copies its router
+    # sent to each expert (an instance's executor counts which experts are hot; one tensor may be
+    # shared by every layer). scatter_add_, not bincount: no host sync on an accelerator.
+    routed: torch.Tensor | None = None
 
     def __call__(self, x):
         topk_ids, topk_weights = self.router(x)
+        if self.routed is not None:
+            flat = topk_ids.reshape(-1)
+            self.routed.scatter_add_(0, flat, torch.ones_like(flat))
         if self.experts_fn is not None:
             out = self.experts_fn(x, topk_ids, topk_weights)
         else:
