@@ -43,6 +43,19 @@ def test_serve_defaults_are_loopback_8000_and_the_embedded_model():
     assert args.redundant_expert_bytes is None  # no budget: every expert gets its second copy
 
 
+@pytest.mark.parametrize("argv, policy", [
+    (["serve"], None), (["bench", "serve", "--quick"], None), (["bench", "decode"], None),
+    (["serve", "--devices", "2"], "PASSIVE"), (["bench", "scaling"], "PASSIVE"),
+    (["worker", "--coordinator", "127.0.0.1:1", "--device-index", "0"], "PASSIVE")])
+def test_openmp_waits_passively_only_where_several_processes_compute(argv, policy, monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    cli._openmp_wait_policy(cli.build_parser().parse_args(argv))
+    assert os.environ.get("OMP_WAIT_POLICY") == policy
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's setting wins
+    cli._openmp_wait_policy(cli.build_parser().parse_args(argv))
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
 def test_the_redundancy_budget_is_read_in_mib_fractions_allowed():
     args = cli.build_parser().parse_args(["coordinator", "--devices", "2", "--expert-copies", "2",
                                           "--redundant-expert-mb", "0.140625"])

@@ -18,11 +18,23 @@ import threading
 from elasticmoe_worker import cliargs
 from elasticmoe_worker.server import autoscale
 
-# NOTE: before torch is imported anywhere. OpenMP threads that spin while waiting turn every
-# small op into milliseconds when the cores are shared (server, load generator and workers
-# on one small machine): measured 6x fewer tokens/s on 2 cores. Passive waiting costs little
-# when the machine is idle. An explicit setting by the user wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+def _openmp_wait_policy(args: argparse.Namespace) -> None:
+    """OMP_WAIT_POLICY for this process and the ones it starts, before torch is imported
+    anywhere; an explicit setting by the user wins.
+
+    NOTE: PASSIVE where several processes compute on shared cores (the executors of
+    `serve --devices N`, workers, `bench scaling`): threads that spin while waiting turn every
+    small op into milliseconds there (measured 6x fewer tokens/s on 2 cores). Not where one
+    process computes (`serve` without --devices, and `bench serve`/`bench decode`, whose
+    baselines compute in the bench process and whose servers are that same one-process
+    `serve`): there libgomp's default short spin is faster, measured on 2 cores with the
+    client on the same machine: batch-1 decode of the bench preset 18.7 ms/token against
+    28.4 ms/token passive."""
+    one_process = ((args.command == "serve" and getattr(args, "devices", None) is None)
+                   or (args.command == "bench" and getattr(args, "bench", None) in ("serve", "decode")))
+    if not one_process:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -465,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         return operator_cli.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    _openmp_wait_policy(args)
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
