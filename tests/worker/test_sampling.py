@@ -109,3 +109,32 @@ def test_finish_reason(outputs, params, expected):
 def test_context_limit_finishes_with_length():
     p = types.SamplingParams(max_tokens=100)
     assert output.finish_reason([5, 6], 8, p, frozenset(), 10) is types.FinishReason.LENGTH
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v2", "mixtral"])
+def test_incremental_detokenization_streams_exactly_the_whole_decode(tiny_models, family):
+    """The windowed decode gives, delta by delta, the text of decoding the whole output (the
+    reference), for text with multi-byte characters and for random ids (special and partial
+    byte tokens among them), also when a request is resumed mid-output (adopted)."""
+    import random
+
+    from elasticmoe_worker.engine import engine as engine_mod
+
+    tok = engine_mod.load_tokenizer(tiny_models[family])
+
+    def streamed(ids, resume_at=None):
+        d, out = output.Detokenizer(tok, ()), ""
+        for i in range(1, len(ids) + 1):
+            if i == resume_at:
+                emitted, d = d.emitted, output.Detokenizer(tok, ())
+                d.resume(ids[:i - 1], emitted)
+            out += d.update(ids[:i])[0]
+        return out + d.flush()
+
+    rng = random.Random(0)
+    cases = [tok.encode("Hello wörld, naïve café — 東京は晴れ 🌤️ ok. " * 3, add_special_tokens=False)]
+    cases += [[rng.randrange(len(tok)) for _ in range(rng.randrange(3, 50))] for _ in range(100)]
+    for ids in cases:
+        whole = tok.decode(ids, skip_special_tokens=True)
+        assert streamed(ids) == whole, ids
+        assert streamed(ids, resume_at=rng.randrange(2, len(ids) + 1)) == whole, ids

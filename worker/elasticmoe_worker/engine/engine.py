@@ -273,8 +273,7 @@ class LLMEngine:
                 # NOTE: a generator's state is a host byte tensor whatever its device (set_state takes only that).
                 generator.set_state(torch.tensor(st.generator_state, dtype=torch.uint8))
             detok = output.Detokenizer(self.tokenizer, params.stop)
-            detok.text = self.tokenizer.decode(req.output_token_ids, skip_special_tokens=True)
-            detok.emitted = st.emitted_chars
+            detok.resume(req.output_token_ids, st.emitted_chars)
             self.tracked[req.request_id] = _Tracked(req, detok, generator, st.emitted_tokens)
 
     def fail_all(self, error: str) -> list[types.RequestOutput]:
