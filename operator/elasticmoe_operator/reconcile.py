@@ -359,11 +359,16 @@ def decide(obs: Observed) -> Decision:
 def _followed(coord: admin.AdminStatus, now: datetime.datetime) -> api.ScalingStatus:
     """A scale another client of the admin API started, or the coordinator's recovery from a lost
     device: followed, not fought."""
-    reason = "started outside the operator (admin API)"
     cur = coord.current_scale
     if cur is None:
-        return api.ScalingStatus(**{"from": coord.devices.active, "to": coord.devices.desired}, reason=reason,
-                                 started_at=_iso(now), stage=SCALING)
+        return api.ScalingStatus(**{"from": coord.devices.active, "to": coord.devices.desired},
+                                 reason="started outside the operator (admin API)", started_at=_iso(now), stage=SCALING)
+    return _as_followed(cur, now)
+
+
+def _as_followed(cur: admin.ScaleRecord, now: datetime.datetime) -> api.ScalingStatus:
+    """The operator's view of a scale of the coordinator's record (its recovery, or another client's)."""
+    reason = "started outside the operator (admin API)"
     if is_recovery(cur):
         reason = f"the coordinator's {cur.reason}" if cur.reason else "the coordinator's recovery"
     elif cur.reason:
@@ -416,12 +421,9 @@ def _advance(d: Decision, obs: Observed, sc: api.ScalingStatus, active_ids: list
 def _unseen_recovery(d: Decision, rec: admin.ScaleRecord, now: datetime.datetime) -> None:
     """The coordinator recovered from a lost device between two ticks (a tiny model's recovery
     takes well under the 1 s interval): recorded and announced as if followed."""
-    sc = api.ScalingStatus(**{"from": rec.from_devices, "to": rec.to_devices},
-                           reason=f"the coordinator's {rec.reason}" if rec.reason else "the coordinator's recovery",
-                           scale_id=rec.scale_id, started_at=rec.started_at or _iso(now), stage=SCALING)
+    sc = _as_followed(rec, now)
     d.unseen = _record(sc, admin.Outcome(rec.outcome), rec.message, now, rec)
-    d.events.append(("Warning", "RecoveredOnSurvivors", f"serving on {sc.to_devices} surviving device(s) after "
-                                                        f"{d.unseen.duration_ms / 1000:.1f} s ({sc.reason})"))
+    d.events.append(_recovered_event(sc, d.unseen))
 
 
 def refuse(d: Decision, obs: Observed, message: str) -> None:
@@ -446,13 +448,18 @@ def _end(d: Decision, obs: Observed, sc: api.ScalingStatus, outcome: admin.Outco
     etype, reason = _EVENTS[admin.Outcome(outcome)]
     seconds = d.finished.duration_ms / 1000
     if outcome == admin.Outcome.SUCCEEDED and is_recovery(sc):
-        etype, reason = "Warning", "RecoveredOnSurvivors"
-        text = f"serving on {sc.to_devices} surviving device(s) after {seconds:.1f} s ({sc.reason})"
-    elif outcome == admin.Outcome.SUCCEEDED:
+        d.events.append(_recovered_event(sc, d.finished))
+        return
+    if outcome == admin.Outcome.SUCCEEDED:
         text = f"scaled {sc.from_devices} -> {sc.to_devices} devices in {seconds:.1f} s ({sc.reason})"
     else:
         text = f"scale {sc.from_devices} -> {sc.to_devices} devices: {message}"
     d.events.append((etype, reason, text))
+
+
+def _recovered_event(sc: api.ScalingStatus, rec: api.ScaleRecord) -> tuple[str, str, str]:
+    return ("Warning", "RecoveredOnSurvivors",
+            f"serving on {sc.to_devices} surviving device(s) after {rec.duration_ms / 1000:.1f} s ({sc.reason})")
 
 
 def _conditions(d: Decision, obs: Observed, available, progressing, degraded=None, scaling_active=None) -> None:
