@@ -177,9 +177,10 @@ class Executor:
         s = self.engine.stats()
         tokens: list[int] = []
         if now - self._last_load >= _LOAD_INTERVAL_S:
-            self._last_load = now
             tokens = self.routed.tolist()
-            self.routed.zero_()
+            if any(tokens):  # NOTE: the interval starts at a report that carried counts, so the first goes at once
+                self._last_load = now
+                self.routed.zero_()
         self.send(wire.RankStats(rank=self.rank, config_id=self.spec.start.config_id, num_running=s.num_running, num_waiting=s.num_waiting,
                                      kv_blocks_used=s.kv_blocks_used, kv_blocks_total=s.kv_blocks_total,
                                      num_preemptions_total=s.num_preemptions_total,
