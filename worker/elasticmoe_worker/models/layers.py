@@ -56,22 +56,46 @@ class Rotary:
         self.inv_freq = inv_freq.to(device)
         self.interleaved = interleaved
 
-    def freqs(self, positions: torch.Tensor) -> torch.Tensor:
-        """positions: [T] -> angles [T, dim/2] in float32."""
-        return positions[:, None].float() * self.inv_freq[None, :]
+    def freqs(self, positions: torch.Tensor) -> "RotaryTable":
+        """positions: [T] -> the step's rotation table (angles [T, dim/2] in float32 and what
+        `apply` derives from them, computed once per step and shared by every layer)."""
+        return RotaryTable(positions[:, None].float() * self.inv_freq[None, :], self)
 
-    def apply(self, x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-        """x: [T, H, dim], freqs: [T, dim/2] -> rotated x of the same shape and dtype."""
+    def apply(self, x: torch.Tensor, freqs: "RotaryTable") -> torch.Tensor:
+        """x: [T, H, dim] -> rotated x of the same shape and dtype."""
         if self.interleaved:
-            cis = torch.polar(torch.ones_like(freqs), freqs) * self.scaling
             xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], x.shape[-1] // 2, 2))
-            return torch.view_as_real(xc * cis[:, None, :]).flatten(-2).type_as(x)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = (emb.cos() * self.scaling).to(x.dtype)[:, None, :]
-        sin = (emb.sin() * self.scaling).to(x.dtype)[:, None, :]
+            return torch.view_as_real(xc * freqs.cis()[:, None, :]).flatten(-2).type_as(x)
+        cos, sin = freqs.cos_sin(x.dtype)
         half = x.shape[-1] // 2
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin
+
+
+class RotaryTable:
+    """One step's rotary factors, made on first use and kept for the step's other layers
+    (the same values each layer would compute: cos/sin per dtype, or the complex factors)."""
+
+    def __init__(self, angles: torch.Tensor, rotary: Rotary) -> None:
+        self.angles = angles  # [T, dim/2] float32
+        self._rotary = rotary
+        self._cos_sin: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cis: torch.Tensor | None = None
+
+    def cos_sin(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (cos, sin), each [T, 1, dim] in `dtype` (halves rotation)."""
+        if dtype not in self._cos_sin:
+            emb = torch.cat((self.angles, self.angles), dim=-1)
+            scaling = self._rotary.scaling
+            self._cos_sin[dtype] = ((emb.cos() * scaling).to(dtype)[:, None, :],
+                                    (emb.sin() * scaling).to(dtype)[:, None, :])
+        return self._cos_sin[dtype]
+
+    def cis(self) -> torch.Tensor:
+        """-> complex factors [T, dim/2] (adjacent-pairs rotation)."""
+        if self._cis is None:
+            self._cis = torch.polar(torch.ones_like(self.angles), self.angles) * self._rotary.scaling
+        return self._cis
 
 
 @dataclasses.dataclass
@@ -124,6 +148,19 @@ def _window_mask(q_pos: torch.Tensor, k_len: int, window: int | None) -> torch.T
     return mask
 
 
+def _gather_rows(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """table[rows] along dim 0 as one contiguous copy: `index_select` on the rows flattened
+    to 2-D (on CPU about 4x faster than advanced indexing `table[rows]` of a 4-D cache, which
+    walks every inner dimension; the same values)."""
+    flat = table.view(table.shape[0], -1)
+    return torch.index_select(flat, 0, rows.reshape(-1)).view(*rows.shape, *table.shape[1:])
+
+
+def _gather_blocks(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """cache [blocks, block_size, Hkv, D], blocks [b, nb] -> [b, nb, block_size, Hkv, D]."""
+    return _gather_rows(cache, blocks)
+
+
 def paged_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -150,8 +187,8 @@ def paged_attention(
     for g in meta.decodes:
         b, nb = g.blocks.shape
         qq = q[g.token_idx].unsqueeze(2)  # [b, H, 1, Dk]
-        kk = k_cache[g.blocks].view(b, nb * k_cache.shape[1], num_kv_heads, -1).transpose(1, 2)  # [b, Hkv, C, Dk]
-        vv = v_cache[g.blocks].view(b, nb * v_cache.shape[1], num_kv_heads, -1).transpose(1, 2)
+        kk = _gather_blocks(k_cache, g.blocks).view(b, -1, num_kv_heads, k_cache.shape[-1]).transpose(1, 2)
+        vv = _gather_blocks(v_cache, g.blocks).view(b, -1, num_kv_heads, v_cache.shape[-1]).transpose(1, 2)
         mask = g.mask[:, None, None, :]
         o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=scale, enable_gqa=gqa)
         out[g.token_idx] = o[:, :, 0, :]
@@ -162,8 +199,8 @@ def paged_attention(
             kk = k[span.start:span.end].transpose(0, 1).unsqueeze(0)
             vv = v[span.start:span.end].transpose(0, 1).unsqueeze(0)
         else:
-            kk = k_flat[span.gather_slots].transpose(0, 1).unsqueeze(0)
-            vv = v_flat[span.gather_slots].transpose(0, 1).unsqueeze(0)
+            kk = _gather_rows(k_flat, span.gather_slots).transpose(0, 1).unsqueeze(0)
+            vv = _gather_rows(v_flat, span.gather_slots).transpose(0, 1).unsqueeze(0)
         n = span.end - span.start
         if span.context_len == 0 and sliding_window is None:
             o = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=scale, enable_gqa=gqa)

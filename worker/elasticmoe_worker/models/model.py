@@ -29,7 +29,7 @@ ExpertsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 class Attention(Protocol):
     def __call__(
-        self, x: torch.Tensor, meta: layers.AttentionMetadata, freqs: torch.Tensor,
+        self, x: torch.Tensor, meta: layers.AttentionMetadata, freqs: layers.RotaryTable,
         k_cache: torch.Tensor, v_cache: torch.Tensor,
     ) -> torch.Tensor: ...
 
