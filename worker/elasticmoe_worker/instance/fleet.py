@@ -204,6 +204,14 @@ class LocalFleet:
             self._last_seen[device_index] = time.monotonic()
 
     def wait_stopped(self, deadline: float) -> None:
+        """Waits for the workers told to stop; a worker never heard from (still starting: not
+        connected, so no Shutdown reached it) is sent SIGTERM now instead of being waited for.
+        NOTE: before, stopping `serve` a second after its start waited the whole deadline
+        (15 s) for the warm pool's starting worker, then killed it."""
+        for i, proc in list(self.workers.items()):
+            if i not in self._last_seen and proc.poll() is None:
+                logger.info("device %d: its worker (pid %d) is still starting; stopping it with SIGTERM", i, proc.pid)
+                proc.terminate()
         for proc in list(self.workers.values()):
             with contextlib.suppress(subprocess.TimeoutExpired):  # close() kills what is left
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
