@@ -45,9 +45,10 @@ def test_serve_defaults_are_loopback_8000_and_the_embedded_model():
 
 @pytest.mark.parametrize("argv, policy", [
     (["serve"], None), (["bench", "serve", "--quick"], None), (["bench", "decode"], None),
-    (["serve", "--devices", "2"], "PASSIVE"), (["bench", "scaling"], "PASSIVE"),
+    (["serve", "--devices", "2"], None), (["serve", "--devices", "2", "--fleet", "ray"], "PASSIVE"),
+    (["bench", "scaling"], "PASSIVE"),
     (["worker", "--coordinator", "127.0.0.1:1", "--device-index", "0"], "PASSIVE")])
-def test_openmp_waits_passively_only_where_several_processes_compute(argv, policy, monkeypatch):
+def test_openmp_waits_passively_only_where_processes_ask_for_more_threads_than_cores(argv, policy, monkeypatch):
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     cli._openmp_wait_policy(cli.build_parser().parse_args(argv))
     assert os.environ.get("OMP_WAIT_POLICY") == policy

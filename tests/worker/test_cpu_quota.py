@@ -212,3 +212,28 @@ def test_an_executor_sets_torch_threads_from_the_cpus_it_can_use():
         out = subprocess.run([os.sys.executable, "-c", code], env={**env, "OMP_NUM_THREADS": "1"},
                              capture_output=True, text=True, timeout=120, check=True)
         assert out.stdout.split() == ["1", "1"], "the user's OMP_NUM_THREADS wins over the CPUs available"
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs to share between two executors")
+def test_executors_of_a_local_fleet_divide_the_cpus_among_the_configurations_devices():
+    code = ("import torch; from elasticmoe_worker.instance import executor; "
+            "print(executor.set_compute_threads(), executor.set_compute_threads(2), executor.set_compute_threads(8), "
+            "torch.get_num_threads())")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", cgroup.SHARED_HOST_ENV)}
+    taskset = ["taskset", "-c", "0,1", os.sys.executable, "-c", code]
+    out = subprocess.run(taskset, env={**env, cgroup.SHARED_HOST_ENV: "1"}, capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert out.stdout.split() == ["2", "1", "1", "1"], out.stderr[-2000:]
+    # workers on machines of their own (pods, Ray): each uses the CPUs it has
+    out = subprocess.run(taskset, env=env, capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["2", "2", "2", "2"], out.stderr[-2000:]
+
+
+def test_a_local_fleet_tells_its_workers_that_they_share_the_machine():
+    from elasticmoe_worker.instance import fleet
+
+    f = fleet.LocalFleet("tcp://127.0.0.1:1")
+    try:
+        assert f.env[cgroup.SHARED_HOST_ENV] == "1"
+    finally:
+        f.close()

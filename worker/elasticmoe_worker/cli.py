@@ -23,17 +23,20 @@ def _openmp_wait_policy(args: argparse.Namespace) -> None:
     """OMP_WAIT_POLICY for this process and the ones it starts, before torch is imported
     anywhere; an explicit setting by the user wins.
 
-    NOTE: PASSIVE where several processes compute on shared cores (the executors of
-    `serve --devices N`, workers, `bench scaling`): threads that spin while waiting turn every
-    small op into milliseconds there (measured 6x fewer tokens/s on 2 cores). Not where one
-    process computes (`serve` without --devices, and `bench serve`/`bench decode`, whose
-    baselines compute in the bench process and whose servers are that same one-process
-    `serve`): there libgomp's default short spin is faster, measured on 2 cores with the
-    client on the same machine: batch-1 decode of the bench preset 18.7 ms/token against
-    28.4 ms/token passive."""
-    one_process = ((args.command == "serve" and getattr(args, "devices", None) is None)
-                   or (args.command == "bench" and getattr(args, "bench", None) in ("serve", "decode")))
-    if not one_process:
+    NOTE: PASSIVE where several processes compute on shared cores with more threads in all than
+    cores (workers, `bench scaling`, `bench autoscale`): threads that spin while waiting turn
+    every small op into milliseconds there (measured 6x fewer tokens/s on 2 cores with two
+    2-thread executors). libgomp's default short spin where they do not: one process computes
+    (`serve` without --devices, `bench serve`/`bench decode`, whose baselines compute in the
+    bench process and whose servers are that same one-process `serve`), or the executors of
+    `serve --devices N` on the local fleet, which divide the cores among them
+    (`executor.set_compute_threads`). Measured on 2 cores with the client on the same machine:
+    batch-1 decode of the bench preset 18.7 ms/token against 28.4 ms/token passive; 16 streams
+    through `serve --devices 1`, small preset, ~12 ms/step against ~24 ms passive."""
+    spin = ((args.command == "serve" and (getattr(args, "devices", None) is None
+                                          or getattr(args, "fleet", "local") == "local"))
+            or (args.command == "bench" and getattr(args, "bench", None) in ("serve", "decode")))
+    if not spin:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 

@@ -131,6 +131,11 @@ def cpu_limit() -> float | None:
     return min(limits) if limits else None
 
 
+# Set by a fleet whose every worker runs on this machine (the local fleet): the executors of one
+# configuration share its cores, each takes its share (executor.set_compute_threads).
+SHARED_HOST_ENV = "ELASTICMOE_DEVICES_SHARE_HOST"
+
+
 def available_cpus() -> tuple[int, str]:
     """-> (how many threads of compute this process can run at once, why): the CPUs it may be
     scheduled on, capped by its CPU quota rounded up (0.45 cores -> 1 thread: more threads than

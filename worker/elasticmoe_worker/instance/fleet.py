@@ -91,6 +91,7 @@ class LocalFleet:
         self.backend = backend
         self.worker_host = worker_host
         self.env = {**os.environ, **(env or {})}  # the worker secret travels here, never on a command line
+        self.env[cgroup.SHARED_HOST_ENV] = "1"  # every worker runs here: executors divide the cores among them
         if cpu_per_device is not None:
             # NOTE: as many torch threads as the quota has cores, waiting passively (unless the user
             # said otherwise): two spinning OpenMP threads on 0.5 cores burn the quota in spin-waits
