@@ -92,6 +92,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--torch-threads", type=cliargs.positive_int, default=None,
                    help="torch threads for both sides (OMP_NUM_THREADS for the server, torch.set_num_threads "
                         "here; default: torch's default, which is what `elasticmoe serve` uses)")
+    g.add_argument("--devices", type=cliargs.positive_int, default=None,
+                   help="run our server as `elasticmoe serve --devices N`: the multi-device instance (a coordinator "
+                        "in the server, the model in executor processes, one per device), what scripts/serve.sh "
+                        "runs (default: the one-process server)")
     g.add_argument("--server-start-timeout-s", type=float, default=300.0,
                    help="how long to wait for the server's /health (default: %(default)s)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -531,6 +535,8 @@ def _run(args: argparse.Namespace) -> int:
     base_url = f"http://127.0.0.1:{port}"
     argv = [sys.executable, "-m", "elasticmoe_worker.cli", "serve", "--model", str(model_dir),
             "--host", "127.0.0.1", "--port", str(port), *engine_flags(args, dtype)]
+    if args.devices is not None:
+        argv += ["--devices", str(args.devices)]
     n, warm_len = settings.num_requests, min(settings.output_len, _WARMUP_OUTPUT_LEN)
     runs: dict[str, list[SideRun]] = {side: [] for side in SIDES}
     server_cpu_during_baseline_s: list[float | None] = []
@@ -587,7 +593,7 @@ def _run(args: argparse.Namespace) -> int:
     result["config"] = {
         "model_dir": str(model_dir), "family": family, "preset": preset, "dtype": dtype,
         **dataclasses.asdict(settings), "engine_options": engine_options(args, dtype),
-        "server_argv": argv, "server_log": str(server.log_path),
+        "server_argv": argv, "server_log": str(server.log_path), "devices": args.devices,
         "torch_num_threads": torch.get_num_threads(), "omp_num_threads_env": env.get("OMP_NUM_THREADS"),
         "cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
         "torch_version": torch.__version__, "transformers_version": transformers.__version__,
@@ -608,7 +614,7 @@ def _print_report(result: dict[str, Any], out_json: pathlib.Path) -> None:
     cfg = result["config"]
     table = rich_table.Table(
         title=f"elasticmoe bench serve: {cfg['family']}/{cfg['preset'] or pathlib.Path(cfg['model_dir']).name}, "
-              f"{cfg['dtype']}",
+              f"{cfg['dtype']}, ours = serve" + (f" --devices {cfg['devices']}" if cfg.get("devices") else ""),
         caption=f"{cfg['num_requests']} requests x ({cfg['prompt_len']} tokens in, {cfg['output_len']} out), "
                 f"concurrency {cfg['concurrency']}, median of {cfg['repeats']} repeat(s), "
                 f"{cfg['torch_num_threads']} torch threads")
