@@ -148,7 +148,7 @@ def test_the_audit_sees_a_tensor_made_without_device():
         runner.build_metadata([runner.SeqWork([5, 6], 0, [0], sample=True)], 4, torch.device("cpu"))
         code = compile("torch.arange(3)", str(PACKAGE / "engine" / "runner.py"), "eval")
         eval(code, {"torch": torch})  # as if the runner had made a tensor without a device
-    assert audit.num_calls > 5
+    assert audit.num_calls == 4  # build_metadata's ids, positions and slots, and the arange
     assert len(audit.problems) == 1 and "torch.arange without device=" in audit.problems[0], audit.problems
 
 
