@@ -143,3 +143,35 @@ def test_decode_attention_in_length_groups_equals_attention_per_sequence():
         assert torch.equal(kk[:, -1], k_new[i])
         ref = F.scaled_dot_product_attention(q[i][:, None], kk, vv, scale=dim ** -0.5, enable_gqa=True)[:, 0]
         torch.testing.assert_close(out[i], ref)
+
+
+@pytest.mark.parametrize("rows", [1, 16, 64, 65, 300])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_computes_what_f_linear_computes_weight_first_only_for_few_float32_rows(rows, dtype):
+    from elasticmoe_worker.models import layers
+
+    gen = torch.Generator().manual_seed(rows)
+    x, w = torch.randn(rows, 96, generator=gen).to(dtype), torch.randn(160, 96, generator=gen).to(dtype)
+    out = layers.linear(x, w)
+    assert out.shape == (rows, 160) and out.is_contiguous() and out.dtype == dtype
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, w))
+    assert layers.weight_first(x) == (dtype == torch.float32 and rows <= layers.WEIGHT_FIRST_MAX_ROWS)
+
+
+def test_experts_weight_first_compute_what_the_grouped_matmul_computes(monkeypatch):
+    """A float32 decode step's few token copies go through one weight-first product per expert;
+    the grouped matmul (what more rows take) gives the same result."""
+    from elasticmoe_worker.models import layers
+
+    gen = torch.Generator().manual_seed(3)
+    tokens, hidden, inter, k = 16, 64, 96, 4
+    x = torch.randn(tokens, hidden, generator=gen)
+    w13, w2 = torch.randn(8, 2 * inter, hidden, generator=gen), torch.randn(8, hidden, inter, generator=gen)
+    ids = torch.stack([torch.randperm(8, generator=gen)[:k] for _ in range(tokens)])
+    weights_ = torch.rand(tokens, k, generator=gen)
+    assert layers.weight_first(x[: tokens * k])
+    first = layers.expert_mlp(x, w13, w2, ids, weights_)
+    monkeypatch.setattr(layers, "WEIGHT_FIRST_MAX_ROWS", 0)
+    grouped = layers.expert_mlp(x, w13, w2, ids, weights_)
+    # float32 rounding of sums of ~100 products of size ~1e2: equal to ~1e-6 of the largest value
+    torch.testing.assert_close(first, grouped, rtol=1e-5, atol=2e-6 * float(grouped.abs().max()))

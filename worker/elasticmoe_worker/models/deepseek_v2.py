@@ -77,21 +77,21 @@ class MLAAttention:
     def __call__(self, x, meta, freqs, k_cache, v_cache):
         t = x.shape[0]
         if self.q_proj is not None:
-            q = F.linear(x, self.q_proj)
+            q = layers.linear(x, self.q_proj)
         else:
-            q = F.linear(layers.rms_norm(F.linear(x, self.q_a_proj), self.q_a_norm, self.eps), self.q_b_proj)
+            q = layers.linear(layers.rms_norm(layers.linear(x, self.q_a_proj), self.q_a_norm, self.eps), self.q_b_proj)
         q = q.view(t, self.num_heads, self.nope_dim + self.rope_dim)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        latent, k_pe = F.linear(x, self.kv_a_proj).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        latent, k_pe = layers.linear(x, self.kv_a_proj).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         latent = layers.rms_norm(latent, self.kv_a_norm, self.eps)
         q_pe = self.rotary.apply(q_pe, freqs)
         k_pe = self.rotary.apply(k_pe.unsqueeze(1), freqs)  # [T, 1, rope]
-        kv = F.linear(latent, self.kv_b_proj).view(t, self.num_heads, self.nope_dim + self.v_dim)
+        kv = layers.linear(latent, self.kv_b_proj).view(t, self.num_heads, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         k = torch.cat((k_nope, k_pe.expand(-1, self.num_heads, -1)), dim=-1)
         q = torch.cat((q_nope, q_pe), dim=-1)
         o = layers.paged_attention(q, k, v.contiguous(), k_cache, v_cache, meta, self.scale)
-        return F.linear(o.reshape(t, o.shape[1] * o.shape[2]), self.o_proj)
+        return layers.linear(o.reshape(t, o.shape[1] * o.shape[2]), self.o_proj)
 
 
 def deepseek_router(gate: torch.Tensor, hf) -> model_mod.RouterFn:

@@ -53,9 +53,9 @@ class GQAAttention:
 
     def __call__(self, x, meta, freqs, k_cache, v_cache):
         t = x.shape[0]
-        q = F.linear(x, self.q_proj).view(t, self.num_heads, self.head_dim)
-        k = F.linear(x, self.k_proj).view(t, self.num_kv_heads, self.head_dim)
-        v = F.linear(x, self.v_proj).view(t, self.num_kv_heads, self.head_dim)
+        q = layers.linear(x, self.q_proj).view(t, self.num_heads, self.head_dim)
+        k = layers.linear(x, self.k_proj).view(t, self.num_kv_heads, self.head_dim)
+        v = layers.linear(x, self.v_proj).view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q = layers.rms_norm(q, self.q_norm, self.eps)
             k = layers.rms_norm(k, self.k_norm, self.eps)
@@ -64,7 +64,7 @@ class GQAAttention:
         o = layers.paged_attention(
             q, k, v, k_cache, v_cache, meta, self.head_dim ** -0.5, self.sliding_window
         )
-        return F.linear(o.reshape(t, o.shape[1] * o.shape[2]), self.o_proj)
+        return layers.linear(o.reshape(t, o.shape[1] * o.shape[2]), self.o_proj)
 
 
 @dataclasses.dataclass
@@ -158,7 +158,7 @@ class CausalLM:
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [B, H] -> float32 logits [B, V]."""
-        return F.linear(hidden, self.lm_head).float()
+        return layers.linear(hidden, self.lm_head).float()
 
     def moe_blocks(self) -> list[MoEMLP]:
         return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoEMLP)]
@@ -170,7 +170,7 @@ def softmax_topk_router(
     """Softmax over all experts, keep the top k (Qwen3-MoE, Mixtral)."""
 
     def route(x: torch.Tensor):
-        logits = F.linear(x.float(), gate.float()) if logits_in_float else F.linear(x, gate)
+        logits = F.linear(x.float(), gate.float()) if logits_in_float else layers.linear(x, gate)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         weights, ids = torch.topk(probs, top_k, dim=-1)
         if renormalize:
