@@ -540,6 +540,7 @@ def _run(args: argparse.Namespace) -> int:
     n, warm_len = settings.num_requests, min(settings.output_len, _WARMUP_OUTPUT_LEN)
     runs: dict[str, list[SideRun]] = {side: [] for side in SIDES}
     server_cpu_during_baseline_s: list[float | None] = []
+    client_cpu_during_ours_s: list[float] = []
     env = dict(os.environ)
     if args.torch_threads is not None:
         torch.set_num_threads(args.torch_threads)
@@ -564,8 +565,10 @@ def _run(args: argparse.Namespace) -> int:
             for r in range(settings.repeats):
                 label = f"repeat {r + 1}/{settings.repeats}"
                 bar.update(task, description=f"{label}: ours")
+                client_cpu_before_s = time.process_time()
                 runs["ours"].append(run_ours(base_url, model_name, prompts, settings.output_len,
                                              settings.concurrency, lambda: bar.advance(task)))
+                client_cpu_during_ours_s.append(time.process_time() - client_cpu_before_s)
                 cpu_before_s = server.cpu_s()
                 bar.update(task, description=f"{label}: transformers sequential")
                 runs[SEQUENTIAL].append(hf.sequential(prompts, settings.output_len, lambda: bar.advance(task)))
@@ -601,6 +604,9 @@ def _run(args: argparse.Namespace) -> int:
     }
     # NOTE: should stay near 0: the server idles while the baseline runs, so they never compete.
     result["server_cpu_during_baseline_s"] = server_cpu_during_baseline_s
+    # NOTE: the CPU seconds this process (the streaming HTTP client) spent during each of our runs,
+    # on the cores our server computes on; the transformers sides have no client to pay for.
+    result["client_cpu_during_ours_s"] = client_cpu_during_ours_s
     args.out_json.parent.mkdir(parents=True, exist_ok=True)
     args.out_json.write_text(json.dumps(result, indent=2) + "\n")
     _print_report(result, args.out_json)
