@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -55,6 +56,26 @@ def test_reported_tokens_add_up_and_reports_of_another_size_are_ignored():
     assert h.state.expert_tokens == (1, 0, 3, 0, 0, 4, 0, 0)
     s = reconfig.expert_copies_status(h.state)
     assert s.routed_tokens == [1, 0, 3, 0, 0, 4, 0, 0] and s.chosen_by == "routed tokens (the most first)"
+    assert s.hotness == pytest.approx([1, 0, 3, 0, 0, 4, 0, 0], rel=1e-3)  # moments apart: hardly decayed
+
+
+def test_old_traffic_fades_so_the_copies_follow_a_workload_that_changed():
+    facts = dataclasses.replace(FACTS, hotness_half_life_s=60.0)
+    h = rh.Harness(2, warm=(2,), copies=2, facts=facts)
+    h.step(reconfig.ExpertLoadReported((1000, 1000, 1000, 1000, 0, 0, 0, 0), 0.0))  # experts 0-3 hot at first
+    h.step(reconfig.ExpertLoadReported((0, 0, 0, 0, 300, 300, 300, 300), 600.0))  # ten half-lives later: 4-7
+    assert h.state.expert_tokens == (1000,) * 4 + (300,) * 4  # the totals still say 0-3
+    assert h.state.expert_heat == pytest.approx((1000 / 1024,) * 4 + (300,) * 4)
+    assert h.state.heat_at == 600.0
+    h.step(reconfig.ExpertLoadReported((0, 0, 0, 0, 0, 0, 0, 5), 590.0))  # a late report: no decay backwards
+    assert h.state.expert_heat[7] == pytest.approx(305) and h.state.heat_at == 600.0
+    assert reconfig.copies_for(facts, 3, h.state.expert_heat) == hotcopies.hot_copies(8, 2, 4, h.state.expert_heat)
+    assert [e for e, c in enumerate(reconfig.copies_for(facts, 3, h.state.expert_heat)) if c == 2] == [4, 5, 6, 7]
+
+
+def test_add_heat_decays_by_half_lives():
+    assert reconfig.add_heat((), None, (4, 0), 10.0, 5.0) == (4.0, 0.0)
+    assert reconfig.add_heat((4.0, 0.0), 10.0, (0, 2), 20.0, 5.0) == (1.0, 2.0)
 
 
 def test_a_scale_gives_the_second_copies_to_the_hottest_experts():
@@ -92,7 +113,7 @@ def test_any_event_order_with_a_budget_keeps_the_invariants_and_the_hottest_get_
         sc = h.state.scale
         if sc is not None and sc.plan is not None and sc.plan is not (before.scale and before.scale.plan):
             assert sc.plan.new_placement.copy_counts == reconfig.copies_for(FACTS, len(sc.new_devices),
-                                                                            before.expert_tokens)
+                                                                            before.expert_heat)
 
     rh.play(h, ops, check)
 

@@ -91,6 +91,9 @@ class ExpertCopies(_Body, kw_only=True):
     # counted) the lowest ids
     chosen_by: str = ""
     routed_tokens: list[int] = []  # tokens routed to each expert so far, every MoE layer ([] before any)
+    # the same, each token counting half after hotness_half_life_s: what picks the hottest experts
+    hotness: list[float] = []
+    hotness_half_life_s: float = 600.0
 
 
 class DeviceCounts(_Body, kw_only=True):

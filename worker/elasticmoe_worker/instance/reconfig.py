@@ -46,7 +46,7 @@ from elasticmoe_worker.contract import admin, wire
 from elasticmoe_worker.instance import reconfig_loss
 from elasticmoe_worker.instance.reconfig_state import (  # noqa: F401 - re-exported: reconfig.X
     WORKERS, TRANSFER, STANDBY, SWITCH, STAGES, Facts, Scale, State, initial, refuse_scale, owner_list, copies_for,
-    expert_load, expert_copies_status,
+    expert_load, expert_copies_status, add_heat,
     start_message, exec_dest, hmm_dest,
 )
 from elasticmoe_worker.instance.reconfig_events import (  # noqa: F401 - re-exported: reconfig.X
@@ -104,8 +104,8 @@ def _start_transfer(state: State, now: float, recovery: reconfig_loss.Recovery |
     if recovery is None:
         plan = planner.plan(state.placement, sc.old_devices, sc.new_devices, replicated_bytes=f.replicated_bytes,
                             expert_bytes=f.expert_bytes,
-                            copies_per_expert=copies_for(f, len(sc.new_devices), state.expert_tokens),
-                            expert_load=expert_load(state.expert_tokens))
+                            copies_per_expert=copies_for(f, len(sc.new_devices), state.expert_heat),
+                            expert_load=expert_load(state.expert_heat))
         from_checkpoint = {}
     else:
         plan, from_checkpoint = recovery.plan, recovery.from_checkpoint
@@ -394,9 +394,9 @@ def _lose_device(state: State, now: float, device: int, reason: str) -> tuple[St
         return state, actions + more
     f = state.facts
     rec = reconfig_loss.plan_recovery(state.placement, state.devices, sorted(lost),
-                                      copies_per_expert=copies_for(f, len(survivors), state.expert_tokens),
+                                      copies_per_expert=copies_for(f, len(survivors), state.expert_heat),
                                       replicated_bytes=f.replicated_bytes, expert_bytes=f.expert_bytes,
-                                      expert_load=expert_load(state.expert_tokens))
+                                      expert_load=expert_load(state.expert_heat))
     if rec.checkpoint_experts and not f.model_dir:
         state, more = _degrade(state, f"device(s) {sorted(lost)} lost ({reason}) and cannot be recovered: experts "
                                       f"{list(rec.checkpoint_experts)} had no other copy and there is no checkpoint "
@@ -529,14 +529,16 @@ def _on_request_arrived(state: State, ev: RequestArrived) -> tuple[State, list[A
 
 
 def _on_expert_load(state: State, ev: ExpertLoadReported) -> tuple[State, list[Action]]:
-    """Add up the routed tokens per expert: the next scale or recovery gives the redundant copies
-    to the hottest. Any configuration's report counts (load is load); a report of another length
-    than the model's experts (none is sent) is ignored."""
+    """Add up the routed tokens per expert (all of them, and decayed: `add_heat`): the next scale
+    or recovery gives the redundant copies to the hottest. Any configuration's report counts
+    (load is load); a report of another length than the model's experts (none is sent) is ignored."""
     n = state.facts.num_experts
     if len(ev.tokens) != n or not any(ev.tokens):
         return state, []
     total = state.expert_tokens or (0,) * n
-    return dataclasses.replace(state, expert_tokens=tuple(a + b for a, b in zip(total, ev.tokens))), []
+    heat = add_heat(state.expert_heat, state.heat_at, ev.tokens, ev.now, state.facts.hotness_half_life_s)
+    return dataclasses.replace(state, expert_tokens=tuple(a + b for a, b in zip(total, ev.tokens)), expert_heat=heat,
+                               heat_at=ev.now if state.heat_at is None else max(state.heat_at, ev.now)), []
 
 
 def _on_tick(state: State, ev: Tick) -> tuple[State, list[Action]]:

@@ -48,6 +48,9 @@ class Facts:
     # per device, for the copies beyond the first (`--redundant-expert-mb`); None: no limit, every expert
     # gets `expert_copies`. With a budget only the hottest experts do (see hotcopies).
     redundant_budget_bytes: int | None = None
+    # which experts are hot forgets old traffic: a routed token counts half after this long (the
+    # second copies follow a workload that changes, not the first hours of the coordinator's life)
+    hotness_half_life_s: float = 600.0
 
     @property
     def expert_bytes(self) -> int:
@@ -110,6 +113,9 @@ class State:
     # routed token copies per expert, summed over every MoE layer and rank since the coordinator started
     # (empty until an executor reported any): which experts are hot, for the redundant copies
     expert_tokens: tuple[int, ...] = ()
+    # the same counts decayed with facts.hotness_half_life_s as of heat_at: what picks the hottest experts
+    expert_heat: tuple[float, ...] = ()
+    heat_at: float | None = None
 
     @property
     def phase(self) -> admin.Phase:
@@ -162,17 +168,26 @@ def owner_list(placement: planner.Placement, devices: tuple[int, ...] | None = N
     return reconfig_loss.owner_ranks(placement, devices if devices is not None else placement.devices)
 
 
-def copies_for(facts: Facts, num_devices: int, expert_tokens: tuple[int, ...] = ()) -> tuple[int, ...]:
+def copies_for(facts: Facts, num_devices: int, expert_heat: tuple[float, ...] = ()) -> tuple[int, ...]:
     """Copies per expert on `num_devices` devices: `expert_copies` (one per device at most) for
-    the hottest experts the redundancy budget fits, one for the others; without observed load,
-    the lowest expert ids (`hotcopies.wanted`)."""
+    the hottest experts the redundancy budget fits (`expert_heat`: decayed routed tokens), one
+    for the others; without observed load, the lowest expert ids (`hotcopies.wanted`)."""
     return hotcopies.wanted(facts.num_experts, num_devices, facts.expert_copies, facts.redundant_budget_bytes,
-                            facts.expert_bytes, expert_load(expert_tokens))
+                            facts.expert_bytes, expert_load(expert_heat))
 
 
-def expert_load(expert_tokens: tuple[int, ...]) -> tuple[int, ...] | None:
+def expert_load(expert_heat: tuple[float, ...]) -> tuple[float, ...] | None:
     """The planner's `expert_load`: None until any token was routed (nothing to steer by)."""
-    return expert_tokens if any(expert_tokens) else None
+    return expert_heat if any(expert_heat) else None
+
+
+def add_heat(heat: tuple[float, ...], heat_at: float | None, tokens: tuple[int, ...], now: float,
+             half_life_s: float) -> tuple[float, ...]:
+    """`heat` (as of `heat_at`) decayed to `now`, plus `tokens`: each routed token counts
+    0.5 ** (age / half_life_s). Reports that arrive out of order never make heat grow by decay."""
+    factor = 1.0 if heat_at is None or not heat else 0.5 ** (max(0.0, now - heat_at) / half_life_s)
+    base = heat or (0.0,) * len(tokens)
+    return tuple(h * factor + t for h, t in zip(base, tokens))
 
 
 def expert_copies_status(state: State) -> admin.ExpertCopies:
@@ -196,7 +211,8 @@ def expert_copies_status(state: State) -> admin.ExpertCopies:
         limited_by=limited_by,
         chosen_by=("" if not limited_by.startswith("budget") else
                    "routed tokens (the most first)" if hot else "lowest expert ids (no routed tokens counted yet)"),
-        routed_tokens=list(state.expert_tokens))
+        routed_tokens=list(state.expert_tokens),
+        hotness=[round(h, 1) for h in state.expert_heat], hotness_half_life_s=f.hotness_half_life_s)
 
 
 def start_message(facts: Facts, config_id: int, rank: int, world_size: int, owner: list[int],
