@@ -1,0 +1,109 @@
+"""The HMM's part of moving KV blocks between devices during a switch (`wire.MoveKV`).
+
+Why it exists: the sequences of a departing device continue on a surviving one; copying their
+KV blocks there (peer to peer, in a process group of the backend's collective library formed
+for this copy only, like `transition`'s) saves recomputing prompt + generated tokens. The
+coordinator sends `MoveKV` only while admission is paused, after every old executor handed
+over (their blocks are final) and before any new executor adopted anything (the destination
+blocks are free): nobody else touches these blocks meanwhile.
+
+Each (source, destination) pair moves one message: the source gathers its blocks of every
+layer (keys, then values) into one buffer, the destination receives into a buffer of its own
+and scatters it into its pool only once everything arrived. So a copy that fails or times out
+writes nothing into the pool (the coordinator's deadline is later than this one, so a copy it
+gave up on never lands in blocks the new executor uses by then).
+
+Not guaranteed: the bytes are copied as they are (same dtype, block size and model on both sides,
+which one instance guarantees); nothing checks their content.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import torch
+
+from elasticmoe_worker.backends import base as backends_base
+from elasticmoe_worker.contract import wire
+from elasticmoe_worker.instance import memory, rendezvous, transition
+from elasticmoe_worker.models import config as config_mod
+from elasticmoe_worker.models import registry
+
+logger = logging.getLogger("elasticmoe.hmm")
+
+
+@dataclasses.dataclass
+class Result:
+    bytes_sent: int
+    bytes_received: int
+    seconds: float
+
+
+def block_views(kv: backends_base.Region, config_json: str, num_blocks: int, block_size: int,
+                dtype_name: str) -> list[torch.Tensor]:
+    """The pool as bytes: per layer its keys then its values, each shaped [num_blocks, block_bytes]
+    (uint8), views on `kv` (no copy)."""
+    spec = config_mod.spec_from_json(config_json)
+    dtype = registry.resolve_dtype(spec, dtype_name)
+    layout, _ = memory.kv_layout(spec, num_blocks, block_size, dtype)
+    views = []
+    for k_off, k_shape, v_off, v_shape in layout:
+        for off, shape in ((k_off, k_shape), (v_off, v_shape)):
+            block_bytes = int(torch.Size(shape[1:]).numel()) * dtype.itemsize
+            views.append(kv.tensor(torch.uint8, (num_blocks, block_bytes), off))
+    return views
+
+
+def run(backend: backends_base.DeviceBackend, device_index: int, mem: memory.DeviceMemory, config_json: str,
+        msg: wire.MoveKV, coordinator: str, secret: str, cancel: transition.Cancel, host: str = "") -> Result:
+    started = time.perf_counter()
+    deadline = time.monotonic() + msg.timeout_s
+    views = block_views(mem.kv, config_json, mem.ready.num_kv_blocks, msg.block_size, msg.dtype)
+    device = backend.torch_device()
+    store = rendezvous.ChannelStore(coordinator, secret, f"kv-{msg.config_id}", msg.timeout_s)
+    cancel.store = store
+    try:
+        pg = rendezvous.process_group(backend.collective_backend, store, msg.rank, len(msg.group_ranks), msg.timeout_s,
+                                      device, host)
+        rank_of = {d: r for r, d in enumerate(msg.group_ranks)}
+        works, landing, sent, received = [], [], 0, 0
+        # NOTE: every member walks the same list in the same order: NCCL and HCCL match a pair's
+        # messages by posting order (the tag is for gloo).
+        for tag, c in enumerate(msg.copies):
+            if device_index == c.src:
+                idx = torch.tensor(c.src_blocks, dtype=torch.int64, device=device)
+                buf = torch.cat([v.index_select(0, idx).reshape(-1) for v in views])
+                works.append(pg.send([buf], rank_of[c.dst], tag))
+                sent += buf.numel()
+            elif device_index == c.dst:
+                buf = torch.empty(sum(v.shape[1] for v in views) * len(c.dst_blocks), dtype=torch.uint8, device=device)
+                works.append(pg.recv([buf], rank_of[c.src], tag))
+                landing.append((c, buf))
+                received += buf.numel()
+        transition._wait(works, cancel, deadline)
+        if time.monotonic() > deadline:
+            raise TimeoutError("the KV copy did not complete before its deadline")
+        for c, buf in landing:  # only now, with every byte here, into the pool
+            idx = torch.tensor(c.dst_blocks, dtype=torch.int64, device=device)
+            offset = 0
+            for v in views:
+                n = v.shape[1] * len(c.dst_blocks)
+                v.index_copy_(0, idx, buf[offset:offset + n].view(len(c.dst_blocks), v.shape[1]))
+                offset += n
+        # NOTE: the adopting executor (another process) reads these blocks once we answer: the copies
+        # must have finished on the device, not only been queued.
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elif device.type == "npu":
+            torch.npu.synchronize(device)
+        transition._wait([pg.barrier()], cancel, deadline)
+    finally:
+        store.close()
+    seconds = time.perf_counter() - started
+    logger.info("device %d: KV copy for configuration %d: %d block(s) sent (%.2f MB), %d received (%.2f MB) in %.3f s",
+                device_index, msg.config_id, sum(len(c.src_blocks) for c in msg.copies if c.src == device_index),
+                sent / 1e6, sum(len(c.dst_blocks) for c in msg.copies if c.dst == device_index), received / 1e6,
+                seconds)
+    return Result(sent, received, seconds)
