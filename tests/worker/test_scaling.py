@@ -94,6 +94,7 @@ def test_scale_1_2_3_4_2_1_under_load_fails_nothing_and_changes_no_output(tiny_m
         assert [(r.from_devices, r.to_devices, r.outcome.value) for r in records] == [
             (1, 2, "Succeeded"), (2, 3, "Succeeded"), (3, 4, "Succeeded"), (4, 2, "Succeeded"), (2, 1, "Succeeded")]
         assert sum(r.requests_handed_over for r in records) > 0, "no sequence spanned a switch"
+        assert [r.kv_fallback for r in records] == [""] * 5, "the departing devices' KV copies all succeeded"
         assert len(got) > len(prompts)
         assert [tokens for i, tokens in got] == [refs[i] for i, _ in got]
         for r in records:

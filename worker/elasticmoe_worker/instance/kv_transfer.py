@@ -58,47 +58,17 @@ def block_views(kv: backends_base.Region, config_json: str, num_blocks: int, blo
 
 def run(backend: backends_base.DeviceBackend, device_index: int, mem: memory.DeviceMemory, config_json: str,
         msg: wire.MoveKV, coordinator: str, secret: str, cancel: transition.Cancel, host: str = "") -> Result:
+    """This device's part of `msg`: join the KV group, send and receive, scatter what arrived."""
     started = time.perf_counter()
     deadline = time.monotonic() + msg.timeout_s
     views = block_views(mem.kv, config_json, mem.ready.num_kv_blocks, msg.block_size, msg.dtype)
-    device = backend.torch_device()
     store = rendezvous.ChannelStore(coordinator, secret, f"kv-{msg.config_id}", msg.timeout_s)
     cancel.store = store
     try:
         pg = rendezvous.process_group(backend.collective_backend, store, msg.rank, len(msg.group_ranks), msg.timeout_s,
-                                      device, host)
-        rank_of = {d: r for r, d in enumerate(msg.group_ranks)}
-        works, landing, sent, received = [], [], 0, 0
-        # NOTE: every member walks the same list in the same order: NCCL and HCCL match a pair's
-        # messages by posting order (the tag is for gloo).
-        for tag, c in enumerate(msg.copies):
-            if device_index == c.src:
-                idx = torch.tensor(c.src_blocks, dtype=torch.int64, device=device)
-                buf = torch.cat([v.index_select(0, idx).reshape(-1) for v in views])
-                works.append(pg.send([buf], rank_of[c.dst], tag))
-                sent += buf.numel()
-            elif device_index == c.dst:
-                buf = torch.empty(sum(v.shape[1] for v in views) * len(c.dst_blocks), dtype=torch.uint8, device=device)
-                works.append(pg.recv([buf], rank_of[c.src], tag))
-                landing.append((c, buf))
-                received += buf.numel()
-        transition._wait(works, cancel, deadline)
-        if time.monotonic() > deadline:
-            raise TimeoutError("the KV copy did not complete before its deadline")
-        for c, buf in landing:  # only now, with every byte here, into the pool
-            idx = torch.tensor(c.dst_blocks, dtype=torch.int64, device=device)
-            offset = 0
-            for v in views:
-                n = v.shape[1] * len(c.dst_blocks)
-                v.index_copy_(0, idx, buf[offset:offset + n].view(len(c.dst_blocks), v.shape[1]))
-                offset += n
-        # NOTE: the adopting executor (another process) reads these blocks once we answer: the copies
-        # must have finished on the device, not only been queued.
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        elif device.type == "npu":
-            torch.npu.synchronize(device)
-        transition._wait([pg.barrier()], cancel, deadline)
+                                      backend.torch_device(), host)
+        sent, received = copy(pg, {d: r for r, d in enumerate(msg.group_ranks)}, views, msg.copies, device_index,
+                              cancel, deadline)
     finally:
         store.close()
     seconds = time.perf_counter() - started
@@ -107,3 +77,44 @@ def run(backend: backends_base.DeviceBackend, device_index: int, mem: memory.Dev
                 sent / 1e6, sum(len(c.dst_blocks) for c in msg.copies if c.dst == device_index), received / 1e6,
                 seconds)
     return Result(sent, received, seconds)
+
+
+def copy(pg, rank_of: dict[int, int], views: list[torch.Tensor], copies: list[wire.KVCopy], device_index: int,
+         cancel: transition.Cancel, deadline: float) -> tuple[int, int]:
+    """Post this device's sends and receives of `copies` in `pg` (`rank_of`: device -> rank),
+    wait, then scatter what arrived into `views` (`block_views` of the pool); -> (bytes sent,
+    bytes received). Raises (and writes nothing into the pool) when a transfer fails, on a
+    cancel, or past `deadline`."""
+    device = views[0].device
+    works, landing, sent, received = [], [], 0, 0
+    # NOTE: every member walks the same list in the same order: NCCL and HCCL match a pair's
+    # messages by posting order (the tag is for gloo).
+    for tag, c in enumerate(copies):
+        if device_index == c.src:
+            idx = torch.tensor(c.src_blocks, dtype=torch.int64, device=device)
+            buf = torch.cat([v.index_select(0, idx).reshape(-1) for v in views])
+            works.append(pg.send([buf], rank_of[c.dst], tag))
+            sent += buf.numel()
+        elif device_index == c.dst:
+            buf = torch.empty(sum(v.shape[1] for v in views) * len(c.dst_blocks), dtype=torch.uint8, device=device)
+            works.append(pg.recv([buf], rank_of[c.src], tag))
+            landing.append((c, buf))
+            received += buf.numel()
+    transition.wait_for(works, cancel, deadline)
+    if time.monotonic() > deadline:
+        raise TimeoutError("the KV copy did not complete before its deadline")
+    for c, buf in landing:  # only now, with every byte here, into the pool
+        idx = torch.tensor(c.dst_blocks, dtype=torch.int64, device=device)
+        offset = 0
+        for v in views:
+            n = v.shape[1] * len(c.dst_blocks)
+            v.index_copy_(0, idx, buf[offset:offset + n].view(len(c.dst_blocks), v.shape[1]))
+            offset += n
+    # NOTE: the adopting executor (another process) reads these blocks once we answer: the copies
+    # must have finished on the device, not only been queued.
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "npu":
+        torch.npu.synchronize(device)
+    transition.wait_for([pg.barrier()], cancel, deadline)
+    return sent, received
