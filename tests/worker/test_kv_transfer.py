@@ -9,8 +9,8 @@ import time
 
 import pytest
 import torch
-import torch.distributed as dist
 
+import testprocs
 from elasticmoe_worker import backends
 from elasticmoe_worker.contract import wire
 from elasticmoe_worker.instance import kv_transfer, memory, transition
@@ -32,24 +32,11 @@ def _pools(model_dir):
     return regions, views
 
 
-def _pair():
-    store, groups = dist.HashStore(), [None, None]
-
-    def make(rank):
-        groups[rank] = dist.ProcessGroupGloo(store, rank, 2)
-    threads = [threading.Thread(target=make, args=(r,)) for r in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return groups
-
-
 def test_blocks_land_at_their_new_ids_in_every_layer(tiny_models):
     regions, (dst, src) = _pools(tiny_models["deepseek_v2"])
     assert len({v.shape[1] for v in dst}) == 2, "keys and values of different widths"
     copies = [wire.KVCopy(src=1, dst=0, src_blocks=[2, 5, 6], dst_blocks=[0, 3, 7])]
-    pgs, out = _pair(), {}
+    pgs, out = testprocs.gloo_pair(), {}
 
     def side(d):
         out[d] = kv_transfer.copy(pgs[d], {0: 0, 1: 1}, (dst, src)[d], copies, d, transition.Cancel(),
@@ -71,7 +58,7 @@ def test_blocks_land_at_their_new_ids_in_every_layer(tiny_models):
 def test_a_copy_that_never_completes_writes_nothing(tiny_models):
     regions, (dst, _) = _pools(tiny_models["deepseek_v2"])
     copies = [wire.KVCopy(src=1, dst=0, src_blocks=[2], dst_blocks=[0])]
-    pg0, pg1 = _pair()
+    pg0, pg1 = testprocs.gloo_pair()
     cancel = transition.Cancel()
     threading.Timer(0.3, cancel.set, args=("the peer died",)).start()
     with pytest.raises(transition.Cancelled, match="the peer died"):

@@ -9,27 +9,13 @@ import time
 
 import pytest
 import torch
-import torch.distributed as dist
 
+import testprocs
 from elasticmoe_worker.instance import transition
 
 
-def _pair():
-    store = dist.HashStore()
-    groups = [None, None]
-
-    def make(rank):
-        groups[rank] = dist.ProcessGroupGloo(store, rank, 2)
-    threads = [threading.Thread(target=make, args=(r,)) for r in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return groups
-
-
 def test_a_send_slower_than_the_poll_interval_completes():
-    pg0, pg1 = _pair()
+    pg0, pg1 = testprocs.gloo_pair()
     data = torch.arange(8 << 20, dtype=torch.int64).to(torch.uint8)
     got = torch.zeros_like(data)
 
@@ -45,7 +31,7 @@ def test_a_send_slower_than_the_poll_interval_completes():
 
 
 def test_a_cancel_ends_the_wait_and_a_deadline_too():
-    pg0, pg1 = _pair()
+    pg0, pg1 = testprocs.gloo_pair()
     cancel = transition.Cancel()
     threading.Timer(0.3, cancel.set, args=("the scale was aborted",)).start()
     with pytest.raises(transition.Cancelled, match="the scale was aborted"):
