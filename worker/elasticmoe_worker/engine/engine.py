@@ -264,7 +264,7 @@ class LLMEngine:
                                           top_k=o.top_k, seed=o.seed, stop=tuple(o.stop), ignore_eos=o.ignore_eos)
             req = scheduler.Request(st.request_id, list(st.prompt_token_ids), params,
                                     arrival_s=st.arrival_s, output_token_ids=list(st.output_token_ids))
-            if keep_kv and st.block_ids:
+            if keep_kv and st.block_ids and self._can_take(st):
                 self.scheduler.allocator.take(list(st.block_ids))
                 req.block_ids = list(st.block_ids)
                 req.num_computed = st.num_computed
@@ -282,6 +282,15 @@ class LLMEngine:
             detok = output.Detokenizer(self.tokenizer, params.stop)
             detok.resume(req.output_token_ids, st.emitted_chars)
             self.tracked[req.request_id] = _Tracked(req, detok, generator, st.emitted_tokens)
+
+    def _can_take(self, st: wire.SequenceState) -> bool:
+        """Its blocks are free here. NOTE: never otherwise (the plan keeps them disjoint); when they are
+        not, it is recomputed rather than sharing a block with another sequence, or failing."""
+        if self.scheduler.allocator.are_free(st.block_ids):
+            return True
+        logger.error("request %s: adopted with KV blocks %s of which some are in use here; recomputing it",
+                     st.request_id, st.block_ids[:8])
+        return False
 
     def fail_all(self, error: str) -> list[types.RequestOutput]:
         """The engine cannot go on: end every request in flight with an error."""
