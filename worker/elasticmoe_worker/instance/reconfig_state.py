@@ -48,8 +48,8 @@ class Facts:
     # per device, for the copies beyond the first (`--redundant-expert-mb`); None: no limit, every expert
     # gets `expert_copies`. With a budget only the hottest experts do (see hotcopies).
     redundant_budget_bytes: int | None = None
-    # a switch that moves KV blocks of departing devices' sequences waits this long for the HMMs (they give
-    # up after it) before the sequences are recomputed instead
+    # the HMMs give up a KV copy of departing devices' sequences after this long; the switch waits a little
+    # longer for their answers (1.5x + 2 s), then has the sequences recomputed instead
     kv_move_timeout_s: float = 10.0
 
     @property
