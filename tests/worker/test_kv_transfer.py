@@ -1,6 +1,7 @@
 """The HMM's KV block mover (`instance.kv_transfer`) with real gloo send/recv between two pools
 in shared memory: the blocks land where the plan says, in every layer's keys and values (MLA:
-of different widths), and a copy that does not complete writes nothing into the pool."""
+of different widths), in one round or many, and a copy that does not complete writes nothing
+into the pool."""
 
 from __future__ import annotations
 
@@ -32,25 +33,28 @@ def _pools(model_dir):
     return regions, views
 
 
-def test_blocks_land_at_their_new_ids_in_every_layer(tiny_models):
+@pytest.mark.parametrize("chunk_bytes", [kv_transfer.CHUNK_BYTES, 1], ids=["one-round", "a-round-per-block"])
+def test_blocks_land_at_their_new_ids_in_every_layer(tiny_models, chunk_bytes):
     regions, (dst, src) = _pools(tiny_models["deepseek_v2"])
     assert len({v.shape[1] for v in dst}) == 2, "keys and values of different widths"
-    copies = [wire.KVCopy(src=1, dst=0, src_blocks=[2, 5, 6], dst_blocks=[0, 3, 7])]
+    # two copies between one pair: their messages must not mix
+    copies = [wire.KVCopy(src=1, dst=0, src_blocks=[2, 5, 6], dst_blocks=[0, 3, 7]),
+              wire.KVCopy(src=1, dst=0, src_blocks=[1], dst_blocks=[4])]
     pgs, out = testprocs.gloo_pair(), {}
 
     def side(d):
         out[d] = kv_transfer.copy(pgs[d], {0: 0, 1: 1}, (dst, src)[d], copies, d, transition.Cancel(),
-                                  time.monotonic() + 30)
+                                  time.monotonic() + 30, chunk_bytes)
     threads = [threading.Thread(target=side, args=(d,)) for d in (0, 1)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     block_bytes = sum(v.shape[1] for v in dst)
-    assert out == {0: (0, 3 * block_bytes), 1: (3 * block_bytes, 0)}
+    assert out == {0: (0, 4 * block_bytes), 1: (4 * block_bytes, 0)}
     for d, s in zip(dst, src):
-        assert torch.equal(d[[0, 3, 7]], s[[2, 5, 6]])
-        assert not d[[1, 2, 4, 5, 6]].any(), "no other block written"
+        assert torch.equal(d[[0, 3, 7, 4]], s[[2, 5, 6, 1]])
+        assert not d[[1, 2, 5, 6]].any(), "no other block written"
     for r in regions:
         r.close()
 

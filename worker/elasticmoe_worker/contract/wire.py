@@ -410,8 +410,8 @@ class StoreReply(Msg):
 
 ANY = HMMHello | HMMRejoin | Heartbeat | LoadPlan | HMMReady | StartExecutor | HMMFailed | ExecutorSpec | ExecutorReady | AddRequest \
     | AbortRequest | Output | RankStats | ExecutorFailed | Shutdown | PrepareTransition | TransitionReady \
-    | CommitTransition | AbortTransition | PauseForSwitch | Handover | Adopt | Adopted | MoveKV | KVMoved | StoreRequest \
-    | StoreReply
+    | CommitTransition | AbortTransition | PauseForSwitch | Handover | Adopt | Adopted | MoveKV | KVMoved \
+    | StoreRequest | StoreReply
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(ANY)

@@ -7,11 +7,13 @@ coordinator sends `MoveKV` only while admission is paused, after every old execu
 over (their blocks are final) and before any new executor adopted anything (the destination
 blocks are free): nobody else touches these blocks meanwhile.
 
-Each (source, destination) pair moves one message: the source gathers its blocks of every
-layer (keys, then values) into one buffer, the destination receives into a buffer of its own
-and scatters it into its pool only once everything arrived. So a copy that fails or times out
-writes nothing into the pool (the coordinator's deadline is later than this one, so a copy it
-gave up on never lands in blocks the new executor uses by then).
+Each (source, destination) pair moves its blocks in rounds of messages of at most `CHUNK_BYTES`:
+the source gathers a round's blocks of every layer (keys, then values) into one buffer, the
+destination receives into a buffer of its own and scatters it into its pool once the round
+arrived, and only before its deadline. The coordinator's deadline is later, so a copy it gave up
+on never lands in blocks the new executor uses by then; a copy that fails midway wrote only into
+blocks reserved for the copied sequences (free, and overwritten before they are read, when those
+sequences are recomputed instead).
 
 Not guaranteed: the bytes are copied as they are (same dtype, block size and model on both sides,
 which one instance guarantees); nothing checks their content.
@@ -32,6 +34,8 @@ from elasticmoe_worker.models import config as config_mod
 from elasticmoe_worker.models import registry
 
 logger = logging.getLogger("elasticmoe.hmm")
+
+CHUNK_BYTES = 64 << 20  # per message: the staging buffers of one round, per (source, destination) pair
 
 
 @dataclasses.dataclass
@@ -80,36 +84,48 @@ def run(backend: backends_base.DeviceBackend, device_index: int, mem: memory.Dev
 
 
 def copy(pg, rank_of: dict[int, int], views: list[torch.Tensor], copies: list[wire.KVCopy], device_index: int,
-         cancel: transition.Cancel, deadline: float) -> tuple[int, int]:
-    """Post this device's sends and receives of `copies` in `pg` (`rank_of`: device -> rank),
-    wait, then scatter what arrived into `views` (`block_views` of the pool); -> (bytes sent,
-    bytes received). Raises (and writes nothing into the pool) when a transfer fails, on a
-    cancel, or past `deadline`."""
+         cancel: transition.Cancel, deadline: float, chunk_bytes: int = CHUNK_BYTES) -> tuple[int, int]:
+    """Send and receive this device's part of `copies` in `pg` (`rank_of`: device -> rank) and
+    scatter what arrives into `views` (`block_views` of the pool); -> (bytes sent, bytes received).
+    Raises when a transfer fails, on a cancel, or past `deadline`.
+
+    In rounds of at most `chunk_bytes` per (source, destination) pair, so the staging buffers stay
+    small beside a pool that fills its device. A round is scattered only once all of it arrived,
+    and only before `deadline`: a copy that fails midway has written only into blocks the plan
+    reserved for the copied sequences, which nobody uses before the commit."""
     device = views[0].device
-    works, landing, sent, received = [], [], 0, 0
-    # NOTE: every member walks the same list in the same order: NCCL and HCCL match a pair's
-    # messages by posting order (the tag is for gloo).
-    for tag, c in enumerate(copies):
-        if device_index == c.src:
-            idx = torch.tensor(c.src_blocks, dtype=torch.int64, device=device)
-            buf = torch.cat([v.index_select(0, idx).reshape(-1) for v in views])
-            works.append(pg.send([buf], rank_of[c.dst], tag))
-            sent += buf.numel()
-        elif device_index == c.dst:
-            buf = torch.empty(sum(v.shape[1] for v in views) * len(c.dst_blocks), dtype=torch.uint8, device=device)
-            works.append(pg.recv([buf], rank_of[c.src], tag))
-            landing.append((c, buf))
-            received += buf.numel()
-    transition.wait_for(works, cancel, deadline)
-    if time.monotonic() > deadline:
-        raise TimeoutError("the KV copy did not complete before its deadline")
-    for c, buf in landing:  # only now, with every byte here, into the pool
-        idx = torch.tensor(c.dst_blocks, dtype=torch.int64, device=device)
-        offset = 0
-        for v in views:
-            n = v.shape[1] * len(c.dst_blocks)
-            v.index_copy_(0, idx, buf[offset:offset + n].view(len(c.dst_blocks), v.shape[1]))
-            offset += n
+    block_bytes = sum(v.shape[1] for v in views)
+    per = max(1, chunk_bytes // block_bytes)
+    rounds = max((-(-len(c.src_blocks) // per) for c in copies), default=0)
+    sent = received = 0
+    for r in range(rounds):
+        works, landing = [], []
+        # NOTE: every member walks the same list in the same order: NCCL and HCCL match a pair's
+        # messages by posting order (the tag is for gloo).
+        for i, c in enumerate(copies):
+            src_blocks, dst_blocks = c.src_blocks[r * per:(r + 1) * per], c.dst_blocks[r * per:(r + 1) * per]
+            if not src_blocks:
+                continue
+            if device_index == c.src:
+                idx = torch.tensor(src_blocks, dtype=torch.int64, device=device)
+                buf = torch.cat([v.index_select(0, idx).reshape(-1) for v in views])
+                works.append(pg.send([buf], rank_of[c.dst], i * rounds + r))
+                sent += buf.numel()
+            elif device_index == c.dst:
+                buf = torch.empty(block_bytes * len(dst_blocks), dtype=torch.uint8, device=device)
+                works.append(pg.recv([buf], rank_of[c.src], i * rounds + r))
+                landing.append((dst_blocks, buf))
+                received += buf.numel()
+        transition.wait_for(works, cancel, deadline)
+        if time.monotonic() > deadline:
+            raise TimeoutError("the KV copy did not complete before its deadline")
+        for dst_blocks, buf in landing:
+            idx = torch.tensor(dst_blocks, dtype=torch.int64, device=device)
+            offset = 0
+            for v in views:
+                n = v.shape[1] * len(dst_blocks)
+                v.index_copy_(0, idx, buf[offset:offset + n].view(len(dst_blocks), v.shape[1]))
+                offset += n
     # NOTE: the adopting executor (another process) reads these blocks once we answer: the copies
     # must have finished on the device, not only been queued.
     if device.type == "cuda":

@@ -24,9 +24,11 @@ import msgspec
 
 from elasticmoe_worker.contract import wire
 
+_ByDevice = dict[int, list[wire.SequenceState]]
+
 
 def distribute(handed: Mapping[int, tuple[wire.SequenceState, ...]], new_devices: tuple[int, ...],
-               counts: dict[int, int]) -> tuple[dict[int, list[wire.SequenceState]], dict[int, list[wire.SequenceState]]]:
+               counts: dict[int, int]) -> tuple[_ByDevice, _ByDevice]:
     """`handed`: device -> its sequences; `counts`: device -> sequences it has already. -> (kept:
     adopted on the same device, KV in place; moved: sequences of departing devices, each to the
     least loaded new device), by device. NOTE: one request, one adopter, even when two handovers list it."""
@@ -111,12 +113,13 @@ def plan(handed: Mapping[int, tuple[wire.SequenceState, ...]], moved: Mapping[in
             dst_blocks += new
             out[dst] = out.get(dst, ()) + (msgspec.structs.replace(st, block_ids=new),)
             before[dst] = before.get(dst, ()) + (st,)
-    copies = tuple(wire.KVCopy(src=s, dst=d, src_blocks=sb, dst_blocks=db) for (s, d), (sb, db) in sorted(pairs.items()))
+    copies = tuple(wire.KVCopy(src=s, dst=d, src_blocks=sb, dst_blocks=db)
+                   for (s, d), (sb, db) in sorted(pairs.items()))
     return Plan(copies=copies, moved=out, handed=before)
 
 
 def adoptions(handed: Mapping[int, tuple[wire.SequenceState, ...]], new_devices: tuple[int, ...], kv: Plan | None,
-              copied: bool) -> tuple[dict[int, list[wire.SequenceState]], dict[int, list[wire.SequenceState]]]:
+              copied: bool) -> tuple[_ByDevice, _ByDevice]:
     """At the commit: (device -> sequences it adopts with their KV in its pool, device -> sequences
     it recomputes). The sequences of `kv` go where it placed them, with their new blocks when
     `copied`, else as handed over (recomputed); the others (handed over during the copy too) are
