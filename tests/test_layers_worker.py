@@ -30,7 +30,8 @@ CONTRACT = ["elasticmoe_worker.contract"] + [
 PURE = CONTRACT + ["elasticmoe_worker.planner", "elasticmoe_worker.flow", "elasticmoe_worker.hotcopies",
                    "elasticmoe_worker.instance.reconfig",
                    "elasticmoe_worker.instance.reconfig_events", "elasticmoe_worker.instance.reconfig_state",
-                   "elasticmoe_worker.instance.reconfig_loss", "elasticmoe_worker.instance.reconfig_rejoin"]
+                   "elasticmoe_worker.instance.reconfig_loss", "elasticmoe_worker.instance.reconfig_rejoin",
+                   "elasticmoe_worker.instance.reconfig_kv"]
 FORBIDDEN = {"torch", "zmq", "threading"}
 
 

@@ -1,7 +1,8 @@
 """Helpers for tests that start real processes: free loopback ports, the `elasticmoe` command
 line, a health probe, a parent-death signal so a killed test run takes its processes along,
 and (from `elasticmoe_worker.reference`) `transformers`' greedy outputs and streaming clients
-of a running server; the size of a model's routed expert, for redundancy budgets."""
+of a running server; the size of a model's routed expert, for redundancy budgets; two ranks of a
+real gloo group in one process."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -82,3 +84,19 @@ def interrupt(proc: subprocess.Popen, timeout_s: float = 60) -> None:
 # The references live in the package: the device check uses the same ones.
 hf_greedy = reference.hf_greedy
 StreamingLoad = reference.StreamingLoad
+
+
+def gloo_pair():
+    """Ranks 0 and 1 of one gloo group, both in this process (over a HashStore): real send/recv."""
+    import torch.distributed as dist
+
+    store, groups = dist.HashStore(), [None, None]
+
+    def make(rank):
+        groups[rank] = dist.ProcessGroupGloo(store, rank, 2)
+    threads = [threading.Thread(target=make, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return groups

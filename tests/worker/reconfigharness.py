@@ -59,6 +59,15 @@ def finished(actions) -> admin.ScaleRecord:
     return record
 
 
+def commit_of(actions) -> reconfig.Commit:
+    (commit,) = [a for a in actions if isinstance(a, reconfig.Commit)]
+    return commit
+
+
+def kv_moves(actions) -> dict[str, wire.MoveKV]:
+    return {a.dest: a.msg for a in actions if isinstance(a, reconfig.Send) and isinstance(a.msg, wire.MoveKV)}
+
+
 def adopts(actions) -> list[tuple[str, list[str], bool]]:
     return [(a.dest, [s.request_id for s in a.msg.requests], a.msg.keep_kv) for a in actions
             if isinstance(a, reconfig.Send) and isinstance(a.msg, wire.Adopt)]
@@ -138,16 +147,28 @@ class Harness:
         ids += [f"h{self.ids}-{k}" for k in range(fresh)]
         return reconfig.HandedOver(rank, config_id, tuple(seq(r) for r in ids), self.now)
 
+    def kv_moved(self, device: int, ok: bool = True, config_id: int | None = None):
+        msg = wire.KVMoved(device_index=device, config_id=config_id or self.state.scale.new_config, ok=ok,
+                           error="" if ok else "peer went away", bytes_received=1000 if ok else 0)
+        return self.step(reconfig.KVMoved(msg, self._at()))
+
+    def kv_all(self) -> list[reconfig.Action]:
+        """Every HMM that copies KV blocks says it is done (nothing when no copy is under way)."""
+        sc = self.state.scale
+        return [a for d in sorted(sc.kv_waiting if sc is not None else ()) for a in self.kv_moved(d)]
+
     def tick(self, now: float):
         self.now = max(self.now, now)
         return self.step(reconfig.Tick(now))
 
     def complete_stage(self, handed=None) -> list[reconfig.Action]:
-        """Everything the current stage waits for; a switch hands over `handed[rank]`."""
+        """Everything the current stage waits for; a switch hands over `handed[rank]`, and the
+        HMMs copy the departing devices' KV blocks when told to."""
         sc = self.state.scale
         send = {WORKERS: self.register, TRANSFER: self.transfer_ready, STANDBY: self.executor_ready,
                 SWITCH: lambda r: self.hand_over(r, (handed or {}).get(r, ()))}[sc.stage]
-        return [a for x in sorted(sc.waiting) for a in send(x)]
+        actions = [a for x in sorted(sc.waiting) for a in send(x)]
+        return actions + self.kv_all()
 
     def to_stage(self, stage: str) -> None:
         for _ in reconfig.STAGES:
@@ -305,6 +326,10 @@ def random_event(h: Harness, kind: str, i: int) -> reconfig.Event | None:
             return reconfig.ExecutorReady(min(s.recovering), s.config_id, now)
         if sc is None:
             kind = "scale"
+        elif sc.stage == SWITCH and not sc.waiting:  # the KV copy of departing devices' sequences
+            d = sorted(sc.kv_waiting)[i % len(sc.kv_waiting)]
+            return reconfig.KVMoved(wire.KVMoved(device_index=d, config_id=sc.new_config, ok=i % 5 != 0,
+                                                 bytes_received=100), now)
         elif sc.stage == SWITCH:  # what the rank runs, and requests that reached it before the pause
             return h.handover_of(sorted(sc.waiting)[i % len(sc.waiting)], sc.old_config, i % 3)
         else:
@@ -322,7 +347,8 @@ def random_event(h: Harness, kind: str, i: int) -> reconfig.Event | None:
         return None
     if kind == "dup":
         again = [e for e in h.events if isinstance(e, (reconfig.WorkerRegistered, reconfig.TransferReady,
-                                                       reconfig.ExecutorReady, reconfig.HandedOver))]
+                                                       reconfig.ExecutorReady, reconfig.HandedOver,
+                                                       reconfig.KVMoved))]
         return dataclasses.replace(again[i % len(again)], now=now) if again else None
     if kind == "stale":  # of an aborted attempt; of a replaced configuration, all but a handover
         gone = sorted(h.started - {s.config_id} - ({sc.new_config} if sc else set()) | h.aborted)

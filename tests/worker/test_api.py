@@ -446,7 +446,8 @@ def test_metrics_scrape_passes_promtool_and_counts(served):
     assert _sample("elasticmoe_healthy", "", text) == 1
     assert _sample("elasticmoe_kv_cache_total_blocks", "", text) > 0
     for name in ("elasticmoe_num_requests_running", "elasticmoe_num_requests_waiting",
-                 "elasticmoe_kv_cache_used_blocks", "elasticmoe_preemptions_total"):
+                 "elasticmoe_kv_cache_used_blocks", "elasticmoe_preemptions_total",
+                 "elasticmoe_recomputed_tokens_total"):
         _sample(name, "", text)
     for name in ("time_to_first_token_seconds", "time_per_output_token_seconds", "e2e_request_latency_seconds"):
         assert f"# HELP elasticmoe_{name} " in text and f"# TYPE elasticmoe_{name} histogram" in text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import msgspec
 import pytest
 
 from elasticmoe_worker.engine import async_engine, engine as engine_mod, types
@@ -164,6 +165,52 @@ def test_handover_to_another_engine_keeps_kv_in_place_and_outputs(tiny_models):
             got[o.request_id] += o.token_ids
     assert [got[str(i)] for i in range(len(prompts))] == run_alone()
     assert b.scheduler.allocator.num_used == 0
+
+
+@pytest.mark.parametrize("mode", ["kv-copied", "recomputed", "blocks-in-use"])
+def test_handover_to_an_engine_on_another_pool_with_the_kv_copied_recomputes_nothing(tiny_models, mode):
+    """What a scale-down does with a departing device's sequences: engine B, on a pool of its own
+    that already holds a sequence of its own, adopts them at other block ids after their blocks
+    were copied there (or, without the copy, recomputes them; or, told to keep blocks that its own
+    sequence holds, recomputes them too), and finishes them exactly as A alone would have;
+    `num_recomputed_tokens_total` says what B computed again."""
+    cfg = engine_mod.EngineConfig(dtype="float32", max_num_batched_tokens=16, num_kv_blocks=32)
+    a = engine_mod.LLMEngine.from_model_dir(tiny_models["deepseek_v2"], cfg)
+    b = engine_mod.LLMEngine(a.model, a.tokenizer, cfg, "b")
+    prompts = [[5, 6, 7, 8, 9], list(range(20, 50)), [3, 1, 4, 1, 5, 9, 2, 6]]
+    ref = engine_mod.LLMEngine(a.model, a.tokenizer, cfg, "ref")
+    for i, p in enumerate(prompts):
+        (a if i else b).add_request(str(i), p, GREEDY)  # request 0 lives on B: its blocks are taken there
+        ref.add_request(str(i), p, GREEDY)
+    want = {str(i): [] for i in range(len(prompts))}
+    while ref.has_work():
+        for o in ref.step():
+            want[o.request_id] += o.token_ids
+    got = {str(i): [] for i in range(len(prompts))}
+    for _ in range(5):
+        for eng in (a, b):
+            for o in eng.step():
+                got[o.request_id] += o.token_ids
+    states = a.export_requests()
+    computed = sum(st.num_computed for st in states)
+    assert computed > 0
+    if mode == "kv-copied":
+        used = b.scheduler.running[0].block_ids
+        free = [x for x in range(cfg.num_kv_blocks) if x not in used]
+        for n, st in enumerate(states):
+            new, free = free[:len(st.block_ids)], free[len(st.block_ids):]
+            for (ka, va), (kb, vb) in zip(a.pool.caches, b.pool.caches):
+                kb[new], vb[new] = ka[st.block_ids], va[st.block_ids]
+            states[n] = msgspec.structs.replace(st, block_ids=new)
+    elif mode == "blocks-in-use":  # a plan gone wrong: B's own sequence holds them
+        own = b.scheduler.running[0].block_ids
+        states = [msgspec.structs.replace(st, block_ids=(own * len(st.block_ids))[:len(st.block_ids)]) for st in states]
+    b.adopt_requests(states, keep_kv=mode != "recomputed")
+    while b.has_work():
+        for o in b.step():
+            got[o.request_id] += o.token_ids
+    assert got == want
+    assert b.stats().num_recomputed_tokens_total == (0 if mode == "kv-copied" else computed)
 
 
 def test_the_engine_is_built_on_the_thread_that_steps_it(tiny_models):

@@ -17,6 +17,7 @@ Worked example, 2 -> 4 devices without warm workers (8 experts of 300 B, 1000 B 
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -69,13 +70,18 @@ def test_a_scale_goes_through_every_stage_and_commits(start, target, warm):
     assert h.state.paused and h.request("held") == []
     handed = {r: [f"r{r}-a", f"r{r}-b"] for r in old}
     actions = h.complete_stage(handed)
+    # departing ranks' sequences: their KV blocks are copied to their adopters before the commit
+    moves = [a for a in actions if isinstance(a, reconfig.Send) and isinstance(a.msg, wire.MoveKV)]
+    assert [a.dest for a in moves] == [f"hmm-{d}" for d in (old if removed else [])]
+    actions = actions[len(moves):]
     got = rh.adopts(actions)
     assert rh.summary(actions)[len(got):] == [
         "Commit", "Release", *[f"exec-1-{r} Shutdown" for r in old], *[f"hmm-{d} CommitTransition" for d in new],
         *[f"hmm-{d} Shutdown" for d in removed], *(["RemoveWorkers"] if removed else []), "Finished"]
-    for dest, ids, keep_kv in got:  # a staying rank keeps its own sequences and their KV; departing ones move
-        assert ids == handed[int(dest[-1])] if keep_kv else {i.split("-")[0] for i in ids} <= {f"r{r}" for r in removed}
-    assert sum(keep for _, _, keep in got) == len(set(old) & set(new))
+    assert all(keep_kv for _, _, keep_kv in got), "nothing is recomputed: departing ranks' KV moved"
+    for dest, ids, _ in got:  # a staying rank keeps its own sequences and their KV; departing ones join them
+        assert ids[:2] == handed[int(dest[-1])] and {i.split("-")[0] for i in ids[2:]} <= {f"r{r}" for r in removed}
+    assert len(got) == len(set(old) & set(new))
     per_rank = collections.Counter(r for r in actions[len(got)].ranks.values())
     if removed:  # departing ranks' sequences are recomputed on the least loaded ranks: even here
         assert set(per_rank.values()) == {2 * start // target}
@@ -87,6 +93,8 @@ def test_a_scale_goes_through_every_stage_and_commits(start, target, warm):
     assert (rec.outcome, rec.message, rec.from_devices, rec.to_devices) == (admin.Outcome.SUCCEEDED, "", start, target)
     assert list(rec.phases_ms) == list(reconfig.STAGES) and rec.duration_ms == round((h.now - t0) * 1000)
     assert (rec.bytes_transferred, rec.requests_handed_over) == (plan.bytes_moved, 2 * start)
+    assert (rec.sequences_kv_moved, rec.tokens_recomputed, rec.kv_fallback) == (2 * len(removed), 0, "")
+    assert rec.kv_bytes_moved == 1000 * (len(old) if removed else 0)
     assert rec.transfer_data_ms == round((0.25 + group[-1] / 100) * 1000)
     s = h.state
     assert (s.config_id, s.num_devices, s.placement, s.scale, s.paused, s.held) == (
@@ -131,10 +139,9 @@ def test_departing_sequences_go_to_the_least_loaded_rank_and_staying_ones_stay()
     h.scale(2)
     h.to_stage(SWITCH)
     actions = h.complete_stage({0: ["a", "b"], 2: ["c", "d", "e"], 3: ["f"]})
-    # rank 0 keeps 2 and rank 1 none; then c -> 1, d -> 1, e -> 0 (tie: lowest rank), f -> 1
-    assert rh.adopts(actions) == [("exec-2-0", ["a", "b"], True), ("exec-2-0", ["e"], False),
-                                  ("exec-2-1", ["c", "d", "f"], False)]
-    assert actions[3] == reconfig.Commit(2, 2, {"a": 0, "b": 0, "e": 0, "c": 1, "d": 1, "f": 1})
+    # rank 0 keeps 2 and rank 1 none; then c -> 1, d -> 1, e -> 0 (tie: lowest rank), f -> 1, with their KV
+    assert rh.adopts(actions) == [("exec-2-0", ["a", "b", "e"], True), ("exec-2-1", ["c", "d", "f"], True)]
+    assert rh.commit_of(actions) == reconfig.Commit(2, 2, {"a": 0, "b": 0, "e": 0, "c": 1, "d": 1, "f": 1})
 
 
 # -- failures ---------------------------------------------------------------------------------
@@ -207,6 +214,7 @@ def test_a_rank_lost_during_the_switch_fails_its_requests_and_the_new_configurat
         actions += h.hand_over(r, [f"r{r}"])
     if not lost_first:
         actions += h.step(make(h))
+    actions += h.kv_all()
     fails = [a for a in actions if isinstance(a, reconfig.FailRequests) and a.ranks is not None]
     assert [(f.config_id, f.ranks) for f in fails] == [(1, (lost,))] and str(lost) in fails[0].error
     assert sorted(i for _, ids, _ in rh.adopts(actions) for i in ids) == sorted(f"r{r}" for r in others)
@@ -289,8 +297,8 @@ def test_a_handover_delivered_twice_is_adopted_once():
     h.hand_over(2, ["a", "b"])  # before the commit
     h.hand_over(0, ["c"])
     h.hand_over(1)
-    actions = h.hand_over(3, ["d"])
-    assert sorted(actions[len(rh.adopts(actions))].ranks) == ["a", "b", "c", "d"]
+    actions = h.hand_over(3, ["d"]) + h.kv_all()
+    assert sorted(rh.commit_of(actions).ranks) == ["a", "b", "c", "d"]
     assert h.hand_over(2, ["a", "b"]) == [] and h.hand_over(0, ["c"]) == []  # and after it
 
 
@@ -343,9 +351,12 @@ def test_a_departing_device_lost_after_the_pause_harms_nothing(loss, handed_firs
     if handed_first:
         h.hand_over(3, ["r3"])
     before = h.state
-    assert h.step(loss(h)) == [] and h.state == before  # nothing after the commit needs device 3
+    assert h.step(loss(h)) == []  # nothing after the commit needs device 3; only its KV is not copied
+    assert dataclasses.replace(h.state.scale, kv_gone=frozenset()) == before.scale
     actions = h.complete_stage({r: [f"r{r}"] for r in range(4)})
-    assert sorted(actions[len(rh.adopts(actions))].ranks) == ["r0", "r1", "r2", "r3"]
+    assert sorted(rh.commit_of(actions).ranks) == ["r0", "r1", "r2", "r3"]
+    assert {c.src for m in rh.kv_moves(actions).values() for c in m.copies} == {2}
+    assert ("exec-2-1", ["r3"], False) in rh.adopts(actions), "recomputed: its blocks were on device 3"
     assert rh.finished(actions).outcome == admin.Outcome.SUCCEEDED and h.state.phase == admin.Phase.SERVING
     h.settled()
 

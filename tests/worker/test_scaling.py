@@ -94,11 +94,36 @@ def test_scale_1_2_3_4_2_1_under_load_fails_nothing_and_changes_no_output(tiny_m
         assert [(r.from_devices, r.to_devices, r.outcome.value) for r in records] == [
             (1, 2, "Succeeded"), (2, 3, "Succeeded"), (3, 4, "Succeeded"), (4, 2, "Succeeded"), (2, 1, "Succeeded")]
         assert sum(r.requests_handed_over for r in records) > 0, "no sequence spanned a switch"
+        assert [r.kv_fallback for r in records] == [""] * 5, "the departing devices' KV copies all succeeded"
         assert len(got) > len(prompts)
         assert [tokens for i, tokens in got] == [refs[i] for i, _ in got]
         for r in records:
             assert set(r.phases_ms) == {"workers", "transfer", "standby_start", "switch"}
             assert sum(r.phases_ms.values()) == r.duration_ms, "phases are intervals that add up to the total"
+    finally:
+        inst.shutdown()
+
+
+def test_scale_down_moves_the_departing_sequences_kv_instead_of_recomputing_it(tiny_models):
+    """2 -> 1 under streaming load: the sequences running on device 1 continue on device 0 with
+    their KV blocks copied there peer to peer, so device 0 computes none of their tokens again."""
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(1, 2000, (int(n),), generator=g).tolist()
+               for n in torch.randint(20, 40, (8,), generator=g)]
+    refs = _reference(tiny_models["deepseek_v2"], prompts)  # MLA: keys and values of different widths
+    inst = coordinator.Instance(tiny_models["deepseek_v2"], 2, CFG, warm_workers=0).start()
+    try:
+        got, failures, records = _run_with_scaling(inst, prompts, [1], concurrency=4)
+        assert failures == []
+        (rec,) = records
+        assert (rec.from_devices, rec.to_devices, rec.outcome.value, rec.kv_fallback) == (2, 1, "Succeeded", "")
+        assert rec.sequences_kv_moved > 0 and rec.kv_bytes_moved > 0, "no sequence was running on device 1"
+        assert rec.tokens_recomputed == 0
+        assert [tokens for i, tokens in got] == [refs[i] for i, _ in got]
+        # what the adopting executor itself counted: no token of the moved sequences was computed again
+        _wait(lambda: 0 in inst.router.rank_stats and inst.router.rank_stats[0].num_running == 0, 10, "stats")
+        stats = inst.router.rank_stats[0]
+        assert (stats.num_recomputed_tokens_total, stats.num_preemptions_total) == (0, 0)
     finally:
         inst.shutdown()
 

@@ -1,4 +1,4 @@
-"""The transition's wait on its transfers (instance/transition._wait), with real gloo send/recv:
+"""The transition's wait on its transfers (instance/transition.wait_for), with real gloo send/recv:
 gloo's `wait(timeout)` that times out fails the work, so a send slower than the poll interval
 used to fail the whole scale (found by `bench scaling` under a CPU quota)."""
 
@@ -9,27 +9,13 @@ import time
 
 import pytest
 import torch
-import torch.distributed as dist
 
+import testprocs
 from elasticmoe_worker.instance import transition
 
 
-def _pair():
-    store = dist.HashStore()
-    groups = [None, None]
-
-    def make(rank):
-        groups[rank] = dist.ProcessGroupGloo(store, rank, 2)
-    threads = [threading.Thread(target=make, args=(r,)) for r in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return groups
-
-
 def test_a_send_slower_than_the_poll_interval_completes():
-    pg0, pg1 = _pair()
+    pg0, pg1 = testprocs.gloo_pair()
     data = torch.arange(8 << 20, dtype=torch.int64).to(torch.uint8)
     got = torch.zeros_like(data)
 
@@ -39,20 +25,20 @@ def test_a_send_slower_than_the_poll_interval_completes():
     receiver = threading.Thread(target=late_receiver)
     receiver.start()
     started = time.monotonic()
-    transition._wait([pg0.send([data], 1, 7)], transition.Cancel(), time.monotonic() + 60)
+    transition.wait_for([pg0.send([data], 1, 7)], transition.Cancel(), time.monotonic() + 60)
     receiver.join()
     assert time.monotonic() - started >= 1.4 and torch.equal(got, data)
 
 
 def test_a_cancel_ends_the_wait_and_a_deadline_too():
-    pg0, pg1 = _pair()
+    pg0, pg1 = testprocs.gloo_pair()
     cancel = transition.Cancel()
     threading.Timer(0.3, cancel.set, args=("the scale was aborted",)).start()
     with pytest.raises(transition.Cancelled, match="the scale was aborted"):
-        transition._wait([pg0.recv([torch.zeros(4, dtype=torch.uint8)], 1, 1)], cancel, time.monotonic() + 60)
+        transition.wait_for([pg0.recv([torch.zeros(4, dtype=torch.uint8)], 1, 1)], cancel, time.monotonic() + 60)
     with pytest.raises(TimeoutError, match="deadline"):
-        transition._wait([pg1.recv([torch.zeros(4, dtype=torch.uint8)], 0, 2)], transition.Cancel(),
-                         time.monotonic() + 0.6)
+        transition.wait_for([pg1.recv([torch.zeros(4, dtype=torch.uint8)], 0, 2)], transition.Cancel(),
+                            time.monotonic() + 0.6)
     # let the waiters' receives end: their peers send now
     pg1.send([torch.zeros(4, dtype=torch.uint8)], 0, 1).wait()
     pg0.send([torch.zeros(4, dtype=torch.uint8)], 1, 2).wait()

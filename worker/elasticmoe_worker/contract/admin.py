@@ -68,7 +68,14 @@ class ScaleRecord(_Body, kw_only=True):
     bytes_transferred: int = 0
     transfer_data_ms: int = 0  # of the transfer phase: moving bytes (the rest: allocation, group set-up)
     requests_handed_over: int = 0
-    tokens_recomputed: int = 0  # of a recovery from a lost device: prompt + output tokens of its suspended requests
+    # of a recovery from a lost device: prompt + output tokens of its suspended requests; of a scale: the
+    # tokens the departing devices' sequences had in their KV caches, computed again on their adopters
+    tokens_recomputed: int = 0
+    # of a scale-down: sequences of departing devices whose KV blocks moved peer to peer to their adopters
+    # (no recomputation), the bytes that took, and why the others' did not ("" when nothing fell back)
+    sequences_kv_moved: int = 0
+    kv_bytes_moved: int = 0
+    kv_fallback: str = ""
 
 
 class ExpertCopies(_Body, kw_only=True):

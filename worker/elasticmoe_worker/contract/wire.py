@@ -239,6 +239,43 @@ class Adopt(Msg):
     keep_kv: bool
 
 
+class KVCopy(msgspec.Struct, frozen=True):
+    """KV blocks of sequences leaving device `src` for device `dst`: block `src_blocks[i]` of
+    src's pool lands in block `dst_blocks[i]` of dst's (every layer, keys and values)."""
+
+    src: int
+    dst: int
+    src_blocks: list[int]
+    dst_blocks: list[int]
+
+
+class MoveKV(Msg):
+    """Coordinator -> each HMM taking part, during a switch's pause (the old executors handed
+    over: their KV is final; the new ones have not adopted yet: the destination blocks are
+    free): copy these blocks peer to peer, then answer `KVMoved`."""
+
+    config_id: int  # the configuration that adopts the sequences
+    rank: int  # this device's rank in the KV group
+    group_ranks: list[int]  # device index of each rank
+    copies: list[KVCopy]
+    dtype: str  # the engine's, as in EngineOptions (the pool's layout follows from it and the model)
+    block_size: int
+    timeout_s: float
+
+
+class KVMoved(Msg):
+    """HMM -> coordinator: its part of `MoveKV` is over. An adopting device writes into its pool
+    only before it sends this (and only when every byte arrived)."""
+
+    device_index: int
+    config_id: int
+    ok: bool
+    error: str = ""
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    seconds: float = 0.0
+
+
 class Adopted(Msg):
     rank: int
     config_id: int
@@ -332,6 +369,8 @@ class RankStats(Msg):
     kv_blocks_used: int
     kv_blocks_total: int
     num_preemptions_total: int
+    # tokens computed again that were in some KV cache before (a request adopted without its KV, or preempted)
+    num_recomputed_tokens_total: int = 0
     # Token copies this rank's routers sent to each expert (global id), over every MoE layer, since
     # the previous report that carried them; [] in the reports in between (sent about once a second).
     expert_tokens: list[int] = []
@@ -371,7 +410,8 @@ class StoreReply(Msg):
 
 ANY = HMMHello | HMMRejoin | Heartbeat | LoadPlan | HMMReady | StartExecutor | HMMFailed | ExecutorSpec | ExecutorReady | AddRequest \
     | AbortRequest | Output | RankStats | ExecutorFailed | Shutdown | PrepareTransition | TransitionReady \
-    | CommitTransition | AbortTransition | PauseForSwitch | Handover | Adopt | Adopted | StoreRequest | StoreReply
+    | CommitTransition | AbortTransition | PauseForSwitch | Handover | Adopt | Adopted | MoveKV | KVMoved \
+    | StoreRequest | StoreReply
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(ANY)

@@ -121,6 +121,7 @@ class LLMEngine:
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.tracked: dict[str, _Tracked] = {}
         self.num_steps = 0
+        self.num_recomputed_tokens_total = 0
         logger.info(
             "engine ready: model %s on %s, max_model_len %d, KV pool %d blocks x %d tokens (%.1f MB)",
             model_name, self.device, self.max_model_len, num_blocks, config.block_size, num_blocks * per_block / 1e6,
@@ -166,6 +167,7 @@ class LLMEngine:
             num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
             kv_blocks_used=alloc.num_used, kv_blocks_total=alloc.num_blocks,
             num_preemptions_total=self.scheduler.num_preemptions_total, healthy=True,
+            num_recomputed_tokens_total=self.num_recomputed_tokens_total,
         )
 
     # -- the step ------------------------------------------------------------------
@@ -181,6 +183,8 @@ class LLMEngine:
         for s in batch:
             req = s.request
             tracked = self.tracked[req.request_id]
+            self.num_recomputed_tokens_total += max(0, min(req.num_computed + s.num_new_tokens, req.recompute_until)
+                                                    - req.num_computed)
             work.append(runner.SeqWork(
                 token_ids=req.tokens(req.num_computed, req.num_computed + s.num_new_tokens),
                 start_pos=req.num_computed, block_table=req.block_ids, sample=s.samples,
@@ -248,8 +252,10 @@ class LLMEngine:
         return out
 
     def adopt_requests(self, states: list[wire.SequenceState], keep_kv: bool) -> None:
-        """Continue requests exported by another engine. keep_kv: their blocks are in this
-        engine's pool already; otherwise they are recomputed from prompt + outputs."""
+        """Continue requests exported by another engine. keep_kv: their blocks (`block_ids`, of
+        this engine's pool) hold their KV already: kept in place, or copied there from a departing
+        device; otherwise they are recomputed from prompt + outputs (`num_recomputed_tokens_total`
+        counts what the previous engine had computed)."""
         for st in sorted(states, key=lambda x: x.arrival_s):
             if st.request_id in self.tracked:
                 continue  # adopted already (a handover delivered twice)
@@ -258,13 +264,14 @@ class LLMEngine:
                                           top_k=o.top_k, seed=o.seed, stop=tuple(o.stop), ignore_eos=o.ignore_eos)
             req = scheduler.Request(st.request_id, list(st.prompt_token_ids), params,
                                     arrival_s=st.arrival_s, output_token_ids=list(st.output_token_ids))
-            if keep_kv and st.block_ids:
+            if keep_kv and st.block_ids and self._can_take(st):
                 self.scheduler.allocator.take(list(st.block_ids))
                 req.block_ids = list(st.block_ids)
                 req.num_computed = st.num_computed
                 req.status = scheduler.Status.RUNNING
                 self.scheduler.running.append(req)
-            else:
+            else:  # recomputed: what the previous engine had in its KV cache is computed again
+                req.recompute_until = st.num_computed
                 self.scheduler.waiting.append(req)
             self.scheduler.requests[req.request_id] = req
             generator = self.generator
@@ -275,6 +282,15 @@ class LLMEngine:
             detok = output.Detokenizer(self.tokenizer, params.stop)
             detok.resume(req.output_token_ids, st.emitted_chars)
             self.tracked[req.request_id] = _Tracked(req, detok, generator, st.emitted_tokens)
+
+    def _can_take(self, st: wire.SequenceState) -> bool:
+        """Its blocks are free here. NOTE: never otherwise (the plan keeps them disjoint); when they are
+        not, it is recomputed rather than sharing a block with another sequence, or failing."""
+        if self.scheduler.allocator.are_free(st.block_ids):
+            return True
+        logger.error("request %s: adopted with KV blocks %s of which some are in use here; recomputing it",
+                     st.request_id, st.block_ids[:8])
+        return False
 
     def fail_all(self, error: str) -> list[types.RequestOutput]:
         """The engine cannot go on: end every request in flight with an error."""

@@ -46,6 +46,9 @@ class BlockAllocator:
             raise ValueError(f"blocks {sorted(missing)[:8]} are not free")
         self._free = [b for b in self._free if b not in wanted]
 
+    def are_free(self, blocks: list[int]) -> bool:
+        return len(set(blocks)) == len(blocks) and set(blocks) <= set(self._free)
+
     def free(self, blocks: list[int]) -> None:
         self._free.extend(reversed(blocks))
         assert len(self._free) <= self.num_blocks, "a block was freed twice"

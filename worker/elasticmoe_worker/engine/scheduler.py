@@ -36,6 +36,9 @@ class Request:
     block_ids: list[int] = dataclasses.field(default_factory=list)
     status: Status = Status.WAITING
     num_preemptions: int = 0
+    # tokens below this position were in a KV cache once (before a preemption, or on the engine that
+    # handed the request over): computing them again is recomputation, counted by the engine
+    recompute_until: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -145,6 +148,7 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         self.allocator.free(request.block_ids)
         request.block_ids = []
+        request.recompute_until = max(request.recompute_until, request.num_computed)
         request.num_computed = 0
         request.num_preemptions += 1
         request.status = Status.WAITING

@@ -98,6 +98,8 @@ class EngineStats:
     num_preemptions_total: int
     healthy: bool
     error: str | None = None
+    # tokens computed again that were in a KV cache before (preempted, or adopted without their KV)
+    num_recomputed_tokens_total: int = 0
 
 
 class EngineOverloaded(RuntimeError):

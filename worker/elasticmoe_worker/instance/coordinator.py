@@ -288,6 +288,10 @@ class Instance(startup.StartUp):
 
     def _execute(self, action: reconfig.Action) -> None:
         if isinstance(action, reconfig.Send):
+            if isinstance(action.msg, wire.MoveKV) and action.msg.rank == 0:  # (one line per copy, not per device)
+                logger.info("switch to configuration %d: copying the KV of departing devices' sequences peer to "
+                            "peer: %s", action.msg.config_id, ", ".join(
+                                f"{len(c.src_blocks)} block(s) {c.src} -> {c.dst}" for c in action.msg.copies))
             self.transport.send(action.dest, action.msg)
         elif isinstance(action, reconfig.AddWorkers):
             self.members.add(action.devices)
@@ -350,6 +354,13 @@ class Instance(startup.StartUp):
         else:
             logger.error("scale %d -> %d %s: %s; configuration %d serves", record.from_devices, record.to_devices,
                          record.outcome.value.lower(), record.message, self.config_id)
+        if not record.scale_id.startswith(("recovery-", "restart-")) and (
+                record.sequences_kv_moved or record.kv_fallback or record.tokens_recomputed):
+            (logger.warning if record.kv_fallback else logger.info)(
+                "scale %d -> %d: %d departing sequence(s) kept their KV (%.2f MB copied peer to peer), %d token(s) "
+                "recomputed%s", record.from_devices, record.to_devices, record.sequences_kv_moved,
+                record.kv_bytes_moved / 1e6, record.tokens_recomputed,
+                f"; the copy failed, so they were recomputed: {record.kv_fallback}" if record.kv_fallback else "")
         self._scale_done.notify_all()
         threading.Thread(target=self.prewarm, name="prewarm", daemon=True).start()
 
@@ -388,6 +399,8 @@ class Instance(startup.StartUp):
             self._step(reconfig.HMMFailed(msg.device_index, msg.config_id, msg.error, now))
         elif isinstance(msg, wire.Handover):
             self._step(reconfig.HandedOver(msg.rank, msg.config_id, tuple(msg.requests), now))
+        elif isinstance(msg, wire.KVMoved):
+            self._step(reconfig.KVMoved(msg, now))
         elif isinstance(msg, wire.Adopted):
             logger.debug("rank %d of configuration %d adopted %d request(s)", msg.rank, msg.config_id,
                          msg.num_requests)

@@ -184,6 +184,7 @@ class Executor:
         self.send(wire.RankStats(rank=self.rank, config_id=self.spec.start.config_id, num_running=s.num_running, num_waiting=s.num_waiting,
                                      kv_blocks_used=s.kv_blocks_used, kv_blocks_total=s.kv_blocks_total,
                                      num_preemptions_total=s.num_preemptions_total,
+                                     num_recomputed_tokens_total=s.num_recomputed_tokens_total,
                                      expert_tokens=tokens if any(tokens) else []))
 
     def _agree(self) -> tuple[bool, bool, bool]:

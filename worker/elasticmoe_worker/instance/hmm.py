@@ -38,7 +38,7 @@ import zmq.utils.monitor
 from elasticmoe_worker import backends, cliargs
 from elasticmoe_worker.engine import engine as engine_mod
 from elasticmoe_worker.contract import wire
-from elasticmoe_worker.instance import memory, procutil, transition, transport
+from elasticmoe_worker.instance import kv_transfer, memory, procutil, transition, transport
 
 logger = logging.getLogger("elasticmoe.hmm")
 
@@ -237,6 +237,25 @@ class HMM:
         self.transition = threading.Thread(target=work, name=f"transition-{msg.config_id}", daemon=True)
         self.transition.start()
 
+    def move_kv(self, msg: wire.MoveKV) -> None:
+        """Copy KV blocks to or from peers in a thread (see kv_transfer); answer KVMoved either way."""
+        assert self.memory is not None, "MoveKV before the device has memory"
+
+        def work() -> None:
+            try:
+                result = kv_transfer.run(self.backend, self.device_index, self.memory, self.config_json, msg,
+                                         self.coordinator, self.secret, transition.Cancel(), self.host)
+                reply = wire.KVMoved(device_index=self.device_index, config_id=msg.config_id, ok=True,
+                                     bytes_sent=result.bytes_sent, bytes_received=result.bytes_received,
+                                     seconds=result.seconds)
+            except Exception as exc:
+                logger.exception("device %d: KV copy for configuration %d failed", self.device_index, msg.config_id)
+                reply = wire.KVMoved(device_index=self.device_index, config_id=msg.config_id, ok=False,
+                                     error=f"{type(exc).__name__}: {exc}")
+            self.send(reply)
+
+        threading.Thread(target=work, name=f"kv-{msg.config_id}", daemon=True).start()
+
     def commit(self, msg: wire.CommitTransition) -> None:
         self.cancels.pop(msg.config_id, None)
         if self.pending_expert_ids is not None:
@@ -326,6 +345,8 @@ class HMM:
                         self.prepare_transition(msg)
                     elif isinstance(msg, wire.CommitTransition):
                         self.commit(msg)
+                    elif isinstance(msg, wire.MoveKV):
+                        self.move_kv(msg)
                     elif isinstance(msg, wire.AbortTransition):
                         self.abort(msg)
                     elif isinstance(msg, wire.Shutdown):

@@ -11,8 +11,10 @@ A scale A -> B goes through stages:
   workers  — cold workers for the added devices start and register (warm ones are taken as they are);
   transfer — the planner's transfers run between HMMs while A serves;
   standby_start — B's executors start beside A's, on the new memory;
-  switch   — admission pauses, A's executors hand over their sequences, B adopts them, admission
-             resumes on B (the commit); A's executors exit, departing workers are released.
+  switch   — admission pauses, A's executors hand over their sequences, the KV blocks of departing
+             devices' sequences are copied to the devices that adopt them (`reconfig_kv`; when that
+             fails they are recomputed instead), B adopts them, admission resumes on B (the commit);
+             A's executors exit, departing workers are released.
 A lost device (its worker died, its memory failed, or it fell silent) starts a recovery
 instead: the requests in flight are suspended (the router keeps what their clients have), the
 survivors' broken executors are stopped, the survivors move to the placement planned by
@@ -37,13 +39,12 @@ Not here: which request goes to which rank in steady state (`routing`), liveness
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
 
 import msgspec
 
 from elasticmoe_worker import planner
 from elasticmoe_worker.contract import admin, wire
-from elasticmoe_worker.instance import reconfig_loss
+from elasticmoe_worker.instance import reconfig_kv, reconfig_loss
 from elasticmoe_worker.instance.reconfig_state import (  # noqa: F401 - re-exported: reconfig.X
     WORKERS, TRANSFER, STANDBY, SWITCH, STAGES, Facts, Scale, State, initial, refuse_scale, owner_list, copies_for,
     expert_load, expert_copies_status, add_heat,
@@ -51,7 +52,7 @@ from elasticmoe_worker.instance.reconfig_state import (  # noqa: F401 - re-expor
 )
 from elasticmoe_worker.instance.reconfig_events import (  # noqa: F401 - re-exported: reconfig.X
     ScaleRequested, WorkerRegistered, WorkerDied, TransferReady, HMMFailed, ExecutorReady, ExecutorFailed,
-    HandedOver, RequestArrived, ExpertLoadReported, Tick, AbortRequested, Send, AddWorkers, RemoveWorkers,
+    HandedOver, KVMoved, RequestArrived, ExpertLoadReported, Tick, AbortRequested, Send, AddWorkers, RemoveWorkers,
     PauseAdmission, Commit, Release, Rebind, FailRequests, SetHealth, Recovering, Suspend, Resume, Finished, Event, Action,
 )
 
@@ -220,7 +221,7 @@ def _on_handed_over(state: State, ev: HandedOver) -> tuple[State, list[Action]]:
         state = dataclasses.replace(state, scale=sc)
         if sc.waiting:
             return state, []
-        return _commit(state, ev.now, failed_ranks=())
+        return _move_kv(state, ev.now)
     if state.retired is not None and ev.config_id == state.retired[0]:
         # a handover delivered twice lists requests adopted already: adopting one again would run it on two ranks
         ev = dataclasses.replace(ev, requests=tuple(st for st in ev.requests if st.request_id not in state.adopted))
@@ -233,32 +234,9 @@ def _device_of(devices: tuple[int, ...], rank: int) -> int:
     return devices[rank] if 0 <= rank < len(devices) else -1 - rank
 
 
-def _distribute(handed: Mapping[int, tuple[wire.SequenceState, ...]], new_devices: tuple[int, ...],
-                counts: dict[int, int]) -> tuple[dict[int, list[wire.SequenceState]], dict[int, list[wire.SequenceState]]]:
-    """`handed`: device -> its sequences. -> (kept: adopted on the same device, KV in place;
-    moved: sequences of departing devices, recomputed on the least loaded new device), by
-    device. NOTE: one request, one adopter, even when two handovers list it."""
-    kept: dict[int, list[wire.SequenceState]] = {d: [] for d in new_devices}
-    moved: dict[int, list[wire.SequenceState]] = {d: [] for d in new_devices}
-    seen: set[str] = set()
-    staying = [r for r in sorted(handed) if r in kept]
-    departing = [r for r in sorted(handed) if r not in kept]
-    for dev in staying + departing:
-        for st in handed[dev]:
-            if st.request_id in seen:
-                continue
-            seen.add(st.request_id)
-            if dev in kept:
-                kept[dev].append(st)
-                d = dev
-            else:
-                d = min(new_devices, key=lambda x: (counts.get(x, 0), x))
-                moved[d].append(st)
-            counts[d] = counts.get(d, 0) + 1
-    return kept, moved
-
-
 def _adopt_actions(config_id: int, kept, moved, new_devices: tuple[int, ...]) -> tuple[list[Action], dict[str, int]]:
+    """`kept`: device -> sequences whose KV is in its pool (in place, or copied there); `moved`:
+    device -> sequences it recomputes."""
     actions: list[Action] = []
     ranks: dict[str, int] = {}
     for r, d in enumerate(new_devices):
@@ -268,6 +246,50 @@ def _adopt_actions(config_id: int, kept, moved, new_devices: tuple[int, ...]) ->
             actions.append(Send(exec_dest(config_id, r), wire.Adopt(config_id=config_id, requests=moved[d], keep_kv=False)))
         ranks.update({st.request_id: r for st in kept[d] + moved[d]})
     return actions, ranks
+
+
+def _move_kv(state: State, now: float) -> tuple[State, list[Action]]:
+    """Every old rank handed over: their KV is final. Copy the blocks of the departing devices'
+    sequences into free blocks of their adopters' pools, then commit (`_on_kv_moved`); with
+    nothing to copy, commit now."""
+    sc, f = state.scale, state.facts
+    _, moved = reconfig_kv.distribute(sc.handed, sc.new_devices, {})
+    kv = reconfig_kv.plan(sc.handed, moved, f.num_kv_blocks, unavailable=sc.kv_gone)
+    if not kv.copies:
+        return _commit(state, now, failed_ranks=())
+    # NOTE: later than the HMMs' own timeout, after which an adopter never writes into its pool: once
+    # the commit gives its blocks to the new executor, no late copy may land in them.
+    sc = dataclasses.replace(sc, kv=kv, kv_waiting=frozenset(kv.devices),
+                             kv_deadline=now + 1.5 * f.kv_move_timeout_s + 2)
+    messages = kv.messages(sc.new_config, f.engine.dtype, f.engine.block_size, f.kv_move_timeout_s)
+    return dataclasses.replace(state, scale=sc), [Send(hmm_dest(d), m) for d, m in messages.items()]
+
+
+def _kv_answered(state: State, now: float, device: int, error: str, bytes_received: int) -> tuple[State, list[Action]]:
+    """`device` is done with its part of the KV copy (failed when `error`): commit after the last."""
+    sc = state.scale
+    sc = dataclasses.replace(sc, kv_waiting=sc.kv_waiting - {device}, kv_failed=sc.kv_failed or error,
+                             kv_bytes=sc.kv_bytes + bytes_received)
+    state = dataclasses.replace(state, scale=sc)
+    if sc.kv_waiting:
+        return state, []
+    return _commit(state, now, failed_ranks=())
+
+
+def _kv_gone(state: State, device: int) -> State:
+    """A departing device died or lost its memory after the pause: no KV is copied from it."""
+    sc = state.scale
+    if sc is None or not sc.switched:
+        return state
+    return dataclasses.replace(state, scale=dataclasses.replace(sc, kv_gone=sc.kv_gone | {device}))
+
+
+def _on_kv_moved(state: State, ev: KVMoved) -> tuple[State, list[Action]]:
+    sc, msg = state.scale, ev.msg
+    if sc is None or msg.config_id != sc.new_config or msg.device_index not in sc.kv_waiting:
+        return state, []  # stale (a switch that gave up waiting) or duplicate
+    error = "" if msg.ok else f"device {msg.device_index}: {msg.error or 'failed'}"
+    return _kv_answered(state, ev.now, msg.device_index, error, msg.bytes_received)
 
 
 def _adopt_late(state: State, ev: HandedOver, old_devices: tuple[int, ...]) -> tuple[State, list[Action]]:
@@ -281,14 +303,15 @@ def _adopt_late(state: State, ev: HandedOver, old_devices: tuple[int, ...]) -> t
         sc = state.scale
         extra = {**sc.handed, d: tuple(sc.handed.get(d, ())) + tuple(ev.requests)}
         return dataclasses.replace(state, scale=dataclasses.replace(sc, handed=extra)), []
-    kept, moved = _distribute({d: tuple(ev.requests)}, state.devices, {})
+    kept, moved = reconfig_kv.distribute({d: tuple(ev.requests)}, state.devices, {})
     actions, ranks = _adopt_actions(state.config_id, kept, moved, state.devices)
     return dataclasses.replace(state, adopted=state.adopted | set(ranks)), actions + [Rebind(ranks)]
 
 
 def _commit(state: State, now: float, failed_ranks: tuple[int, ...], message: str = "") -> tuple[State, list[Action]]:
     sc = state.scale
-    kept, moved = _distribute(sc.handed, sc.new_devices, {})
+    kv = sc.kv
+    kept, moved = reconfig_kv.adoptions(sc.handed, sc.new_devices, kv, copied=not sc.kv_failed)
     actions, ranks = _adopt_actions(sc.new_config, kept, moved, sc.new_devices)
     if failed_ranks:
         actions.append(FailRequests(sc.old_config, failed_ranks, message))
@@ -304,8 +327,11 @@ def _commit(state: State, now: float, failed_ranks: tuple[int, ...], message: st
     sc = _end_stage(sc, now)
     messages = sc.failures + ((message,) if message else ())
     outcome = admin.Outcome.FAILED if messages else admin.Outcome.SUCCEEDED
-    record = msgspec.structs.replace(sc.record, outcome=outcome, message="; ".join(messages),
-                                     duration_ms=_ms(now - sc.started), requests_handed_over=len(ranks))
+    record = msgspec.structs.replace(
+        sc.record, outcome=outcome, message="; ".join(messages), duration_ms=_ms(now - sc.started),
+        requests_handed_over=len(ranks), tokens_recomputed=sum(st.num_computed for sts in moved.values() for st in sts),
+        sequences_kv_moved=0 if kv is None or sc.kv_failed else kv.num_sequences, kv_bytes_moved=sc.kv_bytes,
+        kv_fallback=sc.kv_failed)
     hmm_ready = {d: sc.ready[d].ready for d in sc.new_devices if d in sc.ready}
     actions.append(Finished(record))
     state = dataclasses.replace(
@@ -491,7 +517,7 @@ def _on_hmm_failed(state: State, ev: HMMFailed) -> tuple[State, list[Action]]:
     if ev.device not in state.devices and (sc is None or ev.device not in sc.new_devices):
         return state, []  # a warm worker's problem; it holds nothing
     if sc is not None and sc.switched and ev.device not in sc.new_devices:
-        return state, []  # a departing device after the pause: nothing from now on needs its memory
+        return _kv_gone(state, ev.device), []  # a departing device after the pause: only a KV copy needed its memory
     error = f"HMM of device {ev.device} failed: {ev.error}"
     if sc is not None and sc.switched:
         return _degrade(state, error, hmm_lost=True, recover_at=None)
@@ -500,6 +526,10 @@ def _on_hmm_failed(state: State, ev: HMMFailed) -> tuple[State, list[Action]]:
 
 def _on_worker_died(state: State, ev: WorkerDied) -> tuple[State, list[Action]]:
     sc = state.scale
+    if sc is not None and ev.device in sc.kv_waiting:  # it will not answer: the copied sequences are recomputed
+        state, actions = _kv_answered(state, ev.now, ev.device, f"device {ev.device} died: {ev.detail}", 0)
+        state, more = _on_worker_died(state, ev)
+        return state, actions + more
     if sc is not None and not sc.switched and ev.device in sc.added:
         return _abort(state, ev.now, f"new worker(s) died: device {ev.device} ({ev.detail})")
     if ev.device in state.warm:
@@ -516,7 +546,7 @@ def _on_worker_died(state: State, ev: WorkerDied) -> tuple[State, list[Action]]:
         state, actions = _lose_rank(state, ev.now, rank, f"device {ev.device} died during the switch",
                                     f"device {ev.device} died: {ev.detail}")
     if ev.device not in sc.new_devices:
-        return state, actions  # a departing device: the configuration that serves from the commit on does not use it
+        return _kv_gone(state, ev.device), actions  # a departing device: the new configuration does not use it
     state, more = _degrade(state, error, hmm_lost=True, recover_at=None)
     return state, actions + more
 
@@ -543,6 +573,14 @@ def _on_expert_load(state: State, ev: ExpertLoadReported) -> tuple[State, list[A
 
 def _on_tick(state: State, ev: Tick) -> tuple[State, list[Action]]:
     sc = state.scale
+    if sc is not None and sc.kv_waiting:  # every rank handed over; only the KV copy's deadline counts
+        if ev.now < sc.kv_deadline:
+            return state, []
+        waiting = sorted(sc.kv_waiting)
+        sc = dataclasses.replace(sc, kv_waiting=frozenset(), kv_failed=sc.kv_failed or (
+            f"device(s) {waiting} did not finish the KV copy in time (timeout "
+            f"{state.facts.kv_move_timeout_s:g} s)"))
+        return _commit(dataclasses.replace(state, scale=sc), ev.now, failed_ranks=())
     if sc is not None and ev.now >= sc.deadline:
         waiting = sorted(sc.waiting)
         if not sc.switched:
@@ -582,6 +620,7 @@ def _on_abort_requested(state: State, ev: AbortRequested) -> tuple[State, list[A
 _HANDLERS = {
     ScaleRequested: _on_scale_requested, WorkerRegistered: _on_registered, WorkerDied: _on_worker_died,
     TransferReady: _on_transfer_ready, HMMFailed: _on_hmm_failed, ExecutorReady: _on_executor_ready,
-    ExecutorFailed: _on_executor_failed, HandedOver: _on_handed_over, RequestArrived: _on_request_arrived,
+    ExecutorFailed: _on_executor_failed, HandedOver: _on_handed_over, KVMoved: _on_kv_moved,
+    RequestArrived: _on_request_arrived,
     ExpertLoadReported: _on_expert_load, Tick: _on_tick, AbortRequested: _on_abort_requested,
 }

@@ -76,6 +76,12 @@ class HandedOver:
 
 
 @dataclasses.dataclass(frozen=True)
+class KVMoved:
+    msg: wire.KVMoved
+    now: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
 class RequestArrived:
     """A request reached the coordinator while admission is paused (the shell holds it)."""
 
@@ -103,7 +109,7 @@ class AbortRequested:
 
 
 Event = Union[ScaleRequested, WorkerRegistered, WorkerDied, TransferReady, HMMFailed, ExecutorReady,
-              ExecutorFailed, HandedOver, RequestArrived, ExpertLoadReported, Tick, AbortRequested]
+              ExecutorFailed, HandedOver, KVMoved, RequestArrived, ExpertLoadReported, Tick, AbortRequested]
 
 
 # -- actions --------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Mapping
 
 from elasticmoe_worker import hotcopies, planner
 from elasticmoe_worker.contract import admin, wire
-from elasticmoe_worker.instance import reconfig_loss
+from elasticmoe_worker.instance import reconfig_kv, reconfig_loss
 
 WORKERS, TRANSFER, STANDBY, SWITCH = "workers", "transfer", "standby_start", "switch"
 STAGES = (WORKERS, TRANSFER, STANDBY, SWITCH)
@@ -51,6 +51,9 @@ class Facts:
     # which experts are hot forgets old traffic: a routed token counts half after this long (the
     # second copies follow a workload that changes, not the first hours of the coordinator's life)
     hotness_half_life_s: float = 600.0
+    # the HMMs give up a KV copy of departing devices' sequences after this long; the switch waits a little
+    # longer for their answers (1.5x + 2 s), then has the sequences recomputed instead
+    kv_move_timeout_s: float = 10.0
 
     @property
     def expert_bytes(self) -> int:
@@ -85,6 +88,14 @@ class Scale:
     # ranks of the new configuration whose standby executor, started with the transfer (pre-initialised
     # while bytes move), said ready before the transfer ended
     early_ready: frozenset[int] = frozenset()
+    # the departing devices' sequences whose KV blocks are being copied to their adopters (set once every old
+    # rank handed over; the commit waits for the HMMs in kv_waiting, or kv_deadline)
+    kv: reconfig_kv.Plan | None = None
+    kv_waiting: frozenset[int] = frozenset()
+    kv_deadline: float = 0.0
+    kv_failed: str = ""  # why the copy failed: its sequences are recomputed
+    kv_bytes: int = 0  # received by the adopters
+    kv_gone: frozenset[int] = frozenset()  # departing devices that died or lost their memory after the pause
 
     @property
     def switched(self) -> bool:

@@ -189,7 +189,8 @@ class Router:
         return types.EngineStats(
             num_running=sum(r.num_running for r in ranks), num_waiting=sum(r.num_waiting for r in ranks),
             kv_blocks_used=sum(r.kv_blocks_used for r in ranks), kv_blocks_total=sum(r.kv_blocks_total for r in ranks),
-            num_preemptions_total=sum(r.num_preemptions_total for r in ranks), healthy=healthy, error=error)
+            num_preemptions_total=sum(r.num_preemptions_total for r in ranks), healthy=healthy, error=error,
+            num_recomputed_tokens_total=sum(r.num_recomputed_tokens_total for r in ranks))
 
     def inflight_per_rank(self) -> list[int]:
         counts = [0] * self.num_devices

@@ -72,7 +72,7 @@ class Cancel:
             raise Cancelled(f"transition cancelled: {self.reason}")
 
 
-def _wait(works: list, cancel: Cancel, deadline: float) -> None:
+def wait_for(works: list, cancel: Cancel, deadline: float) -> None:
     """Wait for every work, giving up on a cancel or past `deadline`.
 
     NOTE: gloo's send/recv cannot be polled: `wait(timeout)` that times out completes the work
@@ -168,10 +168,10 @@ def _move(backend: backends_base.DeviceBackend, mem: memory.DeviceMemory, msg: w
             else:
                 works.append(pg.recv([buf], rank_of[t.src], tag))
                 received += buf.numel()
-    _wait(works, cancel, deadline)
+    wait_for(works, cancel, deadline)
     data_seconds = time.perf_counter() - data_started
     # NOTE: nobody leaves before everyone is done: a rank that tears its group down early
     # resets connections that slower peers are still setting up.
-    _wait([pg.barrier()], cancel, deadline)
+    wait_for([pg.barrier()], cancel, deadline)
     seconds = time.perf_counter() - started
     return Result(mem, seconds, sent, received, setup_seconds, data_seconds)

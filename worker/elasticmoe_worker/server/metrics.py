@@ -108,6 +108,10 @@ class _EngineStatsCollector(Collector):
         preemptions = CounterMetricFamily(
             "elasticmoe_preemptions", "Requests preempted (KV blocks freed, recomputed later) since engine start."
         )
+        recomputed = CounterMetricFamily(
+            "elasticmoe_recomputed_tokens", "Tokens computed again that were in a KV cache before (requests preempted, "
+            "or adopted at a switch without their KV) since the serving executors started."
+        )
         if stats is not None:
             running.add_metric([], stats.num_running)
             waiting.add_metric([], stats.num_waiting)
@@ -115,9 +119,10 @@ class _EngineStatsCollector(Collector):
             total.add_metric([], stats.kv_blocks_total)
             healthy.add_metric([], 1.0 if stats.healthy else 0.0)
             preemptions.add_metric([], stats.num_preemptions_total)
+            recomputed.add_metric([], stats.num_recomputed_tokens_total)
         else:
             healthy.add_metric([], 0.0)
-        return [running, waiting, used, total, healthy, preemptions]
+        return [running, waiting, used, total, healthy, preemptions, recomputed]
 
 
 AUTOSCALER_ACTIONS: tuple[str, ...] = ("up", "down", "hold")  # as `elasticmoe_operator.policy` names them

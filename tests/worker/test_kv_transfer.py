@@ -1,0 +1,75 @@
+"""The HMM's KV block mover (`instance.kv_transfer`) with real gloo send/recv between two pools
+in shared memory: the blocks land where the plan says, in every layer's keys and values (MLA:
+of different widths), in one round or many, and a copy that does not complete writes nothing
+into the pool."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+import testprocs
+from elasticmoe_worker import backends
+from elasticmoe_worker.contract import wire
+from elasticmoe_worker.instance import kv_transfer, memory, transition
+from elasticmoe_worker.models import config as config_mod
+
+NUM_BLOCKS, BLOCK_SIZE = 8, 4
+
+
+def _pools(model_dir):
+    config_json = (model_dir / "config.json").read_text()
+    spec = config_mod.spec_from_json(config_json)
+    _, nbytes = memory.kv_layout(spec, NUM_BLOCKS, BLOCK_SIZE, torch.float32)
+    cpu = backends.get_backend("cpu")
+    regions = [cpu.allocate(nbytes, f"kv{d}") for d in (0, 1)]
+    views = [kv_transfer.block_views(r, config_json, NUM_BLOCKS, BLOCK_SIZE, "float32") for r in regions]
+    g = torch.Generator().manual_seed(3)
+    for v in views[1]:
+        v.copy_(torch.randint(0, 256, v.shape, generator=g, dtype=torch.uint8))
+    return regions, views
+
+
+@pytest.mark.parametrize("chunk_bytes", [kv_transfer.CHUNK_BYTES, 1], ids=["one-round", "a-round-per-block"])
+def test_blocks_land_at_their_new_ids_in_every_layer(tiny_models, chunk_bytes):
+    regions, (dst, src) = _pools(tiny_models["deepseek_v2"])
+    assert len({v.shape[1] for v in dst}) == 2, "keys and values of different widths"
+    # two copies between one pair: their messages must not mix
+    copies = [wire.KVCopy(src=1, dst=0, src_blocks=[2, 5, 6], dst_blocks=[0, 3, 7]),
+              wire.KVCopy(src=1, dst=0, src_blocks=[1], dst_blocks=[4])]
+    pgs, out = testprocs.gloo_pair(), {}
+
+    def side(d):
+        out[d] = kv_transfer.copy(pgs[d], {0: 0, 1: 1}, (dst, src)[d], copies, d, transition.Cancel(),
+                                  time.monotonic() + 30, chunk_bytes)
+    threads = [threading.Thread(target=side, args=(d,)) for d in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    block_bytes = sum(v.shape[1] for v in dst)
+    assert out == {0: (0, 4 * block_bytes), 1: (4 * block_bytes, 0)}
+    for d, s in zip(dst, src):
+        assert torch.equal(d[[0, 3, 7, 4]], s[[2, 5, 6, 1]])
+        assert not d[[1, 2, 5, 6]].any(), "no other block written"
+    for r in regions:
+        r.close()
+
+
+def test_a_copy_that_never_completes_writes_nothing(tiny_models):
+    regions, (dst, _) = _pools(tiny_models["deepseek_v2"])
+    copies = [wire.KVCopy(src=1, dst=0, src_blocks=[2], dst_blocks=[0])]
+    pg0, pg1 = testprocs.gloo_pair()
+    cancel = transition.Cancel()
+    threading.Timer(0.3, cancel.set, args=("the peer died",)).start()
+    with pytest.raises(transition.Cancelled, match="the peer died"):
+        kv_transfer.copy(pg0, {0: 0, 1: 1}, dst, copies, 0, cancel, time.monotonic() + 30)
+    assert not any(v.any() for v in dst)
+    pg1.send([torch.ones(sum(v.shape[1] for v in dst), dtype=torch.uint8)], 0, 0).wait()  # its receive ends late
+    time.sleep(0.1)
+    assert not any(v.any() for v in dst), "a late arrival lands in the staging buffer, never in the pool"
+    for r in regions:
+        r.close()
