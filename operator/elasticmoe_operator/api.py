@@ -268,7 +268,15 @@ class ScaleRecord(_Model):
                                            "bytes, milliseconds.")
     requests_handed_over: int = 0
     tokens_recomputed: int = pydantic.Field(0, description="Of a recovery from a lost device: prompt and "
-                                            "output tokens recomputed for the requests it suspended.")
+                                            "output tokens recomputed for the requests it suspended; of a "
+                                            "scale: the tokens the departing devices' sequences had in their KV "
+                                            "caches, computed again on their adopters.")
+    sequences_kv_moved: int = pydantic.Field(0, description="Of a scale-down: sequences of departing devices "
+                                             "whose KV blocks moved peer to peer to their adopters (not "
+                                             "recomputed).")
+    kv_bytes_moved: int = pydantic.Field(0, description="The bytes those KV blocks took.")
+    kv_fallback: str = pydantic.Field("", description="Why the departing devices' KV was not moved and their "
+                                      "sequences were recomputed instead; empty when it was moved.")
 
 
 class ScalingStatus(_Model):

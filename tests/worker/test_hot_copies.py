@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 import torch
 
 import testprocs
@@ -62,7 +63,11 @@ def test_a_scale_gives_the_second_copies_to_the_most_routed_experts(tiny_models)
         computed = sum(len(p) + MAX_NEW - 1 for p in prompts)
         routed = _settled_tokens(inst, computed * spec.num_experts_per_tok * spec.num_moe_layers)
         assert sum(routed) == computed * spec.num_experts_per_tok * spec.num_moe_layers, routed
-        hottest = hotcopies.hot_copies(spec.num_experts, 2, 4, routed)
+        # the choice goes by the decayed counts: seconds old, they are the counts to within 1 %
+        # (they break the counts' ties by recency)
+        heat = inst.state.expert_heat
+        assert heat == pytest.approx(routed, rel=0.01)
+        hottest = hotcopies.hot_copies(spec.num_experts, 2, 4, heat)
         assert hottest != hotcopies.hot_copies(spec.num_experts, 2, 4), "the load must pick other than the lowest ids"
 
         record = inst.scale(3, "test")
