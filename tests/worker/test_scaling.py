@@ -26,11 +26,11 @@ CFG = engine_mod.EngineConfig(dtype="float32", kv_cache_bytes=8 << 20, max_num_b
 PARAMS = types.SamplingParams(max_tokens=120, temperature=0.0, ignore_eos=True)
 
 
-def _reference(model_dir, prompts) -> list[list[int]]:
+def _reference(model_dir, prompts, params: types.SamplingParams = PARAMS) -> list[list[int]]:
     eng = engine_mod.LLMEngine.from_model_dir(model_dir, CFG)
     out = []
     for i, p in enumerate(prompts):
-        eng.add_request(str(i), p, PARAMS)
+        eng.add_request(str(i), p, params)
         tokens = []
         while eng.has_work():
             for o in eng.step():
@@ -39,7 +39,7 @@ def _reference(model_dir, prompts) -> list[list[int]]:
     return out
 
 
-def _run_with_scaling(inst, prompts, steps, concurrency=4):
+def _run_with_scaling(inst, prompts, steps, concurrency=4, params: types.SamplingParams = PARAMS):
     """Stream requests without pause (`concurrency` at a time, cycling over `prompts`) from
     before the first scale until after the last; -> ([(prompt index, tokens)], failures,
     scale records)."""
@@ -51,7 +51,7 @@ def _run_with_scaling(inst, prompts, steps, concurrency=4):
     async def one(n, i):
         tokens = []
         try:
-            async for out in inst.generate(f"r{n}", prompts[i], PARAMS):
+            async for out in inst.generate(f"r{n}", prompts[i], params):
                 tokens += out.token_ids
                 if out.finish_reason is types.FinishReason.ERROR:
                     failures.append(f"r{n}: {out.error}")
@@ -110,10 +110,14 @@ def test_scale_down_moves_the_departing_sequences_kv_instead_of_recomputing_it(t
     g = torch.Generator().manual_seed(7)
     prompts = [torch.randint(1, 2000, (int(n),), generator=g).tolist()
                for n in torch.randint(20, 40, (8,), generator=g)]
-    refs = _reference(tiny_models["deepseek_v2"], prompts)  # MLA: keys and values of different widths
+    # NOTE: long outputs and 8 streams: requests must still run on device 1 when the switch pauses,
+    # after the scale's transfer and standby start (with 120 tokens and 4 streams they sometimes
+    # had all finished there: CI failed on "no sequence was running on device 1")
+    params = types.SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+    refs = _reference(tiny_models["deepseek_v2"], prompts, params)  # MLA: keys and values of different widths
     inst = coordinator.Instance(tiny_models["deepseek_v2"], 2, CFG, warm_workers=0).start()
     try:
-        got, failures, records = _run_with_scaling(inst, prompts, [1], concurrency=4)
+        got, failures, records = _run_with_scaling(inst, prompts, [1], concurrency=8, params=params)
         assert failures == []
         (rec,) = records
         assert (rec.from_devices, rec.to_devices, rec.outcome.value, rec.kv_fallback) == (2, 1, "Succeeded", "")
