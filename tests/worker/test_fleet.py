@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import socket
 import time
 
+import testprocs
 from elasticmoe_worker.instance import fleet, transport
-
-
-def _unused_address() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
 def test_a_worker_still_starting_is_stopped_at_once_instead_of_waited_for():
     # Nothing listens at the coordinator address: the worker never connects, so no Shutdown can
     # reach it. Before, wait_stopped waited for it until the deadline (serve took 17 s to stop).
-    f = fleet.LocalFleet(_unused_address(), env={transport.SECRET_ENV: "test-secret"})
+    f = fleet.LocalFleet(f"tcp://127.0.0.1:{testprocs.free_port()}", env={transport.SECRET_ENV: "test-secret"})
     try:
         f.add(0)
         proc = f.workers[0]
