@@ -107,6 +107,25 @@ def test_batching_slows_each_token_and_more_devices_speed_it_up():
     assert np.median(four.tpot_s) == pytest.approx(16 / 400, rel=0.1), "16 per device: 40 ms steps"
 
 
+def test_context_slows_each_decode_step_by_the_profiles_cost_per_context_token():
+    # 1 ms per step per 1000 context tokens on the device
+    prof = pm.Profile(service=(pm.Service(1, PROFILE.service[0].decode, PROFILE.service[0].prefill, 1e-6),))
+    assert prof.decode_step_s(1, 4, 2000) == pytest.approx(4 / 140 + 0.002)
+    assert pm.Profile.from_json(json.loads(json.dumps(prof.to_json()))) == prof
+    short = sim.simulate(trace_of([1.0, 8, 101]), prof, controllers.Static(1), setup())
+    long = sim.simulate(trace_of([1.0, 2000, 101]), prof, controllers.Static(1), setup())
+    # a lone sequence's step: 25 ms + 1 us x (prompt + tokens so far, 50 on average)
+    assert short.tpot_s[0] == pytest.approx(0.025 + 1e-6 * 58, rel=0.05)
+    assert long.tpot_s[0] == pytest.approx(0.025 + 1e-6 * 2050, rel=0.05)
+    # four sequences on the device: each step reads all four contexts
+    rows = [[1.0 + 0.001 * i, 1000, 101] for i in range(4)]
+    four = sim.simulate(trace_of(rows), prof, controllers.Static(1), setup())
+    free = sim.simulate(trace_of(rows), PROFILE, controllers.Static(1), setup())
+    assert np.median(four.tpot_s - free.tpot_s) == pytest.approx(1e-6 * 4 * 1050, rel=0.15)
+    with pytest.raises(ValueError, match="contextStepS"):
+        pm.Service(1, PROFILE.service[0].decode, PROFILE.service[0].prefill, -1.0)
+
+
 def test_a_full_queue_refuses_requests_and_they_miss_the_slo():
     prof = pm.Profile(service=PROFILE.service, max_num_seqs=2, max_waiting=3)
     r = sim.simulate(trace_of([[1.0, 16, 100]] * 10), prof, controllers.Static(1), setup())

@@ -5,6 +5,9 @@ Why it exists: the simulator must not guess the hardware. A profile holds, per d
 n (each device's numbers, measured with the load spread over n devices):
 - decode: tokens/s of one device at each batch size (requests decoding at once on it);
 - prefill: prompt tokens/s of one device at each number of prompt tokens per engine step;
+- context (optional): seconds one decode step of a device takes longer per token of context
+  its decoding sequences hold together (attention reads every cached token: a batch decoding
+  with 500-token contexts steps slower than one with 8-token contexts);
 and the time-to-ready of each measured scale step (from -> to devices, elastic, on a live
 instance) and the cold start of a whole instance of n devices (for "add a replica").
 
@@ -14,7 +17,7 @@ The format (JSON, `"format": "elasticmoe-profile/v1"`)::
      "measured": {"date": "...", "model": "...", "backend": "cpu", "cpuPerDevice": 0.45, ...},
      "engine": {"maxNumSeqs": 64, "maxNumBatchedTokens": 512, "maxWaiting": 256},
      "service": [{"devices": 1, "decode": [[1, 80.0], [4, 250.0], ...],
-                  "prefill": [[64, 900.0], [512, 2400.0]]}, ...],
+                  "prefill": [[64, 900.0], [512, 2400.0]], "contextStepS": 2.5e-07}, ...],
      "scale": [{"from": 1, "to": 2, "seconds": 6.1}, ...],
      "start": [{"devices": 1, "seconds": 14.0}, ...]}
 
@@ -43,10 +46,15 @@ class Service:
     devices: int
     decode: tuple[tuple[float, float], ...]  # (batch per device, tokens/s of the device)
     prefill: tuple[tuple[float, float], ...]  # (prompt tokens per step per device, tokens/s of the device)
+    # seconds a decode step of the device gains per context token of its decoding sequences
+    # (the decode points were measured at short contexts); 0 = not measured
+    context_step_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.devices < 1:
             raise ValueError(f"service.devices: got {self.devices}, expected >= 1")
+        if not self.context_step_s >= 0:
+            raise ValueError(f"service[{self.devices}].contextStepS: got {self.context_step_s!r}, expected >= 0")
         for name in ("decode", "prefill"):
             points = getattr(self, name)
             if not points:
@@ -93,12 +101,17 @@ class Profile:
                 best = s
         return best
 
-    def decode_step_s(self, devices: int, batch: float) -> float:
+    def decode_step_s(self, devices: int, batch: float, context_tokens: float = 0.0) -> float:
         """Seconds per decode step of one device with `batch` requests decoding on it
-        (at least one: an idle step costs what a step of one costs)."""
-        xs, rates = _xy(self._service(devices).decode)
+        (at least one: an idle step costs what a step of one costs) that hold `context_tokens`
+        tokens of context together, beyond the short contexts the decode rates were measured at."""
+        service = self._service(devices)
+        xs, rates = _xy(service.decode)
         b = max(float(batch), 1.0)
-        return b / float(np.interp(b, xs, rates))
+        return b / float(np.interp(b, xs, rates)) + service.context_step_s * max(float(context_tokens), 0.0)
+
+    def context_step_s(self, devices: int) -> float:
+        return self._service(devices).context_step_s
 
     def prefill_s(self, devices: int, tokens_per_step: float) -> float:
         """Seconds one device spends on `tokens_per_step` prompt tokens in one step."""
@@ -139,7 +152,8 @@ class Profile:
             "engine": {"maxNumSeqs": self.max_num_seqs, "maxNumBatchedTokens": self.max_num_batched_tokens,
                        "maxWaiting": self.max_waiting},
             "service": [{"devices": s.devices, "decode": [list(p) for p in s.decode],
-                         "prefill": [list(p) for p in s.prefill]} for s in self.service],
+                         "prefill": [list(p) for p in s.prefill], "contextStepS": s.context_step_s}
+                        for s in self.service],
             "scale": [{"from": s.from_devices, "to": s.to_devices, "seconds": s.seconds} for s in self.scale],
             "start": [{"devices": d, "seconds": s} for d, s in self.start],
         }
@@ -152,8 +166,8 @@ class Profile:
         engine = data.get("engine", {})
         try:
             return cls(
-                service=tuple(Service(int(s["devices"]), _points(s["decode"]), _points(s["prefill"]))
-                              for s in data["service"]),
+                service=tuple(Service(int(s["devices"]), _points(s["decode"]), _points(s["prefill"]),
+                                      float(s.get("contextStepS", 0.0))) for s in data["service"]),
                 scale=tuple(Step(int(s["from"]), int(s["to"]), float(s["seconds"])) for s in data.get("scale", [])),
                 start=tuple((int(s["devices"]), float(s["seconds"])) for s in data.get("start", [])),
                 max_num_seqs=int(engine.get("maxNumSeqs", 64)),

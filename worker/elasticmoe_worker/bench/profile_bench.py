@@ -9,6 +9,9 @@ measures with the load spread evenly over the devices:
   device's tokens/s (batch / median time per output token);
 - prefill: one prompt of 32, 128 and 512 tokens per device at once, one output token -> the
   device's prompt tokens/s (tokens / median time to first token);
+- context: 16 requests per device decoding after 8-token prompts and after 480-token prompts,
+  each step timed only while all of them decode (between the last first token and the first
+  last token) -> the seconds a step gains per token of context (`contextStepS`);
 then the time-to-ready of each elastic scale step on the way up (1 -> 2 -> ...) and back down
 (the server's own scale records), and the cold start of the 1-device server (spawn to
 healthy, for "add a replica"). Writes the profile JSON (`bench.profile`) and prints a table.
@@ -43,6 +46,8 @@ DESCRIPTION = ("Measure a service profile for `elasticmoe simulate` on this mach
                "start of an instance; writes the profile JSON and prints a table.")
 DECODE_BATCHES = (1, 4, 16, 32, 64)
 PREFILL_TOKENS = (32, 128, 512)
+CONTEXT_BATCH = 16  # requests per device
+CONTEXT_PROMPTS = (8, 480)  # prompt tokens: short (as the decode points) and long
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -90,8 +95,68 @@ def _batch(base_url: str, prompts: list[list[int]], max_tokens: int) -> list[tup
     return asyncio.run(main())
 
 
+async def _token_times(client, model: str, prompt: list[int], max_tokens: int) -> list[float]:
+    """One streaming completion -> the arrival time of each chunk that carries text."""
+    import json
+
+    times = []
+    async with client.stream("POST", "/v1/completions", json=serve_bench.completion_body(model, prompt,
+                                                                                         max_tokens)) as resp:
+        if resp.status_code != 200:
+            raise serve_bench.BenchError(f"POST /v1/completions -> {resp.status_code}")
+        async for line in resp.aiter_lines():
+            if not line.startswith("data:") or line[5:].strip() == "[DONE]":
+                continue
+            choices = json.loads(line[5:]).get("choices") or []
+            if choices and choices[0].get("text"):
+                times.append(time.perf_counter())
+    return times
+
+
+def _steady_step(base_url: str, prompts: list[list[int]], max_tokens: int) -> tuple[float, float]:
+    """Decode the prompts together -> (seconds per step while all of them decode, the mean
+    context a sequence held then). The window runs from the last first token to the first
+    last token, so no prefill of the batch falls into it."""
+    import httpx
+
+    async def main():
+        limits = httpx.Limits(max_connections=len(prompts) + 4)
+        async with httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(600.0), limits=limits) as client:
+            model = (await client.get("/v1/models")).json()["data"][0]["id"]
+            return await asyncio.gather(*(_token_times(client, model, p, max_tokens) for p in prompts))
+    runs = asyncio.run(main())
+    lo, hi = max(r[0] for r in runs), min(r[-1] for r in runs)
+    if not hi > lo:
+        raise RuntimeError(f"no window in which all {len(prompts)} requests decoded: raise --decode-tokens")
+    steps, context = [], []
+    for prompt, r in zip(prompts, runs):
+        inside = [i for i, t in enumerate(r) if lo < t <= hi]
+        if inside:
+            steps.append(len(inside))
+            context.append(len(prompt) + (inside[0] + inside[-1]) / 2)
+    return (hi - lo) / statistics.mean(steps), statistics.mean(context)
+
+
+def measure_context(base_url: str, devices: int, vocab: int, decode_tokens: int, repeats: int,
+                    rng: random.Random) -> float:
+    """Seconds a device's decode step gains per token of context its sequences hold."""
+    points = []
+    for length in CONTEXT_PROMPTS:
+        # long prompts are prefilled in chunks while the first of them already decode: give the
+        # window as many steps again as the prefill takes
+        tokens = decode_tokens + CONTEXT_BATCH * length // 256
+        runs = [_steady_step(base_url, [[rng.randrange(3, vocab) for _ in range(length)]
+                                        for _ in range(CONTEXT_BATCH * devices)], tokens) for _ in range(repeats)]
+        points.append((statistics.median(s for s, _ in runs), statistics.median(c for _, c in runs)))
+    (short_s, short_ctx), (long_s, long_ctx) = points
+    per_token = (long_s - short_s) / (CONTEXT_BATCH * (long_ctx - short_ctx))
+    logger.info("%d device(s): decode step %.1f ms at %.0f tokens of context per sequence, %.1f ms at %.0f -> "
+                "%.3g s per context token", devices, short_s * 1e3, short_ctx, long_s * 1e3, long_ctx, per_token)
+    return max(per_token, 0.0)
+
+
 def measure_service(base_url: str, devices: int, vocab: int, batches, prefills, decode_tokens: int, repeats: int,
-                    rng: random.Random) -> profile_mod.Service:
+                    rng: random.Random, with_context: bool = True) -> profile_mod.Service:
     def prompt(n: int) -> list[int]:
         return [rng.randrange(3, vocab) for _ in range(n)]
 
@@ -111,7 +176,8 @@ def measure_service(base_url: str, devices: int, vocab: int, batches, prefills, 
             res = _batch(base_url, [prompt(tokens) for _ in range(devices)], 1)
             ttfts.append(statistics.median(t for t, _, _ in res))
         prefill.append((float(tokens), round(tokens / statistics.median(ttfts), 2)))
-    return profile_mod.Service(devices, tuple(decode), tuple(prefill))
+    context = measure_context(base_url, devices, vocab, decode_tokens, repeats, rng) if with_context else 0.0
+    return profile_mod.Service(devices, tuple(decode), tuple(prefill), float(f"{context:.4g}"))
 
 
 def _scale(base_url: str, headers: dict, devices: int) -> float:
@@ -181,8 +247,9 @@ def run(args: argparse.Namespace) -> int:
                 time.sleep(2)  # let the warm spare come up again, as between scales in service
             with console.status(f"{n} device(s): decode and prefill rates"):
                 services.append(measure_service(base_url, n, vocab, batches, prefills, args.decode_tokens,
-                                                args.repeats, rng))
-            console.print(f"{n} device(s): decode {services[-1].decode}, prefill {services[-1].prefill}")
+                                                args.repeats, rng, with_context=not args.quick))
+            console.print(f"{n} device(s): decode {services[-1].decode}, prefill {services[-1].prefill}, "
+                          f"{services[-1].context_step_s:.3g} s per step per context token")
         for n in range(args.max_devices, 1, -1):
             steps.append(profile_mod.Step(n, n - 1, _scale(base_url, headers, n - 1)))
     finally:
@@ -201,8 +268,10 @@ def run(args: argparse.Namespace) -> int:
         table.add_column(f"decode tok/s @{b}", justify="right")
     for t in prefills:
         table.add_column(f"prefill tok/s @{t}", justify="right")
+    table.add_column("µs per step per 1k context tokens", justify="right")
     for s in services:
-        table.add_row(str(s.devices), *[f"{r:.0f}" for _, r in s.decode], *[f"{r:.0f}" for _, r in s.prefill])
+        table.add_row(str(s.devices), *[f"{r:.0f}" for _, r in s.decode], *[f"{r:.0f}" for _, r in s.prefill],
+                      f"{s.context_step_s * 1e9:.0f}")
     console.print(table)
     console.print("scale steps: " + ", ".join(f"{s.from_devices}->{s.to_devices} {s.seconds:.1f} s" for s in steps)
                   + f"; cold start of 1 device {start_s:.1f} s", highlight=False)

@@ -11,7 +11,9 @@ The model (continuous batching, data-parallel devices that step together):
   than `max_num_seqs` per device run.
 - Prefill is FIFO over prompt tokens. An engine step gives each device's decoding requests one
   token each and prompt tokens up to `max_num_batched_tokens`; its duration is the profile's
-  decode step at that batch plus the profile's time for those prompt tokens. A request's first
+  decode step at that batch, plus the profile's cost per token of context times the context
+  the decoding requests hold (prompt and tokens so far), plus the profile's time for those
+  prompt tokens. A request's first
   token comes when the cumulative prefilled tokens pass the end of its prompt.
 - Every decoding request gains one token per step, so one "decode clock" G (tokens a decoding
   request has received since t=0) describes them all: a request that starts decoding at G0
@@ -126,6 +128,7 @@ class _Rates:
 
     def __init__(self, prof: profile_mod.Profile, devices: int) -> None:
         self.budget = prof.max_num_batched_tokens
+        self.context_s = prof.context_step_s(devices)  # per token of context on a device
         batch = np.arange(0, prof.max_num_seqs + 2, dtype=float)
         self.decode = [prof.decode_step_s(devices, b) for b in batch]  # index 0: an idle step (batch 1)
         chunk = np.arange(0, self.budget + 1, dtype=float)
@@ -194,6 +197,11 @@ def simulate(trace: workload.Trace, prof: profile_mod.Profile, controller, setup
                                                              prof.service[-1].devices})
     ring_size = int(output.max() if n_req else 1) + int(dt / min_step) + 16
     ring = np.zeros(ring_size, dtype=np.int64)
+    # the context the decoding requests hold: sum(prompt) + dec * G - sum(G at their start),
+    # with both sums also kept per finishing bucket, to take out when they finish
+    ring_prompt = np.zeros(ring_size)
+    ring_g0 = np.zeros(ring_size)
+    dec_prompt = dec_g0 = 0.0
     cal_done = 0  # buckets <= this were consumed
     step_p, step_left = 0.0, 0.0  # the prefill step in progress: tokens per device, tokens of all left
 
@@ -274,7 +282,7 @@ def simulate(trace: workload.Trace, prof: profile_mod.Profile, controller, setup
         n_adm = min(n_acc, n_adm + max(0, max_seqs * active - (n_adm - n_fin)))
         pending = cum[n_adm] - C
         b = dec / active
-        s_dec = rates.decode_s(b) if dec else 0.0
+        s_dec = rates.decode_s(b) + rates.context_s * (dec_prompt + dec * G - dec_g0) / active if dec else 0.0
         idle_s = s_dec if dec else rates.decode[0]
         left_s, processed, dsteps = dt, 0.0, 0.0
         if pending > 1e-9 and budget - b >= 1:
@@ -323,6 +331,12 @@ def simulate(trace: workload.Trace, prof: profile_mod.Profile, controller, setup
                 buckets = np.ceil(fin[longer]).astype(np.int64)
                 assert buckets.max() - cal_done < ring_size, "the calendar ring is too small"
                 np.add.at(ring, buckets % ring_size, 1)
+                p_in = prompt[acc[ks]][longer].astype(np.float64)
+                g0 = fin[longer] - (out[longer] - 1)
+                np.add.at(ring_prompt, buckets % ring_size, p_in)
+                np.add.at(ring_g0, buckets % ring_size, g0)
+                dec_prompt += float(p_in.sum())
+                dec_g0 += float(g0.sum())
                 dec += starts
             n_pref = new_pref
         # -- last tokens -------------------------------------------------------------------------------
@@ -330,18 +344,21 @@ def simulate(trace: workload.Trace, prof: profile_mod.Profile, controller, setup
         if hi > cal_done and dec:
             lo = cal_done + 1
             if hi - lo + 1 >= ring_size:
-                done = int(ring.sum())
-                ring[:] = 0
+                parts = [slice(None)]
             else:
                 a, z = lo % ring_size, hi % ring_size
-                if a <= z:
-                    done = int(ring[a:z + 1].sum())
-                    ring[a:z + 1] = 0
-                else:
-                    done = int(ring[a:].sum() + ring[:z + 1].sum())
-                    ring[a:] = 0
-                    ring[:z + 1] = 0
+                parts = [slice(a, z + 1)] if a <= z else [slice(a, None), slice(None, z + 1)]
+            done = 0
+            for part in parts:
+                done += int(ring[part].sum())
+                dec_prompt -= float(ring_prompt[part].sum())
+                dec_g0 -= float(ring_g0[part].sum())
+                ring[part] = 0
+                ring_prompt[part] = 0.0
+                ring_g0[part] = 0.0
             dec -= done
+            if not dec:
+                dec_prompt = dec_g0 = 0.0  # no drift from float sums
             n_fin += done
         cal_done = max(cal_done, hi)
         rec_C[i + 1], rec_G[i + 1], rec_P[i + 1] = C, G, n_pref
