@@ -175,3 +175,24 @@ def test_experts_weight_first_compute_what_the_grouped_matmul_computes(monkeypat
     grouped = layers.expert_mlp(x, w13, w2, ids, weights_)
     # float32 rounding of sums of ~100 products of size ~1e2: equal to ~1e-6 of the largest value
     torch.testing.assert_close(first, grouped, rtol=1e-5, atol=2e-6 * float(grouped.abs().max()))
+
+
+def test_kv_gathers_reuse_their_slot_and_equal_a_fresh_gather(monkeypatch):
+    from elasticmoe_worker.models import layers as L
+
+    cache = torch.randn(10, 4, 2, 3)
+    blocks = torch.tensor([[3, 1, 7], [0, 9, 9]])
+    with torch.inference_mode():
+        a = L._gather_blocks(cache, blocks, "k").clone()
+        first = L._workspace.buffers["k"].data_ptr()
+        b = L._gather_blocks(cache, blocks[:1, :2], "k")
+        assert L._workspace.buffers["k"].data_ptr() == first, "a smaller gather reuses the slot's buffer"
+    torch.testing.assert_close(a, cache[blocks])
+    torch.testing.assert_close(b, cache[blocks[:1, :2]])
+    # outside inference mode an inference buffer cannot be written: a new one is made
+    with torch.no_grad():
+        torch.testing.assert_close(L._gather_blocks(cache, blocks, "k"), cache[blocks])
+    monkeypatch.setattr(L, "GATHER_WORKSPACE_MAX_BYTES", 16)
+    big = L._gather_blocks(cache, blocks, "v")
+    assert "v" not in L._workspace.buffers or L._workspace.buffers["v"].data_ptr() != big.data_ptr()
+    torch.testing.assert_close(big, cache[blocks])
