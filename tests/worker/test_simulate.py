@@ -122,6 +122,10 @@ def test_context_slows_each_decode_step_by_the_profiles_cost_per_context_token()
     four = sim.simulate(trace_of(rows), prof, controllers.Static(1), setup())
     free = sim.simulate(trace_of(rows), PROFILE, controllers.Static(1), setup())
     assert np.median(four.tpot_s - free.tpot_s) == pytest.approx(1e-6 * 4 * 1050, rel=0.15)
+    from elasticmoe_worker.bench import simulate as simulate_cmd
+
+    assert simulate_cmd.scaled_profile(prof, 2.0).context_step_s(1) == pytest.approx(5e-7), \
+        "devices twice as fast read their context in half the time"
     with pytest.raises(ValueError, match="contextStepS"):
         pm.Service(1, PROFILE.service[0].decode, PROFILE.service[0].prefill, -1.0)
 

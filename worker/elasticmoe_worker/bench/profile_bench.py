@@ -41,9 +41,10 @@ from elasticmoe_worker.bench import serve_bench
 logger = logging.getLogger(__name__)
 
 DESCRIPTION = ("Measure a service profile for `elasticmoe simulate` on this machine: per device count (1 .. "
-               "--max-devices, each device under --cpu-per-device cores) the decode tokens/s at each batch size and "
-               "the prefill tokens/s at each prompt size, the time-to-ready of each elastic scale step, and the cold "
-               "start of an instance; writes the profile JSON and prints a table.")
+               "--max-devices, each device under --cpu-per-device cores) the decode tokens/s at each batch size, "
+               "the prefill tokens/s at each prompt size and what a decode step gains per token of context (16 "
+               "requests per device after 8- and 480-token prompts), the time-to-ready of each elastic scale step, "
+               "and the cold start of an instance; writes the profile JSON and prints a table.")
 DECODE_BATCHES = (1, 4, 16, 32, 64)
 PREFILL_TOKENS = (32, 128, 512)
 CONTEXT_BATCH = 16  # requests per device

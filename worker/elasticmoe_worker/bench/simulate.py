@@ -91,7 +91,8 @@ def scaled_profile(prof: profile_mod.Profile, factor: float) -> profile_mod.Prof
     if not factor > 0:
         raise ValueError(f"--service-scale: got {factor}, expected > 0")
     service = tuple(dataclasses.replace(s, decode=tuple((x, r * factor) for x, r in s.decode),
-                                        prefill=tuple((x, r * factor) for x, r in s.prefill)) for s in prof.service)
+                                        prefill=tuple((x, r * factor) for x, r in s.prefill),
+                                        context_step_s=s.context_step_s / factor) for s in prof.service)
     return dataclasses.replace(prof, service=service)
 
 
