@@ -159,8 +159,10 @@ class _GatherWorkspace(threading.local):
     Why: a gather's output is megabytes, allocated and freed 8 times a step. On CPU glibc
     serves such sizes with fresh mmaps, so every gather paid a page fault per 4 KiB of output:
     3.2 ms for 16 sequences x 512 tokens of context (8 MiB, small preset), 0.4 ms into a reused
-    buffer; decode steps at 500 tokens of context were 74 ms instead of ~50. The consumer (one
-    attention call) is done with a gather before the next one of its slot starts."""
+    buffer; in-process decode steps at ~500 tokens of context took 50 ms until glibc's dynamic
+    mmap threshold rose (~20 steps; in a serving executor it may never), 20 ms after, and 20 ms
+    from the first step with the buffer. The consumer (one attention call) is done with a
+    gather before the next one of its slot starts."""
 
     def __init__(self) -> None:
         self.buffers: dict[str, torch.Tensor] = {}
