@@ -240,3 +240,17 @@ def test_target_peak_devices_sizes_the_rate(tmp_path):
     s = json.loads((tmp_path / "simulate.json").read_text())["runs"][0]["summary"]
     assert 20 <= s["max_devices"] <= 60, s
     assert math.isclose(s["slo_attainment"], s["slo_attainment"])
+
+
+def test_the_calendar_ring_adds_like_add_at_across_the_wrap():
+    rng = np.random.default_rng(5)
+    buckets = rng.integers(90, 130, size=500)  # spans the end of a ring of 100
+    weights = rng.random(500)
+    for w in (None, weights):
+        ring, ref = np.zeros(100), np.zeros(100)
+        sim._add_to_rings(buckets, ((ring, w),))
+        np.add.at(ref, buckets % 100, 1 if w is None else w)
+        np.testing.assert_allclose(ring, ref)
+    counts = np.zeros(100, dtype=np.int64)
+    sim._add_to_rings(buckets, ((counts, None),))
+    assert counts.sum() == 500 and counts.dtype == np.int64

@@ -284,7 +284,7 @@ def _gauges(text: str) -> float:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        with serve_bench.sigterm_as_interrupt():
+        with serve_bench.signals_as_interrupt():
             if args.combine:
                 return _summarise(args.combine, args.out_dir)
             if args.repeats == 1:

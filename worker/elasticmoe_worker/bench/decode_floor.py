@@ -185,7 +185,7 @@ def _decode_ms(samples: list[serve_bench.RequestSample]) -> float:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        with serve_bench.sigterm_as_interrupt():
+        with serve_bench.signals_as_interrupt():
             return _run(args)
     except serve_bench.BenchError as exc:
         logger.error("%s", exc)
