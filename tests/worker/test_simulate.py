@@ -110,7 +110,7 @@ def test_batching_slows_each_token_and_more_devices_speed_it_up():
 def test_context_slows_each_decode_step_by_the_profiles_cost_per_context_token():
     # 1 ms per step per 1000 context tokens on the device
     prof = pm.Profile(service=(pm.Service(1, PROFILE.service[0].decode, PROFILE.service[0].prefill, 1e-6),))
-    assert prof.decode_step_s(1, 4, 2000) == pytest.approx(4 / 140 + 0.002)
+    assert prof.decode_step_s(1, 4) + prof.context_step_s(1) * 2000 == pytest.approx(4 / 140 + 0.002)
     assert pm.Profile.from_json(json.loads(json.dumps(prof.to_json()))) == prof
     short = sim.simulate(trace_of([1.0, 8, 101]), prof, controllers.Static(1), setup())
     long = sim.simulate(trace_of([1.0, 2000, 101]), prof, controllers.Static(1), setup())

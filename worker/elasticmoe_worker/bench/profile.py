@@ -101,16 +101,16 @@ class Profile:
                 best = s
         return best
 
-    def decode_step_s(self, devices: int, batch: float, context_tokens: float = 0.0) -> float:
+    def decode_step_s(self, devices: int, batch: float) -> float:
         """Seconds per decode step of one device with `batch` requests decoding on it
-        (at least one: an idle step costs what a step of one costs) that hold `context_tokens`
-        tokens of context together, beyond the short contexts the decode rates were measured at."""
-        service = self._service(devices)
-        xs, rates = _xy(service.decode)
+        (at least one: an idle step costs what a step of one costs), at the short contexts the
+        decode rates were measured at (`context_step_s` adds the rest)."""
+        xs, rates = _xy(self._service(devices).decode)
         b = max(float(batch), 1.0)
-        return b / float(np.interp(b, xs, rates)) + service.context_step_s * max(float(context_tokens), 0.0)
+        return b / float(np.interp(b, xs, rates))
 
     def context_step_s(self, devices: int) -> float:
+        """Seconds a decode step of one device gains per token of context its sequences hold."""
         return self._service(devices).context_step_s
 
     def prefill_s(self, devices: int, tokens_per_step: float) -> float:

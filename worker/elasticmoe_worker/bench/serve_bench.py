@@ -264,8 +264,10 @@ def completion_body(model: str, prompt: list[int], max_tokens: int) -> dict[str,
             "stream_options": {"include_usage": True}, "ignore_eos": True}
 
 
-async def stream_completion(client, url: str, body: dict[str, Any], sent_s: float | None = None) -> RequestSample:
-    """POST one streaming completion and time it; TTFT counts from `sent_s` (default: now).
+async def stream_completion(client, url: str, body: dict[str, Any], sent_s: float | None = None,
+                            text_times: list[float] | None = None) -> RequestSample:
+    """POST one streaming completion and time it; TTFT counts from `sent_s` (default: now);
+    `text_times`, when given, gets the arrival time of every chunk that carries text.
     BenchError for an HTTP error, an error event in the stream, or a stream without usage or text."""
     sent_s = time.perf_counter() if sent_s is None else sent_s
     first_s = last_s = usage = None
@@ -286,6 +288,8 @@ async def stream_completion(client, url: str, body: dict[str, Any], sent_s: floa
             if choices:
                 if first_s is None and choices[0].get("text"):
                     first_s = now_s
+                if text_times is not None and choices[0].get("text"):
+                    text_times.append(now_s)
                 last_s = now_s
             if event.get("usage"):
                 usage = event["usage"]
