@@ -371,11 +371,12 @@ class Instance(startup.StartUp):
         now = time.monotonic()
         router = self.router
         if isinstance(msg, wire.Output):
-            router.on_output(msg)
+            # logged before the output is handed on, so no client sees the completion first
             if self._adopted_at is not None and msg.finish_reason is not None and msg.request_id in router.flights:
                 logger.warning("coordinator restart: first request completed %.2f s after start-up began",
                                now - self._adopted_at)
                 self._adopted_at = None
+            router.on_output(msg)
         elif isinstance(msg, wire.RankStats):
             router.on_stats(msg)
             if msg.expert_tokens:
