@@ -17,6 +17,9 @@ latencies that have samples (llm-d's SLO recipe), smoothed with an exponential m
   recommendation of the whole stabilization window (the HorizontalPodAutoscaler's rule), so a
   load that fell far removes several devices at once after one window, never below `min_devices`.
 - Between the two thresholds nothing happens (the dead band): stationary noise does not flap.
+- After the active count changes, nothing is decided until one metrics window (`settle_s`)
+  holds only the new count's latencies: the window before mixes in the old count and the
+  switch itself, and acting on it scaled up again on a scale's own disruption.
 - Missing or stale metrics hold the count and say so (`metrics_available=False` and why). An
   instance with no traffic at all is not "missing metrics": its signal is 0.
 
@@ -52,6 +55,11 @@ class Config:
     down_threshold: float = 0.5  # fewer devices' projected signal below which they may suffice
     smoothing: float = 0.5  # weight of the newest sample in the moving average
     stale_after_s: float = 60.0  # older metrics are not acted on
+    # The metrics' window. After the active count changes, an observation whose window began
+    # before the change mixes the old count's latencies (and the switch's own disruption) with
+    # the new one's: it is not acted on until a whole window of the new count has passed. 0: the
+    # first observation at a new count is acted on (metrics taken at an instant).
+    settle_s: float = 0.0
     default_time_to_ready_s: float = 30.0  # before any scale was measured
 
     def __post_init__(self) -> None:
@@ -68,6 +76,8 @@ class Config:
                              f"expected 0 < down < up (the dead band lies between)")
         if not 0 < self.smoothing <= 1:
             raise ValueError(f"smoothing: got {self.smoothing}, expected a weight in (0, 1]")
+        if not self.settle_s >= 0:
+            raise ValueError(f"settle_s: got {self.settle_s!r}, expected the metrics' window in seconds (>= 0)")
         if self.step < 1:
             raise ValueError(f"step: got {self.step}, expected an integer >= 1")
 
@@ -97,6 +107,7 @@ class State:
     recommendations: tuple[tuple[float, int], ...] = ()
     recommended_at: int | None = None  # the device count they were made at; another count starts afresh
     pending: tuple[int, float] | None = None  # (target, time its effect becomes visible)
+    settle_until: float | None = None  # the active count changed: its latencies fill the window until then
     time_to_ready_s: Mapping[tuple[int, int], float] = dataclasses.field(default_factory=dict)
 
 
@@ -191,16 +202,25 @@ def decide(obs: Observation, state: State, cfg: Config, now: float) -> tuple[Dec
         return hold(f"holding {current} devices: {why}", False, why, "NoSamples")
 
     previous = state.smoothed
+    settle_until = state.settle_until
     if previous is not None and state.smoothed_active and state.smoothed_active != obs.active and obs.active > 0:
         # The capacity changed: what was measured before spreads over the new count. Without
         # this the average remembers the old overload and scales up again: overshoot.
         previous = previous * state.smoothed_active / obs.active
-    smoothed = raw if previous is None else cfg.smoothing * raw + (1 - cfg.smoothing) * previous
+        if cfg.settle_s > 0:
+            settle_until = now + cfg.settle_s
+    settling = settle_until is not None and now < settle_until
+    # NOTE: while settling, the window still holds the old count's latencies and the switch's: a
+    # scale-up right after one measured its own disruption (bench autoscale: 1 -> 2 at TPOT 234
+    # ms, then 2 -> 3 at once on the 957 ms of the switch) and a scale-down the old capacity.
+    smoothed = previous if settling and previous is not None else (
+        raw if previous is None else cfg.smoothing * raw + (1 - cfg.smoothing) * previous)
     values = {**{f"{k}Ratio": round(v, 4) for k, v in ratios.items()}, "signal": round(smoothed, 4),
               "rawSignal": round(raw, 4), "active": obs.active, "warming": obs.warming}
     if obs.requests_per_s is not None:
         values["requestsPerS"] = round(obs.requests_per_s, 4)
-    state = dataclasses.replace(state, smoothed=smoothed, smoothed_active=obs.active)
+    state = dataclasses.replace(state, smoothed=smoothed, smoothed_active=obs.active,
+                                settle_until=settle_until if settling else None)
     what = _fmt(ratios, obs, cfg)
     capacity = obs.active + obs.warming
     # Capacity already on its way takes load off: judge what it will leave.
@@ -217,6 +237,11 @@ def decide(obs: Observation, state: State, cfg: Config, now: float) -> tuple[Dec
         first = max((i for i, (t, _) in enumerate(kept) if t <= window_start), default=0)
         return dataclasses.replace(st, recommendations=kept[first:], recommended_at=current)
 
+    if settling:
+        state = recommend(current, state)
+        return hold(f"SLO signal {raw:.2f} now ({what}), measured partly before the change to {obs.active} active "
+                    f"devices: waiting {settle_until - now:.0f} s more for a whole window of the new count",
+                    True, "ok", "WaitingForScale", smoothed, raw, values, state)
     if projected > cfg.up_threshold:
         state = recommend(max(current, bounded), state)
         if current >= cfg.max_devices:

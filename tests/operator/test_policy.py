@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
@@ -59,6 +60,37 @@ def test_no_overshoot_while_devices_warm_and_cooldown():
         assert d.action == policy.HOLD and d.target == 2, d.reason
     d, state = policy.decide(obs(61, 2, ttft=6.0, desired=2), state, cfg, now=61)
     assert (d.action, d.target) == (policy.UP, 3), d.reason
+
+
+def test_a_scales_own_disruption_is_not_acted_on_until_a_window_of_the_new_count_passed():
+    """The switch to a new count slows serving for a moment, and the metrics window right after
+    it still holds those latencies: with `settle_s` = the window they scale nothing; an overload
+    that outlasts the window still does."""
+    cfg = policy.Config(min_devices=1, max_devices=4, ttft_p90_s=2.0, tpot_p90_s=0.1, step=1,
+                        scale_up_cooldown_s=5, scale_down_stabilization_s=60, default_time_to_ready_s=5,
+                        settle_s=6)
+    d, state = policy.decide(obs(0, 1, ttft=1.8), policy.State(), cfg, now=0)
+    assert (d.action, d.target) == (policy.UP, 2), d.reason
+    d, state = policy.decide(obs(3, 1, ttft=3.0, warming=1, desired=2), state, cfg, now=3)
+    assert (d.action, d.target) == (policy.HOLD, 2), d.reason  # the warming device takes the load off
+    for t in (6, 8, 11):  # serving at 2 since ~6 s; the window still shows the switch
+        d, state = policy.decide(obs(t, 2, ttft=6.0, desired=2), state, cfg, now=t)
+        assert (d.action, d.target, d.code) == (policy.HOLD, 2, "WaitingForScale"), (t, d.reason)
+        assert "measured partly before the change to 2 active devices" in d.reason
+    d, state = policy.decide(obs(12, 2, ttft=1.0, desired=2), state, cfg, now=12)
+    assert d.action == policy.HOLD and d.code == "WithinDeadBand", d.reason
+    # the same window without settle_s: the disruption itself asks for a third device
+    d, nosettle = policy.decide(obs(0, 1, ttft=1.8), policy.State(), dataclasses.replace(cfg, settle_s=0), now=0)
+    d, nosettle = policy.decide(obs(6, 2, ttft=6.0, desired=2), nosettle, dataclasses.replace(cfg, settle_s=0), now=6)
+    assert (d.action, d.target) == (policy.UP, 3), d.reason
+    # an overload that outlasts the window scales up again as soon as the window has passed
+    d, state = policy.decide(obs(13, 3, ttft=1.0, desired=3), state, cfg, now=13)  # a manual scale to 3
+    assert d.code == "WaitingForScale"
+    for t in (15, 17):
+        d, state = policy.decide(obs(t, 3, ttft=9.0, desired=3), state, cfg, now=t)
+        assert d.action == policy.HOLD, d.reason
+    d, state = policy.decide(obs(19, 3, ttft=9.0, desired=3), state, cfg, now=19)
+    assert (d.action, d.target) == (policy.UP, 4), d.reason
 
 
 def test_scale_down_needs_the_whole_stabilization_window_and_survivor_headroom():
@@ -137,7 +169,8 @@ def test_time_to_ready_is_learned_per_step_and_scaled():
 
 @pytest.mark.parametrize("kw, field", [(dict(min_devices=3, max_devices=2), "min_devices"),
                                        (dict(down_threshold=1.2), "down_threshold"),
-                                       (dict(ttft_p90_s=0), "ttft_p90_s"), (dict(smoothing=0), "smoothing")])
+                                       (dict(ttft_p90_s=0), "ttft_p90_s"), (dict(smoothing=0), "smoothing"),
+                                       (dict(settle_s=-1), "settle_s")])
 def test_bad_config_names_the_field(kw, field):
     base = dict(min_devices=1, max_devices=4, ttft_p90_s=1.0, tpot_p90_s=0.1)
     with pytest.raises(ValueError, match=field):
@@ -145,17 +178,18 @@ def test_bad_config_names_the_field(kw, field):
 
 
 def _simulate(load: float, noise: float, seed: int, cfg: policy.Config, start: int, steps: int = 480,
-              dt: float = 15.0, ready_s: float = 20.0) -> list[tuple[float, int, str]]:
-    """A stand-in instance: signal = load / devices x (1 +- noise); a scale takes ready_s."""
+              dt: float = 15.0, ready_s: float = 20.0, disrupted_s: float = 0.0) -> list[tuple[float, int, str]]:
+    """A stand-in instance: signal = load / devices x (1 +- noise); a scale takes ready_s; for
+    `disrupted_s` after a scale-up took effect the window shows 3x that (the switch)."""
     rng = random.Random(seed)
-    state, active, warming_until, target = policy.State(), start, None, start
+    state, active, warming_until, target, changed_at = policy.State(), start, None, start, -math.inf
     out = []
     for i in range(steps):
         now = i * dt
         if warming_until is not None and now >= warming_until:
-            active, warming_until = target, None
+            active, warming_until, changed_at = target, None, now
             state = policy.learn(state, active, target, ready_s)
-        s = load / active * (1 + rng.uniform(-noise, noise))
+        s = load / active * (1 + rng.uniform(-noise, noise)) * (3 if now < changed_at + disrupted_s else 1)
         o = policy.Observation(at=now, active=active, warming=max(0, target - active), desired=target,
                                ttft_p90_s=s * cfg.ttft_p90_s, requests_per_s=1.0)
         d, state = policy.decide(o, state, cfg, now)
@@ -199,3 +233,14 @@ def test_settles_where_the_slo_holds_without_waste(seed):
         assert final <= math.ceil(load * 1.06 / cfg.up_threshold) + 1, (load, final, changes)
         ups = [a for _, _, a in changes if a == policy.UP]
         assert ups == [policy.UP] * len(ups) and len(ups) == len(changes), ("no overshoot to take back", changes)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10**6), load=st.floats(0.5, 5.5))
+def test_a_switch_that_disrupts_its_window_causes_no_overshoot(seed, load):
+    cfg = policy.Config(min_devices=1, max_devices=8, ttft_p90_s=1.0, tpot_p90_s=1.0, step=2,
+                        scale_up_cooldown_s=30, scale_down_stabilization_s=120, settle_s=30)
+    changes = _simulate(load, 0.05, seed, cfg, start=1, disrupted_s=30)
+    final = changes[-1][1] if changes else 1
+    assert load / final <= cfg.up_threshold * 1.06, (load, final, changes)
+    assert all(a == policy.UP for _, _, a in changes), ("no overshoot to take back", changes)

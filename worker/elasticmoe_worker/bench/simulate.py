@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     slo_config = policy.Config(
         min_devices=args.min_devices, max_devices=args.max_devices, ttft_p90_s=args.slo_ttft_p90_ms / 1000,
         tpot_p90_s=args.slo_tpot_p90_ms / 1000, queue_p90_s=args.slo_queue_p90_ms / 1000, step=args.step, scale_up_cooldown_s=args.scale_up_cooldown_s,
-        scale_down_stabilization_s=args.scale_down_stabilization_s)
+        scale_down_stabilization_s=args.scale_down_stabilization_s, settle_s=args.autoscale_window_s)
     if args.target_peak_devices is not None:
         if args.trace_csv is not None:
             raise ValueError("--target-peak-devices sizes the generated trace; it cannot change a --trace-csv")

@@ -391,6 +391,6 @@ def config_from_args(args: argparse.Namespace, num_experts: int) -> tuple[policy
         min_devices=v["min_devices"], max_devices=max_devices, ttft_p90_s=v["slo_ttft_p90_ms"] / 1000,
         tpot_p90_s=v["slo_tpot_p90_ms"] / 1000, queue_p90_s=v["slo_queue_p90_ms"] / 1000,
         scale_up_cooldown_s=v["scale_up_cooldown_s"],
-        scale_down_stabilization_s=v["scale_down_stabilization_s"],
+        scale_down_stabilization_s=v["scale_down_stabilization_s"], settle_s=v["autoscale_window_s"],
     )
     return config, v["autoscale_interval_s"], v["autoscale_window_s"]
