@@ -142,6 +142,9 @@ def test_a_restarted_serve_adopts_its_workers_and_serves_without_the_checkpoint(
         testprocs.until("the request to stream", lambda: len(in_flight) >= 3, 60, proc, log)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        # NOTE: read again now that the log is complete: the warm worker may be started (and
+        # logged) just after the instance answered its first health check
+        hmms = {int(p) for _, p in HMM_STARTED.findall(log.read_text())}
         client.join(timeout=30)
         assert in_flight[-1] in ("RemoteProtocolError", "ReadError"), in_flight[-3:]
         assert _session_members(hmms).keys() >= hmms, "the workers died with their coordinator"

@@ -89,15 +89,27 @@ class Executor:
         cfg = engine_mod.EngineConfig(**msgspec.structs.asdict(start.engine))
         dtype = registry.resolve_dtype(model_spec, cfg.dtype)
         before = procutil.private_bytes()
-        attach_started = time.perf_counter()
+        # seconds per part of the start, in order (logged: where a standby's start goes)
+        self.phases: dict[str, float] = {}
+        mark = [started]
+
+        def phase(name: str) -> None:
+            t = time.perf_counter()
+            self.phases[name] = t - mark[0]
+            mark[0] = t
+
+        phase("setup")
         self.device = memory.attach_device(backend, model_spec, spec.ready, dtype, cfg.block_size)
-        self.attach_seconds = time.perf_counter() - attach_started
+        phase("attach")
+        self.attach_seconds = self.phases["attach"]
         fam = registry.family(model_spec.model_type)
         # NOTE: one code path on every backend: the model, the engine and the expert exchange make
         # their tensors on this device, and the groups use this backend's collective library.
         self.torch_device = backend.torch_device()
         model = fam.build(model_spec, self.device.weights, self.device.expert_ids, self.torch_device)
+        phase("build")
         self.weight_bytes = _touch_weights(model)
+        phase("touch")
         # token copies routed to each expert, every MoE layer together (which experts are hot)
         self.routed = torch.zeros(model_spec.num_experts, dtype=torch.int64, device=self.torch_device)
         for block in model.moe_blocks():
@@ -121,17 +133,22 @@ class Executor:
             for block in model.moe_blocks():
                 block.experts_fn = ep.ExpertParallel(self.group, self.world_size, owner, local_map,
                                                      block.w13, block.w2, self.torch_device)
+            phase("group")
 
         tokenizer = engine_mod.tokenizer_from_files(spec.tokenizer_files)
+        phase("tokenizer")
         self.engine = engine_mod.LLMEngine(model, tokenizer, cfg, spec.model_name, pool=self.device.pool)
+        phase("engine")
         if self.group is not None:
             self.engine.runner.execute_empty()  # warm-up: the first collectives of the new group
+            phase("warm-up")
         self.ctx = zmq.Context()
         self.sock = transport.connect(self.ctx, spec.coordinator, f"exec-{start.config_id}-{self.rank}", secret)
         self.stop = False
         self.pausing = False
         self._last_stats = 0.0
         self._last_load = 0.0
+        phase("connect")
         self.startup_seconds = time.perf_counter() - started
 
     def send(self, msg: wire.Msg) -> None:
@@ -216,8 +233,11 @@ class Executor:
             if sys.stdin.buffer.read(1) != b"1":
                 logger.info("rank %d: its configuration's transfer ended without it; leaving", self.rank)
                 return
-            logger.info("rank %d: pre-initialised in %.2f s while its bytes arrived, then waited %.2f s for the "
-                        "last of them", self.rank, self.startup_seconds, time.perf_counter() - waited)
+            logger.info("rank %d: pre-initialised in %.2f s while its bytes arrived (%s), then waited %.2f s for "
+                        "the last of them", self.rank, self.startup_seconds, self._phases_text(),
+                        time.perf_counter() - waited)
+        else:
+            logger.info("rank %d: started in %.2f s (%s)", self.rank, self.startup_seconds, self._phases_text())
         self.send(wire.ExecutorReady(rank=self.rank, config_id=self.spec.start.config_id, pid=os.getpid(),
                                          bytes_read_from_checkpoint=0, startup_seconds=self.startup_seconds,
                                          attach_seconds=self.attach_seconds,
@@ -241,6 +261,9 @@ class Executor:
                 self.send(_to_wire(out))
             self._send_stats()
         logger.info("rank %d: stopping", self.rank)
+
+    def _phases_text(self) -> str:
+        return ", ".join(f"{name} {seconds * 1000:.0f} ms" for name, seconds in self.phases.items())
 
     def close(self) -> None:
         self.group = None
@@ -280,14 +303,31 @@ def set_compute_threads(world_size: int = 1) -> int:
     return n
 
 
+def _import_ahead() -> None:
+    """What a spare executor can do before it knows its model: imports, and the configuration
+    classes of every supported model type (transformers resolves them lazily: 0.28 s at a full
+    core on the first `spec_from_json`, about 1 s of a 0.3-core device, inside a standby's start)."""
+    import transformers
+
+    for model_type in config_mod.SUPPORTED_MODEL_TYPES:
+        transformers.CONFIG_MAPPING[model_type]
+    transformers.AutoTokenizer  # noqa: B018  (a lazy module: this imports it)
+
+
 def main() -> int:
     logging.basicConfig(level=os.environ.get("ELASTICMOE_LOG_LEVEL", "INFO").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     procutil.die_with_parent()
+    base_nice = os.environ.get(procutil.SPARE_NICE_ENV)
+    if base_nice is not None:  # a spare: import in the CPU time the serving executor leaves
+        procutil.renice_threads(procutil.SPARE_NICE)
     set_compute_threads()
-    import transformers  # noqa: F401  (warm: a spare executor pays its imports before it is needed)
+    _import_ahead()
 
     (length,) = struct.unpack("<Q", _read_exactly(sys.stdin.buffer, 8))
+    if base_nice is not None:
+        procutil.renice_threads(int(base_nice))
+        logger.info("given work: back from nice %d to %s", procutil.SPARE_NICE, base_nice)
     spec = wire.decode(_read_exactly(sys.stdin.buffer, length))
     assert isinstance(spec, wire.ExecutorSpec), "an executor starts from an ExecutorSpec"
     if spec.start.world_size > 1:

@@ -24,6 +24,7 @@ import concurrent.futures
 import logging
 import os
 import pathlib
+import queue
 import signal
 import struct
 import subprocess
@@ -45,6 +46,38 @@ logger = logging.getLogger("elasticmoe.hmm")
 # A fleet of pods declares a worker dead after ~15 silent seconds (fleet.ExternalFleet).
 HEARTBEAT_INTERVAL_S = 1.0
 
+
+
+class _StdinFeeder:
+    """Writes to an executor's stdin in order, on a thread of its own, then closes it. Why: the
+    spec can exceed a pipe's buffer (it carries tokenizer.json: 0.55 MB for the small preset,
+    ~11 MB for Qwen3's), and a spare still importing reads it only when done; the transition
+    thread, which starts a standby before the bytes move, waited for that (2 -> 3 right after
+    1 -> 2 at 0.3 cores: the transfer started 6-7 s late on the staying devices)."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+        self.queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        threading.Thread(target=self._run, name=f"stdin-{proc.pid}", daemon=True).start()
+
+    def write(self, data: bytes) -> None:
+        self.queue.put(data)
+
+    def close(self) -> None:
+        self.queue.put(None)
+
+    def _run(self) -> None:
+        try:
+            while (data := self.queue.get()) is not None:
+                self.proc.stdin.write(data)
+                self.proc.stdin.flush()
+        except (BrokenPipeError, ValueError):
+            pass  # it exited (it failed, and said so, or was stopped)
+        finally:
+            try:
+                self.proc.stdin.close()
+            except BrokenPipeError:
+                pass
 
 
 class HMM:
@@ -76,10 +109,11 @@ class HMM:
         # config id -> (process, rank): the serving executor, and a standby during a scale
         self.executors: dict[int, tuple[subprocess.Popen, int]] = {}
         # config id -> a pre-initialised standby waiting for its bytes (its stdin still open)
-        self.gated: dict[int, subprocess.Popen] = {}
+        self.gated: dict[int, _StdinFeeder] = {}
         self.exec_lock = threading.RLock()  # the transition thread starts standbys too
         self._spawner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="spawn")
         self.spare: subprocess.Popen | None = None
+        self._spare_env = procutil.spare_nice()
         self.transition: threading.Thread | None = None
         self.cancels: dict[int, transition.Cancel] = {}  # config id -> its transition's cancel switch
         # for HMMRejoin: the configuration whose memory this device holds, each started
@@ -127,13 +161,15 @@ class HMM:
             proc, self.spare = self.spare, None
             if proc is None or proc.poll() is not None:
                 proc = self._spawn_executor_process()
+            elif self._spare_env:  # it may still be importing at the spare's low priority
+                procutil.renice_threads(int(self._spare_env[procutil.SPARE_NICE_ENV]), proc.pid)
             frame = wire.encode(spec)
-            proc.stdin.write(struct.pack("<Q", len(frame)) + frame)
-            proc.stdin.flush()
+            feeder = _StdinFeeder(proc)
+            feeder.write(struct.pack("<Q", len(frame)) + frame)
             if wait_for_weights:
-                self.gated[start.config_id] = proc
+                self.gated[start.config_id] = feeder
             else:
-                proc.stdin.close()
+                feeder.close()
             self.spare = self._spawn_executor_process()  # the next standby is warm before it is needed
             self.executors[start.config_id] = (proc, start.rank)
         self.config_ranks[start.config_id] = (start.rank, start.world_size)
@@ -149,13 +185,10 @@ class HMM:
     def release_standby(self, config_id: int) -> None:
         """Every byte of `config_id` is here: its pre-initialised standby may say ready."""
         with self.exec_lock:
-            proc = self.gated.pop(config_id, None)
-        if proc is not None:
-            try:
-                proc.stdin.write(b"1")
-                proc.stdin.close()
-            except (BrokenPipeError, ValueError):
-                pass  # it exited (it failed, and said so, or was stopped)
+            feeder = self.gated.pop(config_id, None)
+        if feeder is not None:
+            feeder.write(b"1")
+            feeder.close()
 
     def _spawn_executor_process(self) -> subprocess.Popen:
         """An executor process that imports everything now and then waits for its spec on
@@ -165,7 +198,7 @@ class HMM:
         when the *thread* that forked it ends, and a transition thread (which starts
         pre-initialised standbys) ends with its transition."""
         return self._spawner.submit(subprocess.Popen, [sys.executable, "-m", "elasticmoe_worker.instance.executor"],
-                                    stdin=subprocess.PIPE).result()
+                                    stdin=subprocess.PIPE, env={**os.environ, **self._spare_env}).result()
 
     def stop_executors(self, keep: int | None = None, timeout_s: float = 10.0) -> None:
         with self.exec_lock:
@@ -173,7 +206,7 @@ class HMM:
             for config_id, _ in stopping:
                 gate = self.gated.pop(config_id, None)
                 if gate is not None:
-                    gate.stdin.close()  # EOF: a waiting standby leaves without saying ready
+                    gate.close()  # EOF: a waiting standby leaves without saying ready
         for config_id, proc in stopping:
             if proc.poll() is None:
                 proc.terminate()

@@ -31,6 +31,50 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+# An executor started as a spare waits at this nice value while it imports (see `spare_nice`).
+SPARE_NICE = 19
+SPARE_NICE_ENV = "ELASTICMOE_SPARE_BASE_NICE"
+_CAP_SYS_NICE = 23
+
+
+def may_lower_nice(to: int) -> bool:
+    """Whether this process (and the children it starts as itself) may set a nice value as low
+    as `to` after raising it: CAP_SYS_NICE, or an RLIMIT_NICE that allows it (20 - nice)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NICE)
+    if soft == resource.RLIM_INFINITY or 20 - to <= soft:
+        return True
+    try:
+        with open("/proc/self/status") as f:
+            caps = next((line.split()[1] for line in f if line.startswith("CapEff:")), "0")
+    except OSError:
+        return False
+    return bool(int(caps, 16) >> _CAP_SYS_NICE & 1)
+
+
+def spare_nice() -> dict[str, str]:
+    """The environment for a spare executor: asks it to import at `SPARE_NICE` and to come back
+    to this process's nice value once it is given work, where that is allowed. Why: a spare is
+    started right after a scale took the last one, inside the same device's CPU quota as the
+    serving executor; its imports (~2.5 CPU-s) at equal priority took 8 s of a 0.3-core
+    device's quota from serving. Where the way back is not allowed, it imports at equal
+    priority: a spare stuck at 19 would starve as the next standby."""
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    return {SPARE_NICE_ENV: str(base)} if base < SPARE_NICE and may_lower_nice(base) else {}
+
+
+def renice_threads(value: int, pid: int | str = "self") -> None:
+    """Set every thread of process `pid` to nice `value` (Linux nice values are per thread)."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return  # it exited
+    for tid in tids:
+        try:
+            os.setpriority(os.PRIO_PROCESS, int(tid), value)
+        except ProcessLookupError:
+            pass  # a thread that ended meanwhile
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))

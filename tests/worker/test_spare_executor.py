@@ -1,0 +1,92 @@
+"""A device's spare executor: it imports at low priority and comes back to its HMM's priority
+once given work; its spec is written without the writer waiting for it to be read."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from elasticmoe_worker.instance import hmm, procutil
+
+
+def _nice_of_threads(pid: int) -> set[int]:
+    values = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        values.add(int(fields[16]))  # field 19 of stat: nice (after pid and comm)
+    return values
+
+
+def _wait_for(predicate, timeout_s: float = 60.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.mark.skipif(not procutil.may_lower_nice(os.getpriority(os.PRIO_PROCESS, 0)),
+                    reason="this process may not lower a nice value again (no CAP_SYS_NICE, RLIMIT_NICE too low)")
+def test_a_spare_imports_at_low_priority_and_is_reniced_when_given_work():
+    env = procutil.spare_nice()
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    assert env == {procutil.SPARE_NICE_ENV: str(base)}
+    proc = subprocess.Popen([sys.executable, "-m", "elasticmoe_worker.instance.executor"], stdin=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, **env})
+    try:
+        _wait_for(lambda: len(_nice_of_threads(proc.pid)) > 0 and _nice_of_threads(proc.pid) == {procutil.SPARE_NICE},
+                  what="the spare to renice itself")
+        time.sleep(0.5)  # threads started by its imports inherit the spare's value
+        assert _nice_of_threads(proc.pid) == {procutil.SPARE_NICE}
+        # the HMM takes it (perhaps still importing): every thread back at once
+        procutil.renice_threads(base, proc.pid)
+        assert _nice_of_threads(proc.pid) == {base}
+        proc.stdin.write(struct.pack("<Q", 10))  # a header; then EOF: it leaves, saying why
+        proc.stdin.close()
+        err = proc.stderr.read()
+        proc.wait(timeout=120)
+        assert proc.returncode != 0 and b"stdin closed after 0 of 10 bytes" in err, err[-2000:]
+        assert f"given work: back from nice {procutil.SPARE_NICE} to {base}".encode() in err, err[-2000:]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_spec_larger_than_the_pipe_is_written_without_waiting_for_the_reader(tmp_path):
+    """The reader (a spare still importing) reads nothing until the writer has returned: a
+    writer that waited would never return."""
+    data = os.urandom(3 * 1024 * 1024)  # a pipe buffers 64 KiB by default
+    go = tmp_path / "go"
+    reader = subprocess.Popen([sys.executable, "-c", "import hashlib, os, sys, time\n"
+                               f"while not os.path.exists({str(go)!r}): time.sleep(0.02)\n"
+                               "print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        done = threading.Event()
+
+        def write() -> None:
+            feeder = hmm._StdinFeeder(reader)
+            feeder.write(data[:1000])
+            feeder.write(data[1000:])
+            feeder.close()
+            done.set()
+
+        threading.Thread(target=write, daemon=True).start()
+        returned = done.wait(30)
+        go.touch()
+        out, _ = reader.communicate(timeout=60)
+        assert returned, "the writer waited for the reader"
+        assert out.decode().strip() == hashlib.sha256(data).hexdigest(), "every byte, in order, then EOF"
+    finally:
+        reader.kill()
+        reader.wait()
