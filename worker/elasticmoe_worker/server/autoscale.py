@@ -323,7 +323,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                              "wait of the requests still waiting for a first token: the SLO signal is the largest "
                              f"latency/target ratio, smoothed; up above {c.up_threshold:g}, down to the fewest "
                              f"devices whose projected signal stays under {c.down_threshold:g} for the whole "
-                             "stabilization window. "
+                             "stabilization window; after the device count changes, nothing is decided until one "
+                             "whole window holds only the new count's latencies. "
                              "Each decision is logged with its reason and shown in GET /admin/status.")
     g.add_argument("--autoscale", action="store_true",
                    help="scale the instance between --min-devices and --max-devices on the SLO signal "
