@@ -242,9 +242,10 @@ def test_target_peak_devices_sizes_the_rate(tmp_path):
     assert math.isclose(s["slo_attainment"], s["slo_attainment"])
 
 
-def test_the_calendar_ring_adds_like_add_at_across_the_wrap():
+@pytest.mark.parametrize("span", [(90, 130), (20, 60)], ids=["across-the-wrap", "within-the-ring"])
+def test_the_calendar_ring_adds_like_add_at(span):
     rng = np.random.default_rng(5)
-    buckets = rng.integers(90, 130, size=500)  # spans the end of a ring of 100
+    buckets = rng.integers(*span, size=500)  # a ring of 100: (90, 130) spans its end
     weights = rng.random(500)
     for w in (None, weights):
         ring, ref = np.zeros(100), np.zeros(100)
@@ -254,3 +255,17 @@ def test_the_calendar_ring_adds_like_add_at_across_the_wrap():
     counts = np.zeros(100, dtype=np.int64)
     sim._add_to_rings(buckets, ((counts, None),))
     assert counts.sum() == 500 and counts.dtype == np.int64
+
+
+def test_the_curve_index_finds_what_searchsorted_finds():
+    rng = np.random.default_rng(6)
+    # steep stretches (many cells per point), flat ones (more points in a cell than the index
+    # steps through), repeated points, and a long plateau
+    rises = np.concatenate([rng.uniform(0, 3, 400), np.zeros(50), rng.uniform(0, 0.01, 300), [0.0] * 5,
+                            rng.uniform(5, 40, 100)])
+    curve = np.concatenate([[0.0], np.cumsum(rises)])
+    values = np.concatenate([rng.uniform(0, curve[-1] * 1.1, 20_000), curve, curve[::7] + 1e-12,
+                             np.arange(int(curve[-1]) + 3, dtype=float), [0.0, curve[-1], curve[-1] * 3]])
+    rng.shuffle(values)
+    found = sim._Index(curve).search(values)
+    np.testing.assert_array_equal(found, np.searchsorted(curve, values, side="left"))

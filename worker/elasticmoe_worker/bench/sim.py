@@ -21,7 +21,7 @@ The model (continuous batching, data-parallel devices that step together):
 - Time advances in ticks of `tick_s`; within a tick the state is fluid (fractional steps),
   which is what makes a day of a thousand devices a ~1e5-step loop of a few numpy calls.
   Per-request TTFT and TPOT are read back at the end by inverting the recorded cumulative
-  prefill and G curves (numpy, all requests at once).
+  prefill and G curves (numpy, a chunk of requests at a time).
 - Every `eval_period_s` the controller sees what a server's metrics would show over the last
   `window_s` (p90 TTFT of first tokens in the window, p90 of the time per output token over
   the window's decode steps, arrival rate, requests in flight) and returns a device target.
@@ -52,6 +52,8 @@ from elasticmoe_worker.bench import report
 from elasticmoe_worker.bench import workload
 
 DEVICES, REPLICA = "devices", "replica"
+_LATENCY_CHUNK = 1 << 18  # requests per pass of the per-request latencies
+_INDEX_STEPS = 8  # _Index: linear steps before a binary search
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,7 +174,7 @@ def simulate(trace: workload.Trace, prof: profile_mod.Profile, controller, setup
     acc = np.empty(n_req, dtype=np.int64)
     cum = np.empty(n_req + 1)  # cum[k + 1]: prompt tokens of accepted positions 0..k
     cum[0] = 0.0
-    g_fin = np.full(n_req, np.nan)
+    g_fin = np.empty(n_req)  # written when a position gets its first token, read only after
     refused = np.zeros(n_req, dtype=bool)
     n_arr = n_acc = n_adm = n_pref = n_fin = 0
     dec = 0  # decoding requests
@@ -321,17 +323,21 @@ def simulate(trace: workload.Trace, prof: profile_mod.Profile, controller, setup
         if new_pref > n_pref:
             ks = slice(n_pref, new_pref)
             frac = np.minimum(np.maximum((cum[n_pref + 1:new_pref + 1] - C_old) / max(processed, 1e-12), 0.0), 1.0)
-            out = output[acc[ks]]
+            req = acc[ks]
+            out = output[req]
             fin = G_old + frac * dsteps + (out - 1)
             g_fin[ks] = fin
-            longer = out > 1
-            n_fin += int((~longer).sum())
-            starts = int(longer.sum())
+            starts = int(np.count_nonzero(out > 1))
+            n_fin += len(out) - starts
             if starts:
-                buckets = np.ceil(fin[longer]).astype(np.int64)
+                p_in = prompt[req]
+                if starts < len(out):  # most ticks: all of them decode on
+                    longer = out > 1
+                    out, fin, p_in = out[longer], fin[longer], p_in[longer]
+                buckets = np.ceil(fin).astype(np.int64)
                 assert buckets.max() - cal_done < ring_size, "the calendar ring is too small"
-                p_in = prompt[acc[ks]][longer].astype(np.float64)
-                g0 = fin[longer] - (out[longer] - 1)
+                p_in = p_in.astype(np.float64)
+                g0 = fin - (out - 1)
                 _add_to_rings(buckets, ((ring, None), (ring_prompt, p_in), (ring_g0, g0)))
                 dec_prompt += float(p_in.sum())
                 dec_g0 += float(g0.sum())
@@ -364,19 +370,28 @@ def simulate(trace: workload.Trace, prof: profile_mod.Profile, controller, setup
         rec_C[i + 1], rec_G[i + 1], rec_P[i + 1] = C, G, n_pref
         rec_dsteps[i], rec_dec[i] = dsteps, dec
 
-    # -- per-request latencies, all at once ----------------------------------------------------------------
+    # -- per-request latencies, a chunk of requests at a time --------------------------------------------
     ttft = np.full(n_req, np.nan)
     tpot = np.full(n_req, np.nan)
     if n_pref:
-        pos = np.arange(n_pref)
-        t_first = _invert(rec_C, cum[1:n_pref + 1] - 1e-6, dt)
-        req = acc[:n_pref]
-        floor = _own_prefill_s(prof, active_rec, t_first, dt, prompt[req], setup)
+        own_prefill = _own_prefill_s(prof, int(prompt.max()))
+        devices = active_rec if setup.mode == DEVICES else np.full(num_ticks, setup.replica_devices)
+        service = _service_row(prof, devices)
+        g_index = _Index(rec_G)
+    # NOTE: in chunks of positions: every step is per request, and a day of a thousand devices
+    # (~1e8 requests) spent more on page faults for whole-trace temporaries than on arithmetic.
+    for a in range(0, n_pref, _LATENCY_CHUNK):
+        z = min(a + _LATENCY_CHUNK, n_pref)
+        t_first = _invert(rec_C, cum[a + 1:z + 1] - 1e-6, dt)
+        req = acc[a:z]
+        # a request's TTFT is at least its own prefill, alone on a device
+        tick = np.clip((t_first / dt).astype(np.int64), 0, len(service) - 1)
+        floor = own_prefill[service[tick], prompt[req]]
         ttft[req] = np.maximum(t_first - arrival[req], floor)
         out = output[req].astype(np.float64)
-        fin = g_fin[pos]
+        fin = g_fin[a:z]
         done = (out == 1) | (fin <= G)
-        t_end = np.where(out > 1, _invert(rec_G, np.minimum(fin, G), dt), t_first)
+        t_end = np.where(out > 1, _invert(rec_G, np.minimum(fin, G), dt, g_index), t_first)
         with np.errstate(invalid="ignore", divide="ignore"):
             per = np.where(out > 1, (t_end - t_first) / np.maximum(out - 1, 1), 0.0)
         tpot[req] = np.where(done, per, np.nan)
@@ -396,35 +411,73 @@ def _add_to_rings(buckets: np.ndarray, rings) -> None:
     span = int(buckets.max()) - lo + 1
     assert span <= size, "the calendar ring is too small"
     offsets = buckets - lo
-    where = (lo + np.arange(span)) % size
+    start = lo % size
+    # a slice where the span does not wrap around the ring's end (all but one fill in a lap)
+    where = slice(start, start + span) if start + span <= size else (lo + np.arange(span)) % size
     for ring, weights in rings:
         ring[where] += np.bincount(offsets, weights=weights, minlength=span).astype(ring.dtype, copy=False)
 
 
-def _invert(curve: np.ndarray, values: np.ndarray, dt: float) -> np.ndarray:
-    """Times at which a non-decreasing per-tick curve (curve[i] at i * dt) reaches `values`."""
-    idx = np.minimum(np.maximum(np.searchsorted(curve, values, side="left"), 1), len(curve) - 1)
+def _invert(curve: np.ndarray, values: np.ndarray, dt: float, index: _Index | None = None) -> np.ndarray:
+    """Times at which a non-decreasing per-tick curve (curve[i] at i * dt) reaches `values`
+    (`index`: the curve's, for many unsorted values)."""
+    found = index.search(values) if index is not None else np.searchsorted(curve, values, side="left")
+    idx = np.minimum(np.maximum(found, 1), len(curve) - 1)
     lo, hi = curve[idx - 1], curve[idx]
     with np.errstate(invalid="ignore", divide="ignore"):
         frac = np.where(hi > lo, (values - lo) / (hi - lo), 1.0)
     return (idx - 1 + np.minimum(np.maximum(frac, 0.0), 1.0)) * dt
 
 
-def _own_prefill_s(prof, active_rec, t_first, dt, prompt, setup: Setup) -> np.ndarray:
-    """A request's TTFT is at least its own prefill, alone on a device."""
+class _Index:
+    """`np.searchsorted(curve, values, side="left")` for a long non-decreasing curve from >= 0 and
+    many unsorted finite values.
+    NOTE: numpy's binary search costs ~300 ns per unsorted value here (cache misses over the
+    curve). A table over cells of width 1 / scale (a power of two: values * scale and the cells'
+    bounds are exact) brackets each answer: for k = floor(v * scale) it lies in
+    [first[k], first[k + 1]], a step or two apart where the curve rises about a cell per point."""
+
+    def __init__(self, curve: np.ndarray) -> None:
+        self.curve = curve
+        top = float(curve[-1])
+        self.scale = 2.0 ** math.ceil(math.log2(len(curve) / top)) if top > 0 else 1.0
+        cells = int(top * self.scale) + 1  # the last cell's start lies above the curve
+        bounds = np.arange(cells + 1) / self.scale
+        self.first = np.append(np.searchsorted(curve, bounds, side="left"), len(curve))
+
+    def search(self, values: np.ndarray) -> np.ndarray:
+        k = np.minimum(np.maximum(values * self.scale, 0.0), len(self.first) - 2).astype(np.int64)
+        idx = self.first[k]
+        hi = self.first[k + 1]
+        todo = np.flatnonzero(idx < hi)
+        for _ in range(_INDEX_STEPS):
+            if not len(todo):
+                return idx
+            todo = todo[self.curve[idx[todo]] < values[todo]]
+            idx[todo] += 1
+            todo = todo[idx[todo] < hi[todo]]
+        # a flat stretch of the curve (many points in one cell): search those values
+        idx[todo] = np.searchsorted(self.curve, values[todo], side="left")
+        return idx
+
+
+def _own_prefill_s(prof: profile_mod.Profile, max_prompt: int) -> np.ndarray:
+    """[row of prof.service, prompt tokens]: a prompt's prefill alone on a device."""
     budget = prof.max_num_batched_tokens
-    tick = np.clip((t_first / dt).astype(np.int64), 0, len(active_rec) - 1)
-    n = active_rec[tick] if setup.mode == DEVICES else np.full(len(tick), setup.replica_devices)
-    counts = np.array([s.devices for s in prof.service])
-    which = np.clip(np.searchsorted(counts, n, side="right") - 1, 0, len(counts) - 1)
+    prompt = np.arange(max_prompt + 1)
     chunk = np.minimum(prompt, budget).astype(np.float64)
     steps = np.ceil(prompt / budget)
-    result = np.empty(len(prompt))
-    for w in np.unique(which):
-        mask = which == w
-        xs, rates = np.asarray(prof.service[w].prefill, dtype=float).T
-        result[mask] = chunk[mask] / np.interp(chunk[mask], xs, rates) * steps[mask]
-    return result
+    table = np.empty((len(prof.service), max_prompt + 1))
+    for w, service in enumerate(prof.service):
+        xs, rates = np.asarray(service.prefill, dtype=float).T
+        table[w] = chunk / np.interp(chunk, xs, rates) * steps
+    return table
+
+
+def _service_row(prof: profile_mod.Profile, devices: np.ndarray) -> np.ndarray:
+    """Per entry of `devices`: the row of prof.service that serves that many devices."""
+    counts = np.array([s.devices for s in prof.service])
+    return np.clip(np.searchsorted(counts, devices, side="right") - 1, 0, len(counts) - 1)
 
 
 def _signals(i, t, dt, window_ticks, active, setup, scale, starting, R, rec_C, rec_P, rec_dsteps, rec_dec, cum,
@@ -449,9 +502,11 @@ def _signals(i, t, dt, window_ticks, active, setup, scale, starting, R, rec_C, r
         cw = np.cumsum(weight[order])
         tpot_p90 = float(per_token[order][np.searchsorted(cw, 0.9 * cw[-1])])
     # the queue now: how long the accepted requests without a first token have waited (FIFO:
-    # the first rec_P[i] accepted have one), nearest-rank p90 as the server's gauge; none: None
-    waits = np.sort(t - arrival[acc[int(rec_P[i]):n_acc]])
-    queue_p90 = float(waits[math.ceil(0.9 * len(waits)) - 1]) if len(waits) else None
+    # the first rec_P[i] accepted have one), nearest-rank p90 as the server's gauge; none: None.
+    # NOTE: positions are accepted in arrival order, so waits fall with position: the k-th
+    # shortest wait is the k-th from the end, no sort (a long queue holds ~1e5 requests).
+    queued = n_acc - int(rec_P[i])
+    queue_p90 = float(t - arrival[acc[n_acc - math.ceil(0.9 * queued)]]) if queued else None
     window = max((i - lo) * dt, dt)
     rate = (int(arrived_by[i - 1]) - (int(arrived_by[lo - 1]) if lo else 0)) / window if i else 0.0
     if setup.mode == DEVICES:
