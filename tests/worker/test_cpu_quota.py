@@ -46,6 +46,7 @@ def test_each_device_runs_in_its_own_group_with_the_quota_and_the_groups_go_at_s
         assert parent.parent == base and parent.is_dir()
         hmm_pids = inst.fleet.pids()
         groups = {}
+        spares: list[pathlib.Path] = []
         for device, pid in hmm_pids.items():
             group = quotas.group(device)
             groups[device] = group
@@ -57,6 +58,16 @@ def test_each_device_runs_in_its_own_group_with_the_quota_and_the_groups_go_at_s
             children = [c for c in members if c != pid]
             assert children, f"device {device}: no executor in {group} ({members})"
             assert all(f"/{group.name}" in pathlib.Path(f"/proc/{c}/cgroup").read_text() for c in children)
+            # the device's spare executor waits in a sibling group with a quota of its own: its
+            # imports take nothing from the serving executor's
+            spare = parent / (group.name + cgroup.SPARE_SUFFIX)
+            spares.append(spare)
+            assert spare.is_dir() and _quota(spare, version) == (30_000, 100_000)
+            waiting = {int(p) for p in (spare / "cgroup.procs").read_text().split()}
+            assert len(waiting) == 1 and not waiting & members, (waiting, members)
+            (spare_pid,) = waiting
+            assert os.getppid() != spare_pid and f"ppid:\t{pid}" in pathlib.Path(f"/proc/{spare_pid}/status") \
+                .read_text().lower(), "the HMM's child"
             # one torch thread for a fraction of a core, waiting passively: no quota burnt in spin-waits
             environ = pathlib.Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
             threads = os.environ.get("OMP_NUM_THREADS", "1")  # the user's setting wins
@@ -67,6 +78,7 @@ def test_each_device_runs_in_its_own_group_with_the_quota_and_the_groups_go_at_s
     finally:
         inst.shutdown()
     assert not any(g.exists() for g in groups.values()), "device groups removed at shutdown"
+    assert spares and not any(g.exists() for g in spares), "spare groups removed at shutdown"
     assert not parent.exists(), "the instance's parent group removed at shutdown"
 
 
@@ -78,11 +90,16 @@ def test_a_scaled_away_device_leaves_no_group(tiny_models):
         assert record.outcome == admin.Outcome.SUCCEEDED, record.message
         added = inst.fleet.quotas.group(1)
         assert added is not None and added.is_dir()
-        assert inst.fleet.pids()[1] in {int(p) for p in (added / "cgroup.procs").read_text().split()}
+        members = {int(p) for p in (added / "cgroup.procs").read_text().split()}
+        assert inst.fleet.pids()[1] in members
+        # its executor was the spare: it left the spare's group for the device's when given work
+        assert len(members) == 2, members
+        spare = added.parent / (added.name + cgroup.SPARE_SUFFIX)
+        assert not members & {int(p) for p in (spare / "cgroup.procs").read_text().split()}
         record = inst.scale(1)
         assert record.outcome == admin.Outcome.SUCCEEDED, record.message
         deadline = time.monotonic() + 30
-        while added.exists():
+        while added.exists() or spare.exists():
             assert time.monotonic() < deadline, f"{added} still there 30 s after the scale-down"
             time.sleep(0.1)
     finally:

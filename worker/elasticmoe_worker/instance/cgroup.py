@@ -6,6 +6,8 @@ devices adds no capacity, which makes every autoscaling measurement meaningless.
 `serve --cpu-per-device 0.45`, each device's HMM goes into its own group right after it is
 started; the executors it starts later are its children and inherit the group, so the device
 as a whole (HMM + executors) gets 0.45 cores per period, as a pod with `limits.cpu: 450m` does.
+Except its spare executor (the next standby, started ahead): it waits in a sibling group with
+a quota of its own (`SpareSlot`), as a warm worker does, and joins the device's once given work.
 
 Both cgroup versions: v1 (a `cpu` hierarchy: `cpu.cfs_quota_us` / `cpu.cfs_period_us`,
 processes into `cgroup.procs`) and v2 (`cpu.max`, after enabling the `cpu` controller for our
@@ -32,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 PERIOD_US = 100_000  # the kernel's and Kubernetes' default CFS period
 MIN_QUOTA_US = 1_000  # the kernel refuses less
+SPARE_SUFFIX = "-spare"  # device-N-k-spare: where device-N-k's spare executor waits (SpareSlot)
 
 
 class Unavailable(RuntimeError):
@@ -186,14 +189,20 @@ class CpuQuotas:
         self._count += 1
         group = self.parent / f"device-{device_index}-{self._count}"
         group.mkdir()
+        self._set_quota(group)
+        (group / "cgroup.procs").write_text(str(pid))
+        self._groups[device_index] = group
+        spare = group.parent / (group.name + SPARE_SUFFIX)
+        spare.mkdir()
+        self._set_quota(spare)
+        return group
+
+    def _set_quota(self, group: pathlib.Path) -> None:
         if self.version == 1:
             (group / "cpu.cfs_period_us").write_text(str(PERIOD_US))
             (group / "cpu.cfs_quota_us").write_text(str(self.quota_us))
         else:
             (group / "cpu.max").write_text(f"{self.quota_us} {PERIOD_US}")
-        (group / "cgroup.procs").write_text(str(pid))
-        self._groups[device_index] = group
-        return group
 
     def group(self, device_index: int) -> pathlib.Path | None:
         return self._groups.get(device_index)
@@ -206,6 +215,9 @@ class CpuQuotas:
             return
         if self._groups.get(device_index) == group:
             del self._groups[device_index]
+        spare = group.parent / (group.name + SPARE_SUFFIX)
+        if not group.name.endswith(SPARE_SUFFIX) and spare.is_dir():
+            self.release(device_index, spare, timeout_s)
         deadline = time.monotonic() + timeout_s
         while True:
             pids = _pids(group)
@@ -241,6 +253,37 @@ class CpuQuotas:
             except OSError:
                 time.sleep(0.02)
         logger.warning("could not remove cgroup %s", path)
+
+
+class SpareSlot:
+    """Where a device's spare executor waits: the sibling group `<device group>-spare` with the
+    same quota (`CpuQuotas.place` makes it), so that its imports (~2.5 CPU-s) take no CPU from
+    the device's serving executor; it joins the device's group once given work.
+    NOTE: nice 19 alone did not protect the serving executor: a quota is a budget per period,
+    and a niced spare spends it whenever the executor waits (on its peers' collectives in
+    every MoE layer), which the executor then lacks later in the period (bench autoscale, 0.3
+    cores: TPOT p90 ~1 s for the 5 s the spares of a 1 -> 2 scale imported).
+    Only with `serve --cpu-per-device` (a local fleet's groups): a pod's CPU limit holds its
+    spare too."""
+
+    def __init__(self, device_group: pathlib.Path, spare_group: pathlib.Path) -> None:
+        self.device_group, self.spare_group = device_group, spare_group
+
+    @classmethod
+    def find(cls) -> "SpareSlot | None":
+        """This process' (an HMM's) slot, or None where its group has none."""
+        try:
+            _, own = detect()
+        except Unavailable:
+            return None
+        spare = own.parent / (own.name + SPARE_SUFFIX)
+        return cls(own, spare) if spare.is_dir() else None
+
+    def wait_here(self, pid: int) -> None:
+        (self.spare_group / "cgroup.procs").write_text(str(pid))
+
+    def join_device(self, pid: int) -> None:
+        (self.device_group / "cgroup.procs").write_text(str(pid))
 
 
 def _remove_stale(base: pathlib.Path) -> None:

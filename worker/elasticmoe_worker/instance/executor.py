@@ -13,9 +13,14 @@ the executor then reports the error and exits rather than hang.
 
 from __future__ import annotations
 
+import os
+
+if __name__ == "__main__" and os.environ.get("ELASTICMOE_SPARE_BASE_NICE") is not None:
+    # a spare (procutil.spare_nice): its imports start here, so its priority drops here
+    os.setpriority(os.PRIO_PROCESS, 0, 19)
+
 import dataclasses
 import logging
-import os
 import struct
 import sys
 import time
@@ -318,9 +323,7 @@ def main() -> int:
     logging.basicConfig(level=os.environ.get("ELASTICMOE_LOG_LEVEL", "INFO").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     procutil.die_with_parent()
-    base_nice = os.environ.get(procutil.SPARE_NICE_ENV)
-    if base_nice is not None:  # a spare: import in the CPU time the serving executor leaves
-        procutil.renice_threads(procutil.SPARE_NICE)
+    base_nice = os.environ.get(procutil.SPARE_NICE_ENV)  # a spare: at SPARE_NICE since the top of this module
     set_compute_threads()
     _import_ahead()
 

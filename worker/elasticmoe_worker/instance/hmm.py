@@ -39,7 +39,7 @@ import zmq.utils.monitor
 from elasticmoe_worker import backends, cliargs
 from elasticmoe_worker.engine import engine as engine_mod
 from elasticmoe_worker.contract import wire
-from elasticmoe_worker.instance import kv_transfer, memory, procutil, transition, transport
+from elasticmoe_worker.instance import cgroup, kv_transfer, memory, procutil, transition, transport
 
 logger = logging.getLogger("elasticmoe.hmm")
 
@@ -114,6 +114,7 @@ class HMM:
         self._spawner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="spawn")
         self.spare: subprocess.Popen | None = None
         self._spare_env = procutil.spare_nice()
+        self._slots: dict[int, cgroup.SpareSlot] = {}  # spare pid -> the CPU group it waits in
         self.transition: threading.Thread | None = None
         self.cancels: dict[int, transition.Cancel] = {}  # config id -> its transition's cancel switch
         # for HMMRejoin: the configuration whose memory this device holds, each started
@@ -161,8 +162,7 @@ class HMM:
             proc, self.spare = self.spare, None
             if proc is None or proc.poll() is not None:
                 proc = self._spawn_executor_process()
-            elif self._spare_env:  # it may still be importing at the spare's low priority
-                procutil.renice_threads(int(self._spare_env[procutil.SPARE_NICE_ENV]), proc.pid)
+            self._give_work(proc)
             frame = wire.encode(spec)
             feeder = _StdinFeeder(proc)
             feeder.write(struct.pack("<Q", len(frame)) + frame)
@@ -197,8 +197,30 @@ class HMM:
         NOTE: always forked from one long-lived thread: an executor's parent-death signal fires
         when the *thread* that forked it ends, and a transition thread (which starts
         pre-initialised standbys) ends with its transition."""
-        return self._spawner.submit(subprocess.Popen, [sys.executable, "-m", "elasticmoe_worker.instance.executor"],
+        proc = self._spawner.submit(subprocess.Popen, [sys.executable, "-m", "elasticmoe_worker.instance.executor"],
                                     stdin=subprocess.PIPE, env={**os.environ, **self._spare_env}).result()
+        slot = cgroup.SpareSlot.find()
+        if slot is not None:
+            try:
+                slot.wait_here(proc.pid)
+                self._slots[proc.pid] = slot
+            except OSError as exc:
+                logger.warning("device %d: the spare executor waits in the device's own CPU group (%s: %s)",
+                               self.device_index, slot.spare_group, exc.strerror)
+        return proc
+
+    def _give_work(self, proc: subprocess.Popen) -> None:
+        """A spare becomes an executor: into the device's CPU group, back at the HMM's priority
+        (it may still be importing)."""
+        slot = self._slots.pop(proc.pid, None)
+        if slot is not None:
+            try:
+                slot.join_device(proc.pid)
+            except OSError as exc:  # it exited, or the group went away: it fails on its own
+                logger.warning("device %d: could not move executor %d into %s: %s", self.device_index, proc.pid,
+                               slot.device_group, exc.strerror)
+        if self._spare_env:
+            procutil.renice_threads(int(self._spare_env[procutil.SPARE_NICE_ENV]), proc.pid)
 
     def stop_executors(self, keep: int | None = None, timeout_s: float = 10.0) -> None:
         with self.exec_lock:
