@@ -84,7 +84,9 @@ def test_a_spec_larger_than_the_pipe_is_written_without_waiting_for_the_reader(t
         threading.Thread(target=write, daemon=True).start()
         returned = done.wait(30)
         go.touch()
-        out, _ = reader.communicate(timeout=60)
+        # NOTE: not communicate(): it closes stdin under the feeder, which is still writing
+        out = reader.stdout.read()
+        reader.wait(timeout=60)
         assert returned, "the writer waited for the reader"
         assert out.decode().strip() == hashlib.sha256(data).hexdigest(), "every byte, in order, then EOF"
     finally:
