@@ -212,7 +212,9 @@ class HMM:
     def _give_work(self, proc: subprocess.Popen) -> None:
         """A spare becomes an executor: into the device's CPU group, back at the HMM's priority
         (it may still be importing)."""
-        slot = self._slots.pop(proc.pid, None)
+        # NOTE: found again when it was spawned before the fleet moved this HMM into its group (it
+        # stayed where the HMM was, without the device's quota)
+        slot = self._slots.pop(proc.pid, None) or cgroup.SpareSlot.find()
         if slot is not None:
             try:
                 slot.join_device(proc.pid)
