@@ -57,7 +57,9 @@ def spare_nice() -> dict[str, str]:
     started right after a scale took the last one, inside the same device's CPU quota as the
     serving executor; its imports (~2.5 CPU-s) at equal priority took 8 s of a 0.3-core
     device's quota from serving. Where the way back is not allowed, it imports at equal
-    priority: a spare stuck at 19 would starve as the next standby."""
+    priority: a spare stuck at 19 would starve as the next standby. Under a local fleet's quota
+    the spare also waits in a group of its own (`cgroup.SpareSlot`): nice does not keep a spare
+    from spending the device's quota while the executor waits on its peers."""
     base = os.getpriority(os.PRIO_PROCESS, 0)
     return {SPARE_NICE_ENV: str(base)} if base < SPARE_NICE and may_lower_nice(base) else {}
 
