@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import os
 
-if __name__ == "__main__" and os.environ.get("ELASTICMOE_SPARE_BASE_NICE") is not None:
+from elasticmoe_worker.instance import procutil  # stdlib only: before torch's import
+
+if __name__ == "__main__" and os.environ.get(procutil.SPARE_NICE_ENV) is not None:
     # a spare (procutil.spare_nice): its imports start here, so its priority drops here
-    os.setpriority(os.PRIO_PROCESS, 0, 19)
+    os.setpriority(os.PRIO_PROCESS, 0, procutil.SPARE_NICE)
 
 import dataclasses
 import logging
@@ -34,7 +36,7 @@ from elasticmoe_worker import backends
 from elasticmoe_worker.engine import engine as engine_mod
 from elasticmoe_worker.engine import types
 from elasticmoe_worker.contract import wire
-from elasticmoe_worker.instance import cgroup, ep, memory, procutil, rendezvous, transport
+from elasticmoe_worker.instance import cgroup, ep, memory, rendezvous, transport
 from elasticmoe_worker.models import config as config_mod
 from elasticmoe_worker.models import registry
 
