@@ -266,6 +266,9 @@ class ScaleRecord(_Model):
     bytes_transferred: int = 0
     transfer_data_ms: int = pydantic.Field(0, description="Of the transfer phase, the time spent moving "
                                            "bytes, milliseconds.")
+    transport: str = pydantic.Field("", description="How the bytes moved: shared memory (devices of one "
+                                    "host), the collective backend (gloo, nccl, hccl), both joined by ' + ', "
+                                    "or empty (nothing moved).")
     requests_handed_over: int = 0
     tokens_recomputed: int = pydantic.Field(0, description="Of a recovery from a lost device: prompt and "
                                             "output tokens recomputed for the requests it suspended; of a "

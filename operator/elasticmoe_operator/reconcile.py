@@ -162,6 +162,10 @@ def _record(scaling: api.ScalingStatus, outcome: admin.Outcome, message: str, no
         rec.transfer_data_ms = coordinator_record.transfer_data_ms
         rec.requests_handed_over = coordinator_record.requests_handed_over
         rec.tokens_recomputed = coordinator_record.tokens_recomputed
+        rec.transport = coordinator_record.transport
+        rec.sequences_kv_moved = coordinator_record.sequences_kv_moved
+        rec.kv_bytes_moved = coordinator_record.kv_bytes_moved
+        rec.kv_fallback = coordinator_record.kv_fallback
         if is_recovery(scaling) and coordinator_record.duration_ms:
             # the coordinator timed it from the loss (its record has no start time to time it by here)
             rec.duration_ms = coordinator_record.duration_ms

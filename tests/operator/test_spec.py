@@ -160,11 +160,11 @@ STATUS = {
     "lastScale": {"from": 1, "to": 2, "reason": "kubectl scale", "scaleId": "m-1-2-2025-01-01T000000Z",
                   "startedAt": "2025-01-01T00:00:00Z", "outcome": "Succeeded", "message": "", "durationMs": 4200,
                   "phasesMs": {"transfer": 3000, "switch": 200}, "bytesTransferred": 123456789,
-                  "transferDataMs": 2500, "requestsHandedOver": 7, "tokensRecomputed": 0,
+                  "transferDataMs": 2500, "transport": "shared memory", "requestsHandedOver": 7, "tokensRecomputed": 0,
                   "sequencesKvMoved": 0, "kvBytesMoved": 0, "kvFallback": ""},
     "history": [{"from": 1, "to": 2, "reason": "kubectl scale", "scaleId": "", "startedAt": "2025-01-01T00:00:00Z",
                  "outcome": "Aborted", "message": "workers did not register", "durationMs": 4200, "phasesMs": {},
-                 "bytesTransferred": 0, "transferDataMs": 0, "requestsHandedOver": 0, "tokensRecomputed": 0,
+                 "bytesTransferred": 0, "transferDataMs": 0, "transport": "", "requestsHandedOver": 0, "tokensRecomputed": 0,
                  "sequencesKvMoved": 0, "kvBytesMoved": 0, "kvFallback": ""}],
 }
 

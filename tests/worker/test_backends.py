@@ -7,6 +7,7 @@ device exists (marked `cuda` / `ascend`, skipped with the reason otherwise); CPU
 
 from __future__ import annotations
 
+import errno
 import gc
 import json
 import logging
@@ -576,3 +577,70 @@ def test_serve_with_every_capability_dropped(tiny_models, tmp_path) -> None:
     finally:
         testprocs.interrupt(proc)
     assert "executor rank 0 of 1 started" in log.read_text()
+
+
+PEER_COPY_CHILD = textwrap.dedent(
+    """
+    import json, sys
+    import msgspec, torch
+    from elasticmoe_worker import backends
+    out = []
+    b = backends.get_backend("cpu")
+    for arg in sys.argv[1:]:
+        handle = msgspec.json.decode(arg.encode(), type=backends.MemoryHandle)
+        with b.allocate(8192, "peer.dst") as dst:
+            try:
+                b.copy_from_peer(dst, 4096, handle, 8, 16)
+                out.append({"bytes": dst.tensor(torch.uint8, (16,), 4096).tolist()})
+            except backends.AttachError as exc:
+                out.append({"error": str(exc)})
+    print(json.dumps(out), flush=True)
+    """
+)
+
+
+def _peer_copy_in_a_peer(tmp_path, *handles) -> list[dict]:
+    script = tmp_path / "peer_copy.py"
+    script.write_text(PEER_COPY_CHILD)
+    # a shell stays the parent of python: a peer of the owner (same uid), not its child
+    cmd = ["sh", "-c", '"$@"; exit $?', "sh", sys.executable, str(script),
+           *(msgspec.json.encode(h).decode() for h in handles)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout, proc.stderr
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def test_a_peer_copies_only_granted_regions_and_only_until_revoked(tmp_path) -> None:
+    from elasticmoe_worker.backends import fdpass
+
+    b = backends.get_backend("cpu")
+    with b.allocate(4096, "peer.granted") as granted, b.allocate(4096, "peer.private") as private:
+        granted.tensor(torch.uint8, (4096,)).copy_(torch.arange(4096) % 256)
+        server = fdpass.server()
+        server.grant(granted.handle.fd_token)
+        ok, refused = _peer_copy_in_a_peer(tmp_path, granted.handle, private.handle)
+        assert ok == {"bytes": list(range(8, 24))}, ok
+        assert "not granted to peers" in refused.get("error", ""), refused
+        server.grant(granted.handle.fd_token)  # grants are counted: one revoke leaves one
+        server.revoke(granted.handle.fd_token)
+        assert server.granted(granted.handle.fd_token)
+        server.revoke(granted.handle.fd_token)
+        [after] = _peer_copy_in_a_peer(tmp_path, granted.handle)
+        assert "not granted to peers" in after.get("error", ""), after
+    with pytest.raises(KeyError, match="no region"):
+        server.grant(granted.handle.fd_token)  # closed: unregistered
+
+
+def test_copy_from_peer_without_copy_file_range_copies_through_a_mapping(monkeypatch) -> None:
+    b = backends.get_backend("cpu")
+
+    def unsupported(*args):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", unsupported)
+    with b.allocate(3 * 4096, "fallback.src") as src, b.allocate(2 * 4096, "fallback.dst") as dst:
+        src.tensor(torch.uint8, (3 * 4096,)).copy_(torch.arange(3 * 4096) % 251)
+        b.copy_from_peer(dst, 100, src.handle, 4000, 5000)
+        assert torch.equal(dst.tensor(torch.uint8, (5000,), 100), src.tensor(torch.uint8, (5000,), 4000))
+        with pytest.raises(ValueError, match="do not fit"):
+            b.copy_from_peer(dst, 4096, src.handle, 0, 5000)

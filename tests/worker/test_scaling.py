@@ -100,6 +100,29 @@ def test_scale_1_2_3_4_2_1_under_load_fails_nothing_and_changes_no_output(tiny_m
         for r in records:
             assert set(r.phases_ms) == {"workers", "transfer", "standby_start", "switch"}
             assert sum(r.phases_ms.values()) == r.duration_ms, "phases are intervals that add up to the total"
+            # every device is on this host: bytes move through shared memory, no process group
+            assert r.transport == ("shared memory" if r.bytes_transferred else ""), (r.transport, r.bytes_transferred)
+    finally:
+        inst.shutdown()
+
+
+def test_scale_over_the_collective_when_peer_copies_are_off(tiny_models, tmp_path, monkeypatch):
+    """ELASTICMOE_PEER_COPY=0: the same scales over gloo (the path devices on different hosts take)."""
+    monkeypatch.setenv("ELASTICMOE_PEER_COPY", "0")
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_models["qwen3_moe"], model_dir)
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(1, 2000, (int(n),), generator=g).tolist()
+               for n in torch.randint(3, 40, (8,), generator=g)]
+    refs = _reference(model_dir, prompts)
+    inst = coordinator.Instance(model_dir, 1, CFG).start()
+    try:
+        model_dir.rename(tmp_path / "moved-away")
+        got, failures, records = _run_with_scaling(inst, prompts, [3, 2])
+        assert failures == []
+        assert [(r.from_devices, r.to_devices, r.outcome.value, r.transport) for r in records] == [
+            (1, 3, "Succeeded", "gloo"), (3, 2, "Succeeded", "gloo")]
+        assert [tokens for i, tokens in got] == [refs[i] for i, _ in got]
     finally:
         inst.shutdown()
 

@@ -291,6 +291,10 @@ class DeviceBackend(abc.ABC):
 
     name: str
     collective_backend: str  # "gloo" | "nccl" | "hccl"
+    # Whether `copy_from_peer` works: a peer process on the same host can hand this backend a
+    # region to copy from (CPU: a memfd). Elsewhere transitions go over `collective_backend`,
+    # which picks its own path within a node (NCCL: P2P or SHM).
+    copies_from_peers: bool = False
 
     def __init__(self, device_index: int = 0) -> None:
         if not isinstance(device_index, int) or device_index < 0:
@@ -318,6 +322,12 @@ class DeviceBackend(abc.ABC):
 
         Raises AttachError when the owner is gone, closed the region, or denies access.
         """
+
+    def copy_from_peer(self, dst: Region, dst_offset: int, src: MemoryHandle, src_offset: int, nbytes: int) -> None:
+        """Copy `nbytes` of another process's region (`src`, granted to peers by its owner) at
+        `src_offset` into `dst` at `dst_offset`: one copy, no staging. Only where
+        `copies_from_peers`; raises AttachError when the owner refuses or is gone."""
+        raise NotImplementedError(f"backend {self.name!r} does not copy from peer regions; use its collectives")
 
     @abc.abstractmethod
     def expert_pages(self, num_slots: int, slot_bytes: int) -> ExpertPages: ...

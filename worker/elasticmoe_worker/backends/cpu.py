@@ -185,6 +185,7 @@ class CpuBackend(base.DeviceBackend):
 
     name = "cpu"
     collective_backend = "gloo"
+    copies_from_peers = True
 
     def __init__(self, device_index: int = 0, *, use_memfd: bool = True) -> None:
         super().__init__(device_index)
@@ -239,6 +240,43 @@ class CpuBackend(base.DeviceBackend):
             raise
         logger.debug("attached %s from pid %d", handle.name, handle.owner_pid)
         return region
+
+    def copy_from_peer(self, dst: base.Region, dst_offset: int, src: base.MemoryHandle, src_offset: int,
+                       nbytes: int) -> None:
+        """The kernel copies the source memfd's pages into the destination's (copy_file_range):
+        one copy, neither region mapped for it, the GIL released (parallel sources copy in
+        parallel). Where the kernel cannot (ENOSYS, EXDEV, EINVAL: an old kernel or another file
+        system), through a mapping of the source instead."""
+        self._check_handle(src)
+        if not isinstance(dst, CpuRegion) or dst.closed:
+            raise ValueError(f"copy_from_peer: the destination must be an open CPU region, got {dst!r}")
+        src_alloc = base.round_up(src.size_bytes, mmap.PAGESIZE)
+        for what, off, size in (("source", src_offset, src_alloc), ("destination", dst_offset, dst.alloc_bytes)):
+            if off < 0 or off + nbytes > size:
+                raise ValueError(f"copy_from_peer: {nbytes} bytes at {what} offset {off} do not fit in its "
+                                 f"{size} bytes")
+        fd = fdpass.receive(src)
+        try:
+            done = 0
+            try:
+                while done < nbytes:
+                    n = os.copy_file_range(fd, dst.fd, nbytes - done, src_offset + done, dst_offset + done)
+                    if n == 0:
+                        raise base.AttachError(f"copy from {src.name!r}: the source ended after {done} of "
+                                               f"{nbytes} bytes")
+                    done += n
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                logger.debug("copy_file_range unavailable (%s): copying %s through a mapping", exc, src.name)
+                alloc = base.round_up(src.size_bytes, mmap.PAGESIZE)
+                # NOTE: not closed: the tensor keeps the mapping; dropping both unmaps it
+                mm = mmap.mmap(fd, alloc, mmap.MAP_SHARED, mmap.PROT_READ)
+                view = torch.frombuffer(mm, dtype=torch.uint8)[src_offset + done:src_offset + nbytes]
+                dst._byte_tensor()[dst_offset + done:dst_offset + nbytes].copy_(view)
+                del view, mm
+        finally:
+            os.close(fd)
 
     def expert_pages(self, num_slots: int, slot_bytes: int) -> CpuExpertPages:
         return CpuExpertPages(num_slots, slot_bytes, mmap.PAGESIZE)

@@ -17,8 +17,11 @@ token and gets a duplicate of the fd back in an SCM_RIGHTS message.
 Who may receive (checked on every connection, from the kernel's SO_PEERCRED, then per
 request): a process of the owner's effective uid that is the owner itself or one of its direct
 children (the HMM starts its executors), and that presents the token of a region still
-registered (the token comes only in the handle, which the owner hands out). A refusal is an
-error message back to the client (`AttachError` there) and a warning in the owner's log.
+registered (the token comes only in the handle, which the owner hands out). Other processes of
+the owner's uid (a peer HMM on the same host, copying a region during a transition) may receive
+only regions the owner `grant`ed to peers, until it `revoke`s them; the owner hands those
+handles out over the authenticated control channel only. A refusal is an error message back to
+the client (`AttachError` there) and a warning in the owner's log.
 
 What it does not guarantee:
 - abstract Unix sockets live in the network namespace: owner and receivers must share it (an
@@ -68,6 +71,7 @@ class FdServer:
         self.pid = os.getpid()
         self.name = f"elasticmoe-fds-{self.pid}-{secrets.token_hex(8)}"
         self._fds: dict[bytes, int] = {}  # token -> fd (owned by the region, not by us)
+        self._granted: dict[bytes, int] = {}  # tokens peers (not only children) may receive -> grants held
         self._lock = threading.Lock()
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         self._sock.bind("\0" + self.name)
@@ -86,6 +90,28 @@ class FdServer:
         """No more receives of the token's fd; call before closing the fd. Idempotent."""
         with self._lock:
             self._fds.pop(token, None)
+            self._granted.pop(token, None)
+
+    def grant(self, token: bytes) -> None:
+        """Let processes of the owner's uid that are not its children receive the token's fd too,
+        until as many `revoke`s as grants. KeyError for a token that is not registered."""
+        with self._lock:
+            if token not in self._fds:
+                raise KeyError("grant: no region is registered under this token")
+            self._granted[token] = self._granted.get(token, 0) + 1
+
+    def revoke(self, token: bytes) -> None:
+        """Undo one `grant`; the owner and its children keep their access. Idempotent past zero."""
+        with self._lock:
+            held = self._granted.get(token, 0) - 1
+            if held > 0:
+                self._granted[token] = held
+            else:
+                self._granted.pop(token, None)
+
+    def granted(self, token: bytes) -> bool:
+        with self._lock:
+            return token in self._granted
 
     def _accept(self) -> None:
         while True:
@@ -95,22 +121,24 @@ class FdServer:
                 return  # the socket was closed: this process is shutting down
             threading.Thread(target=self._serve, args=(conn,), name="fd-server-conn", daemon=True).start()
 
-    def _refusal(self, conn: socket.socket) -> str | None:
+    def _refusal(self, conn: socket.socket) -> tuple[str | None, str | None]:
+        """-> (why the connection is refused, why a token not granted to peers would be)."""
         pid, uid, _ = _PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
         if uid != os.geteuid():
-            return f"peer pid {pid} runs as uid {uid}, not the owner's uid {os.geteuid()}"
+            return f"peer pid {pid} runs as uid {uid}, not the owner's uid {os.geteuid()}", None
         if pid != self.pid:
             parent = _parent_pid(pid)
             if parent != self.pid:
-                return (f"peer pid {pid} is not a child of the owner pid {self.pid} "
-                        f"(its parent: {parent if parent is not None else 'unknown'})")
-        return None
+                return None, (f"peer pid {pid} is not a child of the owner pid {self.pid} "
+                              f"(its parent: {parent if parent is not None else 'unknown'}), and the region is "
+                              f"not granted to peers")
+        return None, None
 
     def _serve(self, conn: socket.socket) -> None:
         with conn:
             conn.settimeout(_CONNECTION_TIMEOUT_S)
             try:
-                refusal = self._refusal(conn)
+                refusal, peers_only = self._refusal(conn)
                 while True:
                     request = conn.recv(256)  # one request per packet
                     if not request:
@@ -122,9 +150,15 @@ class FdServer:
                     if len(request) != len(_MAGIC) + TOKEN_BYTES or not request.startswith(_MAGIC):
                         logger.warning("dropped a malformed memory-handle request (%d bytes)", len(request))
                         return
+                    token = request[len(_MAGIC):]
                     with self._lock:
-                        fd = self._fds.get(request[len(_MAGIC):])
-                        dup = os.dup(fd) if fd is not None else -1
+                        fd = self._fds.get(token)
+                        allowed = peers_only is None or token in self._granted
+                        dup = os.dup(fd) if fd is not None and allowed else -1
+                    if fd is not None and not allowed:
+                        logger.warning("refused a memory-handle request: %s", peers_only)
+                        conn.sendall(_ERR + f"refused by the owner: {peers_only}".encode())
+                        continue
                     if dup < 0:
                         conn.sendall(_ERR + b"no such region: the owner closed the region")
                         continue

@@ -52,6 +52,7 @@ def summarise_repeats(runs: list[dict], floors: list[dict], steps: list[dict]) -
             scale["floor"] = {"median_s": floor_s, "spread": _spread([f["floor_s"] for f in fl]),
                               "bytes_moved": _median([f["bytes"] for f in fl]),
                               "idle_bytes_per_s": _median([f["idle_bytes_per_s"] for f in fl]),
+                              "idle_transport": " / ".join(sorted({f.get("idle_transport", "gloo") for f in fl})),
                               "decode_step_s": _median([f["decode_step_s"] for f in fl]),
                               "transfer_bytes_per_s": _median([f["transfer_bytes_per_s"] for f in fl])}
             scale["elastic_over_floor"] = _ratio(el["time_to_new_capacity_s"]["median"], floor_s)
@@ -114,7 +115,8 @@ def floor(elastic: dict, idle: dict) -> dict:
     step_s = elastic["tpot_all_p50_ms"] / 1000
     moved = elastic["bytes_transferred"]
     return {"from": elastic["from"], "to": elastic["to"], "repeat": elastic.get("repeat"), "bytes": moved,
-            "idle_bytes_per_s": idle["bytes_per_s"], "decode_step_s": step_s,
+            "idle_bytes_per_s": idle["bytes_per_s"], "idle_transport": idle.get("transport", "gloo"),
+            "decode_step_s": step_s,
             "floor_s": moved / idle["bytes_per_s"] + step_s,
             "transfer_bytes_per_s": moved / elastic["transfer_data_seconds"] if elastic["transfer_data_seconds"] else None}
 
@@ -162,7 +164,7 @@ def report(report: dict, args) -> str:
         if "floor" in s:
             fl, ph = s["floor"], s["strategies"]["elastic"]["phases_s"]
             md.append(f"| {key.replace(':', ' → ')} | {fl['bytes_moved'] / 1e6:.0f} MB | "
-                      f"{fl['idle_bytes_per_s'] / 1e6:.0f} MB/s | "
+                      f"{fl['idle_bytes_per_s'] / 1e6:.0f} MB/s ({fl.get('idle_transport', 'gloo')}) | "
                       f"{f(fl['transfer_bytes_per_s'] / 1e6 if fl['transfer_bytes_per_s'] else None, '{:.0f}')} MB/s | "
                       f"{f(fl['decode_step_s'], '{:.3f}')} | "
                       + ", ".join(f"{p} {f(v)}" for p, v in ph.items()) + " |")

@@ -67,6 +67,9 @@ class ScaleRecord(_Body, kw_only=True):
     phases_ms: dict[str, int] = {}
     bytes_transferred: int = 0
     transfer_data_ms: int = 0  # of the transfer phase: moving bytes (the rest: allocation, group set-up)
+    # how the bytes moved, over all devices: "shared memory" (devices of one host), the collective
+    # backend ("gloo", "nccl", "hccl"), both joined by " + ", or "" (nothing moved)
+    transport: str = ""
     requests_handed_over: int = 0
     # of a recovery from a lost device: prompt + output tokens of its suspended requests; of a scale: the
     # tokens the departing devices' sequences had in their KV caches, computed again on their adopters

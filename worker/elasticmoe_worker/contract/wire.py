@@ -208,6 +208,7 @@ class TransitionReady(Msg):
     bytes_received: int
     bytes_sent: int
     data_seconds: float = 0.0  # of transfer_seconds, the time spent moving bytes
+    transport: str = ""  # how: "shared memory", the collective backend ("gloo"), both joined by " + ", or ""
 
 
 class CommitTransition(Msg):

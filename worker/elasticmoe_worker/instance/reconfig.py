@@ -161,7 +161,9 @@ def _on_transfer_ready(state: State, ev: TransferReady) -> tuple[State, list[Act
     sc = dataclasses.replace(sc, ready=ready, waiting=sc.waiting - {msg.device_index})
     if sc.waiting:
         return dataclasses.replace(state, scale=sc), []
-    record = msgspec.structs.replace(sc.record, transfer_data_ms=_ms(max(r.data_seconds for r in ready.values())))
+    transports = sorted({part for r in ready.values() for part in r.transport.split(" + ") if part})
+    record = msgspec.structs.replace(sc.record, transfer_data_ms=_ms(max(r.data_seconds for r in ready.values())),
+                                     transport=" + ".join(transports))
     actions: list[Action] = []
     if sc.lost:  # a recovery replaces the broken executors now; a scale's standbys started with the transfer
         owner = owner_list(sc.plan.new_placement, sc.new_devices)

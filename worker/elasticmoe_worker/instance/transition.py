@@ -1,7 +1,9 @@
 """The HMM's part of a reconfiguration: allocate what the new configuration needs and move
 bytes peer to peer, while this device's current executor keeps serving.
 
-Runs in a thread of the HMM. The transfer group is a process group of the backend's collective
+Runs in a thread of the HMM. Transfers between devices of one host copy through shared memory
+(`peer_copy`: the source grants its regions, the destination copies, no process group); the
+others go over a process group of the backend's collective
 library (gloo, NCCL, HCCL: `rendezvous.process_group`) created for this transition only (its
 own rendezvous prefix, over the authenticated control channel), so it never touches the
 executors' collectives. `Cancel.set()` (an abort) makes the thread give up
@@ -25,7 +27,7 @@ import torch
 
 from elasticmoe_worker.backends import base as backends_base
 from elasticmoe_worker.contract import wire
-from elasticmoe_worker.instance import memory, rendezvous
+from elasticmoe_worker.instance import memory, peer_copy, rendezvous
 
 logger = logging.getLogger("elasticmoe.hmm")
 
@@ -38,6 +40,7 @@ class Result:
     bytes_received: int
     setup_seconds: float  # allocation + forming the transfer group
     data_seconds: float  # moving the bytes
+    transport: str = ""  # how this device's bytes moved: "shared memory", the collective backend, both, or ""
 
 
 def allocate_new_device(backend: backends_base.DeviceBackend, device_index: int,
@@ -135,43 +138,74 @@ def run(backend: backends_base.DeviceBackend, device_index: int, mem: memory.Dev
         result = _move(backend, mem, msg, device_index, store, cancel, started, deadline, host)
     finally:
         store.close()
-    logger.info("device %d: transition %d moved %.1f MB out, %.1f MB in, in %.2f s", device_index,
-                msg.config_id, result.bytes_sent / 1e6, result.bytes_received / 1e6, result.seconds)
+    logger.info("device %d: transition %d moved %.1f MB out, %.1f MB in, in %.2f s (%s)", device_index,
+                msg.config_id, result.bytes_sent / 1e6, result.bytes_received / 1e6, result.seconds,
+                result.transport or "nothing to move")
     return result
+
+
+def _buffers(mem: memory.DeviceMemory, msg: wire.PrepareTransition, t: wire.Transfer) -> list[peer_copy.Buffer]:
+    """The (region, offset, bytes) a transfer moves, the same list on both sides."""
+    if t.kind == "replicated":
+        return [(mem.replicated, t.offset_bytes, t.size_bytes)]
+    out: list[peer_copy.Buffer] = []
+    for layer in msg.moe_layers:
+        w13, w2 = mem.experts[(layer, t.expert_id)]
+        out += [(w13, 0, w13.alloc_bytes), (w2, 0, w2.alloc_bytes)]
+    return out
 
 
 def _move(backend: backends_base.DeviceBackend, mem: memory.DeviceMemory, msg: wire.PrepareTransition,
           device_index: int, store, cancel: Cancel, started: float, deadline: float, host: str = "") -> Result:
-    """Sends and receives straight from and into the regions' device memory (no staging copy)."""
+    """Sends and receives straight from and into the regions' device memory (no staging copy):
+    between devices of one host through shared memory (`peer_copy`), between hosts over the
+    collective backend, in parallel."""
     rank_of = {d: r for r, d in enumerate(msg.group_ranks)}
-    pg = rendezvous.process_group(backend.collective_backend, store, msg.rank, len(msg.group_ranks), msg.timeout_s,
-                                  backend.torch_device(), host)
+    keys = peer_copy.exchange_keys(store, msg.rank, msg.group_ranks, peer_copy.locality_key(backend))
+    local = peer_copy.local_transfers(msg.transfers, keys)
+    # NOTE: every rank computes the same split from the same keys, so all or none form the group
+    pg = None
+    if len(local) < len(msg.transfers):
+        pg = rendezvous.process_group(backend.collective_backend, store, msg.rank, len(msg.group_ranks),
+                                      msg.timeout_s, backend.torch_device(), host)
     setup_seconds = time.perf_counter() - started
     data_started = time.perf_counter()
-    works, sent, received = [], 0, 0
+    works, sent, received, used = [], 0, 0, set()
+    wanted: list[tuple[int, int, list[peer_copy.Buffer]]] = []
+    source = peer_copy.Source()
     per_transfer = 2 * max(1, len(msg.moe_layers))
-    for idx, t in enumerate(msg.transfers):
-        if device_index not in (t.src, t.dst):
-            continue
-        if t.kind == "replicated":
-            buffers = [mem.replicated.tensor(torch.uint8, (t.size_bytes,), t.offset_bytes)]
-        else:
-            buffers = []
-            for layer in msg.moe_layers:
-                w13, w2 = mem.experts[(layer, t.expert_id)]
-                buffers += [w13.tensor(torch.uint8, (w13.alloc_bytes,)), w2.tensor(torch.uint8, (w2.alloc_bytes,))]
-        for j, buf in enumerate(buffers):
-            tag = idx * per_transfer + j
-            if t.src == device_index:
-                works.append(pg.send([buf], rank_of[t.dst], tag))
-                sent += buf.numel()
-            else:
-                works.append(pg.recv([buf], rank_of[t.src], tag))
-                received += buf.numel()
-    wait_for(works, cancel, deadline)
-    data_seconds = time.perf_counter() - data_started
-    # NOTE: nobody leaves before everyone is done: a rank that tears its group down early
-    # resets connections that slower peers are still setting up.
-    wait_for([pg.barrier()], cancel, deadline)
+    try:
+        for idx, t in enumerate(msg.transfers):
+            if device_index not in (t.src, t.dst):
+                continue
+            buffers = _buffers(mem, msg, t)
+            if idx in local:
+                used.add("shared memory")
+                if t.src == device_index:
+                    sent += source.publish(store, idx, buffers)
+                else:
+                    wanted.append((idx, t.src, buffers))
+                continue
+            used.add(backend.collective_backend)
+            for j, (region, offset, nbytes) in enumerate(buffers):
+                buf = region.tensor(torch.uint8, (nbytes,), offset)
+                tag = idx * per_transfer + j
+                if t.src == device_index:
+                    works.append(pg.send([buf], rank_of[t.dst], tag))
+                    sent += nbytes
+                else:
+                    works.append(pg.recv([buf], rank_of[t.src], tag))
+                    received += nbytes
+        received += peer_copy.pull(backend, store, wanted, cancel)  # while the collective's works run
+        wait_for(works, cancel, deadline)
+        data_seconds = time.perf_counter() - data_started
+        if local:  # nobody revokes (or frees) a region a peer still copies from
+            peer_copy.barrier(store, msg.rank, len(msg.group_ranks))
+    finally:
+        source.close()
+    if pg is not None:
+        # NOTE: nobody leaves before everyone is done: a rank that tears its group down early
+        # resets connections that slower peers are still setting up.
+        wait_for([pg.barrier()], cancel, deadline)
     seconds = time.perf_counter() - started
-    return Result(mem, seconds, sent, received, setup_seconds, data_seconds)
+    return Result(mem, seconds, sent, received, setup_seconds, data_seconds, " + ".join(sorted(used)))
