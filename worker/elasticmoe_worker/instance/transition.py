@@ -138,9 +138,10 @@ def run(backend: backends_base.DeviceBackend, device_index: int, mem: memory.Dev
         result = _move(backend, mem, msg, device_index, store, cancel, started, deadline, host)
     finally:
         store.close()
-    logger.info("device %d: transition %d moved %.1f MB out, %.1f MB in, in %.2f s (%s)", device_index,
-                msg.config_id, result.bytes_sent / 1e6, result.bytes_received / 1e6, result.seconds,
-                result.transport or "nothing to move")
+    logger.info("device %d: transition %d moved %.1f MB out, %.1f MB in, in %.2f s (%s; allocation and set-up "
+                "%.2f s, bytes %.2f s)", device_index, msg.config_id, result.bytes_sent / 1e6,
+                result.bytes_received / 1e6, result.seconds, result.transport or "nothing to move",
+                result.setup_seconds, result.data_seconds)
     return result
 
 
