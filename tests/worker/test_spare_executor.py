@@ -92,3 +92,55 @@ def test_a_spec_larger_than_the_pipe_is_written_without_waiting_for_the_reader(t
     finally:
         reader.kill()
         reader.wait()
+
+
+def _children(pid: int) -> set[int]:
+    """Live children of every thread of `pid` (the HMM forks executors from a thread of its own)."""
+    out = set()
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out |= {int(x) for x in f.read().split()}
+        except FileNotFoundError:
+            continue
+    return out
+
+
+def test_a_scale_spawns_the_next_spare_only_when_it_ends(tiny_models):
+    """A staying device holds its serving executor and the standby during a scale, not a third
+    process importing (the peak of its memory); a spare is back once the scale committed."""
+    from elasticmoe_worker.engine import engine as engine_mod
+    from elasticmoe_worker.instance import coordinator
+
+    cfg = engine_mod.EngineConfig(dtype="float32", kv_cache_bytes=8 << 20, max_num_batched_tokens=64)
+    inst = coordinator.Instance(tiny_models["qwen3_moe"], 1, cfg, warm_workers=1).start()
+    try:
+        hmm_pid = inst.fleet.pids()[0]
+        _wait_for(lambda: len(_children(hmm_pid)) == 2, what="device 0's executor and its spare")
+        steady = _children(hmm_pid)
+        most, done = 0, threading.Event()
+
+        def sample():
+            nonlocal most
+            while not done.is_set():
+                most = max(most, len(_children(hmm_pid)))
+                time.sleep(0.002)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            record = inst.scale(2, "test")
+        finally:
+            done.set()
+            sampler.join()
+        assert record.outcome.value == "Succeeded", record
+        assert most == 2, f"device 0 held {most} executor processes at once during the scale"
+        # the old executor exited, the old spare serves as the standby it became, a new spare imports
+        _wait_for(lambda: len(_children(hmm_pid)) == 2 and len(_children(hmm_pid) - steady) == 1,
+                  what="a new spare beside the new executor")
+    finally:
+        inst.shutdown()

@@ -170,7 +170,11 @@ class HMM:
                 self.gated[start.config_id] = feeder
             else:
                 feeder.close()
-            self.spare = self._spawn_executor_process()  # the next standby is warm before it is needed
+            if not wait_for_weights:
+                self.spare = self._spawn_executor_process()  # the next standby is warm before it is needed
+            # NOTE: a scale's standby takes the spare; the next one is spawned when the scale ends
+            # (`commit`, `abort`): spawned now, its imports (~150 MB, ~2.5 CPU-s) ran beside the old
+            # executor and the standby, the peak of the device's memory during the scale
             self.executors[start.config_id] = (proc, start.rank)
         self.config_ranks[start.config_id] = (start.rank, start.world_size)
         self.last_config_id = max(self.last_config_id, start.config_id)
@@ -321,8 +325,15 @@ class HMM:
         freed = self.memory.drop_experts_except(self.expert_ids) if self.memory else 0
         self.held_config_id = msg.config_id
         self.stop_executors(keep=msg.config_id)
+        self._replace_spare()
         logger.info("device %d: configuration %d committed; %.1f MB of experts released", self.device_index,
                     msg.config_id, freed / 1e6)
+
+    def _replace_spare(self) -> None:
+        """A spare again after a scale took it (its old executor has exited by now)."""
+        with self.exec_lock:
+            if self.spare is None or self.spare.poll() is not None:
+                self.spare = self._spawn_executor_process()
 
     def abort(self, msg: wire.AbortTransition) -> None:
         cancel = self.cancels.pop(msg.config_id, None)
@@ -336,6 +347,7 @@ class HMM:
         self.pending_expert_ids = None
         freed = self.memory.drop_experts_except(self.expert_ids) if self.memory else 0
         self.stop_executors(keep=max((c for c in self.executors if c < msg.config_id), default=None))
+        self._replace_spare()
         logger.warning("device %d: transition %d aborted (%s); %.1f MB released", self.device_index,
                        msg.config_id, msg.reason, freed / 1e6)
 
