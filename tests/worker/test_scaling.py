@@ -127,9 +127,12 @@ def test_scale_over_the_collective_when_peer_copies_are_off(tiny_models, tmp_pat
         inst.shutdown()
 
 
-def test_scale_down_moves_the_departing_sequences_kv_instead_of_recomputing_it(tiny_models):
+@pytest.mark.parametrize("peer_copy", ["1", "0"], ids=["shared-memory", "collective"])
+def test_scale_down_moves_the_departing_sequences_kv_instead_of_recomputing_it(tiny_models, monkeypatch, peer_copy):
     """2 -> 1 under streaming load: the sequences running on device 1 continue on device 0 with
-    their KV blocks copied there peer to peer, so device 0 computes none of their tokens again."""
+    their KV blocks copied there peer to peer (through shared memory, or over gloo as between
+    hosts), so device 0 computes none of their tokens again."""
+    monkeypatch.setenv("ELASTICMOE_PEER_COPY", peer_copy)
     g = torch.Generator().manual_seed(7)
     prompts = [torch.randint(1, 2000, (int(n),), generator=g).tolist()
                for n in torch.randint(20, 40, (8,), generator=g)]
@@ -144,6 +147,7 @@ def test_scale_down_moves_the_departing_sequences_kv_instead_of_recomputing_it(t
         assert failures == []
         (rec,) = records
         assert (rec.from_devices, rec.to_devices, rec.outcome.value, rec.kv_fallback) == (2, 1, "Succeeded", "")
+        assert rec.transport == {"1": "shared memory", "0": "gloo"}[peer_copy]
         assert rec.sequences_kv_moved > 0 and rec.kv_bytes_moved > 0, "no sequence was running on device 1"
         assert rec.tokens_recomputed == 0
         assert [tokens for i, tokens in got] == [refs[i] for i, _ in got]

@@ -258,7 +258,8 @@ class CpuQuotas:
 class SpareSlot:
     """Where a device's spare executor waits: the sibling group `<device group>-spare` with the
     same quota (`CpuQuotas.place` makes it), so that its imports (~2.5 CPU-s) take no CPU from
-    the device's serving executor; it joins the device's group once given work.
+    the device's serving executor; it joins the device's group once given work, or, as a
+    scale's standby, once it serves (the HMM's commit).
     NOTE: nice 19 alone did not protect the serving executor: a quota is a budget per period,
     and a niced spare spends it whenever the executor waits (on its peers' collectives in
     every MoE layer), which the executor then lacks later in the period (bench autoscale, 0.3

@@ -162,7 +162,7 @@ class HMM:
             proc, self.spare = self.spare, None
             if proc is None or proc.poll() is not None:
                 proc = self._spawn_executor_process()
-            self._give_work(proc)
+            self._give_work(proc, join_device=not wait_for_weights)
             frame = wire.encode(spec)
             feeder = _StdinFeeder(proc)
             feeder.write(struct.pack("<Q", len(frame)) + frame)
@@ -213,9 +213,22 @@ class HMM:
                                self.device_index, slot.spare_group, exc.strerror)
         return proc
 
-    def _give_work(self, proc: subprocess.Popen) -> None:
-        """A spare becomes an executor: into the device's CPU group, back at the HMM's priority
-        (it may still be importing)."""
+    def _give_work(self, proc: subprocess.Popen, join_device: bool = True) -> None:
+        """A spare becomes an executor: back at the HMM's priority (it may still be importing), and
+        into the device's CPU group now, or (`join_device=False`: a scale's standby) once it
+        serves (`_join_device` at the commit).
+
+        NOTE: a standby prepares (attach, model, engine, group, warm-up) while the device's old
+        executor serves; in the device's group it shared that executor's quota, which a loaded
+        device spends in full: standby_start 2.9-3.7 s of a 3.7-4.4 s scale-up at 0.225 cores
+        and 3 requests/s (bench scaling). The quota stands for the accelerator, which a standby
+        does not use before it serves; its preparation is host work."""
+        if join_device:
+            self._join_device(proc)
+        if self._spare_env:
+            procutil.renice_threads(int(self._spare_env[procutil.SPARE_NICE_ENV]), proc.pid)
+
+    def _join_device(self, proc: subprocess.Popen) -> None:
         # NOTE: found again when it was spawned before the fleet moved this HMM into its group (it
         # stayed where the HMM was, without the device's quota)
         slot = self._slots.pop(proc.pid, None) or cgroup.SpareSlot.find()
@@ -225,8 +238,6 @@ class HMM:
             except OSError as exc:  # it exited, or the group went away: it fails on its own
                 logger.warning("device %d: could not move executor %d into %s: %s", self.device_index, proc.pid,
                                slot.device_group, exc.strerror)
-        if self._spare_env:
-            procutil.renice_threads(int(self._spare_env[procutil.SPARE_NICE_ENV]), proc.pid)
 
     def stop_executors(self, keep: int | None = None, timeout_s: float = 10.0) -> None:
         with self.exec_lock:
@@ -325,6 +336,9 @@ class HMM:
         freed = self.memory.drop_experts_except(self.expert_ids) if self.memory else 0
         self.held_config_id = msg.config_id
         self.stop_executors(keep=msg.config_id)
+        serving = self.executors.get(msg.config_id)
+        if serving is not None:
+            self._join_device(serving[0])  # the standby serves now: the device's quota from here on
         self._replace_spare()
         logger.info("device %d: configuration %d committed; %.1f MB of experts released", self.device_index,
                     msg.config_id, freed / 1e6)
@@ -332,6 +346,9 @@ class HMM:
     def _replace_spare(self) -> None:
         """A spare again after a scale took it (its old executor has exited by now)."""
         with self.exec_lock:
+            for pid in [p for p in self._slots if p not in {proc.pid for proc, _ in self.executors.values()}
+                        and (self.spare is None or p != self.spare.pid)]:
+                del self._slots[pid]  # an aborted standby's
             if self.spare is None or self.spare.poll() is not None:
                 self.spare = self._spawn_executor_process()
 

@@ -7,7 +7,11 @@ coordinator sends `MoveKV` only while admission is paused, after every old execu
 over (their blocks are final) and before any new executor adopted anything (the destination
 blocks are free): nobody else touches these blocks meanwhile.
 
-Each (source, destination) pair moves its blocks in rounds of messages of at most `CHUNK_BYTES`:
+Devices of one host copy through shared memory instead (`peer_copy`'s locality keys): the
+source grants its pool to peers, the destination maps it and copies the blocks straight from
+the source's pool into its own (no staging buffer, no process group), and a store barrier keeps
+the grant until every destination is done. The others form the group:
+each (source, destination) pair moves its blocks in rounds of messages of at most `CHUNK_BYTES`:
 the source gathers a round's blocks of every layer (keys, then values) into one buffer, the
 destination receives into a buffer of its own and scatters it into its pool once the round
 arrived, and only before its deadline. The coordinator's deadline is later, so a copy it gave up
@@ -29,7 +33,7 @@ import torch
 
 from elasticmoe_worker.backends import base as backends_base
 from elasticmoe_worker.contract import wire
-from elasticmoe_worker.instance import memory, rendezvous, transition
+from elasticmoe_worker.instance import memory, peer_copy, rendezvous, transition
 from elasticmoe_worker.models import config as config_mod
 from elasticmoe_worker.models import registry
 
@@ -68,19 +72,72 @@ def run(backend: backends_base.DeviceBackend, device_index: int, mem: memory.Dev
     views = block_views(mem.kv, config_json, mem.ready.num_kv_blocks, msg.block_size, msg.dtype)
     store = rendezvous.ChannelStore(coordinator, secret, f"kv-{msg.config_id}", msg.timeout_s)
     cancel.store = store
+    sent = received = 0
     try:
-        pg = rendezvous.process_group(backend.collective_backend, store, msg.rank, len(msg.group_ranks), msg.timeout_s,
-                                      backend.torch_device(), host)
-        sent, received = copy(pg, {d: r for r, d in enumerate(msg.group_ranks)}, views, msg.copies, device_index,
-                              cancel, deadline)
+        keys = peer_copy.exchange_keys(store, msg.rank, msg.group_ranks, peer_copy.locality_key(backend))
+        local = peer_copy.local_transfers(msg.copies, keys)
+        remote = [c for i, c in enumerate(msg.copies) if i not in local]
+        if remote:  # every rank computes the same split: all or none form the group
+            pg = rendezvous.process_group(backend.collective_backend, store, msg.rank, len(msg.group_ranks),
+                                          msg.timeout_s, backend.torch_device(), host)
+            sent, received = copy(pg, {d: r for r, d in enumerate(msg.group_ranks)}, views, remote, device_index,
+                                  cancel, deadline)
+        if local:
+            s, r = copy_local(backend, store, mem.kv, mem.ready.num_kv_blocks, config_json, msg, sorted(local),
+                              device_index, cancel, deadline)
+            sent, received = sent + s, received + r
     finally:
         store.close()
     seconds = time.perf_counter() - started
-    logger.info("device %d: KV copy for configuration %d: %d block(s) sent (%.2f MB), %d received (%.2f MB) in %.3f s",
-                device_index, msg.config_id, sum(len(c.src_blocks) for c in msg.copies if c.src == device_index),
-                sent / 1e6, sum(len(c.dst_blocks) for c in msg.copies if c.dst == device_index), received / 1e6,
-                seconds)
+    how = " + ".join(x for x, used in (("shared memory", local), (backend.collective_backend, remote)) if used)
+    logger.info("device %d: KV copy for configuration %d: %d block(s) sent (%.2f MB), %d received (%.2f MB) in "
+                "%.3f s (%s)", device_index, msg.config_id,
+                sum(len(c.src_blocks) for c in msg.copies if c.src == device_index), sent / 1e6,
+                sum(len(c.dst_blocks) for c in msg.copies if c.dst == device_index), received / 1e6, seconds,
+                how or "nothing to copy")
     return Result(sent, received, seconds)
+
+
+def copy_local(backend: backends_base.DeviceBackend, store, kv: backends_base.Region, num_blocks: int,
+               config_json: str, msg: wire.MoveKV, indices: list[int], device_index: int,
+               cancel: transition.Cancel, deadline: float) -> tuple[int, int]:
+    """The copies of `msg.copies` at `indices` (between devices of this host) through shared
+    memory: a source publishes its pool's handle, a destination maps it and copies block by
+    block from the source's pool into its own; -> (bytes sent, bytes received)."""
+    own = block_views(kv, config_json, num_blocks, msg.block_size, msg.dtype)
+    block_bytes = sum(v.shape[1] for v in own)
+    source = peer_copy.Source()
+    sent = received = 0
+    try:
+        for i in indices:
+            c = msg.copies[i]
+            if c.src == device_index:
+                store.set(f"kv-blocks/{i}", str(num_blocks))  # its pool's layout follows from it
+                source.publish(store, i, [(kv, 0, kv.alloc_bytes)])
+                sent += block_bytes * len(c.src_blocks)
+        for i in indices:
+            c = msg.copies[i]
+            if c.dst != device_index:
+                continue
+            [(handle, _, _)] = peer_copy.read_published(store, i)
+            peer = backend.attach(handle)
+            try:
+                theirs = block_views(peer, config_json, int(store.get(f"kv-blocks/{i}")), msg.block_size, msg.dtype)
+                cancel.check()
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the KV copy did not complete before its deadline")
+                src_idx = torch.tensor(c.src_blocks, dtype=torch.int64, device=own[0].device)
+                dst_idx = torch.tensor(c.dst_blocks, dtype=torch.int64, device=own[0].device)
+                for mine, src in zip(own, theirs):
+                    mine.index_copy_(0, dst_idx, src.index_select(0, src_idx))
+                received += block_bytes * len(c.dst_blocks)
+                del theirs
+            finally:
+                peer.close()
+        peer_copy.barrier(store, msg.rank, len(msg.group_ranks))  # no grant is revoked before its copy
+    finally:
+        source.close()
+    return sent, received
 
 
 def copy(pg, rank_of: dict[int, int], views: list[torch.Tensor], copies: list[wire.KVCopy], device_index: int,

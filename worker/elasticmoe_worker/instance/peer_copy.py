@@ -96,6 +96,11 @@ class Source:
         self._tokens.clear()
 
 
+def read_published(store, index: int) -> _Published:
+    """What the source of transfer `index` published: (handle, offset, bytes) per buffer (waits)."""
+    return msgspec.msgpack.decode(store.get(f"peer-copy/{index}"), type=_Published)
+
+
 def pull(backend: backends_base.DeviceBackend, store, wanted: list[tuple[int, int, list[Buffer]]], cancel) -> int:
     """Copy each wanted transfer (index, source device, destination buffers) from its source's
     published regions, sources in parallel. -> bytes copied."""
@@ -106,7 +111,7 @@ def pull(backend: backends_base.DeviceBackend, store, wanted: list[tuple[int, in
     def one_source(items: list[tuple[int, list[Buffer]]]) -> int:
         copied = 0
         for index, buffers in items:
-            published = msgspec.msgpack.decode(store.get(f"peer-copy/{index}"), type=_Published)
+            published = read_published(store, index)
             if [n for _, _, n in published] != [n for _, _, n in buffers]:
                 raise RuntimeError(f"peer copy {index}: the source published buffers of "
                                    f"{[n for _, _, n in published]} bytes, this device expects "
