@@ -12,7 +12,13 @@ latencies that have samples (llm-d's SLO recipe), smoothed with an exponential m
   acting again would overshoot). The step is proportional to the signal, bounded by `step`
   and `max_devices`.
 - Scale down when fewer devices, taking over the load (x N/n, as NVIDIA Dynamo's planner
-  projects it for n = N-1), would stay under `down_threshold`: each evaluation recommends the
+  projects it for n = N-1), would stay under `down_threshold`. With a measured decode model
+  (`decode_step_s`: the step time per device count and batch per device, from a profile) the
+  time per output token is projected by the model instead: its observed value x step(n, C/n) /
+  step(N, C/N) for the C sequences decoding now (Dynamo's planner interpolates its profile the
+  same way); a step has a floor that does not shrink with more devices, and on some hardware
+  more devices step slower (collectives), so x N/n overstated what fewer devices would see.
+  TTFT and queueing keep x N/n. Each evaluation recommends the
   fewest such devices n (N when none fewer would do), and the instance goes down to the largest
   recommendation of the whole stabilization window (the HorizontalPodAutoscaler's rule), so a
   load that fell far removes several devices at once after one window, never below `min_devices`.
@@ -61,6 +67,10 @@ class Config:
     # first observation at a new count is acted on (metrics taken at an instant).
     settle_s: float = 0.0
     default_time_to_ready_s: float = 30.0  # before any scale was measured
+    # Measured decode step seconds of one device, per device count, at each batch per device
+    # ((batch, seconds) ascending; a profile's decode points): projects the time per output token
+    # of fewer devices. Empty: x N/n for every latency. Counts not in it fall back to x N/n.
+    decode_step_s: Mapping[int, tuple[tuple[float, float], ...]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_devices <= self.max_devices:
@@ -80,6 +90,11 @@ class Config:
             raise ValueError(f"settle_s: got {self.settle_s!r}, expected the metrics' window in seconds (>= 0)")
         if self.step < 1:
             raise ValueError(f"step: got {self.step}, expected an integer >= 1")
+        for n, points in self.decode_step_s.items():
+            if n < 1 or not points or any(b <= 0 or sec <= 0 for b, sec in points) or \
+                    [b for b, _ in points] != sorted(b for b, _ in points):
+                raise ValueError(f"decode_step_s[{n}]: got {points!r}, expected (batch, seconds) pairs of positive "
+                                 f"numbers with batches ascending, for a device count >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +109,7 @@ class Observation:
     tpot_p90_s: float | None = None
     queue_p90_s: float | None = None
     requests_per_s: float | None = None  # arrivals in the window; 0 = idle, None = unknown
+    decoding: float | None = None  # sequences decoding on the instance now (None: unknown)
     error: str | None = None  # the metrics could not be read: why
 
 
@@ -141,6 +157,36 @@ def raw_signal(obs: Observation, cfg: Config) -> tuple[float | None, dict[str, f
     if obs.requests_per_s == 0:
         return 0.0, ratios  # idle: no latency samples because nothing arrived
     return None, ratios
+
+
+def decode_step(cfg: Config, devices: int, batch: float) -> float | None:
+    """The model's step seconds of `devices` at `batch` sequences per device (linear between
+    measured batches, the end values beyond them); None when that count was not measured."""
+    points = cfg.decode_step_s.get(devices)
+    if not points:
+        return None
+    if batch <= points[0][0]:
+        return points[0][1]
+    for (b0, s0), (b1, s1) in zip(points, points[1:]):
+        if batch <= b1:
+            return s0 + (s1 - s0) * (batch - b0) / (b1 - b0)
+    return points[-1][1]
+
+
+def projection(ratios: Mapping[str, float], obs: Observation, cfg: Config, current: int, n: int) -> float:
+    """How much larger the raw signal would be on `n` devices carrying the load of `current`
+    (1 at n == current): TTFT and queueing x current/n; TPOT by the decode model where it has
+    both counts and the decoding count is known, else x current/n too."""
+    raw = max(ratios.values(), default=0.0)
+    if raw <= 0:
+        return current / n
+    factors = {k: current / n for k in ratios}
+    if "tpot" in ratios and obs.decoding is not None:
+        here = decode_step(cfg, current, max(obs.decoding, 1.0) / current)
+        there = decode_step(cfg, n, max(obs.decoding, 1.0) / n)
+        if here and there:
+            factors["tpot"] = there / here
+    return max(ratios[k] * factors[k] for k in ratios) / raw
 
 
 def time_to_ready(state: State, cfg: Config, from_devices: int, to_devices: int) -> float:
@@ -265,10 +311,14 @@ def decide(obs: Observation, state: State, cfg: Config, now: float) -> tuple[Dec
         return Decision(target, UP, reason, smoothed, raw, True, "ok", values, "SloBreached"), state
 
     if current > cfg.min_devices and pending is None and obs.warming == 0:
-        survivors = smoothed * current / (current - 1)
+        def seen_by(n: int) -> float:  # the smoothed signal carried over to n devices
+            return smoothed * projection(ratios, obs, cfg, current, n)
+
+        survivors = seen_by(current - 1)
         values["survivorsSignal"] = round(survivors, 4)
-        # The fewest devices n with smoothed x current / n < down_threshold, within [min, current].
-        enough = min(max(math.floor(smoothed * current / cfg.down_threshold) + 1, cfg.min_devices), current)
+        # The fewest devices n whose projected signal is under down_threshold, within [min, current].
+        enough = next((n for n in range(max(cfg.min_devices, 1), current) if seen_by(n) < cfg.down_threshold),
+                      current)
         state = recommend(enough, state)
         if enough < current:
             history = state.recommendations
@@ -283,7 +333,7 @@ def decide(obs: Observation, state: State, cfg: Config, now: float) -> tuple[Dec
             if covered and target < current:
                 state = dataclasses.replace(state, recommendations=((now, target),))
                 reason = (f"SLO signal {smoothed:.2f} ({what}); {target} devices would see "
-                          f"{smoothed * current / target:.2f} < {cfg.down_threshold:.2f}, and no evaluation of the "
+                          f"{seen_by(target):.2f} < {cfg.down_threshold:.2f}, and no evaluation of the "
                           f"last {cfg.scale_down_stabilization_s:.0f} s asked for more (the {current - 1} survivors "
                           f"of one removal would see {survivors:.2f}): {current} -> {target} devices")
                 return (Decision(target, DOWN, reason, smoothed, raw, True, "ok", values, "SurvivorsUnderTarget"),

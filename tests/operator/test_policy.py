@@ -131,6 +131,47 @@ def test_a_load_that_fell_far_removes_several_devices_after_one_window():
     assert (d.action, d.target) == (policy.DOWN, 3), d.reason
 
 
+# decode step seconds by devices and batch per device, shaped as measured on 0.3-core CPU devices:
+# more devices step slower (their collectives), fewer devices at a higher batch still step faster
+CPU_LIKE = {1: ((1.0, 0.028), (4.0, 0.018), (16.0, 0.034)), 2: ((1.0, 0.035), (4.0, 0.037), (16.0, 0.056)),
+            3: ((1.0, 0.050), (4.0, 0.050), (16.0, 0.074))}
+
+
+def _settle(cfg, o, until=300, every=30):
+    state = policy.State()
+    for t in range(0, until, every):
+        d, state = policy.decide(dataclasses.replace(o, at=t), state, cfg, now=t)
+        assert d.action == policy.HOLD, d.reason
+    return policy.decide(dataclasses.replace(o, at=until), state, cfg, now=until)[0]
+
+
+def test_a_decode_model_projects_tpot_instead_of_scaling_it_by_the_device_ratio():
+    cfg = dataclasses.replace(CFG, tpot_p90_s=0.25, decode_step_s=CPU_LIKE)
+    # 3 devices, TPOT-bound (0.36 of its target), 6 sequences decoding: x 3/2 would say 0.54 for two
+    # devices (no scale-down), the model says one device steps at 0.0207 s where three step at 0.05
+    o = obs(0, 3, ttft=0.2, tpot=0.09, decoding=6.0)
+    assert _settle(dataclasses.replace(cfg, decode_step_s={}), o).target == 3
+    d = _settle(cfg, o)
+    assert (d.action, d.target) == (policy.DOWN, 1), d.reason
+    assert "1 devices would see 0.30" in d.reason, d.reason  # TTFT 0.1 x 3 dominates the projection
+    # the model works both ways: fewer devices that step much slower keep them, where x N/n would not
+    slow = {2: ((1.0, 0.3),), 3: ((1.0, 0.05),)}
+    o = obs(0, 3, ttft=0.2, tpot=0.05, decoding=6.0)
+    assert _settle(dataclasses.replace(cfg, decode_step_s={}, min_devices=2), o).target == 2
+    assert _settle(dataclasses.replace(cfg, decode_step_s=slow, min_devices=2), o).target == 3
+    # without the decoding count (or a measured count) the projection is x N/n again
+    assert policy.projection({"tpot": 0.36}, obs(0, 3, tpot=0.09), cfg, 3, 2) == pytest.approx(1.5)
+    assert policy.projection({"tpot": 0.36}, obs(0, 3, tpot=0.09, decoding=6.0),
+                             dataclasses.replace(cfg, decode_step_s={3: CPU_LIKE[3]}), 3, 2) == pytest.approx(1.5)
+
+
+def test_decode_step_interpolates_and_holds_the_ends():
+    cfg = dataclasses.replace(CFG, decode_step_s=CPU_LIKE)
+    assert policy.decode_step(cfg, 1, 0.5) == 0.028 and policy.decode_step(cfg, 1, 64) == 0.034
+    assert policy.decode_step(cfg, 1, 10) == pytest.approx(0.026)
+    assert policy.decode_step(cfg, 4, 1) is None
+
+
 def test_bounds_are_kept_and_named():
     d, _ = policy.decide(obs(0, 8, ttft=9.0), policy.State(), CFG, now=0)
     assert d.action == policy.HOLD and "maximum of 8" in d.reason
@@ -170,7 +211,9 @@ def test_time_to_ready_is_learned_per_step_and_scaled():
 @pytest.mark.parametrize("kw, field", [(dict(min_devices=3, max_devices=2), "min_devices"),
                                        (dict(down_threshold=1.2), "down_threshold"),
                                        (dict(ttft_p90_s=0), "ttft_p90_s"), (dict(smoothing=0), "smoothing"),
-                                       (dict(settle_s=-1), "settle_s")])
+                                       (dict(settle_s=-1), "settle_s"),
+                                       (dict(decode_step_s={2: ((4.0, 0.1), (1.0, 0.05))}), r"decode_step_s\[2\]"),
+                                       (dict(decode_step_s={1: ((1.0, 0.0),)}), r"decode_step_s\[1\]")])
 def test_bad_config_names_the_field(kw, field):
     base = dict(min_devices=1, max_devices=4, ttft_p90_s=1.0, tpot_p90_s=0.1)
     with pytest.raises(ValueError, match=field):

@@ -102,6 +102,7 @@ def test_observation_rates_and_idleness():
     assert policy.raw_signal(idle, CFG)[0] == 0.0, "nothing arrived: idle, a signal of 0"
     busy = autoscale.observe(_sample(10, 2), _sample(5, 2), _status(running=3))
     assert busy.requests_per_s is None, "requests run but none ended: not idle, nothing known"
+    assert busy.decoding == 3.0 and idle.decoding == 0.0
 
 
 def test_time_per_output_token_comes_from_the_per_token_gaps_when_tokens_streamed():
@@ -330,6 +331,25 @@ def test_defaults():
     assert (config.scale_up_cooldown_s, config.scale_down_stabilization_s, interval_s, window_s) == (30, 300, 5, 30)
     assert autoscale.config_from_args(_args("--devices", "1", "--autoscale"), 2)[0].max_devices == 2
     autoscale.check_arguments(_args())  # no autoscaling, nothing to say
+
+
+def test_a_profile_gives_the_policy_its_decode_steps(tmp_path):
+    from elasticmoe_worker.bench import profile as profile_mod
+
+    prof = profile_mod.Profile(service=(
+        profile_mod.Service(devices=1, decode=((1.0, 40.0), (4.0, 200.0)), prefill=((32.0, 900.0),)),
+        profile_mod.Service(devices=2, decode=((1.0, 25.0), (4.0, 100.0)), prefill=((32.0, 900.0),))),
+        measured={"cpuPerDevice": 0.3})
+    path = tmp_path / "profile.json"
+    profile_mod.save(prof, path)
+    config, _, _ = autoscale.config_from_args(_args("--devices", "1", "--autoscale", "--autoscale-profile", str(path)), 8)
+    assert config.decode_step_s == {1: ((1.0, 0.025), (4.0, 0.02)), 2: ((1.0, 0.04), (4.0, 0.04))}
+    assert autoscale.config_from_args(_args("--devices", "1", "--autoscale"), 8)[0].decode_step_s == {}
+    with pytest.raises(ValueError, match="--autoscale-profile .*missing.json: .*no such file"):
+        autoscale.config_from_args(_args("--devices", "1", "--autoscale", "--autoscale-profile",
+                                         str(tmp_path / "missing.json")), 8)
+    with pytest.raises(ValueError, match="--autoscale-profile is an autoscaling option"):
+        autoscale.config_from_args(_args("--devices", "1", "--autoscale-profile", str(path)), 8)
 
 
 @pytest.mark.parametrize("argv, experts, message", [

@@ -79,6 +79,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="windows are the defaults x this: autoscaler cooldown 30 s, stabilization 300 s, interval "
                         "5 s (at least 1), window 30 s (at least 5); HPA sync 15 s, stabilization 300 s "
                         "(default: --duration-s / 1200, a 20-minute day in the run's length)")
+    g.add_argument("--autoscale-profile", type=pathlib.Path, default=None, metavar="PATH",
+                   help="our policy projects the time per output token of fewer devices from this profile's decode "
+                        "steps (`serve --autoscale-profile`); the other policies have no use for one (default: none)")
     g.add_argument("--hpa-target-inflight", type=float, default=6.0,
                    help="HPA target: requests in flight per device (default: %(default)s)")
     p.add_argument("--profile", type=pathlib.Path, default=None,
@@ -115,7 +118,8 @@ def slo_flags(a, win: dict[str, float]) -> list[str]:
             "--slo-ttft-p90-ms", f"{a.slo_ttft_p90_ms:g}", "--slo-tpot-p90-ms", f"{a.slo_tpot_p90_ms:g}",
             "--scale-up-cooldown-s", f"{win['scale_up_cooldown_s']:g}",
             "--scale-down-stabilization-s", f"{win['scale_down_stabilization_s']:g}",
-            "--autoscale-interval-s", f"{win['interval_s']:g}", "--autoscale-window-s", f"{win['window_s']:g}"]
+            "--autoscale-interval-s", f"{win['interval_s']:g}", "--autoscale-window-s", f"{win['window_s']:g}",
+            *(["--autoscale-profile", str(a.autoscale_profile)] if getattr(a, "autoscale_profile", None) else [])]
 
 
 def slo_config(a, win: dict[str, float], num_experts: int):

@@ -109,6 +109,11 @@ class Profile:
         b = max(float(batch), 1.0)
         return b / float(np.interp(b, xs, rates))
 
+    def decode_model(self) -> dict[int, tuple[tuple[float, float], ...]]:
+        """Per measured device count, (batch per device, seconds per decode step) at each measured
+        batch: what the SLO policy projects the time per output token of fewer devices with."""
+        return {s.devices: tuple((b, b / r) for b, r in s.decode) for s in self.service}
+
     def context_step_s(self, devices: int) -> float:
         """Seconds a decode step of one device gains per token of context its sequences hold."""
         return self._service(devices).context_step_s

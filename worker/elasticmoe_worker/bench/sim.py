@@ -516,5 +516,6 @@ def _signals(i, t, dt, window_ticks, active, setup, scale, starting, R, rec_C, r
         warming = len(starting) * R
         desired = active + warming
     obs = policy.Observation(at=t, active=active, warming=warming, desired=desired, ttft_p90_s=ttft_p90,
-                             tpot_p90_s=tpot_p90, queue_p90_s=queue_p90, requests_per_s=rate)
+                             tpot_p90_s=tpot_p90, queue_p90_s=queue_p90, requests_per_s=rate,
+                             decoding=float(rec_dec[i - 1]) if i else 0.0)
     return controllers.Signals(obs, float(inflight))

@@ -58,6 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("policy (as `serve --autoscale`)")
     g.add_argument("--min-devices", type=int, default=1, help="(default: %(default)s)")
     g.add_argument("--max-devices", type=int, default=4, help="(default: %(default)s)")
+    g.add_argument("--slo-decode-model", action="store_true",
+                   help="our policy projects the time per output token of fewer devices from the profile's decode "
+                        "steps (as `serve --autoscale-profile` with this profile)")
     g.add_argument("--initial-devices", type=int, default=None, help="autoscaled runs start here (default: min)")
     g.add_argument("--slo-ttft-p90-ms", type=float, default=2000.0, help="(default: %(default)s)")
     g.add_argument("--slo-tpot-p90-ms", type=float, default=100.0, help="(default: %(default)s)")
@@ -144,7 +147,8 @@ def run(args: argparse.Namespace) -> int:
     slo_config = policy.Config(
         min_devices=args.min_devices, max_devices=args.max_devices, ttft_p90_s=args.slo_ttft_p90_ms / 1000,
         tpot_p90_s=args.slo_tpot_p90_ms / 1000, queue_p90_s=args.slo_queue_p90_ms / 1000, step=args.step, scale_up_cooldown_s=args.scale_up_cooldown_s,
-        scale_down_stabilization_s=args.scale_down_stabilization_s, settle_s=args.autoscale_window_s)
+        scale_down_stabilization_s=args.scale_down_stabilization_s, settle_s=args.autoscale_window_s,
+        decode_step_s=prof.decode_model() if args.slo_decode_model else {})
     if args.target_peak_devices is not None:
         if args.trace_csv is not None:
             raise ValueError("--target-peak-devices sizes the generated trace; it cannot change a --trace-csv")

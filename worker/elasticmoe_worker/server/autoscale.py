@@ -35,6 +35,7 @@ import collections
 import dataclasses
 import datetime
 import logging
+import pathlib
 import re
 import threading
 import time
@@ -136,7 +137,7 @@ def observe(newer: Sample, older: Sample, status: admin.AdminStatus) -> policy.O
     return policy.Observation(
         at=newer.at, active=status.devices.active, warming=status.devices.warming, desired=status.devices.desired,
         ttft_p90_s=window_quantile(QUANTILE, newer.ttft, older.ttft), tpot_p90_s=tpot,
-        queue_p90_s=newer.queue_p90_s or None, requests_per_s=rate)
+        queue_p90_s=newer.queue_p90_s or None, requests_per_s=rate, decoding=float(status.requests.running))
 
 
 def reason_kind(reason: str) -> str:
@@ -190,9 +191,11 @@ class Autoscaler:
         assert self._thread is None, "start() once"
         c = self.config
         logger.info("autoscaler on: devices in [%d, %d], SLO p90 TTFT %.0f ms and TPOT %.0f ms, evaluated every "
-                    "%g s over the last %g s; scale-up cooldown %g s, scale-down stabilization %g s",
+                    "%g s over the last %g s; scale-up cooldown %g s, scale-down stabilization %g s; %s",
                     c.min_devices, c.max_devices, c.ttft_p90_s * 1000, c.tpot_p90_s * 1000, self.interval_s,
-                    self._window.window_s, c.scale_up_cooldown_s, c.scale_down_stabilization_s)
+                    self._window.window_s, c.scale_up_cooldown_s, c.scale_down_stabilization_s,
+                    f"TPOT of fewer devices projected by the measured decode steps of {sorted(c.decode_step_s)} "
+                    f"device(s)" if c.decode_step_s else "every latency of fewer devices projected x devices/fewer")
         self._thread = threading.Thread(target=self._run, name="autoscaler", daemon=True)
         self._thread.start()
         return self
@@ -289,7 +292,7 @@ class Autoscaler:
 # -- command line ----------------------------------------------------------------------------
 DEFAULT_MAX_DEVICES = 4  # or the model's routed experts, if fewer
 _OPTIONS = ("min_devices", "max_devices", "slo_ttft_p90_ms", "slo_tpot_p90_ms", "slo_queue_p90_ms", "scale_up_cooldown_s",
-            "scale_down_stabilization_s", "autoscale_interval_s", "autoscale_window_s")
+            "scale_down_stabilization_s", "autoscale_interval_s", "autoscale_window_s", "autoscale_profile")
 _DEFAULTS = {"min_devices": 1, "slo_ttft_p90_ms": 2000.0, "slo_tpot_p90_ms": 100.0, "slo_queue_p90_ms": 1000.0,
              "scale_up_cooldown_s": 30.0,
              "scale_down_stabilization_s": 300.0, "autoscale_interval_s": 5.0, "autoscale_window_s": 30.0}
@@ -351,6 +354,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--autoscale-window-s", type=_positive_float, default=None, metavar="S",
                    help="the p90 latencies and the request rate are taken over this many last seconds "
                         f"(default: {d['autoscale_window_s']:g})")
+    g.add_argument("--autoscale-profile", type=pathlib.Path, default=None, metavar="PATH",
+                   help="a profile of this model on this hardware and CPU quota (`elasticmoe bench profile`): "
+                        "the time per output token fewer devices would see is projected from its measured decode "
+                        "steps at the sequences decoding now, instead of x devices/fewer (default: none)")
 
 
 def _flag(name: str) -> str:
@@ -388,10 +395,28 @@ def config_from_args(args: argparse.Namespace, num_experts: int) -> tuple[policy
     if v["autoscale_window_s"] < v["autoscale_interval_s"]:
         raise ValueError(f"--autoscale-window-s {v['autoscale_window_s']:g} is shorter than --autoscale-interval-s "
                          f"{v['autoscale_interval_s']:g}; expected a window of at least one interval")
+    decode_model = {}
+    if v["autoscale_profile"] is not None:
+        from elasticmoe_worker.bench import profile as profile_mod
+
+        if not v["autoscale_profile"].is_file():
+            raise ValueError(f"--autoscale-profile {v['autoscale_profile']}: no such file; write one with "
+                             "`elasticmoe bench profile` (same model, hardware and --cpu-per-device)")
+        try:
+            prof = profile_mod.load(v["autoscale_profile"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"--autoscale-profile {v['autoscale_profile']}: {exc}") from None
+        decode_model = prof.decode_model()
+        quota = prof.measured.get("cpuPerDevice")
+        if quota != getattr(args, "cpu_per_device", quota):
+            logger.warning("--autoscale-profile %s was measured at %s cores per device, this server runs at %s: "
+                           "its projections are off by as much", v["autoscale_profile"], quota,
+                           getattr(args, "cpu_per_device", None))
     config = policy.Config(
         min_devices=v["min_devices"], max_devices=max_devices, ttft_p90_s=v["slo_ttft_p90_ms"] / 1000,
         tpot_p90_s=v["slo_tpot_p90_ms"] / 1000, queue_p90_s=v["slo_queue_p90_ms"] / 1000,
         scale_up_cooldown_s=v["scale_up_cooldown_s"],
         scale_down_stabilization_s=v["scale_down_stabilization_s"], settle_s=v["autoscale_window_s"],
+        decode_step_s=decode_model,
     )
     return config, v["autoscale_interval_s"], v["autoscale_window_s"]
