@@ -121,6 +121,8 @@ def test_a_scale_spawns_the_next_spare_only_when_it_ends(tiny_models):
     try:
         hmm_pid = inst.fleet.pids()[0]
         _wait_for(lambda: len(_children(hmm_pid)) == 2, what="device 0's executor and its spare")
+        # the spares say when they finished importing (heartbeats carry it to the coordinator)
+        _wait_for(lambda: inst.spares_ready == {0, 1}, what="both devices' spares ready")
         steady = _children(hmm_pid)
         most, done = 0, threading.Event()
 
@@ -142,5 +144,6 @@ def test_a_scale_spawns_the_next_spare_only_when_it_ends(tiny_models):
         # the old executor exited, the old spare serves as the standby it became, a new spare imports
         _wait_for(lambda: len(_children(hmm_pid)) == 2 and len(_children(hmm_pid) - steady) == 1,
                   what="a new spare beside the new executor")
+        _wait_for(lambda: inst.spares_ready == {0, 1}, what="the new spares ready")
     finally:
         inst.shutdown()

@@ -63,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--before-s", type=float, default=8.0,
-                   help="load before the scale; also the idle wait before each --steps scale (default: %(default)s)")
+                   help="load before the scale (default: %(default)s)")
     p.add_argument("--after-s", type=float, default=8.0, help="load after new capacity (default: %(default)s)")
     p.add_argument("--strategies", default="elastic,cold,extravagant,horizontal")
     p.add_argument("--steps", default="1,2,4", help="elastic scale-up sizes to time (+k devices) (default: %(default)s)")
@@ -322,13 +322,19 @@ def _run_strategy(name: str, args, a: int, b: int, model_dir, cfg, prompts, para
 
 def _wait_warm(inst, active: int, warm: int, timeout_s: float = 300.0) -> None:
     """Until `warm` idle workers have registered beside the `active` serving devices (the pool a
-    scale-up takes from); RuntimeError past `timeout_s`."""
+    scale-up takes from) and every one of them has a spare executor that finished importing, as
+    the pool stands between scales in service; RuntimeError past `timeout_s`.
+
+    NOTE: registered is not ready: at 0.225 cores a worker's spare imports for ~11 s after it
+    registers, and a scale that took a warm worker before then waited for it (the staying
+    device's standby "group 3285 ms" for the new one: 1 -> 2 in 3.7 s instead of ~0.4 s)."""
     deadline = time.monotonic() + timeout_s
     want = min(active + warm, inst.members.max_devices)  # the pool stands on ids below the device limit
-    while len(inst.registered_devices) < want:
+    while len(inst.registered_devices) < want or set(inst.registered_devices) - inst.spares_ready:
         if time.monotonic() > deadline:
             raise RuntimeError(f"the warm pool did not come up within {timeout_s:.0f} s: "
-                               f"{inst.registered_devices} registered, {want} expected")
+                               f"{inst.registered_devices} registered, {want} expected, spares ready on "
+                               f"{sorted(inst.spares_ready)}")
         time.sleep(0.1)
 
 
@@ -492,19 +498,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _step(model_dir, cfg, k: int, args) -> dict:
-    """Elastic 1 -> 1 + k with the warm pool the elastic strategy gets (given --before-s to settle,
-    as the strategies' elastic scale is), no load."""
+    """Elastic 1 -> 1 + k with the warm pool the elastic strategy gets (its spares ready), no load."""
     from elasticmoe_worker.instance import coordinator
 
     inst = coordinator.Instance(model_dir, 1, cfg, warm_workers=args.warm_workers,
                                 cpu_per_device=args.cpu_per_device).start()
     try:
+        # NOTE: the pool with its spares ready: a scale right after start-up measured the spares'
+        # imports (standby_start 4.6 s of +1's 4.9 s), not a pool as it stands between scales
         _wait_warm(inst, 1, args.warm_workers)
-        # NOTE: as the strategies' elastic scale waits --before-s before it scales: a worker's
-        # spare executor imports for seconds after it registers (in its own CPU group), and a scale
-        # right after start-up measured that (standby_start 4.6 s of +1's 4.9 s), not a pool as it
-        # stands between scales in service
-        time.sleep(args.before_s)
         rec = inst.scale(1 + k, "benchmark step")
         return {"added": k, "seconds": rec.duration_ms / 1000, "outcome": rec.outcome.value,
                 "phases": {n: ms / 1000 for n, ms in rec.phases_ms.items()}}

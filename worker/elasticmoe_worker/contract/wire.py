@@ -97,6 +97,9 @@ class Heartbeat(Msg):
     processes) notices a dead worker."""
     device_index: int
     loaded: bool  # holds model memory (of some configuration) already
+    # its spare executor has imported everything and waits for work (a standby started now costs
+    # attach + group join, not imports); absent from older HMMs (read as False)
+    spare_ready: bool = False
 
 
 class LoadPlan(Msg):

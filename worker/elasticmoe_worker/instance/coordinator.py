@@ -144,6 +144,7 @@ class Instance(startup.StartUp):
         self.state: reconfig.State | None = None
         self.router: routing.Router | None = None
         self.members: membership.Membership | None = None
+        self._spare_ready: dict[int, bool] = {}  # device -> its spare had imported, at its last heartbeat
         self.executors: dict[int, wire.ExecutorReady] = {}
         self.last_scale: admin.ScaleRecord | None = None
         self.history: list[admin.ScaleRecord] = []
@@ -227,6 +228,13 @@ class Instance(startup.StartUp):
         """Devices whose worker is up and registered: serving ones and idle (warm) ones."""
         s = self.state
         return sorted(set(s.devices) | set(s.warm)) if s is not None else []
+
+    @property
+    def spares_ready(self) -> frozenset[int]:
+        """Registered devices whose spare executor has finished importing, as of their last
+        heartbeat (a second old at most): a scale that takes their spare starts a standby
+        without interpreter start-up."""
+        return frozenset(d for d in self.registered_devices if self._spare_ready.get(d))
 
     @property
     def phase(self) -> admin.Phase:
@@ -383,6 +391,7 @@ class Instance(startup.StartUp):
                 self._step(reconfig.ExpertLoadReported(tuple(msg.expert_tokens), now))
         elif isinstance(msg, wire.Heartbeat):
             self.members.seen(msg.device_index)
+            self._spare_ready[msg.device_index] = msg.spare_ready
         elif isinstance(msg, wire.HMMHello):
             self.members.registered(msg.device_index)
             self._step(reconfig.WorkerRegistered(msg.device_index, now))

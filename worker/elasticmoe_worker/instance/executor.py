@@ -328,6 +328,13 @@ def main() -> int:
     base_nice = os.environ.get(procutil.SPARE_NICE_ENV)  # a spare: at SPARE_NICE since the top of this module
     set_compute_threads()
     _import_ahead()
+    ready_fd = os.environ.pop(procutil.SPARE_READY_FD_ENV, None)
+    if ready_fd is not None:  # the HMM counts this spare as ready from now on
+        try:
+            os.write(int(ready_fd), b"1")
+            os.close(int(ready_fd))
+        except (OSError, ValueError) as exc:
+            logger.warning("could not say the spare is ready on fd %s: %s", ready_fd, exc)
 
     (length,) = struct.unpack("<Q", _read_exactly(sys.stdin.buffer, 8))
     if base_nice is not None:

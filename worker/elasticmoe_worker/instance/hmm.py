@@ -115,6 +115,7 @@ class HMM:
         self.spare: subprocess.Popen | None = None
         self._spare_env = procutil.spare_nice()
         self._slots: dict[int, cgroup.SpareSlot] = {}  # spare pid -> the CPU group it waits in
+        self._ready_spares: set[int] = set()  # pids of spares that said they finished importing
         self.transition: threading.Thread | None = None
         self.cancels: dict[int, transition.Cancel] = {}  # config id -> its transition's cancel switch
         # for HMMRejoin: the configuration whose memory this device holds, each started
@@ -201,8 +202,19 @@ class HMM:
         NOTE: always forked from one long-lived thread: an executor's parent-death signal fires
         when the *thread* that forked it ends, and a transition thread (which starts
         pre-initialised standbys) ends with its transition."""
-        proc = self._spawner.submit(subprocess.Popen, [sys.executable, "-m", "elasticmoe_worker.instance.executor"],
-                                    stdin=subprocess.PIPE, env={**os.environ, **self._spare_env}).result()
+        ready_r, ready_w = os.pipe()
+        try:
+            proc = self._spawner.submit(
+                subprocess.Popen, [sys.executable, "-m", "elasticmoe_worker.instance.executor"], stdin=subprocess.PIPE,
+                pass_fds=(ready_w,), env={**os.environ, **self._spare_env, procutil.SPARE_READY_FD_ENV: str(ready_w)},
+            ).result()
+        except BaseException:
+            os.close(ready_r)
+            raise
+        finally:
+            os.close(ready_w)
+        threading.Thread(target=self._await_ready, args=(proc, ready_r, time.monotonic()), name="spare-ready",
+                         daemon=True).start()
         slot = cgroup.SpareSlot.find()
         if slot is not None:
             try:
@@ -212,6 +224,22 @@ class HMM:
                 logger.warning("device %d: the spare executor waits in the device's own CPU group (%s: %s)",
                                self.device_index, slot.spare_group, exc.strerror)
         return proc
+
+    def _await_ready(self, proc: subprocess.Popen, ready_r: int, spawned: float) -> None:
+        """The spare says it finished importing (one byte; EOF: it exited or was given work first)."""
+        try:
+            said = os.read(ready_r, 1)
+        finally:
+            os.close(ready_r)
+        if said == b"1":
+            self._ready_spares.add(proc.pid)
+            logger.info("device %d: spare executor %d ready (imports took %.1f s)", self.device_index, proc.pid,
+                        time.monotonic() - spawned)
+
+    @property
+    def spare_ready(self) -> bool:
+        spare = self.spare
+        return spare is not None and spare.pid in self._ready_spares and spare.poll() is None
 
     def _give_work(self, proc: subprocess.Popen, join_device: bool = True) -> None:
         """A spare becomes an executor: back at the HMM's priority (it may still be importing), and
@@ -351,6 +379,7 @@ class HMM:
                 del self._slots[pid]  # an aborted standby's
             if self.spare is None or self.spare.poll() is not None:
                 self.spare = self._spawn_executor_process()
+            self._ready_spares.intersection_update({self.spare.pid})
 
     def abort(self, msg: wire.AbortTransition) -> None:
         cancel = self.cancels.pop(msg.config_id, None)
@@ -450,7 +479,7 @@ class HMM:
         try:
             while not self.stop:
                 sock.send(wire.encode(wire.Heartbeat(device_index=self.device_index,
-                                                     loaded=self.memory is not None)))
+                                                     loaded=self.memory is not None, spare_ready=self.spare_ready)))
                 time.sleep(HEARTBEAT_INTERVAL_S)
         finally:
             sock.close()

@@ -34,6 +34,8 @@ def raise_fd_limit() -> None:
 # An executor started as a spare waits at this nice value while it imports (see `spare_nice`).
 SPARE_NICE = 19
 SPARE_NICE_ENV = "ELASTICMOE_SPARE_BASE_NICE"
+# the pipe (fd number) on which a spare executor says it finished importing (one byte)
+SPARE_READY_FD_ENV = "ELASTICMOE_SPARE_READY_FD"
 _CAP_SYS_NICE = 23
 
 
