@@ -247,10 +247,12 @@ class HMM:
         serves (`_join_device` at the commit).
 
         NOTE: a standby prepares (attach, model, engine, group, warm-up) while the device's old
-        executor serves; in the device's group it shared that executor's quota, which a loaded
-        device spends in full: standby_start 2.9-3.7 s of a 3.7-4.4 s scale-up at 0.225 cores
-        and 3 requests/s (bench scaling). The quota stands for the accelerator, which a standby
-        does not use before it serves; its preparation is host work."""
+        executor serves; in the device's group it shares that executor's quota, which a loaded
+        device spends in full. The quota stands for the accelerator, which a standby does not use
+        before it serves; its preparation is host work. (The slow scale-ups that prompted this,
+        standby_start 2.9-3.7 s at 0.225 cores under load, turned out to be a new device's spare
+        still importing, which the staying standby waited for in its group set-up; this change
+        alone was not measured apart.)"""
         if join_device:
             self._join_device(proc)
         if self._spare_env:
