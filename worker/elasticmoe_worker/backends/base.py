@@ -27,6 +27,7 @@ What this does not guarantee:
 from __future__ import annotations
 
 import abc
+import contextlib
 import logging
 import math
 from typing import Sequence
@@ -322,6 +323,12 @@ class DeviceBackend(abc.ABC):
 
         Raises AttachError when the owner is gone, closed the region, or denies access.
         """
+
+    def handles_prefetched(self, handles: "list[MemoryHandle]") -> contextlib.AbstractContextManager:
+        """A block inside which `attach` and `copy_from_peer` of `handles` skip the per-handle
+        round trip to their owners (backends whose handles pass as fds: one request per owner).
+        Here: no change."""
+        return contextlib.nullcontext()
 
     def copy_from_peer(self, dst: Region, dst_offset: int, src: MemoryHandle, src_offset: int, nbytes: int) -> None:
         """Copy `nbytes` of another process's region (`src`, granted to peers by its owner) at

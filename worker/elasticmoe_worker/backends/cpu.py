@@ -223,6 +223,9 @@ class CpuBackend(base.DeviceBackend):
         logger.debug("allocated %s: %d bytes, fd %d", name, size_bytes, fd)
         return region
 
+    def handles_prefetched(self, handles: list[base.MemoryHandle]):
+        return fdpass.prefetched(handles)
+
     def attach(self, handle: base.MemoryHandle) -> CpuRegion:
         self._check_handle(handle)
         fd = fdpass.receive(handle)

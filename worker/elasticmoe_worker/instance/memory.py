@@ -206,6 +206,13 @@ class AttachedDevice:
 
 def attach_device(backend: backends_base.DeviceBackend, spec: config_mod.ModelSpec, ready: wire.HMMReady,
                   dtype: torch.dtype, block_size: int) -> AttachedDevice:
+    with backend.handles_prefetched([ready.replicated, ready.kv] + [h for er in ready.experts
+                                                                   for h in (er.w13, er.w2)]):
+        return _attach_device(backend, spec, ready, dtype, block_size)
+
+
+def _attach_device(backend: backends_base.DeviceBackend, spec: config_mod.ModelSpec, ready: wire.HMMReady,
+                   dtype: torch.dtype, block_size: int) -> AttachedDevice:
     regions = []
     replicated = backend.attach(ready.replicated)
     regions.append(replicated)

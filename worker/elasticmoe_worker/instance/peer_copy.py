@@ -109,14 +109,18 @@ def pull(backend: backends_base.DeviceBackend, store, wanted: list[tuple[int, in
         by_source.setdefault(src, []).append((index, buffers))
 
     def one_source(items: list[tuple[int, list[Buffer]]]) -> int:
-        copied = 0
+        copies = []
         for index, buffers in items:
             published = read_published(store, index)
             if [n for _, _, n in published] != [n for _, _, n in buffers]:
                 raise RuntimeError(f"peer copy {index}: the source published buffers of "
                                    f"{[n for _, _, n in published]} bytes, this device expects "
                                    f"{[n for _, _, n in buffers]}")
-            for (handle, src_offset, nbytes), (region, dst_offset, _) in zip(published, buffers):
+            copies += [(handle, src_offset, nbytes, region, dst_offset)
+                       for (handle, src_offset, nbytes), (region, dst_offset, _) in zip(published, buffers)]
+        copied = 0
+        with backend.handles_prefetched([handle for handle, *_ in copies]):  # one round trip to the source
+            for handle, src_offset, nbytes, region, dst_offset in copies:
                 cancel.check()
                 backend.copy_from_peer(region, dst_offset, handle, src_offset, nbytes)
                 copied += nbytes

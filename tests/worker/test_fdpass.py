@@ -1,0 +1,78 @@
+"""Batched memory-handle passing (`fdpass.prefetched`): one request per owner for many regions."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from elasticmoe_worker import backends
+from elasticmoe_worker.backends import base, fdpass
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_inside_a_prefetched_block_receives_ask_the_owner_nothing() -> None:
+    b = backends.get_backend("cpu")
+    regions = [b.allocate(4096, f"batch.{i}") for i in range(5)]
+    try:
+        for i, r in enumerate(regions):
+            r.tensor(torch.uint8, (4096,)).fill_(i + 1)
+        server = fdpass.server()
+        with b.handles_prefetched([r.handle for r in regions] + [regions[0].handle]):  # a repeat is fetched once
+            for r in regions:  # the owner forgets them: only the prefetched fds can serve now
+                server.unregister(r.handle.fd_token)
+            for i, r in enumerate(regions):
+                attached = b.attach(r.handle)
+                assert attached.tensor(torch.uint8, (4096,))[0].item() == i + 1
+                attached.close()
+        with pytest.raises(base.AttachError, match="owner closed the region"):
+            b.attach(regions[2].handle)  # the block's fds are gone with it
+    finally:
+        for r in regions:
+            r.close()
+
+
+def test_a_batch_larger_than_one_request_is_split_and_nothing_leaks() -> None:
+    b = backends.get_backend("cpu")
+    regions = [b.allocate(4096, f"many.{i}") for i in range(fdpass.MAX_BATCH + 7)]
+    try:
+        before = _open_fds()
+        with b.handles_prefetched([r.handle for r in regions]):
+            assert _open_fds() == before + len(regions)
+            fd = fdpass.receive(regions[-1].handle)
+            os.close(fd)
+        assert _open_fds() == before
+    finally:
+        for r in regions:
+            r.close()
+
+
+def test_one_closed_region_fails_the_whole_batch_naming_it() -> None:
+    b = backends.get_backend("cpu")
+    regions = [b.allocate(4096, f"gone.{i}") for i in range(3)]
+    try:
+        fdpass.server().unregister(regions[1].handle.fd_token)
+        before = _open_fds()
+        with pytest.raises(base.AttachError, match=r"token 2 of 3\): the owner closed the region"):
+            with b.handles_prefetched([r.handle for r in regions]):
+                pass  # pragma: no cover - the block is never entered
+        assert _open_fds() == before  # no fd of the first region stays behind
+        fd = fdpass.receive(regions[0].handle)  # the connection still serves single requests
+        os.close(fd)
+    finally:
+        for r in regions:
+            r.close()
+
+
+def test_a_malformed_handle_is_refused_before_any_request() -> None:
+    b = backends.get_backend("cpu")
+    with b.allocate(4096, "ok") as region:
+        bad = base.MemoryHandle(**{**{f: getattr(region.handle, f) for f in region.handle.__struct_fields__},
+                                   "fd_token": b"short"})
+        with pytest.raises(base.AttachError, match="a 5-byte token"):
+            with b.handles_prefetched([region.handle, bad]):
+                pass  # pragma: no cover
