@@ -13,7 +13,7 @@ import pytest
 import testprocs
 from elasticmoe_worker.contract import admin
 from elasticmoe_worker.engine import engine as engine_mod
-from elasticmoe_worker.instance import cgroup, coordinator
+from elasticmoe_worker.instance import cgroup, coordinator, zygote
 
 CFG = engine_mod.EngineConfig(dtype="float32", kv_cache_bytes=8 << 20, max_num_batched_tokens=32)
 
@@ -63,11 +63,17 @@ def test_each_device_runs_in_its_own_group_with_the_quota_and_the_groups_go_at_s
             spare = parent / (group.name + cgroup.SPARE_SUFFIX)
             spares.append(spare)
             assert spare.is_dir() and _quota(spare, version) == (30_000, 100_000)
-            waiting = {int(p) for p in (spare / "cgroup.procs").read_text().split()}
-            assert len(waiting) == 1 and not waiting & members, (waiting, members)
-            (spare_pid,) = waiting
-            assert os.getppid() != spare_pid and f"ppid:\t{pid}" in pathlib.Path(f"/proc/{spare_pid}/status") \
-                .read_text().lower(), "the HMM's child"
+            # ... and so does the zygote it is forked from (its imports, once); the spare is forked
+            # once the executor took the last one
+            deadline = time.monotonic() + 30
+            while len(waiting := {int(p) for p in (spare / "cgroup.procs").read_text().split()}) < 2:
+                assert time.monotonic() < deadline, f"device {device}: no zygote and spare in {spare}: {waiting}"
+                time.sleep(0.05)
+            zygotes = {p for p in waiting if pathlib.Path(f"/proc/{p}/comm").read_text().strip() == zygote.NAME}
+            assert len(zygotes) == 1 and len(waiting - zygotes) == 1 and not waiting & members, (waiting, members)
+            for spare_pid in waiting:
+                assert os.getppid() != spare_pid and f"ppid:\t{pid}" in pathlib.Path(f"/proc/{spare_pid}/status") \
+                    .read_text().lower(), "the HMM's child"
             # one torch thread for a fraction of a core, waiting passively: no quota burnt in spin-waits
             environ = pathlib.Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
             threads = os.environ.get("OMP_NUM_THREADS", "1")  # the user's setting wins

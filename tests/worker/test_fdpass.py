@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
@@ -11,8 +12,15 @@ from elasticmoe_worker import backends
 from elasticmoe_worker.backends import base, fdpass
 
 
-def _open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def _open_fds(prefix: str) -> int:
+    """This process's fds of memfds named `prefix`* (other tests' threads may open other fds)."""
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            n += os.readlink(f"/proc/self/fd/{fd}").startswith(f"/memfd:{prefix}")
+        except OSError:
+            pass
+    return n
 
 
 def test_inside_a_prefetched_block_receives_ask_the_owner_nothing() -> None:
@@ -40,12 +48,12 @@ def test_a_batch_larger_than_one_request_is_split_and_nothing_leaks() -> None:
     b = backends.get_backend("cpu")
     regions = [b.allocate(4096, f"many.{i}") for i in range(fdpass.MAX_BATCH + 7)]
     try:
-        before = _open_fds()
+        own = _open_fds("many.")  # the regions' own
         with b.handles_prefetched([r.handle for r in regions]):
-            assert _open_fds() == before + len(regions)
+            assert _open_fds("many.") == own + len(regions)
             fd = fdpass.receive(regions[-1].handle)
             os.close(fd)
-        assert _open_fds() == before
+        assert _open_fds("many.") == own
     finally:
         for r in regions:
             r.close()
@@ -56,11 +64,11 @@ def test_one_closed_region_fails_the_whole_batch_naming_it() -> None:
     regions = [b.allocate(4096, f"gone.{i}") for i in range(3)]
     try:
         fdpass.server().unregister(regions[1].handle.fd_token)
-        before = _open_fds()
+        before = _open_fds("gone.")
         with pytest.raises(base.AttachError, match=r"token 2 of 3\): the owner closed the region"):
             with b.handles_prefetched([r.handle for r in regions]):
                 pass  # pragma: no cover - the block is never entered
-        assert _open_fds() == before  # no fd of the first region stays behind
+        assert _open_fds("gone.") == before  # no fd of the first region stays behind
         fd = fdpass.receive(regions[0].handle)  # the connection still serves single requests
         os.close(fd)
     finally:
@@ -76,3 +84,17 @@ def test_a_malformed_handle_is_refused_before_any_request() -> None:
         with pytest.raises(base.AttachError, match="a 5-byte token"):
             with b.handles_prefetched([region.handle, bad]):
                 pass  # pragma: no cover
+
+
+def test_a_connection_the_owner_closed_while_idle_is_replaced(monkeypatch) -> None:
+    """The owner ends a connection idle for _CONNECTION_TIMEOUT_S; the next request (a scale
+    minutes after the last) opens a new one instead of failing."""
+    b = backends.get_backend("cpu")
+    monkeypatch.setattr(fdpass, "_CONNECTION_TIMEOUT_S", 0.2)
+    with b.allocate(4096, "idle") as region:
+        fdpass._forget(region.handle.fd_socket)  # a connection made now gets the short timeout
+        os.close(fdpass.receive(region.handle))
+        time.sleep(0.6)  # the owner's side timed out and closed it
+        os.close(fdpass.receive(region.handle))
+        with b.handles_prefetched([region.handle]):
+            pass

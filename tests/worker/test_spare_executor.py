@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from elasticmoe_worker.instance import hmm, procutil
+from elasticmoe_worker.instance import hmm, procutil, zygote
 
 
 def _nice_of_threads(pid: int) -> set[int]:
@@ -95,7 +95,8 @@ def test_a_spec_larger_than_the_pipe_is_written_without_waiting_for_the_reader(t
 
 
 def _children(pid: int) -> set[int]:
-    """Live children of every thread of `pid` (the HMM forks executors from a thread of its own)."""
+    """Live executor children of every thread of `pid` (the HMM forks executors from a thread of
+    its own); not its zygote."""
     out = set()
     try:
         tids = os.listdir(f"/proc/{pid}/task")
@@ -107,7 +108,15 @@ def _children(pid: int) -> set[int]:
                 out |= {int(x) for x in f.read().split()}
         except FileNotFoundError:
             continue
-    return out
+    return {c for c in out if _comm(c) != zygote.NAME}
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return ""
 
 
 def test_a_scale_spawns_the_next_spare_only_when_it_ends(tiny_models):

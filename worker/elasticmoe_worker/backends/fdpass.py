@@ -225,16 +225,26 @@ def _check(handle: base.MemoryHandle) -> None:
 def _request(handles: list[base.MemoryHandle]) -> list[int]:
     """New fds of `handles` (one owner, at most MAX_BATCH) in one round trip."""
     first = handles[0]
+    key = (os.getpid(), first.fd_socket)
     with _clients_lock:  # NOTE: one request in flight per connection: replies carry no request id
-        conn = _connection(first.fd_socket, first)
-        try:
-            conn.sendall(_MAGIC + b"".join(h.fd_token for h in handles))
-            msg, fds, _, _ = socket.recv_fds(conn, 4096, len(handles))
-        except OSError as exc:
-            _clients.pop((os.getpid(), first.fd_socket), None)
-            conn.close()
-            raise base.AttachError(f"cannot attach {first.name!r}: the fd server @{first.fd_socket} of pid "
-                                   f"{first.owner_pid} failed: {exc}") from None
+        for attempt in (1, 2):
+            reused = key in _clients
+            conn = _connection(first.fd_socket, first)
+            try:
+                conn.sendall(_MAGIC + b"".join(h.fd_token for h in handles))
+                msg, fds, _, _ = socket.recv_fds(conn, 4096, len(handles))
+            except OSError as exc:
+                _clients.pop(key, None)
+                conn.close()
+                if reused and attempt == 1:
+                    continue  # the owner closed an idle connection (_CONNECTION_TIMEOUT_S): a new one
+                raise base.AttachError(f"cannot attach {first.name!r}: the fd server @{first.fd_socket} of pid "
+                                       f"{first.owner_pid} failed: {exc}") from None
+            if not msg and reused and attempt == 1:
+                _clients.pop(key, None)
+                conn.close()
+                continue  # as above, seen as end of file
+            break
     if msg[:1] == _OK and len(fds) == len(handles):
         return fds
     for fd in fds:

@@ -310,7 +310,7 @@ def set_compute_threads(world_size: int = 1) -> int:
     return n
 
 
-def _import_ahead() -> None:
+def import_ahead() -> None:
     """What a spare executor can do before it knows its model: imports, and the configuration
     classes of every supported model type (transformers resolves them lazily: 0.28 s at a full
     core on the first `spec_from_json`, about 1 s of a 0.3-core device, inside a standby's start)."""
@@ -327,7 +327,7 @@ def main() -> int:
     procutil.die_with_parent()
     base_nice = os.environ.get(procutil.SPARE_NICE_ENV)  # a spare: at SPARE_NICE since the top of this module
     set_compute_threads()
-    _import_ahead()
+    import_ahead()
     ready_fd = os.environ.pop(procutil.SPARE_READY_FD_ENV, None)
     if ready_fd is not None:  # the HMM counts this spare as ready from now on
         try:

@@ -5,7 +5,9 @@ zero-copy handles to the executors it starts as child processes (the fds behind 
 handles reach them over this process's Unix socket, `backends.fdpass`, which serves its own
 children only: no ptrace access, no capability), and outlives them: an
 executor can be killed and restarted, or replaced by one for another configuration,
-without the HMM reading the checkpoint again.
+without the HMM reading the checkpoint again. Executors are forked from the HMM's zygote, a
+process that did their imports once (`zygote`; ELASTICMOE_ZYGOTE=0: each executor is a process
+of its own that imports, ~2.5 CPU-s).
 
 Talks to the coordinator over one ZeroMQ DEALER socket (typed messages, see `messages`).
 Exits when the coordinator says so. When the coordinator goes away (its connection drops), the
@@ -39,12 +41,16 @@ import zmq.utils.monitor
 from elasticmoe_worker import backends, cliargs
 from elasticmoe_worker.engine import engine as engine_mod
 from elasticmoe_worker.contract import wire
-from elasticmoe_worker.instance import cgroup, kv_transfer, memory, procutil, transition, transport
+from elasticmoe_worker.instance import cgroup, kv_transfer, memory, procutil, transition, transport, zygote
 
 logger = logging.getLogger("elasticmoe.hmm")
 
 # A fleet of pods declares a worker dead after ~15 silent seconds (fleet.ExternalFleet).
 HEARTBEAT_INTERVAL_S = 1.0
+# How long an executor needed now waits for a zygote still importing (it would import as long itself).
+ZYGOTE_WAIT_S = 120.0
+# ELASTICMOE_ZYGOTE=0: every spare starts as a process of its own and imports (see `zygote`)
+ZYGOTE_ENV = "ELASTICMOE_ZYGOTE"
 
 
 
@@ -112,8 +118,12 @@ class HMM:
         self.gated: dict[int, _StdinFeeder] = {}
         self.exec_lock = threading.RLock()  # the transition thread starts standbys too
         self._spawner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="spawn")
-        self.spare: subprocess.Popen | None = None
+        # the next spare: forked (or started) on the spawner thread, so that a zygote still
+        # importing holds up nobody who does not need an executor now
+        self._spare: concurrent.futures.Future | None = None
         self._spare_env = procutil.spare_nice()
+        self._zygote: zygote.Zygote | None = None
+        self._said_no_zygote = False
         self._slots: dict[int, cgroup.SpareSlot] = {}  # spare pid -> the CPU group it waits in
         self._ready_spares: set[int] = set()  # pids of spares that said they finished importing
         self.transition: threading.Thread | None = None
@@ -160,8 +170,8 @@ class HMM:
                 model_name=start.model_name, ready=self.memory.ready_for(computed), start=start, host=self.host,
                 wait_for_weights=wait_for_weights,
             )
-            proc, self.spare = self.spare, None
-            if proc is None or proc.poll() is not None:
+            proc = self._take_spare()
+            if proc is None:
                 proc = self._spawn_executor_process()
             self._give_work(proc, join_device=not wait_for_weights)
             frame = wire.encode(spec)
@@ -172,7 +182,7 @@ class HMM:
             else:
                 feeder.close()
             if not wait_for_weights:
-                self.spare = self._spawn_executor_process()  # the next standby is warm before it is needed
+                self._order_spare()  # the next standby is warm before it is needed
             # NOTE: a scale's standby takes the spare; the next one is spawned when the scale ends
             # (`commit`, `abort`): spawned now, its imports (~150 MB, ~2.5 CPU-s) ran beside the old
             # executor and the standby, the peak of the device's memory during the scale
@@ -195,19 +205,62 @@ class HMM:
             feeder.write(b"1")
             feeder.close()
 
-    def _spawn_executor_process(self) -> subprocess.Popen:
-        """An executor process that imports everything now and then waits for its spec on
-        stdin: starting a standby later costs attach + group join, not interpreter start-up.
+    def _spawn_executor_process(self):
+        """An executor process that has imported everything (forked from the zygote) or imports
+        now (a process of its own), then waits for its spec on stdin: starting a standby later
+        costs attach + group join, not interpreter start-up.
 
         NOTE: always forked from one long-lived thread: an executor's parent-death signal fires
         when the *thread* that forked it ends, and a transition thread (which starts
         pre-initialised standbys) ends with its transition."""
+        return self._spawner.submit(self._start_process).result()
+
+    def _order_spare(self) -> None:
+        self._spare = self._spawner.submit(self._start_process)
+
+    def _take_spare(self):
+        """The spare (waiting for it if it is still being forked), or None where there is none alive."""
+        future, self._spare = self._spare, None
+        if future is None:
+            return None
+        try:
+            proc = future.result()
+        except Exception:
+            if not self.stop:
+                logger.exception("device %d: the spare executor could not be started", self.device_index)
+            return None
+        self._ready_spares.discard(proc.pid)  # no longer a spare (a later one may get its pid)
+        return proc if proc.poll() is None else None
+
+    @property
+    def spare(self):
+        """The spare executor if it has started (it may still be importing)."""
+        future = self._spare
+        if future is None or not future.done() or future.exception() is not None:
+            return None
+        return future.result()
+
+    def _start_process(self):
+        """On the spawner thread: a spare from the zygote, else a process of its own."""
+        if self.stop:
+            raise RuntimeError("the HMM is stopping")
+        if self._zygote is None and os.environ.get(ZYGOTE_ENV, "1") != "0":
+            self._zygote = zygote.Zygote(self._spare_env)
+            slot = cgroup.SpareSlot.find()
+            if slot is not None:  # it imports as a spare would, not on the device's quota
+                try:
+                    slot.wait_here(self._zygote.proc.pid)
+                except OSError as exc:
+                    logger.warning("device %d: the zygote imports in the device's own CPU group (%s: %s)",
+                                   self.device_index, slot.spare_group, exc.strerror)
         ready_r, ready_w = os.pipe()
         try:
-            proc = self._spawner.submit(
-                subprocess.Popen, [sys.executable, "-m", "elasticmoe_worker.instance.executor"], stdin=subprocess.PIPE,
-                pass_fds=(ready_w,), env={**os.environ, **self._spare_env, procutil.SPARE_READY_FD_ENV: str(ready_w)},
-            ).result()
+            proc = self._fork_from_zygote(ready_w)
+            if proc is None:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "elasticmoe_worker.instance.executor"], stdin=subprocess.PIPE,
+                    pass_fds=(ready_w,),
+                    env={**os.environ, **self._spare_env, procutil.SPARE_READY_FD_ENV: str(ready_w)})
         except BaseException:
             os.close(ready_r)
             raise
@@ -225,6 +278,24 @@ class HMM:
                                self.device_index, slot.spare_group, exc.strerror)
         return proc
 
+    def _fork_from_zygote(self, ready_w: int):
+        z = self._zygote
+        if z is None or z.failed is not None:
+            return None
+        stdin_r, stdin_w = os.pipe()
+        try:
+            pid = z.fork(self._spare_env, stdin_r, ready_w, ZYGOTE_WAIT_S)
+        finally:
+            os.close(stdin_r)
+        if pid is None:
+            os.close(stdin_w)
+            if not self._said_no_zygote:
+                self._said_no_zygote = True
+                logger.warning("device %d: spare executors start as processes of their own, each importing: the "
+                               "zygote %s", self.device_index, z.failed or f"was not ready within {ZYGOTE_WAIT_S:g} s")
+            return None
+        return procutil.ForkedChild(pid, os.fdopen(stdin_w, "wb"))
+
     def _await_ready(self, proc: subprocess.Popen, ready_r: int, spawned: float) -> None:
         """The spare says it finished importing (one byte; EOF: it exited or was given work first)."""
         try:
@@ -233,8 +304,9 @@ class HMM:
             os.close(ready_r)
         if said == b"1":
             self._ready_spares.add(proc.pid)
-            logger.info("device %d: spare executor %d ready (imports took %.1f s)", self.device_index, proc.pid,
-                        time.monotonic() - spawned)
+            logger.info("device %d: spare executor %d ready %.2f s after it was %s", self.device_index, proc.pid,
+                        time.monotonic() - spawned, "forked from the zygote" if isinstance(proc, procutil.ForkedChild)
+                        else "started (its imports)")
 
     @property
     def spare_ready(self) -> bool:
@@ -376,12 +448,13 @@ class HMM:
     def _replace_spare(self) -> None:
         """A spare again after a scale took it (its old executor has exited by now)."""
         with self.exec_lock:
-            for pid in [p for p in self._slots if p not in {proc.pid for proc, _ in self.executors.values()}
+            for pid in [p for p in list(self._slots) if p not in {proc.pid for proc, _ in self.executors.values()}
                         and (self.spare is None or p != self.spare.pid)]:
                 del self._slots[pid]  # an aborted standby's
-            if self.spare is None or self.spare.poll() is not None:
-                self.spare = self._spawn_executor_process()
-            self._ready_spares.intersection_update({self.spare.pid})
+            future = self._spare
+            if future is None or (future.done() and (future.exception() is not None
+                                                     or future.result().poll() is not None)):
+                self._order_spare()
 
     def abort(self, msg: wire.AbortTransition) -> None:
         cancel = self.cancels.pop(msg.config_id, None)
@@ -428,7 +501,7 @@ class HMM:
 
     def run(self) -> None:
         threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True).start()
-        self.spare = self._spawn_executor_process()
+        self._order_spare()
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.monitor, zmq.POLLIN)
@@ -494,9 +567,13 @@ class HMM:
         while any(p.poll() is None for p, _ in self.executors.values()) and time.monotonic() < deadline:
             time.sleep(0.02)
         self.stop_executors()
-        if self.spare is not None:
-            self.spare.kill()  # it only waits on stdin
-            self.spare.wait()
+        if self._zygote is not None:
+            self._zygote.close()  # a spare being forked from it gives up now
+        spare = self._take_spare()
+        if spare is not None:
+            spare.kill()  # it only waits on stdin
+            spare.wait()
+        self._spawner.shutdown()
         if self.memory is not None:
             self.memory.close()
         self.sock.disable_monitor()

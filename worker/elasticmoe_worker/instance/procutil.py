@@ -10,8 +10,17 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
+
+
+def set_name(name: str) -> None:
+    """This thread's name (/proc/<pid>/comm, what `ps -o comm` and `top` show; threads started
+    later inherit it); at most 15 bytes are kept."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
 
 
 def die_with_parent(sig: int = signal.SIGTERM) -> None:
@@ -133,3 +142,25 @@ class AdoptedProcess:
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
+
+
+class ForkedChild(AdoptedProcess):
+    """A child of this process that `subprocess` did not start (a spare the zygote forked and
+    that was reparented to us, see `zygote`): its exit code is known, as for a `Popen`, and it is
+    reaped here. `stdin`: the write end of its stdin pipe."""
+
+    def __init__(self, pid: int, stdin) -> None:
+        super().__init__(pid)
+        self.stdin = stdin
+        self._lock = threading.Lock()  # the HMM polls from its loop and its heartbeat thread
+
+    def _wait(self, timeout_s: float) -> int | None:
+        if self.returncode is None and select.select([self._fd], [], [], timeout_s)[0]:
+            with self._lock:
+                if self.returncode is None:
+                    info = os.waitid(os.P_PIDFD, self._fd, os.WEXITED | os.WNOHANG)
+                    if info is None:  # readable before it can be reaped: not yet
+                        return None
+                    self.returncode = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+                    os.close(self._fd)
+        return self.returncode
