@@ -289,6 +289,8 @@ class HMM:
             os.close(stdin_r)
         if pid is None:
             os.close(stdin_w)
+            if self.stop:
+                raise RuntimeError("the HMM is stopping")
             if not self._said_no_zygote:
                 self._said_no_zygote = True
                 logger.warning("device %d: spare executors start as processes of their own, each importing: the "
