@@ -460,6 +460,15 @@ def test_resize_adds_lowest_free_ids_and_removes_highest():
     assert planner.resize([5, 0, 2], 2) == (0, 2)
 
 
+def test_resize_adds_preferred_ids_first_then_the_lowest_free_ones():
+    assert planner.resize([0], 2, prefer={2, 3}) == (0, 2)
+    assert planner.resize([0], 4, prefer={3}) == (0, 1, 2, 3)
+    assert planner.resize([0, 1], 3, prefer={1, 4}) == (0, 1, 4), "a serving id is no preference"
+    assert planner.resize([0, 1, 2], 2, prefer={5}) == (0, 1), "a scale-down ignores it"
+    with pytest.raises(ValueError, match="prefer"):
+        planner.resize([0], 2, prefer={-1})
+
+
 def test_load_aware_balances_load_with_the_same_moves():
     load = [1.0, 1, 1, 10, 1, 1, 1, 10, 1, 1, 1, 10]  # the plain tie-break drops the highest ids
     cur = planner.initial_placement(12, [0, 1, 2])  # device 0: 0-3, 1: 4-7, 2: 8-11

@@ -103,6 +103,16 @@ def test_a_scale_goes_through_every_stage_and_commits(start, target, warm):
     h.settled()
 
 
+def test_a_scale_up_takes_warm_devices_whose_spare_is_ready_first():
+    """Device 1's warm worker was restarted a moment ago (its spare still imports), device 2's
+    is ready: 1 -> 2 adds device 2, and starts no worker."""
+    h = rh.Harness(1, warm=(1, 2))
+    h.scales.append("s1")
+    actions = h.step(reconfig.ScaleRequested(2, "s1", "test", TIMEOUT_S, "", h.now + DT, ready=frozenset({0, 2, 7})))
+    assert h.state.scale.new_devices == (0, 2) and h.state.warm == frozenset({1})
+    assert rh.summary(actions) == ["hmm-0 PrepareTransition", "hmm-2 PrepareTransition"]
+
+
 def test_standbys_ready_before_the_transfer_ends_switch_as_the_last_byte_arrives():
     """Pre-initialised standbys say ready as soon as their own HMM has every byte, perhaps while
     peers still move theirs; the switch then starts the moment the transfer stage ends, with a

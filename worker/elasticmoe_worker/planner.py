@@ -34,7 +34,7 @@ from __future__ import annotations
 import collections
 import itertools
 import math
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import msgspec
 
@@ -233,13 +233,16 @@ def initial_placement(num_experts: int, devices: Sequence[int],
     return Placement(tuple(tuple(h) for h in homes))
 
 
-def resize(current_devices: Sequence[int], num_devices: int) -> tuple[int, ...]:
-    """The default target set: scale-up adds the lowest unused ids, scale-down removes the
-    highest ids."""
+def resize(current_devices: Sequence[int], num_devices: int, prefer: Iterable[int] = ()) -> tuple[int, ...]:
+    """The default target set: scale-up adds the ids in `prefer` (lowest first; e.g. warm
+    workers that are ready), then the lowest unused ids; scale-down removes the highest ids."""
     devs = _check_devices("current_devices", current_devices)
     if not _is_int(num_devices) or num_devices < 1:
         raise ValueError(f"num_devices: got {num_devices!r}; expected an int >= 1")
-    unused = (d for d in itertools.count() if d not in set(devs))
+    preferred = sorted(d for d in set(prefer) if d not in set(devs))
+    if any(not _is_int(d) or d < 0 for d in preferred):
+        raise ValueError(f"prefer: got {sorted(prefer)!r}; expected device ids (ints >= 0)")
+    unused = itertools.chain(preferred, (d for d in itertools.count() if d not in set(devs) | set(preferred)))
     return tuple(sorted(devs[:num_devices] + tuple(itertools.islice(unused, max(0, num_devices - len(devs))))))
 
 

@@ -456,7 +456,15 @@ class Instance(startup.StartUp):
                 kind, message = refused
                 raise (ValueError if kind == "invalid" else ScaleInProgress)(message)
             scale_id = scale_id or uuid.uuid4().hex[:12]
-            self._step(reconfig.ScaleRequested(devices, scale_id, reason, timeout_s, startup.now_rfc3339(), time.monotonic()))
+            ready, warm = self.spares_ready, self.state.warm
+            self._step(reconfig.ScaleRequested(devices, scale_id, reason, timeout_s, startup.now_rfc3339(), time.monotonic(),
+                                               ready=ready))
+            sc = self.state.scale
+            if sc is not None and sc.added:
+                logger.info("scale %d -> %d adds device(s) %s: warm with a spare ready %s, warm %s, started now %s "
+                            "(warm before: %s, ready: %s)", len(sc.old_devices), devices, list(sc.added),
+                            sorted(ready & warm & set(sc.added)), sorted((warm - ready) & set(sc.added)),
+                            sorted(set(sc.added) - warm), sorted(warm), sorted(ready & warm))
         return scale_id
 
     def find_scale(self, scale_id: str) -> admin.ScaleRecord | None:

@@ -72,7 +72,8 @@ class Membership:
 
     def pool_changes(self, active: set[int], warm: set[int], busy: set[int]) -> tuple[list[int], list[int]]:
         """-> (devices to start, warm devices to stop) so that `warm_workers` idle workers stand
-        on the lowest unused ids (those a scale-up adds next, `planner.resize`). Only a fleet
+        on the lowest unused ids (those a scale-up adds next, `planner.resize`, after any warm one
+        whose spare is ready). Only a fleet
         that starts workers keeps a pool: with pods, the operator decides which exist. `busy`:
         devices a scale in progress uses."""
         if not self.fleet.starts_workers:

@@ -81,7 +81,8 @@ def _on_scale_requested(state: State, ev: ScaleRequested) -> tuple[State, list[A
     assert refused is None, f"the shell checks refuse_scale first: {refused}"
     new_config = state.last_config_id + 1
     old = state.devices
-    new = planner.resize(old, ev.target)  # adds the lowest unused ids, removes the highest
+    # adds warm devices whose spare is ready, then the lowest unused ids; removes the highest
+    new = planner.resize(old, ev.target, prefer=ev.ready & state.warm)
     added = tuple(d for d in new if d not in old)
     removed = tuple(d for d in old if d not in new)
     cold = tuple(d for d in added if d not in state.warm)

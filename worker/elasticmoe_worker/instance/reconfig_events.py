@@ -23,6 +23,9 @@ class ScaleRequested:
     timeout_s: float
     started_at: str  # RFC 3339 wall clock, for the record
     now: float
+    # warm devices whose spare executor is ready: a scale-up adds them before other unused ids
+    # (a warm worker restarted a moment ago still imports: ~12 s at 0.225 cores)
+    ready: frozenset[int] = frozenset()
 
 
 @dataclasses.dataclass(frozen=True)
