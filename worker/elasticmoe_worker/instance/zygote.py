@@ -61,7 +61,7 @@ def become_subreaper() -> bool:
 
 
 class Zygote:
-    """The HMM's side: start it, fork spares from it, stop it. Every call from one thread."""
+    """The HMM's side: start it, fork spares from it (from one thread), stop it (from any)."""
 
     def __init__(self, env: dict[str, str]) -> None:
         self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -89,10 +89,6 @@ class Zygote:
         elif self.failed is None:
             self.failed = f"it exited while importing (code {self.proc.poll()})"
         self._ready.set()
-
-    @property
-    def ready(self) -> bool:
-        return self._ready.is_set() and self.failed is None
 
     def fork(self, env: dict[str, str], stdin_r: int, ready_w: int, wait_s: float) -> int | None:
         """A spare forked from the zygote (its pid; our child), or None where the zygote is not
