@@ -291,7 +291,13 @@ async def _replaced_after_loss(env, device: int, times: int) -> list[str]:
     on the way and the records; -> the instance's Event reasons."""
     obj, seen = await _track(env, _replaced(times), 180, f"device {device} replaced and 2 devices serving again")
     assert seen[0] == ("Serving", "AsExpected") and seen[-1] == ("Serving", "AsExpected"), seen
-    assert ("Degraded", "ReplacingLostDevices") in seen and {"WorkerLost", "Recovering"} & {r for _, r in seen}, seen
+    assert ("Degraded", "ReplacingLostDevices") in seen, seen
+    # the loss shows as a Degraded reason while the coordinator recovers, or, where the recovery
+    # ended between two of the operator's looks (~0.9 s once spares are forked: nothing to start),
+    # as the Warning Event it records for the recovery
+    reasons = [e["reason"] for e in await env.events() if e.get("involvedObject", {}).get("name") == NAME]
+    assert {"WorkerLost", "Recovering"} & {r for _, r in seen} or reasons.count("RecoveredOnSurvivors") >= times, \
+        (seen, reasons)
     recovery, replacement = obj["status"]["history"][-2:]
     assert recovery["scaleId"].startswith("recovery-") and (recovery["from"], recovery["to"]) == (2, 1), recovery
     assert f"device {device}" in recovery["reason"] and recovery["outcome"] == "Succeeded", recovery
