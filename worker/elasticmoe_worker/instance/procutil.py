@@ -164,3 +164,7 @@ class ForkedChild(AdoptedProcess):
                     self.returncode = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
                     os.close(self._fd)
         return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        with self._lock:  # not on a pidfd another thread's wait has just closed
+            super().send_signal(sig)
