@@ -37,6 +37,8 @@ def _wait_for(predicate, timeout_s: float = 60.0, what: str = "") -> None:
 
 @pytest.mark.skipif(not procutil.may_lower_nice(os.getpriority(os.PRIO_PROCESS, 0)),
                     reason="this process may not lower a nice value again (no CAP_SYS_NICE, RLIMIT_NICE too low)")
+@pytest.mark.skipif(os.getpriority(os.PRIO_PROCESS, 0) >= procutil.SPARE_NICE,
+                    reason=f"the tests run at nice >= {procutil.SPARE_NICE}: a spare cannot import at a lower priority")
 def test_a_spare_imports_at_low_priority_and_is_reniced_when_given_work():
     env = procutil.spare_nice()
     base = os.getpriority(os.PRIO_PROCESS, 0)
