@@ -216,7 +216,10 @@ def main() -> int:
     from elasticmoe_worker.instance import executor
 
     executor.import_ahead()
-    sock.send(_READY)
+    try:
+        sock.send(_READY)
+    except OSError:
+        return 0  # the HMM stopped while we imported: nobody to fork for
     _serve(sock)
     return 0
 
