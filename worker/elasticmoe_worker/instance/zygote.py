@@ -115,10 +115,13 @@ class Zygote:
             self._sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked on it; EOF: the zygote exits
         except OSError:
             pass
+        importing = not self._ready.is_set()
         self._ready.set()
         self._sock.close()
         try:
-            self.proc.wait(timeout=5)
+            # NOTE: one still importing reads no socket until done (~10 s at 0.3 cores) and holds
+            # nothing: killed at once, so that the HMM's shutdown does not wait for it
+            self.proc.wait(timeout=0 if importing else 2)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
