@@ -246,13 +246,7 @@ class HMM:
             raise RuntimeError("the HMM is stopping")
         if self._zygote is None and os.environ.get(ZYGOTE_ENV, "1") != "0":
             self._zygote = zygote.Zygote(self._spare_env)
-            slot = cgroup.SpareSlot.find()
-            if slot is not None:  # it imports as a spare would, not on the device's quota
-                try:
-                    slot.wait_here(self._zygote.proc.pid)
-                except OSError as exc:
-                    logger.warning("device %d: the zygote imports in the device's own CPU group (%s: %s)",
-                                   self.device_index, slot.spare_group, exc.strerror)
+            self._wait_in_spare_group(self._zygote.proc.pid, "the zygote")  # it imports as a spare would
         ready_r, ready_w = os.pipe()
         try:
             proc = self._fork_from_zygote(ready_w)
@@ -268,15 +262,24 @@ class HMM:
             os.close(ready_w)
         threading.Thread(target=self._await_ready, args=(proc, ready_r, time.monotonic()), name="spare-ready",
                          daemon=True).start()
-        slot = cgroup.SpareSlot.find()
+        slot = self._wait_in_spare_group(proc.pid, "the spare executor")
         if slot is not None:
-            try:
-                slot.wait_here(proc.pid)
-                self._slots[proc.pid] = slot
-            except OSError as exc:
-                logger.warning("device %d: the spare executor waits in the device's own CPU group (%s: %s)",
-                               self.device_index, slot.spare_group, exc.strerror)
+            self._slots[proc.pid] = slot
         return proc
+
+    def _wait_in_spare_group(self, pid: int, what: str) -> cgroup.SpareSlot | None:
+        """Move `pid` into the device's spare CPU group (not the device's quota); -> the slot, or
+        None where there is none or the move failed (said)."""
+        slot = cgroup.SpareSlot.find()
+        if slot is None:
+            return None
+        try:
+            slot.wait_here(pid)
+            return slot
+        except OSError as exc:
+            logger.warning("device %d: %s waits in the device's own CPU group (%s: %s)", self.device_index, what,
+                           slot.spare_group, exc.strerror)
+            return None
 
     def _fork_from_zygote(self, ready_w: int):
         z = self._zygote
