@@ -5,6 +5,8 @@
   peers): no request fails, and every greedy output equals `transformers`';
 - `elasticmoe coordinator --fleet ray`: a worker whose actor is killed through Ray is a lost
   device (the instance turns unhealthy, naming the device and why);
+- closing a fleet while workers are still starting or being removed disconnects from Ray only
+  after the last thread that calls Ray is done, and starts nothing afterwards;
 - `--fleet ray` with a wrong option, or without the ray package, names what to do.
 
 NOTE: the cluster runs with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, Ray's single-machine mode (its
@@ -158,6 +160,45 @@ def test_coordinator_fleet_ray_sees_a_killed_actor_as_a_lost_device(ray_cluster,
     finally:
         testprocs.interrupt(proc)
     assert proc.returncode == 0, log.read_text()[-3000:]
+
+
+_CLOSE_RACE = """
+import logging, sys, time
+logging.basicConfig(level=logging.INFO, stream=sys.stdout)
+import ray
+from elasticmoe_worker.instance import rayfleet
+fleet = rayfleet.RayFleet("cpu", options=rayfleet.Options(address=sys.argv[1], cpus_per_device=0.25))
+fleet.coordinator_address = "127.0.0.1:9"  # nothing listens: the workers never join, as in a shutdown
+teardown = fleet._teardown
+def slow_teardown(worker, *args):  # a removal still calling Ray when close begins
+    if worker.device_index == 2:
+        time.sleep(3)
+    teardown(worker, *args)
+fleet._teardown = slow_teardown
+for i in range(3):
+    fleet.add(i)
+time.sleep(float(sys.argv[2]))
+fleet.remove(2, wait=False)
+fleet.close()
+assert not ray.is_initialized(), "still connected to Ray after close"
+fleet.add(3)
+assert 3 not in fleet.workers, fleet.workers
+time.sleep(2)  # a thread left calling Ray would re-initialise it now
+assert not ray.is_initialized(), "Ray was re-initialised after close"
+print("closed cleanly")
+"""
+
+
+@pytest.mark.parametrize("start_s", [0.0, 3.0])
+def test_closing_the_fleet_waits_for_every_thread_that_calls_ray(ray_cluster, tmp_path, start_s):
+    # 0 s: the starts are still placing their bundles; 3 s: the actors are up, their workers starting.
+    # Device 2's removal (in the background) is held 3 s before it calls Ray, so close overtakes it.
+    out = subprocess.run([sys.executable, "-c", _CLOSE_RACE, ray_cluster, str(start_s)], capture_output=True,
+                         text=True, timeout=180, env={**os.environ, **RAY_ENV, "RAY_ADDRESS": ""})
+    text = out.stdout + out.stderr
+    assert out.returncode == 0 and "closed cleanly" in out.stdout, text[-4000:]
+    assert "already been shutdown" not in text, text[-4000:]
+    assert "device 3: not started: the Ray fleet is closing" in out.stdout, text[-4000:]
 
 
 @pytest.mark.parametrize("backend, expected", [

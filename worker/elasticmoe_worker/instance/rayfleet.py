@@ -178,6 +178,10 @@ class RayFleet:
         self._generation = 0
         self.workers: dict[int, _Worker] = {}
         self._lock = threading.Lock()
+        # Every thread that calls Ray (start, remove, watch) is joined before `ray.shutdown()`:
+        # a Ray call after it re-initialises Ray in this process (a new local cluster, a new
+        # auth token) and the driver exits with an error.
+        self._threads: set[threading.Thread] = set()
         self._closed = False
         self._watcher = threading.Thread(target=self._watch, name="ray-fleet-watch", daemon=True)
         self._watcher.start()
@@ -190,6 +194,9 @@ class RayFleet:
         take long; the coordinator's loop must not wait). A failure shows in `dead()`."""
         assert self.coordinator_address, "set coordinator_address before adding workers"
         with self._lock:
+            if self._closed:
+                logger.info("device %d: not started: the Ray fleet is closing", device_index)
+                return
             current = self.workers.get(device_index)
             if current is not None and current.code is None:
                 return  # idempotent
@@ -199,8 +206,8 @@ class RayFleet:
             if current is not None:  # a dead one in its place: its actor and bundle still go
                 current.removed = True
         if current is not None and current.started:
-            threading.Thread(target=self._teardown, args=(current,), name="ray-remove", daemon=True).start()
-        threading.Thread(target=self._start, args=(worker,), name=f"ray-add-{device_index}", daemon=True).start()
+            self._background(self._teardown, current, name="ray-remove")
+        self._background(self._start, worker, name=f"ray-add-{device_index}", starts=True)
 
     def remove(self, device_index: int, timeout_s: float = 10.0, wait: bool = True) -> None:
         """Stop that worker (SIGTERM, SIGKILL after `timeout_s`), end its actor and release its
@@ -215,7 +222,7 @@ class RayFleet:
         if wait:
             self._teardown(worker, timeout_s)
         else:
-            threading.Thread(target=self._teardown, args=(worker, timeout_s), name="ray-remove", daemon=True).start()
+            self._background(self._teardown, worker, timeout_s, name="ray-remove")
 
     def dead(self) -> dict[int, int]:
         with self._lock:
@@ -241,22 +248,47 @@ class RayFleet:
         if refs:
             self._ray.wait(refs, num_returns=len(refs), timeout=max(0.1, deadline - time.monotonic()))
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 20.0) -> None:
+        """Stop every worker, wait for the threads that still call Ray, then disconnect (only
+        if this fleet connected). Nothing is started after this began."""
         with self._lock:
+            self._closed = True
             workers = list(self.workers.values())
             self.workers.clear()
             for w in workers:
                 w.removed = True
-        stoppers = [threading.Thread(target=self._teardown, args=(w,), daemon=True) for w in workers if w.started]
-        for t in stoppers:
-            t.start()
-        for t in stoppers:
-            t.join()
-        self._closed = True
-        self._watcher.join(timeout=5)
+        for w in workers:
+            if w.started:
+                self._background(self._teardown, w, name="ray-close")
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            pending = list(self._threads)
+        for t in [*pending, self._watcher]:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+        late = sorted(t.name for t in [*pending, self._watcher] if t.is_alive())
+        if late:
+            logger.warning("ray fleet %s: %s still calling Ray after %.0f s; disconnecting anyway", self._fleet_id,
+                           ", ".join(late), timeout_s)
         if self._owns_connection:
             self._ray.shutdown()
         logger.info("ray fleet %s: %d worker(s) stopped", self._fleet_id, len(workers))
+
+    def _background(self, target, *args, name: str, starts: bool = False) -> None:
+        """Run `target(*args)` on a daemon thread that `close` waits for; one that `starts` a
+        worker is not run once the fleet is closing (a teardown always is)."""
+        def run() -> None:
+            try:
+                target(*args)
+            finally:
+                with self._lock:
+                    self._threads.discard(thread)
+
+        thread = threading.Thread(target=run, name=name, daemon=True)
+        with self._lock:
+            if self._closed and starts:
+                return
+            self._threads.add(thread)
+        thread.start()
 
     # -- starting, stopping, watching ------------------------------------------------------
     def _start(self, worker: _Worker) -> None:
