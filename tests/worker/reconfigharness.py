@@ -32,6 +32,7 @@ ENGINE = wire.EngineOptions(dtype="float32", block_size=16, num_kv_blocks=64, kv
 FACTS = reconfig.Facts(num_experts=8, replicated_bytes=1000,
                        replicated_layout=(wire.TensorSlot("embed", "float32", (10, 25), 0),),
                        expert_w13_bytes=100, expert_w2_bytes=50, moe_layers=(1, 2), num_kv_blocks=64, kv_bytes=4096,
+                       kv_view_block_bytes=(32, 32, 32, 32),
                        config_json="{}", tokenizer_files={"tokenizer.json": "{}"}, engine=ENGINE, model_name="tiny",
                        collective_timeout_s=5.0, recovery_grace_s=0.5, model_dir="/models/tiny",
                        recovery_timeout_s=TIMEOUT_S)

@@ -26,9 +26,9 @@ def test_departing_blocks_go_to_the_lowest_free_blocks_of_their_adopter():
     assert [(st.request_id, st.block_ids) for st in kv.moved[0]] == [("c", [3, 4, 5]), ("d", [6])]
     assert kv.handed[0] == handed[1] and kv.devices == (0, 1) and kv.request_ids == {"c", "d"}
     assert (kv.num_sequences, kv.num_blocks) == (2, 4)
-    msgs = kv.messages(3, "float32", 16, 10.0)
-    assert [(d, m.rank, m.group_ranks, m.copies) for d, m in msgs.items()] == [
-        (0, 0, [0, 1], list(kv.copies)), (1, 1, [0, 1], list(kv.copies))]
+    msgs = kv.messages(3, (64, 32), 10.0)
+    assert [(d, m.rank, m.group_ranks, m.copies, m.view_block_bytes) for d, m in msgs.items()] == [
+        (0, 0, [0, 1], list(kv.copies), [64, 32]), (1, 1, [0, 1], list(kv.copies), [64, 32])]
 
 
 @pytest.mark.parametrize("blocks, num_blocks, unavailable, why", [

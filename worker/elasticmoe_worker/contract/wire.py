@@ -262,8 +262,9 @@ class MoveKV(Msg):
     rank: int  # this device's rank in the KV group
     group_ranks: list[int]  # device index of each rank
     copies: list[KVCopy]
-    dtype: str  # the engine's, as in EngineOptions (the pool's layout follows from it and the model)
-    block_size: int
+    # bytes of one block in each view of a pool (per layer keys, then values; `memory.kv_block_bytes`):
+    # with each pool's number of blocks, its layout, so the HMM need not parse the model's config
+    view_block_bytes: list[int]
     timeout_s: float
 
 

@@ -422,7 +422,7 @@ class HMM:
 
         def work() -> None:
             try:
-                result = kv_transfer.run(self.backend, self.device_index, self.memory, self.config_json, msg,
+                result = kv_transfer.run(self.backend, self.device_index, self.memory, msg,
                                          self.coordinator, self.secret, transition.Cancel(), self.host)
                 reply = wire.KVMoved(device_index=self.device_index, config_id=msg.config_id, ok=True,
                                      bytes_sent=result.bytes_sent, bytes_received=result.bytes_received,

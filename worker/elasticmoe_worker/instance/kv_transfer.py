@@ -34,8 +34,6 @@ import torch
 from elasticmoe_worker.backends import base as backends_base
 from elasticmoe_worker.contract import wire
 from elasticmoe_worker.instance import memory, peer_copy, rendezvous, transition
-from elasticmoe_worker.models import config as config_mod
-from elasticmoe_worker.models import registry
 
 logger = logging.getLogger("elasticmoe.hmm")
 
@@ -49,27 +47,18 @@ class Result:
     seconds: float
 
 
-def block_views(kv: backends_base.Region, config_json: str, num_blocks: int, block_size: int,
-                dtype_name: str) -> list[torch.Tensor]:
+def block_views(kv: backends_base.Region, view_block_bytes: list[int], num_blocks: int) -> list[torch.Tensor]:
     """The pool as bytes: per layer its keys then its values, each shaped [num_blocks, block_bytes]
-    (uint8), views on `kv` (no copy)."""
-    spec = config_mod.spec_from_json(config_json)
-    dtype = registry.resolve_dtype(spec, dtype_name)
-    layout, _ = memory.kv_layout(spec, num_blocks, block_size, dtype)
-    views = []
-    for k_off, k_shape, v_off, v_shape in layout:
-        for off, shape in ((k_off, k_shape), (v_off, v_shape)):
-            block_bytes = int(torch.Size(shape[1:]).numel()) * dtype.itemsize
-            views.append(kv.tensor(torch.uint8, (num_blocks, block_bytes), off))
-    return views
+    (uint8), views on `kv` (no copy); `view_block_bytes` from `memory.kv_block_bytes`."""
+    offsets, _ = memory.kv_view_offsets(view_block_bytes, num_blocks)
+    return [kv.tensor(torch.uint8, (num_blocks, n), off) for off, n in zip(offsets, view_block_bytes)]
 
 
-def run(backend: backends_base.DeviceBackend, device_index: int, mem: memory.DeviceMemory, config_json: str,
-        msg: wire.MoveKV, coordinator: str, secret: str, cancel: transition.Cancel, host: str = "") -> Result:
+def run(backend: backends_base.DeviceBackend, device_index: int, mem: memory.DeviceMemory, msg: wire.MoveKV, coordinator: str, secret: str, cancel: transition.Cancel, host: str = "") -> Result:
     """This device's part of `msg`: join the KV group, send and receive, scatter what arrived."""
     started = time.perf_counter()
     deadline = time.monotonic() + msg.timeout_s
-    views = block_views(mem.kv, config_json, mem.ready.num_kv_blocks, msg.block_size, msg.dtype)
+    views = block_views(mem.kv, msg.view_block_bytes, mem.ready.num_kv_blocks)
     store = rendezvous.ChannelStore(coordinator, secret, f"kv-{msg.config_id}", msg.timeout_s)
     cancel.store = store
     sent = received = 0
@@ -83,7 +72,7 @@ def run(backend: backends_base.DeviceBackend, device_index: int, mem: memory.Dev
             sent, received = copy(pg, {d: r for r, d in enumerate(msg.group_ranks)}, views, remote, device_index,
                                   cancel, deadline)
         if local:
-            s, r = copy_local(backend, store, mem.kv, mem.ready.num_kv_blocks, config_json, msg, sorted(local),
+            s, r = copy_local(backend, store, mem.kv, mem.ready.num_kv_blocks, msg, sorted(local),
                               device_index, cancel, deadline)
             sent, received = sent + s, received + r
     finally:
@@ -99,12 +88,12 @@ def run(backend: backends_base.DeviceBackend, device_index: int, mem: memory.Dev
 
 
 def copy_local(backend: backends_base.DeviceBackend, store, kv: backends_base.Region, num_blocks: int,
-               config_json: str, msg: wire.MoveKV, indices: list[int], device_index: int,
+               msg: wire.MoveKV, indices: list[int], device_index: int,
                cancel: transition.Cancel, deadline: float) -> tuple[int, int]:
     """The copies of `msg.copies` at `indices` (between devices of this host) through shared
     memory: a source publishes its pool's handle, a destination maps it and copies block by
     block from the source's pool into its own; -> (bytes sent, bytes received)."""
-    own = block_views(kv, config_json, num_blocks, msg.block_size, msg.dtype)
+    own = block_views(kv, msg.view_block_bytes, num_blocks)
     block_bytes = sum(v.shape[1] for v in own)
     source = peer_copy.Source()
     sent = received = 0
@@ -122,7 +111,7 @@ def copy_local(backend: backends_base.DeviceBackend, store, kv: backends_base.Re
             [(handle, _, _)] = peer_copy.read_published(store, i)
             peer = backend.attach(handle)
             try:
-                theirs = block_views(peer, config_json, int(store.get(f"kv-blocks/{i}")), msg.block_size, msg.dtype)
+                theirs = block_views(peer, msg.view_block_bytes, int(store.get(f"kv-blocks/{i}")))
                 cancel.check()
                 if time.monotonic() > deadline:
                     raise TimeoutError("the KV copy did not complete before its deadline")

@@ -43,19 +43,31 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def kv_block_bytes(spec: config_mod.ModelSpec, block_size: int, dtype: torch.dtype) -> list[int]:
+    """Bytes of one block in each view of a KV pool: per layer its keys, then its values. With a
+    pool's number of blocks this is its whole layout (`kv_view_offsets`): what an HMM needs to
+    copy blocks, without parsing the model's config (which imports `transformers`: seconds on a
+    CPU quota, inside a switch's pause)."""
+    item = _itemsize(dtype)
+    per_token = block_size * spec.num_kv_heads * item
+    return [n for _ in range(spec.num_layers) for n in (per_token * spec.qk_head_dim, per_token * spec.v_head_dim)]
+
+
+def kv_view_offsets(view_block_bytes: list[int], num_blocks: int) -> tuple[list[int], int]:
+    """-> the offset of each view (`kv_block_bytes`) in a pool of `num_blocks`, and its total bytes."""
+    offsets, offset = [], 0
+    for block_bytes in view_block_bytes:
+        offsets.append(offset)
+        offset += _round_up(num_blocks * block_bytes, _ALIGN_BYTES)
+    return offsets, offset
+
+
 def kv_layout(spec: config_mod.ModelSpec, num_blocks: int, block_size: int, dtype: torch.dtype):
     """-> [(k_offset, k_shape, v_offset, v_shape)] per layer, and total bytes."""
-    item = _itemsize(dtype)
-    out, offset = [], 0
-    for _ in range(spec.num_layers):
-        k_shape = (num_blocks, block_size, spec.num_kv_heads, spec.qk_head_dim)
-        v_shape = (num_blocks, block_size, spec.num_kv_heads, spec.v_head_dim)
-        k_off = offset
-        offset += _round_up(int(torch.Size(k_shape).numel()) * item, _ALIGN_BYTES)
-        v_off = offset
-        offset += _round_up(int(torch.Size(v_shape).numel()) * item, _ALIGN_BYTES)
-        out.append((k_off, k_shape, v_off, v_shape))
-    return out, offset
+    offsets, total = kv_view_offsets(kv_block_bytes(spec, block_size, dtype), num_blocks)
+    k_shape = (num_blocks, block_size, spec.num_kv_heads, spec.qk_head_dim)
+    v_shape = (num_blocks, block_size, spec.num_kv_heads, spec.v_head_dim)
+    return [(offsets[2 * i], k_shape, offsets[2 * i + 1], v_shape) for i in range(spec.num_layers)], total
 
 
 @dataclasses.dataclass

@@ -101,14 +101,17 @@ def read_published(store, index: int) -> _Published:
     return msgspec.msgpack.decode(store.get(f"peer-copy/{index}"), type=_Published)
 
 
-def pull(backend: backends_base.DeviceBackend, store, wanted: list[tuple[int, int, list[Buffer]]], cancel) -> int:
+def pull(backend: backends_base.DeviceBackend, store, wanted: list[tuple[int, int, list[Buffer]]], cancel,
+         device_index: int = -1) -> int:
     """Copy each wanted transfer (index, source device, destination buffers) from its source's
-    published regions, sources in parallel. -> bytes copied."""
+    published regions, sources in parallel. -> bytes copied. Logs, per source, how long this
+    device waited for its handles, for their file descriptors and for the copies."""
     by_source: dict[int, list[tuple[int, list[Buffer]]]] = {}
     for index, src, buffers in wanted:
         by_source.setdefault(src, []).append((index, buffers))
 
-    def one_source(items: list[tuple[int, list[Buffer]]]) -> int:
+    def one_source(src: int, items: list[tuple[int, list[Buffer]]]) -> int:
+        t0 = time.perf_counter()
         copies = []
         for index, buffers in items:
             published = read_published(store, index)
@@ -118,18 +121,24 @@ def pull(backend: backends_base.DeviceBackend, store, wanted: list[tuple[int, in
                                    f"{[n for _, _, n in buffers]}")
             copies += [(handle, src_offset, nbytes, region, dst_offset)
                        for (handle, src_offset, nbytes), (region, dst_offset, _) in zip(published, buffers)]
+        t1 = time.perf_counter()
         copied = 0
         with backend.handles_prefetched([handle for handle, *_ in copies]):  # one round trip to the source
+            t2 = time.perf_counter()
             for handle, src_offset, nbytes, region, dst_offset in copies:
                 cancel.check()
                 backend.copy_from_peer(region, dst_offset, handle, src_offset, nbytes)
                 copied += nbytes
+        t3 = time.perf_counter()
+        logger.info("device %d: peer copy of %.1f MB from device %d: its handles after %.3f s, their file "
+                    "descriptors %.3f s, copies %.3f s (%.2f GB/s)", device_index, copied / 1e6, src, t1 - t0,
+                    t2 - t1, t3 - t2, copied / max(t3 - t2, 1e-9) / 1e9)
         return copied
 
     if not by_source:
         return 0
     with concurrent.futures.ThreadPoolExecutor(len(by_source), thread_name_prefix="peer-copy") as pool:
-        return sum(f.result() for f in [pool.submit(one_source, items) for items in by_source.values()])
+        return sum(f.result() for f in [pool.submit(one_source, src, items) for src, items in by_source.items()])
 
 
 def barrier(store, rank: int, world: int) -> float:

@@ -264,7 +264,7 @@ def _move_kv(state: State, now: float) -> tuple[State, list[Action]]:
     # the commit gives its blocks to the new executor, no late copy may land in them.
     sc = dataclasses.replace(sc, kv=kv, kv_waiting=frozenset(kv.devices),
                              kv_deadline=now + 1.5 * f.kv_move_timeout_s + 2)
-    messages = kv.messages(sc.new_config, f.engine.dtype, f.engine.block_size, f.kv_move_timeout_s)
+    messages = kv.messages(sc.new_config, f.kv_view_block_bytes, f.kv_move_timeout_s)
     return dataclasses.replace(state, scale=sc), [Send(hmm_dest(d), m) for d, m in messages.items()]
 
 

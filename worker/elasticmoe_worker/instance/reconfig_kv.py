@@ -18,7 +18,7 @@ none yet (it never ran), is not in the plan: it is recomputed as before. Pure: n
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import msgspec
 
@@ -77,11 +77,11 @@ class Plan:
     def num_blocks(self) -> int:
         return sum(len(c.src_blocks) for c in self.copies)
 
-    def messages(self, config_id: int, dtype: str, block_size: int, timeout_s: float) -> dict[int, wire.MoveKV]:
+    def messages(self, config_id: int, view_block_bytes: Sequence[int], timeout_s: float) -> dict[int, wire.MoveKV]:
         """device -> what its HMM is told to do."""
         group = list(self.devices)
-        return {d: wire.MoveKV(config_id=config_id, rank=r, group_ranks=group, copies=list(self.copies), dtype=dtype,
-                               block_size=block_size, timeout_s=timeout_s)
+        return {d: wire.MoveKV(config_id=config_id, rank=r, group_ranks=group, copies=list(self.copies),
+                               view_block_bytes=list(view_block_bytes), timeout_s=timeout_s)
                 for r, d in enumerate(group)}
 
 

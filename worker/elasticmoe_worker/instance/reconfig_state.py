@@ -36,6 +36,7 @@ class Facts:
     moe_layers: tuple[int, ...]
     num_kv_blocks: int
     kv_bytes: int
+    kv_view_block_bytes: tuple[int, ...]  # bytes of one KV block per view of a pool (`memory.kv_block_bytes`)
     config_json: str
     tokenizer_files: Mapping[str, str]
     engine: wire.EngineOptions

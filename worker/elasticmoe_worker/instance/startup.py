@@ -28,7 +28,7 @@ from elasticmoe_worker.contract import admin, wire
 from elasticmoe_worker.engine import engine as engine_mod
 from elasticmoe_worker.engine import kv_cache
 from elasticmoe_worker.instance import fleet as fleet_mod
-from elasticmoe_worker.instance import membership, procutil, rayfleet, reconfig, reconfig_rejoin, routing, transport
+from elasticmoe_worker.instance import membership, memory, procutil, rayfleet, reconfig, reconfig_rejoin, routing, transport
 from elasticmoe_worker.models import registry
 
 logger = logging.getLogger("elasticmoe_worker.instance.coordinator")
@@ -255,7 +255,9 @@ class StartUp:
             replicated_layout=tuple(ready0.replicated_layout), expert_w13_bytes=ready0.experts[0].w13.size_bytes,
             expert_w2_bytes=ready0.experts[0].w2.size_bytes,
             moe_layers=tuple(sorted({r.layer for r in ready0.experts})), num_kv_blocks=ready0.num_kv_blocks,
-            kv_bytes=ready0.kv.size_bytes, config_json=self.config_json, tokenizer_files=dict(self.tokenizer_files),
+            kv_bytes=ready0.kv.size_bytes, config_json=self.config_json,
+            kv_view_block_bytes=tuple(memory.kv_block_bytes(self.spec, options.block_size,
+                                                            registry.resolve_dtype(self.spec, options.dtype))), tokenizer_files=dict(self.tokenizer_files),
             engine=options, model_name=self.model_name, collective_timeout_s=self.collective_timeout_s,
             expert_copies=self.expert_copies, model_dir=str(self.model_dir),
             redundant_budget_bytes=self.redundant_expert_bytes)

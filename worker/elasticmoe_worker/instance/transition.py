@@ -197,7 +197,7 @@ def _move(backend: backends_base.DeviceBackend, mem: memory.DeviceMemory, msg: w
                 else:
                     works.append(pg.recv([buf], rank_of[t.src], tag))
                     received += nbytes
-        received += peer_copy.pull(backend, store, wanted, cancel)  # while the collective's works run
+        received += peer_copy.pull(backend, store, wanted, cancel, device_index)  # while the collective's works run
         wait_for(works, cancel, deadline)
         data_seconds = time.perf_counter() - data_started
         if local:  # nobody revokes (or frees) a region a peer still copies from
