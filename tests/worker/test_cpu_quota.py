@@ -47,17 +47,22 @@ def test_each_device_runs_in_its_own_group_with_the_quota_and_the_groups_go_at_s
         hmm_pids = inst.fleet.pids()
         groups = {}
         spares: list[pathlib.Path] = []
+        hmm_groups: list[pathlib.Path] = []
         for device, pid in hmm_pids.items():
             group = quotas.group(device)
             groups[device] = group
             assert group is not None and group.is_dir() and group.parent == parent
             assert _quota(group, version) == (30_000, 100_000), "0.3 cores per 100 ms period"
+            # the HMM's host work has a group (and quota) of its own, beside the device's
+            hmm_group = parent / (group.name + cgroup.HMM_SUFFIX)
+            hmm_groups.append(hmm_group)
+            assert _quota(hmm_group, version) == (30_000, 100_000)
+            assert {int(p) for p in (hmm_group / "cgroup.procs").read_text().split()} == {pid}, \
+                f"the HMM of device {device}, alone in its group"
+            # the executor, started by the HMM, serves in the device's group
             members = {int(p) for p in (group / "cgroup.procs").read_text().split()}
-            assert pid in members, f"the HMM of device {device} is in its group"
-            # the executor, started by the HMM after it was placed, inherited the group
-            children = [c for c in members if c != pid]
-            assert children, f"device {device}: no executor in {group} ({members})"
-            assert all(f"/{group.name}" in pathlib.Path(f"/proc/{c}/cgroup").read_text() for c in children)
+            assert len(members) == 1 and pid not in members, f"device {device}: one executor in {group} ({members})"
+            assert all(f"/{group.name}\n" in pathlib.Path(f"/proc/{c}/cgroup").read_text() for c in members)
             # the device's spare executor waits in a sibling group with a quota of its own: its
             # imports take nothing from the serving executor's
             spare = parent / (group.name + cgroup.SPARE_SUFFIX)
@@ -85,6 +90,7 @@ def test_each_device_runs_in_its_own_group_with_the_quota_and_the_groups_go_at_s
         inst.shutdown()
     assert not any(g.exists() for g in groups.values()), "device groups removed at shutdown"
     assert spares and not any(g.exists() for g in spares), "spare groups removed at shutdown"
+    assert hmm_groups and not any(g.exists() for g in hmm_groups), "HMM groups removed at shutdown"
     assert not parent.exists(), "the instance's parent group removed at shutdown"
 
 
@@ -99,16 +105,17 @@ def test_a_scaled_away_device_leaves_no_group(tiny_models):
         # its executor was the spare: it prepared in the spare's group and left it for the device's
         # once it served (the HMM's commit, which may come just after the scale returns)
         deadline = time.monotonic() + 10
-        while len(members := {int(p) for p in (added / "cgroup.procs").read_text().split()}) != 2:
+        while len(members := {int(p) for p in (added / "cgroup.procs").read_text().split()}) != 1:
             assert time.monotonic() < deadline, members
             time.sleep(0.05)
-        assert inst.fleet.pids()[1] in members
         spare = added.parent / (added.name + cgroup.SPARE_SUFFIX)
+        hmm_group = added.parent / (added.name + cgroup.HMM_SUFFIX)
         assert not members & {int(p) for p in (spare / "cgroup.procs").read_text().split()}
+        assert {int(p) for p in (hmm_group / "cgroup.procs").read_text().split()} == {inst.fleet.pids()[1]}
         record = inst.scale(1)
         assert record.outcome == admin.Outcome.SUCCEEDED, record.message
         deadline = time.monotonic() + 30
-        while added.exists() or spare.exists():
+        while added.exists() or spare.exists() or hmm_group.exists():
             assert time.monotonic() < deadline, f"{added} still there 30 s after the scale-down"
             time.sleep(0.1)
     finally:

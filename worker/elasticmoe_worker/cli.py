@@ -353,11 +353,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "~/.cache/elasticmoe) on first use.")
     _add_serving_arguments(p, host_default="127.0.0.1", devices_required=False)
     p.add_argument("--cpu-per-device", type=cliargs.cores, default=None, metavar="CORES",
-                   help="give each device (its HMM and executors) a CPU quota of this many cores through the cgroup "
-                        "CPU controller (cgroup v1 cpu.cfs_quota_us or v2 cpu.max; needs root), like a Kubernetes "
-                        "CPU limit, so that a CPU device has fixed capacity, e.g. 0.45; each device's spare executor "
-                        "(started ahead of the next scale) waits in a group with a quota of its own, like a warm "
-                        "worker (default: no quota)")
+                   help="give each device's executors a CPU quota of this many cores through the cgroup CPU "
+                        "controller (cgroup v1 cpu.cfs_quota_us or v2 cpu.max; needs root), like a Kubernetes CPU "
+                        "limit, so that a CPU device has fixed capacity, e.g. 0.45; the device's HMM (host work: "
+                        "checkpoint reads, peer copies) and its spare executor (started ahead of the next scale, "
+                        "like a warm worker) each get a group with a quota of the same size (default: no quota)")
     g = p.add_argument_group("restarting serve without losing its workers (--fleet local)")
     g.add_argument("--control-port", type=cliargs.port, default=0,
                    help="the port the workers' control channel listens on (loopback); with a fixed port and the "

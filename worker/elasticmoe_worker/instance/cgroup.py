@@ -3,11 +3,18 @@
 Why it exists: a CPU "device" has fixed capacity only if it gets a fixed share of the cores.
 Without a quota, four local devices on a 2-core machine share the same two cores and adding
 devices adds no capacity, which makes every autoscaling measurement meaningless. With
-`serve --cpu-per-device 0.45`, each device's HMM goes into its own group right after it is
-started; the executors it starts later are its children and inherit the group, so the device
-as a whole (HMM + executors) gets 0.45 cores per period, as a pod with `limits.cpu: 450m` does.
-Except its spare executor (the next standby, started ahead): it waits in a sibling group with
-a quota of its own (`SpareSlot`), as a warm worker does, and joins the device's once given work.
+`serve --cpu-per-device 0.45`, each device gets three sibling groups of 0.45 cores each, as a
+pod with `limits.cpu: 450m` per container would: the device's own (`device-N-k`), where its
+executors serve, the accelerator it stands for; its HMM's (`-hmm`), which the HMM is moved into
+right after it is started; and its spare's (`-spare`, `SpareSlot`), where the next standby
+waits (and the zygote it is forked from imports), as a warm worker does, until it is given work.
+An executor joins the device's group when it serves.
+
+Why the HMM has a group of its own: its work is host work (reading the checkpoint, granting and
+copying regions, answering the coordinator), which on an accelerator does not compete with the
+device's compute. In the device's group a loaded executor spent the whole quota each period and
+the HMM waited for the next one: a source handing out its regions' file descriptors took 67-79 ms
+of a scale's transfer under load (0.225 cores) against 1-3 ms idle.
 
 Both cgroup versions: v1 (a `cpu` hierarchy: `cpu.cfs_quota_us` / `cpu.cfs_period_us`,
 processes into `cgroup.procs`) and v2 (`cpu.max`, after enabling the `cpu` controller for our
@@ -35,6 +42,7 @@ logger = logging.getLogger(__name__)
 PERIOD_US = 100_000  # the kernel's and Kubernetes' default CFS period
 MIN_QUOTA_US = 1_000  # the kernel refuses less
 SPARE_SUFFIX = "-spare"  # device-N-k-spare: where device-N-k's spare executor waits (SpareSlot)
+HMM_SUFFIX = "-hmm"  # device-N-k-hmm: device-N-k's HMM (its host work; the executors run in device-N-k)
 
 
 class Unavailable(RuntimeError):
@@ -185,16 +193,15 @@ class CpuQuotas:
                     PERIOD_US, self.version, self.parent)
 
     def place(self, device_index: int, pid: int) -> pathlib.Path:
-        """Create a group for this device's worker, set its quota, move `pid` into it."""
+        """Create this device's groups, each with the quota: the device's own (its executors), its
+        spare's (`SpareSlot`) and its HMM's; move the HMM (`pid`) into the last. -> the device's."""
         self._count += 1
         group = self.parent / f"device-{device_index}-{self._count}"
-        group.mkdir()
-        self._set_quota(group)
-        (group / "cgroup.procs").write_text(str(pid))
+        for g in (group, *(group.parent / (group.name + s) for s in (SPARE_SUFFIX, HMM_SUFFIX))):
+            g.mkdir()
+            self._set_quota(g)
         self._groups[device_index] = group
-        spare = group.parent / (group.name + SPARE_SUFFIX)
-        spare.mkdir()
-        self._set_quota(spare)
+        (group.parent / (group.name + HMM_SUFFIX) / "cgroup.procs").write_text(str(pid))
         return group
 
     def _set_quota(self, group: pathlib.Path) -> None:
@@ -215,9 +222,10 @@ class CpuQuotas:
             return
         if self._groups.get(device_index) == group:
             del self._groups[device_index]
-        spare = group.parent / (group.name + SPARE_SUFFIX)
-        if not group.name.endswith(SPARE_SUFFIX) and spare.is_dir():
-            self.release(device_index, spare, timeout_s)
+        if not group.name.endswith((SPARE_SUFFIX, HMM_SUFFIX)):
+            for sibling in (group.parent / (group.name + s) for s in (SPARE_SUFFIX, HMM_SUFFIX)):
+                if sibling.is_dir():
+                    self.release(device_index, sibling, timeout_s)
         deadline = time.monotonic() + timeout_s
         while True:
             pids = _pids(group)
@@ -277,8 +285,9 @@ class SpareSlot:
             _, own = detect()
         except Unavailable:
             return None
-        spare = own.parent / (own.name + SPARE_SUFFIX)
-        return cls(own, spare) if spare.is_dir() else None
+        device = own.parent / own.name.removesuffix(HMM_SUFFIX)
+        spare = own.parent / (device.name + SPARE_SUFFIX)
+        return cls(device, spare) if spare.is_dir() else None
 
     def wait_here(self, pid: int) -> None:
         (self.spare_group / "cgroup.procs").write_text(str(pid))
