@@ -311,6 +311,19 @@ class HMMRejoin(Msg):
 
 
 # -- HMM -> executor (over the executor's stdin) ----------------------------------------
+# Frames on an executor's stdin: a length (8 bytes, little-endian), then the message. A length with
+# PRELOAD_FLAG holds an ExecutorPreload: the spare handles it and goes on waiting, still niced.
+PRELOAD_FLAG = 1 << 63
+
+
+class ExecutorPreload(Msg):
+    """Before the spec, to a spare whose HMM knows the model already: what the spare loads while it
+    waits for work (the tokenizer), so that a standby does not load it during a scale. A spec
+    whose tokenizer files differ is served with its own."""
+
+    tokenizer_files: dict[str, str]
+
+
 class ExecutorSpec(Msg):
     device_index: int
     backend: str
@@ -413,8 +426,8 @@ class StoreReply(Msg):
     amount: int = 0
 
 
-ANY = HMMHello | HMMRejoin | Heartbeat | LoadPlan | HMMReady | StartExecutor | HMMFailed | ExecutorSpec | ExecutorReady | AddRequest \
-    | AbortRequest | Output | RankStats | ExecutorFailed | Shutdown | PrepareTransition | TransitionReady \
+ANY = HMMHello | HMMRejoin | Heartbeat | LoadPlan | HMMReady | StartExecutor | HMMFailed | ExecutorPreload \
+    | ExecutorSpec | ExecutorReady | AddRequest | AbortRequest | Output | RankStats | ExecutorFailed | Shutdown | PrepareTransition | TransitionReady \
     | CommitTransition | AbortTransition | PauseForSwitch | Handover | Adopt | Adopted | MoveKV | KVMoved \
     | StoreRequest | StoreReply
 

@@ -86,7 +86,8 @@ def _to_wire(out: types.RequestOutput) -> wire.Output:
 
 
 class Executor:
-    def __init__(self, spec: wire.ExecutorSpec) -> None:
+    def __init__(self, spec: wire.ExecutorSpec, preloaded: tuple[dict[str, str], object] | None = None) -> None:
+        """`preloaded`: (tokenizer files, tokenizer) loaded while this process waited as a spare."""
         started = time.perf_counter()
         self.spec = spec
         start = spec.start
@@ -142,7 +143,11 @@ class Executor:
                                                      block.w13, block.w2, self.torch_device)
             phase("group")
 
-        tokenizer = engine_mod.tokenizer_from_files(spec.tokenizer_files)
+        if preloaded is not None and preloaded[0] == spec.tokenizer_files:
+            tokenizer = preloaded[1]
+            logger.info("rank %d: tokenizer loaded ahead, while this process waited as a spare", self.rank)
+        else:
+            tokenizer = engine_mod.tokenizer_from_files(spec.tokenizer_files)
         phase("tokenizer")
         self.engine = engine_mod.LLMEngine(model, tokenizer, cfg, spec.model_name, pool=self.device.pool)
         phase("engine")
@@ -321,6 +326,19 @@ def import_ahead() -> None:
     transformers.AutoTokenizer  # noqa: B018  (a lazy module: this imports it)
 
 
+def _preload(msg: wire.ExecutorPreload) -> tuple[dict[str, str], object] | None:
+    """A spare loads what it can before its spec: -> (tokenizer files, tokenizer), or None where
+    that failed (said; the spec's tokenizer is then loaded as it comes, and fails there if bad)."""
+    t0 = time.perf_counter()
+    try:
+        tokenizer = engine_mod.tokenizer_from_files(msg.tokenizer_files)
+    except Exception as exc:  # noqa: BLE001 - the executor loads it again from its spec
+        logger.warning("spare: could not load the tokenizer ahead: %s: %s", type(exc).__name__, exc)
+        return None
+    logger.debug("spare: tokenizer loaded ahead in %.0f ms", 1000 * (time.perf_counter() - t0))
+    return msg.tokenizer_files, tokenizer
+
+
 def main() -> int:
     logging.basicConfig(level=os.environ.get("ELASTICMOE_LOG_LEVEL", "INFO").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -336,7 +354,14 @@ def main() -> int:
         except (OSError, ValueError) as exc:
             logger.warning("could not say the spare is ready on fd %s: %s", ready_fd, exc)
 
-    (length,) = struct.unpack("<Q", _read_exactly(sys.stdin.buffer, 8))
+    preloaded = None
+    while True:  # frames: a length (8 bytes), then the message; wire.PRELOAD_FLAG in the length: a preload
+        (length,) = struct.unpack("<Q", _read_exactly(sys.stdin.buffer, 8))
+        if not length & wire.PRELOAD_FLAG:
+            break
+        preload = wire.decode(_read_exactly(sys.stdin.buffer, length & ~wire.PRELOAD_FLAG))
+        assert isinstance(preload, wire.ExecutorPreload), "a preload frame holds an ExecutorPreload"
+        preloaded = _preload(preload)
     if base_nice is not None:
         procutil.renice_threads(int(base_nice))
         logger.info("given work: back from nice %d to %s", procutil.SPARE_NICE, base_nice)
@@ -347,7 +372,7 @@ def main() -> int:
     rank = spec.start.rank
     executor = None
     try:
-        executor = Executor(spec)
+        executor = Executor(spec, preloaded)
         executor.run()
     except Exception as exc:  # report, then exit: the coordinator decides what happens next
         logger.exception("rank %d failed", rank)

@@ -136,8 +136,8 @@ class LocalFleet:
                 done[0].kill()
                 self.workers.pop(device_index)
                 raise RuntimeError(f"device {device_index}: cannot put its worker into a CPU-quota cgroup: {exc}") from exc
-            logger.info("device %d: HMM started (pid %d) in %s, %.3g cores", device_index, done[0].pid, group,
-                        self.quotas.cores)
+            logger.info("device %d: HMM started (pid %d) in %s%s, its executors in %s, %.3g cores each",
+                        device_index, done[0].pid, group, cgroup.HMM_SUFFIX, group.name, self.quotas.cores)
         else:
             logger.info("device %d: HMM started (pid %d)", device_index, self.workers[device_index].pid)
 

@@ -86,6 +86,14 @@ class _StdinFeeder:
                 pass
 
 
+def _frame(msg: wire.Msg) -> bytes:
+    """A message on an executor's stdin: its length (8 bytes, little-endian; with
+    `wire.PRELOAD_FLAG` for a preload), then it."""
+    data = wire.encode(msg)
+    flag = wire.PRELOAD_FLAG if isinstance(msg, wire.ExecutorPreload) else 0
+    return struct.pack("<Q", len(data) | flag) + data
+
+
 class HMM:
     def __init__(self, device_index: int, coordinator: str, backend_name: str, host: str = "",
                  orphan_timeout_s: float | None = None) -> None:
@@ -125,6 +133,7 @@ class HMM:
         self._zygote: zygote.Zygote | None = None
         self._said_no_zygote = False
         self._slots: dict[int, cgroup.SpareSlot] = {}  # spare pid -> the CPU group it waits in
+        self._feeders: dict[int, _StdinFeeder] = {}  # executor pid -> its stdin, until it is given its spec
         self._ready_spares: set[int] = set()  # pids of spares that said they finished importing
         self.transition: threading.Thread | None = None
         self.cancels: dict[int, transition.Cancel] = {}  # config id -> its transition's cancel switch
@@ -174,9 +183,8 @@ class HMM:
             if proc is None:
                 proc = self._spawn_executor_process()
             self._give_work(proc, join_device=not wait_for_weights)
-            frame = wire.encode(spec)
-            feeder = _StdinFeeder(proc)
-            feeder.write(struct.pack("<Q", len(frame)) + frame)
+            feeder = self._feeders.pop(proc.pid)
+            feeder.write(_frame(spec))
             if wait_for_weights:
                 self.gated[start.config_id] = feeder
             else:
@@ -230,7 +238,12 @@ class HMM:
                 logger.exception("device %d: the spare executor could not be started", self.device_index)
             return None
         self._ready_spares.discard(proc.pid)  # no longer a spare (a later one may get its pid)
-        return proc if proc.poll() is None else None
+        if proc.poll() is None:
+            return proc
+        feeder = self._feeders.pop(proc.pid, None)
+        if feeder is not None:
+            feeder.close()
+        return None
 
     @property
     def spare(self):
@@ -262,6 +275,9 @@ class HMM:
             os.close(ready_w)
         threading.Thread(target=self._await_ready, args=(proc, ready_r, time.monotonic()), name="spare-ready",
                          daemon=True).start()
+        feeder = self._feeders[proc.pid] = _StdinFeeder(proc)
+        if self.tokenizer_files:  # the model is known: the spare loads its tokenizer while it waits
+            feeder.write(_frame(wire.ExecutorPreload(tokenizer_files=self.tokenizer_files)))
         slot = self._wait_in_spare_group(proc.pid, "the spare executor")
         if slot is not None:
             self._slots[proc.pid] = slot
@@ -578,6 +594,8 @@ class HMM:
         if spare is not None:
             spare.kill()  # it only waits on stdin
             spare.wait()
+        for feeder in self._feeders.values():
+            feeder.close()
         self._spawner.shutdown()
         if self.memory is not None:
             self.memory.close()

@@ -142,9 +142,15 @@ def _serve(sock: socket.socket) -> None:
             if threading.active_count() != 1:
                 raise RuntimeError(f"the zygote runs {threading.active_count()} Python threads; it forks only "
                                    f"with one")
-            sock.send(_PID + str(_fork(sock, req, fds[0], fds[1])).encode())
+            pid = _fork(sock, req, fds[0], fds[1])
         except Exception as exc:  # said to the HMM, which starts its spares itself from then on
-            sock.send(_ERR + f"{type(exc).__name__}: {exc}".encode())
+            reply = _ERR + f"{type(exc).__name__}: {exc}".encode()
+        else:
+            reply = _PID + str(pid).encode()
+        try:
+            sock.send(reply)
+        except OSError:
+            return  # the HMM stopped while we forked (its spare ends with it: parent-death signal)
         finally:
             for fd in fds:
                 os.close(fd)
