@@ -123,9 +123,9 @@ def _comm(pid: int) -> str:
 
 def test_a_scale_spawns_the_next_spare_only_when_it_ends(tiny_models, capfd):
     """A staying device holds its serving executor and the standby during a scale, not a third
-    process importing (the peak of its memory); a spare is back once the scale committed. The
-    staying device's spare loaded its tokenizer while it waited (its HMM knew the model); the
-    warm worker's could not (its HMM learnt the model with the scale)."""
+    process importing (the peak of its memory); a spare is back once the scale committed. Both
+    standbys' spares loaded their tokenizer while they waited: the staying device's HMM read the
+    model, the warm worker's was told it when it registered (`ModelFiles`)."""
     from elasticmoe_worker.engine import engine as engine_mod
     from elasticmoe_worker.instance import coordinator
 
@@ -155,7 +155,8 @@ def test_a_scale_spawns_the_next_spare_only_when_it_ends(tiny_models, capfd):
         assert record.outcome.value == "Succeeded", record
         assert most == 2, f"device 0 held {most} executor processes at once during the scale"
         err = capfd.readouterr().err
-        assert "rank 0: tokenizer loaded ahead" in err and "rank 1: tokenizer loaded ahead" not in err, err[-3000:]
+        assert "rank 0: tokenizer loaded ahead" in err and "rank 1: tokenizer loaded ahead" in err, err[-3000:]
+        assert "device 1: told the model's files" in err, err[-3000:]
         # the old executor exited, the old spare serves as the standby it became, a new spare imports
         _wait_for(lambda: len(_children(hmm_pid)) == 2 and len(_children(hmm_pid) - steady) == 1,
                   what="a new spare beside the new executor")

@@ -90,6 +90,17 @@ class Msg(msgspec.Struct, tag=True, kw_only=True):
 class HMMHello(Msg):
     device_index: int
     pid: int
+    # it has the model's files (from its checkpoint, a scale or `ModelFiles`); absent from older HMMs
+    knows_model: bool = False
+
+
+class ModelFiles(Msg):
+    """Coordinator -> an HMM that said hello without knowing the model (a warm worker): the files
+    its executors are given (config, tokenizer), so that its spare loads the tokenizer while it
+    waits, not during the scale that takes it. Changes nothing the HMM holds."""
+
+    config_json: str
+    tokenizer_files: dict[str, str]
 
 
 class Heartbeat(Msg):
@@ -426,7 +437,7 @@ class StoreReply(Msg):
     amount: int = 0
 
 
-ANY = HMMHello | HMMRejoin | Heartbeat | LoadPlan | HMMReady | StartExecutor | HMMFailed | ExecutorPreload \
+ANY = HMMHello | ModelFiles | HMMRejoin | Heartbeat | LoadPlan | HMMReady | StartExecutor | HMMFailed | ExecutorPreload \
     | ExecutorSpec | ExecutorReady | AddRequest | AbortRequest | Output | RankStats | ExecutorFailed | Shutdown | PrepareTransition | TransitionReady \
     | CommitTransition | AbortTransition | PauseForSwitch | Handover | Adopt | Adopted | MoveKV | KVMoved \
     | StoreRequest | StoreReply

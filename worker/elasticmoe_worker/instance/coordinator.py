@@ -119,6 +119,7 @@ class Instance(startup.StartUp):
         self.redundant_expert_bytes = redundant_expert_bytes
         self.spec: config_mod.ModelSpec | None = None
         self.tokenizer = None
+        self.config_json, self.tokenizer_files = "", {}  # until `_set_model`
         self._max_model_len: int | None = None
         self.max_devices = num_devices
         if self._adopts and not (self.model_dir / "config.json").is_file():
@@ -394,6 +395,9 @@ class Instance(startup.StartUp):
             self._spare_ready[msg.device_index] = msg.spare_ready
         elif isinstance(msg, wire.HMMHello):
             self.members.registered(msg.device_index)
+            if not msg.knows_model and self.tokenizer_files:  # its spare can load the tokenizer now
+                self.transport.send(reconfig.hmm_dest(msg.device_index), wire.ModelFiles(
+                    config_json=self.config_json, tokenizer_files=self.tokenizer_files))
             self._step(reconfig.WorkerRegistered(msg.device_index, now))
         elif isinstance(msg, wire.HMMRejoin):
             self._on_rejoin(msg, now)

@@ -158,6 +158,18 @@ class HMM:
         self.expert_ids = list(plan.expert_ids)
         self.send(self.memory.ready)
 
+    def learn_model(self, msg: wire.ModelFiles) -> None:
+        """A warm worker learns the model before a scale takes it: the spares it has (and those it
+        forks from now on) load the tokenizer while they wait."""
+        if self.tokenizer_files:
+            return  # it knows the model already (its checkpoint, a scale)
+        self.config_json, self.tokenizer_files = msg.config_json, dict(msg.tokenizer_files)
+        preload = _frame(wire.ExecutorPreload(tokenizer_files=self.tokenizer_files))
+        for feeder in list(self._feeders.values()):
+            feeder.write(preload)
+        logger.info("device %d: told the model's files: its spares load the tokenizer while they wait (%d waiting "
+                    "now)", self.device_index, len(self._feeders))
+
     def start_executor(self, start: wire.StartExecutor, held: list[int] | None = None,
                        wait_for_weights: bool = False) -> None:
         """Start an executor of `start.config_id` on this device's memory. `wait_for_weights`: a
@@ -537,7 +549,8 @@ class HMM:
             # restarts) after us still learns of us.
             if self.memory is None and self.pending_expert_ids is None and time.monotonic() >= next_hello:
                 next_hello = time.monotonic() + HEARTBEAT_INTERVAL_S
-                self.send(wire.HMMHello(device_index=self.device_index, pid=os.getpid()))
+                self.send(wire.HMMHello(device_index=self.device_index, pid=os.getpid(),
+                                        knows_model=bool(self.tokenizer_files)))
             events = dict(poller.poll(200))
             if self.monitor in events:
                 self._on_connection_event()
@@ -558,6 +571,8 @@ class HMM:
                         self.commit(msg)
                     elif isinstance(msg, wire.MoveKV):
                         self.move_kv(msg)
+                    elif isinstance(msg, wire.ModelFiles):
+                        self.learn_model(msg)
                     elif isinstance(msg, wire.AbortTransition):
                         self.abort(msg)
                     elif isinstance(msg, wire.Shutdown):
