@@ -609,7 +609,7 @@ class HMM:
         if spare is not None:
             spare.kill()  # it only waits on stdin
             spare.wait()
-        for feeder in self._feeders.values():
+        for feeder in list(self._feeders.values()):  # the spawner thread may still add one
             feeder.close()
         self._spawner.shutdown()
         if self.memory is not None:
