@@ -323,7 +323,12 @@ def test_forged_messages_from_outsiders_change_nothing(served, reference, spy):
                                                      identity).items()}
         for sock, _ in outsiders.values():
             for msg in forged:
-                sock.send(wire.encode(msg))
+                try:
+                    sock.send(wire.encode(msg), zmq.NOBLOCK)
+                except zmq.Again:
+                    # NOTE: a DEALER whose handshake was refused already has no pipe and would block
+                    # for ever (the test hung in one CI run): nothing of it can reach the coordinator.
+                    break
         _assert_refused(outsiders)
 
     try:
