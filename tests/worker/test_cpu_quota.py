@@ -37,6 +37,13 @@ def _throttled(group: pathlib.Path) -> int:
     return int(stat["nr_throttled"])
 
 
+def _comm(pid: int) -> str:
+    try:
+        return pathlib.Path(f"/proc/{pid}/comm").read_text().strip()
+    except FileNotFoundError:  # it exited meanwhile
+        return ""
+
+
 def test_each_device_runs_in_its_own_group_with_the_quota_and_the_groups_go_at_shutdown(tiny_models):
     version, base = _controller_or_skip()
     inst = coordinator.Instance(tiny_models["qwen3_moe"], 2, CFG, warm_workers=0, cpu_per_device=0.3).start()
@@ -70,11 +77,15 @@ def test_each_device_runs_in_its_own_group_with_the_quota_and_the_groups_go_at_s
             assert spare.is_dir() and _quota(spare, version) == (30_000, 100_000)
             # ... and so does the zygote it is forked from (its imports, once); the spare is forked
             # once the executor took the last one
+            # NOTE: a fork's intermediate process (named as the zygote, gone in milliseconds) may be
+            # there too for a moment (ci29 sampled three processes): wait for the settled state.
             deadline = time.monotonic() + 30
-            while len(waiting := {int(p) for p in (spare / "cgroup.procs").read_text().split()}) < 2:
-                assert time.monotonic() < deadline, f"device {device}: no zygote and spare in {spare}: {waiting}"
+            while True:
+                waiting = {int(p) for p in (spare / "cgroup.procs").read_text().split()}
+                zygotes = {p for p in waiting if _comm(p) == zygote.NAME}
+                if len(zygotes) == 1 and len(waiting - zygotes) == 1 or time.monotonic() > deadline:
+                    break
                 time.sleep(0.05)
-            zygotes = {p for p in waiting if pathlib.Path(f"/proc/{p}/comm").read_text().strip() == zygote.NAME}
             assert len(zygotes) == 1 and len(waiting - zygotes) == 1 and not waiting & members, (waiting, members)
             for spare_pid in waiting:
                 assert os.getppid() != spare_pid and f"ppid:\t{pid}" in pathlib.Path(f"/proc/{spare_pid}/status") \
