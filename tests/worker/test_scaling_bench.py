@@ -5,6 +5,7 @@ scaled; run with `bash scripts/test.sh -m slow`)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -80,3 +81,49 @@ def test_staying_devices_peak_is_judged_against_their_larger_steady_state():
                    (2.0, {"0/0": 200, "0/1": 100, "w": 90}), (3.0, {"0/0": 190, "w": 90})]
     assert mem.per_device_ratio(1.0, {"0/0"}) == pytest.approx(200 / 190)
     assert mem.per_device_ratio(-1.0, {"0/0"}) is None, "no sample before the scale"
+
+
+def test_process_tree_holds_children_and_grandchildren():
+    # a shell whose child sleeps: the shell is our child, the sleep our grandchild
+    proc = subprocess.Popen(["sh", "-c", "sleep 30 & echo $!; wait"], stdout=subprocess.PIPE, text=True)
+    try:
+        grandchild = int(proc.stdout.readline())
+        for tree in (scaling_bench._tree(os.getpid()), scaling_bench._tree_by_scan(os.getpid())):
+            assert tree[0] == os.getpid() and {proc.pid, grandchild} <= set(tree)
+        assert scaling_bench._tree(grandchild) == [grandchild]
+    finally:
+        subprocess.run(["pkill", "-P", str(proc.pid)])
+        proc.kill()
+        proc.wait()
+
+
+def test_memory_reads_pss_again_only_for_a_device_whose_processes_changed(monkeypatch):
+    pids = {"idle": [10, 11], "busy": [20]}
+    resident = {10: 5, 11: 6, 20: 7}
+    read: list[int] = []
+    monkeypatch.setattr(scaling_bench._Memory, "_resident", staticmethod(lambda p: resident[p]))
+    monkeypatch.setattr(scaling_bench._Memory, "_pss", staticmethod(lambda p: read.append(p) or p * 100))
+    mem = scaling_bench._Memory(lambda: pids)
+    left = [0]
+
+    def sleep(_):  # between passes: the serving executor's memory moves; stop after the passes asked
+        resident[20] += 1
+        left[0] -= 1
+        mem.stop = left[0] <= 0
+
+    monkeypatch.setattr(scaling_bench.time, "sleep", sleep)
+
+    def passes(n: int) -> list[int]:
+        read.clear()
+        left[0], mem.stop = n, False
+        mem.run()
+        return read
+
+    assert sorted(passes(1)) == [10, 11, 20], "the first pass reads every process"
+    assert passes(3) == [20, 20, 20], "an unchanged device keeps its PSS; a changed one is read again"
+    resident[11] += 1  # a page more in the idle device: all of its processes again (shares move)
+    assert sorted(passes(1)) == [10, 11, 20]
+    pids["idle"] = [10, 11, 12]  # a spare forked: the zygote's share changes too
+    resident[12] = 1
+    assert sorted(passes(1)) == [10, 11, 12, 20]
+    assert len(mem.samples) == 6 and mem.samples[-1][1] == {"idle": 3300, "busy": 2000}
