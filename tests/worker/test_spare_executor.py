@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from elasticmoe_worker.instance import hmm, procutil, zygote
+from elasticmoe_worker.instance import procutil, spares, zygote
 
 
 def _nice_of_threads(pid: int) -> set[int]:
@@ -77,7 +77,7 @@ def test_a_spec_larger_than_the_pipe_is_written_without_waiting_for_the_reader(t
         done = threading.Event()
 
         def write() -> None:
-            feeder = hmm._StdinFeeder(reader)
+            feeder = spares.StdinFeeder(reader)
             feeder.write(data[:1000])
             feeder.write(data[1000:])
             feeder.close()

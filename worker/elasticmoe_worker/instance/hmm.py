@@ -5,9 +5,8 @@ zero-copy handles to the executors it starts as child processes (the fds behind 
 handles reach them over this process's Unix socket, `backends.fdpass`, which serves its own
 children only: no ptrace access, no capability), and outlives them: an
 executor can be killed and restarted, or replaced by one for another configuration,
-without the HMM reading the checkpoint again. Executors are forked from the HMM's zygote, a
-process that did their imports once (`zygote`; ELASTICMOE_ZYGOTE=0: each executor is a process
-of its own that imports, ~2.5 CPU-s).
+without the HMM reading the checkpoint again. Executors start as the device's spare, forked
+ahead of need from the HMM's zygote, a process that did the imports once (`spares`, `zygote`).
 
 Talks to the coordinator over one ZeroMQ DEALER socket (typed messages, see `messages`).
 Exits when the coordinator says so. When the coordinator goes away (its connection drops), the
@@ -22,13 +21,10 @@ cannot be restarted (no fixed control address) has its HMMs die with the coordin
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import logging
 import os
 import pathlib
-import queue
 import signal
-import struct
 import subprocess
 import sys
 import threading
@@ -41,57 +37,12 @@ import zmq.utils.monitor
 from elasticmoe_worker import backends, cliargs
 from elasticmoe_worker.engine import engine as engine_mod
 from elasticmoe_worker.contract import wire
-from elasticmoe_worker.instance import cgroup, kv_transfer, memory, procutil, transition, transport, zygote
+from elasticmoe_worker.instance import kv_transfer, memory, procutil, spares, transition, transport
 
 logger = logging.getLogger("elasticmoe.hmm")
 
 # A fleet of pods declares a worker dead after ~15 silent seconds (fleet.ExternalFleet).
 HEARTBEAT_INTERVAL_S = 1.0
-# How long an executor needed now waits for a zygote still importing (it would import as long itself).
-ZYGOTE_WAIT_S = 120.0
-# ELASTICMOE_ZYGOTE=0: every spare starts as a process of its own and imports (see `zygote`)
-ZYGOTE_ENV = "ELASTICMOE_ZYGOTE"
-
-
-
-class _StdinFeeder:
-    """Writes to an executor's stdin in order, on a thread of its own, then closes it. Why: the
-    spec can exceed a pipe's buffer (it carries tokenizer.json: 0.55 MB for the small preset,
-    ~11 MB for Qwen3's), and a spare still importing reads it only when done; the transition
-    thread, which starts a standby before the bytes move, waited for that (2 -> 3 right after
-    1 -> 2 at 0.3 cores: the transfer started 6-7 s late on the staying devices)."""
-
-    def __init__(self, proc: subprocess.Popen) -> None:
-        self.proc = proc
-        self.queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
-        threading.Thread(target=self._run, name=f"stdin-{proc.pid}", daemon=True).start()
-
-    def write(self, data: bytes) -> None:
-        self.queue.put(data)
-
-    def close(self) -> None:
-        self.queue.put(None)
-
-    def _run(self) -> None:
-        try:
-            while (data := self.queue.get()) is not None:
-                self.proc.stdin.write(data)
-                self.proc.stdin.flush()
-        except (BrokenPipeError, ValueError):
-            pass  # it exited (it failed, and said so, or was stopped)
-        finally:
-            try:
-                self.proc.stdin.close()
-            except BrokenPipeError:
-                pass
-
-
-def _frame(msg: wire.Msg) -> bytes:
-    """A message on an executor's stdin: its length (8 bytes, little-endian; with
-    `wire.PRELOAD_FLAG` for a preload), then it."""
-    data = wire.encode(msg)
-    flag = wire.PRELOAD_FLAG if isinstance(msg, wire.ExecutorPreload) else 0
-    return struct.pack("<Q", len(data) | flag) + data
 
 
 class HMM:
@@ -123,18 +74,9 @@ class HMM:
         # config id -> (process, rank): the serving executor, and a standby during a scale
         self.executors: dict[int, tuple[subprocess.Popen, int]] = {}
         # config id -> a pre-initialised standby waiting for its bytes (its stdin still open)
-        self.gated: dict[int, _StdinFeeder] = {}
+        self.gated: dict[int, spares.StdinFeeder] = {}
         self.exec_lock = threading.RLock()  # the transition thread starts standbys too
-        self._spawner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="spawn")
-        # the next spare: forked (or started) on the spawner thread, so that a zygote still
-        # importing holds up nobody who does not need an executor now
-        self._spare: concurrent.futures.Future | None = None
-        self._spare_env = procutil.spare_nice()
-        self._zygote: zygote.Zygote | None = None
-        self._said_no_zygote = False
-        self._slots: dict[int, cgroup.SpareSlot] = {}  # spare pid -> the CPU group it waits in
-        self._feeders: dict[int, _StdinFeeder] = {}  # executor pid -> its stdin, until it is given its spec
-        self._ready_spares: set[int] = set()  # pids of spares that said they finished importing
+        self.spares = spares.Spares(device_index, lambda: self.tokenizer_files, lambda: self.stop)
         self.transition: threading.Thread | None = None
         self.cancels: dict[int, transition.Cancel] = {}  # config id -> its transition's cancel switch
         # for HMMRejoin: the configuration whose memory this device holds, each started
@@ -164,11 +106,9 @@ class HMM:
         if self.tokenizer_files:
             return  # it knows the model already (its checkpoint, a scale)
         self.config_json, self.tokenizer_files = msg.config_json, dict(msg.tokenizer_files)
-        preload = _frame(wire.ExecutorPreload(tokenizer_files=self.tokenizer_files))
-        for feeder in list(self._feeders.values()):
-            feeder.write(preload)
+        waiting = self.spares.preload(self.tokenizer_files)
         logger.info("device %d: told the model's files: its spares load the tokenizer while they wait (%d waiting "
-                    "now)", self.device_index, len(self._feeders))
+                    "now)", self.device_index, waiting)
 
     def start_executor(self, start: wire.StartExecutor, held: list[int] | None = None,
                        wait_for_weights: bool = False) -> None:
@@ -191,18 +131,17 @@ class HMM:
                 model_name=start.model_name, ready=self.memory.ready_for(computed), start=start, host=self.host,
                 wait_for_weights=wait_for_weights,
             )
-            proc = self._take_spare()
+            proc = self.spares.take()
             if proc is None:
-                proc = self._spawn_executor_process()
-            self._give_work(proc, join_device=not wait_for_weights)
-            feeder = self._feeders.pop(proc.pid)
-            feeder.write(_frame(spec))
+                proc = self.spares.spawn_now()
+            feeder = self.spares.give_work(proc, join_device=not wait_for_weights)
+            feeder.write(spares.frame(spec))
             if wait_for_weights:
                 self.gated[start.config_id] = feeder
             else:
                 feeder.close()
             if not wait_for_weights:
-                self._order_spare()  # the next standby is warm before it is needed
+                self.spares.order()  # the next standby is warm before it is needed
             # NOTE: a scale's standby takes the spare; the next one is spawned when the scale ends
             # (`commit`, `abort`): spawned now, its imports (~150 MB, ~2.5 CPU-s) ran beside the old
             # executor and the standby, the peak of the device's memory during the scale
@@ -224,155 +163,6 @@ class HMM:
         if feeder is not None:
             feeder.write(b"1")
             feeder.close()
-
-    def _spawn_executor_process(self):
-        """An executor process that has imported everything (forked from the zygote) or imports
-        now (a process of its own), then waits for its spec on stdin: starting a standby later
-        costs attach + group join, not interpreter start-up.
-
-        NOTE: always forked from one long-lived thread: an executor's parent-death signal fires
-        when the *thread* that forked it ends, and a transition thread (which starts
-        pre-initialised standbys) ends with its transition."""
-        return self._spawner.submit(self._start_process).result()
-
-    def _order_spare(self) -> None:
-        self._spare = self._spawner.submit(self._start_process)
-
-    def _take_spare(self):
-        """The spare (waiting for it if it is still being forked), or None where there is none alive."""
-        future, self._spare = self._spare, None
-        if future is None:
-            return None
-        try:
-            proc = future.result()
-        except Exception:
-            if not self.stop:
-                logger.exception("device %d: the spare executor could not be started", self.device_index)
-            return None
-        self._ready_spares.discard(proc.pid)  # no longer a spare (a later one may get its pid)
-        if proc.poll() is None:
-            return proc
-        feeder = self._feeders.pop(proc.pid, None)
-        if feeder is not None:
-            feeder.close()
-        return None
-
-    @property
-    def spare(self):
-        """The spare executor if it has started (it may still be importing)."""
-        future = self._spare
-        if future is None or not future.done() or future.exception() is not None:
-            return None
-        return future.result()
-
-    def _start_process(self):
-        """On the spawner thread: a spare from the zygote, else a process of its own."""
-        if self.stop:
-            raise RuntimeError("the HMM is stopping")
-        if self._zygote is None and os.environ.get(ZYGOTE_ENV, "1") != "0":
-            self._zygote = zygote.Zygote(self._spare_env)
-            self._wait_in_spare_group(self._zygote.proc.pid, "the zygote")  # it imports as a spare would
-        ready_r, ready_w = os.pipe()
-        try:
-            proc = self._fork_from_zygote(ready_w)
-            if proc is None:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "elasticmoe_worker.instance.executor"], stdin=subprocess.PIPE,
-                    pass_fds=(ready_w,),
-                    env={**os.environ, **self._spare_env, procutil.SPARE_READY_FD_ENV: str(ready_w)})
-        except BaseException:
-            os.close(ready_r)
-            raise
-        finally:
-            os.close(ready_w)
-        threading.Thread(target=self._await_ready, args=(proc, ready_r, time.monotonic()), name="spare-ready",
-                         daemon=True).start()
-        feeder = self._feeders[proc.pid] = _StdinFeeder(proc)
-        if self.tokenizer_files:  # the model is known: the spare loads its tokenizer while it waits
-            feeder.write(_frame(wire.ExecutorPreload(tokenizer_files=self.tokenizer_files)))
-        slot = self._wait_in_spare_group(proc.pid, "the spare executor")
-        if slot is not None:
-            self._slots[proc.pid] = slot
-        return proc
-
-    def _wait_in_spare_group(self, pid: int, what: str) -> cgroup.SpareSlot | None:
-        """Move `pid` into the device's spare CPU group (not the device's quota); -> the slot, or
-        None where there is none or the move failed (said)."""
-        slot = cgroup.SpareSlot.find()
-        if slot is None:
-            return None
-        try:
-            slot.wait_here(pid)
-            return slot
-        except OSError as exc:
-            logger.warning("device %d: %s waits in the device's own CPU group (%s: %s)", self.device_index, what,
-                           slot.spare_group, exc.strerror)
-            return None
-
-    def _fork_from_zygote(self, ready_w: int):
-        z = self._zygote
-        if z is None or z.failed is not None:
-            return None
-        stdin_r, stdin_w = os.pipe()
-        try:
-            pid = z.fork(self._spare_env, stdin_r, ready_w, ZYGOTE_WAIT_S)
-        finally:
-            os.close(stdin_r)
-        if pid is None:
-            os.close(stdin_w)
-            if self.stop:
-                raise RuntimeError("the HMM is stopping")
-            if not self._said_no_zygote:
-                self._said_no_zygote = True
-                logger.warning("device %d: spare executors start as processes of their own, each importing: the "
-                               "zygote %s", self.device_index, z.failed or f"was not ready within {ZYGOTE_WAIT_S:g} s")
-            return None
-        return procutil.ForkedChild(pid, os.fdopen(stdin_w, "wb"))
-
-    def _await_ready(self, proc: subprocess.Popen, ready_r: int, spawned: float) -> None:
-        """The spare says it finished importing (one byte; EOF: it exited or was given work first)."""
-        try:
-            said = os.read(ready_r, 1)
-        finally:
-            os.close(ready_r)
-        if said == b"1":
-            self._ready_spares.add(proc.pid)
-            logger.info("device %d: spare executor %d ready %.2f s after it was %s", self.device_index, proc.pid,
-                        time.monotonic() - spawned, "forked from the zygote" if isinstance(proc, procutil.ForkedChild)
-                        else "started (its imports)")
-
-    @property
-    def spare_ready(self) -> bool:
-        spare = self.spare
-        return spare is not None and spare.pid in self._ready_spares and spare.poll() is None
-
-    def _give_work(self, proc: subprocess.Popen, join_device: bool = True) -> None:
-        """A spare becomes an executor: back at the HMM's priority (it may still be importing), and
-        into the device's CPU group now, or (`join_device=False`: a scale's standby) once it
-        serves (`_join_device` at the commit).
-
-        NOTE: a standby prepares (attach, model, engine, group, warm-up) while the device's old
-        executor serves; in the device's group it shares that executor's quota, which a loaded
-        device spends in full. The quota stands for the accelerator, which a standby does not use
-        before it serves; its preparation is host work. (The slow scale-ups that prompted this,
-        standby_start 2.9-3.7 s at 0.225 cores under load, turned out to be a new device's spare
-        still importing, which the staying standby waited for in its group set-up; this change
-        alone was not measured apart.)"""
-        if join_device:
-            self._join_device(proc)
-        if self._spare_env:
-            procutil.renice_threads(int(self._spare_env[procutil.SPARE_NICE_ENV]), proc.pid)
-
-    def _join_device(self, proc: subprocess.Popen) -> None:
-        # NOTE: found again when it was spawned before the fleet moved this HMM into its group (it
-        # stayed where the HMM was, without the device's quota)
-        slot = self._slots.pop(proc.pid, None) or cgroup.SpareSlot.find()
-        if slot is not None:
-            try:
-                slot.join_device(proc.pid)
-            except OSError as exc:  # it exited, or the group went away: it fails on its own
-                logger.warning("device %d: could not move executor %d into %s: %s", self.device_index, proc.pid,
-                               slot.device_group, exc.strerror)
 
     def stop_executors(self, keep: int | None = None, timeout_s: float = 10.0) -> None:
         with self.exec_lock:
@@ -473,7 +263,7 @@ class HMM:
         self.stop_executors(keep=msg.config_id)
         serving = self.executors.get(msg.config_id)
         if serving is not None:
-            self._join_device(serving[0])  # the standby serves now: the device's quota from here on
+            self.spares.join_device(serving[0])  # the standby serves now: the device's quota from here on
         self._replace_spare()
         logger.info("device %d: configuration %d committed; %.1f MB of experts released", self.device_index,
                     msg.config_id, freed / 1e6)
@@ -481,13 +271,8 @@ class HMM:
     def _replace_spare(self) -> None:
         """A spare again after a scale took it (its old executor has exited by now)."""
         with self.exec_lock:
-            for pid in [p for p in list(self._slots) if p not in {proc.pid for proc, _ in self.executors.values()}
-                        and (self.spare is None or p != self.spare.pid)]:
-                del self._slots[pid]  # an aborted standby's
-            future = self._spare
-            if future is None or (future.done() and (future.exception() is not None
-                                                     or future.result().poll() is not None)):
-                self._order_spare()
+            self.spares.forget_except({proc.pid for proc, _ in self.executors.values()})
+            self.spares.order_unless_alive()
 
     def abort(self, msg: wire.AbortTransition) -> None:
         cancel = self.cancels.pop(msg.config_id, None)
@@ -534,7 +319,7 @@ class HMM:
 
     def run(self) -> None:
         threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True).start()
-        self._order_spare()
+        self.spares.order()
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.monitor, zmq.POLLIN)
@@ -590,7 +375,7 @@ class HMM:
         try:
             while not self.stop:
                 sock.send(wire.encode(wire.Heartbeat(device_index=self.device_index,
-                                                     loaded=self.memory is not None, spare_ready=self.spare_ready)))
+                                                     loaded=self.memory is not None, spare_ready=self.spares.ready)))
                 time.sleep(HEARTBEAT_INTERVAL_S)
         finally:
             sock.close()
@@ -603,15 +388,7 @@ class HMM:
         while any(p.poll() is None for p, _ in self.executors.values()) and time.monotonic() < deadline:
             time.sleep(0.02)
         self.stop_executors()
-        if self._zygote is not None:
-            self._zygote.close()  # a spare being forked from it gives up now
-        spare = self._take_spare()
-        if spare is not None:
-            spare.kill()  # it only waits on stdin
-            spare.wait()
-        for feeder in list(self._feeders.values()):  # the spawner thread may still add one
-            feeder.close()
-        self._spawner.shutdown()
+        self.spares.close()
         if self.memory is not None:
             self.memory.close()
         self.sock.disable_monitor()
