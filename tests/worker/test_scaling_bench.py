@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -66,11 +67,17 @@ def test_bench_scaling_quick_writes_every_measure(tmp_path):
     for r in by.values():
         assert r["time_to_new_capacity_s"] > 0 and r["memory"]["peak_bytes"] > 0
         assert set(r["completed_per_s"]) == {"before", "during", "after"}
+        # the CPU the machine used while the scale ran, by kind; the phases add up to the window
+        cpu = r["cpu_during"]
+        assert cpu["busy_s"] > 0 and cpu["by_kind_s"]["coordinator + load"] > 0 and "HMMs" in cpu["by_kind_s"]
+        assert sum(r["phases"].values()) == pytest.approx(r["time_to_new_capacity_s"], abs=0.02)
+    assert by["cold"]["phases"].keys() == {"stop", "restart"}
     scale = report["summary"]["scales"]["1:2"]
     assert scale["cold_over_elastic"] > 0 and scale["elastic_over_floor"] > 0
     assert report["floors"][0]["idle_bytes_per_s"] > 0
     assert any(t["target"].startswith("1:2: elastic ÷ physical floor") for t in report["targets"])
-    assert (tmp_path / "scaling.png").stat().st_size > 1000 and "physical floor" in (tmp_path / "scaling.md").read_text()
+    md = (tmp_path / "scaling.md").read_text()
+    assert (tmp_path / "scaling.png").stat().st_size > 1000 and "physical floor" in md and "machine busy" in md
 
 
 def test_staying_devices_peak_is_judged_against_their_larger_steady_state():
@@ -81,6 +88,8 @@ def test_staying_devices_peak_is_judged_against_their_larger_steady_state():
                    (2.0, {"0/0": 200, "0/1": 100, "w": 90}), (3.0, {"0/0": 190, "w": 90})]
     assert mem.per_device_ratio(1.0, {"0/0"}) == pytest.approx(200 / 190)
     assert mem.per_device_ratio(-1.0, {"0/0"}) is None, "no sample before the scale"
+    assert mem.total(1.0, 2.0) == 390 and mem.total() == 390 and mem.total(2.5, 2.6) == 280, \
+        "the most held in the window; in one shorter than the sampling interval, the next sample"
 
 
 def test_process_tree_holds_children_and_grandchildren():
@@ -127,3 +136,27 @@ def test_memory_reads_pss_again_only_for_a_device_whose_processes_changed(monkey
     resident[12] = 1
     assert sorted(passes(1)) == [10, 11, 12, 20]
     assert len(mem.samples) == 6 and mem.samples[-1][1] == {"idle": 3300, "busy": 2000}
+
+
+def test_cpu_during_a_scale_is_split_by_kind_of_process():
+    before = {"t": 10.0, "cpus": 2, "busy_s": 100.0,
+              "procs": {1: ("coordinator + load", 5.0), 2: ("executors", 7.0), 3: ("HMMs", 1.0)}}
+    # pid 3 exited meanwhile (its CPU goes to "other"); pid 4 started (all its CPU is in the window)
+    after = {"t": 10.5, "cpus": 2, "busy_s": 100.9,
+             "procs": {1: ("coordinator + load", 5.2), 2: ("executors", 7.3), 4: ("standbys + spares", 0.1)}}
+    c = scaling_bench._cpu_during(before, after)
+    assert c["wall_s"] == 0.5 and c["capacity_s"] == 1.0 and c["busy_s"] == pytest.approx(0.9)
+    assert c["by_kind_s"] == pytest.approx({"coordinator + load": 0.2, "executors": 0.3, "standbys + spares": 0.1,
+                                            "other": 0.3})
+    summary = scaling_report._cpu_summary([c, {**c, "busy_s": 0.5}])
+    assert summary["busy_fraction"] == pytest.approx(0.7) and summary["by_kind_s"]["executors"] == pytest.approx(0.3)
+
+
+def test_cpu_snapshot_counts_this_process_and_the_machine():
+    first = scaling_bench._cpu_snapshot([])
+    deadline = time.process_time() + 0.3
+    while time.process_time() < deadline:
+        pass
+    c = scaling_bench._cpu_during(first, scaling_bench._cpu_snapshot([]))
+    assert first["cpus"] >= 1 and first["procs"][os.getpid()][0] == "coordinator + load"
+    assert c["by_kind_s"]["coordinator + load"] > 0 and c["busy_s"] >= c["by_kind_s"]["coordinator + load"] - 0.02

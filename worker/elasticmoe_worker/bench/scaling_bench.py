@@ -84,8 +84,11 @@ class _Memory(threading.Thread):
         self.stop = False
         self._last: dict[str, tuple[tuple, int]] = {}  # device -> (its processes' resident pages, its PSS)
 
-    def total(self, t_from: float = 0.0) -> int:
-        return max((sum(d.values()) for t, d in self.samples if t >= t_from), default=0)
+    def total(self, t_from: float = 0.0, t_to: float = float("inf")) -> int:
+        """The most all devices held together in [t_from, t_to]; in a window shorter than the
+        sampling interval, the first sample after t_from."""
+        inside = [sum(d.values()) for t, d in self.samples if t_from <= t <= t_to]
+        return max(inside) if inside else next((sum(d.values()) for t, d in self.samples if t >= t_from), 0)
 
     def per_device_ratio(self, t_before: float, active: set[str]) -> float | None:
         """Largest peak ÷ steady over the devices that serve before and after the scale
@@ -156,6 +159,59 @@ def _device_pids(instances) -> dict[str, list[int]]:
         for d, pid in inst.fleet.pids().items():
             out[f"{n}/{d}"] = _tree(pid)
     return out
+
+
+def _cpu_snapshot(instances) -> dict:
+    """CPU seconds used so far: the machine's (busy time of all CPUs, /proc/stat) and each live
+    process's of the instances' devices and of this one (the coordinator, the load and this
+    sampling), with the kind of process: by the CPU group it runs in where there are quotas."""
+    with open("/proc/stat") as f:
+        lines = f.read().splitlines()
+    cpu = [int(x) for x in lines[0].split()[1:9]]  # all CPUs: user nice system idle iowait irq softirq steal
+    cpus = sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit())
+    tick = os.sysconf("SC_CLK_TCK")
+    procs = {os.getpid(): "coordinator + load"}
+    for pids in _device_pids(instances).values():
+        for n, pid in enumerate(pids):
+            procs[pid] = _kind(pid, hmm=n == 0)
+    used = {}
+    for pid, kind in procs.items():
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            used[pid] = (kind, (int(fields[11]) + int(fields[12])) / tick)  # utime + stime
+        except (OSError, IndexError, ValueError):
+            continue  # it exited meanwhile
+    return {"t": time.monotonic(), "cpus": cpus, "busy_s": (sum(cpu) - cpu[3] - cpu[4]) / tick, "procs": used}
+
+
+def _kind(pid: int, hmm: bool) -> str:
+    from elasticmoe_worker.instance import cgroup
+
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            groups = [line.rstrip("\n").rsplit(":", 1)[-1] for line in f]
+    except OSError:
+        groups = []
+    if any(g.endswith(cgroup.SPARE_SUFFIX) for g in groups):
+        return "standbys + spares"  # a scale's standby prepares in the spare's group
+    if hmm or any(g.endswith(cgroup.HMM_SUFFIX) for g in groups):
+        return "HMMs"
+    return "executors"
+
+
+def _cpu_during(before: dict, after: dict) -> dict:
+    """CPU seconds used between two snapshots: by the machine and by each kind of process (those
+    alive at the end; one that exited in between is counted in "other"), and the machine's
+    capacity over the interval (CPUs × wall seconds)."""
+    wall = after["t"] - before["t"]
+    by_kind: dict[str, float] = {}
+    for pid, (kind, seconds) in after["procs"].items():
+        by_kind[kind] = by_kind.get(kind, 0.0) + seconds - before["procs"].get(pid, (kind, 0.0))[1]
+    busy = after["busy_s"] - before["busy_s"]
+    by_kind["other"] = max(0.0, busy - sum(by_kind.values()))
+    return {"wall_s": round(wall, 3), "capacity_s": round(wall * after["cpus"], 3),
+            "busy_s": round(busy, 3), "by_kind_s": {k: round(v, 3) for k, v in sorted(by_kind.items())}}
 
 
 def _tree(root: int) -> list[int]:
@@ -301,10 +357,21 @@ def _run_strategy(name: str, args, a: int, b: int, model_dir, cfg, prompts, para
         if result["warm_workers"]:
             await asyncio.to_thread(_wait_warm, inst, a, result["warm_workers"])
         steady = mem.total()
-        requested_abs = time.monotonic()
-        requested = requested_abs - t0
+
+        # NOTE: each strategy's action runs on a thread, timed there: from its first call to its
+        # last call's return. Timed from this loop, a scale-up under load also counted the thread's
+        # dispatch and this loop noticing the return (70-190 ms beyond the scale's own duration in
+        # s20b, for 2 -> 4; the coordinator and the load share this process)
+        def timed(action):
+            cpu = _cpu_snapshot(instances)
+            t_req = time.monotonic()
+            out = action()
+            t_cap = time.monotonic()
+            return t_req, t_cap, _cpu_during(cpu, _cpu_snapshot(instances)), out
+
+        dispatched = time.monotonic()
         if name == "elastic":
-            record = await asyncio.to_thread(inst.scale, b, "benchmark")
+            requested_abs, capacity_abs, cpu, record = await asyncio.to_thread(timed, lambda: inst.scale(b, "benchmark"))
             result["phases"] = {k: v / 1000 for k, v in record.phases_ms.items()}
             result["outcome"] = record.outcome.value
             result["bytes_transferred"] = record.bytes_transferred
@@ -312,30 +379,38 @@ def _run_strategy(name: str, args, a: int, b: int, model_dir, cfg, prompts, para
             result["transport"] = record.transport
         elif name == "cold":
             active.clear()
-            await asyncio.to_thread(inst.shutdown)
-            instances.remove(inst)
-            started = time.perf_counter()
-            new = await asyncio.to_thread(_started, model_dir, b, cfg, args.cpu_per_device)
-            instances.append(new)
+
+            def restart():
+                started = time.monotonic()
+                inst.shutdown()
+                stopped = time.monotonic()
+                instances.remove(inst)
+                instances.append(new := _started(model_dir, b, cfg, args.cpu_per_device))
+                return new, {"stop": round(stopped - started, 4), "restart": round(time.monotonic() - stopped, 4)}
+
+            requested_abs, capacity_abs, cpu, (new, result["phases"]) = await asyncio.to_thread(timed, restart)
             active.append(new)
-            result["phases"] = {"restart": round(time.perf_counter() - started, 4)}
-        elif name == "extravagant":
-            started = time.perf_counter()
-            new = await asyncio.to_thread(_started, model_dir, b, cfg, args.cpu_per_device)
-            instances.append(new)
-            active[0] = new
-            result["phases"] = {"start_beside": round(time.perf_counter() - started, 4)}
-            asyncio.get_running_loop().run_in_executor(None, _drain_and_stop, inst, instances)
-        elif name == "horizontal":
-            load.target = horizontal_target
-            started = time.perf_counter()
-            new = await asyncio.to_thread(_started, model_dir, a, cfg, args.cpu_per_device)
-            instances.append(new)
-            active.append(new)
-            result["phases"] = {"replica_start": round(time.perf_counter() - started, 4)}
-        capacity = time.monotonic() - t0
-        peak = mem.total(requested_abs)
+        elif name in ("extravagant", "horizontal"):
+            def beside():  # a new instance beside the serving one (in `instances`: measured from the start)
+                instances.append(new := _started(model_dir, b if name == "extravagant" else a, cfg,
+                                                 args.cpu_per_device))
+                return new
+
+            requested_abs, capacity_abs, cpu, new = await asyncio.to_thread(timed, beside)
+            result["phases"] = {("start_beside" if name == "extravagant" else "replica_start"):
+                                round(capacity_abs - requested_abs, 4)}
+            if name == "extravagant":
+                active[0] = new
+                asyncio.get_running_loop().run_in_executor(None, _drain_and_stop, inst, instances)
+            else:
+                load.target = horizontal_target
+                active.append(new)
+        result["cpu_during"] = cpu
+        result["bench_overhead_s"] = {"dispatch": round(requested_abs - dispatched, 4),
+                                      "notice": round(time.monotonic() - capacity_abs, 4)}
+        requested, capacity = requested_abs - t0, capacity_abs - t0
         await asyncio.sleep(args.after_s)
+        peak = mem.total(requested_abs, capacity_abs)
         stop.set()
         await runner
         staying = {f"0/{d}" for d in range(min(a, b))} if name == "elastic" else {f"0/{d}" for d in range(a)}

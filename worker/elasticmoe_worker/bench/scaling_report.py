@@ -43,6 +43,7 @@ def summarise_repeats(runs: list[dict], floors: list[dict], steps: list[dict]) -
                 "peak_over_steady_staying": max((r["memory"]["peak_over_steady"] or 0) for r in rs) or None,
                 "total_peak_bytes": _median([r["memory"]["peak_bytes"] for r in rs]),
                 "phases_s": {p: _median([r["phases"].get(p) for r in rs]) for p in rs[0].get("phases", {})},
+                "cpu_during": _cpu_summary([r["cpu_during"] for r in rs if r.get("cpu_during")]),
             }
         scale = {"from": a, "to": b, "strategies": strategies}
         el, cold = strategies.get("elastic"), strategies.get("cold")
@@ -70,6 +71,17 @@ def summarise_repeats(runs: list[dict], floors: list[dict], steps: list[dict]) -
     if "1" in out["steps"] and "4" in out["steps"]:
         out["steps_4_over_1"] = _ratio(out["steps"]["4"]["median_s"], out["steps"]["1"]["median_s"])
     return out
+
+
+def _cpu_summary(windows: list[dict]) -> dict | None:
+    """Medians over repeats of the CPU the machine used while the scale ran (see
+    `scaling_bench._cpu_during`): busy ÷ capacity, and CPU seconds by kind of process."""
+    if not windows:
+        return None
+    kinds = sorted({k for w in windows for k in w["by_kind_s"]})
+    return {"busy_fraction": _median([w["busy_s"] / w["capacity_s"] for w in windows if w["capacity_s"] > 0]),
+            "busy_s": _median([w["busy_s"] for w in windows]), "wall_s": _median([w["wall_s"] for w in windows]),
+            "by_kind_s": {k: _median([w["by_kind_s"].get(k, 0.0) for w in windows]) for k in kinds}}
 
 
 def targets(summary: dict) -> list[dict]:
@@ -168,6 +180,19 @@ def report(report: dict, args) -> str:
                       f"{f(fl['transfer_bytes_per_s'] / 1e6 if fl['transfer_bytes_per_s'] else None, '{:.0f}')} MB/s | "
                       f"{f(fl['decode_step_s'], '{:.3f}')} | "
                       + ", ".join(f"{p} {f(v)}" for p, v in ph.items()) + " |")
+    cpu_rows = [(key, name, st["cpu_during"]) for key, s in summary["scales"].items()
+                for name, st in s["strategies"].items() if st.get("cpu_during")]
+    if cpu_rows:
+        kinds = sorted({k for *_, c in cpu_rows for k in c["by_kind_s"]}, key=lambda k: (k == "other", k))
+        md.append("")
+        md.append("CPU while the scale ran (from the request to new capacity; medians; CPU-seconds by kind of "
+                  "process, \"other\": the rest of the machine and processes that exited meanwhile):")
+        md.append("")
+        md.append("| scale | strategy | wall s | machine busy | " + " | ".join(f"{k} CPU-s" for k in kinds) + " |")
+        md.append("|---|---|---|---|" + "---|" * len(kinds))
+        for key, name, c in cpu_rows:
+            md.append(f"| {key.replace(':', ' → ')} | {name} | {f(c['wall_s'])} | {c['busy_fraction'] * 100:.0f} % | "
+                      + " | ".join(f(c["by_kind_s"].get(k)) for k in kinds) + " |")
     if summary["steps"]:
         md.append("")
         md.append("| elastic scale-up from 1 device | seconds, median (min–max) | repeats |")
