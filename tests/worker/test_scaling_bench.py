@@ -143,11 +143,13 @@ def test_cpu_during_a_scale_is_split_by_kind_of_process():
               "procs": {1: ("coordinator + load", 5.0), 2: ("executors", 7.0), 3: ("HMMs", 1.0)}}
     # pid 3 exited meanwhile (its CPU goes to "other"); pid 4 started (all its CPU is in the window)
     after = {"t": 10.5, "cpus": 2, "busy_s": 100.9,
-             "procs": {1: ("coordinator + load", 5.2), 2: ("executors", 7.3), 4: ("standbys + spares", 0.1)}}
+             "procs": {1: ("coordinator + load", 5.2), 2: ("executors", 7.3), 4: ("standbys + spares", 0.1),
+                       5: ("executors", 2.0)}}
+    before["procs"][5] = ("standbys + spares", 1.9)  # a standby that serves now: counted as what it was
     c = scaling_bench._cpu_during(before, after)
     assert c["wall_s"] == 0.5 and c["capacity_s"] == 1.0 and c["busy_s"] == pytest.approx(0.9)
-    assert c["by_kind_s"] == pytest.approx({"coordinator + load": 0.2, "executors": 0.3, "standbys + spares": 0.1,
-                                            "other": 0.3})
+    assert c["by_kind_s"] == pytest.approx({"coordinator + load": 0.2, "executors": 0.3, "standbys + spares": 0.2,
+                                            "other": 0.2})
     summary = scaling_report._cpu_summary([c, {**c, "busy_s": 0.5}])
     assert summary["busy_fraction"] == pytest.approx(0.7) and summary["by_kind_s"]["executors"] == pytest.approx(0.3)
 

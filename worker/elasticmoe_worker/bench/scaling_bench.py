@@ -202,12 +202,14 @@ def _kind(pid: int, hmm: bool) -> str:
 
 def _cpu_during(before: dict, after: dict) -> dict:
     """CPU seconds used between two snapshots: by the machine and by each kind of process (those
-    alive at the end; one that exited in between is counted in "other"), and the machine's
-    capacity over the interval (CPUs × wall seconds)."""
+    alive at the end, of the kind they were at the start: a standby that joined its device's group
+    at the commit counts as a standby; one that exited in between is counted in "other"), and the
+    machine's capacity over the interval (CPUs × wall seconds)."""
     wall = after["t"] - before["t"]
     by_kind: dict[str, float] = {}
     for pid, (kind, seconds) in after["procs"].items():
-        by_kind[kind] = by_kind.get(kind, 0.0) + seconds - before["procs"].get(pid, (kind, 0.0))[1]
+        kind, was = before["procs"].get(pid, (kind, 0.0))
+        by_kind[kind] = by_kind.get(kind, 0.0) + seconds - was
     busy = after["busy_s"] - before["busy_s"]
     by_kind["other"] = max(0.0, busy - sum(by_kind.values()))
     return {"wall_s": round(wall, 3), "capacity_s": round(wall * after["cpus"], 3),
