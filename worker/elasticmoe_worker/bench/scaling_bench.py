@@ -24,6 +24,11 @@ many bytes from a region the other granted, when the scale moved them through sh
 one gloo send/recv otherwise) plus one decode step (TPOT p50 of the run's requests). Figures are medians
 over `--repeats`; ratios are ratios of medians.
 
+Where the time goes: each strategy's action is timed on the thread that performs it, with the
+CPU the whole machine used meanwhile (/proc/stat) and each process's CPU time by the kind of
+process it was at the start (its cgroup: serving executors, standbys + spares, HMMs; this
+process: the coordinator and the load).
+
 Not guaranteed: the quota caps CPU time, it does not reserve it: on a busy machine a device
 gets less. Compare ratios from one run.
 """
@@ -44,7 +49,8 @@ from elasticmoe_worker.bench import scaling_report
 
 DESCRIPTION = ("Scale a live instance A -> B devices (several scales, up and down) four ways (elastic, cold restart, "
                "extravagant, horizontal) under one open-loop load, each device under a CPU quota, --repeats times; "
-               "print medians, ratios of medians, the physical floor and the targets; write JSON, markdown and a PNG.")
+               "print medians, ratios of medians, the physical floor, the CPU the machine used while each scale ran "
+               "(by kind of process) and the targets; write JSON, markdown and a PNG.")
 logger = logging.getLogger(__name__)
 
 
