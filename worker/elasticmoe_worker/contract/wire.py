@@ -359,7 +359,7 @@ class ExecutorReady(Msg):
     bytes_read_from_checkpoint: int
     startup_seconds: float
     weight_bytes: int  # bytes of weights this executor sees (all views, every page read once)
-    attach_private_bytes: int  # growth of its private memory (USS) from attaching and reading them
+    attach_private_bytes: int  # growth of its anonymous resident memory (RssAnon) from attaching and reading them
 
 
 class AddRequest(Msg):

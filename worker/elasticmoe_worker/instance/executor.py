@@ -96,7 +96,7 @@ class Executor:
         model_spec = config_mod.spec_from_json(spec.config_json)
         cfg = engine_mod.EngineConfig(**msgspec.structs.asdict(start.engine))
         dtype = registry.resolve_dtype(model_spec, cfg.dtype)
-        before = procutil.private_bytes()
+        before = procutil.anon_resident_bytes()
         # seconds per part of the start, in order (logged: where a standby's start goes)
         self.phases: dict[str, float] = {}
         mark = [started]
@@ -122,7 +122,7 @@ class Executor:
         self.routed = torch.zeros(model_spec.num_experts, dtype=torch.int64, device=self.torch_device)
         for block in model.moe_blocks():
             block.routed = self.routed
-        self.attach_private_bytes = procutil.private_bytes() - before
+        self.attach_private_bytes = procutil.anon_resident_bytes() - before
 
         self.group = None
         self.store = None

@@ -94,15 +94,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def private_bytes(pid: int | str = "self") -> int:
-    """USS: Private_Clean + Private_Dirty from smaps_rollup, the memory only this process
-    maps (a copy lands here; pages shared with the HMM do not)."""
-    total = 0
-    with open(f"/proc/{pid}/smaps_rollup") as f:
+def anon_resident_bytes(pid: int | str = "self") -> int:
+    """Anonymous resident memory (RssAnon, /proc/<pid>/status): where a copy lands; pages of the
+    HMM's regions this process maps are shared memory, not counted. A counter the kernel keeps:
+    ~0.1 ms, against 10-12 ms for the USS of a torch process from smaps_rollup (a page-table walk,
+    twice in every executor's start, at the device's quota)."""
+    with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith(("Private_Clean:", "Private_Dirty:")):
-                total += int(line.split()[1]) * 1024
-    return total
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/{pid}/status has no RssAnon line (Linux 4.5 or later needed)")
 
 
 class AdoptedProcess:
