@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from elasticmoe_worker.bench import scaling_bench, scaling_report
+from elasticmoe_worker.bench import process_meter, scaling_bench, scaling_report
 
 
 def _run(strategy, a, b, t, failed=0, during=40, per_s=4.0, peak=1.05, repeat=0, **extra):
@@ -81,7 +81,7 @@ def test_bench_scaling_quick_writes_every_measure(tmp_path):
 
 
 def test_staying_devices_peak_is_judged_against_their_larger_steady_state():
-    mem = scaling_bench._Memory(lambda: {})
+    mem = process_meter.Memory(lambda: {})
     # device 0 stays and gains experts (scale-down): 100 before, 190 after, 200 at the peak;
     # device 1 leaves; "w" is a warm worker, not a staying device
     mem.samples = [(0.0, {"0/0": 100, "0/1": 100, "w": 10}), (1.0, {"0/0": 100, "0/1": 100, "w": 10}),
@@ -97,9 +97,9 @@ def test_process_tree_holds_children_and_grandchildren():
     proc = subprocess.Popen(["sh", "-c", "sleep 30 & echo $!; wait"], stdout=subprocess.PIPE, text=True)
     try:
         grandchild = int(proc.stdout.readline())
-        for tree in (scaling_bench._tree(os.getpid()), scaling_bench._tree_by_scan(os.getpid())):
+        for tree in (process_meter.tree(os.getpid()), process_meter.tree_by_scan(os.getpid())):
             assert tree[0] == os.getpid() and {proc.pid, grandchild} <= set(tree)
-        assert scaling_bench._tree(grandchild) == [grandchild]
+        assert process_meter.tree(grandchild) == [grandchild]
     finally:
         subprocess.run(["pkill", "-P", str(proc.pid)])
         proc.kill()
@@ -110,9 +110,9 @@ def test_memory_reads_pss_again_only_for_a_device_whose_processes_changed(monkey
     pids = {"idle": [10, 11], "busy": [20]}
     resident = {10: 5, 11: 6, 20: 7}
     read: list[int] = []
-    monkeypatch.setattr(scaling_bench._Memory, "_resident", staticmethod(lambda p: resident[p]))
-    monkeypatch.setattr(scaling_bench._Memory, "_pss", staticmethod(lambda p: read.append(p) or p * 100))
-    mem = scaling_bench._Memory(lambda: pids)
+    monkeypatch.setattr(process_meter.Memory, "_resident", staticmethod(lambda p: resident[p]))
+    monkeypatch.setattr(process_meter.Memory, "_pss", staticmethod(lambda p: read.append(p) or p * 100))
+    mem = process_meter.Memory(lambda: pids)
     left = [0]
 
     def sleep(_):  # between passes: the serving executor's memory moves; stop after the passes asked
@@ -120,7 +120,7 @@ def test_memory_reads_pss_again_only_for_a_device_whose_processes_changed(monkey
         left[0] -= 1
         mem.stop = left[0] <= 0
 
-    monkeypatch.setattr(scaling_bench.time, "sleep", sleep)
+    monkeypatch.setattr(process_meter.time, "sleep", sleep)
 
     def passes(n: int) -> list[int]:
         read.clear()
@@ -146,7 +146,7 @@ def test_cpu_during_a_scale_is_split_by_kind_of_process():
              "procs": {1: ("coordinator + load", 5.2), 2: ("executors", 7.3), 4: ("standbys + spares", 0.1),
                        5: ("executors", 2.0)}}
     before["procs"][5] = ("standbys + spares", 1.9)  # a standby that serves now: counted as what it was
-    c = scaling_bench._cpu_during(before, after)
+    c = process_meter.cpu_during(before, after)
     assert c["wall_s"] == 0.5 and c["capacity_s"] == 1.0 and c["busy_s"] == pytest.approx(0.9)
     assert c["by_kind_s"] == pytest.approx({"coordinator + load": 0.2, "executors": 0.3, "standbys + spares": 0.2,
                                             "other": 0.2})
@@ -155,10 +155,10 @@ def test_cpu_during_a_scale_is_split_by_kind_of_process():
 
 
 def test_cpu_snapshot_counts_this_process_and_the_machine():
-    first = scaling_bench._cpu_snapshot([])
+    first = process_meter.cpu_snapshot([])
     deadline = time.process_time() + 0.3
     while time.process_time() < deadline:
         pass
-    c = scaling_bench._cpu_during(first, scaling_bench._cpu_snapshot([]))
+    c = process_meter.cpu_during(first, process_meter.cpu_snapshot([]))
     assert first["cpus"] >= 1 and first["procs"][os.getpid()][0] == "coordinator + load"
     assert c["by_kind_s"]["coordinator + load"] > 0 and c["busy_s"] >= c["by_kind_s"]["coordinator + load"] - 0.02

@@ -75,7 +75,7 @@ def summarise_repeats(runs: list[dict], floors: list[dict], steps: list[dict]) -
 
 def _cpu_summary(windows: list[dict]) -> dict | None:
     """Medians over repeats of the CPU the machine used while the scale ran (see
-    `scaling_bench._cpu_during`): busy ÷ capacity, and CPU seconds by kind of process."""
+    `process_meter.cpu_during`): busy ÷ capacity, and CPU seconds by kind of process."""
     if not windows:
         return None
     kinds = sorted({k for w in windows for k in w["by_kind_s"]})
