@@ -256,11 +256,16 @@ def decide(obs: Observation, state: State, cfg: Config, now: float) -> tuple[Dec
         if cfg.settle_s > 0:
             settle_until = now + cfg.settle_s
     settling = settle_until is not None and now < settle_until
+    # The first observation after settling is the first whose window holds only the new count: the
+    # average restarts from it. What was carried over (x old/new count) was a guess made without
+    # the decode model; blended in, it outlived the settling (bench autoscale's simulation: 3 -> 1
+    # at a projected 0.35, then 1 -> 2 at once on 0.5 x 0.34 measured + 0.5 x 1.29 carried over).
+    fresh = not settling and settle_until is not None
     # NOTE: while settling, the window still holds the old count's latencies and the switch's: a
     # scale-up right after one measured its own disruption (bench autoscale: 1 -> 2 at TPOT 234
     # ms, then 2 -> 3 at once on the 957 ms of the switch) and a scale-down the old capacity.
     smoothed = previous if settling and previous is not None else (
-        raw if previous is None else cfg.smoothing * raw + (1 - cfg.smoothing) * previous)
+        raw if previous is None or fresh else cfg.smoothing * raw + (1 - cfg.smoothing) * previous)
     values = {**{f"{k}Ratio": round(v, 4) for k, v in ratios.items()}, "signal": round(smoothed, 4),
               "rawSignal": round(raw, 4), "active": obs.active, "warming": obs.warming}
     if obs.requests_per_s is not None:

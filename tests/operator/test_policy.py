@@ -93,6 +93,29 @@ def test_a_scales_own_disruption_is_not_acted_on_until_a_window_of_the_new_count
     assert (d.action, d.target) == (policy.UP, 4), d.reason
 
 
+def test_the_average_restarts_from_the_first_window_of_a_new_count():
+    """After a scale, the old average carried over (x old/new count) only bridges the settling;
+    the first window of the new count replaces it. Blended in, the carried-over 0.43 x 3 of a
+    3 -> 1 (whose TPOT the decode model had projected flat) scaled straight back up on 0.34."""
+    flat = {1: ((1.0, 0.08), (16.0, 0.08)), 3: ((1.0, 0.1), (16.0, 0.1))}
+    cfg = policy.Config(min_devices=1, max_devices=3, ttft_p90_s=2.0, tpot_p90_s=0.25, step=1,
+                        scale_up_cooldown_s=6, scale_down_stabilization_s=6, settle_s=6, decode_step_s=flat)
+    state = policy.State()
+    for t in range(0, 8):  # 3 devices, TPOT 0.43 of its target; one device would see 0.34
+        d, state = policy.decide(obs(t, 3, ttft=0.2, tpot=0.1075, decoding=6), state, cfg, now=t)
+        if d.action != policy.HOLD:
+            break
+    assert (d.action, d.target, t) == (policy.DOWN, 1, 6), d.reason
+    for t in range(7, 13):  # settling at 1 device
+        d, state = policy.decide(obs(t, 1, ttft=0.3, tpot=0.085, decoding=6, desired=1), state, cfg, now=t)
+        assert d.code == "WaitingForScale", (t, d.reason)
+    d, state = policy.decide(obs(13, 1, ttft=0.3, tpot=0.085, decoding=6, desired=1), state, cfg, now=13)
+    assert d.action == policy.HOLD and d.signal == pytest.approx(0.34), d.reason
+    for t in range(14, 30):
+        d, state = policy.decide(obs(t, 1, ttft=0.3, tpot=0.085, decoding=6, desired=1), state, cfg, now=t)
+        assert d.action == policy.HOLD, (t, d.reason)
+
+
 def test_scale_down_needs_the_whole_stabilization_window_and_survivor_headroom():
     state = policy.State()
     # 4 devices, signal 0.3: survivors (3) would see 0.4 < 0.6
