@@ -15,10 +15,11 @@ import pytest
 from elasticmoe_worker.bench import process_meter, scaling_bench, scaling_report
 
 
-def _run(strategy, a, b, t, failed=0, during=40, per_s=4.0, peak=1.05, repeat=0, **extra):
+def _run(strategy, a, b, t, failed=0, during=40, per_s=4.0, peak=1.05, repeat=0, in_window=80, **extra):
     return {"strategy": strategy, "from": a, "to": b, "repeat": repeat, "warm_workers": 1 if strategy == "elastic"
             else 0, "time_to_new_capacity_s": t, "failed": failed, "requests": 100, "completed_during": during,
             "completed_per_s": {"before": 4.0, "during": per_s, "after": 4.0},
+            "throughput_window": {"seconds": 20.0, "completed": in_window, "completed_per_s": in_window / 20},
             "memory": {"peak_over_steady": peak, "peak_bytes": 2e9}, "phases": {"transfer": t / 2}, **extra}
 
 
@@ -32,8 +33,8 @@ def test_scales_are_parsed_or_refused_by_name():
 def test_summary_takes_the_ratio_of_medians_and_judges_every_target():
     runs = []
     for r, (el, cold) in enumerate([(2.0, 30.0), (4.0, 20.0), (3.0, 60.0)]):
-        runs.append(_run("elastic", 1, 2, el, repeat=r))
-        runs.append(_run("cold", 1, 2, cold, failed=5, during=0, per_s=0.0, peak=1.0, repeat=r))
+        runs.append(_run("elastic", 1, 2, el, repeat=r, in_window=(60, 20, 40)[r]))
+        runs.append(_run("cold", 1, 2, cold, failed=5, during=0, per_s=0.0, peak=1.0, repeat=r, in_window=(10, 30, 5)[r]))
     floors = [{"from": 1, "to": 2, "floor_s": f, "bytes": 1e9, "idle_bytes_per_s": 1e9, "decode_step_s": 0.1,
                "transfer_bytes_per_s": 5e8} for f in (1.0, 1.5, 2.0)]
     steps = [{"added": 1, "seconds": s} for s in (2.0, 2.0, 3.0)] + [{"added": 4, "seconds": s} for s in (4.0, 5.0)]
@@ -43,11 +44,15 @@ def test_summary_takes_the_ratio_of_medians_and_judges_every_target():
     assert sc["cold_over_elastic"] == 10.0, "median 30 / median 3, not the median of 15, 5, 20"
     assert sc["elastic_over_floor"] == 2.0 and sc["transfer_over_idle"] == 0.5
     assert s["steps_4_over_1"] == 2.25
+    # throughput over the same 20 s window for both: median 40 / median 10 completions
+    assert sc["throughput_during_elastic_over_cold"] == 4.0
+    assert sc["strategies"]["elastic"]["throughput_window"]["completed"] == {"median": 40, "min": 20}
     verdicts = {t["target"]: t["met"] for t in scaling_report.targets(s)}
     assert verdicts["1:2: elastic ÷ physical floor ≤ 3×"] is True
     assert verdicts["1:2: cold restart ÷ elastic ≥ 10×"] is True
     assert verdicts["1:2: elastic failed requests = 0"] is True
-    assert verdicts["1:2: throughput during ≥ 2× cold restart"] is True  # the cold restart completes none
+    assert verdicts["1:2: throughput during ≥ 2× cold restart"] is True
+    assert verdicts["1:2: ≥ 30 completed in the throughput window (elastic)"] is False  # one repeat had 20
     assert verdicts["1:2: transfer rate ≥ 0.8× idle transport"] is False
     assert verdicts["1:2: peak ≤ 1.10× steady memory, staying devices"] is True
     assert verdicts["+4 devices ≤ 1.5× (+1)"] is False
@@ -67,11 +72,15 @@ def test_bench_scaling_quick_writes_every_measure(tmp_path):
     for r in by.values():
         assert r["time_to_new_capacity_s"] > 0 and r["memory"]["peak_bytes"] > 0
         assert set(r["completed_per_s"]) == {"before", "during", "after"}
+        # throughput over the same 4 s from the request for every strategy; the load ran that long
+        assert r["throughput_window"]["seconds"] == 4.0
+        assert max(t["sent"] for t in r["timeline"]) > r["requested_at_s"] + 3.5
         # the CPU the machine used while the scale ran, by kind; the phases add up to the window
         cpu = r["cpu_during"]
         assert cpu["busy_s"] > 0 and cpu["by_kind_s"]["coordinator + load"] > 0 and "HMMs" in cpu["by_kind_s"]
         assert sum(r["phases"].values()) == pytest.approx(r["time_to_new_capacity_s"], abs=0.02)
     assert by["cold"]["phases"].keys() == {"stop", "restart"}
+    assert by["elastic"]["throughput_window"]["completed"] > 0
     scale = report["summary"]["scales"]["1:2"]
     assert scale["cold_over_elastic"] > 0 and scale["elastic_over_floor"] > 0
     assert report["floors"][0]["idle_bytes_per_s"] > 0

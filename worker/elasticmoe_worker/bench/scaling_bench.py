@@ -10,9 +10,14 @@ Strategies (A -> B devices, every scale of `--scales`, up and down):
 Every device of every strategy runs under the same CPU quota (`--cpu-per-device`, a cgroup
 like a Kubernetes CPU limit), so a device is a fixed amount of capacity on any machine.
 
-The "during" window, the same for every strategy: from the moment the scale is requested
-until the new capacity serves its first request (elastic: the switch; cold restart and
-extravagant: the new instance is up; horizontal: the replica is up). Memory: the summed
+The "during" window: from the moment the scale is requested until the new capacity serves its
+first request (elastic: the switch; cold restart and extravagant: the new instance is up;
+horizontal: the replica is up); latencies, failures and the peak memory are taken in it.
+Throughput during scaling is counted over a window of the same length for every strategy,
+`--throughput-window-s` from the request (default 20 s, about a cold restart here): an elastic
+scale of 0.3 s holds one or no completion at a few requests per second, so a ratio over each
+strategy's own window measured nothing; over the same interval it is what a client sees in
+the first seconds after the scale was asked for. The load runs at least that long. Memory: the summed
 proportional set size (PSS) of each device's processes, sampled every 100 ms (a device whose
 processes and their resident pages did not change since the last sample keeps its last PSS:
 reading PSS walks page tables, ~4 ms a process here); "staying" devices are those in both
@@ -72,6 +77,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--before-s", type=float, default=8.0,
                    help="load before the scale (default: %(default)s)")
     p.add_argument("--after-s", type=float, default=8.0, help="load after new capacity (default: %(default)s)")
+    p.add_argument("--throughput-window-s", type=float, default=20.0,
+                   help="throughput during scaling is completions per second over this many seconds from the "
+                        "scale request, the same window for every strategy; the load runs at least this long "
+                        "after the request (default: %(default)s; --quick: 4)")
     p.add_argument("--strategies", default="elastic,cold,extravagant,horizontal")
     p.add_argument("--steps", default="1,2,4", help="elastic scale-up sizes to time (+k devices) (default: %(default)s)")
     p.add_argument("--out-dir", type=pathlib.Path, default=pathlib.Path("bench-results"))
@@ -135,7 +144,8 @@ def _pct(values: list[float], q: float) -> float | None:
     return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
 
 
-def _summarise(records, window: tuple[float, float], end: float, output_len: int) -> dict:
+def _summarise(records, window: tuple[float, float], end: float, output_len: int,
+               throughput_window_s: float | None = None) -> dict:
     start, stop = window
     ok = [r for r in records if r["ok"]]
     failed = [r for r in records if not r["ok"]]
@@ -159,6 +169,11 @@ def _summarise(records, window: tuple[float, float], end: float, output_len: int
         "completed_during": sum(1 for r in ok if start <= r["done"] < stop),
         "tpot_all_p50_ms": _pct(every, 50),  # one decode step under this load, every request of the run
         "completed_per_s": {"before": rate(0, start), "during": rate(start, stop), "after": rate(stop, end)},
+        # the same length for every strategy (see the module docstring)
+        **({"throughput_window": {"seconds": throughput_window_s,
+                                  "completed": sum(1 for r in ok if start <= r["done"] < start + throughput_window_s),
+                                  "completed_per_s": rate(start, start + throughput_window_s)}}
+           if throughput_window_s else {}),
         "ttft_ms": {q: _pct(ttft, q) for q in (50, 90, 99)},
         "tpot_ms": {q: _pct(tpot, q) for q in (50, 90, 99)},
         "downtime_s": round(downtime, 3), "longest_gap_s": round(max(gaps), 3) if gaps else None,
@@ -250,7 +265,7 @@ def _run_strategy(name: str, args, a: int, b: int, model_dir, cfg, prompts, para
         result["bench_overhead_s"] = {"dispatch": round(requested_abs - dispatched, 4),
                                       "notice": round(time.monotonic() - capacity_abs, 4)}
         requested, capacity = requested_abs - t0, capacity_abs - t0
-        await asyncio.sleep(args.after_s)
+        await asyncio.sleep(max(args.after_s, requested_abs + args.throughput_window_s - time.monotonic()))
         peak = mem.total(requested_abs, capacity_abs)
         stop.set()
         await runner
@@ -264,7 +279,8 @@ def _run_strategy(name: str, args, a: int, b: int, model_dir, cfg, prompts, para
                               # the measure of the target: devices that stay, peak ÷ their own steady state
                               # (before or after the scale, the larger)
                               "peak_over_steady": round(per_device, 3) if per_device else None},
-                      **_summarise(load.records, (requested, capacity), end, args.output_len),
+                      **_summarise(load.records, (requested, capacity), end, args.output_len,
+                                   throughput_window_s=args.throughput_window_s),
                       timeline=[{"sent": r["sent"], "done": r.get("done"), "ok": r["ok"]} for r in load.records])
 
     try:
@@ -394,8 +410,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.quick:
         args.preset, args.before_s, args.after_s, args.rate, args.steps = "tiny", 3.0, 3.0, 4.0, "1"
+        args.throughput_window_s = 4.0
         args.output_len, args.repeats = 16, 1
         args.scales = args.scales or "1:2"
+    if not args.throughput_window_s > 0:
+        raise ValueError(f"--throughput-window-s: got {args.throughput_window_s}, expected seconds > 0")
     scales = parse_scales(args.scales or "1:2,2:4,2:1,4:2")
     if args.cpu_per_device is None:
         args.cpu_per_device = _default_quota(scales, [int(x) for x in args.steps.split(",") if x])
