@@ -25,7 +25,8 @@ latencies that have samples (llm-d's SLO recipe), smoothed with an exponential m
 - Between the two thresholds nothing happens (the dead band): stationary noise does not flap.
 - After the active count changes, nothing is decided until one metrics window (`settle_s`)
   holds only the new count's latencies: the window before mixes in the old count and the
-  switch itself, and acting on it scaled up again on a scale's own disruption.
+  switch itself, and acting on it scaled up again on a scale's own disruption. The moving
+  average then restarts from that first window.
 - Missing or stale metrics hold the count and say so (`metrics_available=False` and why). An
   instance with no traffic at all is not "missing metrics": its signal is 0.
 
