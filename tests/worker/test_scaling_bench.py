@@ -171,3 +171,24 @@ def test_cpu_snapshot_counts_this_process_and_the_machine():
     c = process_meter.cpu_during(first, process_meter.cpu_snapshot([]))
     assert first["cpus"] >= 1 and first["procs"][os.getpid()][0] == "coordinator + load"
     assert c["by_kind_s"]["coordinator + load"] > 0 and c["busy_s"] >= c["by_kind_s"]["coordinator + load"] - 0.02
+
+
+def test_cpu_snapshot_reads_the_earlier_snapshots_processes_again_while_they_live():
+    """A scale-down's departing devices leave the instance before the window ends: read again by
+    pid, their CPU keeps their kind instead of landing in "other"; a pid that is gone is skipped."""
+    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time() + 0.3\n"
+                              "while time.process_time() < t: pass\nimport sys; sys.stdin.read()"],
+                             stdin=subprocess.PIPE)
+    try:
+        gone = subprocess.Popen([sys.executable, "-c", "pass"])
+        gone.wait()
+        first = process_meter.cpu_snapshot([])
+        first["procs"][child.pid] = ("HMMs", 0.0)  # as if a device's HMM at the start
+        first["procs"][gone.pid] = ("executors", 0.0)
+        time.sleep(1.0)
+        again = process_meter.cpu_snapshot([], also=first["procs"])
+        assert again["procs"][child.pid][0] == "HMMs" and again["procs"][child.pid][1] > 0.2
+        assert gone.pid not in again["procs"]
+        assert child.pid not in process_meter.cpu_snapshot([])["procs"], "without `also`: devices' pids only"
+    finally:
+        child.communicate(timeout=10)

@@ -89,16 +89,19 @@ def device_pids(instances) -> dict[str, list[int]]:
     return out
 
 
-def cpu_snapshot(instances) -> dict:
+def cpu_snapshot(instances, also: dict | None = None) -> dict:
     """CPU seconds used so far: the machine's (busy time of all CPUs, /proc/stat) and each live
     process's of the instances' devices and of this one (the coordinator, the load and this
-    sampling), with the kind of process: by the CPU group it runs in where there are quotas."""
+    sampling), with the kind of process: by the CPU group it runs in where there are quotas.
+    `also`: the `procs` of an earlier snapshot, read again while they live even if their device
+    has left the instance since (a scale-down's departing devices work until its end)."""
     with open("/proc/stat") as f:
         lines = f.read().splitlines()
     cpu = [int(x) for x in lines[0].split()[1:9]]  # all CPUs: user nice system idle iowait irq softirq steal
     cpus = sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit())
     tick = os.sysconf("SC_CLK_TCK")
-    procs = {os.getpid(): "coordinator + load"}
+    procs = {pid: kind for pid, (kind, _) in (also or {}).items()}
+    procs[os.getpid()] = "coordinator + load"
     for pids in device_pids(instances).values():
         for n, pid in enumerate(pids):
             procs[pid] = _kind(pid, hmm=n == 0)
@@ -132,7 +135,9 @@ def cpu_during(before: dict, after: dict) -> dict:
     """CPU seconds used between two snapshots: by the machine and by each kind of process (those
     alive at the end, of the kind they were at the start: a standby that joined its device's group
     at the commit counts as a standby; one that exited in between is counted in "other"), and the
-    machine's capacity over the interval (CPUs × wall seconds)."""
+    machine's capacity over the interval (CPUs × wall seconds). Take `after` with
+    `cpu_snapshot(..., also=before["procs"])`, or the processes of devices that left the instance
+    meanwhile land in "other" too (s22's 4 -> 2: 0.37-0.49 CPU-s there, 2 -> 4: 0.01)."""
     wall = after["t"] - before["t"]
     by_kind: dict[str, float] = {}
     for pid, (kind, seconds) in after["procs"].items():

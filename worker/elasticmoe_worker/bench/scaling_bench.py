@@ -220,7 +220,8 @@ def _run_strategy(name: str, args, a: int, b: int, model_dir, cfg, prompts, para
             t_req = time.monotonic()
             out = action()
             t_cap = time.monotonic()
-            return t_req, t_cap, process_meter.cpu_during(cpu, process_meter.cpu_snapshot(instances)), out
+            return t_req, t_cap, process_meter.cpu_during(
+                cpu, process_meter.cpu_snapshot(instances, also=cpu["procs"])), out
 
         dispatched = time.monotonic()
         if name == "elastic":
