@@ -151,9 +151,11 @@ def _summarise(records, window: tuple[float, float], end: float, output_len: int
     failed = [r for r in records if not r["ok"]]
     during = [r for r in ok if start <= r["sent"] < stop]
 
+    def completed(a, b):
+        return sum(1 for r in ok if a <= r["done"] < b)
+
     def rate(a, b):
-        n = sum(1 for r in ok if a <= r["done"] < b)
-        return n / (b - a) if b > a else None
+        return completed(a, b) / (b - a) if b > a else None
 
     ttft = [(r["first"] - r["sent"]) * 1000 for r in during if r.get("first") is not None]
     tpot = [(r["done"] - r["first"]) * 1000 / max(1, r["tokens"] - 1) for r in during if r.get("first") is not None]
@@ -166,13 +168,13 @@ def _summarise(records, window: tuple[float, float], end: float, output_len: int
              if r.get("first") is not None and r["tokens"] > 1]
     return {
         "requests": len(records), "failed": len(failed),
-        "completed_during": sum(1 for r in ok if start <= r["done"] < stop),
+        "completed_during": completed(start, stop),
         "tpot_all_p50_ms": _pct(every, 50),  # one decode step under this load, every request of the run
         "completed_per_s": {"before": rate(0, start), "during": rate(start, stop), "after": rate(stop, end)},
         # the same length for every strategy (see the module docstring)
         **({"throughput_window": {"seconds": throughput_window_s,
-                                  "completed": sum(1 for r in ok if start <= r["done"] < start + throughput_window_s),
-                                  "completed_per_s": rate(start, start + throughput_window_s)}}
+                                  "completed": (n := completed(start, start + throughput_window_s)),
+                                  "completed_per_s": n / throughput_window_s}}
            if throughput_window_s else {}),
         "ttft_ms": {q: _pct(ttft, q) for q in (50, 90, 99)},
         "tpot_ms": {q: _pct(tpot, q) for q in (50, 90, 99)},
