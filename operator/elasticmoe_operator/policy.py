@@ -22,6 +22,9 @@ latencies that have samples (llm-d's SLO recipe), smoothed with an exponential m
   fewest such devices n (N when none fewer would do), and the instance goes down to the largest
   recommendation of the whole stabilization window (the HorizontalPodAutoscaler's rule), so a
   load that fell far removes several devices at once after one window, never below `min_devices`.
+  The window is `stabilization_ready_multiple` x the learned time to scale back up, within one
+  metrics window and `scale_down_stabilization_s`: when a device comes back in a second, holding
+  an idle one for the HorizontalPodAutoscaler's minutes only costs device-seconds.
 - Between the two thresholds nothing happens (the dead band): stationary noise does not flap.
 - After the active count changes, nothing is decided until one metrics window (`settle_s`)
   holds only the new count's latencies: the window before mixes in the old count and the
@@ -31,7 +34,7 @@ latencies that have samples (llm-d's SLO recipe), smoothed with an exponential m
   instance with no traffic at all is not "missing metrics": its signal is 0.
 
 Time-to-ready is learned per (from, to) from measured scales (`learn`) and used as the delay
-before the effect of a scale-up can be judged.
+before the effect of a scale-up can be judged, and to size the stabilization window.
 
 Not guaranteed: latency is not linear in devices; the proportional step is a first estimate,
 corrected on the next evaluations.
@@ -68,6 +71,13 @@ class Config:
     # first observation at a new count is acted on (metrics taken at an instant).
     settle_s: float = 0.0
     default_time_to_ready_s: float = 30.0  # before any scale was measured
+    # The stabilization window is this many times the learned time to scale back up (n-1 -> n),
+    # at least one metrics window (`settle_s`) and at most `scale_down_stabilization_s`. A wrong
+    # scale-down costs about one time-to-ready to undo: an instance that adds a device in a
+    # second need not hold idle devices for minutes (the HorizontalPodAutoscaler's 300 s default
+    # is ~10 x a pod's start of tens of seconds). Until a scale-up was measured the default
+    # time-to-ready applies (30 s x 10: the configured window). 0: always the configured window.
+    stabilization_ready_multiple: float = 10.0
     # Measured decode step seconds of one device, per device count, at each batch per device
     # ((batch, seconds) ascending; a profile's decode points): projects the time per output token
     # of fewer devices. Empty: x N/n for every latency. Counts not in it fall back to x N/n.
@@ -87,6 +97,9 @@ class Config:
                              f"expected 0 < down < up (the dead band lies between)")
         if not 0 < self.smoothing <= 1:
             raise ValueError(f"smoothing: got {self.smoothing}, expected a weight in (0, 1]")
+        if not self.stabilization_ready_multiple >= 0:
+            raise ValueError(f"stabilization_ready_multiple: got {self.stabilization_ready_multiple!r}, expected a "
+                             f"number >= 0 (0: always scale_down_stabilization_s)")
         if not self.settle_s >= 0:
             raise ValueError(f"settle_s: got {self.settle_s!r}, expected the metrics' window in seconds (>= 0)")
         if self.step < 1:
@@ -203,6 +216,15 @@ def time_to_ready(state: State, cfg: Config, from_devices: int, to_devices: int)
     return cfg.default_time_to_ready_s
 
 
+def stabilization_s(state: State, cfg: Config, devices: int) -> float:
+    """The scale-down stabilization window at `devices`: `stabilization_ready_multiple` x the
+    learned time-to-ready of (devices - 1 -> devices), within [settle_s, scale_down_stabilization_s]."""
+    if cfg.stabilization_ready_multiple <= 0 or devices <= 1:
+        return cfg.scale_down_stabilization_s
+    undo = time_to_ready(state, cfg, devices - 1, devices)
+    return min(cfg.scale_down_stabilization_s, max(cfg.settle_s, cfg.stabilization_ready_multiple * undo))
+
+
 def learn(state: State, from_devices: int, to_devices: int, seconds: float, weight: float = 0.5) -> State:
     """Fold one measured scale into the time-to-ready estimates."""
     if seconds <= 0 or from_devices == to_devices:
@@ -211,6 +233,15 @@ def learn(state: State, from_devices: int, to_devices: int, seconds: float, weig
     old = state.time_to_ready_s.get(key)
     new = seconds if old is None else weight * seconds + (1 - weight) * old
     return dataclasses.replace(state, time_to_ready_s={**state.time_to_ready_s, key: new})
+
+
+def _why_window(state: State, cfg: Config, devices: int, window: float) -> str:
+    """Where a stabilization window shorter than the configured one came from, for the reason."""
+    if window >= cfg.scale_down_stabilization_s:
+        return ""
+    undo = time_to_ready(state, cfg, devices - 1, devices)
+    return (f" (stabilization {cfg.stabilization_ready_multiple:g} x the {undo:.1f} s a scale {devices - 1} -> "
+            f"{devices} takes, at least one {cfg.settle_s:g} s metrics window)")
 
 
 def _fmt(ratios: Mapping[str, float], obs: Observation, cfg: Config) -> str:
@@ -282,7 +313,9 @@ def decide(obs: Observation, state: State, cfg: Config, now: float) -> tuple[Dec
         pending = None  # the scale's effect is visible now (or it should be)
         state = dataclasses.replace(state, pending=None)
 
-    window_start = now - cfg.scale_down_stabilization_s
+    window = stabilization_s(state, cfg, current)
+    window_start = now - window
+    values["stabilizationS"] = round(window, 3)
 
     def recommend(devices: int, st: State) -> State:
         kept = (st.recommendations if st.recommended_at == current else ()) + ((now, devices),)
@@ -340,13 +373,13 @@ def decide(obs: Observation, state: State, cfg: Config, now: float) -> tuple[Dec
                 state = dataclasses.replace(state, recommendations=((now, target),))
                 reason = (f"SLO signal {smoothed:.2f} ({what}); {target} devices would see "
                           f"{seen_by(target):.2f} < {cfg.down_threshold:.2f}, and no evaluation of the "
-                          f"last {cfg.scale_down_stabilization_s:.0f} s asked for more (the {current - 1} survivors "
+                          f"last {window:.0f} s{_why_window(state, cfg, current, window)} asked for more (the {current - 1} survivors "
                           f"of one removal would see {survivors:.2f}): {current} -> {target} devices")
                 return (Decision(target, DOWN, reason, smoothed, raw, True, "ok", values, "SurvivorsUnderTarget"),
                         state)
             return hold(f"SLO signal {smoothed:.2f} ({what}): {enough} devices would do (survivors of one removal "
-                        f"would see {survivors:.2f}); low for {low_for:.0f} of {cfg.scale_down_stabilization_s:.0f} "
-                        f"s", True, "ok", "Stabilizing", smoothed, raw, values, state)
+                        f"would see {survivors:.2f}); low for {low_for:.0f} of {window:.0f} "
+                        f"s{_why_window(state, cfg, current, window)}", True, "ok", "Stabilizing", smoothed, raw, values, state)
     else:
         state = recommend(current, state)
     return hold(f"SLO signal {smoothed:.2f} ({what}) within the dead band: {current} devices", True, "ok",

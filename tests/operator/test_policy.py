@@ -231,7 +231,33 @@ def test_time_to_ready_is_learned_per_step_and_scaled():
     assert policy.time_to_ready(policy.State(), CFG, 1, 2) == CFG.default_time_to_ready_s
 
 
+def test_the_stabilization_window_follows_the_time_a_scale_back_up_takes():
+    cfg = dataclasses.replace(CFG, scale_down_stabilization_s=60, settle_s=6)
+    assert policy.stabilization_s(policy.State(), cfg, 3) == 60  # nothing measured: 10 x 30 s, capped
+    fast = policy.learn(policy.State(), 2, 3, 0.4)
+    assert policy.stabilization_s(fast, cfg, 3) == 6  # 10 x 0.4 s, but at least one metrics window
+    assert policy.stabilization_s(fast, cfg, 4) == 6  # 3 -> 4 scaled from 2 -> 3: 0.4 s per device
+    assert policy.stabilization_s(policy.learn(policy.State(), 2, 3, 2.5), cfg, 3) == 25
+    assert policy.stabilization_s(fast, dataclasses.replace(cfg, stabilization_ready_multiple=0), 3) == 60
+
+    def first_down(state, config):
+        for t in range(0, 120, 1):  # 3 devices at 0.1: 2 would see 0.15
+            d, state = policy.decide(obs(t, 3, ttft=0.2), state, config, now=t)
+            if d.action == policy.DOWN:
+                return t, d
+        return None, d
+
+    t, d = first_down(fast, cfg)
+    assert t == 6 and d.target == 1, (t, d.reason)
+    assert "10 x the 0.4 s a scale 2 -> 3 takes" in d.reason and d.values["stabilizationS"] == 6
+    t, d = first_down(fast, dataclasses.replace(cfg, stabilization_ready_multiple=0))
+    assert t == 60, (t, d.reason)
+    t, d = first_down(policy.State(), cfg)
+    assert t == 60 and "x the" not in d.reason, (t, d.reason)
+
+
 @pytest.mark.parametrize("kw, field", [(dict(min_devices=3, max_devices=2), "min_devices"),
+                                       (dict(stabilization_ready_multiple=-1), "stabilization_ready_multiple"),
                                        (dict(down_threshold=1.2), "down_threshold"),
                                        (dict(ttft_p90_s=0), "ttft_p90_s"), (dict(smoothing=0), "smoothing"),
                                        (dict(settle_s=-1), "settle_s"),
@@ -244,11 +270,14 @@ def test_bad_config_names_the_field(kw, field):
 
 
 def _simulate(load: float, noise: float, seed: int, cfg: policy.Config, start: int, steps: int = 480,
-              dt: float = 15.0, ready_s: float = 20.0, disrupted_s: float = 0.0) -> list[tuple[float, int, str]]:
+              dt: float = 15.0, ready_s: float = 20.0, disrupted_s: float = 0.0,
+              ready_known: bool = False) -> list[tuple[float, int, str]]:
     """A stand-in instance: signal = load / devices x (1 +- noise); a scale takes ready_s; for
-    `disrupted_s` after a scale-up took effect the window shows 3x that (the switch)."""
+    `disrupted_s` after a scale-up took effect the window shows 3x that (the switch). With
+    `ready_known`, the policy has measured one scale-up of ready_s before the run."""
     rng = random.Random(seed)
-    state, active, warming_until, target, changed_at = policy.State(), start, None, start, -math.inf
+    state = policy.learn(policy.State(), 1, 2, ready_s) if ready_known else policy.State()
+    active, warming_until, target, changed_at = start, None, start, -math.inf
     out = []
     for i in range(steps):
         now = i * dt
@@ -270,11 +299,14 @@ def _simulate(load: float, noise: float, seed: int, cfg: policy.Config, start: i
 
 
 @settings(max_examples=60, deadline=None)
-@given(load=st.floats(0.2, 7.0), noise=st.floats(0.0, 0.2), seed=st.integers(0, 10**6), start=st.integers(1, 8))
-def test_no_flapping_under_noisy_stationary_load(load, noise, seed, start):
+@given(load=st.floats(0.2, 7.0), noise=st.floats(0.0, 0.2), seed=st.integers(0, 10**6), start=st.integers(1, 8),
+       ready_s=st.sampled_from([20.0, 1.0]))
+def test_no_flapping_under_noisy_stationary_load(load, noise, seed, start, ready_s):
+    # ready_s 1: scales take a second, so the stabilization window shrinks to one evaluation
+    # (10 x 1 s, at least the 15 s metrics window): the dead band alone must keep it still
     cfg = policy.Config(min_devices=1, max_devices=8, ttft_p90_s=1.0, tpot_p90_s=1.0, step=2,
-                        scale_up_cooldown_s=30, scale_down_stabilization_s=300)
-    changes = _simulate(load, noise, seed, cfg, start)
+                        scale_up_cooldown_s=30, scale_down_stabilization_s=300, settle_s=15.0)
+    changes = _simulate(load, noise, seed, cfg, start, ready_s=ready_s, ready_known=True)
     directions = [a for _, _, a in changes]
     reversals = sum(1 for a, b in zip(directions, directions[1:]) if a != b)
     assert reversals <= 1, changes
