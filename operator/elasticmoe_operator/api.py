@@ -165,7 +165,12 @@ class AutoscalingSpec(_Model):
     scale_up_cooldown_seconds: int = pydantic.Field(30, ge=0, le=86400, description="Least time between "
                                                     "two scale-ups.")
     scale_down_stabilization_seconds: int = pydantic.Field(300, ge=0, le=86400, description="How long load "
-                                                           "must stay low before a scale-down.")
+                                                           "must stay low before a scale-down, at most.")
+    stabilization_ready_multiple: float = pydantic.Field(
+        10.0, ge=0, le=1000, description="The scale-down stabilization window is this many times the measured "
+        "time of a scale back up (n-1 -> n devices, from status.history), at least metricsWindowSeconds and at most "
+        "scaleDownStabilizationSeconds: a device that comes back in seconds is not held idle for minutes. Before a "
+        "scale-up was measured, 30 s is assumed. 0: always scaleDownStabilizationSeconds.")
 
 
 class PodSpec(_Model):

@@ -110,6 +110,7 @@ def config(spec: api.ElasticMoESpec) -> policy.Config:
                          tpot_p90_s=slo.tpot_p90_ms / 1000, queue_p90_s=slo.queue_p90_ms / 1000, step=d.step,
                          scale_up_cooldown_s=float(a.scale_up_cooldown_seconds),
                          scale_down_stabilization_s=float(a.scale_down_stabilization_seconds),
+                         stabilization_ready_multiple=float(a.stabilization_ready_multiple),
                          stale_after_s=max(60.0, 3.0 * a.evaluation_interval_seconds),
                          settle_s=float(a.metrics_window_seconds))
 

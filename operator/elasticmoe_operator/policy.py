@@ -373,13 +373,15 @@ def decide(obs: Observation, state: State, cfg: Config, now: float) -> tuple[Dec
                 state = dataclasses.replace(state, recommendations=((now, target),))
                 reason = (f"SLO signal {smoothed:.2f} ({what}); {target} devices would see "
                           f"{seen_by(target):.2f} < {cfg.down_threshold:.2f}, and no evaluation of the "
-                          f"last {window:.0f} s{_why_window(state, cfg, current, window)} asked for more (the {current - 1} survivors "
-                          f"of one removal would see {survivors:.2f}): {current} -> {target} devices")
+                          f"last {window:.0f} s{_why_window(state, cfg, current, window)} asked for more (the "
+                          f"{current - 1} survivors of one removal would see {survivors:.2f}): {current} -> {target} "
+                          f"devices")
                 return (Decision(target, DOWN, reason, smoothed, raw, True, "ok", values, "SurvivorsUnderTarget"),
                         state)
             return hold(f"SLO signal {smoothed:.2f} ({what}): {enough} devices would do (survivors of one removal "
                         f"would see {survivors:.2f}); low for {low_for:.0f} of {window:.0f} "
-                        f"s{_why_window(state, cfg, current, window)}", True, "ok", "Stabilizing", smoothed, raw, values, state)
+                        f"s{_why_window(state, cfg, current, window)}", True, "ok", "Stabilizing", smoothed, raw,
+                        values, state)
     else:
         state = recommend(current, state)
     return hold(f"SLO signal {smoothed:.2f} ({what}) within the dead band: {current} devices", True, "ok",

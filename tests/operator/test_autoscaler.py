@@ -320,6 +320,17 @@ async def test_a_restarted_operator_rebuilds_conservatively_from_status():
     assert "ready in about 30 s" in out.evaluation.reason, "the learned time-to-ready, scaled per device"
 
 
+def test_the_spec_sizes_the_stabilization_window_from_the_measured_scales():
+    cfg = autoscaler.config(spec(metricsWindowSeconds=20))
+    assert (cfg.stabilization_ready_multiple, cfg.scale_down_stabilization_s, cfg.settle_s) == (10.0, 60.0, 20.0)
+    learned = autoscaler.tracker(NS, NAME, {"history": [_scale(1, 2, 4_000)]}, now_s=NOW).state
+    assert policy.stabilization_s(learned, cfg, 2) == 40.0  # 10 x 4 s, within [20, 60]
+    off = autoscaler.config(spec(stabilizationReadyMultiple=0))
+    assert policy.stabilization_s(learned, off, 2) == 60.0
+    with pytest.raises(api.SpecError, match="stabilizationReadyMultiple"):
+        spec(stabilizationReadyMultiple=-1)
+
+
 def test_status_history_holds_count_changes_only_at_most_ten():
     t = fresh_tracker()
     hold = api.AutoscaleDecision(**{"from": 2, "to": 2}, action="hold", code="WithinDeadBand")

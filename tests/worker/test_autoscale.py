@@ -330,6 +330,10 @@ def test_defaults():
     assert (config.min_devices, config.max_devices, config.ttft_p90_s, config.tpot_p90_s) == (1, 4, 2.0, 0.1)
     assert (config.scale_up_cooldown_s, config.scale_down_stabilization_s, interval_s, window_s) == (30, 300, 5, 30)
     assert autoscale.config_from_args(_args("--devices", "1", "--autoscale"), 2)[0].max_devices == 2
+    assert (config.stabilization_ready_multiple, config.settle_s) == (10.0, 30.0)
+    off, _, _ = autoscale.config_from_args(
+        _args("--devices", "1", "--autoscale", "--stabilization-ready-multiple", "0"), 8)
+    assert off.stabilization_ready_multiple == 0
     autoscale.check_arguments(_args())  # no autoscaling, nothing to say
 
 
@@ -360,6 +364,8 @@ def test_a_profile_gives_the_policy_its_decode_steps(tmp_path):
     (["--devices", "3", "--autoscale", "--min-devices", "3"], 2, "--max-devices 2; expected min <= max"),
     (["--devices", "5", "--autoscale"], 8, "--devices 5 is outside [--min-devices 1, --max-devices 4]"),
     (["--devices", "1", "--autoscale", "--max-devices", "9"], 8, "--max-devices 9: the model has 8 routed experts"),
+    (["--devices", "2", "--stabilization-ready-multiple", "5"], 8,
+     "--stabilization-ready-multiple is an autoscaling option: add --autoscale"),
     (["--devices", "1", "--autoscale", "--autoscale-window-s", "2"], 8,
      "--autoscale-window-s 2 is shorter than --autoscale-interval-s 5"),
 ])

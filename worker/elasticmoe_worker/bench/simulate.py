@@ -67,7 +67,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--slo-queue-p90-ms", type=float, default=1000.0,
                    help="target p90 wait of the requests still without a first token (default: %(default)s)")
     g.add_argument("--scale-up-cooldown-s", type=float, default=30.0, help="(default: %(default)s)")
-    g.add_argument("--scale-down-stabilization-s", type=float, default=300.0, help="(default: %(default)s)")
+    g.add_argument("--scale-down-stabilization-s", type=float, default=300.0,
+                   help="the most the stabilization window lasts (default: %(default)s)")
+    g.add_argument("--stabilization-ready-multiple", type=float, default=10.0,
+                   help="the stabilization window is this many times the time-to-ready of a scale back up, at least "
+                        "--autoscale-window-s; 0: always --scale-down-stabilization-s (default: %(default)s)")
     g.add_argument("--step", type=int, default=1, help="most devices added in one scale-up (default: %(default)s)")
     g.add_argument("--autoscale-interval-s", type=float, default=5.0,
                    help="seconds between two evaluations (default: %(default)s)")
@@ -147,7 +151,8 @@ def run(args: argparse.Namespace) -> int:
     slo_config = policy.Config(
         min_devices=args.min_devices, max_devices=args.max_devices, ttft_p90_s=args.slo_ttft_p90_ms / 1000,
         tpot_p90_s=args.slo_tpot_p90_ms / 1000, queue_p90_s=args.slo_queue_p90_ms / 1000, step=args.step, scale_up_cooldown_s=args.scale_up_cooldown_s,
-        scale_down_stabilization_s=args.scale_down_stabilization_s, settle_s=args.autoscale_window_s,
+        scale_down_stabilization_s=args.scale_down_stabilization_s,
+        stabilization_ready_multiple=args.stabilization_ready_multiple, settle_s=args.autoscale_window_s,
         decode_step_s=prof.decode_model() if args.slo_decode_model else {})
     if args.target_peak_devices is not None:
         if args.trace_csv is not None:

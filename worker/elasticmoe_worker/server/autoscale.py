@@ -191,9 +191,12 @@ class Autoscaler:
         assert self._thread is None, "start() once"
         c = self.config
         logger.info("autoscaler on: devices in [%d, %d], SLO p90 TTFT %.0f ms and TPOT %.0f ms, evaluated every "
-                    "%g s over the last %g s; scale-up cooldown %g s, scale-down stabilization %g s; %s",
+                    "%g s over the last %g s; scale-up cooldown %g s, scale-down stabilization %s; %s",
                     c.min_devices, c.max_devices, c.ttft_p90_s * 1000, c.tpot_p90_s * 1000, self.interval_s,
-                    self._window.window_s, c.scale_up_cooldown_s, c.scale_down_stabilization_s,
+                    self._window.window_s, c.scale_up_cooldown_s,
+                    f"{c.stabilization_ready_multiple:g} x the measured time of a scale back up, within "
+                    f"[{c.settle_s:g}, {c.scale_down_stabilization_s:g}] s" if c.stabilization_ready_multiple > 0
+                    else f"{c.scale_down_stabilization_s:g} s",
                     f"TPOT of fewer devices projected by the measured decode steps of {sorted(c.decode_step_s)} "
                     f"device(s)" if c.decode_step_s else "every latency of fewer devices projected x devices/fewer")
         self._thread = threading.Thread(target=self._run, name="autoscaler", daemon=True)
@@ -292,10 +295,12 @@ class Autoscaler:
 # -- command line ----------------------------------------------------------------------------
 DEFAULT_MAX_DEVICES = 4  # or the model's routed experts, if fewer
 _OPTIONS = ("min_devices", "max_devices", "slo_ttft_p90_ms", "slo_tpot_p90_ms", "slo_queue_p90_ms", "scale_up_cooldown_s",
-            "scale_down_stabilization_s", "autoscale_interval_s", "autoscale_window_s", "autoscale_profile")
+            "scale_down_stabilization_s", "stabilization_ready_multiple", "autoscale_interval_s",
+            "autoscale_window_s", "autoscale_profile")
 _DEFAULTS = {"min_devices": 1, "slo_ttft_p90_ms": 2000.0, "slo_tpot_p90_ms": 100.0, "slo_queue_p90_ms": 1000.0,
              "scale_up_cooldown_s": 30.0,
-             "scale_down_stabilization_s": 300.0, "autoscale_interval_s": 5.0, "autoscale_window_s": 30.0}
+             "scale_down_stabilization_s": 300.0, "stabilization_ready_multiple": 10.0, "autoscale_interval_s": 5.0,
+             "autoscale_window_s": 30.0}
 
 
 def _seconds(positive: bool) -> Callable[[str], float]:
@@ -348,7 +353,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scale-down-stabilization-s", type=_non_negative_float, default=None, metavar="S",
                    help="devices are removed only after every evaluation of this long a window found fewer enough "
                         "(their projected signal under the down threshold); then down to the largest count the "
-                        f"window asked for (default: {d['scale_down_stabilization_s']:g})")
+                        f"window asked for; the most it lasts (default: {d['scale_down_stabilization_s']:g})")
+    g.add_argument("--stabilization-ready-multiple", type=_non_negative_float, default=None, metavar="K",
+                   help="the stabilization window is K x the measured time of a scale back up (n-1 -> n devices), "
+                        "at least --autoscale-window-s and at most --scale-down-stabilization-s: a device that "
+                        "comes back in a second is not held idle for minutes; until a scale-up was measured, K x "
+                        f"{c.default_time_to_ready_s:g} s. 0: always --scale-down-stabilization-s "
+                        f"(default: {d['stabilization_ready_multiple']:g})")
     g.add_argument("--autoscale-interval-s", type=_positive_float, default=None, metavar="S",
                    help=f"seconds between two evaluations (default: {d['autoscale_interval_s']:g})")
     g.add_argument("--autoscale-window-s", type=_positive_float, default=None, metavar="S",
@@ -416,7 +427,8 @@ def config_from_args(args: argparse.Namespace, num_experts: int) -> tuple[policy
         min_devices=v["min_devices"], max_devices=max_devices, ttft_p90_s=v["slo_ttft_p90_ms"] / 1000,
         tpot_p90_s=v["slo_tpot_p90_ms"] / 1000, queue_p90_s=v["slo_queue_p90_ms"] / 1000,
         scale_up_cooldown_s=v["scale_up_cooldown_s"],
-        scale_down_stabilization_s=v["scale_down_stabilization_s"], settle_s=v["autoscale_window_s"],
+        scale_down_stabilization_s=v["scale_down_stabilization_s"],
+        stabilization_ready_multiple=v["stabilization_ready_multiple"], settle_s=v["autoscale_window_s"],
         decode_step_s=decode_model,
     )
     return config, v["autoscale_interval_s"], v["autoscale_window_s"]
