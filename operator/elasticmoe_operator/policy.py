@@ -219,10 +219,19 @@ def time_to_ready(state: State, cfg: Config, from_devices: int, to_devices: int)
 def stabilization_s(state: State, cfg: Config, devices: int) -> float:
     """The scale-down stabilization window at `devices`: `stabilization_ready_multiple` x the
     learned time-to-ready of (devices - 1 -> devices), within [settle_s, scale_down_stabilization_s]."""
+    return _stabilization(state, cfg, devices)[0]
+
+
+def _stabilization(state: State, cfg: Config, devices: int) -> tuple[float, str]:
+    """-> (the window, where a window shorter than the configured one came from, for the reason)."""
     if cfg.stabilization_ready_multiple <= 0 or devices <= 1:
-        return cfg.scale_down_stabilization_s
+        return cfg.scale_down_stabilization_s, ""
     undo = time_to_ready(state, cfg, devices - 1, devices)
-    return min(cfg.scale_down_stabilization_s, max(cfg.settle_s, cfg.stabilization_ready_multiple * undo))
+    window = min(cfg.scale_down_stabilization_s, max(cfg.settle_s, cfg.stabilization_ready_multiple * undo))
+    if window >= cfg.scale_down_stabilization_s:
+        return window, ""
+    return window, (f" (stabilization {cfg.stabilization_ready_multiple:g} x the {undo:.1f} s a scale {devices - 1} "
+                    f"-> {devices} takes, at least one {cfg.settle_s:g} s metrics window)")
 
 
 def learn(state: State, from_devices: int, to_devices: int, seconds: float, weight: float = 0.5) -> State:
@@ -233,15 +242,6 @@ def learn(state: State, from_devices: int, to_devices: int, seconds: float, weig
     old = state.time_to_ready_s.get(key)
     new = seconds if old is None else weight * seconds + (1 - weight) * old
     return dataclasses.replace(state, time_to_ready_s={**state.time_to_ready_s, key: new})
-
-
-def _why_window(state: State, cfg: Config, devices: int, window: float) -> str:
-    """Where a stabilization window shorter than the configured one came from, for the reason."""
-    if window >= cfg.scale_down_stabilization_s:
-        return ""
-    undo = time_to_ready(state, cfg, devices - 1, devices)
-    return (f" (stabilization {cfg.stabilization_ready_multiple:g} x the {undo:.1f} s a scale {devices - 1} -> "
-            f"{devices} takes, at least one {cfg.settle_s:g} s metrics window)")
 
 
 def _fmt(ratios: Mapping[str, float], obs: Observation, cfg: Config) -> str:
@@ -313,7 +313,7 @@ def decide(obs: Observation, state: State, cfg: Config, now: float) -> tuple[Dec
         pending = None  # the scale's effect is visible now (or it should be)
         state = dataclasses.replace(state, pending=None)
 
-    window = stabilization_s(state, cfg, current)
+    window, why_window = _stabilization(state, cfg, current)
     window_start = now - window
     values["stabilizationS"] = round(window, 3)
 
@@ -373,14 +373,14 @@ def decide(obs: Observation, state: State, cfg: Config, now: float) -> tuple[Dec
                 state = dataclasses.replace(state, recommendations=((now, target),))
                 reason = (f"SLO signal {smoothed:.2f} ({what}); {target} devices would see "
                           f"{seen_by(target):.2f} < {cfg.down_threshold:.2f}, and no evaluation of the "
-                          f"last {window:.0f} s{_why_window(state, cfg, current, window)} asked for more (the "
+                          f"last {window:.0f} s{why_window} asked for more (the "
                           f"{current - 1} survivors of one removal would see {survivors:.2f}): {current} -> {target} "
                           f"devices")
                 return (Decision(target, DOWN, reason, smoothed, raw, True, "ok", values, "SurvivorsUnderTarget"),
                         state)
             return hold(f"SLO signal {smoothed:.2f} ({what}): {enough} devices would do (survivors of one removal "
                         f"would see {survivors:.2f}); low for {low_for:.0f} of {window:.0f} "
-                        f"s{_why_window(state, cfg, current, window)}", True, "ok", "Stabilizing", smoothed, raw,
+                        f"s{why_window}", True, "ok", "Stabilizing", smoothed, raw,
                         values, state)
     else:
         state = recommend(current, state)
