@@ -7,7 +7,7 @@ import math
 import random
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from elasticmoe_operator import policy
@@ -301,6 +301,7 @@ def _simulate(load: float, noise: float, seed: int, cfg: policy.Config, start: i
 @settings(max_examples=60, deadline=None)
 @given(load=st.floats(0.2, 7.0), noise=st.floats(0.0, 0.2), seed=st.integers(0, 10**6), start=st.integers(1, 8),
        ready_s=st.sampled_from([20.0, 1.0]))
+@example(load=1.0, noise=0.125, seed=7, start=3, ready_s=20.0)  # the late 3 -> 2 above
 def test_no_flapping_under_noisy_stationary_load(load, noise, seed, start, ready_s):
     # ready_s 1: scales take a second, so the stabilization window shrinks to one evaluation
     # (10 x 1 s, at least the 15 s metrics window): the dead band alone must keep it still
@@ -310,12 +311,19 @@ def test_no_flapping_under_noisy_stationary_load(load, noise, seed, start, ready
     directions = [a for _, _, a in changes]
     reversals = sum(1 for a, b in zip(directions, directions[1:]) if a != b)
     assert reversals <= 1, changes
-    # and it settles: in the last hour of a two-hour run, the only change allowed is one more
-    # device where the noise itself still breached the SLO at the count before
+    # and it settles: in the last hour of a two-hour run, a change is one the noise itself
+    # explains and one that is never taken back: one more device where the noise breached the
+    # SLO at the count before, or one fewer where even the noisiest window at the count after
+    # stays under the scale-up threshold (a quiet stretch of 300 s can come late: load 1.0 on 3
+    # devices went to 2 after 6525 s in one case, and 0.5 x 1.125 keeps the SLO)
     counts = [start] + [n for _, n, _ in changes]
     for (t, n, action), before in zip(changes, counts):
         if t >= 3600:
-            assert action == policy.UP and load / before * (1 + noise) > cfg.up_threshold, changes
+            if action == policy.UP:
+                assert load / before * (1 + noise) > cfg.up_threshold, changes
+            else:
+                assert action == policy.DOWN and n < before, changes
+                assert load / n * (1 + noise) <= cfg.up_threshold, changes
 
 
 @settings(max_examples=40, deadline=None)
