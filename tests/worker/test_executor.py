@@ -32,3 +32,11 @@ def test_engine_failure_stays_untyped():
     msg = wire.decode(wire.encode(executor._to_wire(out)))
     assert (msg.finish_reason, msg.error, msg.error_kind, msg.error_param) == (
         "error", "RuntimeError: device lost", None, None)
+
+
+def test_the_start_log_gives_each_phase_wall_and_cpu_time():
+    # wall far above CPU is a standby waiting (for the cores, its quota, or its group's slowest
+    # rank), not working: what the scaling benchmark's per-phase profile rests on
+    phases = {"setup": (0.014, 0.0004), "group": (0.110, 0.007), "warm-up": (0.111, 0.0144)}
+    text = executor.Executor._phases_text(type("E", (), {"phases": phases})())
+    assert text == "0.02 CPU-s; ms wall/CPU: setup 14/0, group 110/7, warm-up 111/14", text

@@ -88,7 +88,7 @@ def _to_wire(out: types.RequestOutput) -> wire.Output:
 class Executor:
     def __init__(self, spec: wire.ExecutorSpec, preloaded: tuple[dict[str, str], object] | None = None) -> None:
         """`preloaded`: (tokenizer files, tokenizer) loaded while this process waited as a spare."""
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         self.spec = spec
         start = spec.start
         self.rank, self.world_size = start.rank, start.world_size
@@ -97,19 +97,20 @@ class Executor:
         cfg = engine_mod.EngineConfig(**msgspec.structs.asdict(start.engine))
         dtype = registry.resolve_dtype(model_spec, cfg.dtype)
         before = procutil.anon_resident_bytes()
-        # seconds per part of the start, in order (logged: where a standby's start goes)
-        self.phases: dict[str, float] = {}
-        mark = [started]
+        # (wall, CPU) seconds per part of the start, in order (logged: where a standby's start
+        # goes; wall far above CPU is waiting: for the cores, the quota, or the group's slowest rank)
+        self.phases: dict[str, tuple[float, float]] = {}
+        mark = [started, started_cpu]
 
         def phase(name: str) -> None:
-            t = time.perf_counter()
-            self.phases[name] = t - mark[0]
-            mark[0] = t
+            t, cpu = time.perf_counter(), time.process_time()
+            self.phases[name] = (t - mark[0], cpu - mark[1])
+            mark[0], mark[1] = t, cpu
 
         phase("setup")
         self.device = memory.attach_device(backend, model_spec, spec.ready, dtype, cfg.block_size)
         phase("attach")
-        self.attach_seconds = self.phases["attach"]
+        self.attach_seconds = self.phases["attach"][0]
         fam = registry.family(model_spec.model_type)
         # NOTE: one code path on every backend: the model, the engine and the expert exchange make
         # their tensors on this device, and the groups use this backend's collective library.
@@ -275,7 +276,10 @@ class Executor:
         logger.info("rank %d: stopping", self.rank)
 
     def _phases_text(self) -> str:
-        return ", ".join(f"{name} {seconds * 1000:.0f} ms" for name, seconds in self.phases.items())
+        """'0.04 CPU-s; ms wall/CPU: setup 14/0, attach 5/3, ...'"""
+        cpu = sum(c for _, c in self.phases.values())
+        return f"{cpu:.2f} CPU-s; ms wall/CPU: " + ", ".join(
+            f"{name} {wall * 1000:.0f}/{c * 1000:.0f}" for name, (wall, c) in self.phases.items())
 
     def close(self) -> None:
         self.group = None
