@@ -35,6 +35,7 @@ import mmap
 import os
 import secrets
 import sys
+import warnings
 import weakref
 
 import torch
@@ -275,7 +276,9 @@ class CpuBackend(base.DeviceBackend):
                 alloc = base.round_up(src.size_bytes, mmap.PAGESIZE)
                 # NOTE: not closed: the tensor keeps the mapping; dropping both unmaps it
                 mm = mmap.mmap(fd, alloc, mmap.MAP_SHARED, mmap.PROT_READ)
-                view = torch.frombuffer(mm, dtype=torch.uint8)[src_offset + done:src_offset + nbytes]
+                with warnings.catch_warnings():  # read-only on purpose: the view is only read from
+                    warnings.filterwarnings("ignore", message="The given buffer is not writable")
+                    view = torch.frombuffer(mm, dtype=torch.uint8)[src_offset + done:src_offset + nbytes]
                 dst._byte_tensor()[dst_offset + done:dst_offset + nbytes].copy_(view)
                 del view, mm
         finally:
