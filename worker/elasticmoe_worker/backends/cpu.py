@@ -35,7 +35,6 @@ import mmap
 import os
 import secrets
 import sys
-import warnings
 import weakref
 
 import torch
@@ -274,11 +273,12 @@ class CpuBackend(base.DeviceBackend):
                     raise
                 logger.debug("copy_file_range unavailable (%s): copying %s through a mapping", exc, src.name)
                 alloc = base.round_up(src.size_bytes, mmap.PAGESIZE)
-                # NOTE: not closed: the tensor keeps the mapping; dropping both unmaps it
-                mm = mmap.mmap(fd, alloc, mmap.MAP_SHARED, mmap.PROT_READ)
-                with warnings.catch_warnings():  # read-only on purpose: the view is only read from
-                    warnings.filterwarnings("ignore", message="The given buffer is not writable")
-                    view = torch.frombuffer(mm, dtype=torch.uint8)[src_offset + done:src_offset + nbytes]
+                # NOTE: not closed: the tensor keeps the mapping; dropping both unmaps it. Private
+                # and writable: reads see the source's pages without a copy, and torch gets the
+                # writable buffer it wants (a read-only one warns; muting that with
+                # `warnings.catch_warnings` is not thread-safe, and sources copy in parallel)
+                mm = mmap.mmap(fd, alloc, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
+                view = torch.frombuffer(mm, dtype=torch.uint8)[src_offset + done:src_offset + nbytes]
                 dst._byte_tensor()[dst_offset + done:dst_offset + nbytes].copy_(view)
                 del view, mm
         finally:
