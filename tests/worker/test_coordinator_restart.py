@@ -31,6 +31,7 @@ from elasticmoe_worker.server import api
 TOKEN = "restart-test"
 SECRET = "restart-test-worker-secret"
 HMM_STARTED = re.compile(r"device (\d+): HMM started \(pid (\d+)\)")
+STANDBY_0_OF_3 = re.compile(r"device 0: executor rank 0 of 3 started \(pid (\d+), configuration \d+, pre-initialised")
 PROMPTS = [[5, 17, 300, 42], [900, 3, 3, 8, 1200, 77, 5], [11]]
 
 
@@ -255,7 +256,7 @@ def test_a_serve_killed_during_a_scale_up_restarts_on_the_configuration_before_i
     control_port, http_port = testprocs.free_port(), testprocs.free_port()
     base = f"http://127.0.0.1:{http_port}"
     proc, log = _serve(model_dir, tmp_path, control_port, http_port, "first.log")
-    second = None
+    second = frozen = None
     hmms: set[int] = set()
     try:
         testprocs.until("serve --devices 2", lambda: testprocs.healthy(base), 180, proc, log)
@@ -263,11 +264,22 @@ def test_a_serve_killed_during_a_scale_up_restarts_on_the_configuration_before_i
         r = httpx.post(f"{base}/admin/scale", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10,
                        json={"devices": 3, "reason": "test"})
         assert r.status_code == 202, r.text
+        # NOTE: the scale is held before its switch by stopping the new configuration's rank-0 standby:
+        # a standby is pre-initialised while the bytes move, so the switch came ~60 ms after the
+        # transfer, and a kill on seeing the transfer in the log (polled every 0.3 s) landed after it.
+        # A stopped standby cannot attach (that waits for the transfer) nor join the group, so no switch.
+        standby = testprocs.until("the scale's rank-0 standby", lambda: STANDBY_0_OF_3.search(log.read_text()),
+                                  120, proc, log)
+        frozen = int(standby.group(1))
+        os.kill(frozen, signal.SIGSTOP)
         # killed once device 2 has its memory, before the standby executors are ready (the switch)
         stage = testprocs.until("the scale's transfer", lambda: re.search(r"device 2: transition \d+ moved",
                                                                          log.read_text()), 120, proc, log)
+        assert "scaled 2 -> 3" not in log.read_text(), "the scale switched before the kill: nothing tested"
         proc.kill()
         proc.wait()
+        os.kill(frozen, signal.SIGCONT)
+        frozen = None
         hmms = {int(p) for _, p in HMM_STARTED.findall(log.read_text())}
         model_dir.rename(tmp_path / "moved-away")
         second, log2 = _serve(model_dir, tmp_path, control_port, http_port, "second.log")
@@ -279,6 +291,11 @@ def test_a_serve_killed_during_a_scale_up_restarts_on_the_configuration_before_i
         assert status["lastScale"]["scaleId"].startswith("restart-") and status["devices"]["active"] == 2, status
         assert "device 2 holds memory of no configuration that served" in text, text[-3000:]
     finally:
+        if frozen is not None:
+            try:
+                os.kill(frozen, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
         left = _stop(proc, second, hmms, tmp_path / "moved-away", model_dir)
     assert left == {}, f"processes of the first workers' sessions left: {left}"
 
