@@ -21,7 +21,7 @@ import pytest
 
 from elasticmoe_worker.bench import serve_bench
 
-SIDES = ("ours", "transformers_sequential", "transformers_static_batch")
+SIDES = ("ours", "ours_engine_in_process", "transformers_sequential", "transformers_static_batch")
 SUMMARY_KEYS = {"num_output_tokens", "wall_s", "output_tok_per_s", "ttft_p50_ms", "ttft_p90_ms",
                 "tpot_p50_ms", "tpot_p90_ms", "e2e_p50_ms", "e2e_p90_ms"}
 CONFIG_KEYS = {"model_dir", "family", "preset", "dtype", "num_requests", "concurrency", "prompt_len", "output_len",
@@ -61,6 +61,52 @@ def test_speedup_is_the_ratio_of_medians_with_the_paired_ratios_beside_it():
     assert result["speedup"]["transformers_sequential"]["ratio_of_medians"] == pytest.approx(3.3)
     assert result["speedup"]["transformers_static_batch"]["ratio_of_medians"] == pytest.approx(1.1)
     assert result["sides"]["ours"]["median"]["output_tok_per_s"] == pytest.approx(330.0)
+    assert "engine_alone_vs_static" not in result  # no in-process side in this run
+
+
+def test_the_in_process_engine_is_compared_with_the_static_batch_and_with_ours():
+    def side(tok_per_s: list[float]) -> list[serve_bench.SideRun]:
+        return [serve_bench.SideRun([serve_bench.RequestSample(0.1, 0.01, 1.0, 100)], 100 / t) for t in tok_per_s]
+
+    result = serve_bench.aggregate({
+        "ours": side([300.0, 600.0, 330.0]),
+        "ours_engine_in_process": side([400.0, 500.0, 440.0]),
+        "transformers_sequential": side([100.0, 100.0, 110.0]),
+        "transformers_static_batch": side([300.0, 200.0, 330.0]),
+    })
+    alone = result["engine_alone_vs_static"]
+    assert alone["ratio_of_medians"] == pytest.approx(440.0 / 300.0)
+    assert alone["per_repeat"] == pytest.approx([400 / 300, 500 / 200, 440 / 330])
+    # served over HTTP against the same engine in-process: what HTTP and the client cost
+    assert result["speedup"]["ours_engine_in_process"]["ratio_of_medians"] == pytest.approx(330.0 / 440.0)
+    assert result["speedup"]["transformers_static_batch"]["ratio_of_medians"] == pytest.approx(1.1)
+
+
+def test_the_in_process_engine_keeps_the_concurrency_and_times_every_request(tiny_models):
+    import transformers
+
+    from elasticmoe_worker.bench import engine_alone
+    from elasticmoe_worker.engine import engine as engine_mod
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tiny_models["qwen3_moe"]))
+    prompts = serve_bench.build_prompts(tokenizer, 5, 8)
+    alone = engine_alone.EngineInProcess(tiny_models["qwen3_moe"], engine_mod.EngineConfig(dtype="float32"))
+    in_flight: list[int] = []
+    step = alone.engine.step
+
+    def counting_step(*a, **k):
+        in_flight.append(alone.engine.stats().num_running + alone.engine.stats().num_waiting)
+        return step(*a, **k)
+
+    alone.engine.step = counting_step
+    done: list[int] = []
+    run = alone.run(prompts, 6, 2, lambda: done.append(1))
+    assert max(in_flight) == 2 and len(done) == 5
+    assert [s.num_output_tokens for s in run.samples] == [6] * 5
+    for s in run.samples:
+        assert 0 < s.ttft_s <= s.e2e_s <= run.wall_s and s.tpot_s > 0
+    # a second run on the same engine: new request ids, the same results
+    assert [s.num_output_tokens for s in alone.run(prompts, 6, 5).samples] == [6] * 5
 
 
 def test_prompts_are_deterministic_exact_length_and_distinct(tiny_models):
@@ -143,6 +189,11 @@ def test_quick_run_writes_a_complete_report(tmp_path):
     assert target["met"] == (target["ratio"] >= 3.0)
     assert target["ratio"] == report["speedup"]["transformers_sequential"]["ratio_of_medians"]
     assert [t["min_ratio"] for t in report["engine_targets"]] == [4.0, 1.2]
+    alone = report["engine_alone_vs_static"]
+    assert alone["ratio_of_medians"] == pytest.approx(
+        report["sides"]["ours_engine_in_process"]["median"]["output_tok_per_s"]
+        / report["sides"]["transformers_static_batch"]["median"]["output_tok_per_s"])
+    assert "our engine in-process ÷ transformers static batch, neither over HTTP (no target): " in proc.stdout
     assert (out_json.parent / "serve.server.log").is_file()
 
 

@@ -5,7 +5,9 @@ Why this exists: DESIGN.md §8 sets the target "serving tokens/s >= 3x `transfor
 `elasticmoe serve` in a subprocess, fed streaming `/v1/completions` requests `--concurrency`
 at a time, against two `transformers` baselines on the same checkpoint, dtype and prompts:
 the requests one after another (a plain generate server: all arrive at t=0 and queue) and
-all prompts in one padded `generate` batch. Sides are interleaved (ours, transformers, ...)
+all prompts in one padded `generate` batch. A fourth side, judged by no target, steps our
+engine in the bench process as the baselines run (`engine_alone`: no HTTP, no client on the
+same cores), so a run also shows what serving over HTTP costs. Sides are interleaved (ours, ...)
 after one untimed warm-up each; the table shows medians over `--repeats`. Every request
 yields exactly `--output-len` tokens (`ignore_eos` / `min_new_tokens`); our counts come from
 the server's `usage`, not from SSE chunks (a chunk may hold no text mid-character).
@@ -45,7 +47,8 @@ DESCRIPTION = (
     "Serving throughput of `elasticmoe serve` vs transformers generate on the same model, dtype and prompts, in "
     "one run: --num-requests streaming /v1/completions sent --concurrency at a time (--prompt-len tokens in, "
     "exactly --output-len out, greedy) against transformers running the same requests one after another (all "
-    "arriving at t=0) and as one padded static batch. Interleaved --repeats after a warm-up; prints medians of "
+    "arriving at t=0) and as one padded static batch, and against our engine stepped in this process (no HTTP; "
+    "no target, it shows what serving over HTTP costs). Interleaved --repeats after a warm-up; prints medians of "
     "output tok/s, TTFT and TPOT p50/p90 and the speed-ups, checks the DESIGN.md target (>= 3x sequential "
     "generate) and writes every raw number to --out-json. Without --model, a random-initialised "
     "--family/--preset checkpoint is generated into the cache directory on first use."
@@ -54,8 +57,10 @@ DESCRIPTION = (
 TARGET_SPEEDUP = 3.0
 ENGINE_TARGET_SEQUENTIAL, ENGINE_TARGET_STATIC = 4.0, 1.2  # issue 13's faster CPU engine
 SEQUENTIAL, STATIC = "transformers_sequential", "transformers_static_batch"
-SIDES = ("ours", SEQUENTIAL, STATIC)
-SIDE_LABELS = {"ours": "ours", SEQUENTIAL: "transformers sequential", STATIC: "transformers static batch"}
+ENGINE_ALONE = "ours_engine_in_process"  # informative: not what a target is judged on
+SIDES = ("ours", ENGINE_ALONE, SEQUENTIAL, STATIC)
+SIDE_LABELS = {"ours": "ours", ENGINE_ALONE: "ours: engine in-process, no HTTP",
+               SEQUENTIAL: "transformers sequential", STATIC: "transformers static batch"}
 _WARMUP_OUTPUT_LEN = 16
 # Full-size and --quick defaults: (num_requests, concurrency, prompt_len, output_len, repeats).
 _DEFAULTS = {False: (16, 16, 64, 128, 3), True: (4, 4, 16, 16, 1)}
@@ -392,12 +397,21 @@ def aggregate(runs: dict[str, list[SideRun]]) -> dict[str, Any]:
             ],
         }
     ours = [r.summary()["output_tok_per_s"] for r in runs["ours"]]
-    for side in (SEQUENTIAL, STATIC):
+    for side in (s for s in SIDES if s != "ours" and s in runs):
         theirs = [r.summary()["output_tok_per_s"] for r in runs[side]]
         ratios = [a / b if b > 0 else float("inf") for a, b in zip(ours, theirs)]
         median_theirs = statistics.median(theirs)
         result["speedup"][side] = {
             "ratio_of_medians": statistics.median(ours) / median_theirs if median_theirs > 0 else float("inf"),
+            "per_repeat": ratios, "spread": [min(ratios), max(ratios)]}
+    if ENGINE_ALONE in runs:
+        # the engine against the static batch like for like: both in the bench process, no HTTP
+        engine = [r.summary()["output_tok_per_s"] for r in runs[ENGINE_ALONE]]
+        static = [r.summary()["output_tok_per_s"] for r in runs[STATIC]]
+        ratios = [a / b if b > 0 else float("inf") for a, b in zip(engine, static)]
+        median_static = statistics.median(static)
+        result["engine_alone_vs_static"] = {
+            "ratio_of_medians": statistics.median(engine) / median_static if median_static > 0 else float("inf"),
             "per_repeat": ratios, "spread": [min(ratios), max(ratios)]}
     return result
 
@@ -453,7 +467,7 @@ def _run(args: argparse.Namespace) -> int:
     import torch
     import transformers
 
-    from elasticmoe_worker.bench import hf_baseline  # imports this module: not at its top
+    from elasticmoe_worker.bench import engine_alone, hf_baseline  # import this module: not at its top
 
     # One INFO line per request from the client library would drown the progress bar.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
@@ -479,17 +493,21 @@ def _run(args: argparse.Namespace) -> int:
     server = ServerProcess(argv, args.out_json.with_suffix(".server.log"), env)
     try:
         with progress(progress_off) as bar:
-            task = bar.add_task("loading the transformers model", total=settings.repeats * 3 * n)
+            task = bar.add_task("loading the transformers model", total=settings.repeats * len(SIDES) * n)
             # Loading overlaps the server's start-up: neither is timed.
             tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
             prompts = build_prompts(tokenizer, n, settings.prompt_len)
             hf = hf_baseline.TransformersBaseline(model_dir, dtype)
+            bar.update(task, description="loading our engine in-process")
+            alone = engine_alone.EngineInProcess(model_dir, cliargs.engine_config_from_args(
+                argparse.Namespace(**engine_options(args, dtype))))
             bar.update(task, description="waiting for the server")
             server.wait_healthy(f"{base_url}/health", args.server_start_timeout_s)
             model_name = httpx.get(f"{base_url}/v1/models", timeout=10).json()["data"][0]["id"]
 
             bar.update(task, description="warm-up")
             run_ours(base_url, model_name, prompts, warm_len, settings.concurrency)
+            alone.run(prompts, warm_len, settings.concurrency)
             hf.sequential(prompts[:1], warm_len)
             hf.static_batch(prompts, warm_len)
             for r in range(settings.repeats):
@@ -500,6 +518,9 @@ def _run(args: argparse.Namespace) -> int:
                                              settings.concurrency, lambda: bar.advance(task)))
                 client_cpu_during_ours_s.append(time.process_time() - client_cpu_before_s)
                 cpu_before_s = server.cpu_s()
+                bar.update(task, description=f"{label}: our engine in-process")
+                runs[ENGINE_ALONE].append(alone.run(prompts, settings.output_len, settings.concurrency,
+                                                    lambda: bar.advance(task)))
                 bar.update(task, description=f"{label}: transformers sequential")
                 runs[SEQUENTIAL].append(hf.sequential(prompts, settings.output_len, lambda: bar.advance(task)))
                 bar.update(task, description=f"{label}: transformers static batch")
@@ -574,4 +595,9 @@ def _print_report(result: dict[str, Any], out_json: pathlib.Path) -> None:
     for t in result["engine_targets"]:
         console.print(f"target {t['measure']} ≥ {t['min_ratio']:g}×: {'met' if t['met'] else 'not met'} "
                       f"({t['ratio']:.2f}×)", highlight=False)
+    alone = result.get("engine_alone_vs_static")
+    if alone is not None:
+        console.print(f"our engine in-process ÷ transformers static batch, neither over HTTP (no target): "
+                      f"{alone['ratio_of_medians']:.2f}× ({alone['spread'][0]:.2f}–{alone['spread'][1]:.2f})",
+                      highlight=False)
     console.print(f"raw numbers: {out_json}", highlight=False)
