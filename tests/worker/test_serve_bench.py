@@ -45,15 +45,16 @@ def test_tpot_divides_by_gaps_between_tokens_not_tokens():
     assert serve_bench.tpot_s(1.0, 1.0, 1) == 0.0
 
 
-def test_speedup_is_the_ratio_of_medians_with_the_paired_ratios_beside_it():
-    def side(tok_per_s: list[float]) -> list[serve_bench.SideRun]:
-        # 100 tokens per repeat; wall time chosen to give the wanted tokens/s.
-        return [serve_bench.SideRun([serve_bench.RequestSample(0.1, 0.01, 1.0, 100)], 100 / t) for t in tok_per_s]
+def _side(tok_per_s: list[float]) -> list[serve_bench.SideRun]:
+    """One repeat per value, 100 tokens each; the wall time chosen to give the wanted tokens/s."""
+    return [serve_bench.SideRun([serve_bench.RequestSample(0.1, 0.01, 1.0, 100)], 100 / t) for t in tok_per_s]
 
+
+def test_speedup_is_the_ratio_of_medians_with_the_paired_ratios_beside_it():
     result = serve_bench.aggregate({
-        "ours": side([300.0, 600.0, 330.0]),
-        "transformers_sequential": side([100.0, 100.0, 110.0]),
-        "transformers_static_batch": side([300.0, 200.0, 330.0]),
+        "ours": _side([300.0, 600.0, 330.0]),
+        "transformers_sequential": _side([100.0, 100.0, 110.0]),
+        "transformers_static_batch": _side([300.0, 200.0, 330.0]),
     })
     assert result["speedup"]["transformers_sequential"]["per_repeat"] == pytest.approx([3.0, 6.0, 3.0])
     assert result["speedup"]["transformers_sequential"]["spread"] == pytest.approx([3.0, 6.0])
@@ -65,14 +66,11 @@ def test_speedup_is_the_ratio_of_medians_with_the_paired_ratios_beside_it():
 
 
 def test_the_in_process_engine_is_compared_with_the_static_batch_and_with_ours():
-    def side(tok_per_s: list[float]) -> list[serve_bench.SideRun]:
-        return [serve_bench.SideRun([serve_bench.RequestSample(0.1, 0.01, 1.0, 100)], 100 / t) for t in tok_per_s]
-
     result = serve_bench.aggregate({
-        "ours": side([300.0, 600.0, 330.0]),
-        "ours_engine_in_process": side([400.0, 500.0, 440.0]),
-        "transformers_sequential": side([100.0, 100.0, 110.0]),
-        "transformers_static_batch": side([300.0, 200.0, 330.0]),
+        "ours": _side([300.0, 600.0, 330.0]),
+        "ours_engine_in_process": _side([400.0, 500.0, 440.0]),
+        "transformers_sequential": _side([100.0, 100.0, 110.0]),
+        "transformers_static_batch": _side([300.0, 200.0, 330.0]),
     })
     alone = result["engine_alone_vs_static"]
     assert alone["ratio_of_medians"] == pytest.approx(440.0 / 300.0)
