@@ -156,6 +156,37 @@ def test_linear_computes_what_f_linear_computes_weight_first_only_for_few_float3
     assert out.shape == (rows, 160) and out.is_contiguous() and out.dtype == dtype
     torch.testing.assert_close(out, torch.nn.functional.linear(x, w))
     assert layers.weight_first(x) == (dtype == torch.float32 and rows <= layers.WEIGHT_FIRST_MAX_ROWS)
+    assert layers.native_gemv(x) == (dtype == torch.bfloat16 and rows == 1)
+    assert torch._C._get_mkldnn_enabled(), "oneDNN is switched back on after a one-row bfloat16 product"
+
+
+def test_a_failing_one_row_bfloat16_product_still_switches_onednn_back_on():
+    from elasticmoe_worker.models import layers
+
+    x, w = torch.ones(1, 8, dtype=torch.bfloat16), torch.ones(4, 9, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError):
+        layers.linear(x, w)
+    assert torch._C._get_mkldnn_enabled()
+
+
+def test_one_bfloat16_token_takes_the_expert_loop_and_computes_what_the_grouped_matmul_does(monkeypatch):
+    from elasticmoe_worker.models import layers
+
+    gen = torch.Generator().manual_seed(4)
+    hidden, inter, k = 64, 96, 2
+    x = torch.randn(1, hidden, generator=gen).bfloat16()
+    w13 = torch.randn(8, 2 * inter, hidden, generator=gen).bfloat16()
+    w2 = torch.randn(8, hidden, inter, generator=gen).bfloat16()
+    ids, weights_ = torch.tensor([[5, 2]]), torch.rand(1, k, generator=gen).bfloat16()
+    grouped_calls = []
+    real = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **kw: grouped_calls.append(1) or real(*a, **kw))
+    looped = layers.expert_mlp(x, w13, w2, ids, weights_)
+    assert grouped_calls == []
+    monkeypatch.setattr(layers, "native_gemv", lambda x: False)
+    grouped = layers.expert_mlp(x, w13, w2, ids, weights_)
+    assert len(grouped_calls) == 2
+    torch.testing.assert_close(looped, grouped)
 
 
 def test_experts_weight_first_compute_what_the_grouped_matmul_computes(monkeypatch):
