@@ -396,24 +396,22 @@ def aggregate(runs: dict[str, list[SideRun]]) -> dict[str, Any]:
                 {**s, "requests": [dataclasses.asdict(x) for x in r.samples]} for s, r in zip(summaries, side_runs)
             ],
         }
-    ours = [r.summary()["output_tok_per_s"] for r in runs["ours"]]
     for side in (s for s in SIDES if s != "ours" and s in runs):
-        theirs = [r.summary()["output_tok_per_s"] for r in runs[side]]
-        ratios = [a / b if b > 0 else float("inf") for a, b in zip(ours, theirs)]
-        median_theirs = statistics.median(theirs)
-        result["speedup"][side] = {
-            "ratio_of_medians": statistics.median(ours) / median_theirs if median_theirs > 0 else float("inf"),
-            "per_repeat": ratios, "spread": [min(ratios), max(ratios)]}
+        result["speedup"][side] = _speedup(runs["ours"], runs[side])
     if ENGINE_ALONE in runs:
         # the engine against the static batch like for like: both in the bench process, no HTTP
-        engine = [r.summary()["output_tok_per_s"] for r in runs[ENGINE_ALONE]]
-        static = [r.summary()["output_tok_per_s"] for r in runs[STATIC]]
-        ratios = [a / b if b > 0 else float("inf") for a, b in zip(engine, static)]
-        median_static = statistics.median(static)
-        result["engine_alone_vs_static"] = {
-            "ratio_of_medians": statistics.median(engine) / median_static if median_static > 0 else float("inf"),
-            "per_repeat": ratios, "spread": [min(ratios), max(ratios)]}
+        result["engine_alone_vs_static"] = _speedup(runs[ENGINE_ALONE], runs[STATIC])
     return result
+
+
+def _speedup(ours: list[SideRun], theirs: list[SideRun]) -> dict[str, Any]:
+    """Output tokens/s of `ours` over `theirs`: the ratio of the medians, the paired per-repeat ratios."""
+    a = [r.summary()["output_tok_per_s"] for r in ours]
+    b = [r.summary()["output_tok_per_s"] for r in theirs]
+    ratios = [x / y if y > 0 else float("inf") for x, y in zip(a, b)]
+    median_b = statistics.median(b)
+    return {"ratio_of_medians": statistics.median(a) / median_b if median_b > 0 else float("inf"),
+            "per_repeat": ratios, "spread": [min(ratios), max(ratios)]}
 
 
 @contextlib.contextmanager
