@@ -308,3 +308,38 @@ def test_hccl_without_torch_npu_names_the_missing_package(monkeypatch):
 def test_nccl_without_nccl_says_so():
     with pytest.raises(rendezvous.CollectiveUnavailable, match=r"'nccl': this torch build .* has no NCCL"):
         rendezvous.process_group("nccl", dist.HashStore(), 0, 1, 5.0, torch.device("cuda", 0))
+
+
+def _check_two_ranks(fingerprints: list[dict[str, int]]) -> list[BaseException | None]:
+    """`ep.check_group` on two gloo ranks (threads, one store) -> what each raised."""
+    import threading
+
+    store, results = dist.HashStore(), [None, None]
+
+    def rank(r: int) -> None:
+        try:
+            group = rendezvous.process_group("gloo", store, r, 2, 30.0, torch.device("cpu"), host="127.0.0.1")
+            ep.check_group(group, fingerprints[r], torch.device("cpu"))
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            results[r] = exc
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), "the check did not end"
+    return results
+
+
+def test_a_new_group_checks_that_its_ranks_hold_the_same_model_and_placement():
+    same = ep.fingerprint(7, 2, '{"hidden_size": 8}', [0, 1, 0, 1], 2, torch.float32)
+    assert _check_two_ranks([same, dict(same)]) == [None, None]
+    other = ep.fingerprint(7, 2, '{"hidden_size": 8}', [0, 1, 1, 0], 2, torch.bfloat16)
+    errors = _check_two_ranks([same, other])
+    for exc, mine in zip(errors, (same, other)):  # both ranks see it, each names its own value
+        assert isinstance(exc, RuntimeError), exc
+        text = str(exc)
+        assert text.startswith("the ranks of this group disagree on expert placement (crc32): "), text
+        assert f"dtype bytes: 2..4 (this rank {mine['dtype bytes']})" in text, text
+        assert "configuration" not in text and "model config" not in text, text

@@ -152,9 +152,11 @@ class Executor:
         phase("tokenizer")
         self.engine = engine_mod.LLMEngine(model, tokenizer, cfg, spec.model_name, pool=self.device.pool)
         phase("engine")
-        if self.group is not None:
-            self.engine.runner.execute_empty()  # warm-up: the first collectives of the new group
-            phase("warm-up")
+        if self.group is not None:  # the first collective of the new group: same model, same placement
+            ep.check_group(self.group, ep.fingerprint(start.config_id, self.world_size, spec.config_json,
+                                                      list(start.expert_owner), len(model.moe_blocks()), dtype),
+                           self.torch_device)
+            phase("check")
         self.ctx = zmq.Context()
         self.sock = transport.connect(self.ctx, spec.coordinator, f"exec-{start.config_id}-{self.rank}", secret)
         self.stop = False
