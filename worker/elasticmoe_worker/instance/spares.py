@@ -156,7 +156,7 @@ class Spares:
         may still be importing), and into the device's CPU group now, or (`join_device=False`: a
         scale's standby) once it serves (`join_device` at the commit). -> its stdin, for its spec.
 
-        NOTE: a standby prepares (attach, model, engine, group, warm-up) while the device's old
+        NOTE: a standby prepares (attach, model, engine, group, its first collective) while the device's old
         executor serves; in the device's group it shares that executor's quota, which a loaded
         device spends in full. The quota stands for the accelerator, which a standby does not use
         before it serves; its preparation is host work. (The slow scale-ups that prompted this,
