@@ -75,7 +75,7 @@ def fingerprint(config_id: int, world_size: int, config_json: str, expert_owner:
     return {"configuration": config_id, "world size": world_size,
             "model config (crc32)": zlib.crc32(config_json.encode()),
             "expert placement (crc32)": zlib.crc32(",".join(map(str, expert_owner)).encode()),
-            "MoE layers": num_moe_layers, "dtype bytes": torch.empty(0, dtype=dtype).element_size()}
+            "MoE layers": num_moe_layers, "dtype bytes": dtype.itemsize}
 
 
 def check_group(group, mine: dict[str, int], device: torch.device) -> None:
