@@ -7,6 +7,7 @@ import hashlib
 import os
 import struct
 import subprocess
+import re
 import sys
 import threading
 import time
@@ -125,7 +126,8 @@ def test_a_scale_spawns_the_next_spare_only_when_it_ends(tiny_models, capfd):
     """A staying device holds its serving executor and the standby during a scale, not a third
     process importing (the peak of its memory); a spare is back once the scale committed. Both
     standbys' spares loaded their tokenizer while they waited: the staying device's HMM read the
-    model, the warm worker's was told it when it registered (`ModelFiles`)."""
+    model, the warm worker's was told it when it registered (`ModelFiles`), with the memory to
+    reserve: the scale copies into that memory, and what is left of it is released at the commit."""
     from elasticmoe_worker.engine import engine as engine_mod
     from elasticmoe_worker.instance import coordinator
 
@@ -136,6 +138,13 @@ def test_a_scale_spawns_the_next_spare_only_when_it_ends(tiny_models, capfd):
         _wait_for(lambda: len(_children(hmm_pid)) == 2, what="device 0's executor and its spare")
         # the spares say when they finished importing (heartbeats carry it to the coordinator)
         _wait_for(lambda: inst.spares_ready == {0, 1}, what="both devices' spares ready")
+        err = [""]
+
+        def reserved() -> bool:
+            err[0] += capfd.readouterr().err
+            return "device 1: reserved" in err[0]
+
+        _wait_for(reserved, what="the warm worker's reserve")
         steady = _children(hmm_pid)
         most, done = 0, threading.Event()
 
@@ -154,9 +163,12 @@ def test_a_scale_spawns_the_next_spare_only_when_it_ends(tiny_models, capfd):
             sampler.join()
         assert record.outcome.value == "Succeeded", record
         assert most == 2, f"device 0 held {most} executor processes at once during the scale"
-        err = capfd.readouterr().err
+        err = err[0] + capfd.readouterr().err
         assert "rank 0: tokenizer loaded ahead" in err and "rank 1: tokenizer loaded ahead" in err, err[-3000:]
         assert "device 1: told the model's files" in err, err[-3000:]
+        # 8 experts on 2 devices: the new one holds 4 of them in each of 2 MoE layers, and its replicated region
+        commit = re.search(r"device 1: configuration 2 committed.*; (\d+) region\(s\) came from its reserve", err)
+        assert commit and int(commit.group(1)) == 1 + 4 * 2 * 2, err[-3000:]
         # the old executor exited, the old spare serves as the standby it became, a new spare imports
         _wait_for(lambda: len(_children(hmm_pid)) == 2 and len(_children(hmm_pid) - steady) == 1,
                   what="a new spare beside the new executor")

@@ -116,7 +116,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                       cpu_per_device=args.cpu_per_device, expert_copies=args.expert_copies,
                                       redundant_expert_bytes=redundant_bytes,
                                       warm_workers=1 if args.warm_workers is None else args.warm_workers,
-                                      control_port=args.control_port,
+                                      warm_reserve=args.warm_reserve, control_port=args.control_port,
                                       worker_secret=_worker_secret(args) if restartable else "",
                                       orphan_timeout_s=args.orphan_timeout_s if restartable else None)
         if not adopts:
@@ -138,7 +138,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             ray_options=rayfleet.Options(address=args.ray_address, cpus_per_device=args.ray_cpus_per_device,
                                          placement_timeout_s=args.ray_placement_timeout_s),
             expert_copies=args.expert_copies, redundant_expert_bytes=redundant_bytes,
-            warm_workers=1 if args.warm_workers is None else args.warm_workers).start()
+            warm_workers=1 if args.warm_workers is None else args.warm_workers, warm_reserve=args.warm_reserve).start()
     else:
         from elasticmoe_worker.instance import coordinator
 
@@ -162,7 +162,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             warm_workers=0, fleet="external", bind_host=args.host, advertise_host=advertise,
             control_port=args.control_port, worker_secret=secret,
             heartbeat_timeout_s=args.heartbeat_timeout_s, expert_copies=args.expert_copies,
-            redundant_expert_bytes=redundant_bytes)
+            redundant_expert_bytes=redundant_bytes, warm_reserve=args.warm_reserve)
         # started below, once the HTTP API listens
     autoscaler = None
     # NOTE: uvicorn re-raises the signal that stopped it once its graceful shutdown is done; with
@@ -308,6 +308,11 @@ def _add_serving_arguments(p: argparse.ArgumentParser, host_default: str, device
                    help="workers (an HMM and a pre-started executor each, holding no weights) kept started ahead of "
                         "a scale-up, so that adding up to N devices does not wait for processes to start; local and "
                         "Ray fleets (an external fleet's workers are started by others) (default: 1)")
+    p.add_argument("--warm-reserve", action=argparse.BooleanOptionalAction, default=True,
+                   help="a worker waiting without weights (warm, or an idle pod) allocates the memory it would "
+                        "receive at the next scale-up by one device (its replicated weights and its share of the "
+                        "experts) while it waits, so the scale copies into memory that exists; it counts in the "
+                        "worker's memory until that scale commits (default: on)")
     p.add_argument("--collective-timeout-s", type=float, default=60.0,
                    help="a collective that stalls longer fails with an error instead of hanging (default: %(default)s)")
     p.add_argument("--admin-token-file", default=None,

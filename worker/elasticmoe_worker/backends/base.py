@@ -317,6 +317,10 @@ class DeviceBackend(abc.ABC):
     def allocate(self, size_bytes: int, name: str) -> Region:
         """New memory owned by this process, zero-filled, exportable by `region.handle`."""
 
+    def populate(self, region: Region) -> None:
+        """Give an owned region its physical memory now, so that writing it later pays for no
+        page (`reserve.Reserve`). Here: nothing (an allocation is physical already)."""
+
     @abc.abstractmethod
     def attach(self, handle: MemoryHandle) -> Region:
         """The memory behind `handle` (usually from another process), mapped without copying.

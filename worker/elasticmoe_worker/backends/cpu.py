@@ -223,6 +223,13 @@ class CpuBackend(base.DeviceBackend):
         logger.debug("allocated %s: %d bytes, fd %d", name, size_bytes, fd)
         return region
 
+    def populate(self, region: base.Region) -> None:
+        """The memfd's pages, allocated and zeroed now (fallocate): a copy into them later
+        costs the copy only (3.7 GB/s per CPU-second here against 1.3-1.7 into a fresh one)."""
+        if not isinstance(region, CpuRegion) or not region.owned or region.closed:
+            raise ValueError(f"populate: expected an open CPU region this process owns, got {region!r}")
+        os.posix_fallocate(region.fd, 0, region.alloc_bytes)
+
     def handles_prefetched(self, handles: list[base.MemoryHandle]):
         return fdpass.prefetched(handles)
 

@@ -71,6 +71,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "fit, or 1 + the largest --steps if more)")
     p.add_argument("--warm-workers", type=int, default=1,
                    help="workers the elastic instance starts ahead of a scale (default: %(default)s)")
+    p.add_argument("--warm-reserve", action=argparse.BooleanOptionalAction, default=True,
+                   help="the elastic instance's warm workers reserve the memory of the scale that takes them "
+                        "(serve --warm-reserve) (default: on)")
     p.add_argument("--rate", type=float, default=2.0, help="open-loop arrivals per second (default: %(default)s)")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--output-len", type=int, default=32)
@@ -193,7 +196,7 @@ def _run_strategy(name: str, args, a: int, b: int, model_dir, cfg, prompts, para
     result: dict = {"strategy": name, "from": a, "to": b,
                     "warm_workers": args.warm_workers if name == "elastic" else 0}
     inst = coordinator.Instance(model_dir, a, cfg, warm_workers=result["warm_workers"],
-                                cpu_per_device=args.cpu_per_device).start()
+                                cpu_per_device=args.cpu_per_device, warm_reserve=args.warm_reserve).start()
     instances.append(inst)
     active = [inst]
     load.target = lambda: active[0] if active else None
@@ -480,7 +483,7 @@ def _step(model_dir, cfg, k: int, args) -> dict:
     from elasticmoe_worker.instance import coordinator
 
     inst = coordinator.Instance(model_dir, 1, cfg, warm_workers=args.warm_workers,
-                                cpu_per_device=args.cpu_per_device).start()
+                                cpu_per_device=args.cpu_per_device, warm_reserve=args.warm_reserve).start()
     try:
         # NOTE: the pool with its spares ready: a scale right after start-up measured the spares'
         # imports (standby_start 4.6 s of +1's 4.9 s), not a pool as it stands between scales

@@ -97,10 +97,13 @@ class HMMHello(Msg):
 class ModelFiles(Msg):
     """Coordinator -> an HMM that said hello without knowing the model (a warm worker): the files
     its executors are given (config, tokenizer), so that its spare loads the tokenizer while it
-    waits, not during the scale that takes it. Changes nothing the HMM holds."""
+    waits, not during the scale that takes it, and the memory to reserve meanwhile."""
 
     config_json: str
     tokenizer_files: dict[str, str]
+    # bytes of each region a device joining the instance would receive into (its replicated region,
+    # each expert's w13 and w2 per MoE layer): the worker reserves them while it waits (`reserve`)
+    reserve_bytes: list[int] = []
 
 
 class Heartbeat(Msg):

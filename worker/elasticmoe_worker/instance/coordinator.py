@@ -67,7 +67,8 @@ class Instance(startup.StartUp):
                  advertise_host: str | None = None, control_port: int = 0, worker_secret: str = "",
                  heartbeat_timeout_s: float = 15.0, cpu_per_device: float | None = None,
                  ray_options: rayfleet.Options | None = None, expert_copies: int = 1,
-                 redundant_expert_bytes: int | None = None, orphan_timeout_s: float | None = None) -> None:
+                 redundant_expert_bytes: int | None = None, orphan_timeout_s: float | None = None,
+                 warm_reserve: bool = True) -> None:
         """`fleet="local"` starts one HMM process per device here (a worker secret is generated
         when none is given), each in a cgroup with a quota of `cpu_per_device` cores if given;
         `fleet="external"` waits for workers that others start (`elasticmoe worker`, one pod
@@ -82,7 +83,9 @@ class Instance(startup.StartUp):
         `control_port` and a given `worker_secret`): the workers outlive this coordinator that
         long, and a new one started with the same arguments adopts them. An instance that can
         adopt workers (that, or an external fleet) starts without `model_dir` when the workers
-        hold the model."""
+        hold the model. `warm_reserve`: a worker that registers without memory (a warm one) reserves
+        what it would receive at the next scale-up by one (`reserve`), so the scale copies into
+        memory that exists; False: it holds nothing until a scale allocates."""
         if not isinstance(expert_copies, int) or isinstance(expert_copies, bool) or not 1 <= expert_copies <= 2:
             raise ValueError(f"expert_copies: got {expert_copies!r}, expected 1 or 2")
         if redundant_expert_bytes is not None and (
@@ -136,6 +139,7 @@ class Instance(startup.StartUp):
         self._fleet_kind = fleet
         self._heartbeat_timeout_s = heartbeat_timeout_s
         self._warm_workers = warm_workers
+        self.warm_reserve = warm_reserve
         self._cpu_per_device = cpu_per_device
         self._ray_options = ray_options or rayfleet.Options()
         self.transport = transport.Server(self.worker_secret, self._on_message, self._on_tick, bind_host=bind_host,
@@ -395,9 +399,13 @@ class Instance(startup.StartUp):
             self._spare_ready[msg.device_index] = msg.spare_ready
         elif isinstance(msg, wire.HMMHello):
             self.members.registered(msg.device_index)
-            if not msg.knows_model and self.tokenizer_files:  # its spare can load the tokenizer now
+            state = self.state
+            # its spare can load the tokenizer now, and it can reserve memory for the scale that takes it
+            # (what it would receive into is known once the instance serves; it says hello every second)
+            if not msg.knows_model and self.tokenizer_files and state is not None:
                 self.transport.send(reconfig.hmm_dest(msg.device_index), wire.ModelFiles(
-                    config_json=self.config_json, tokenizer_files=self.tokenizer_files))
+                    config_json=self.config_json, tokenizer_files=self.tokenizer_files,
+                    reserve_bytes=reconfig.warm_reserve_bytes(state) if self.warm_reserve else []))
             self._step(reconfig.WorkerRegistered(msg.device_index, now))
         elif isinstance(msg, wire.HMMRejoin):
             self._on_rejoin(msg, now)

@@ -37,7 +37,7 @@ import zmq.utils.monitor
 from elasticmoe_worker import backends, cliargs
 from elasticmoe_worker.engine import engine as engine_mod
 from elasticmoe_worker.contract import wire
-from elasticmoe_worker.instance import kv_transfer, memory, procutil, spares, transition, transport
+from elasticmoe_worker.instance import kv_transfer, memory, procutil, reserve, spares, transition, transport
 
 logger = logging.getLogger("elasticmoe.hmm")
 
@@ -78,6 +78,7 @@ class HMM:
         self.exec_lock = threading.RLock()  # the transition thread starts standbys too
         self.spares = spares.Spares(device_index, lambda: self.tokenizer_files, lambda: self.stop)
         self.transition: threading.Thread | None = None
+        self.reserve = reserve.Reserve(self.backend, device_index)  # a warm worker's memory for its first scale
         self.cancels: dict[int, transition.Cancel] = {}  # config id -> its transition's cancel switch
         # for HMMRejoin: the configuration whose memory this device holds, each started
         # configuration's (rank, world size), and the highest id seen
@@ -108,7 +109,9 @@ class HMM:
         self.config_json, self.tokenizer_files = msg.config_json, dict(msg.tokenizer_files)
         waiting = self.spares.preload(self.tokenizer_files)
         logger.info("device %d: told the model's files: its spares load the tokenizer while they wait (%d waiting "
-                    "now)", self.device_index, waiting)
+                    "now); reserving %.1f MB in %d regions for the scale that takes it", self.device_index, waiting,
+                    sum(msg.reserve_bytes) / 1e6, len(msg.reserve_bytes))
+        self.reserve.fill(list(msg.reserve_bytes))
 
     def start_executor(self, start: wire.StartExecutor, held: list[int] | None = None,
                        wait_for_weights: bool = False) -> None:
@@ -202,7 +205,7 @@ class HMM:
         if self.memory is None:
             self.config_json = msg.config_json
             self.tokenizer_files = dict(msg.tokenizer_files)
-            self.memory = transition.allocate_new_device(self.backend, self.device_index, msg)
+            self.memory = transition.allocate_new_device(self.backend, self.device_index, msg, self.reserve.take)
 
         cancel = self.cancels[msg.config_id] = transition.Cancel()
         self.last_config_id = max(self.last_config_id, msg.config_id)
@@ -214,7 +217,8 @@ class HMM:
 
             try:
                 result = transition.run(self.backend, self.device_index, self.memory, msg, self.coordinator,
-                                        self.secret, cancel, self.host, on_allocated=standby)
+                                        self.secret, cancel, self.host, on_allocated=standby,
+                                        allocate=self.reserve.take)
                 self.pending_expert_ids = list(msg.expert_ids)
                 self.release_standby(msg.config_id)
                 self.send(wire.TransitionReady(
@@ -265,8 +269,11 @@ class HMM:
         if serving is not None:
             self.spares.join_device(serving[0])  # the standby serves now: the device's quota from here on
         self._replace_spare()
-        logger.info("device %d: configuration %d committed; %.1f MB of experts released", self.device_index,
-                    msg.config_id, freed / 1e6)
+        taken = self.reserve.taken
+        unused = self.reserve.release()  # it was for this device's first scale; serving devices keep no reserve
+        logger.info("device %d: configuration %d committed; %.1f MB of experts released%s", self.device_index,
+                    msg.config_id, freed / 1e6, f"; {taken} region(s) came from its reserve, {unused / 1e6:.1f} MB "
+                    "of it unused and released" if taken or unused else "")
 
     def _replace_spare(self) -> None:
         """A spare again after a scale took it (its old executor has exited by now)."""
@@ -389,6 +396,7 @@ class HMM:
             time.sleep(0.02)
         self.stop_executors()
         self.spares.close()
+        self.reserve.release()
         if self.memory is not None:
             self.memory.close()
         self.sock.disable_monitor()

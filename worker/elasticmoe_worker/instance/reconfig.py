@@ -47,7 +47,7 @@ from elasticmoe_worker.contract import admin, wire
 from elasticmoe_worker.instance import reconfig_kv, reconfig_loss
 from elasticmoe_worker.instance.reconfig_state import (  # noqa: F401 - re-exported: reconfig.X
     WORKERS, TRANSFER, STANDBY, SWITCH, STAGES, Facts, Scale, State, initial, refuse_scale, owner_list, copies_for,
-    expert_load, expert_copies_status, add_heat,
+    expert_load, expert_copies_status, add_heat, warm_reserve_bytes,
     start_message, exec_dest, hmm_dest,
 )
 from elasticmoe_worker.instance.reconfig_events import (  # noqa: F401 - re-exported: reconfig.X

@@ -188,6 +188,17 @@ def copies_for(facts: Facts, num_devices: int, expert_heat: tuple[float, ...] = 
                             facts.expert_bytes, expert_load(expert_heat))
 
 
+def warm_reserve_bytes(state: State) -> list[int]:
+    """The regions a worker joining `state`'s instance at its next scale-up by one would receive
+    bytes into (sizes, as `PrepareTransition` gives them): the replicated region, and `w13` and `w2`
+    in every MoE layer for its share of the expert copies at one device more. A warm worker reserves
+    them while it waits (`reserve.Reserve`)."""
+    f, n = state.facts, state.num_devices + 1
+    per_device = -(-sum(copies_for(f, n, state.expert_heat)) // n)
+    return [max(f.replicated_bytes, 1)] + [b for _ in range(per_device) for _ in f.moe_layers
+                                           for b in (f.expert_w13_bytes, f.expert_w2_bytes)]
+
+
 def expert_load(expert_heat: tuple[float, ...]) -> tuple[float, ...] | None:
     """The planner's `expert_load`: None until any token was routed (nothing to steer by)."""
     return expert_heat if any(expert_heat) else None

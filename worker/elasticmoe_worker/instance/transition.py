@@ -43,10 +43,16 @@ class Result:
     transport: str = ""  # how this device's bytes moved: "shared memory", the collective backend, both, or ""
 
 
+# (bytes, name) -> a zero-filled region: `backend.allocate`, or a warm worker's `reserve.Reserve.take`
+Allocate = Callable[[int, str], backends_base.Region]
+
+
 def allocate_new_device(backend: backends_base.DeviceBackend, device_index: int,
-                        msg: wire.PrepareTransition) -> memory.DeviceMemory:
-    """A device joining the instance: empty regions shaped like its peers'."""
-    replicated = backend.allocate(max(msg.replicated_bytes, 1), f"dev{device_index}.replicated")
+                        msg: wire.PrepareTransition, allocate: Allocate | None = None) -> memory.DeviceMemory:
+    """A device joining the instance: empty regions shaped like its peers'. The replicated region
+    comes from `allocate` (default `backend.allocate`); the KV pool is always new (nothing is
+    copied into it: its pages arrive as sequences fill it)."""
+    replicated = (allocate or backend.allocate)(max(msg.replicated_bytes, 1), f"dev{device_index}.replicated")
     kv = backend.allocate(msg.kv_bytes, f"dev{device_index}.kv")
     ready = wire.HMMReady(
         device_index=device_index, replicated=replicated.handle, replicated_layout=msg.replicated_layout,
@@ -104,17 +110,19 @@ def wait_for(works: list, cancel: Cancel, deadline: float) -> None:
 
 def run(backend: backends_base.DeviceBackend, device_index: int, mem: memory.DeviceMemory,
         msg: wire.PrepareTransition, coordinator: str, secret: str, cancel: Cancel, host: str = "",
-        on_allocated: Callable[[], None] | None = None) -> Result:
-    """Allocate what this device gains, call `on_allocated` (the regions exist, their bytes do
-    not yet: a standby may attach and prepare), then read and receive the bytes."""
+        on_allocated: Callable[[], None] | None = None, allocate: Allocate | None = None) -> Result:
+    """Allocate what this device gains (through `allocate`, default `backend.allocate`), call
+    `on_allocated` (the regions exist, their bytes do not yet: a standby may attach and prepare),
+    then read and receive the bytes."""
     started = time.perf_counter()
     deadline = time.monotonic() + msg.timeout_s
+    allocate = allocate or backend.allocate
     for layer in msg.moe_layers:
         for e in msg.expert_ids:
             if (layer, e) not in mem.experts:
                 mem.experts[(layer, e)] = (
-                    backend.allocate(msg.expert_w13_bytes, f"dev{device_index}.l{layer}.e{e}.w13"),
-                    backend.allocate(msg.expert_w2_bytes, f"dev{device_index}.l{layer}.e{e}.w2"),
+                    allocate(msg.expert_w13_bytes, f"dev{device_index}.l{layer}.e{e}.w13"),
+                    allocate(msg.expert_w2_bytes, f"dev{device_index}.l{layer}.e{e}.w2"),
                 )
     cancel.check()
     if on_allocated is not None:

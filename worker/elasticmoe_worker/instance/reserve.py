@@ -1,0 +1,111 @@
+"""A warm worker's reserve: device memory its HMM allocates (and gives physical pages) while it
+waits, so that the scale which takes it copies bytes into memory that exists already.
+
+Why it exists: a region a scale allocates on the spot has no pages yet; the copy into it pays
+for them. On the CPU backend that is most of the copy's cost: `copy_file_range` into a fresh
+memfd ran at 1.3-1.7 GB/s per CPU-second on this machine against 3.7 GB/s into pages that
+exist (`bench scaling`'s idle figure is the latter), and under a device's CPU quota every
+CPU-millisecond of it is ~4 ms of the scale. An accelerator's HMM reserving HBM ahead is the
+same idea: `cuMemCreate` and zeroing are off the scale too.
+
+How: the coordinator tells a warm worker (with the model's files, `wire.ModelFiles`) the sizes a
+device joining the instance would receive into: its replicated region and each expert's `w13`
+and `w2` in every MoE layer, for as many experts as one more device would hold. The HMM allocates
+and populates them in a thread (`fill`), at low priority; `take(size, name)` hands out a reserved
+region of exactly that size (zero-filled: never written) or allocates one when none is left.
+After the first configuration that uses them is committed the HMM `release`s what is left.
+
+Not guaranteed: the sizes are for the instance as it stood when the worker said hello; a scale to
+more devices than that uses fewer (the rest is released at commit), to fewer allocates the rest
+on the spot. The reserve is memory: it counts in the worker's (and the warm pool's) footprint.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from elasticmoe_worker.backends import base as backends_base
+
+logger = logging.getLogger("elasticmoe.hmm")
+
+
+class Reserve:
+    """Pre-allocated regions by exact size; safe to use from several threads."""
+
+    def __init__(self, backend: backends_base.DeviceBackend, device_index: int) -> None:
+        self.backend = backend
+        self.device_index = device_index
+        self._lock = threading.Lock()
+        self._free: dict[int, list[backends_base.Region]] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.taken = 0  # regions handed out from the reserve (not allocated on the spot)
+        self.allocated = 0  # regions `take` had to allocate on the spot
+
+    @property
+    def bytes(self) -> int:
+        with self._lock:
+            return sum(r.alloc_bytes for rs in self._free.values() for r in rs)
+
+    def fill(self, sizes: list[int], background: bool = True) -> None:
+        """Allocate and populate one region of each size (bytes, as `allocate` takes them); in a
+        thread unless `background` is False. Regions become available one by one."""
+        sizes = [s for s in sizes if s > 0]
+        if not sizes:
+            return
+        if background:
+            self._thread = threading.Thread(target=self._fill, args=(sizes,), name="reserve", daemon=True)
+            self._thread.start()
+        else:
+            self._fill(sizes)
+
+    def _fill(self, sizes: list[int]) -> None:
+        started, made = time.perf_counter(), 0
+        try:
+            for i, size in enumerate(sizes):
+                if self._stop.is_set():
+                    return
+                region = self.backend.allocate(size, f"dev{self.device_index}.reserve{i}")
+                try:
+                    self.backend.populate(region)
+                except BaseException:
+                    region.close()
+                    raise
+                with self._lock:
+                    if self._stop.is_set():
+                        region.close()
+                        return
+                    self._free.setdefault(size, []).append(region)
+                made += region.alloc_bytes
+        except Exception:  # the device is short of memory, say: scales allocate on the spot as before
+            logger.exception("device %d: reserving memory for the next scale failed after %.1f MB; the rest is "
+                             "allocated when a scale needs it", self.device_index, made / 1e6)
+            return
+        logger.info("device %d: reserved %.1f MB in %d regions for the scale that takes this worker, in %.2f s",
+                    self.device_index, made / 1e6, len(sizes), time.perf_counter() - started)
+
+    def take(self, size_bytes: int, name: str) -> backends_base.Region:
+        """A reserved region of `size_bytes`, else a new one named `name` (both zero-filled)."""
+        with self._lock:
+            free = self._free.get(size_bytes)
+            if free:
+                self.taken += 1
+                return free.pop()
+            self.allocated += 1
+        return self.backend.allocate(size_bytes, name)
+
+    def release(self) -> int:
+        """Stop filling; free every region not taken. -> bytes freed."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
+        with self._lock:
+            regions = [r for rs in self._free.values() for r in rs]
+            self._free.clear()
+            self.taken = 0
+        freed = sum(r.alloc_bytes for r in regions)
+        for r in regions:
+            r.close()
+        return freed
