@@ -247,6 +247,28 @@ def test_available_cpus_follow_the_quota_and_the_affinity_mask():
         assert why == "1 CPU in this process' affinity mask"
 
 
+_SPIN_THEN_REPORT = ("import sys, time; sys.stdin.readline(); from elasticmoe_worker.instance import cgroup; "
+                     "before = cgroup.throttling(); end = time.process_time() + 0.3\n"
+                     "while time.process_time() < end: pass\n"
+                     "after = cgroup.throttling(); print(after[0] - before[0], after[1] - before[1], sep='|')")
+
+
+def test_a_process_reads_how_long_its_own_quota_held_it_back():
+    """What an HMM logs for each transition: 0.3 CPU-s at 0.1 cores cannot run without waiting for periods."""
+    _controller_or_skip()
+    quotas = cgroup.CpuQuotas(0.1)
+    proc = subprocess.Popen([os.sys.executable, "-c", _SPIN_THEN_REPORT], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        quotas.place(0, proc.pid)
+        out, _ = proc.communicate("go\n", timeout=60)
+    finally:
+        proc.kill()
+        quotas.close()
+    periods, seconds = out.strip().split("|")
+    assert int(periods) >= 1 and float(seconds) > 0, out
+
+
 def test_an_executor_sets_torch_threads_from_the_cpus_it_can_use():
     code = ("import logging, torch; logging.basicConfig(level=logging.INFO); "
             "from elasticmoe_worker.instance import executor; "

@@ -142,6 +142,27 @@ def cpu_limit() -> float | None:
     return min(limits) if limits else None
 
 
+def throttling() -> tuple[int, float] | None:
+    """(periods in which it was throttled, seconds it waited throttled) of this process' own CPU
+    group so far (its quota's cost: a process over its budget waits for the next period); None
+    where that cannot be read. Reads only."""
+    own = _own_paths()
+    for mount, kind, options in _mounts():
+        if kind == "cgroup" and "cpu" in options and "cpu" in own:
+            path, key, unit = own["cpu"], "throttled_time", 1e-9
+        elif kind == "cgroup2" and "" in own:
+            path, key, unit = own[""], "throttled_usec", 1e-6
+        else:
+            continue
+        try:
+            lines = (pathlib.Path(mount) / path.lstrip("/") / "cpu.stat").read_text().splitlines()
+            fields = {k: int(v) for k, v in (line.split() for line in lines)}
+        except (OSError, ValueError):
+            continue
+        return fields.get("nr_throttled", 0), fields.get(key, 0) * unit
+    return None
+
+
 # Set by a fleet whose every worker runs on this machine (the local fleet): the executors of one
 # configuration share its cores, each takes its share (executor.set_compute_threads).
 SHARED_HOST_ENV = "ELASTICMOE_DEVICES_SHARE_HOST"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import resource
 import threading
 import time
 from typing import Callable
@@ -27,7 +28,7 @@ import torch
 
 from elasticmoe_worker.backends import base as backends_base
 from elasticmoe_worker.contract import wire
-from elasticmoe_worker.instance import memory, peer_copy, rendezvous
+from elasticmoe_worker.instance import cgroup, memory, peer_copy, rendezvous
 
 logger = logging.getLogger("elasticmoe.hmm")
 
@@ -114,7 +115,7 @@ def run(backend: backends_base.DeviceBackend, device_index: int, mem: memory.Dev
     """Allocate what this device gains (through `allocate`, default `backend.allocate`), call
     `on_allocated` (the regions exist, their bytes do not yet: a standby may attach and prepare),
     then read and receive the bytes."""
-    started = time.perf_counter()
+    started, cpu0, throttled0 = time.perf_counter(), _process_cpu(), cgroup.throttling()
     deadline = time.monotonic() + msg.timeout_s
     allocate = allocate or backend.allocate
     for layer in msg.moe_layers:
@@ -146,11 +147,21 @@ def run(backend: backends_base.DeviceBackend, device_index: int, mem: memory.Dev
         result = _move(backend, mem, msg, device_index, store, cancel, started, deadline, host)
     finally:
         store.close()
+    throttled1 = cgroup.throttling()
+    quota = "" if throttled0 is None or throttled1 is None else (
+        f", its CPU group throttled in {throttled1[0] - throttled0[0]} period(s), {(throttled1[1] - throttled0[1]) * 1e3:.0f} ms")
     logger.info("device %d: transition %d moved %.1f MB out, %.1f MB in, in %.2f s (%s; allocation and set-up "
-                "%.2f s, bytes %.2f s)", device_index, msg.config_id, result.bytes_sent / 1e6,
-                result.bytes_received / 1e6, result.seconds, result.transport or "nothing to move",
-                result.setup_seconds, result.data_seconds)
+                "%.2f s, bytes %.2f s; this HMM's CPU %.0f ms%s)", device_index, msg.config_id,
+                result.bytes_sent / 1e6, result.bytes_received / 1e6, result.seconds,
+                result.transport or "nothing to move", result.setup_seconds, result.data_seconds,
+                (_process_cpu() - cpu0) * 1e3, quota)
     return result
+
+
+def _process_cpu() -> float:
+    """CPU seconds of this whole process (every thread: what its CPU quota counts)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _buffers(mem: memory.DeviceMemory, msg: wire.PrepareTransition, t: wire.Transfer) -> list[peer_copy.Buffer]:
