@@ -224,17 +224,22 @@ _REPORT_CPUS = ("import sys; sys.stdin.readline(); from elasticmoe_worker.instan
                 "print(cgroup.cpu_limit(), *cgroup.available_cpus(), sep='|')")
 
 
-def test_available_cpus_follow_the_quota_and_the_affinity_mask():
-    _controller_or_skip()
-    quotas = cgroup.CpuQuotas(0.45)
-    proc = subprocess.Popen([os.sys.executable, "-c", _REPORT_CPUS], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True)
+def _run_under_quota(cores: float, code: str) -> str:
+    """The stdout of `python -c code` placed in a device group of `cores` (the code reads a line first:
+    it starts once placed)."""
+    quotas = cgroup.CpuQuotas(cores)
+    proc = subprocess.Popen([os.sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         quotas.place(0, proc.pid)
-        out, _ = proc.communicate("go\n", timeout=60)
+        return proc.communicate("go\n", timeout=60)[0]
     finally:
         proc.kill()
         quotas.close()
+
+
+def test_available_cpus_follow_the_quota_and_the_affinity_mask():
+    _controller_or_skip()
+    out = _run_under_quota(0.45, _REPORT_CPUS)
     limit, threads, why = out.strip().split("|")
     assert float(limit) == pytest.approx(0.45) and threads == "1", out
     assert "CPU quota of 0.45 cores" in why
@@ -256,15 +261,7 @@ _SPIN_THEN_REPORT = ("import sys, time; sys.stdin.readline(); from elasticmoe_wo
 def test_a_process_reads_how_long_its_own_quota_held_it_back():
     """What an HMM logs for each transition: 0.3 CPU-s at 0.1 cores cannot run without waiting for periods."""
     _controller_or_skip()
-    quotas = cgroup.CpuQuotas(0.1)
-    proc = subprocess.Popen([os.sys.executable, "-c", _SPIN_THEN_REPORT], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        quotas.place(0, proc.pid)
-        out, _ = proc.communicate("go\n", timeout=60)
-    finally:
-        proc.kill()
-        quotas.close()
+    out = _run_under_quota(0.1, _SPIN_THEN_REPORT)
     periods, seconds = out.strip().split("|")
     assert int(periods) >= 1 and float(seconds) > 0, out
 
