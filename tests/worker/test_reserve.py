@@ -19,6 +19,15 @@ def _resident_bytes(region) -> int:
     return os.fstat(region.fd).st_blocks * 512
 
 
+def _mapped_bytes(region) -> int:
+    """Resident bytes of this process's mapping of `region` (what its PSS counts)."""
+    start, lines = f"{region.address:x}-", open("/proc/self/smaps").read().splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith(start):
+            return next(int(x.split()[1]) * 1024 for x in lines[i + 1:] if x.startswith("Rss:"))
+    raise AssertionError(f"no mapping at {region.address:x}")
+
+
 def test_reserved_regions_have_their_pages_and_are_handed_out_by_exact_size() -> None:
     backend = cpu_backend.CpuBackend()
     page = backend.page_size_bytes()
@@ -30,10 +39,12 @@ def test_reserved_regions_have_their_pages_and_are_handed_out_by_exact_size() ->
     c = r.take(page, "dev7.l1.e2.w2")  # only two of that size were reserved: this one is new
     try:
         assert (r.taken, r.allocated) == (2, 1)
-        for region in (a, b):  # populated while waiting: a copy into them allocates nothing
+        for region in (a, b):  # populated while waiting: a copy into them allocates nothing, and the
+            # owner's memory shows them (mapped: in its PSS)
             assert _resident_bytes(region) >= region.alloc_bytes, region
+            assert _mapped_bytes(region) == region.alloc_bytes, region
             assert region.name.startswith("dev7.reserve")
-        assert _resident_bytes(c) == 0 and c.name == "dev7.l1.e2.w2"
+        assert _resident_bytes(c) == 0 and _mapped_bytes(c) == 0 and c.name == "dev7.l1.e2.w2"
         for region in (a, b, c):  # zero-filled, as `allocate` promises
             assert not region.tensor(torch.uint8, (page,)).any()
         assert r.release() == 3 * page  # the one of 3 pages was never taken

@@ -58,7 +58,12 @@ def _load_libc() -> ctypes.CDLL:
     ]
     libc.munmap.restype = ctypes.c_int
     libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.madvise.restype = ctypes.c_int
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     return libc
+
+
+_MADV_POPULATE_WRITE = 23  # Linux 5.14+: fault every page of a range in, writable, in one call
 
 
 _libc = _load_libc() if sys.platform.startswith("linux") else None
@@ -224,11 +229,20 @@ class CpuBackend(base.DeviceBackend):
         return region
 
     def populate(self, region: base.Region) -> None:
-        """The memfd's pages, allocated and zeroed now (fallocate): a copy into them later
-        costs the copy only (3.7 GB/s per CPU-second here against 1.3-1.7 into a fresh one)."""
+        """The memfd's pages, allocated, zeroed and mapped in this process now: a copy into them
+        later costs the copy only (48 MB here: 19 ms of CPU against 33 ms into a fresh memfd; 46 ms
+        to populate). Mapped, not only allocated (`fallocate`: 18 ms, then a 14 ms copy), so that
+        they show in this process's memory (PSS) as an accelerator's reserved memory does in its
+        tools. Kernels before 5.14 (no MADV_POPULATE_WRITE): fallocate, then a read of each page."""
         if not isinstance(region, CpuRegion) or not region.owned or region.closed:
             raise ValueError(f"populate: expected an open CPU region this process owns, got {region!r}")
+        if _libc.madvise(region.address, region.alloc_bytes, _MADV_POPULATE_WRITE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err != errno.EINVAL:
+            raise OSError(err, f"populate {region.name!r}: madvise(MADV_POPULATE_WRITE): {os.strerror(err)}")
         os.posix_fallocate(region.fd, 0, region.alloc_bytes)
+        region._byte_tensor()[::mmap.PAGESIZE].sum()  # a read maps each page that exists now
 
     def handles_prefetched(self, handles: list[base.MemoryHandle]):
         return fdpass.prefetched(handles)
