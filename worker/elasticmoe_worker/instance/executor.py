@@ -22,6 +22,7 @@ if __name__ == "__main__" and os.environ.get(procutil.SPARE_NICE_ENV) is not Non
     os.setpriority(os.PRIO_PROCESS, 0, procutil.SPARE_NICE)
 
 import dataclasses
+import importlib
 import logging
 import struct
 import sys
@@ -324,8 +325,13 @@ def set_compute_threads(world_size: int = 1) -> int:
 def import_ahead() -> None:
     """What a spare executor can do before it knows its model: imports, and the configuration
     classes of every supported model type (transformers resolves them lazily: 0.28 s at a full
-    core on the first `spec_from_json`, about 1 s of a 0.3-core device, inside a standby's start)."""
+    core on the first `spec_from_json`, about 1 s of a 0.3-core device, inside a standby's start);
+    the fd-passing client and the CPU backend, which `backends.get_backend` imports on first use
+    (10 ms of CPU here, ~40 ms of a standby's start at 0.225 cores)."""
     import transformers
+
+    for module in ("elasticmoe_worker.backends.fdpass", "elasticmoe_worker.backends.cpu"):
+        importlib.import_module(module)
 
     for model_type in config_mod.SUPPORTED_MODEL_TYPES:
         transformers.CONFIG_MAPPING[model_type]
