@@ -114,3 +114,16 @@ def test_closing_a_zygote_still_importing_releases_a_waiting_fork() -> None:
     finally:
         os.close(stdin_r)
         os.close(stdin_w)
+
+
+def test_a_spare_imports_ahead_what_a_standby_would_import_on_its_first_calls() -> None:
+    """The zygote's imports (`executor.import_ahead`) include the modules `backends.get_backend`
+    and an attach import lazily: none is left for a standby's start to import."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from elasticmoe_worker.instance import executor; executor.import_ahead(); "
+            "before = set(sys.modules); from elasticmoe_worker import backends; backends.get_backend('cpu'); "
+            "print(sorted(m for m in set(sys.modules) - before if m.startswith('elasticmoe_worker')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
+    assert out.strip() == "[]", out
