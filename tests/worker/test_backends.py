@@ -594,6 +594,12 @@ PEER_COPY_CHILD = textwrap.dedent(
                 out.append({"bytes": dst.tensor(torch.uint8, (16,), 4096).tolist()})
             except backends.AttachError as exc:
                 out.append({"error": str(exc)})
+            try:  # and the other way: 4 bytes of ours into the peer region at 100
+                dst.tensor(torch.uint8, (4,), 0).copy_(torch.tensor([7, 6, 5, 4], dtype=torch.uint8))
+                b.copy_to_peer(dst, 0, handle, 100, 4)
+                out[-1]["pushed"] = True
+            except backends.AttachError as exc:
+                out[-1]["push_error"] = str(exc)
     print(json.dumps(out), flush=True)
     """
 )
@@ -619,8 +625,11 @@ def test_a_peer_copies_only_granted_regions_and_only_until_revoked(tmp_path) -> 
         server = fdpass.server()
         server.grant(granted.handle.fd_token)
         ok, refused = _peer_copy_in_a_peer(tmp_path, granted.handle, private.handle)
-        assert ok == {"bytes": list(range(8, 24))}, ok
+        assert ok == {"bytes": list(range(8, 24)), "pushed": True}, ok
+        assert granted.tensor(torch.uint8, (4,), 100).tolist() == [7, 6, 5, 4]  # the peer copied into it too
         assert "not granted to peers" in refused.get("error", ""), refused
+        assert "not granted to peers" in refused.get("push_error", ""), refused
+        assert not private.tensor(torch.uint8, (4096,)).any()
         server.grant(granted.handle.fd_token)  # grants are counted: one revoke leaves one
         server.revoke(granted.handle.fd_token)
         assert server.granted(granted.handle.fd_token)
@@ -644,3 +653,7 @@ def test_copy_from_peer_without_copy_file_range_copies_through_a_mapping(monkeyp
         assert torch.equal(dst.tensor(torch.uint8, (5000,), 100), src.tensor(torch.uint8, (5000,), 4000))
         with pytest.raises(ValueError, match="do not fit"):
             b.copy_from_peer(dst, 4096, src.handle, 0, 5000)
+        b.copy_to_peer(src, 0, dst.handle, 3000, 4000)  # and pushed into a peer's region
+        assert torch.equal(dst.tensor(torch.uint8, (4000,), 3000), src.tensor(torch.uint8, (4000,), 0))
+        with pytest.raises(ValueError, match="do not fit"):
+            b.copy_to_peer(src, 0, dst.handle, 4096, 5000)

@@ -340,6 +340,12 @@ class DeviceBackend(abc.ABC):
         `copies_from_peers`; raises AttachError when the owner refuses or is gone."""
         raise NotImplementedError(f"backend {self.name!r} does not copy from peer regions; use its collectives")
 
+    def copy_to_peer(self, src: Region, src_offset: int, dst: MemoryHandle, dst_offset: int, nbytes: int) -> None:
+        """The other direction of `copy_from_peer`: `nbytes` of this process's `src` at `src_offset`
+        into another process's region `dst` (granted to peers by its owner) at `dst_offset`. Every
+        backend with `copies_from_peers` has both."""
+        raise NotImplementedError(f"backend {self.name!r} does not copy into peer regions; use its collectives")
+
     @abc.abstractmethod
     def expert_pages(self, num_slots: int, slot_bytes: int) -> ExpertPages: ...
 

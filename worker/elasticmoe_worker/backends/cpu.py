@@ -185,6 +185,31 @@ class CpuExpertPages(base.ExpertPages):
         self._array = None  # unmaps now, or when the last view dies
 
 
+def _copy_fd(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, nbytes: int, src_name: str) -> None:
+    """`nbytes` from one memfd into another: copy_file_range, or where the kernel cannot (ENOSYS,
+    EXDEV, EINVAL: an old kernel or another file system) through mappings of both."""
+    done = 0
+    try:
+        while done < nbytes:
+            n = os.copy_file_range(src_fd, dst_fd, nbytes - done, src_offset + done, dst_offset + done)
+            if n == 0:
+                raise base.AttachError(f"copy from {src_name!r}: the source ended after {done} of {nbytes} bytes")
+            done += n
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+        logger.debug("copy_file_range unavailable (%s): copying %s through a mapping", exc, src_name)
+        # NOTE: not closed: the tensors keep the mappings; dropping both unmaps them. The source
+        # private and writable: reads see its pages without a copy, and torch gets the writable
+        # buffer it wants (a read-only one warns; muting that with `warnings.catch_warnings` is
+        # not thread-safe, and sources copy in parallel)
+        src_mm = mmap.mmap(src_fd, src_offset + nbytes, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
+        dst_mm = mmap.mmap(dst_fd, dst_offset + nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        view = torch.frombuffer(src_mm, dtype=torch.uint8)[src_offset + done:src_offset + nbytes]
+        torch.frombuffer(dst_mm, dtype=torch.uint8)[dst_offset + done:dst_offset + nbytes].copy_(view)
+        del view, src_mm, dst_mm
+
+
 class CpuBackend(base.DeviceBackend):
     """Shared-memory files as device memory. `use_memfd=False` forces the /dev/shm fallback."""
 
@@ -272,38 +297,34 @@ class CpuBackend(base.DeviceBackend):
         parallel). Where the kernel cannot (ENOSYS, EXDEV, EINVAL: an old kernel or another file
         system), through a mapping of the source instead."""
         self._check_handle(src)
-        if not isinstance(dst, CpuRegion) or dst.closed:
-            raise ValueError(f"copy_from_peer: the destination must be an open CPU region, got {dst!r}")
-        src_alloc = base.round_up(src.size_bytes, mmap.PAGESIZE)
-        for what, off, size in (("source", src_offset, src_alloc), ("destination", dst_offset, dst.alloc_bytes)):
-            if off < 0 or off + nbytes > size:
-                raise ValueError(f"copy_from_peer: {nbytes} bytes at {what} offset {off} do not fit in its "
-                                 f"{size} bytes")
+        self._check_copy("copy_from_peer", dst, dst_offset, src, src_offset, nbytes, "destination", "source")
         fd = fdpass.receive(src)
         try:
-            done = 0
-            try:
-                while done < nbytes:
-                    n = os.copy_file_range(fd, dst.fd, nbytes - done, src_offset + done, dst_offset + done)
-                    if n == 0:
-                        raise base.AttachError(f"copy from {src.name!r}: the source ended after {done} of "
-                                               f"{nbytes} bytes")
-                    done += n
-            except OSError as exc:
-                if exc.errno not in (errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP):
-                    raise
-                logger.debug("copy_file_range unavailable (%s): copying %s through a mapping", exc, src.name)
-                alloc = base.round_up(src.size_bytes, mmap.PAGESIZE)
-                # NOTE: not closed: the tensor keeps the mapping; dropping both unmaps it. Private
-                # and writable: reads see the source's pages without a copy, and torch gets the
-                # writable buffer it wants (a read-only one warns; muting that with
-                # `warnings.catch_warnings` is not thread-safe, and sources copy in parallel)
-                mm = mmap.mmap(fd, alloc, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
-                view = torch.frombuffer(mm, dtype=torch.uint8)[src_offset + done:src_offset + nbytes]
-                dst._byte_tensor()[dst_offset + done:dst_offset + nbytes].copy_(view)
-                del view, mm
+            _copy_fd(fd, src_offset, dst.fd, dst_offset, nbytes, src.name)
         finally:
             os.close(fd)
+
+    def copy_to_peer(self, src: base.Region, src_offset: int, dst: base.MemoryHandle, dst_offset: int,
+                     nbytes: int) -> None:
+        """`copy_from_peer` the other way: this region's pages into a peer's memfd (its owner
+        granted it), by the kernel, the GIL released."""
+        self._check_handle(dst)
+        self._check_copy("copy_to_peer", src, src_offset, dst, dst_offset, nbytes, "source", "destination")
+        fd = fdpass.receive(dst)
+        try:
+            _copy_fd(src.fd, src_offset, fd, dst_offset, nbytes, src.name)
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _check_copy(op: str, mine: base.Region, mine_offset: int, theirs: base.MemoryHandle, theirs_offset: int,
+                    nbytes: int, mine_is: str, theirs_is: str) -> None:
+        if not isinstance(mine, CpuRegion) or mine.closed:
+            raise ValueError(f"{op}: the {mine_is} must be an open CPU region, got {mine!r}")
+        theirs_alloc = base.round_up(theirs.size_bytes, mmap.PAGESIZE)
+        for what, off, size in ((theirs_is, theirs_offset, theirs_alloc), (mine_is, mine_offset, mine.alloc_bytes)):
+            if off < 0 or off + nbytes > size:
+                raise ValueError(f"{op}: {nbytes} bytes at {what} offset {off} do not fit in its {size} bytes")
 
     def expert_pages(self, num_slots: int, slot_bytes: int) -> CpuExpertPages:
         return CpuExpertPages(num_slots, slot_bytes, mmap.PAGESIZE)

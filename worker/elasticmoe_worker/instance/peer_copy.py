@@ -15,12 +15,19 @@ How:
   devices are local when their keys are equal and non-empty; every HMM reads every key and
   computes the same split. A backend without `copies_from_peers` publishes "" (never local), as
   does an HMM with ELASTICMOE_PEER_COPY=0 (force the collective, for comparisons).
-- Source. For each local transfer it sends, the HMM grants the regions to peers
-  (`fdpass.FdServer.grant`) and publishes their handles under `peer-copy/<transfer index>`.
-- Destination. It reads the handles and copies, one thread per source device (sources in
-  parallel), each copy through `backend.copy_from_peer`.
+- Source. For the local transfers it sends, the HMM grants the regions to peers
+  (`fdpass.FdServer.grant`) and publishes their handles, all of those for one destination under
+  one key, `peer-copy/<source>-<destination>` (`publish_for`: one store round trip per peer, not
+  one per transfer; a transition moves each expert as a transfer of its own).
+- Both sides copy (`exchange`). A copy costs the CPU of the process that makes it; under a
+  device's CPU quota one HMM alone copies at its quota's pace. So each transfer is split: its
+  source pushes the last share of the bytes (`source_shares`: 1 / (1 + the destinations it
+  serves), whole pages) into the destination's regions (`backend.copy_to_peer`), which the
+  destination grants and publishes under `peer-copy-dst/<source>-<destination>`, and the
+  destination pulls the rest (`backend.copy_from_peer`). Every peer in parallel, a thread each.
 - Completion. Each rank publishes `peer-copy-done/<rank>` once its copies are done and waits for
-  every rank's: no source revokes its grants (or frees a departing region) while a peer copies.
+  every rank's: no source revokes its grants (or frees a departing region) while a peer copies,
+  and no destination says its bytes are there before its sources' pushes into it are done.
 
 Not guaranteed: the handles are capabilities: any process of the owner's uid that learns one
 (they travel only over the authenticated channel) can copy the region until it is revoked.
@@ -46,6 +53,7 @@ ENV = "ELASTICMOE_PEER_COPY"
 # One buffer of a transfer: the region, the byte offset and length within it.
 Buffer = tuple[backends_base.Region, int, int]
 _Published = list[tuple[wire.MemoryHandle, int, int]]
+_Batch = dict[int, _Published]  # transfer index -> what its source published (`Source.publish_for`)
 
 
 def locality_key(backend: backends_base.DeviceBackend) -> str:
@@ -89,6 +97,20 @@ class Source:
         store.set(f"peer-copy/{index}", msgspec.msgpack.encode(published))
         return sum(n for _, _, n in buffers)
 
+    def publish_for(self, store, key: str, items: list[tuple[int, list[Buffer]]]) -> int:
+        """Grant the buffers of every transfer `(index, buffers)` to peers and publish their handles
+        under one key. -> bytes published."""
+        server = fdpass.server()
+        batch: _Batch = {}
+        for index, buffers in items:
+            batch[index] = []
+            for region, offset, nbytes in buffers:
+                server.grant(region.handle.fd_token)
+                self._tokens.append(region.handle.fd_token)
+                batch[index].append((region.handle, offset, nbytes))
+        store.set(key, msgspec.msgpack.encode(batch))
+        return sum(n for _, buffers in items for _, _, n in buffers)
+
     def close(self) -> None:
         server = fdpass.server()
         for token in self._tokens:
@@ -101,44 +123,112 @@ def read_published(store, index: int) -> _Published:
     return msgspec.msgpack.decode(store.get(f"peer-copy/{index}"), type=_Published)
 
 
-def pull(backend: backends_base.DeviceBackend, store, wanted: list[tuple[int, int, list[Buffer]]], cancel,
-         device_index: int = -1) -> int:
-    """Copy each wanted transfer (index, source device, destination buffers) from its source's
-    published regions, sources in parallel. -> bytes copied. Logs, per source, how long this
-    device waited for its handles, for their file descriptors and for the copies."""
+def source_shares(transfers: list[wire.Transfer], local: set[int]) -> dict[int, float]:
+    """Source device -> the share of each of its local transfers it copies itself (pushes) while
+    the destination pulls the rest: 1 / (1 + its destinations), so that a source and the devices it
+    serves each copy about as many bytes (1 -> 2: half each; 1 -> 5: a fifth of each transfer)."""
+    destinations: dict[int, set[int]] = {}
+    for i in local:
+        destinations.setdefault(transfers[i].src, set()).add(transfers[i].dst)
+    return {src: 1 / (1 + len(dsts)) for src, dsts in destinations.items()}
+
+
+def split(buffers: list[Buffer], share: float) -> tuple[list[Buffer], list[Buffer]]:
+    """-> (what the destination pulls, what the source pushes): the last `share` of the bytes (whole
+    pages, a buffer cut where the line falls) to the source. The same on both sides: their buffers
+    have the same sizes."""
+    total = sum(n for _, _, n in buffers)
+    cut = total - int(total * share) // PAGE * PAGE
+    head: list[Buffer] = []
+    tail: list[Buffer] = []
+    pos = 0
+    for region, offset, n in buffers:
+        if pos + n <= cut:
+            head.append((region, offset, n))
+        elif pos >= cut:
+            tail.append((region, offset, n))
+        else:
+            head.append((region, offset, cut - pos))
+            tail.append((region, offset + cut - pos, n - (cut - pos)))
+        pos += n
+    return head, tail
+
+
+PAGE = 4096
+
+
+def exchange(backend: backends_base.DeviceBackend, store, source: Source, device_index: int,
+             wanted: list[tuple[int, int, list[Buffer]]], offered: dict[int, list[tuple[int, list[Buffer]]]],
+             shares: dict[int, float], cancel) -> tuple[int, int]:
+    """The local transfers of one device, both sides of the copy at once: for each source it
+    receives from (`wanted`: index, source device, this device's buffers) it publishes the part
+    that source pushes (`peer-copy-dst/<src>-<dst>`) and pulls the rest; for each destination it
+    serves (`offered`: destination -> its transfers' buffers here) it publishes its regions
+    (`peer-copy/<src>-<dst>`) and pushes its share. Every peer in parallel: a copy costs the CPU of
+    the process that makes it, and under a device's CPU quota two processes copying move bytes
+    twice as fast as one. -> (bytes this device pushed, bytes its transfers brought it, whoever
+    copied them); the last pushes into it may still run: `barrier` waits for them."""
     by_source: dict[int, list[tuple[int, list[Buffer]]]] = {}
     for index, src, buffers in wanted:
         by_source.setdefault(src, []).append((index, buffers))
+    for src, items in by_source.items():
+        source.publish_for(store, f"peer-copy-dst/{src}-{device_index}",
+                           [(i, split(b, shares[src])[1]) for i, b in items])
+    for dst, items in offered.items():
+        source.publish_for(store, f"peer-copy/{device_index}-{dst}", items)
 
-    def one_source(src: int, items: list[tuple[int, list[Buffer]]]) -> int:
-        t0 = time.perf_counter()
-        copies = []
+    def pairs(key: str, peer: int, items, pushing: bool) -> list[tuple[wire.MemoryHandle, int, int, Buffer]]:
+        """(their handle, offset, bytes, my buffer) for each buffer of this side's part of `items`:
+        pulling, the source published whole buffers and both sides take the same head of them;
+        pushing, the destination published the tail this side copies."""
+        batch = msgspec.msgpack.decode(store.get(key), type=_Batch)
+        share = shares[device_index if pushing else peer]
+        out = []
         for index, buffers in items:
-            published = read_published(store, index)
-            if [n for _, _, n in published] != [n for _, _, n in buffers]:
-                raise RuntimeError(f"peer copy {index}: the source published buffers of "
-                                   f"{[n for _, _, n in published]} bytes, this device expects "
-                                   f"{[n for _, _, n in buffers]}")
-            copies += [(handle, src_offset, nbytes, region, dst_offset)
-                       for (handle, src_offset, nbytes), (region, dst_offset, _) in zip(published, buffers)]
+            theirs = batch.get(index)
+            if theirs is None:
+                raise RuntimeError(f"peer copy {index}: device {peer} published no handles for it (it published "
+                                   f"transfers {sorted(batch)})")
+            head, tail = split(buffers, share)
+            mine = tail if pushing else buffers
+            if [n for _, _, n in theirs] != [n for _, _, n in mine]:
+                raise RuntimeError(f"peer copy {index}: device {peer} published buffers of "
+                                   f"{[n for _, _, n in theirs]} bytes, this device copies {[n for _, _, n in mine]}")
+            if not pushing:
+                theirs, mine = split(theirs, share)[0], head
+            out += [(h, o, n, b) for (h, o, n), b in zip(theirs, mine)]
+        return out
+
+    def one_peer(peer: int, items, pushing: bool) -> int:
+        t0 = time.perf_counter()
+        key = f"peer-copy-dst/{device_index}-{peer}" if pushing else f"peer-copy/{peer}-{device_index}"
+        copies = pairs(key, peer, items, pushing)
         t1 = time.perf_counter()
         copied = 0
-        with backend.handles_prefetched([handle for handle, *_ in copies]):  # one round trip to the source
+        with backend.handles_prefetched([handle for handle, *_ in copies]):  # one round trip to the peer
             t2 = time.perf_counter()
-            for handle, src_offset, nbytes, region, dst_offset in copies:
+            for handle, their_offset, nbytes, (region, offset, _) in copies:
                 cancel.check()
-                backend.copy_from_peer(region, dst_offset, handle, src_offset, nbytes)
+                if pushing:
+                    backend.copy_to_peer(region, offset, handle, their_offset, nbytes)
+                else:
+                    backend.copy_from_peer(region, offset, handle, their_offset, nbytes)
                 copied += nbytes
         t3 = time.perf_counter()
-        logger.info("device %d: peer copy of %.1f MB from device %d: its handles after %.3f s, their file "
-                    "descriptors %.3f s, copies %.3f s (%.2f GB/s)", device_index, copied / 1e6, src, t1 - t0,
-                    t2 - t1, t3 - t2, copied / max(t3 - t2, 1e-9) / 1e9)
+        logger.info("device %d: peer copy of %.1f MB %s device %d: its handles after %.3f s, their file "
+                    "descriptors %.3f s, copies %.3f s (%.2f GB/s)", device_index, copied / 1e6,
+                    "into" if pushing else "from", peer, t1 - t0, t2 - t1, t3 - t2, copied / max(t3 - t2, 1e-9) / 1e9)
         return copied
 
-    if not by_source:
-        return 0
-    with concurrent.futures.ThreadPoolExecutor(len(by_source), thread_name_prefix="peer-copy") as pool:
-        return sum(f.result() for f in [pool.submit(one_source, src, items) for src, items in by_source.items()])
+    jobs = [(src, items, False) for src, items in by_source.items()] + [(dst, items, True)
+                                                                         for dst, items in offered.items()]
+    received = sum(n for _, _, buffers in wanted for _, _, n in buffers)
+    if not jobs:
+        return 0, received
+    with concurrent.futures.ThreadPoolExecutor(len(jobs), thread_name_prefix="peer-copy") as pool:
+        futures = [(pool.submit(one_peer, *job), job[2]) for job in jobs]
+        pushed = sum(f.result() for f, pushing in futures if pushing)
+    return pushed, received
 
 
 def barrier(store, rank: int, world: int) -> float:

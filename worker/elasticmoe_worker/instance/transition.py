@@ -178,8 +178,9 @@ def _buffers(mem: memory.DeviceMemory, msg: wire.PrepareTransition, t: wire.Tran
 def _move(backend: backends_base.DeviceBackend, mem: memory.DeviceMemory, msg: wire.PrepareTransition,
           device_index: int, store, cancel: Cancel, started: float, deadline: float, host: str = "") -> Result:
     """Sends and receives straight from and into the regions' device memory (no staging copy):
-    between devices of one host through shared memory (`peer_copy`), between hosts over the
-    collective backend, in parallel."""
+    between devices of one host through shared memory (`peer_copy.exchange`: the destination pulls
+    part of each transfer, its source pushes the rest), between hosts over the collective backend,
+    in parallel."""
     rank_of = {d: r for r, d in enumerate(msg.group_ranks)}
     keys = peer_copy.exchange_keys(store, msg.rank, msg.group_ranks, peer_copy.locality_key(backend))
     local = peer_copy.local_transfers(msg.transfers, keys)
@@ -192,6 +193,7 @@ def _move(backend: backends_base.DeviceBackend, mem: memory.DeviceMemory, msg: w
     data_started = time.perf_counter()
     works, sent, received, used = [], 0, 0, set()
     wanted: list[tuple[int, int, list[peer_copy.Buffer]]] = []
+    offered: dict[int, list[tuple[int, list[peer_copy.Buffer]]]] = {}  # destination device -> what it copies from here
     source = peer_copy.Source()
     per_transfer = 2 * max(1, len(msg.moe_layers))
     try:
@@ -202,7 +204,7 @@ def _move(backend: backends_base.DeviceBackend, mem: memory.DeviceMemory, msg: w
             if idx in local:
                 used.add("shared memory")
                 if t.src == device_index:
-                    sent += source.publish(store, idx, buffers)
+                    offered.setdefault(t.dst, []).append((idx, buffers))
                 else:
                     wanted.append((idx, t.src, buffers))
                 continue
@@ -216,10 +218,15 @@ def _move(backend: backends_base.DeviceBackend, mem: memory.DeviceMemory, msg: w
                 else:
                     works.append(pg.recv([buf], rank_of[t.src], tag))
                     received += nbytes
-        received += peer_copy.pull(backend, store, wanted, cancel, device_index)  # while the collective's works run
+        # while the collective's works run: this device's share of the local copies, both directions
+        _, brought = peer_copy.exchange(backend, store, source, device_index, wanted, offered,
+                                        peer_copy.source_shares(msg.transfers, local), cancel)
+        sent += sum(n for items in offered.values() for _, buffers in items for _, _, n in buffers)
+        received += brought
         wait_for(works, cancel, deadline)
         data_seconds = time.perf_counter() - data_started
-        if local:  # nobody revokes (or frees) a region a peer still copies from
+        if local:  # nobody revokes (or frees) a region a peer still copies from or into, nor is ready before
+            # its sources' pushes into it are done
             peer_copy.barrier(store, msg.rank, len(msg.group_ranks))
     finally:
         source.close()
