@@ -40,21 +40,22 @@ def test_a_backend_that_cannot_copy_from_peers_is_never_local() -> None:
     assert peer_copy.locality_key(NoPeers()) == ""
 
 
-def test_a_transfer_splits_into_what_the_destination_pulls_and_what_its_source_pushes() -> None:
-    page = peer_copy.PAGE
-    r0, r1, r2 = "r0", "r1", "r2"  # split looks only at offsets and sizes
-    buffers = [(r0, 0, 3 * page), (r1, 0, page), (r2, 8, 2 * page + 100)]
-    head, tail = peer_copy.split(buffers, 0.5)
-    # the source's half is whole pages: 3 of the 6 pages and 100 bytes; the cut falls inside r1
-    assert head == [(r0, 0, 3 * page), (r1, 0, 100)]
-    assert tail == [(r1, 100, page - 100), (r2, 8, 2 * page + 100)]
-    assert peer_copy.split(buffers, 0.0) == (buffers, [])
-    assert peer_copy.split([(r0, 0, 100)], 0.5) == ([(r0, 0, 100)], [])  # under a page: the destination pulls it all
+def test_the_transfers_of_a_pair_split_into_what_the_destination_pulls_and_what_its_source_pushes() -> None:
+    items = [(0, [("r0", 0, 300)]), (3, [("r1", 0, 100), ("r2", 0, 50)]), (4, [("r3", 8, 100)]), (9, [("r4", 0, 60)])]
+    # 610 bytes, half is 305: the source takes whole transfers from the end while they fit (60 + 100; the
+    # next, 150, no longer does)
+    pulled, pushed = peer_copy.split(items, 0.5)
+    assert pulled == items[:2] and pushed == items[2:]
+    assert peer_copy.split(items, 0.0) == (items, [])
+    assert peer_copy.split(items, 1.0) == ([], items)
+    assert peer_copy.split([(0, [("r0", 0, 100)])], 0.5) == ([(0, [("r0", 0, 100)])], [])  # one transfer: pulled
 
 
-def test_a_source_pushes_a_share_by_how_many_devices_it_serves() -> None:
+def test_a_source_pushes_a_share_by_how_many_devices_it_serves(monkeypatch) -> None:
     transfers = [_t(0, 1), _t(0, 1), _t(0, 2), _t(3, 4), _t(5, 6)]
     assert peer_copy.source_shares(transfers, {0, 1, 2, 3}) == {0: 1 / 3, 3: 1 / 2}
+    monkeypatch.setenv(peer_copy.PUSH_ENV, "0")
+    assert peer_copy.source_shares(transfers, {0, 1, 2, 3}) == {0: 0.0, 3: 0.0}
 
 
 class _Store:
@@ -81,21 +82,21 @@ class _NoCancel:
 
 
 def test_both_sides_of_an_exchange_copy_every_byte_once() -> None:
-    """Device 0 serves devices 1 and 2 (a third of each transfer is its to push), device 1 also
-    serves device 2: each destination ends with its sources' bytes, pulled and pushed parts meeting."""
+    """Device 0 serves devices 1 and 2 (a third of the bytes to each is its to push), device 1 also
+    serves device 2: each destination ends with its sources' bytes, whoever copied them."""
     backend = cpu_backend.CpuBackend()
-    page = peer_copy.PAGE
+    page = 4096
     sizes = [5 * page + 123, 7 * page, 64, 3 * page]
     regions = {d: [backend.allocate(n, f"dev{d}.b{i}") for i, n in enumerate(sizes)] for d in (0, 1, 2)}
     for d in (0, 1):
         for i, r in enumerate(regions[d]):
             r.tensor(torch.uint8, (r.size_bytes,)).copy_(torch.randint(0, 256, (r.size_bytes,), dtype=torch.uint8))
-    transfers = [_t(0, 1), _t(0, 2), _t(1, 2)]
+    transfers = [_t(0, 1), _t(0, 2), _t(1, 2), _t(0, 1), _t(1, 2)]
     bufs = {d: [(r, 0, r.size_bytes) for r in regions[d]] for d in (0, 1, 2)}
-    # each transfer moves one buffer list: 0 -> 1 the first two regions, 0 -> 2 the first, 1 -> 2 the last two
-    # (a device sends what it holds, never what it is receiving)
-    moved = {0: (bufs[0][:2], bufs[1][:2]), 1: (bufs[0][:1], bufs[2][:1]), 2: (bufs[1][2:], bufs[2][2:])}
-    shares = peer_copy.source_shares(transfers, {0, 1, 2})
+    # each transfer moves one buffer list (a device sends what it holds, never what it is receiving)
+    moved = {0: (bufs[0][1:2], bufs[1][1:2]), 1: (bufs[0][:1], bufs[2][:1]), 2: (bufs[1][2:3], bufs[2][2:3]),
+             3: (bufs[0][3:], bufs[1][3:]), 4: (bufs[1][3:], bufs[2][3:])}
+    shares = peer_copy.source_shares(transfers, {0, 1, 2, 3, 4})
     store, results, errors = _Store(), {}, []
 
     def device(d: int) -> None:
@@ -119,13 +120,13 @@ def test_both_sides_of_an_exchange_copy_every_byte_once() -> None:
     for th in threads:
         th.join(60)
     assert not errors, errors
-    for i in range(3):
+    for i in moved:
         for (src, _, n), (dst, _, _) in zip(*moved[i]):
             assert torch.equal(src.tensor(torch.uint8, (n,)), dst.tensor(torch.uint8, (n,))), (i, src.name, dst.name)
-    # device 0 serves two destinations: it pushed a third of each of its transfers (whole pages)
-    pushed = sum(n for i in (0, 1) for _, _, n in peer_copy.split(moved[i][0], 1 / 3)[1])
-    assert results[0][0] == pushed > 0
-    assert results[2] == (0, sum(n for _, _, n in moved[1][1] + moved[2][1]))  # it pushed nothing, got all
+    # device 0 -> 1: transfers 0 (7 pages) and 3 (3 pages); a third of the bytes holds transfer 3: pushed
+    # device 1 -> 2: 64 bytes and 3 pages; the 3 pages are more than its half: device 2 pulls both
+    assert results[0][0] == 3 * page and results[1][0] == 0
+    assert results[2] == (0, sum(n for i in (1, 2, 4) for _, _, n in moved[i][1]))  # it pushed nothing, got all
     for rs in regions.values():
         for r in rs:
             r.close()

@@ -20,11 +20,13 @@ How:
   one key, `peer-copy/<source>-<destination>` (`publish_for`: one store round trip per peer, not
   one per transfer; a transition moves each expert as a transfer of its own).
 - Both sides copy (`exchange`). A copy costs the CPU of the process that makes it; under a
-  device's CPU quota one HMM alone copies at its quota's pace. So each transfer is split: its
-  source pushes the last share of the bytes (`source_shares`: 1 / (1 + the destinations it
-  serves), whole pages) into the destination's regions (`backend.copy_to_peer`), which the
-  destination grants and publishes under `peer-copy-dst/<source>-<destination>`, and the
-  destination pulls the rest (`backend.copy_from_peer`). Every peer in parallel, a thread each.
+  device's CPU quota one HMM alone copies at its quota's pace. So the transfers between a source
+  and a destination are shared out (`split`): the source pushes whole transfers from the end of
+  the list, about 1 / (1 + the destinations it serves) of the bytes (`source_shares`), into the
+  destination's regions (`backend.copy_to_peer`), which the destination grants and publishes under
+  `peer-copy-dst/<source>-<destination>`; the destination pulls the others
+  (`backend.copy_from_peer`). Every peer in parallel, a thread each. ELASTICMOE_PEER_PUSH=0: the
+  destinations pull everything (for comparisons).
 - Completion. Each rank publishes `peer-copy-done/<rank>` once its copies are done and waits for
   every rank's: no source revokes its grants (or frees a departing region) while a peer copies,
   and no destination says its bytes are there before its sources' pushes into it are done.
@@ -124,85 +126,75 @@ def read_published(store, index: int) -> _Published:
 
 
 def source_shares(transfers: list[wire.Transfer], local: set[int]) -> dict[int, float]:
-    """Source device -> the share of each of its local transfers it copies itself (pushes) while
-    the destination pulls the rest: 1 / (1 + its destinations), so that a source and the devices it
-    serves each copy about as many bytes (1 -> 2: half each; 1 -> 5: a fifth of each transfer)."""
+    """Source device -> the share of the bytes of its local transfers it copies itself (pushes)
+    while the destination pulls the rest: 1 / (1 + its destinations), so that a source and the
+    devices it serves each copy about as many bytes (1 -> 2: half each; 1 -> 5: a fifth). 0 for
+    every source with ELASTICMOE_PEER_PUSH=0 (the destinations pull everything)."""
+    if os.environ.get(PUSH_ENV, "1") == "0":
+        return {transfers[i].src: 0.0 for i in local}
     destinations: dict[int, set[int]] = {}
     for i in local:
         destinations.setdefault(transfers[i].src, set()).add(transfers[i].dst)
     return {src: 1 / (1 + len(dsts)) for src, dsts in destinations.items()}
 
 
-def split(buffers: list[Buffer], share: float) -> tuple[list[Buffer], list[Buffer]]:
-    """-> (what the destination pulls, what the source pushes): the last `share` of the bytes (whole
-    pages, a buffer cut where the line falls) to the source. The same on both sides: their buffers
-    have the same sizes."""
-    total = sum(n for _, _, n in buffers)
-    cut = total - int(total * share) // PAGE * PAGE
-    head: list[Buffer] = []
-    tail: list[Buffer] = []
-    pos = 0
-    for region, offset, n in buffers:
-        if pos + n <= cut:
-            head.append((region, offset, n))
-        elif pos >= cut:
-            tail.append((region, offset, n))
-        else:
-            head.append((region, offset, cut - pos))
-            tail.append((region, offset + cut - pos, n - (cut - pos)))
-        pos += n
-    return head, tail
+PUSH_ENV = "ELASTICMOE_PEER_PUSH"
+
+_Items = list[tuple[int, list[Buffer]]]  # (transfer index, its buffers on this side), in transfer order
 
 
-PAGE = 4096
+def split(items: _Items, share: float) -> tuple[_Items, _Items]:
+    """The transfers between one source and one destination -> (those the destination pulls, those
+    the source pushes): the source takes whole transfers from the end while they fit in `share` of
+    the bytes, so each region is copied by one side only. The same on both sides: the same
+    transfers in the same order, of the same sizes."""
+    budget = share * sum(n for _, buffers in items for _, _, n in buffers)
+    cut = len(items)
+    while cut > 0 and (n := sum(b[2] for b in items[cut - 1][1])) <= budget:
+        budget -= n
+        cut -= 1
+    return items[:cut], items[cut:]
 
 
 def exchange(backend: backends_base.DeviceBackend, store, source: Source, device_index: int,
-             wanted: list[tuple[int, int, list[Buffer]]], offered: dict[int, list[tuple[int, list[Buffer]]]],
+             wanted: list[tuple[int, int, list[Buffer]]], offered: dict[int, _Items],
              shares: dict[int, float], cancel) -> tuple[int, int]:
     """The local transfers of one device, both sides of the copy at once: for each source it
-    receives from (`wanted`: index, source device, this device's buffers) it publishes the part
-    that source pushes (`peer-copy-dst/<src>-<dst>`) and pulls the rest; for each destination it
-    serves (`offered`: destination -> its transfers' buffers here) it publishes its regions
-    (`peer-copy/<src>-<dst>`) and pushes its share. Every peer in parallel: a copy costs the CPU of
-    the process that makes it, and under a device's CPU quota two processes copying move bytes
-    twice as fast as one. -> (bytes this device pushed, bytes its transfers brought it, whoever
-    copied them); the last pushes into it may still run: `barrier` waits for them."""
-    by_source: dict[int, list[tuple[int, list[Buffer]]]] = {}
+    receives from (`wanted`: index, source device, this device's buffers) it publishes the regions
+    of the transfers that source pushes (`peer-copy-dst/<src>-<dst>`) and pulls the others; for
+    each destination it serves (`offered`: destination -> its transfers' buffers here) it publishes
+    the regions of the transfers the destination pulls (`peer-copy/<src>-<dst>`) and pushes the
+    others (`split`). Every peer in parallel: a copy costs the CPU of the process that makes it, and
+    under a device's CPU quota two processes copying move bytes about twice as fast as one.
+    -> (bytes this device pushed, bytes its transfers brought it, whoever copied them); pushes
+    into it may still run: `barrier` waits for them."""
+    by_source: dict[int, _Items] = {}
     for index, src, buffers in wanted:
         by_source.setdefault(src, []).append((index, buffers))
+    jobs: list[tuple[int, _Items, bool]] = []
     for src, items in by_source.items():
-        source.publish_for(store, f"peer-copy-dst/{src}-{device_index}",
-                           [(i, split(b, shares[src])[1]) for i, b in items])
+        pulled, pushed = split(items, shares[src])
+        source.publish_for(store, f"peer-copy-dst/{src}-{device_index}", pushed)
+        jobs.append((src, pulled, False))
     for dst, items in offered.items():
-        source.publish_for(store, f"peer-copy/{device_index}-{dst}", items)
+        pulled, pushed = split(items, shares[device_index])
+        source.publish_for(store, f"peer-copy/{device_index}-{dst}", pulled)
+        jobs.append((dst, pushed, True))
 
-    def pairs(key: str, peer: int, items, pushing: bool) -> list[tuple[wire.MemoryHandle, int, int, Buffer]]:
-        """(their handle, offset, bytes, my buffer) for each buffer of this side's part of `items`:
-        pulling, the source published whole buffers and both sides take the same head of them;
-        pushing, the destination published the tail this side copies."""
-        batch = msgspec.msgpack.decode(store.get(key), type=_Batch)
-        share = shares[device_index if pushing else peer]
-        out = []
+    def one_peer(peer: int, items: _Items, pushing: bool) -> int:
+        t0 = time.perf_counter()
+        key = f"peer-copy-dst/{device_index}-{peer}" if pushing else f"peer-copy/{peer}-{device_index}"
+        batch = msgspec.msgpack.decode(store.get(key), type=_Batch) if items else {}
+        copies = []
         for index, buffers in items:
             theirs = batch.get(index)
             if theirs is None:
                 raise RuntimeError(f"peer copy {index}: device {peer} published no handles for it (it published "
                                    f"transfers {sorted(batch)})")
-            head, tail = split(buffers, share)
-            mine = tail if pushing else buffers
-            if [n for _, _, n in theirs] != [n for _, _, n in mine]:
+            if [n for _, _, n in theirs] != [n for _, _, n in buffers]:
                 raise RuntimeError(f"peer copy {index}: device {peer} published buffers of "
-                                   f"{[n for _, _, n in theirs]} bytes, this device copies {[n for _, _, n in mine]}")
-            if not pushing:
-                theirs, mine = split(theirs, share)[0], head
-            out += [(h, o, n, b) for (h, o, n), b in zip(theirs, mine)]
-        return out
-
-    def one_peer(peer: int, items, pushing: bool) -> int:
-        t0 = time.perf_counter()
-        key = f"peer-copy-dst/{device_index}-{peer}" if pushing else f"peer-copy/{peer}-{device_index}"
-        copies = pairs(key, peer, items, pushing)
+                                   f"{[n for _, _, n in theirs]} bytes, this device has {[n for _, _, n in buffers]}")
+            copies += [(h, o, n, b) for (h, o, n), b in zip(theirs, buffers)]
         t1 = time.perf_counter()
         copied = 0
         with backend.handles_prefetched([handle for handle, *_ in copies]):  # one round trip to the peer
@@ -215,14 +207,15 @@ def exchange(backend: backends_base.DeviceBackend, store, source: Source, device
                     backend.copy_from_peer(region, offset, handle, their_offset, nbytes)
                 copied += nbytes
         t3 = time.perf_counter()
-        logger.info("device %d: peer copy of %.1f MB %s device %d: its handles after %.3f s, their file "
-                    "descriptors %.3f s, copies %.3f s (%.2f GB/s)", device_index, copied / 1e6,
-                    "into" if pushing else "from", peer, t1 - t0, t2 - t1, t3 - t2, copied / max(t3 - t2, 1e-9) / 1e9)
+        if copies:
+            logger.info("device %d: peer copy of %.1f MB %s device %d: its handles after %.3f s, their file "
+                        "descriptors %.3f s, copies %.3f s (%.2f GB/s)", device_index, copied / 1e6,
+                        "into" if pushing else "from", peer, t1 - t0, t2 - t1, t3 - t2,
+                        copied / max(t3 - t2, 1e-9) / 1e9)
         return copied
 
-    jobs = [(src, items, False) for src, items in by_source.items()] + [(dst, items, True)
-                                                                         for dst, items in offered.items()]
     received = sum(n for _, _, buffers in wanted for _, _, n in buffers)
+    jobs = [job for job in jobs if job[1]]
     if not jobs:
         return 0, received
     with concurrent.futures.ThreadPoolExecutor(len(jobs), thread_name_prefix="peer-copy") as pool:
