@@ -2,11 +2,10 @@
 bytes peer to peer, while this device's current executor keeps serving.
 
 Runs in a thread of the HMM. Transfers between devices of one host copy through shared memory
-(`peer_copy`: the source grants its regions, the destination copies, no process group); the
-others go over a process group of the backend's collective
-library (gloo, NCCL, HCCL: `rendezvous.process_group`) created for this transition only (its
-own rendezvous prefix, over the authenticated control channel), so it never touches the
-executors' collectives. `Cancel.set()` (an abort) makes the thread give up
+(`peer_copy`: both sides grant their regions and each copies its share of the transfers, no
+process group); the others go over a process group of the backend's collective library (gloo,
+NCCL, HCCL: `rendezvous.process_group`) created for this transition only (its own rendezvous
+prefix, over the authenticated control channel), so it never touches the executors' collectives. `Cancel.set()` (an abort) makes the thread give up
 within about half a second wherever it waits: in the rendezvous or on a transfer.
 Every HMM walks the same ordered transfer list and posts the sends and receives that
 involve it; the tag is the transfer's position, so pairs never mix up their messages (NCCL and
