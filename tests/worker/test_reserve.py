@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import os
 
+import pytest
 import torch
 
 from elasticmoe_worker.backends import cpu as cpu_backend
@@ -83,3 +84,26 @@ def test_a_warm_worker_is_told_to_reserve_what_the_next_scale_up_gives_it() -> N
     wanted = collections.Counter([prep.replicated_bytes] + [b for _ in prep.expert_ids for _ in prep.moe_layers
                                                              for b in (prep.expert_w13_bytes, prep.expert_w2_bytes)])
     assert not wanted - collections.Counter(sizes), (wanted, sizes)
+
+
+def test_populate_before_linux_5_14_allocates_and_maps_every_page(monkeypatch) -> None:
+    """Without MADV_POPULATE_WRITE (madvise says EINVAL): fallocate, then a read of each page."""
+    import errno
+
+    backend = cpu_backend.CpuBackend()
+    monkeypatch.setattr(cpu_backend._libc, "madvise", lambda *args: -1)
+    monkeypatch.setattr(cpu_backend.ctypes, "get_errno", lambda: errno.EINVAL)
+    region = backend.allocate(3 * backend.page_size_bytes() + 5, "old.kernel")
+    try:
+        backend.populate(region)
+        assert _resident_bytes(region) >= region.alloc_bytes and _mapped_bytes(region) == region.alloc_bytes
+        assert not region.tensor(torch.uint8, (region.size_bytes,)).any()
+    finally:
+        region.close()
+    monkeypatch.setattr(cpu_backend.ctypes, "get_errno", lambda: errno.ENOMEM)  # anything else is an error
+    region = backend.allocate(4096, "short.of.memory")
+    try:
+        with pytest.raises(OSError, match="MADV_POPULATE_WRITE"):
+            backend.populate(region)
+    finally:
+        region.close()
