@@ -140,11 +140,13 @@ def test_a_scale_spawns_the_next_spare_only_when_it_ends(tiny_models, capfd):
         _wait_for(lambda: inst.spares_ready == {0, 1}, what="both devices' spares ready")
         err = [""]
 
-        def reserved() -> bool:
-            err[0] += capfd.readouterr().err
-            return "device 1: reserved" in err[0]
+        def logged(text: str):
+            def check() -> bool:
+                err[0] += capfd.readouterr().err
+                return text in err[0]
+            return check
 
-        _wait_for(reserved, what="the warm worker's reserve")
+        _wait_for(logged("device 1: reserved"), what="the warm worker's reserve")
         steady = _children(hmm_pid)
         most, done = 0, threading.Event()
 
@@ -163,7 +165,9 @@ def test_a_scale_spawns_the_next_spare_only_when_it_ends(tiny_models, capfd):
             sampler.join()
         assert record.outcome.value == "Succeeded", record
         assert most == 2, f"device 0 held {most} executor processes at once during the scale"
-        err = err[0] + capfd.readouterr().err
+        # the HMMs commit after the switch (the scale has returned by then): wait for the new device's
+        _wait_for(logged("device 1: configuration 2 committed"), what="device 1's commit")
+        err = err[0]
         assert "rank 0: tokenizer loaded ahead" in err and "rank 1: tokenizer loaded ahead" in err, err[-3000:]
         assert "device 1: told the model's files" in err, err[-3000:]
         # 8 experts on 2 devices: the new one holds 4 of them in each of 2 MoE layers, and its replicated region
