@@ -220,6 +220,39 @@ def test_two_instances_in_one_process_get_their_own_groups():
     assert not first.parent.exists() and not second.parent.exists()
 
 
+def _weight(group) -> int:
+    return int((group / "cpu.shares").read_text() if (group / "cpu.shares").exists()
+               else (group / "cpu.weight").read_text())
+
+
+def test_an_hmm_group_weighs_more_and_the_parent_as_many_processes_as_its_groups(monkeypatch):
+    version, _ = _controller_or_skip()
+    default = cgroup.DEFAULT_WEIGHT[version]
+    monkeypatch.setenv(cgroup.HMM_WEIGHT_ENV, "3")
+    quotas = cgroup.CpuQuotas(0.3)
+    procs = [subprocess.Popen(["sleep", "30"]) for _ in range(2)]
+    try:
+        first = quotas.place(0, procs[0].pid)
+        hmm = first.parent / (first.name + cgroup.HMM_SUFFIX)
+        spare = first.parent / (first.name + cgroup.SPARE_SUFFIX)
+        assert (_weight(first), _weight(spare), _weight(hmm)) == (default, default, 3 * default)
+        assert _weight(quotas.parent) == 3 * default  # three groups: the device's, its spare's, its HMM's
+        quotas.place(1, procs[1].pid)
+        assert _weight(quotas.parent) == 6 * default
+        procs[1].kill()
+        procs[1].wait()
+        quotas.release(1)
+        assert _weight(quotas.parent) == 3 * default, "a released device's groups no longer count"
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        quotas.close()
+    monkeypatch.setenv(cgroup.HMM_WEIGHT_ENV, "0")
+    with pytest.raises(ValueError, match=r"ELASTICMOE_HMM_CPU_WEIGHT='0': expected a positive number"):
+        cgroup.CpuQuotas(0.3)
+
+
 _REPORT_CPUS = ("import sys; sys.stdin.readline(); from elasticmoe_worker.instance import cgroup; "
                 "print(cgroup.cpu_limit(), *cgroup.available_cpus(), sep='|')")
 

@@ -23,6 +23,16 @@ after this process and instance (`elasticmoe-<pid>-<n>`: a process may run sever
 as `bench scaling` does), and are removed when their worker has stopped and at
 `close()`; empty groups left by a coordinator that was killed are removed by the next one.
 
+CPU weights (when the cores are contended, who runs first; a quota only caps): an HMM's group
+weighs `HMM_WEIGHT` times a device's or a spare's (`ELASTICMOE_HMM_CPU_WEIGHT`; 1 turns it off).
+Its work is short and on the critical path of every scale (grants, fds, copies), while the
+standbys preparing beside it are meant to overlap with it: with equal weights, under load, the
+HMMs were not throttled but waited for the 2 cores (session 19: a copy ran at a median 0.88 GB/s
+against 3.3 idle). On an accelerator the bytes move on copy engines that compute does not use.
+And the parent group weighs as many default processes as it holds groups: otherwise all of this
+instance's devices together would weigh one process of the machine's (the benchmark's load
+generator or the coordinator, each a process of its own, would outweigh them all).
+
 Not guaranteed: a quota caps CPU time, it does not reserve it: on a busy machine a device may
 get less. On cgroup v2 the `cpu` controller can only be handed to child groups when our own
 group holds no processes (the "no internal processes" rule) or is the root: inside a container
@@ -43,6 +53,10 @@ PERIOD_US = 100_000  # the kernel's and Kubernetes' default CFS period
 MIN_QUOTA_US = 1_000  # the kernel refuses less
 SPARE_SUFFIX = "-spare"  # device-N-k-spare: where device-N-k's spare executor waits (SpareSlot)
 HMM_SUFFIX = "-hmm"  # device-N-k-hmm: device-N-k's HMM (its host work; the executors run in device-N-k)
+HMM_WEIGHT_ENV = "ELASTICMOE_HMM_CPU_WEIGHT"
+HMM_WEIGHT = 4.0  # an HMM's group weighs this many device groups (see the module's docstring)
+DEFAULT_WEIGHT = {1: 1024, 2: 100}  # cpu.shares / cpu.weight of a group nobody set
+WEIGHT_RANGE = {1: (2, 262_144), 2: (1, 10_000)}
 
 
 class Unavailable(RuntimeError):
@@ -201,6 +215,7 @@ class CpuQuotas:
         self.parent = base / f"elasticmoe-{os.getpid()}-{CpuQuotas._instances}"
         self._groups: dict[int, pathlib.Path] = {}
         self._count = 0
+        self.hmm_weight = hmm_weight()
         try:
             self.parent.mkdir(exist_ok=True)
             if self.version == 2:
@@ -218,12 +233,29 @@ class CpuQuotas:
         spare's (`SpareSlot`) and its HMM's; move the HMM (`pid`) into the last. -> the device's."""
         self._count += 1
         group = self.parent / f"device-{device_index}-{self._count}"
-        for g in (group, *(group.parent / (group.name + s) for s in (SPARE_SUFFIX, HMM_SUFFIX))):
+        hmm = group.parent / (group.name + HMM_SUFFIX)
+        for g in (group, group.parent / (group.name + SPARE_SUFFIX), hmm):
             g.mkdir()
             self._set_quota(g)
+        self._set_weight(hmm, self.hmm_weight)
         self._groups[device_index] = group
-        (group.parent / (group.name + HMM_SUFFIX) / "cgroup.procs").write_text(str(pid))
+        self._weigh_parent()
+        (hmm / "cgroup.procs").write_text(str(pid))
         return group
+
+    def _set_weight(self, group: pathlib.Path, factor: float) -> None:
+        """`group`'s CPU weight: `factor` times the default (within the kernel's range)."""
+        low, high = WEIGHT_RANGE[self.version]
+        value = min(high, max(low, round(DEFAULT_WEIGHT[self.version] * factor)))
+        try:
+            (group / ("cpu.shares" if self.version == 1 else "cpu.weight")).write_text(str(value))
+        except OSError as exc:  # a weight is a preference: without it the quotas still hold
+            logger.warning("could not set the CPU weight of %s to %d (%s)", group, value, exc.strerror)
+
+    def _weigh_parent(self) -> None:
+        """The parent weighs as many default processes as it holds groups (see the docstring)."""
+        groups = sum(1 for g in self.parent.glob("device-*") if g.is_dir())
+        self._set_weight(self.parent, max(1, groups))
 
     def _set_quota(self, group: pathlib.Path) -> None:
         if self.version == 1:
@@ -263,6 +295,8 @@ class CpuQuotas:
                 deadline = time.monotonic() + timeout_s
             time.sleep(0.05)
         self._rmdir(group)
+        if self.parent.is_dir():
+            self._weigh_parent()
 
     def close(self) -> None:
         for device in list(self._groups):
@@ -282,6 +316,21 @@ class CpuQuotas:
             except OSError:
                 time.sleep(0.02)
         logger.warning("could not remove cgroup %s", path)
+
+
+def hmm_weight() -> float:
+    """How many device groups an HMM's group weighs: `ELASTICMOE_HMM_CPU_WEIGHT` or `HMM_WEIGHT`."""
+    text = os.environ.get(HMM_WEIGHT_ENV)
+    if text is None:
+        return HMM_WEIGHT
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise ValueError(f"{HMM_WEIGHT_ENV}={text!r}: expected a positive number (how many device groups an "
+                         f"HMM's group weighs; 1 weighs them the same)")
+    return value
 
 
 class SpareSlot:
