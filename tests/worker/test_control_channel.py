@@ -211,6 +211,55 @@ def test_store_without_the_secret_times_out_and_cancel_ends_a_blocked_get(bare):
         store.close()
 
 
+def test_a_get_waits_at_the_coordinator_and_blocks_no_other_thread(bare):
+    server, _, _ = bare
+    store = rendezvous.ChannelStore(server.address, SECRET, "g", timeout_s=30)
+    writer = rendezvous.ChannelStore(server.address, SECRET, "g", timeout_s=30)
+    got: dict[str, tuple[bytes, float]] = {}
+
+    def get(key: str) -> None:
+        got[key] = store.get(key), time.monotonic()
+
+    waiters = [threading.Thread(target=get, args=(k,), daemon=True) for k in ("late", "later")]
+    try:
+        for w in waiters:
+            w.start()
+        _wait(lambda: sum(len(v) for v in server.store.waiting.values()) == 2, 5, "both gets parked")
+        # another call of the same store is not held up by them (each call takes an idle socket or a new one)
+        store.set("now", b"1")
+        assert store.get("now") == b"1" and store.check(["now"])
+        assert waiters[0].is_alive() and waiters[1].is_alive()
+        written = time.monotonic()
+        writer.set("late", b"L")
+        waiters[0].join(timeout=5)
+        assert got["late"][0] == b"L" and got["late"][1] - written < 1.0
+        assert waiters[1].is_alive(), "a get waits for its own key only"
+        writer.add("later", 3)  # any write that creates the key answers
+        waiters[1].join(timeout=5)
+        assert got["later"][0] == b"3"
+        assert server.store.waiting == {}
+    finally:
+        store.close()
+        writer.close()
+
+
+def test_parked_gets_go_with_their_prefix_and_past_the_limit(bare, monkeypatch):
+    kv = transport.KeyValue()
+    monkeypatch.setattr(transport.KeyValue, "MAX_WAITING", 3)
+    for seq, key in enumerate(["transition-5/a", "transition-5/b", "transition-6/a", "transition-6/b"], 1):
+        assert kv.handle(wire.StoreRequest(op="get", seq=seq, key=key, wait=True), b"peer") == []
+    assert list(kv.waiting) == ["transition-5/b", "transition-6/a", "transition-6/b"], "the oldest went first"
+    kv.handle(wire.StoreRequest(op="set", seq=9, key="transition-5/x", value=b"v"), b"peer")
+    kv.drop_prefix("transition-5/")
+    assert list(kv.waiting) == ["transition-6/a", "transition-6/b"] and "transition-5/x" not in kv.data
+    replies = kv.handle(wire.StoreRequest(op="set", seq=10, key="transition-6/a", value=b"w"), b"writer")
+    assert [(peer, r.seq, r.found, r.value) for peer, r in replies] == [(b"writer", 10, True, b""),
+                                                                        (b"peer", 3, True, b"w")]
+    # a get without `wait` (an older client) is answered at once, found or not
+    assert [(r.found, r.value) for _, r in kv.handle(wire.StoreRequest(op="get", seq=11, key="nope"), b"old")] \
+        == [(False, b"")]
+
+
 def test_a_store_request_that_cannot_be_served_is_dropped_and_the_loop_lives_on(bare):
     server, _, ctx = bare
     member = transport.connect(ctx, server.address, "exec-1-0", SECRET, linger_ms=0)

@@ -336,7 +336,7 @@ def _commit(state: State, now: float, failed_ranks: tuple[int, ...], message: st
         sequences_kv_moved=0 if kv is None or sc.kv_failed else kv.num_sequences, kv_bytes_moved=sc.kv_bytes,
         kv_fallback=sc.kv_failed)
     hmm_ready = {d: sc.ready[d].ready for d in sc.new_devices if d in sc.ready}
-    actions.append(Finished(record))
+    actions.append(Finished(record, sc.new_config))
     state = dataclasses.replace(
         state, config_id=sc.new_config, device_ids=sc.new_devices, placement=sc.plan.new_placement,
         hmm_ready=hmm_ready, scale=None, paused=False, held=(), retired=(sc.old_config, sc.old_devices, sc.new_devices),
@@ -379,7 +379,7 @@ def _abort_scale(state: State, now: float, reason: str) -> tuple[State, list[Act
     sc = _end_stage(sc, now)
     record = msgspec.structs.replace(sc.record, outcome=admin.Outcome.ABORTED, message=reason,
                                      duration_ms=_ms(now - sc.started))
-    actions.append(Finished(record))
+    actions.append(Finished(record, sc.new_config))
     return dataclasses.replace(state, scale=None), actions
 
 
@@ -468,7 +468,7 @@ def _commit_recovery(state: State, now: float) -> tuple[State, list[Action]]:
     actions += [Send(hmm_dest(d), wire.CommitTransition(config_id=sc.new_config)) for d in sc.new_devices]
     sc = _end_stage(sc, now)
     record = msgspec.structs.replace(sc.record, outcome=admin.Outcome.SUCCEEDED, duration_ms=_ms(now - sc.started))
-    actions.append(Finished(record))
+    actions.append(Finished(record, sc.new_config))
     state = dataclasses.replace(
         state, config_id=sc.new_config, device_ids=sc.new_devices, placement=sc.plan.new_placement,
         hmm_ready={d: sc.ready[d].ready for d in sc.new_devices}, scale=None, paused=False, held=(), retired=None,

@@ -200,6 +200,7 @@ class Resume:
 @dataclasses.dataclass(frozen=True)
 class Finished:
     record: admin.ScaleRecord
+    config_id: int = 0  # the configuration the scale was to make (its store keys can go)
 
 
 Action = Union[Send, AddWorkers, RemoveWorkers, PauseAdmission, Commit, Release, Rebind, FailRequests, SetHealth,

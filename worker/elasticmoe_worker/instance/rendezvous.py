@@ -16,6 +16,12 @@ here; NCCL and HCCL groups are built the same way but have not been formed on a 
 
 `cancel()` makes every waiting call raise at once: an aborted transition leaves no thread
 blocked in a rendezvous that will never complete.
+
+A `get` of a key not yet published waits at the coordinator (`StoreRequest.wait`; it answers
+once a peer publishes the key) rather than polling, so it returns as soon as the key exists.
+Each call takes a socket no other call uses (a pool, a new connection when all are busy): a
+get that waits blocks no other thread's requests (the transfers to and from each peer run in
+threads of their own), and a ZMQ socket must not be used by two threads at once.
 """
 
 from __future__ import annotations
@@ -52,36 +58,69 @@ class ChannelStore(dist.Store):
     def __init__(self, address: str, secret: str, prefix: str, timeout_s: float) -> None:
         super().__init__()
         self._ctx = zmq.Context.instance()
-        self._identity = f"store-{id(self):x}-{time.monotonic_ns():x}"
-        self._sock = transport.connect(self._ctx, address, self._identity, secret, linger_ms=0)
+        self._address, self._secret = address, secret
+        self._name = f"store-{id(self):x}-{time.monotonic_ns():x}"
         self._prefix = prefix.rstrip("/") + "/"
         self._timeout_s = timeout_s
         self._seq = itertools.count(1)
-        self._lock = threading.Lock()
+        self._idle: list[zmq.Socket] = []  # connected sockets no call uses now
+        self._count = 0
+        self._sockets_lock = threading.Lock()
         self._cancelled: str | None = None
+        self._closed = False
+        self._release(self._acquire())  # connect (and shake hands) while the caller goes on
 
     # -- plumbing --------------------------------------------------------------------
     def cancel(self, reason: str) -> None:
         self._cancelled = reason
 
     def close(self) -> None:
-        with self._lock:
-            self._sock.close(linger=0)
+        with self._sockets_lock:
+            self._closed = True  # a call in flight ends at its next poll (<= 50 ms) and closes its socket
+            idle, self._idle = self._idle, []
+        for sock in idle:
+            sock.close(linger=0)
+
+    def _acquire(self) -> zmq.Socket:
+        """A socket no other call uses (a new one when every one is busy)."""
+        with self._sockets_lock:
+            if self._closed:
+                raise Cancelled("rendezvous store closed")
+            if self._idle:
+                return self._idle.pop()
+            self._count += 1
+            return transport.connect(self._ctx, self._address, f"{self._name}-{self._count}", self._secret,
+                                     linger_ms=0)
+
+    def _release(self, sock: zmq.Socket) -> None:
+        with self._sockets_lock:
+            if not self._closed:
+                self._idle.append(sock)
+                return
+        sock.close(linger=0)
 
     def _call(self, **fields) -> wire.StoreReply:
         deadline = time.monotonic() + self._timeout_s
-        with self._lock:
+        sock = self._acquire()
+        try:
             seq = next(self._seq)
-            self._sock.send(wire.encode(wire.StoreRequest(seq=seq, **fields)))
+            sock.send(wire.encode(wire.StoreRequest(seq=seq, **fields)))
             while True:
                 if self._cancelled is not None:
                     raise Cancelled(f"rendezvous cancelled: {self._cancelled}")
+                if self._closed:
+                    raise Cancelled("rendezvous store closed")
                 if time.monotonic() > deadline:
+                    if fields.get("wait"):
+                        raise TimeoutError(f"rendezvous: key {fields['key'][len(self._prefix):]!r} not published "
+                                           f"within {self._timeout_s:g} s (a peer never joined)")
                     raise TimeoutError(f"rendezvous: no answer from the coordinator in {self._timeout_s:g} s")
-                if self._sock.poll(50):
-                    reply = wire.decode(self._sock.recv())
+                if sock.poll(50):
+                    reply = wire.decode(sock.recv())  # (a late answer to an earlier call on it has another seq)
                     if isinstance(reply, wire.StoreReply) and reply.seq == seq:
                         return reply
+        finally:
+            self._release(sock)
 
     def _key(self, key: str) -> str:
         return self._prefix + key
@@ -94,8 +133,8 @@ class ChannelStore(dist.Store):
         k = self._key(key)
         deadline = time.monotonic() + self._timeout_s
         while True:
-            reply = self._call(op="get", key=k)
-            if reply.found:
+            reply = self._call(op="get", key=k, wait=True)  # answered once the key exists
+            if reply.found:  # (a coordinator before `wait` answers at once: then this polls)
                 return reply.value
             if self._cancelled is not None:
                 raise Cancelled(f"rendezvous cancelled: {self._cancelled}")

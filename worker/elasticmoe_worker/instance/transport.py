@@ -94,14 +94,51 @@ class _OnlyClientKey:
 
 
 class KeyValue:
-    """The rendezvous store's data, served over the channel (see `rendezvous.ChannelStore`)."""
+    """The rendezvous store's data, served over the channel (see `rendezvous.ChannelStore`).
+
+    A `get` with `wait` for a key that does not exist yet is parked, and answered by the write
+    that creates the key (as torch's TCPStore waits on its server): a peer learns a key as soon
+    as it is published instead of at its next poll (5 ms + a round trip apart, on a coordinator
+    that is busy). Parked gets are forgotten with their keys' prefix (`drop_prefix`) and past
+    `MAX_WAITING`, oldest first: a client that gave up asks again. The I/O thread serves the
+    requests; `drop_prefix` may come from another (the lock)."""
+
+    MAX_WAITING = 10_000
 
     def __init__(self) -> None:
         self.data: dict[str, bytes] = {}
+        self.waiting: dict[str, list[tuple[bytes, int]]] = {}  # key -> (identity, seq) of the gets parked on it
+        self._parked = 0
+        self._lock = threading.Lock()
 
-    def handle(self, req: wire.StoreRequest) -> wire.StoreReply:
-        """-> the reply; ValueError for a request no store could serve (`add` to a value that
-        is no integer, or past torch's int64), which then changes nothing."""
+    def handle(self, req: wire.StoreRequest, identity: bytes = b"") -> list[tuple[bytes, wire.StoreReply]]:
+        """-> the replies, each to its peer (none while a `get` waits; the write that creates a key
+        answers the gets parked on it too); ValueError for a request no store could serve (`add`
+        to a value that is no integer, or past torch's int64), which then changes nothing."""
+        with self._lock:
+            d = self.data
+            reply = self._reply(req)
+            if req.op == "get" and req.wait and not reply.found:
+                self._park(req.key, identity, req.seq)
+                return []
+            out = [(identity, reply)]
+            if req.op in ("set", "add", "compare_set") and req.key in d and req.key in self.waiting:
+                for peer, seq in self.waiting.pop(req.key):
+                    out.append((peer, wire.StoreReply(seq=seq, value=d[req.key])))
+                self._parked = sum(len(v) for v in self.waiting.values())
+            return out
+
+    def _park(self, key: str, identity: bytes, seq: int) -> None:
+        self.waiting.setdefault(key, []).append((identity, seq))
+        self._parked += 1
+        while self._parked > self.MAX_WAITING:  # the oldest key's first: they have waited longest
+            oldest = next(iter(self.waiting))
+            self.waiting[oldest].pop(0)
+            if not self.waiting[oldest]:
+                del self.waiting[oldest]
+            self._parked -= 1
+
+    def _reply(self, req: wire.StoreRequest) -> wire.StoreReply:
         d = self.data
         if req.op == "set":
             d[req.key] = req.value
@@ -129,9 +166,13 @@ class KeyValue:
         return wire.StoreReply(seq=req.seq, found=False)
 
     def drop_prefix(self, prefix: str) -> None:
-        """Forget a finished group's keys."""
-        for k in [k for k in self.data if k.startswith(prefix)]:
-            del self.data[k]
+        """Forget a finished group's keys, and the gets parked on them."""
+        with self._lock:
+            for k in [k for k in self.data if k.startswith(prefix)]:
+                del self.data[k]
+            for k in [k for k in self.waiting if k.startswith(prefix)]:
+                del self.waiting[k]
+            self._parked = sum(len(v) for v in self.waiting.values())
 
 
 class Server:
@@ -293,11 +334,12 @@ class Server:
             return None
         if isinstance(msg, wire.StoreRequest):
             try:
-                reply = self.store.handle(msg)
+                replies = self.store.handle(msg, frames[0])
             except ValueError as exc:  # dropped like a malformed frame: it must not end the loop
                 self._malformed(f"store request from {identity!r}: {exc}")
                 return None
-            self._router.send_multipart([frames[0], wire.encode(reply)])
+            for peer, reply in replies:
+                self._router.send_multipart([peer, wire.encode(reply)])
             return None
         return identity, msg
 
