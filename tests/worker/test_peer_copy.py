@@ -130,3 +130,23 @@ def test_both_sides_of_an_exchange_copy_every_byte_once() -> None:
     for rs in regions.values():
         for r in rs:
             r.close()
+
+
+def test_keys_the_coordinator_told_are_used_as_they_are_and_otherwise_exchanged() -> None:
+    import pytest
+    import torch.distributed as dist
+
+    backend = cpu_backend.CpuBackend()
+    own = peer_copy.locality_key(backend)
+    store = dist.HashStore()
+    # told: no store round trip at all (nothing is published)
+    assert peer_copy.group_keys(store, backend, 1, [4, 7], ["elsewhere", own]) == {4: "elsewhere", 7: own}
+    assert store.num_keys() == 0
+    # not told: every rank publishes its own and reads the others'
+    store.set("locality/0", "elsewhere")
+    assert peer_copy.group_keys(store, backend, 1, [4, 7], None) == {4: "elsewhere", 7: own}
+    # told something that cannot be this rank's: an error naming both, not a silent misroute
+    with pytest.raises(RuntimeError, match="rank 1's 'other' but this HMM's is"):
+        peer_copy.group_keys(store, backend, 1, [4, 7], [own, "other"])
+    with pytest.raises(RuntimeError, match="1 for 2 rank"):
+        peer_copy.group_keys(store, backend, 0, [4, 7], [own])

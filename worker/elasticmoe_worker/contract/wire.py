@@ -92,6 +92,9 @@ class HMMHello(Msg):
     pid: int
     # it has the model's files (from its checkpoint, a scale or `ModelFiles`); absent from older HMMs
     knows_model: bool = False
+    # `peer_copy.locality_key`: equal for two HMMs that can copy each other's regions, "" never;
+    # None from older HMMs (unknown: a transition's HMMs then exchange their keys themselves)
+    locality: str | None = None
 
 
 class ModelFiles(Msg):
@@ -114,6 +117,7 @@ class Heartbeat(Msg):
     # its spare executor has imported everything and waits for work (a standby started now costs
     # attach + group join, not imports); absent from older HMMs (read as False)
     spare_ready: bool = False
+    locality: str | None = None  # as in HMMHello (a coordinator that restarts learns it here)
 
 
 class LoadPlan(Msg):
@@ -213,6 +217,9 @@ class PrepareTransition(Msg):
     # memory is allocated (before bytes move): it builds its model, engine and group meanwhile
     # and says ready only once the HMM has received every byte. None: started after the transfer.
     standby: StartExecutor | None = None
+    # each rank's locality key (`HMMHello.locality`), when the coordinator knows every one: the HMMs
+    # then start moving bytes without first exchanging them; None: they exchange them
+    locality: list[str] | None = None
 
 
 class TransitionReady(Msg):
@@ -280,6 +287,7 @@ class MoveKV(Msg):
     # with each pool's number of blocks, its layout, so the HMM need not parse the model's config
     view_block_bytes: list[int]
     timeout_s: float
+    locality: list[str] | None = None  # as in PrepareTransition
 
 
 class KVMoved(Msg):
@@ -421,8 +429,9 @@ class Shutdown(Msg):
 # -- rendezvous (collectives' key-value store, served by the coordinator) ------------------
 class StoreRequest(Msg):
     """A key-value operation of `instance.rendezvous.ChannelStore`. op: set | get | add |
-    check | delete | compare_set | num_keys. `get` answers `found=False` until the key exists
-    (the client polls)."""
+    check | delete | compare_set | num_keys. `get` answers `found=False` at once when the key
+    does not exist (the client polls), unless `wait`: then the answer comes once it exists (or
+    never: the client gives up on its own deadline and asks again)."""
 
     op: str
     seq: int
@@ -431,6 +440,7 @@ class StoreRequest(Msg):
     expected: bytes = b""
     amount: int = 0
     keys: list[str] = []
+    wait: bool = False  # absent from older clients: they poll
 
 
 class StoreReply(Msg):

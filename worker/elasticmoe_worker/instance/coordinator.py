@@ -150,6 +150,8 @@ class Instance(startup.StartUp):
         self.router: routing.Router | None = None
         self.members: membership.Membership | None = None
         self._spare_ready: dict[int, bool] = {}  # device -> its spare had imported, at its last heartbeat
+        self._locality: dict[int, str] = {}  # device -> its HMM's locality key (hello, heartbeat; the I/O thread)
+        self._locality_sent: dict[tuple[str, int], list[str] | None] = {}  # (message, config) -> the keys it carries
         self.executors: dict[int, wire.ExecutorReady] = {}
         self.last_scale: admin.ScaleRecord | None = None
         self.history: list[admin.ScaleRecord] = []
@@ -299,7 +301,25 @@ class Instance(startup.StartUp):
             for action in actions:
                 self._execute(action)
 
+    def _learn_locality(self, device: int, key: str | None) -> None:
+        """An HMM's locality key (None from an older HMM: unknown, even if a worker of that index said one)."""
+        if key is None:
+            self._locality.pop(device, None)
+        else:
+            self._locality[device] = key
+
     def _execute(self, action: reconfig.Action) -> None:
+        if isinstance(action, reconfig.Send) and isinstance(action.msg, (wire.PrepareTransition, wire.MoveKV)):
+            # The HMMs' locality keys, when every rank's is known: they need not exchange them. Taken once
+            # per transition, so that every rank is told the same (a heartbeat may teach a key meanwhile).
+            msg = action.msg
+            sent = (type(msg).__name__, msg.config_id)
+            if sent not in self._locality_sent:
+                keys = [self._locality.get(d) for d in msg.group_ranks]
+                self._locality_sent = {**dict(list(self._locality_sent.items())[-7:]),
+                                       sent: None if None in keys else keys}
+            if self._locality_sent[sent] is not None:
+                action = dataclasses.replace(action, msg=msgspec.structs.replace(msg, locality=self._locality_sent[sent]))
         if isinstance(action, reconfig.Send):
             if isinstance(action.msg, wire.MoveKV) and action.msg.rank == 0:  # (one line per copy, not per device)
                 logger.info("switch to configuration %d: copying the KV of departing devices' sequences peer to "
@@ -343,6 +363,9 @@ class Instance(startup.StartUp):
                         self.router.config_id, *self._resumed)
         elif isinstance(action, reconfig.Finished):
             self._finished(action.record)
+            # its transfers' and its KV copies' rendezvous keys are done with (`transport.KeyValue`)
+            for prefix in (f"transition-{action.config_id}/", f"kv-{action.config_id}/"):
+                self.transport.store.drop_prefix(prefix)
         else:
             raise AssertionError(f"unknown action {action!r}")
 
@@ -397,8 +420,10 @@ class Instance(startup.StartUp):
         elif isinstance(msg, wire.Heartbeat):
             self.members.seen(msg.device_index)
             self._spare_ready[msg.device_index] = msg.spare_ready
+            self._learn_locality(msg.device_index, msg.locality)
         elif isinstance(msg, wire.HMMHello):
             self.members.registered(msg.device_index)
+            self._learn_locality(msg.device_index, msg.locality)
             state = self.state
             # its spare can load the tokenizer now, and it can reserve memory for the scale that takes it
             # (what it would receive into is known once the instance serves; it says hello every second)

@@ -37,7 +37,7 @@ import zmq.utils.monitor
 from elasticmoe_worker import backends, cliargs
 from elasticmoe_worker.engine import engine as engine_mod
 from elasticmoe_worker.contract import wire
-from elasticmoe_worker.instance import kv_transfer, memory, procutil, reserve, spares, transition, transport
+from elasticmoe_worker.instance import kv_transfer, memory, peer_copy, procutil, reserve, spares, transition, transport
 
 logger = logging.getLogger("elasticmoe.hmm")
 
@@ -54,6 +54,7 @@ class HMM:
         self.host = host  # where this device's collectives listen (see rendezvous.gloo_group)
         self.backend_name = backend_name
         self.backend = backends.get_backend(backend_name)
+        self.locality = peer_copy.locality_key(self.backend)  # told the coordinator with each hello and heartbeat
         self.secret = os.environ.get(transport.SECRET_ENV, "")
         self.ctx = zmq.Context()
         self.sock = transport.connect(self.ctx, coordinator, f"hmm-{device_index}", self.secret,
@@ -342,7 +343,7 @@ class HMM:
             if self.memory is None and self.pending_expert_ids is None and time.monotonic() >= next_hello:
                 next_hello = time.monotonic() + HEARTBEAT_INTERVAL_S
                 self.send(wire.HMMHello(device_index=self.device_index, pid=os.getpid(),
-                                        knows_model=bool(self.tokenizer_files)))
+                                        knows_model=bool(self.tokenizer_files), locality=self.locality))
             events = dict(poller.poll(200))
             if self.monitor in events:
                 self._on_connection_event()
@@ -381,8 +382,8 @@ class HMM:
         sock = transport.connect(self.ctx, self.coordinator, f"hb-{self.device_index}", self.secret, linger_ms=0)
         try:
             while not self.stop:
-                sock.send(wire.encode(wire.Heartbeat(device_index=self.device_index,
-                                                     loaded=self.memory is not None, spare_ready=self.spares.ready)))
+                sock.send(wire.encode(wire.Heartbeat(device_index=self.device_index, loaded=self.memory is not None,
+                                                     spare_ready=self.spares.ready, locality=self.locality)))
                 time.sleep(HEARTBEAT_INTERVAL_S)
         finally:
             sock.close()

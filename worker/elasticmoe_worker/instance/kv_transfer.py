@@ -63,7 +63,7 @@ def run(backend: backends_base.DeviceBackend, device_index: int, mem: memory.Dev
     cancel.store = store
     sent = received = 0
     try:
-        keys = peer_copy.exchange_keys(store, msg.rank, msg.group_ranks, peer_copy.locality_key(backend))
+        keys = peer_copy.group_keys(store, backend, msg.rank, msg.group_ranks, msg.locality)
         local = peer_copy.local_transfers(msg.copies, keys)
         remote = [c for i, c in enumerate(msg.copies) if i not in local]
         if remote:  # every rank computes the same split: all or none form the group

@@ -83,6 +83,21 @@ def exchange_keys(store, rank: int, group_ranks: list[int], key: str) -> dict[in
     return {device: store.get(f"locality/{r}").decode() for r, device in enumerate(group_ranks)}
 
 
+def group_keys(store, backend: backends_base.DeviceBackend, rank: int, group_ranks: list[int],
+               told: list[str] | None) -> dict[int, str]:
+    """Device index -> locality key of every rank: as the coordinator `told` (the keys the HMMs gave it
+    with their hellos and heartbeats, the same for every rank of a transition), else exchanged through
+    the store (a round trip to wait for the last rank to arrive)."""
+    own = locality_key(backend)
+    if told is None:
+        return exchange_keys(store, rank, group_ranks, own)
+    if len(told) != len(group_ranks) or told[rank] != own:
+        raise RuntimeError(f"locality keys from the coordinator do not fit this transition: {len(told)} for "
+                           f"{len(group_ranks)} rank(s), rank {rank}'s {told[rank] if rank < len(told) else None!r} "
+                           f"but this HMM's is {own!r}")
+    return dict(zip(group_ranks, told))
+
+
 class Source:
     """The regions this HMM lets peers copy during one transition; `close` revokes them."""
 

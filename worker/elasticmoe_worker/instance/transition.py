@@ -41,6 +41,9 @@ class Result:
     setup_seconds: float  # allocation + forming the transfer group
     data_seconds: float  # moving the bytes
     transport: str = ""  # how this device's bytes moved: "shared memory", the collective backend, both, or ""
+    allocation_seconds: float = 0.0  # of setup_seconds: allocating, telling the standby, checkpoint reads
+    store_seconds: float = 0.0  # of setup_seconds: connecting to the transition's store
+    locality_told: bool = False  # the peers' locality keys came with the message (no exchange)
 
 
 # (bytes, name) -> a zero-filled region: `backend.allocate`, or a warm worker's `reserve.Reserve.take`
@@ -138,22 +141,28 @@ def run(backend: backends_base.DeviceBackend, device_index: int, mem: memory.Dev
         return Result(mem, seconds, 0, 0, seconds, 0.0)
     # NOTE: longer than the scale's own timeout: the coordinator, which knows who is missing,
     # decides when to give up and cancels us; this is only a safety net.
+    allocated = time.perf_counter()  # (and any checkpoint reads)
     store = rendezvous.ChannelStore(coordinator, secret, f"transition-{msg.config_id}", 1.5 * msg.timeout_s + 2)
     cancel.store = store
     if cancel.reason is not None:
         store.cancel(cancel.reason)
+    connected = time.perf_counter()
     try:
         result = _move(backend, mem, msg, device_index, store, cancel, started, deadline, host)
     finally:
         store.close()
+    result = dataclasses.replace(result, allocation_seconds=allocated - started, store_seconds=connected - allocated)
     throttled1 = cgroup.throttling()
     quota = "" if throttled0 is None or throttled1 is None else (
         f", its CPU group throttled in {throttled1[0] - throttled0[0]} period(s), {(throttled1[1] - throttled0[1]) * 1e3:.0f} ms")
-    logger.info("device %d: transition %d moved %.1f MB out, %.1f MB in, in %.2f s (%s; allocation and set-up "
-                "%.2f s, bytes %.2f s; this HMM's CPU %.0f ms%s)", device_index, msg.config_id,
-                result.bytes_sent / 1e6, result.bytes_received / 1e6, result.seconds,
-                result.transport or "nothing to move", result.setup_seconds, result.data_seconds,
-                (_process_cpu() - cpu0) * 1e3, quota)
+    logger.info("device %d: transition %d moved %.1f MB out, %.1f MB in, in %.3f s (%s; allocation and set-up "
+                "%.3f s: allocation %.3f, store %.3f, peers' locality (%s) and group %.3f; bytes %.3f s; this HMM's CPU "
+                "%.0f ms%s)",
+                device_index, msg.config_id, result.bytes_sent / 1e6, result.bytes_received / 1e6, result.seconds,
+                result.transport or "nothing to move", result.setup_seconds, result.allocation_seconds,
+                result.store_seconds, "told" if result.locality_told else "exchanged",
+                result.setup_seconds - result.allocation_seconds - result.store_seconds,
+                result.data_seconds, (_process_cpu() - cpu0) * 1e3, quota)
     return result
 
 
@@ -181,7 +190,7 @@ def _move(backend: backends_base.DeviceBackend, mem: memory.DeviceMemory, msg: w
     part of each transfer, its source pushes the rest), between hosts over the collective backend,
     in parallel."""
     rank_of = {d: r for r, d in enumerate(msg.group_ranks)}
-    keys = peer_copy.exchange_keys(store, msg.rank, msg.group_ranks, peer_copy.locality_key(backend))
+    keys = peer_copy.group_keys(store, backend, msg.rank, msg.group_ranks, msg.locality)
     local = peer_copy.local_transfers(msg.transfers, keys)
     # NOTE: every rank computes the same split from the same keys, so all or none form the group
     pg = None
@@ -234,4 +243,5 @@ def _move(backend: backends_base.DeviceBackend, mem: memory.DeviceMemory, msg: w
         # resets connections that slower peers are still setting up.
         wait_for([pg.barrier()], cancel, deadline)
     seconds = time.perf_counter() - started
-    return Result(mem, seconds, sent, received, setup_seconds, data_seconds, " + ".join(sorted(used)))
+    return Result(mem, seconds, sent, received, setup_seconds, data_seconds, " + ".join(sorted(used)),
+                  locality_told=msg.locality is not None)
