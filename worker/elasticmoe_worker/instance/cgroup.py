@@ -29,9 +29,11 @@ Its work is short and on the critical path of every scale (grants, fds, copies),
 standbys preparing beside it are meant to overlap with it: with equal weights, under load, the
 HMMs were not throttled but waited for the 2 cores (session 19: a copy ran at a median 0.88 GB/s
 against 3.3 idle). On an accelerator the bytes move on copy engines that compute does not use.
-And the parent group weighs as many default processes as it holds groups: otherwise all of this
-instance's devices together would weigh one process of the machine's (the benchmark's load
-generator or the coordinator, each a process of its own, would outweigh them all).
+NOTE: the parent group keeps the default weight: all of this instance's devices together weigh
+one process of the machine's. Weighing it as many processes as it holds groups (tried in session
+20) can starve a coordinator on the same machine (the benchmark's process holds it: the rendezvous
+store that every transition and every standby's group goes through): in the one run with it, a
+standby's group took 124 ms (median of 10) to form against 51 (of 45) before.
 
 Not guaranteed: a quota caps CPU time, it does not reserve it: on a busy machine a device may
 get less. On cgroup v2 the `cpu` controller can only be handed to child groups when our own
@@ -239,7 +241,6 @@ class CpuQuotas:
             self._set_quota(g)
         self._set_weight(hmm, self.hmm_weight)
         self._groups[device_index] = group
-        self._weigh_parent()
         (hmm / "cgroup.procs").write_text(str(pid))
         return group
 
@@ -251,11 +252,6 @@ class CpuQuotas:
             (group / ("cpu.shares" if self.version == 1 else "cpu.weight")).write_text(str(value))
         except OSError as exc:  # a weight is a preference: without it the quotas still hold
             logger.warning("could not set the CPU weight of %s to %d (%s)", group, value, exc.strerror)
-
-    def _weigh_parent(self) -> None:
-        """The parent weighs as many default processes as it holds groups (see the docstring)."""
-        groups = sum(1 for g in self.parent.glob("device-*") if g.is_dir())
-        self._set_weight(self.parent, max(1, groups))
 
     def _set_quota(self, group: pathlib.Path) -> None:
         if self.version == 1:
@@ -295,8 +291,6 @@ class CpuQuotas:
                 deadline = time.monotonic() + timeout_s
             time.sleep(0.05)
         self._rmdir(group)
-        if self.parent.is_dir():
-            self._weigh_parent()
 
     def close(self) -> None:
         for device in list(self._groups):
