@@ -183,6 +183,7 @@ def exchange(backend: backends_base.DeviceBackend, store, source: Source, device
     under a device's CPU quota two processes copying move bytes about twice as fast as one.
     -> (bytes this device pushed, bytes its transfers brought it, whoever copied them); pushes
     into it may still run: `barrier` waits for them."""
+    started = time.perf_counter()
     by_source: dict[int, _Items] = {}
     for index, src, buffers in wanted:
         by_source.setdefault(src, []).append((index, buffers))
@@ -195,6 +196,7 @@ def exchange(backend: backends_base.DeviceBackend, store, source: Source, device
         pulled, pushed = split(items, shares[device_index])
         source.publish_for(store, f"peer-copy/{device_index}-{dst}", pulled)
         jobs.append((dst, pushed, True))
+    published = time.perf_counter() - started
 
     def one_peer(peer: int, items: _Items, pushing: bool) -> int:
         t0 = time.perf_counter()
@@ -223,10 +225,10 @@ def exchange(backend: backends_base.DeviceBackend, store, source: Source, device
                 copied += nbytes
         t3 = time.perf_counter()
         if copies:
-            logger.info("device %d: peer copy of %.1f MB %s device %d: its handles after %.3f s, their file "
-                        "descriptors %.3f s, copies %.3f s (%.2f GB/s)", device_index, copied / 1e6,
-                        "into" if pushing else "from", peer, t1 - t0, t2 - t1, t3 - t2,
-                        copied / max(t3 - t2, 1e-9) / 1e9)
+            logger.info("device %d: peer copy of %.1f MB %s device %d: this side's grants published in %.3f s, then "
+                        "its handles after %.3f s, their file descriptors %.3f s, copies %.3f s (%.2f GB/s)",
+                        device_index, copied / 1e6, "into" if pushing else "from", peer, published, t1 - t0, t2 - t1,
+                        t3 - t2, copied / max(t3 - t2, 1e-9) / 1e9)
         return copied
 
     received = sum(n for _, _, buffers in wanted for _, _, n in buffers)

@@ -156,13 +156,14 @@ def run(backend: backends_base.DeviceBackend, device_index: int, mem: memory.Dev
     quota = "" if throttled0 is None or throttled1 is None else (
         f", its CPU group throttled in {throttled1[0] - throttled0[0]} period(s), {(throttled1[1] - throttled0[1]) * 1e3:.0f} ms")
     logger.info("device %d: transition %d moved %.1f MB out, %.1f MB in, in %.3f s (%s; allocation and set-up "
-                "%.3f s: allocation %.3f, store %.3f, peers' locality (%s) and group %.3f; bytes %.3f s; this HMM's CPU "
-                "%.0f ms%s)",
+                "%.3f s: allocation %.3f, store %.3f, peers' locality (%s) and group %.3f; bytes %.3f s; the peers' "
+                "completion %.3f s; this HMM's CPU %.0f ms%s)",
                 device_index, msg.config_id, result.bytes_sent / 1e6, result.bytes_received / 1e6, result.seconds,
                 result.transport or "nothing to move", result.setup_seconds, result.allocation_seconds,
                 result.store_seconds, "told" if result.locality_told else "exchanged",
                 result.setup_seconds - result.allocation_seconds - result.store_seconds,
-                result.data_seconds, (_process_cpu() - cpu0) * 1e3, quota)
+                result.data_seconds, result.seconds - result.setup_seconds - result.data_seconds,
+                (_process_cpu() - cpu0) * 1e3, quota)
     return result
 
 
