@@ -243,6 +243,23 @@ def test_a_get_waits_at_the_coordinator_and_blocks_no_other_thread(bare):
         writer.close()
 
 
+def test_a_get_the_coordinator_forgot_is_asked_again(bare):
+    server, _, _ = bare
+    store = rendezvous.ChannelStore(server.address, SECRET, "g", timeout_s=30)
+    got: list[bytes] = []
+    waiter = threading.Thread(target=lambda: got.append(store.get("k")), daemon=True)
+    try:
+        waiter.start()
+        _wait(lambda: "g/k" in server.store.waiting, 5, "the get parked")
+        server.store.drop_prefix("g/")  # as a restarted coordinator would have it: no parked get
+        _wait(lambda: "g/k" in server.store.waiting, 5, "the get asked again")
+        server.store.handle(wire.StoreRequest(op="set", seq=1, key="g/k", value=b"v"), b"nobody")  # (no such peer)
+        waiter.join(timeout=5)
+        assert got == [b"v"]
+    finally:
+        store.close()
+
+
 def test_parked_gets_go_with_their_prefix_and_past_the_limit(bare, monkeypatch):
     kv = transport.KeyValue()
     monkeypatch.setattr(transport.KeyValue, "MAX_WAITING", 3)

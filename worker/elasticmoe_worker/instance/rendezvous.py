@@ -42,6 +42,7 @@ from elasticmoe_worker.instance import transport
 logger = logging.getLogger(__name__)
 
 _POLL_S = 0.005
+_ASK_AGAIN_S = 1.0  # a get that waits at the coordinator is sent again after this long without an answer
 
 COLLECTIVE_BACKENDS = ("gloo", "nccl", "hccl")
 
@@ -104,7 +105,9 @@ class ChannelStore(dist.Store):
         sock = self._acquire()
         try:
             seq = next(self._seq)
-            sock.send(wire.encode(wire.StoreRequest(seq=seq, **fields)))
+            request = wire.encode(wire.StoreRequest(seq=seq, **fields))
+            sock.send(request)
+            asked = time.monotonic()
             while True:
                 if self._cancelled is not None:
                     raise Cancelled(f"rendezvous cancelled: {self._cancelled}")
@@ -119,6 +122,11 @@ class ChannelStore(dist.Store):
                     reply = wire.decode(sock.recv())  # (a late answer to an earlier call on it has another seq)
                     if isinstance(reply, wire.StoreReply) and reply.seq == seq:
                         return reply
+                elif fields.get("wait") and time.monotonic() - asked > _ASK_AGAIN_S:
+                    # a parked get the coordinator forgot (it restarted, or parked too many): ask again (a
+                    # second answer to the same seq is dropped by whichever call reads it)
+                    sock.send(request)
+                    asked = time.monotonic()
         finally:
             self._release(sock)
 

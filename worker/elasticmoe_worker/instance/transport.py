@@ -100,7 +100,7 @@ class KeyValue:
     that creates the key (as torch's TCPStore waits on its server): a peer learns a key as soon
     as it is published instead of at its next poll (5 ms + a round trip apart, on a coordinator
     that is busy). Parked gets are forgotten with their keys' prefix (`drop_prefix`) and past
-    `MAX_WAITING`, oldest first: a client that gave up asks again. The I/O thread serves the
+    `MAX_WAITING`, oldest first: a client still waiting asks again every second. The I/O thread serves the
     requests; `drop_prefix` may come from another (the lock)."""
 
     MAX_WAITING = 10_000
