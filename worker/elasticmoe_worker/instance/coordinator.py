@@ -151,7 +151,8 @@ class Instance(startup.StartUp):
         self.members: membership.Membership | None = None
         self._spare_ready: dict[int, bool] = {}  # device -> its spare had imported, at its last heartbeat
         self._locality: dict[int, str] = {}  # device -> its HMM's locality key (hello, heartbeat; the I/O thread)
-        self._locality_sent: dict[tuple[str, int], list[str] | None] = {}  # (message, config) -> the keys it carries
+        # (message type, configuration) of the last transition told its keys, and those keys (None: unknown)
+        self._locality_sent: tuple[tuple[str, int], list[str] | None] = (("", -1), None)
         self.executors: dict[int, wire.ExecutorReady] = {}
         self.last_scale: admin.ScaleRecord | None = None
         self.history: list[admin.ScaleRecord] = []
@@ -314,12 +315,11 @@ class Instance(startup.StartUp):
             # per transition, so that every rank is told the same (a heartbeat may teach a key meanwhile).
             msg = action.msg
             sent = (type(msg).__name__, msg.config_id)
-            if sent not in self._locality_sent:
+            if self._locality_sent[0] != sent:  # (a transition's messages are sent one after another)
                 keys = [self._locality.get(d) for d in msg.group_ranks]
-                self._locality_sent = {**dict(list(self._locality_sent.items())[-7:]),
-                                       sent: None if None in keys else keys}
-            if self._locality_sent[sent] is not None:
-                action = dataclasses.replace(action, msg=msgspec.structs.replace(msg, locality=self._locality_sent[sent]))
+                self._locality_sent = (sent, None if None in keys else keys)
+            if self._locality_sent[1] is not None:
+                action = dataclasses.replace(action, msg=msgspec.structs.replace(msg, locality=self._locality_sent[1]))
         if isinstance(action, reconfig.Send):
             if isinstance(action.msg, wire.MoveKV) and action.msg.rank == 0:  # (one line per copy, not per device)
                 logger.info("switch to configuration %d: copying the KV of departing devices' sequences peer to "

@@ -108,7 +108,6 @@ class KeyValue:
     def __init__(self) -> None:
         self.data: dict[str, bytes] = {}
         self.waiting: dict[str, list[tuple[bytes, int]]] = {}  # key -> (identity, seq) of the gets parked on it
-        self._parked = 0
         self._lock = threading.Lock()
 
     def handle(self, req: wire.StoreRequest, identity: bytes = b"") -> list[tuple[bytes, wire.StoreReply]]:
@@ -125,18 +124,17 @@ class KeyValue:
             if req.op in ("set", "add", "compare_set") and req.key in d and req.key in self.waiting:
                 for peer, seq in self.waiting.pop(req.key):
                     out.append((peer, wire.StoreReply(seq=seq, value=d[req.key])))
-                self._parked = sum(len(v) for v in self.waiting.values())
             return out
 
     def _park(self, key: str, identity: bytes, seq: int) -> None:
         self.waiting.setdefault(key, []).append((identity, seq))
-        self._parked += 1
-        while self._parked > self.MAX_WAITING:  # the oldest key's first: they have waited longest
+        parked = sum(len(v) for v in self.waiting.values())
+        while parked > self.MAX_WAITING:  # the oldest key's first: they have waited longest
             oldest = next(iter(self.waiting))
             self.waiting[oldest].pop(0)
             if not self.waiting[oldest]:
                 del self.waiting[oldest]
-            self._parked -= 1
+            parked -= 1
 
     def _reply(self, req: wire.StoreRequest) -> wire.StoreReply:
         d = self.data
@@ -172,7 +170,6 @@ class KeyValue:
                 del self.data[k]
             for k in [k for k in self.waiting if k.startswith(prefix)]:
                 del self.waiting[k]
-            self._parked = sum(len(v) for v in self.waiting.values())
 
 
 class Server:
