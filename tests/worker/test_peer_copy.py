@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import threading
-import time
 
+import pytest
 import torch
 
 from elasticmoe_worker.backends import cpu as cpu_backend
 from elasticmoe_worker.contract import wire
-from elasticmoe_worker.instance import peer_copy
+from elasticmoe_worker.instance import mailbox, peer_copy
 
 
 def _t(src: int, dst: int) -> wire.Transfer:
@@ -81,12 +81,15 @@ class _NoCancel:
         pass
 
 
-def test_both_sides_of_an_exchange_copy_every_byte_once() -> None:
+@pytest.mark.parametrize("through", ["store", "mailboxes"])
+def test_both_sides_of_an_exchange_copy_every_byte_once(through: str) -> None:
     """Device 0 serves devices 1 and 2 (a third of the bytes to each is its to push), device 1 also
-    serves device 2: each destination ends with its sources' bytes, whoever copied them."""
+    serves device 2: each destination ends with its sources' bytes, whoever copied them. The devices
+    tell each other what they copy through a store (the coordinator's) or their mailboxes (here the
+    three share this process's, over its socket)."""
     backend = cpu_backend.CpuBackend()
     page = 4096
-    sizes = [5 * page + 123, 7 * page, 64, 3 * page]
+    sizes = [5 * page + 123, 7 * page, 64, 3 * page, 3 * page]
     regions = {d: [backend.allocate(n, f"dev{d}.b{i}") for i, n in enumerate(sizes)] for d in (0, 1, 2)}
     for d in (0, 1):
         for i, r in enumerate(regions[d]):
@@ -95,9 +98,10 @@ def test_both_sides_of_an_exchange_copy_every_byte_once() -> None:
     bufs = {d: [(r, 0, r.size_bytes) for r in regions[d]] for d in (0, 1, 2)}
     # each transfer moves one buffer list (a device sends what it holds, never what it is receiving)
     moved = {0: (bufs[0][1:2], bufs[1][1:2]), 1: (bufs[0][:1], bufs[2][:1]), 2: (bufs[1][2:3], bufs[2][2:3]),
-             3: (bufs[0][3:], bufs[1][3:]), 4: (bufs[1][3:], bufs[2][3:])}
+             3: (bufs[0][3:4], bufs[1][4:]), 4: (bufs[1][3:4], bufs[2][3:4])}
     shares = peer_copy.source_shares(transfers, {0, 1, 2, 3, 4})
     store, results, errors = _Store(), {}, []
+    box = mailbox.box_id("secret", 7)
 
     def device(d: int) -> None:
         wanted = [(i, t.src, moved[i][1]) for i, t in enumerate(transfers) if t.dst == d]
@@ -106,12 +110,17 @@ def test_both_sides_of_an_exchange_copy_every_byte_once() -> None:
             if t.src == d:
                 offered.setdefault(t.dst, []).append((i, moved[i][0]))
         source = peer_copy.Source()
+        if through == "store":
+            peers = peer_copy.StorePeers(store, d, 3)
+        else:
+            own = mailbox.server().name
+            peers = peer_copy.MailboxPeers(box, d, {0: own, 1: own, 2: own}, 30.0, lambda: None)
         try:
-            results[d] = peer_copy.exchange(backend, store, source, d, wanted, offered, shares, _NoCancel())
+            results[d] = peer_copy.exchange(backend, peers, source, d, wanted, offered, shares, _NoCancel())
+            peers.done({t.src for t in transfers if t.dst == d} | {t.dst for t in transfers if t.src == d})
         except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
         finally:
-            time.sleep(0.5)  # (a barrier in a transition) no grant is revoked while a peer copies
             source.close()
 
     threads = [threading.Thread(target=device, args=(d,)) for d in (0, 1, 2)]

@@ -173,9 +173,11 @@ def test_a_scale_spawns_the_next_spare_only_when_it_ends(tiny_models, capfd):
         # 8 experts on 2 devices: the new one holds 4 of them in each of 2 MoE layers, and its replicated region
         commit = re.search(r"device 1: configuration 2 committed.*; (\d+) region\(s\) came from its reserve", err)
         assert commit and int(commit.group(1)) == 1 + 4 * 2 * 2, err[-3000:]
-        # the coordinator told both HMMs each other's locality (from their hellos): no exchange through the store
+        # the coordinator told both HMMs each other's locality and mailbox (from their hellos): nothing went
+        # through the store
         for d in (0, 1):
-            assert re.search(rf"device {d}: transition 2 moved .*peers' locality \(told\)", err), err[-3000:]
+            assert re.search(rf"device {d}: transition 2 moved .*peers' locality \(told\).*peers told through their "
+                             "mailboxes", err), err[-3000:]
         # and the scale's rendezvous keys went with it
         assert not [k for k in inst.transport.store.data if k.startswith("transition-2/")], inst.transport.store.data
         # the old executor exited, the old spare serves as the standby it became, a new spare imports

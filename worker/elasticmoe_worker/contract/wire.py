@@ -95,6 +95,9 @@ class HMMHello(Msg):
     # `peer_copy.locality_key`: equal for two HMMs that can copy each other's regions, "" never;
     # None from older HMMs (unknown: a transition's HMMs then exchange their keys themselves)
     locality: str | None = None
+    # the address of its peer mailbox (`mailbox.server().name`); "" if it has none (an older HMM, a
+    # backend that never copies from peers): then a transition's HMMs talk through the store
+    mailbox: str = ""
 
 
 class ModelFiles(Msg):
@@ -118,6 +121,7 @@ class Heartbeat(Msg):
     # attach + group join, not imports); absent from older HMMs (read as False)
     spare_ready: bool = False
     locality: str | None = None  # as in HMMHello (a coordinator that restarts learns it here)
+    mailbox: str = ""  # as in HMMHello
 
 
 class LoadPlan(Msg):
@@ -220,6 +224,9 @@ class PrepareTransition(Msg):
     # each rank's locality key (`HMMHello.locality`), when the coordinator knows every one: the HMMs
     # then start moving bytes without first exchanging them; None: they exchange them
     locality: list[str] | None = None
+    # each rank's mailbox address (`HMMHello.mailbox`), when the coordinator knows every one: the HMMs
+    # of one host tell each other what they copy straight (`mailbox`); None: through the store
+    mailboxes: list[str] | None = None
 
 
 class TransitionReady(Msg):

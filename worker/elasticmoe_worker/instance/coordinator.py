@@ -150,9 +150,10 @@ class Instance(startup.StartUp):
         self.router: routing.Router | None = None
         self.members: membership.Membership | None = None
         self._spare_ready: dict[int, bool] = {}  # device -> its spare had imported, at its last heartbeat
-        self._locality: dict[int, str] = {}  # device -> its HMM's locality key (hello, heartbeat; the I/O thread)
-        # (message type, configuration) of the last transition told its keys, and those keys (None: unknown)
-        self._locality_sent: tuple[tuple[str, int], list[str] | None] = (("", -1), None)
+        # device -> its HMM's locality key and mailbox address (hello, heartbeat; the I/O thread)
+        self._locality: dict[int, tuple[str, str]] = {}
+        # (message type, configuration) of the last transition told its peers, and what it was told
+        self._locality_sent: tuple[tuple[str, int], dict] = (("", -1), {})
         self.executors: dict[int, wire.ExecutorReady] = {}
         self.last_scale: admin.ScaleRecord | None = None
         self.history: list[admin.ScaleRecord] = []
@@ -302,24 +303,32 @@ class Instance(startup.StartUp):
             for action in actions:
                 self._execute(action)
 
-    def _learn_locality(self, device: int, key: str | None) -> None:
-        """An HMM's locality key (None from an older HMM: unknown, even if a worker of that index said one)."""
+    def _learn_locality(self, device: int, key: str | None, mailbox: str = "") -> None:
+        """An HMM's locality key (None from an older HMM: unknown, even if a worker of that index said
+        one) and mailbox address ("": none)."""
         if key is None:
             self._locality.pop(device, None)
         else:
-            self._locality[device] = key
+            self._locality[device] = (key, mailbox)
 
     def _execute(self, action: reconfig.Action) -> None:
         if isinstance(action, reconfig.Send) and isinstance(action.msg, (wire.PrepareTransition, wire.MoveKV)):
-            # The HMMs' locality keys, when every rank's is known: they need not exchange them. Taken once
-            # per transition, so that every rank is told the same (a heartbeat may teach a key meanwhile).
+            # The HMMs' locality keys, when every rank's is known: they need not exchange them; and their
+            # mailboxes, when every rank has one: they tell each other what they copy without the store.
+            # Taken once per transition, so that every rank is told the same (a heartbeat may teach a key
+            # meanwhile).
             msg = action.msg
             sent = (type(msg).__name__, msg.config_id)
             if self._locality_sent[0] != sent:  # (a transition's messages are sent one after another)
-                keys = [self._locality.get(d) for d in msg.group_ranks]
-                self._locality_sent = (sent, None if None in keys else keys)
-            if self._locality_sent[1] is not None:
-                action = dataclasses.replace(action, msg=msgspec.structs.replace(msg, locality=self._locality_sent[1]))
+                known = [self._locality.get(d) for d in msg.group_ranks]
+                told = {}
+                if None not in known:
+                    told["locality"] = [k for k, _ in known]
+                    if isinstance(msg, wire.PrepareTransition) and all(box for _, box in known):
+                        told["mailboxes"] = [box for _, box in known]
+                self._locality_sent = (sent, told)
+            if self._locality_sent[1]:
+                action = dataclasses.replace(action, msg=msgspec.structs.replace(msg, **self._locality_sent[1]))
         if isinstance(action, reconfig.Send):
             if isinstance(action.msg, wire.MoveKV) and action.msg.rank == 0:  # (one line per copy, not per device)
                 logger.info("switch to configuration %d: copying the KV of departing devices' sequences peer to "
@@ -420,10 +429,10 @@ class Instance(startup.StartUp):
         elif isinstance(msg, wire.Heartbeat):
             self.members.seen(msg.device_index)
             self._spare_ready[msg.device_index] = msg.spare_ready
-            self._learn_locality(msg.device_index, msg.locality)
+            self._learn_locality(msg.device_index, msg.locality, msg.mailbox)
         elif isinstance(msg, wire.HMMHello):
             self.members.registered(msg.device_index)
-            self._learn_locality(msg.device_index, msg.locality)
+            self._learn_locality(msg.device_index, msg.locality, msg.mailbox)
             state = self.state
             # its spare can load the tokenizer now, and it can reserve memory for the scale that takes it
             # (what it would receive into is known once the instance serves; it says hello every second)

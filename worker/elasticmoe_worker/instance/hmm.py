@@ -37,7 +37,7 @@ import zmq.utils.monitor
 from elasticmoe_worker import backends, cliargs
 from elasticmoe_worker.engine import engine as engine_mod
 from elasticmoe_worker.contract import wire
-from elasticmoe_worker.instance import kv_transfer, memory, peer_copy, procutil, reserve, spares, transition, transport
+from elasticmoe_worker.instance import kv_transfer, mailbox, memory, peer_copy, procutil, reserve, spares, transition, transport
 
 logger = logging.getLogger("elasticmoe.hmm")
 
@@ -55,6 +55,8 @@ class HMM:
         self.backend_name = backend_name
         self.backend = backends.get_backend(backend_name)
         self.locality = peer_copy.locality_key(self.backend)  # told the coordinator with each hello and heartbeat
+        # as is its mailbox: what the HMMs of one host tell each other during a transition (only where they copy)
+        self.mailbox = mailbox.server().name if self.locality else ""
         self.secret = os.environ.get(transport.SECRET_ENV, "")
         self.ctx = zmq.Context()
         self.sock = transport.connect(self.ctx, coordinator, f"hmm-{device_index}", self.secret,
@@ -343,7 +345,8 @@ class HMM:
             if self.memory is None and self.pending_expert_ids is None and time.monotonic() >= next_hello:
                 next_hello = time.monotonic() + HEARTBEAT_INTERVAL_S
                 self.send(wire.HMMHello(device_index=self.device_index, pid=os.getpid(),
-                                        knows_model=bool(self.tokenizer_files), locality=self.locality))
+                                        knows_model=bool(self.tokenizer_files), locality=self.locality,
+                                        mailbox=self.mailbox))
             events = dict(poller.poll(200))
             if self.monitor in events:
                 self._on_connection_event()
@@ -383,7 +386,8 @@ class HMM:
         try:
             while not self.stop:
                 sock.send(wire.encode(wire.Heartbeat(device_index=self.device_index, loaded=self.memory is not None,
-                                                     spare_ready=self.spares.ready, locality=self.locality)))
+                                                     spare_ready=self.spares.ready, locality=self.locality,
+                                                     mailbox=self.mailbox)))
                 time.sleep(HEARTBEAT_INTERVAL_S)
         finally:
             sock.close()

@@ -16,9 +16,9 @@ How:
   computes the same split. A backend without `copies_from_peers` publishes "" (never local), as
   does an HMM with ELASTICMOE_PEER_COPY=0 (force the collective, for comparisons).
 - Source. For the local transfers it sends, the HMM grants the regions to peers
-  (`fdpass.FdServer.grant`) and publishes their handles, all of those for one destination under
-  one key, `peer-copy/<source>-<destination>` (`publish_for`: one store round trip per peer, not
-  one per transfer; a transition moves each expert as a transfer of its own).
+  (`fdpass.FdServer.grant`) and posts their handles, all of those for one destination under one
+  key, `peer-copy/<source>-<destination>` (`publish_for`: one message per peer, not one per
+  transfer; a transition moves each expert as a transfer of its own).
 - Both sides copy (`exchange`). A copy costs the CPU of the process that makes it; under a
   device's CPU quota one HMM alone copies at its quota's pace. So the transfers between a source
   and a destination are shared out (`split`): the source pushes whole transfers from the end of
@@ -27,9 +27,13 @@ How:
   `peer-copy-dst/<source>-<destination>`; the destination pulls the others
   (`backend.copy_from_peer`). Every peer in parallel, a thread each. ELASTICMOE_PEER_PUSH=0: the
   destinations pull everything (for comparisons).
-- Completion. Each rank publishes `peer-copy-done/<rank>` once its copies are done and waits for
-  every rank's: no source revokes its grants (or frees a departing region) while a peer copies,
-  and no destination says its bytes are there before its sources' pushes into it are done.
+- Completion. Each rank posts `peer-copy-done/<rank>` once its copies are done and waits for its
+  peers': no source revokes its grants (or frees a departing region) while a peer copies, and no
+  destination says its bytes are there before its sources' pushes into it are done.
+- Where the handles and completions go (`MailboxPeers`, `StorePeers`): when the coordinator told
+  every rank's mailbox (`PrepareTransition.mailboxes`), straight between the HMMs (`mailbox`: each
+  posts into its own, takes from its peers'; a rank waits only for the devices it copied with);
+  otherwise through the transition's rendezvous store, and completion is a barrier of all ranks.
 
 Not guaranteed: the handles are capabilities: any process of the owner's uid that learns one
 (they travel only over the authenticated channel) can copy the region until it is revoked.
@@ -41,12 +45,14 @@ import concurrent.futures
 import logging
 import os
 import time
+from typing import Callable
 
 import msgspec
 
 from elasticmoe_worker.backends import base as backends_base
 from elasticmoe_worker.backends import fdpass
 from elasticmoe_worker.contract import wire
+from elasticmoe_worker.instance import mailbox
 
 logger = logging.getLogger("elasticmoe.hmm")
 
@@ -114,9 +120,9 @@ class Source:
         store.set(f"peer-copy/{index}", msgspec.msgpack.encode(published))
         return sum(n for _, _, n in buffers)
 
-    def publish_for(self, store, key: str, items: list[tuple[int, list[Buffer]]]) -> int:
-        """Grant the buffers of every transfer `(index, buffers)` to peers and publish their handles
-        under one key. -> bytes published."""
+    def publish_for(self, peers, key: str, items: list[tuple[int, list[Buffer]]]) -> int:
+        """Grant the buffers of every transfer `(index, buffers)` to peers and post their handles
+        under one key (`peers`: `StorePeers` or `MailboxPeers`). -> bytes published."""
         server = fdpass.server()
         batch: _Batch = {}
         for index, buffers in items:
@@ -125,7 +131,7 @@ class Source:
                 server.grant(region.handle.fd_token)
                 self._tokens.append(region.handle.fd_token)
                 batch[index].append((region.handle, offset, nbytes))
-        store.set(key, msgspec.msgpack.encode(batch))
+        peers.post(key, msgspec.msgpack.encode(batch))
         return sum(n for _, buffers in items for _, _, n in buffers)
 
     def close(self) -> None:
@@ -171,7 +177,7 @@ def split(items: _Items, share: float) -> tuple[_Items, _Items]:
     return items[:cut], items[cut:]
 
 
-def exchange(backend: backends_base.DeviceBackend, store, source: Source, device_index: int,
+def exchange(backend: backends_base.DeviceBackend, peers, source: Source, device_index: int,
              wanted: list[tuple[int, int, list[Buffer]]], offered: dict[int, _Items],
              shares: dict[int, float], cancel) -> tuple[int, int]:
     """The local transfers of one device, both sides of the copy at once: for each source it
@@ -190,18 +196,18 @@ def exchange(backend: backends_base.DeviceBackend, store, source: Source, device
     jobs: list[tuple[int, _Items, bool]] = []
     for src, items in by_source.items():
         pulled, pushed = split(items, shares[src])
-        source.publish_for(store, f"peer-copy-dst/{src}-{device_index}", pushed)
+        source.publish_for(peers, f"peer-copy-dst/{src}-{device_index}", pushed)
         jobs.append((src, pulled, False))
     for dst, items in offered.items():
         pulled, pushed = split(items, shares[device_index])
-        source.publish_for(store, f"peer-copy/{device_index}-{dst}", pulled)
+        source.publish_for(peers, f"peer-copy/{device_index}-{dst}", pulled)
         jobs.append((dst, pushed, True))
     published = time.perf_counter() - started
 
     def one_peer(peer: int, items: _Items, pushing: bool) -> int:
         t0 = time.perf_counter()
         key = f"peer-copy-dst/{device_index}-{peer}" if pushing else f"peer-copy/{peer}-{device_index}"
-        batch = msgspec.msgpack.decode(store.get(key), type=_Batch) if items else {}
+        batch = msgspec.msgpack.decode(peers.take(peer, key), type=_Batch) if items else {}
         copies = []
         for index, buffers in items:
             theirs = batch.get(index)
@@ -239,6 +245,52 @@ def exchange(backend: backends_base.DeviceBackend, store, source: Source, device
         futures = [(pool.submit(one_peer, *job), job[2]) for job in jobs]
         pushed = sum(f.result() for f, pushing in futures if pushing)
     return pushed, received
+
+
+class StorePeers:
+    """A transition's messages between its HMMs through its rendezvous store (the coordinator)."""
+
+    def __init__(self, store, rank: int, world: int) -> None:
+        self.store, self.rank, self.world = store, rank, world
+
+    def post(self, key: str, value: bytes) -> None:
+        self.store.set(key, value)
+
+    def take(self, peer: int, key: str) -> bytes:
+        return self.store.get(key)
+
+    def done(self, peers: set[int]) -> None:
+        """This rank's copies are done; wait for every rank's (`barrier`)."""
+        barrier(self.store, self.rank, self.world)
+
+
+class MailboxPeers:
+    """A transition's messages straight between its HMMs (`mailbox`): each posts into its own
+    mailbox, takes from its peers'. `done` waits only for the devices this one copied with."""
+
+    def __init__(self, box: bytes, device_index: int, addresses: dict[int, str], timeout_s: float,
+                 check: Callable[[], None]) -> None:
+        own = mailbox.server()
+        if addresses.get(device_index) != own.name:
+            raise RuntimeError(f"mailbox addresses from the coordinator do not fit this HMM: device {device_index}'s "
+                               f"is {addresses.get(device_index)!r}, this HMM's is {own.name!r}")
+        self.box, self.device_index, self.addresses = box, device_index, addresses
+        self.timeout_s, self.check = timeout_s, check
+        own.open(box)
+
+    def post(self, key: str, value: bytes) -> None:
+        mailbox.server().post(self.box, key, value)
+
+    def take(self, peer: int, key: str) -> bytes:
+        return mailbox.take(self.addresses[peer], self.box, key, self.timeout_s, self.check)
+
+    def done(self, peers: set[int]) -> None:
+        """This device's copies are done; wait until each of `peers` says the same of its own (no
+        source revokes a grant a peer still copies from, no destination is ready before the pushes
+        into it are done)."""
+        self.post(f"peer-copy-done/{self.device_index}", b"1")
+        for peer in sorted(peers):
+            self.take(peer, f"peer-copy-done/{peer}")
 
 
 def barrier(store, rank: int, world: int) -> float:

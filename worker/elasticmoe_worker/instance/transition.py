@@ -27,7 +27,7 @@ import torch
 
 from elasticmoe_worker.backends import base as backends_base
 from elasticmoe_worker.contract import wire
-from elasticmoe_worker.instance import cgroup, memory, peer_copy, rendezvous
+from elasticmoe_worker.instance import cgroup, mailbox, memory, peer_copy, rendezvous
 
 logger = logging.getLogger("elasticmoe.hmm")
 
@@ -142,29 +142,42 @@ def run(backend: backends_base.DeviceBackend, device_index: int, mem: memory.Dev
     # NOTE: longer than the scale's own timeout: the coordinator, which knows who is missing,
     # decides when to give up and cancels us; this is only a safety net.
     allocated = time.perf_counter()  # (and any checkpoint reads)
-    store = rendezvous.ChannelStore(coordinator, secret, f"transition-{msg.config_id}", 1.5 * msg.timeout_s + 2)
-    cancel.store = store
-    if cancel.reason is not None:
-        store.cancel(cancel.reason)
+    store = None
+    if needs_store(msg):
+        store = rendezvous.ChannelStore(coordinator, secret, f"transition-{msg.config_id}", 1.5 * msg.timeout_s + 2)
+        cancel.store = store
+        if cancel.reason is not None:
+            store.cancel(cancel.reason)
     connected = time.perf_counter()
     try:
-        result = _move(backend, mem, msg, device_index, store, cancel, started, deadline, host)
+        result = _move(backend, mem, msg, device_index, store, secret, cancel, started, deadline, host)
     finally:
-        store.close()
+        if store is not None:
+            store.close()
     result = dataclasses.replace(result, allocation_seconds=allocated - started, store_seconds=connected - allocated)
     throttled1 = cgroup.throttling()
     quota = "" if throttled0 is None or throttled1 is None else (
         f", its CPU group throttled in {throttled1[0] - throttled0[0]} period(s), {(throttled1[1] - throttled0[1]) * 1e3:.0f} ms")
     logger.info("device %d: transition %d moved %.1f MB out, %.1f MB in, in %.3f s (%s; allocation and set-up "
-                "%.3f s: allocation %.3f, store %.3f, peers' locality (%s) and group %.3f; bytes %.3f s; the peers' "
-                "completion %.3f s; this HMM's CPU %.0f ms%s)",
+                "%.3f s: allocation %.3f, store %.3f, peers' locality (%s) and group %.3f; bytes %.3f s (%s); the "
+                "peers' completion %.3f s; this HMM's CPU %.0f ms%s)",
                 device_index, msg.config_id, result.bytes_sent / 1e6, result.bytes_received / 1e6, result.seconds,
                 result.transport or "nothing to move", result.setup_seconds, result.allocation_seconds,
-                result.store_seconds, "told" if result.locality_told else "exchanged",
+                result.store_seconds if store is not None else 0.0,
+                "told" if result.locality_told else "exchanged",
                 result.setup_seconds - result.allocation_seconds - result.store_seconds,
-                result.data_seconds, result.seconds - result.setup_seconds - result.data_seconds,
+                result.data_seconds, "peers told through their mailboxes" if msg.mailboxes is not None
+                else "peers told through the store", result.seconds - result.setup_seconds - result.data_seconds,
                 (_process_cpu() - cpu0) * 1e3, quota)
     return result
+
+
+def needs_store(msg: wire.PrepareTransition) -> bool:
+    """Whether a transition's HMMs need its rendezvous store: not when the coordinator told them every
+    rank's locality and mailbox and every transfer is between devices of one host."""
+    if len(msg.group_ranks) < 2 or msg.locality is None or msg.mailboxes is None:
+        return len(msg.group_ranks) >= 2
+    return len(peer_copy.local_transfers(msg.transfers, dict(zip(msg.group_ranks, msg.locality)))) < len(msg.transfers)
 
 
 def _process_cpu() -> float:
@@ -185,7 +198,8 @@ def _buffers(mem: memory.DeviceMemory, msg: wire.PrepareTransition, t: wire.Tran
 
 
 def _move(backend: backends_base.DeviceBackend, mem: memory.DeviceMemory, msg: wire.PrepareTransition,
-          device_index: int, store, cancel: Cancel, started: float, deadline: float, host: str = "") -> Result:
+          device_index: int, store, secret: str, cancel: Cancel, started: float, deadline: float,
+          host: str = "") -> Result:
     """Sends and receives straight from and into the regions' device memory (no staging copy):
     between devices of one host through shared memory (`peer_copy.exchange`: the destination pulls
     part of each transfer, its source pushes the rest), between hosts over the collective backend,
@@ -228,7 +242,13 @@ def _move(backend: backends_base.DeviceBackend, mem: memory.DeviceMemory, msg: w
                     works.append(pg.recv([buf], rank_of[t.src], tag))
                     received += nbytes
         # while the collective's works run: this device's share of the local copies, both directions
-        _, brought = peer_copy.exchange(backend, store, source, device_index, wanted, offered,
+        if msg.mailboxes is not None:
+            peers = peer_copy.MailboxPeers(mailbox.box_id(secret, msg.config_id), device_index,
+                                           dict(zip(msg.group_ranks, msg.mailboxes)), 1.5 * msg.timeout_s + 2,
+                                           cancel.check)
+        else:
+            peers = peer_copy.StorePeers(store, msg.rank, len(msg.group_ranks))
+        _, brought = peer_copy.exchange(backend, peers, source, device_index, wanted, offered,
                                         peer_copy.source_shares(msg.transfers, local), cancel)
         sent += sum(n for items in offered.values() for _, buffers in items for _, _, n in buffers)
         received += brought
@@ -236,7 +256,7 @@ def _move(backend: backends_base.DeviceBackend, mem: memory.DeviceMemory, msg: w
         data_seconds = time.perf_counter() - data_started
         if local:  # nobody revokes (or frees) a region a peer still copies from or into, nor is ready before
             # its sources' pushes into it are done
-            peer_copy.barrier(store, msg.rank, len(msg.group_ranks))
+            peers.done({src for _, src, _ in wanted} | set(offered))
     finally:
         source.close()
     if pg is not None:

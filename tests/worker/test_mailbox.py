@@ -1,0 +1,107 @@
+"""Peer mailboxes (instance.mailbox): what the HMMs of one host tell each other during a transition."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from elasticmoe_worker.instance import mailbox
+
+
+def _later(seconds: float, fn, *args) -> threading.Thread:
+    def run() -> None:
+        time.sleep(seconds)
+        fn(*args)
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    return th
+
+
+def test_a_take_waits_for_the_post_even_before_the_owner_opened_the_box() -> None:
+    own = mailbox.server()
+    box = mailbox.box_id("s", 101)
+    _later(0.2, own.open, box)
+    _later(0.3, own.post, box, "peer-copy/0-1", b"handles")
+    t0 = time.monotonic()
+    assert mailbox.take(own.name, box, "peer-copy/0-1", 10.0) == b"handles"
+    assert 0.2 <= time.monotonic() - t0 < 5
+    assert mailbox.take(own.name, box, "peer-copy/0-1", 0.1) == b"handles"  # still there for another taker
+
+
+def test_a_box_is_named_by_the_secret_and_the_configuration() -> None:
+    ids = {mailbox.box_id(s, c) for s in ("a", "b") for c in (1, 2)} | {mailbox.box_id("a", 1, "kv")}
+    assert len(ids) == 5 and all(len(i) == 16 for i in ids)
+
+
+def test_what_cannot_be_taken_is_an_error_that_says_why() -> None:
+    own = mailbox.server()
+    box = mailbox.box_id("s", 102)
+    with pytest.raises(KeyError, match="not open"):
+        own.post(box, "k", b"v")
+    own.open(box)
+    with pytest.raises(mailbox.MailboxError, match=r"'k': nothing posted within 0.2 s \(the box is open\)"):
+        mailbox.take(own.name, box, "k", 0.2)
+    with pytest.raises(mailbox.MailboxError, match="not opened by its owner yet"):
+        mailbox.take(own.name, mailbox.box_id("s", 103), "k", 0.2)
+    own.post(box, "k", b"v")
+    for c in range(104, 104 + mailbox.KEEP):  # newer boxes: this one expires
+        own.open(mailbox.box_id("s", c))
+    with pytest.raises(mailbox.MailboxError, match="expired"):
+        mailbox.take(own.name, box, "k", 5.0)
+    with pytest.raises(mailbox.MailboxError, match="nobody serves a mailbox at @elasticmoe-mbox-nobody"):
+        mailbox.take("elasticmoe-mbox-nobody", box, "k", 1.0)
+
+
+def test_a_waiting_take_gives_up_when_its_check_says_so() -> None:
+    own = mailbox.server()
+    box = mailbox.box_id("s", 120)
+    own.open(box)
+    stop = threading.Event()
+    _later(0.3, stop.set)
+
+    def check() -> None:
+        if stop.is_set():
+            raise RuntimeError("transition cancelled: test")
+
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="cancelled"):
+        mailbox.take(own.name, box, "never", 60.0, check)
+    assert time.monotonic() - t0 < 3
+
+
+def test_a_malformed_request_is_dropped_and_the_mailbox_still_serves() -> None:
+    own = mailbox.server()
+    box = mailbox.box_id("s", 130)
+    own.open(box)
+    own.post(box, "k", b"v" * 100_000)
+    for junk in (b"\xff\xff\xff\xff", b"\x00\x00\x00\x03abc", b""):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(5)
+            conn.connect("\0" + own.name)
+            conn.sendall(junk)
+            conn.shutdown(socket.SHUT_WR)
+            assert conn.recv(100) == b""  # closed without an answer
+    assert mailbox.take(own.name, box, "k", 5.0) == b"v" * 100_000
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to take from another uid")
+def test_another_user_is_refused() -> None:
+    own = mailbox.server()
+    box = mailbox.box_id("s", 140)
+    own.open(box)
+    own.post(box, "k", b"secret handles")
+    code = ("import os,sys\n"
+            "from elasticmoe_worker.instance import mailbox\n"
+            "os.setuid(65534)\n"
+            "try:\n  mailbox.take(sys.argv[1], bytes.fromhex(sys.argv[2]), 'k', 5.0)\n"
+            "except mailbox.MailboxError as e:\n  print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code, own.name, box.hex()], capture_output=True, text=True,
+                         timeout=60)
+    assert "refused: pid" in out.stdout and "not the owner's uid 0" in out.stdout, (out.stdout, out.stderr[-2000:])
