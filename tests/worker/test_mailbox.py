@@ -55,8 +55,33 @@ def test_what_cannot_be_taken_is_an_error_that_says_why() -> None:
         own.open(mailbox.box_id("s", c))
     with pytest.raises(mailbox.MailboxError, match="expired"):
         mailbox.take(own.name, box, "k", 5.0)
-    with pytest.raises(mailbox.MailboxError, match="nobody serves a mailbox at @elasticmoe-mbox-nobody"):
+    t0 = time.monotonic()
+    with pytest.raises(mailbox.MailboxError, match="@elasticmoe-mbox-nobody stayed unreachable for 1 s .nobody "
+                                                   "serves a mailbox there"):
         mailbox.take("elasticmoe-mbox-nobody", box, "k", 1.0)
+    assert 1.0 <= time.monotonic() - t0 < 3  # asked again meanwhile: a peer's HMM may not serve yet
+
+
+def test_a_take_from_a_mailbox_that_goes_away_waits_for_its_check() -> None:
+    """A peer's HMM that dies while a take waits on it: the take asks again until its check (the
+    coordinator's cancel) gives up, as a store wait does; it does not fail the transition itself."""
+    code = ("import sys,time\n"
+            "from elasticmoe_worker.instance import mailbox\n"
+            "print(mailbox.server().name, flush=True);time.sleep(0.5)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    address = proc.stdout.readline().strip()
+    stop = threading.Event()
+    _later(1.5, stop.set)
+
+    def check() -> None:
+        if stop.is_set():
+            raise RuntimeError("transition cancelled: device 1 died")
+
+    try:
+        with pytest.raises(RuntimeError, match="device 1 died"):
+            mailbox.take(address, mailbox.box_id("s", 150), "k", 60.0, check)
+    finally:
+        proc.wait(30)
 
 
 def test_a_waiting_take_gives_up_when_its_check_says_so() -> None:

@@ -53,9 +53,18 @@ def test_the_transfers_of_a_pair_split_into_what_the_destination_pulls_and_what_
 
 def test_a_source_pushes_a_share_by_how_many_devices_it_serves(monkeypatch) -> None:
     transfers = [_t(0, 1), _t(0, 1), _t(0, 2), _t(3, 4), _t(5, 6)]
-    assert peer_copy.source_shares(transfers, {0, 1, 2, 3}) == {0: 1 / 3, 3: 1 / 2}
+    # device 0 serves two destinations, each served by it alone: a third of each pair is its to push
+    assert peer_copy.pair_shares(transfers, {0, 1, 2, 3}) == {(0, 1): 1 / 3, (0, 2): 1 / 3, (3, 4): 1 / 2}
+    # 4 -> 2: two departing sources, each serving both staying destinations: half each, so that a
+    # destination copies no more than a source (a fixed 1 / (1 + destinations) gave it twice as much)
+    down = [_t(2, 0), _t(2, 1), _t(3, 0), _t(3, 1), _t(2, 0)]
+    shares = peer_copy.pair_shares(down, set(range(5)))
+    assert shares == {(2, 0): 0.5, (2, 1): 0.5, (3, 0): 0.5, (3, 1): 0.5}
+    # 1 -> 3 beside a second source for device 2: device 0 serves two, device 2 has two sources
+    shares = peer_copy.pair_shares([_t(0, 1), _t(0, 2), _t(5, 2)], {0, 1, 2})
+    assert shares == {(0, 1): 1 / 3, (0, 2): 2 / 4, (5, 2): 2 / 3}
     monkeypatch.setenv(peer_copy.PUSH_ENV, "0")
-    assert peer_copy.source_shares(transfers, {0, 1, 2, 3}) == {0: 0.0, 3: 0.0}
+    assert peer_copy.pair_shares(transfers, {0, 1, 2, 3}) == {(0, 1): 0.0, (0, 2): 0.0, (3, 4): 0.0}
 
 
 class _Store:
@@ -83,8 +92,9 @@ class _NoCancel:
 
 @pytest.mark.parametrize("through", ["store", "mailboxes"])
 def test_both_sides_of_an_exchange_copy_every_byte_once(through: str) -> None:
-    """Device 0 serves devices 1 and 2 (a third of the bytes to each is its to push), device 1 also
-    serves device 2: each destination ends with its sources' bytes, whoever copied them. The devices
+    """Device 0 serves devices 1 and 2, device 1 also serves device 2 (`pair_shares`: a third of the
+    bytes 0 -> 1, half of 0 -> 2 and two thirds of 1 -> 2 are the source's to push): each destination
+    ends with its sources' bytes, whoever copied them. The devices
     tell each other what they copy through a store (the coordinator's) or their mailboxes (here the
     three share this process's, over its socket)."""
     backend = cpu_backend.CpuBackend()
@@ -99,7 +109,7 @@ def test_both_sides_of_an_exchange_copy_every_byte_once(through: str) -> None:
     # each transfer moves one buffer list (a device sends what it holds, never what it is receiving)
     moved = {0: (bufs[0][1:2], bufs[1][1:2]), 1: (bufs[0][:1], bufs[2][:1]), 2: (bufs[1][2:3], bufs[2][2:3]),
              3: (bufs[0][3:4], bufs[1][4:]), 4: (bufs[1][3:4], bufs[2][3:4])}
-    shares = peer_copy.source_shares(transfers, {0, 1, 2, 3, 4})
+    shares = peer_copy.pair_shares(transfers, {0, 1, 2, 3, 4})
     store, results, errors = _Store(), {}, []
     box = mailbox.box_id("secret", 7)
 

@@ -295,6 +295,7 @@ class MoveKV(Msg):
     view_block_bytes: list[int]
     timeout_s: float
     locality: list[str] | None = None  # as in PrepareTransition
+    mailboxes: list[str] | None = None  # as in PrepareTransition
 
 
 class KVMoved(Msg):

@@ -324,7 +324,7 @@ class Instance(startup.StartUp):
                 told = {}
                 if None not in known:
                     told["locality"] = [k for k, _ in known]
-                    if isinstance(msg, wire.PrepareTransition) and all(box for _, box in known):
+                    if all(box for _, box in known):
                         told["mailboxes"] = [box for _, box in known]
                 self._locality_sent = (sent, told)
             if self._locality_sent[1]:

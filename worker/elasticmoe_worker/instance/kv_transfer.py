@@ -9,8 +9,9 @@ blocks are free): nobody else touches these blocks meanwhile.
 
 Devices of one host copy through shared memory instead (`peer_copy`'s locality keys): the
 source grants its pool to peers, the destination maps it and copies the blocks straight from
-the source's pool into its own (no staging buffer, no process group), and a store barrier keeps
-the grant until every destination is done. The others form the group:
+the source's pool into its own (no staging buffer, no process group), and a barrier keeps the
+grant until every destination is done (handles and barrier through the HMMs' mailboxes when the
+coordinator told them, else its store: `peer_copy.peers_of`). The others form the group:
 each (source, destination) pair moves its blocks in rounds of messages of at most `CHUNK_BYTES`:
 the source gathers a round's blocks of every layer (keys, then values) into one buffer, the
 destination receives into a buffer of its own and scatters it into its pool once the round
@@ -33,7 +34,7 @@ import torch
 
 from elasticmoe_worker.backends import base as backends_base
 from elasticmoe_worker.contract import wire
-from elasticmoe_worker.instance import memory, peer_copy, rendezvous, transition
+from elasticmoe_worker.instance import mailbox, memory, peer_copy, rendezvous, transition
 
 logger = logging.getLogger("elasticmoe.hmm")
 
@@ -59,8 +60,10 @@ def run(backend: backends_base.DeviceBackend, device_index: int, mem: memory.Dev
     started = time.perf_counter()
     deadline = time.monotonic() + msg.timeout_s
     views = block_views(mem.kv, msg.view_block_bytes, mem.ready.num_kv_blocks)
-    store = rendezvous.ChannelStore(coordinator, secret, f"kv-{msg.config_id}", msg.timeout_s)
-    cancel.store = store
+    store = None
+    if peer_copy.needs_store(msg.group_ranks, msg.copies, msg.locality, msg.mailboxes):
+        store = rendezvous.ChannelStore(coordinator, secret, f"kv-{msg.config_id}", msg.timeout_s)
+        cancel.store = store
     sent = received = 0
     try:
         keys = peer_copy.group_keys(store, backend, msg.rank, msg.group_ranks, msg.locality)
@@ -72,13 +75,18 @@ def run(backend: backends_base.DeviceBackend, device_index: int, mem: memory.Dev
             sent, received = copy(pg, {d: r for r, d in enumerate(msg.group_ranks)}, views, remote, device_index,
                                   cancel, deadline)
         if local:
-            s, r = copy_local(backend, store, mem.kv, mem.ready.num_kv_blocks, msg, sorted(local),
+            peers = peer_copy.peers_of(msg, device_index, store, mailbox.box_id(secret, msg.config_id, "kv"),
+                                       msg.timeout_s, cancel.check)
+            s, r = copy_local(backend, peers, mem.kv, mem.ready.num_kv_blocks, msg, sorted(local),
                               device_index, cancel, deadline)
             sent, received = sent + s, received + r
     finally:
-        store.close()
+        if store is not None:
+            store.close()
     seconds = time.perf_counter() - started
     how = " + ".join(x for x, used in (("shared memory", local), (backend.collective_backend, remote)) if used)
+    if local:
+        how += ", peers told through their " + ("mailboxes" if msg.mailboxes is not None else "store")
     logger.info("device %d: KV copy for configuration %d: %d block(s) sent (%.2f MB), %d received (%.2f MB) in "
                 "%.3f s (%s)", device_index, msg.config_id,
                 sum(len(c.src_blocks) for c in msg.copies if c.src == device_index), sent / 1e6,
@@ -87,12 +95,13 @@ def run(backend: backends_base.DeviceBackend, device_index: int, mem: memory.Dev
     return Result(sent, received, seconds)
 
 
-def copy_local(backend: backends_base.DeviceBackend, store, kv: backends_base.Region, num_blocks: int,
+def copy_local(backend: backends_base.DeviceBackend, peers, kv: backends_base.Region, num_blocks: int,
                msg: wire.MoveKV, indices: list[int], device_index: int,
                cancel: transition.Cancel, deadline: float) -> tuple[int, int]:
     """The copies of `msg.copies` at `indices` (between devices of this host) through shared
-    memory: a source publishes its pool's handle, a destination maps it and copies block by
-    block from the source's pool into its own; -> (bytes sent, bytes received)."""
+    memory: a source publishes its pool's handle (`peers`: `peer_copy.MailboxPeers` or
+    `StorePeers`), a destination maps it and copies block by block from the source's pool into its
+    own; -> (bytes sent, bytes received)."""
     own = block_views(kv, msg.view_block_bytes, num_blocks)
     block_bytes = sum(v.shape[1] for v in own)
     source = peer_copy.Source()
@@ -101,17 +110,17 @@ def copy_local(backend: backends_base.DeviceBackend, store, kv: backends_base.Re
         for i in indices:
             c = msg.copies[i]
             if c.src == device_index:
-                store.set(f"kv-blocks/{i}", str(num_blocks))  # its pool's layout follows from it
-                source.publish(store, i, [(kv, 0, kv.alloc_bytes)])
+                peers.post(f"kv-blocks/{i}", str(num_blocks).encode())  # its pool's layout follows from it
+                source.publish(peers, i, [(kv, 0, kv.alloc_bytes)])
                 sent += block_bytes * len(c.src_blocks)
         for i in indices:
             c = msg.copies[i]
             if c.dst != device_index:
                 continue
-            [(handle, _, _)] = peer_copy.read_published(store, i)
+            [(handle, _, _)] = peer_copy.read_published(peers, c.src, i)
             peer = backend.attach(handle)
             try:
-                theirs = block_views(peer, msg.view_block_bytes, int(store.get(f"kv-blocks/{i}")))
+                theirs = block_views(peer, msg.view_block_bytes, int(peers.take(c.src, f"kv-blocks/{i}")))
                 cancel.check()
                 if time.monotonic() > deadline:
                     raise TimeoutError("the KV copy did not complete before its deadline")
@@ -123,7 +132,9 @@ def copy_local(backend: backends_base.DeviceBackend, store, kv: backends_base.Re
                 del theirs
             finally:
                 peer.close()
-        peer_copy.barrier(store, msg.rank, len(msg.group_ranks))  # no grant is revoked before its copy
+        # no grant is revoked before its copy
+        peers.done({c.src if c.dst == device_index else c.dst for c in (msg.copies[i] for i in indices)
+                    if device_index in (c.src, c.dst)})
     finally:
         source.close()
     return sent, received

@@ -147,7 +147,7 @@ class Mailbox:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     state = "open" if box in self._boxes else "not opened by its owner yet"
-                    raise MailboxError(f"{key!r}: nothing posted within {timeout_s:g} s (the box is {state})")
+                    raise MailboxError(f"{key!r}: nothing posted within {timeout_s:.3g} s (the box is {state})")
                 self._cond.wait(left)
 
     def _accept(self) -> None:
@@ -208,9 +208,29 @@ def server() -> Mailbox:
 
 def take(address: str, box: bytes, key: str, timeout_s: float, check: Callable[[], None] | None = None) -> bytes:
     """What the owner of the mailbox at `address` posted (or will post) under `key` in `box`; waits
-    up to `timeout_s`, calling `check` (which raises to give up) about every half second."""
-    deadline = time.monotonic() + timeout_s
+    up to `timeout_s`, calling `check` (which raises to give up) about every half second.
 
+    A mailbox nobody serves (yet, or any more: its HMM exited) or a connection that breaks is asked
+    again until `timeout_s`: as with the store, the coordinator, which knows who is missing, decides
+    when a transition gives up (and cancels it through `check`)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return _take_once(address, box, key, timeout_s, deadline, check)
+        except _Unreachable as exc:
+            if check is not None:
+                check()
+            if time.monotonic() > deadline:
+                raise MailboxError(f"{key!r}: the mailbox @{address} stayed unreachable for {timeout_s:g} s ({exc})")
+            time.sleep(_POLL_S / 5)
+
+
+class _Unreachable(Exception):
+    pass
+
+
+def _take_once(address: str, box: bytes, key: str, timeout_s: float, deadline: float,
+               check: Callable[[], None] | None) -> bytes:
     def poll() -> None:
         if check is not None:
             check()
@@ -223,13 +243,15 @@ def take(address: str, box: bytes, key: str, timeout_s: float, check: Callable[[
         try:
             conn.connect("\0" + address)
         except OSError as exc:
-            raise MailboxError(f"{key!r}: nobody serves a mailbox at @{address} ({exc.strerror or exc}: its HMM "
-                               f"exited, or runs in another network namespace)") from None
+            raise _Unreachable(f"nobody serves a mailbox there: {exc.strerror or exc}; its HMM exited, or runs "
+                               f"in another network namespace") from None
         try:
-            _send(conn, msgspec.msgpack.encode(_Take(box, key, timeout_s)))
+            _send(conn, msgspec.msgpack.encode(_Take(box, key, max(deadline - time.monotonic(), 0.0))))
             reply = msgspec.msgpack.decode(_recv(conn, MAX_REPLY_BYTES, poll), type=_Reply)
-        except (ConnectionError, msgspec.DecodeError, OSError) as exc:
-            raise MailboxError(f"{key!r}: the mailbox @{address} failed: {exc}") from None
+        except (ConnectionError, OSError) as exc:
+            raise _Unreachable(f"the connection broke: {exc}") from None
+        except msgspec.DecodeError as exc:
+            raise MailboxError(f"{key!r}: the mailbox @{address} answered something unreadable: {exc}") from None
     finally:
         conn.close()
     if not reply.ok:

@@ -22,7 +22,7 @@ How:
 - Both sides copy (`exchange`). A copy costs the CPU of the process that makes it; under a
   device's CPU quota one HMM alone copies at its quota's pace. So the transfers between a source
   and a destination are shared out (`split`): the source pushes whole transfers from the end of
-  the list, about 1 / (1 + the destinations it serves) of the bytes (`source_shares`), into the
+  the list, a share of the bytes that evens out every device's copying (`pair_shares`), into the
   destination's regions (`backend.copy_to_peer`), which the destination grants and publishes under
   `peer-copy-dst/<source>-<destination>`; the destination pulls the others
   (`backend.copy_from_peer`). Every peer in parallel, a thread each. ELASTICMOE_PEER_PUSH=0: the
@@ -110,14 +110,14 @@ class Source:
     def __init__(self) -> None:
         self._tokens: list[bytes] = []
 
-    def publish(self, store, index: int, buffers: list[Buffer]) -> int:
+    def publish(self, peers, index: int, buffers: list[Buffer]) -> int:
         server = fdpass.server()
         published: _Published = []
         for region, offset, nbytes in buffers:
             server.grant(region.handle.fd_token)
             self._tokens.append(region.handle.fd_token)
             published.append((region.handle, offset, nbytes))
-        store.set(f"peer-copy/{index}", msgspec.msgpack.encode(published))
+        peers.post(f"peer-copy/{index}", msgspec.msgpack.encode(published))
         return sum(n for _, _, n in buffers)
 
     def publish_for(self, peers, key: str, items: list[tuple[int, list[Buffer]]]) -> int:
@@ -141,22 +141,28 @@ class Source:
         self._tokens.clear()
 
 
-def read_published(store, index: int) -> _Published:
-    """What the source of transfer `index` published: (handle, offset, bytes) per buffer (waits)."""
-    return msgspec.msgpack.decode(store.get(f"peer-copy/{index}"), type=_Published)
+def read_published(peers, source: int, index: int) -> _Published:
+    """What `source` published for transfer `index`: (handle, offset, bytes) per buffer (waits)."""
+    return msgspec.msgpack.decode(peers.take(source, f"peer-copy/{index}"), type=_Published)
 
 
-def source_shares(transfers: list[wire.Transfer], local: set[int]) -> dict[int, float]:
-    """Source device -> the share of the bytes of its local transfers it copies itself (pushes)
-    while the destination pulls the rest: 1 / (1 + its destinations), so that a source and the
-    devices it serves each copy about as many bytes (1 -> 2: half each; 1 -> 5: a fifth). 0 for
-    every source with ELASTICMOE_PEER_PUSH=0 (the destinations pull everything)."""
+def pair_shares(transfers: list[wire.Transfer], local: set[int]) -> dict[tuple[int, int], float]:
+    """(source, destination) -> the share of the bytes of their local transfers the source copies
+    itself (pushes) while the destination pulls the rest: b / (a + b) for a source that serves a
+    destinations and a destination that b sources serve, so that every device copies about as many
+    bytes (1 -> 2: half each; 1 -> 5: a fifth of each pair, the source four fifths of one in all;
+    4 -> 2, two departing sources for two staying destinations: half; before session 21 a source
+    pushed 1 / (1 + a), and a staying device of 4 -> 2 copied twice what a departing one did).
+    0 for every pair with ELASTICMOE_PEER_PUSH=0 (the destinations pull everything)."""
+    pairs = {(transfers[i].src, transfers[i].dst) for i in local}
     if os.environ.get(PUSH_ENV, "1") == "0":
-        return {transfers[i].src: 0.0 for i in local}
-    destinations: dict[int, set[int]] = {}
-    for i in local:
-        destinations.setdefault(transfers[i].src, set()).add(transfers[i].dst)
-    return {src: 1 / (1 + len(dsts)) for src, dsts in destinations.items()}
+        return {pair: 0.0 for pair in pairs}
+    destinations: dict[int, int] = {}
+    sources: dict[int, int] = {}
+    for src, dst in pairs:
+        destinations[src] = destinations.get(src, 0) + 1
+        sources[dst] = sources.get(dst, 0) + 1
+    return {(src, dst): sources[dst] / (destinations[src] + sources[dst]) for src, dst in pairs}
 
 
 PUSH_ENV = "ELASTICMOE_PEER_PUSH"
@@ -179,7 +185,7 @@ def split(items: _Items, share: float) -> tuple[_Items, _Items]:
 
 def exchange(backend: backends_base.DeviceBackend, peers, source: Source, device_index: int,
              wanted: list[tuple[int, int, list[Buffer]]], offered: dict[int, _Items],
-             shares: dict[int, float], cancel) -> tuple[int, int]:
+             shares: dict[tuple[int, int], float], cancel) -> tuple[int, int]:
     """The local transfers of one device, both sides of the copy at once: for each source it
     receives from (`wanted`: index, source device, this device's buffers) it publishes the regions
     of the transfers that source pushes (`peer-copy-dst/<src>-<dst>`) and pulls the others; for
@@ -195,11 +201,11 @@ def exchange(backend: backends_base.DeviceBackend, peers, source: Source, device
         by_source.setdefault(src, []).append((index, buffers))
     jobs: list[tuple[int, _Items, bool]] = []
     for src, items in by_source.items():
-        pulled, pushed = split(items, shares[src])
+        pulled, pushed = split(items, shares[(src, device_index)])
         source.publish_for(peers, f"peer-copy-dst/{src}-{device_index}", pushed)
         jobs.append((src, pulled, False))
     for dst, items in offered.items():
-        pulled, pushed = split(items, shares[device_index])
+        pulled, pushed = split(items, shares[(device_index, dst)])
         source.publish_for(peers, f"peer-copy/{device_index}-{dst}", pulled)
         jobs.append((dst, pushed, True))
     published = time.perf_counter() - started
@@ -245,6 +251,23 @@ def exchange(backend: backends_base.DeviceBackend, peers, source: Source, device
         futures = [(pool.submit(one_peer, *job), job[2]) for job in jobs]
         pushed = sum(f.result() for f, pushing in futures if pushing)
     return pushed, received
+
+
+def needs_store(group_ranks: list[int], transfers: list, locality: list[str] | None,
+                mailboxes: list[str] | None) -> bool:
+    """Whether the HMMs of a transition (or KV move) need its rendezvous store: not when the coordinator
+    told every rank's locality and mailbox and every transfer is between devices of one host."""
+    if locality is None or mailboxes is None:
+        return True  # (the keys are exchanged through it)
+    return len(local_transfers(transfers, dict(zip(group_ranks, locality)))) < len(transfers)
+
+
+def peers_of(msg, device_index: int, store, box: bytes, timeout_s: float, check: Callable[[], None]):
+    """How the HMMs of `msg` (a `PrepareTransition` or `MoveKV`) tell each other what they copy:
+    their mailboxes when the coordinator told them (`msg.mailboxes`), else its store."""
+    if msg.mailboxes is not None:
+        return MailboxPeers(box, device_index, dict(zip(msg.group_ranks, msg.mailboxes)), timeout_s, check)
+    return StorePeers(store, msg.rank, len(msg.group_ranks))
 
 
 class StorePeers:

@@ -143,7 +143,7 @@ def run(backend: backends_base.DeviceBackend, device_index: int, mem: memory.Dev
     # decides when to give up and cancels us; this is only a safety net.
     allocated = time.perf_counter()  # (and any checkpoint reads)
     store = None
-    if needs_store(msg):
+    if peer_copy.needs_store(msg.group_ranks, msg.transfers, msg.locality, msg.mailboxes):
         store = rendezvous.ChannelStore(coordinator, secret, f"transition-{msg.config_id}", 1.5 * msg.timeout_s + 2)
         cancel.store = store
         if cancel.reason is not None:
@@ -170,14 +170,6 @@ def run(backend: backends_base.DeviceBackend, device_index: int, mem: memory.Dev
                 else "peers told through the store", result.seconds - result.setup_seconds - result.data_seconds,
                 (_process_cpu() - cpu0) * 1e3, quota)
     return result
-
-
-def needs_store(msg: wire.PrepareTransition) -> bool:
-    """Whether a transition's HMMs need its rendezvous store: not when the coordinator told them every
-    rank's locality and mailbox and every transfer is between devices of one host."""
-    if len(msg.group_ranks) < 2 or msg.locality is None or msg.mailboxes is None:
-        return len(msg.group_ranks) >= 2
-    return len(peer_copy.local_transfers(msg.transfers, dict(zip(msg.group_ranks, msg.locality)))) < len(msg.transfers)
 
 
 def _process_cpu() -> float:
@@ -242,14 +234,10 @@ def _move(backend: backends_base.DeviceBackend, mem: memory.DeviceMemory, msg: w
                     works.append(pg.recv([buf], rank_of[t.src], tag))
                     received += nbytes
         # while the collective's works run: this device's share of the local copies, both directions
-        if msg.mailboxes is not None:
-            peers = peer_copy.MailboxPeers(mailbox.box_id(secret, msg.config_id), device_index,
-                                           dict(zip(msg.group_ranks, msg.mailboxes)), 1.5 * msg.timeout_s + 2,
-                                           cancel.check)
-        else:
-            peers = peer_copy.StorePeers(store, msg.rank, len(msg.group_ranks))
+        peers = peer_copy.peers_of(msg, device_index, store, mailbox.box_id(secret, msg.config_id),
+                                   1.5 * msg.timeout_s + 2, cancel.check)
         _, brought = peer_copy.exchange(backend, peers, source, device_index, wanted, offered,
-                                        peer_copy.source_shares(msg.transfers, local), cancel)
+                                        peer_copy.pair_shares(msg.transfers, local), cancel)
         sent += sum(n for items in offered.values() for _, buffers in items for _, _, n in buffers)
         received += brought
         wait_for(works, cancel, deadline)
