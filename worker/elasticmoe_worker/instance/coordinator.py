@@ -387,27 +387,32 @@ class Instance(startup.StartUp):
         self.history = (self.history + [record])[-_HISTORY_LIMIT:]
         self.outcomes[record.outcome.value] = self.outcomes.get(record.outcome.value, 0) + 1
         self.phase_seconds += [(p, ms / 1000) for p, ms in record.phases_ms.items()]
+        self._log_outcome(record)
+        self._scale_done.notify_all()
+        threading.Thread(target=self.prewarm, name="prewarm", daemon=True).start()
+
+    def _log_outcome(self, record: admin.ScaleRecord) -> None:
+        """One line for a finished scale (a recovery's a warning, a failure an error), and one for the
+        KV its departing sequences kept. A coordinator restart's record is logged by `_adopt`."""
+        if record.scale_id.startswith("restart-"):
+            return
         if record.outcome == admin.Outcome.SUCCEEDED and record.scale_id.startswith("recovery-"):
             logger.warning("recovered on %d surviving device(s) in %.2f s (%s): %d request(s) recomputed, %d tokens; "
                            "phases, ms: %s", record.to_devices, record.duration_ms / 1000, record.reason,
                            record.requests_handed_over, record.tokens_recomputed, record.phases_ms)
-        elif record.scale_id.startswith("restart-"):
-            pass  # logged by _adopt
         elif record.outcome == admin.Outcome.SUCCEEDED:
             logger.info("scaled %d -> %d devices in %.2f s (phases, ms: %s)", record.from_devices, record.to_devices,
                         record.duration_ms / 1000, record.phases_ms)
         else:
             logger.error("scale %d -> %d %s: %s; configuration %d serves", record.from_devices, record.to_devices,
                          record.outcome.value.lower(), record.message, self.config_id)
-        if not record.scale_id.startswith(("recovery-", "restart-")) and (
+        if not record.scale_id.startswith("recovery-") and (
                 record.sequences_kv_moved or record.kv_fallback or record.tokens_recomputed):
             (logger.warning if record.kv_fallback else logger.info)(
                 "scale %d -> %d: %d departing sequence(s) kept their KV (%.2f MB copied peer to peer), %d token(s) "
                 "recomputed%s", record.from_devices, record.to_devices, record.sequences_kv_moved,
                 record.kv_bytes_moved / 1e6, record.tokens_recomputed,
                 f"; the copy failed, so they were recomputed: {record.kv_fallback}" if record.kv_fallback else "")
-        self._scale_done.notify_all()
-        threading.Thread(target=self.prewarm, name="prewarm", daemon=True).start()
 
     def _on_held(self, request_id: str) -> None:
         self._step(reconfig.RequestArrived(request_id, time.monotonic()))

@@ -297,12 +297,12 @@ class MailboxPeers:
         if addresses.get(device_index) != own.name:
             raise RuntimeError(f"mailbox addresses from the coordinator do not fit this HMM: device {device_index}'s "
                                f"is {addresses.get(device_index)!r}, this HMM's is {own.name!r}")
-        self.box, self.device_index, self.addresses = box, device_index, addresses
+        self.own, self.box, self.device_index, self.addresses = own, box, device_index, addresses
         self.timeout_s, self.check = timeout_s, check
         own.open(box)
 
     def post(self, key: str, value: bytes) -> None:
-        mailbox.server().post(self.box, key, value)
+        self.own.post(self.box, key, value)
 
     def take(self, peer: int, key: str) -> bytes:
         return mailbox.take(self.addresses[peer], self.box, key, self.timeout_s, self.check)

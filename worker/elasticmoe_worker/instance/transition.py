@@ -163,7 +163,7 @@ def run(backend: backends_base.DeviceBackend, device_index: int, mem: memory.Dev
                 "peers' completion %.3f s; this HMM's CPU %.0f ms%s)",
                 device_index, msg.config_id, result.bytes_sent / 1e6, result.bytes_received / 1e6, result.seconds,
                 result.transport or "nothing to move", result.setup_seconds, result.allocation_seconds,
-                result.store_seconds if store is not None else 0.0,
+                result.store_seconds,
                 "told" if result.locality_told else "exchanged",
                 result.setup_seconds - result.allocation_seconds - result.store_seconds,
                 result.data_seconds, "peers told through their mailboxes" if msg.mailboxes is not None
