@@ -4,6 +4,7 @@ which takes it copies into pages that exist; and what the coordinator tells it t
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 
 import pytest
@@ -13,7 +14,7 @@ from elasticmoe_worker.backends import cpu as cpu_backend
 from elasticmoe_worker.contract import wire
 from elasticmoe_worker.instance import reconfig, reserve
 
-from reconfigharness import Harness
+from reconfigharness import FACTS, Harness
 
 
 def _resident_bytes(region) -> int:
@@ -107,3 +108,134 @@ def test_populate_before_linux_5_14_allocates_and_maps_every_page(monkeypatch) -
             backend.populate(region)
     finally:
         region.close()
+
+
+def test_resize_keeps_the_regions_it_still_wants_frees_the_rest_and_fills_what_is_missing() -> None:
+    backend = cpu_backend.CpuBackend()
+    page = backend.page_size_bytes()
+    r = reserve.Reserve(backend, 2)
+    r.fill([page, page, 2 * page], background=False)
+    kept = {id(region) for rs in r._free.values() for region in rs if region.alloc_bytes == page}
+    taken = r.take(page, "dev2.l1.e0.w2")  # a scale took one: resize counts afresh
+    try:
+        freed, missing = r.resize([page, page, 3 * page], why="a test", background=False)
+        assert (freed, missing) == (2 * page, 2)  # the 2-page one goes; one page and 3 pages are new
+        assert r.bytes == 5 * page and (r.taken, r.allocated) == (0, 0)
+        regions = [region for rs in r._free.values() for region in rs]
+        assert len({id(x) for x in regions} & kept) == 1  # the one not taken was kept, not made again
+        for region in regions:  # what it made is populated like the first fill's
+            assert _resident_bytes(region) >= region.alloc_bytes, region
+        assert len({x.name for x in regions} | {taken.name}) == 4  # names stay unique across fills
+        assert r.resize([], why="off") == (5 * page, 0) and r.bytes == 0
+    finally:
+        taken.close()
+        r.release()
+
+
+def _commit_scale(h: Harness, target: int) -> list[reconfig.Action]:
+    actions = list(h.scale(target))
+    while h.state.scale is not None:
+        actions += h.complete_stage()
+    return actions
+
+
+def test_serving_devices_are_told_to_keep_what_a_scale_down_by_one_brings_them_within_the_budget() -> None:
+    """8 experts: on 4 devices each holds 2, on 3 at most 3; so each of 4 devices reserves one
+    expert (w13 and w2 in both MoE layers) and a scale 4 -> 3 allocates nothing else for experts."""
+    f = dataclasses.replace(FACTS, scale_down_reserve_bytes=FACTS.expert_bytes)
+    h = Harness(num_devices=2, warm=[2, 3], facts=f)
+    actions = _commit_scale(h, 4)
+    sent = [(a.dest, a.msg) for a in actions if isinstance(a, reconfig.Send)]
+    commits = [(d, m) for d, m in sent if isinstance(m, wire.CommitTransition)]
+    reserves = {d: m for d, m in sent if isinstance(m, wire.Reserve)}
+    assert commits and all(m.keep_reserve for _, m in commits)
+    assert set(reserves) == {reconfig.hmm_dest(d) for d in range(4)}
+    one_expert = collections.Counter({f.expert_w13_bytes: len(f.moe_layers), f.expert_w2_bytes: len(f.moe_layers)})
+    for d, m in reserves.items():
+        assert m.config_id == h.state.config_id and collections.Counter(m.reserve_bytes) == one_expert, (d, m)
+        # a Reserve comes after that device's commit (the HMM frees what the commit leaves unused only then)
+        assert sent.index((d, m)) > next(i for i, (dd, mm) in enumerate(sent)
+                                         if dd == d and isinstance(mm, wire.CommitTransition))
+    actions = list(h.scale(3))
+    preps = [a for a in actions if isinstance(a, reconfig.Send) and isinstance(a.msg, wire.PrepareTransition)]
+    gains = []
+    for a in preps:
+        d = next(d for d in range(4) if reconfig.hmm_dest(d) == a.dest)
+        held_before = {e for e, homes in enumerate(h.state.placement.homes) if d in homes}
+        gained = [e for e in a.msg.expert_ids if e not in held_before]
+        gains.append(len(gained))
+    assert max(gains) == 1, gains  # some device gains an expert, none more than its reserve holds  # within its reserve of one expert
+
+
+def test_without_a_budget_commits_free_the_reserve_and_no_reserve_is_sent() -> None:
+    h = Harness(num_devices=1, warm=[1])
+    actions = _commit_scale(h, 2)
+    sent = [a.msg for a in actions if isinstance(a, reconfig.Send)]
+    assert not any(isinstance(m, wire.Reserve) for m in sent)
+    assert all(not m.keep_reserve for m in sent if isinstance(m, wire.CommitTransition))
+    assert reconfig.reserve_actions(h.state) == []
+
+
+def test_the_reserve_is_capped_by_the_budget_in_whole_experts() -> None:
+    """2 devices of 8 experts: a scale-down to one would bring each 4 experts; a budget of 2.5
+    experts reserves 2, and one device keeps nothing."""
+    f = dataclasses.replace(FACTS, scale_down_reserve_bytes=FACTS.expert_bytes * 5 // 2)
+    h = Harness(num_devices=2, facts=f)
+    sizes = reconfig.scale_down_reserve_bytes(h.state, 0)
+    assert len(sizes) == 2 * 2 * len(f.moe_layers)
+    assert reconfig.scale_down_reserve_bytes(Harness(num_devices=1, facts=f).state, 0) == []
+
+
+def test_a_scale_down_copies_into_the_staying_devices_reserve(tiny_models, capfd) -> None:
+    """Real workers: with a budget, each of 2 serving devices reserves what a scale to one device
+    brings it; the 2 -> 1 scale takes every expert region device 0 receives from that reserve, and
+    at one device (no scale-down left) the reserve is freed."""
+    import asyncio
+    import re
+    import time
+
+    from elasticmoe_worker.engine import engine as engine_mod
+    from elasticmoe_worker.engine import types
+    from elasticmoe_worker.instance import coordinator
+
+    err = [""]
+
+    def wait_logged(pattern: str, timeout_s: float = 60.0) -> re.Match:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            err[0] += capfd.readouterr().err
+            found = re.search(pattern, err[0])
+            if found:
+                return found
+            assert time.monotonic() < deadline, f"timed out waiting for {pattern!r}: {err[0][-3000:]}"
+            time.sleep(0.05)
+
+    cfg = engine_mod.EngineConfig(dtype="float32", kv_cache_bytes=8 << 20, max_num_batched_tokens=64)
+    inst = coordinator.Instance(tiny_models["qwen3_moe"], 2, cfg, warm_workers=0,
+                                scale_down_reserve_bytes=64 << 20).start()
+    try:
+        # 8 experts in 2 MoE layers: at one device, device 0 would hold the 4 it lacks: w13 and w2 of each
+        for d in (0, 1):
+            wait_logged(rf"device {d}: reserve for a scale-down by one device: [\d.]+ MB in 16 region\(s\)")
+            wait_logged(rf"device {d}: reserved [\d.]+ MB in 16 regions for a scale-down from configuration 1")
+        record = inst.scale(1, "test")
+        assert record.outcome.value == "Succeeded", record
+        taken = wait_logged(r"device 0: configuration 2 committed; [\d.]+ MB of experts released; (\d+) region\(s\) "
+                            r"came from its reserve")
+        assert int(taken.group(1)) == 16, err[0][-3000:]
+        wait_logged(r"device 0: reserve for a scale-down by one device: 0.0 MB in 0 region\(s\) \([\d.]+ MB freed")
+        # the weights it serves with now came through the reserve's regions: greedy output as the model's
+        prompt, params = [5, 17, 33, 2, 9, 41], types.SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+        ref = engine_mod.LLMEngine.from_model_dir(tiny_models["qwen3_moe"], cfg)
+        ref.add_request("ref", prompt, params)
+        want = []
+        while ref.has_work():
+            for o in ref.step():
+                want += o.token_ids
+
+        async def served() -> list[int]:
+            return [t async for out in inst.generate("r1", prompt, params) for t in out.token_ids]
+
+        assert asyncio.run(served()) == want
+    finally:
+        inst.shutdown()

@@ -116,7 +116,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                       cpu_per_device=args.cpu_per_device, expert_copies=args.expert_copies,
                                       redundant_expert_bytes=redundant_bytes,
                                       warm_workers=1 if args.warm_workers is None else args.warm_workers,
-                                      warm_reserve=args.warm_reserve, control_port=args.control_port,
+                                      warm_reserve=args.warm_reserve,
+            scale_down_reserve_bytes=args.scale_down_reserve_bytes, control_port=args.control_port,
                                       worker_secret=_worker_secret(args) if restartable else "",
                                       orphan_timeout_s=args.orphan_timeout_s if restartable else None)
         if not adopts:
@@ -138,7 +139,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             ray_options=rayfleet.Options(address=args.ray_address, cpus_per_device=args.ray_cpus_per_device,
                                          placement_timeout_s=args.ray_placement_timeout_s),
             expert_copies=args.expert_copies, redundant_expert_bytes=redundant_bytes,
-            warm_workers=1 if args.warm_workers is None else args.warm_workers, warm_reserve=args.warm_reserve).start()
+            warm_workers=1 if args.warm_workers is None else args.warm_workers, warm_reserve=args.warm_reserve,
+            scale_down_reserve_bytes=args.scale_down_reserve_bytes).start()
     else:
         from elasticmoe_worker.instance import coordinator
 
@@ -162,7 +164,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             warm_workers=0, fleet="external", bind_host=args.host, advertise_host=advertise,
             control_port=args.control_port, worker_secret=secret,
             heartbeat_timeout_s=args.heartbeat_timeout_s, expert_copies=args.expert_copies,
-            redundant_expert_bytes=redundant_bytes, warm_reserve=args.warm_reserve)
+            redundant_expert_bytes=redundant_bytes, warm_reserve=args.warm_reserve,
+            scale_down_reserve_bytes=args.scale_down_reserve_bytes)
         # started below, once the HTTP API listens
     autoscaler = None
     # NOTE: uvicorn re-raises the signal that stopped it once its graceful shutdown is done; with
@@ -313,6 +316,12 @@ def _add_serving_arguments(p: argparse.ArgumentParser, host_default: str, device
                         "receive at the next scale-up by one device (its replicated weights and its share of the "
                         "experts) while it waits, so the scale copies into memory that exists; it counts in the "
                         "worker's memory until that scale commits (default: on)")
+    p.add_argument("--scale-down-reserve-mb", type=cliargs.mebibytes, default=0, metavar="N",
+                   dest="scale_down_reserve_bytes",
+                   help="MiB per device (fractions allowed): each serving device keeps up to this much memory "
+                        "allocated for the experts it would gain at a scale-down by one device (whole experts), so "
+                        "that scale copies into memory that exists; it counts in the device's memory all the time "
+                        "(0: none) (default: 0)")
     p.add_argument("--collective-timeout-s", type=float, default=60.0,
                    help="a collective that stalls longer fails with an error instead of hanging (default: %(default)s)")
     p.add_argument("--admin-token-file", default=None,

@@ -49,6 +49,7 @@ import pathlib
 import random
 import time
 
+from elasticmoe_worker import cliargs
 from elasticmoe_worker.bench import process_meter, scaling_report
 
 DESCRIPTION = ("Scale a live instance A -> B devices (several scales, up and down) four ways (elastic, cold restart, "
@@ -74,6 +75,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warm-reserve", action=argparse.BooleanOptionalAction, default=True,
                    help="the elastic instance's warm workers reserve the memory of the scale that takes them "
                         "(serve --warm-reserve) (default: on)")
+    p.add_argument("--scale-down-reserve-mb", type=cliargs.mebibytes, default=0, metavar="N",
+                   dest="scale_down_reserve_bytes",
+                   help="the elastic instance's serving devices keep up to N MiB allocated for the experts a "
+                        "scale-down by one device would bring them (serve --scale-down-reserve-mb); it counts in "
+                        "their steady memory (default: 0)")
     p.add_argument("--rate", type=float, default=2.0, help="open-loop arrivals per second (default: %(default)s)")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--output-len", type=int, default=32)
@@ -196,7 +202,8 @@ def _run_strategy(name: str, args, a: int, b: int, model_dir, cfg, prompts, para
     result: dict = {"strategy": name, "from": a, "to": b,
                     "warm_workers": args.warm_workers if name == "elastic" else 0}
     inst = coordinator.Instance(model_dir, a, cfg, warm_workers=result["warm_workers"],
-                                cpu_per_device=args.cpu_per_device, warm_reserve=args.warm_reserve).start()
+                                cpu_per_device=args.cpu_per_device, warm_reserve=args.warm_reserve,
+                                scale_down_reserve_bytes=args.scale_down_reserve_bytes).start()
     instances.append(inst)
     active = [inst]
     load.target = lambda: active[0] if active else None
@@ -483,7 +490,8 @@ def _step(model_dir, cfg, k: int, args) -> dict:
     from elasticmoe_worker.instance import coordinator
 
     inst = coordinator.Instance(model_dir, 1, cfg, warm_workers=args.warm_workers,
-                                cpu_per_device=args.cpu_per_device, warm_reserve=args.warm_reserve).start()
+                                cpu_per_device=args.cpu_per_device, warm_reserve=args.warm_reserve,
+                                scale_down_reserve_bytes=args.scale_down_reserve_bytes).start()
     try:
         # NOTE: the pool with its spares ready: a scale right after start-up measured the spares'
         # imports (standby_start 4.6 s of +1's 4.9 s), not a pool as it stands between scales

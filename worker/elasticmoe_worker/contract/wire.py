@@ -246,6 +246,19 @@ class CommitTransition(Msg):
     """Coordinator -> HMM: the switch happened; free what the new configuration dropped."""
 
     config_id: int
+    # True: a `Reserve` follows, saying what of the HMM's reserve to keep (its unused regions stay
+    # until then); False (a coordinator that keeps no reserve on serving devices): free it all now
+    keep_reserve: bool = False
+
+
+class Reserve(Msg):
+    """Coordinator -> a serving HMM: the regions it would receive into at a scale-down by one
+    device (each expert's w13 and w2 per MoE layer, for the experts it would gain, within
+    `--scale-down-reserve-mb`): it keeps that much memory allocated and populated (`reserve`), so
+    such a scale copies into pages that exist. [] frees the reserve."""
+
+    config_id: int
+    reserve_bytes: list[int] = []
 
 
 class AbortTransition(Msg):
@@ -460,7 +473,7 @@ class StoreReply(Msg):
 
 ANY = HMMHello | ModelFiles | HMMRejoin | Heartbeat | LoadPlan | HMMReady | StartExecutor | HMMFailed | ExecutorPreload \
     | ExecutorSpec | ExecutorReady | AddRequest | AbortRequest | Output | RankStats | ExecutorFailed | Shutdown | PrepareTransition | TransitionReady \
-    | CommitTransition | AbortTransition | PauseForSwitch | Handover | Adopt | Adopted | MoveKV | KVMoved \
+    | CommitTransition | Reserve | AbortTransition | PauseForSwitch | Handover | Adopt | Adopted | MoveKV | KVMoved \
     | StoreRequest | StoreReply
 
 _encoder = msgspec.msgpack.Encoder()

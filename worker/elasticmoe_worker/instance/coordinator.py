@@ -68,7 +68,7 @@ class Instance(startup.StartUp):
                  heartbeat_timeout_s: float = 15.0, cpu_per_device: float | None = None,
                  ray_options: rayfleet.Options | None = None, expert_copies: int = 1,
                  redundant_expert_bytes: int | None = None, orphan_timeout_s: float | None = None,
-                 warm_reserve: bool = True) -> None:
+                 warm_reserve: bool = True, scale_down_reserve_bytes: int = 0) -> None:
         """`fleet="local"` starts one HMM process per device here (a worker secret is generated
         when none is given), each in a cgroup with a quota of `cpu_per_device` cores if given;
         `fleet="external"` waits for workers that others start (`elasticmoe worker`, one pod
@@ -85,7 +85,9 @@ class Instance(startup.StartUp):
         adopt workers (that, or an external fleet) starts without `model_dir` when the workers
         hold the model. `warm_reserve`: a worker that registers without memory (a warm one) reserves
         what it would receive at the next scale-up by one (`reserve`), so the scale copies into
-        memory that exists; False: it holds nothing until a scale allocates."""
+        memory that exists; False: it holds nothing until a scale allocates.
+        `scale_down_reserve_bytes`: each serving device keeps up to this much memory allocated for
+        the experts it would gain at a scale-down by one device (`reserve`; whole experts; 0: none)."""
         if not isinstance(expert_copies, int) or isinstance(expert_copies, bool) or not 1 <= expert_copies <= 2:
             raise ValueError(f"expert_copies: got {expert_copies!r}, expected 1 or 2")
         if redundant_expert_bytes is not None and (
@@ -93,6 +95,9 @@ class Instance(startup.StartUp):
                 or redundant_expert_bytes < 0 or expert_copies != 2):
             raise ValueError(f"redundant_expert_bytes: got {redundant_expert_bytes!r} with expert_copies "
                              f"{expert_copies}; expected None, or an int >= 0 with expert_copies 2")
+        if not isinstance(scale_down_reserve_bytes, int) or isinstance(scale_down_reserve_bytes, bool) \
+                or scale_down_reserve_bytes < 0:
+            raise ValueError(f"scale_down_reserve_bytes: got {scale_down_reserve_bytes!r}, expected an int >= 0")
         if fleet not in ("local", "external", "ray"):
             raise ValueError(f"fleet: got {fleet!r}, expected 'local', 'external' or 'ray'")
         if fleet != "local" and cpu_per_device is not None:
@@ -120,6 +125,7 @@ class Instance(startup.StartUp):
         self._initial_devices = num_devices
         self.expert_copies = expert_copies
         self.redundant_expert_bytes = redundant_expert_bytes
+        self.scale_down_reserve_bytes = scale_down_reserve_bytes
         self.spec: config_mod.ModelSpec | None = None
         self.tokenizer = None
         self.config_json, self.tokenizer_files = "", {}  # until `_set_model`

@@ -273,10 +273,22 @@ class HMM:
             self.spares.join_device(serving[0])  # the standby serves now: the device's quota from here on
         self._replace_spare()
         taken = self.reserve.taken
+        if msg.keep_reserve:  # a `Reserve` follows: it says what of the rest to keep
+            logger.info("device %d: configuration %d committed; %.1f MB of experts released%s", self.device_index,
+                        msg.config_id, freed / 1e6, f"; {taken} region(s) came from its reserve" if taken else "")
+            return
         unused = self.reserve.release()  # it was for this device's first scale; serving devices keep no reserve
         logger.info("device %d: configuration %d committed; %.1f MB of experts released%s", self.device_index,
                     msg.config_id, freed / 1e6, f"; {taken} region(s) came from its reserve, {unused / 1e6:.1f} MB "
                     "of it unused and released" if taken or unused else "")
+
+    def keep_reserve(self, msg: wire.Reserve) -> None:
+        """Hold what a scale-down by one device would bring this device (`wire.Reserve`)."""
+        freed, missing = self.reserve.resize(list(msg.reserve_bytes), why=f"a scale-down from configuration "
+                                             f"{msg.config_id} by one device")
+        logger.info("device %d: reserve for a scale-down by one device: %.1f MB in %d region(s) (%.1f MB freed, %d "
+                    "region(s) to allocate)", self.device_index, sum(msg.reserve_bytes) / 1e6, len(msg.reserve_bytes),
+                    freed / 1e6, missing)
 
     def _replace_spare(self) -> None:
         """A spare again after a scale took it (its old executor has exited by now)."""
@@ -365,6 +377,8 @@ class HMM:
                         self.prepare_transition(msg)
                     elif isinstance(msg, wire.CommitTransition):
                         self.commit(msg)
+                    elif isinstance(msg, wire.Reserve):
+                        self.keep_reserve(msg)
                     elif isinstance(msg, wire.MoveKV):
                         self.move_kv(msg)
                     elif isinstance(msg, wire.ModelFiles):

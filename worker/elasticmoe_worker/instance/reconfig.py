@@ -47,7 +47,7 @@ from elasticmoe_worker.contract import admin, wire
 from elasticmoe_worker.instance import reconfig_kv, reconfig_loss
 from elasticmoe_worker.instance.reconfig_state import (  # noqa: F401 - re-exported: reconfig.X
     WORKERS, TRANSFER, STANDBY, SWITCH, STAGES, Facts, Scale, State, initial, refuse_scale, owner_list, copies_for,
-    expert_load, expert_copies_status, add_heat, warm_reserve_bytes,
+    expert_load, expert_copies_status, add_heat, warm_reserve_bytes, scale_down_reserve_bytes, reserve_actions,
     start_message, exec_dest, hmm_dest,
 )
 from elasticmoe_worker.instance.reconfig_events import (  # noqa: F401 - re-exported: reconfig.X
@@ -323,7 +323,9 @@ def _commit(state: State, now: float, failed_ranks: tuple[int, ...], message: st
         actions.append(Release(state.held))
     actions += [Send(exec_dest(sc.old_config, r), wire.Shutdown(reason="replaced by a new configuration"))
                 for r in range(len(sc.old_devices))]
-    actions += [Send(hmm_dest(d), wire.CommitTransition(config_id=sc.new_config)) for d in sc.new_devices]
+    keep = state.facts.scale_down_reserve_bytes > 0  # a Reserve follows
+    actions += [Send(hmm_dest(d), wire.CommitTransition(config_id=sc.new_config, keep_reserve=keep))
+                for d in sc.new_devices]
     actions += [Send(hmm_dest(d), wire.Shutdown(reason="device released")) for d in sc.removed]
     if sc.removed:
         actions.append(RemoveWorkers(sc.removed))
@@ -341,6 +343,7 @@ def _commit(state: State, now: float, failed_ranks: tuple[int, ...], message: st
         state, config_id=sc.new_config, device_ids=sc.new_devices, placement=sc.plan.new_placement,
         hmm_ready=hmm_ready, scale=None, paused=False, held=(), retired=(sc.old_config, sc.old_devices, sc.new_devices),
         adopted=frozenset(ranks))
+    actions += [Send(hmm_dest(d), msg) for d, msg in reserve_actions(state)]
     if sc.broken:  # the new configuration serves with a dead executor: end its requests, restart them all
         state, more = _degrade(state, sc.broken, hmm_lost=False, recover_at=now + state.facts.recovery_grace_s)
         actions += more
@@ -465,7 +468,9 @@ def _commit_recovery(state: State, now: float) -> tuple[State, list[Action]]:
     actions: list[Action] = [Commit(config_id=sc.new_config, num_devices=sc.target, ranks={}), Resume()]
     if state.held:
         actions.append(Release(state.held))
-    actions += [Send(hmm_dest(d), wire.CommitTransition(config_id=sc.new_config)) for d in sc.new_devices]
+    keep = state.facts.scale_down_reserve_bytes > 0  # a Reserve follows
+    actions += [Send(hmm_dest(d), wire.CommitTransition(config_id=sc.new_config, keep_reserve=keep))
+                for d in sc.new_devices]
     sc = _end_stage(sc, now)
     record = msgspec.structs.replace(sc.record, outcome=admin.Outcome.SUCCEEDED, duration_ms=_ms(now - sc.started))
     actions.append(Finished(record, sc.new_config))
@@ -473,6 +478,7 @@ def _commit_recovery(state: State, now: float) -> tuple[State, list[Action]]:
         state, config_id=sc.new_config, device_ids=sc.new_devices, placement=sc.plan.new_placement,
         hmm_ready={d: sc.ready[d].ready for d in sc.new_devices}, scale=None, paused=False, held=(), retired=None,
         adopted=frozenset(), suspended_since=None)
+    actions += [Send(hmm_dest(d), msg) for d, msg in reserve_actions(state)]
     return state, actions
 
 

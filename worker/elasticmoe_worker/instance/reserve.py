@@ -19,10 +19,18 @@ committed the HMM `release`s what is left.
 Not guaranteed: the sizes are for the instance as it stood when the worker said hello; a scale to
 more devices than that uses fewer (the rest is released at commit), to fewer allocates the rest
 on the spot. The reserve is memory: it counts in the worker's (and the warm pool's) footprint.
+
+A serving device keeps one too when the coordinator has `--scale-down-reserve-mb` (`wire.Reserve`,
+after every commit and at start-up): the experts it would gain at a scale-down by one device,
+within that budget. A scale-down copies into those pages instead of faulting in fresh ones while
+the standbys warm up beside it (session 21's profile of 4 -> 2: a staying device's copies ran at
+0.28 GB/s into fresh pages, 2.4 GB/s into reserved ones); `resize` keeps what it can of the
+previous reserve. It is steady memory of the device (its PSS, and `bench scaling`'s steady state).
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -44,31 +52,33 @@ class Reserve:
         self._thread: threading.Thread | None = None
         self.taken = 0  # regions handed out from the reserve (not allocated on the spot)
         self.allocated = 0  # regions `take` had to allocate on the spot
+        self._serial = 0  # names regions uniquely across fills
 
     @property
     def bytes(self) -> int:
         with self._lock:
             return sum(r.alloc_bytes for rs in self._free.values() for r in rs)
 
-    def fill(self, sizes: list[int], background: bool = True) -> None:
+    def fill(self, sizes: list[int], background: bool = True, why: str = "the scale that takes this worker") -> None:
         """Allocate and populate one region of each size (bytes, as `allocate` takes them); in a
-        thread unless `background` is False. Regions become available one by one."""
+        thread unless `background` is False. Regions become available one by one. `why`: for the log."""
         sizes = [s for s in sizes if s > 0]
         if not sizes:
             return
         if background:
-            self._thread = threading.Thread(target=self._fill, args=(sizes,), name="reserve", daemon=True)
+            self._thread = threading.Thread(target=self._fill, args=(sizes, why), name="reserve", daemon=True)
             self._thread.start()
         else:
-            self._fill(sizes)
+            self._fill(sizes, why)
 
-    def _fill(self, sizes: list[int]) -> None:
+    def _fill(self, sizes: list[int], why: str) -> None:
         started, made = time.perf_counter(), 0
         try:
-            for i, size in enumerate(sizes):
+            for size in sizes:
                 if self._stop.is_set():
                     return
-                region = self.backend.allocate(size, f"dev{self.device_index}.reserve{i}")
+                self._serial += 1
+                region = self.backend.allocate(size, f"dev{self.device_index}.reserve{self._serial}")
                 try:
                     self.backend.populate(region)
                 except BaseException:
@@ -84,8 +94,37 @@ class Reserve:
             logger.exception("device %d: reserving memory for the next scale failed after %.1f MB; the rest is "
                              "allocated when a scale needs it", self.device_index, made / 1e6)
             return
-        logger.info("device %d: reserved %.1f MB in %d regions for the scale that takes this worker, in %.2f s",
-                    self.device_index, made / 1e6, len(sizes), time.perf_counter() - started)
+        logger.info("device %d: reserved %.1f MB in %d regions for %s, in %.2f s",
+                    self.device_index, made / 1e6, len(sizes), why, time.perf_counter() - started)
+
+    def resize(self, sizes: list[int], why: str, background: bool = True) -> tuple[int, int]:
+        """Hold one region of each of `sizes` (a multiset; [] frees everything): regions held
+        already are kept, the rest freed, the missing ones allocated and populated in a thread.
+        -> (bytes freed, regions to allocate)."""
+        self._halt_fill()
+        want = collections.Counter(s for s in sizes if s > 0)
+        extra: list[backends_base.Region] = []
+        with self._lock:
+            for size, regions in self._free.items():
+                keep = min(len(regions), want.get(size, 0))
+                extra += regions[keep:]
+                del regions[keep:]
+                want[size] -= keep
+            self._free = {size: regions for size, regions in self._free.items() if regions}
+            self.taken = self.allocated = 0
+        for r in extra:
+            r.close()
+        missing = [size for size, count in sorted(want.items()) for _ in range(count)]
+        self.fill(missing, background=background, why=why)
+        return sum(r.alloc_bytes for r in extra), len(missing)
+
+    def _halt_fill(self) -> None:
+        """Stop a fill in progress (what it made so far stays) and allow new ones."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
+        self._thread = None
+        self._stop.clear()
 
     def take(self, size_bytes: int, name: str) -> backends_base.Region:
         """A reserved region of `size_bytes`, else a new one named `name` (both zero-filled)."""

@@ -92,6 +92,7 @@ class StartUp:
         self.executors = self._recv_until(wire.ExecutorReady, n, deadline, warm, stats)
         self.state = reconfig.initial(facts, config_id, n, placement, hmm_ready, frozenset(warm))
         self.router = routing.Router(self.transport.send, self._on_held, config_id, n, self.config.max_waiting)
+        self._send_reserves()
         for s in stats.values():
             self.router.on_stats(s)
         self.transport.start()
@@ -207,6 +208,7 @@ class StartUp:
         self.state = reconfig.initial(facts, config_id, n, adoption.placement, adoption.hmm_ready, frozenset(warm),
                                       device_ids=devices)
         self.router = routing.Router(self.transport.send, self._on_held, config_id, n, self.config.max_waiting)
+        self._send_reserves()
         for s in stats.values():
             self.router.on_stats(s)
         self.transport.start()
@@ -248,6 +250,11 @@ class StartUp:
             raise
         return fleet
 
+    def _send_reserves(self) -> None:
+        """Each serving device's reserve for a scale-down by one (`--scale-down-reserve-mb`)."""
+        for d, msg in reconfig.reserve_actions(self.state):
+            self.transport.send(reconfig.hmm_dest(d), msg)
+
     def _facts(self, ready0: wire.HMMReady) -> reconfig.Facts:
         options = wire.EngineOptions(**{**dataclasses.asdict(self.config), "max_model_len": self.max_model_len})
         return reconfig.Facts(
@@ -260,7 +267,8 @@ class StartUp:
                                                             registry.resolve_dtype(self.spec, options.dtype))), tokenizer_files=dict(self.tokenizer_files),
             engine=options, model_name=self.model_name, collective_timeout_s=self.collective_timeout_s,
             expert_copies=self.expert_copies, model_dir=str(self.model_dir),
-            redundant_budget_bytes=self.redundant_expert_bytes)
+            redundant_budget_bytes=self.redundant_expert_bytes,
+            scale_down_reserve_bytes=self.scale_down_reserve_bytes)
 
     def _estimated_expert_bytes(self) -> int:
         """One routed expert over every MoE layer at the serving dtype, from the model's config:
