@@ -1,5 +1,6 @@
-"""A warm worker's reserve (instance.reserve): memory it allocates while it waits, so that the scale
-which takes it copies into pages that exist; and what the coordinator tells it to reserve."""
+"""A worker's reserve (instance.reserve): memory a warm worker allocates while it waits, and a
+serving device keeps for a scale-down (`--scale-down-reserve-mb`), so that the scale copies into
+pages that exist; and what the coordinator tells each to reserve."""
 
 from __future__ import annotations
 
@@ -139,9 +140,9 @@ def _commit_scale(h: Harness, target: int) -> list[reconfig.Action]:
     return actions
 
 
-def test_serving_devices_are_told_to_keep_what_a_scale_down_by_one_brings_them_within_the_budget() -> None:
-    """8 experts: on 4 devices each holds 2, on 3 at most 3; so each of 4 devices reserves one
-    expert (w13 and w2 in both MoE layers) and a scale 4 -> 3 allocates nothing else for experts."""
+def test_serving_devices_are_told_to_keep_what_the_budget_holds_and_a_scale_down_within_it_takes_it() -> None:
+    """8 experts: on 4 devices each holds 2, on 3 at most 3. A budget of one expert: each of 4
+    devices reserves one (w13 and w2 in both MoE layers), and a scale 4 -> 3 brings none more."""
     f = dataclasses.replace(FACTS, scale_down_reserve_bytes=FACTS.expert_bytes)
     h = Harness(num_devices=2, warm=[2, 3], facts=f)
     actions = _commit_scale(h, 4)
@@ -176,20 +177,21 @@ def test_without_a_budget_commits_free_the_reserve_and_no_reserve_is_sent() -> N
     assert reconfig.reserve_actions(h.state) == []
 
 
-def test_the_reserve_is_capped_by_the_budget_in_whole_experts() -> None:
-    """2 devices of 8 experts: a scale-down to one would bring each 4 experts; a budget of 2.5
-    experts reserves 2, and one device keeps nothing."""
-    f = dataclasses.replace(FACTS, scale_down_reserve_bytes=FACTS.expert_bytes * 5 // 2)
-    h = Harness(num_devices=2, facts=f)
-    sizes = reconfig.scale_down_reserve_bytes(h.state, 0)
-    assert len(sizes) == 2 * 2 * len(f.moe_layers)
+def test_the_reserve_is_whole_experts_within_the_budget_and_no_more_than_a_scale_to_one_device_brings() -> None:
+    """2 devices of 8 experts: a scale to one would bring each 4 experts. A budget of 2.5 experts
+    reserves 2; a budget of 100 reserves 4; one device (no scale-down left) keeps nothing."""
+    per_expert = 2 * len(FACTS.moe_layers)  # regions: w13 and w2 in each MoE layer
+    for budget, experts in ((FACTS.expert_bytes * 5 // 2, 2), (FACTS.expert_bytes * 100, 4), (FACTS.expert_bytes - 1, 0)):
+        h = Harness(num_devices=2, facts=dataclasses.replace(FACTS, scale_down_reserve_bytes=budget))
+        assert len(reconfig.scale_down_reserve_bytes(h.state, 0)) == experts * per_expert, budget
+    f = dataclasses.replace(FACTS, scale_down_reserve_bytes=FACTS.expert_bytes * 100)
     assert reconfig.scale_down_reserve_bytes(Harness(num_devices=1, facts=f).state, 0) == []
 
 
 def test_a_scale_down_copies_into_the_staying_devices_reserve(tiny_models, capfd) -> None:
-    """Real workers: with a budget, each of 2 serving devices reserves what a scale to one device
-    brings it; the 2 -> 1 scale takes every expert region device 0 receives from that reserve, and
-    at one device (no scale-down left) the reserve is freed."""
+    """Real workers: with a budget larger than what a scale to one device brings, each of 2 serving
+    devices reserves exactly that; the 2 -> 1 scale takes every expert region device 0 receives
+    from the reserve, and at one device (no scale-down left) the reserve is freed."""
     import asyncio
     import re
     import time
@@ -216,14 +218,14 @@ def test_a_scale_down_copies_into_the_staying_devices_reserve(tiny_models, capfd
     try:
         # 8 experts in 2 MoE layers: at one device, device 0 would hold the 4 it lacks: w13 and w2 of each
         for d in (0, 1):
-            wait_logged(rf"device {d}: reserve for a scale-down by one device: [\d.]+ MB in 16 region\(s\)")
+            wait_logged(rf"device {d}: reserve for a scale-down: [\d.]+ MB in 16 region\(s\)")
             wait_logged(rf"device {d}: reserved [\d.]+ MB in 16 regions for a scale-down from configuration 1")
         record = inst.scale(1, "test")
         assert record.outcome.value == "Succeeded", record
         taken = wait_logged(r"device 0: configuration 2 committed; [\d.]+ MB of experts released; (\d+) region\(s\) "
                             r"came from its reserve")
         assert int(taken.group(1)) == 16, err[0][-3000:]
-        wait_logged(r"device 0: reserve for a scale-down by one device: 0.0 MB in 0 region\(s\) \([\d.]+ MB freed")
+        wait_logged(r"device 0: reserve for a scale-down: 0.0 MB in 0 region\(s\) \([\d.]+ MB freed")
         # the weights it serves with now came through the reserve's regions: greedy output as the model's
         prompt, params = [5, 17, 33, 2, 9, 41], types.SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
         ref = engine_mod.LLMEngine.from_model_dir(tiny_models["qwen3_moe"], cfg)

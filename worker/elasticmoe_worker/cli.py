@@ -319,9 +319,10 @@ def _add_serving_arguments(p: argparse.ArgumentParser, host_default: str, device
     p.add_argument("--scale-down-reserve-mb", type=cliargs.mebibytes, default=0, metavar="N",
                    dest="scale_down_reserve_bytes",
                    help="MiB per device (fractions allowed): each serving device keeps up to this much memory "
-                        "allocated for the experts it would gain at a scale-down by one device (whole experts), so "
-                        "that scale copies into memory that exists; it counts in the device's memory all the time "
-                        "(0: none) (default: 0)")
+                        "allocated and populated for experts a scale-down would bring it (whole experts, at most "
+                        "those a scale to one device would), so that a scale-down copies into memory that exists "
+                        "instead of faulting in new pages; it counts in the device's memory all the time, and is "
+                        "resized after every scale (0: none) (default: 0)")
     p.add_argument("--collective-timeout-s", type=float, default=60.0,
                    help="a collective that stalls longer fails with an error instead of hanging (default: %(default)s)")
     p.add_argument("--admin-token-file", default=None,

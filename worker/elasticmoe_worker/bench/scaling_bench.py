@@ -77,9 +77,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(serve --warm-reserve) (default: on)")
     p.add_argument("--scale-down-reserve-mb", type=cliargs.mebibytes, default=0, metavar="N",
                    dest="scale_down_reserve_bytes",
-                   help="the elastic instance's serving devices keep up to N MiB allocated for the experts a "
-                        "scale-down by one device would bring them (serve --scale-down-reserve-mb); it counts in "
-                        "their steady memory (default: 0)")
+                   help="the elastic instance's serving devices keep up to N MiB allocated for experts a "
+                        "scale-down would bring them (serve --scale-down-reserve-mb); it counts in their steady "
+                        "memory (default: 0)")
     p.add_argument("--rate", type=float, default=2.0, help="open-loop arrivals per second (default: %(default)s)")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--output-len", type=int, default=32)

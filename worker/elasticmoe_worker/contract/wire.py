@@ -252,10 +252,10 @@ class CommitTransition(Msg):
 
 
 class Reserve(Msg):
-    """Coordinator -> a serving HMM: the regions it would receive into at a scale-down by one
-    device (each expert's w13 and w2 per MoE layer, for the experts it would gain, within
-    `--scale-down-reserve-mb`): it keeps that much memory allocated and populated (`reserve`), so
-    such a scale copies into pages that exist. [] frees the reserve."""
+    """Coordinator -> a serving HMM: regions a scale-down would have it receive into (each
+    expert's w13 and w2 per MoE layer, for as many experts as `--scale-down-reserve-mb` holds, at
+    most those a scale to one device would bring it): it keeps them allocated and populated
+    (`reserve`), so a scale-down copies into pages that exist. [] frees the reserve."""
 
     config_id: int
     reserve_bytes: list[int] = []

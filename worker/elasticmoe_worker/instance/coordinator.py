@@ -87,7 +87,8 @@ class Instance(startup.StartUp):
         what it would receive at the next scale-up by one (`reserve`), so the scale copies into
         memory that exists; False: it holds nothing until a scale allocates.
         `scale_down_reserve_bytes`: each serving device keeps up to this much memory allocated for
-        the experts it would gain at a scale-down by one device (`reserve`; whole experts; 0: none)."""
+        experts a scale-down would bring it (`reserve`; whole experts, at most those a scale to one
+        device would; 0: none)."""
         if not isinstance(expert_copies, int) or isinstance(expert_copies, bool) or not 1 <= expert_copies <= 2:
             raise ValueError(f"expert_copies: got {expert_copies!r}, expected 1 or 2")
         if redundant_expert_bytes is not None and (

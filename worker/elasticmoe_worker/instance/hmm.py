@@ -283,10 +283,10 @@ class HMM:
                     "of it unused and released" if taken or unused else "")
 
     def keep_reserve(self, msg: wire.Reserve) -> None:
-        """Hold what a scale-down by one device would bring this device (`wire.Reserve`)."""
+        """Hold regions for experts a scale-down would bring this device (`wire.Reserve`)."""
         freed, missing = self.reserve.resize(list(msg.reserve_bytes), why=f"a scale-down from configuration "
-                                             f"{msg.config_id} by one device")
-        logger.info("device %d: reserve for a scale-down by one device: %.1f MB in %d region(s) (%.1f MB freed, %d "
+                                             f"{msg.config_id}")
+        logger.info("device %d: reserve for a scale-down: %.1f MB in %d region(s) (%.1f MB freed, %d "
                     "region(s) to allocate)", self.device_index, sum(msg.reserve_bytes) / 1e6, len(msg.reserve_bytes),
                     freed / 1e6, missing)
 

@@ -55,8 +55,8 @@ class Facts:
     # the HMMs give up a KV copy of departing devices' sequences after this long; the switch waits a little
     # longer for their answers (1.5x + 2 s), then has the sequences recomputed instead
     kv_move_timeout_s: float = 10.0
-    # per device: memory each serving device keeps allocated for the experts it would gain at a
-    # scale-down by one device (`--scale-down-reserve-mb`; whole experts); 0: none (`scale_down_reserve_bytes`)
+    # per device: memory each serving device keeps allocated for experts a scale-down would bring it
+    # (`--scale-down-reserve-mb`; whole experts); 0: none (`scale_down_reserve_bytes`)
     scale_down_reserve_bytes: int = 0
 
     @property
@@ -203,16 +203,17 @@ def warm_reserve_bytes(state: State) -> list[int]:
 
 
 def scale_down_reserve_bytes(state: State, device: int) -> list[int]:
-    """The regions `device` of `state`'s configuration would receive into at a scale-down by one
-    device (sizes, as `PrepareTransition` gives them): `w13` and `w2` in every MoE layer for as many
-    experts as its share at one device fewer exceeds what it holds now, and at most as many whole
-    experts as `Facts.scale_down_reserve_bytes` holds. The HMM keeps them (`wire.Reserve`)."""
+    """The regions `device` of `state`'s configuration keeps for experts a scale-down would bring
+    it (sizes, as `PrepareTransition` gives them): `w13` and `w2` in every MoE layer for as many
+    whole experts as `Facts.scale_down_reserve_bytes` holds, and no more than a scale to one device
+    would bring it (every expert it lacks). Every expert region has the same sizes, so a scale-down
+    that brings it at most that many experts allocates none of them on the spot (4 -> 3 brings each
+    of 4 devices of 16 experts 2, 4 -> 2 brings 4). The HMM keeps them (`wire.Reserve`)."""
     f, n = state.facts, state.num_devices
     if n <= 1 or f.scale_down_reserve_bytes <= 0 or f.expert_bytes <= 0:
         return []
-    per_device = -(-sum(copies_for(f, n - 1, state.expert_heat)) // (n - 1))
     held = sum(1 for homes in state.placement.homes if device in homes)
-    gain = min(max(0, per_device - held), f.scale_down_reserve_bytes // f.expert_bytes)
+    gain = min(max(0, sum(copies_for(f, 1, state.expert_heat)) - held), f.scale_down_reserve_bytes // f.expert_bytes)
     return [b for _ in range(gain) for _ in f.moe_layers for b in (f.expert_w13_bytes, f.expert_w2_bytes)]
 
 

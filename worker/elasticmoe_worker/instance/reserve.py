@@ -21,8 +21,8 @@ more devices than that uses fewer (the rest is released at commit), to fewer all
 on the spot. The reserve is memory: it counts in the worker's (and the warm pool's) footprint.
 
 A serving device keeps one too when the coordinator has `--scale-down-reserve-mb` (`wire.Reserve`,
-after every commit and at start-up): the experts it would gain at a scale-down by one device,
-within that budget. A scale-down copies into those pages instead of faulting in fresh ones while
+after every commit and at start-up): regions for as many experts as that budget holds (at most
+those a scale to one device would bring it). A scale-down copies into those pages instead of faulting in fresh ones while
 the standbys warm up beside it (session 21's profile of 4 -> 2: a staying device's copies ran at
 0.28 GB/s into fresh pages, 2.4 GB/s into reserved ones); `resize` keeps what it can of the
 previous reserve. It is steady memory of the device (its PSS, and `bench scaling`'s steady state).
