@@ -188,6 +188,17 @@ def test_the_reserve_is_whole_experts_within_the_budget_and_no_more_than_a_scale
     assert reconfig.scale_down_reserve_bytes(Harness(num_devices=1, facts=f).state, 0) == []
 
 
+def _reserve_fds(pid: int, device: int) -> int:
+    """How many of `pid`'s open files are memfds of `device`'s reserve (named dev<d>.reserve<n>)."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith(f"/memfd:dev{device}.reserve")
+        except OSError:
+            pass
+    return count
+
+
 def test_a_scale_down_copies_into_the_staying_devices_reserve(tiny_models, capfd) -> None:
     """Real workers: with a budget larger than what a scale to one device brings, each of 2 serving
     devices reserves exactly that; the 2 -> 1 scale takes every expert region device 0 receives
@@ -200,32 +211,19 @@ def test_a_scale_down_copies_into_the_staying_devices_reserve(tiny_models, capfd
     from elasticmoe_worker.engine import types
     from elasticmoe_worker.instance import coordinator
 
-    err = [""]
-
-    def wait_logged(pattern: str, timeout_s: float = 60.0) -> re.Match:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            err[0] += capfd.readouterr().err
-            found = re.search(pattern, err[0])
-            if found:
-                return found
-            assert time.monotonic() < deadline, f"timed out waiting for {pattern!r}: {err[0][-3000:]}"
-            time.sleep(0.05)
-
     cfg = engine_mod.EngineConfig(dtype="float32", kv_cache_bytes=8 << 20, max_num_batched_tokens=64)
     inst = coordinator.Instance(tiny_models["qwen3_moe"], 2, cfg, warm_workers=0,
                                 scale_down_reserve_bytes=64 << 20).start()
+    # NOTE: the logs are read once, after shutdown: reading capfd while workers write can lose a line
     try:
         # 8 experts in 2 MoE layers: at one device, device 0 would hold the 4 it lacks: w13 and w2 of each
-        for d in (0, 1):
-            wait_logged(rf"device {d}: reserve for a scale-down: [\d.]+ MB in 16 region\(s\)")
-            wait_logged(rf"device {d}: reserved [\d.]+ MB in 16 regions for a scale-down from configuration 1")
+        pids = inst.fleet.pids()
+        deadline = time.monotonic() + 60
+        while any(_reserve_fds(pids[d], d) < 16 for d in (0, 1)):
+            assert time.monotonic() < deadline, {d: _reserve_fds(pids[d], d) for d in (0, 1)}
+            time.sleep(0.05)
         record = inst.scale(1, "test")
         assert record.outcome.value == "Succeeded", record
-        taken = wait_logged(r"device 0: configuration 2 committed; [\d.]+ MB of experts released; (\d+) region\(s\) "
-                            r"came from its reserve")
-        assert int(taken.group(1)) == 16, err[0][-3000:]
-        wait_logged(r"device 0: reserve for a scale-down: 0.0 MB in 0 region\(s\) \([\d.]+ MB freed")
         # the weights it serves with now came through the reserve's regions: greedy output as the model's
         prompt, params = [5, 17, 33, 2, 9, 41], types.SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
         ref = engine_mod.LLMEngine.from_model_dir(tiny_models["qwen3_moe"], cfg)
@@ -240,4 +238,12 @@ def test_a_scale_down_copies_into_the_staying_devices_reserve(tiny_models, capfd
 
         assert asyncio.run(served()) == want
     finally:
-        inst.shutdown()
+        inst.shutdown()  # its Shutdown reaches each HMM after the commit's messages, on the same channel
+    err = capfd.readouterr().err
+    for d in (0, 1):
+        assert re.search(rf"device {d}: reserve for a scale-down: [\d.]+ MB in 16 region\(s\)", err), err[-3000:]
+        assert re.search(rf"device {d}: reserved [\d.]+ MB in 16 regions for a scale-down from configuration 1", err)
+    taken = re.search(r"device 0: configuration 2 committed; [\d.]+ MB of experts released; (\d+) region\(s\) came "
+                      r"from its reserve", err)
+    assert taken and int(taken.group(1)) == 16, err[-3000:]
+    assert re.search(r"device 0: reserve for a scale-down: 0.0 MB in 0 region\(s\) \([\d.]+ MB freed", err), err[-3000:]

@@ -194,7 +194,13 @@ def report(report: dict, args) -> str:
             table.add_row(*row)
             md.append("| " + " | ".join(row) + " |")
     console.print(table)
-    md.append("")
+    reserves = (f"Elastic's reserves: warm workers {'reserve' if getattr(args, 'warm_reserve', True) else 'do not reserve'} "
+                f"what the scale that takes them receives; serving devices keep "
+                + (f"{args.scale_down_reserve_bytes / (1 << 20):g} MiB each for experts a scale-down brings them "
+                   "(in their steady memory)" if getattr(args, "scale_down_reserve_bytes", 0) else
+                   "no reserve for a scale-down (--scale-down-reserve-mb 0)") + ".")
+    console.print(reserves)
+    md += ["", reserves, ""]
     md.append("| scale | bytes moved | idle transport | elastic transfer rate | decode step s | phases s (median) |")
     md.append("|---|---|---|---|---|---|")
     for key, s in summary["scales"].items():
