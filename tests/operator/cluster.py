@@ -2,8 +2,9 @@
 
 - `Emulator`: kmock's KubernetesEmulator declaring the resources kopf and the operator use,
   plus the few API-server behaviours the operator relies on and kmock leaves out: the scale
-  subresource of ElasticMoE (specReplicasPath .spec.devices.replicas, as in our CRD) and
-  metadata.generation bumped on spec changes.
+  subresource of ElasticMoE (specReplicasPath .spec.devices.replicas, as in our CRD),
+  metadata.generation bumped on spec changes, a new resourceVersion on every write, and 422 for a
+  JSON patch whose `test` fails.
 - `Kubelet`: runs what the operator asks for as real local processes — the coordinator
   Deployment's container as `elasticmoe coordinator` and each worker Pod as
   `elasticmoe worker`, with the same arguments, only hosts and ports rewritten to 127.0.0.1,
@@ -27,6 +28,8 @@ import signal
 import subprocess
 
 import aiohttp
+import aiohttp.web
+import jsonpatch
 import kmock
 import yaml
 
@@ -87,7 +90,17 @@ class Emulator(kmock.KubernetesEmulator):
             meta["resourceVersion"] = str(self._version)
             if request.action == kmock.action.CREATE and not meta.get("name") and meta.get("generateName"):
                 meta["name"] = f"{meta['generateName']}{self._version}"  # kopf's events use generateName
-        return await super()._handle(request)
+        try:
+            return await super()._handle(request)
+        except jsonpatch.JsonPatchTestFailed as exc:
+            # A JSON patch whose `test` fails (kopf's test of metadata.resourceVersion when the object
+            # changed meanwhile) is 422 Invalid from an API server, which kopf takes as "try again on the
+            # next cycle"; kmock answers 500, which kopf retries with the same stale patch, backing off
+            # for ~1 minute while the object's newer changes wait.
+            return aiohttp.web.json_response(
+                {"apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure", "reason": "Invalid",
+                 "code": 422, "message": f"the server rejected our request due to an error in our request: {exc}"},
+                status=422)
 
 
 def write_kubeconfig(path: pathlib.Path, server_url: str, token: str = "unused") -> pathlib.Path:
