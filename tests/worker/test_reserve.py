@@ -168,6 +168,24 @@ def test_serving_devices_are_told_to_keep_what_the_budget_holds_and_a_scale_down
     assert max(gains) == 1, gains  # some device gains an expert, none more than its reserve holds  # within its reserve of one expert
 
 
+def test_an_aborted_scale_down_has_the_devices_that_stay_fill_their_reserve_again() -> None:
+    """The HMM releases an aborted transition's regions, those from its reserve too: the abort
+    tells every device of the configuration kept what to reserve (the HMM handles the
+    AbortTransition first, on the same channel)."""
+    f = dataclasses.replace(FACTS, scale_down_reserve_bytes=FACTS.expert_bytes)
+    h = Harness(num_devices=4, facts=f)
+    h.scale(3)
+    h.to_stage(reconfig.STANDBY)
+    actions = h.step(reconfig.AbortRequested("the operator gave up", h.now))
+    sent = [(a.dest, a.msg) for a in actions if isinstance(a, reconfig.Send)]
+    reserves = {d: m for d, m in sent if isinstance(m, wire.Reserve)}
+    assert set(reserves) == {reconfig.hmm_dest(d) for d in range(4)}
+    assert all(m.config_id == 1 and len(m.reserve_bytes) == 2 * len(f.moe_layers) for m in reserves.values())
+    for d, m in reserves.items():
+        assert sent.index((d, m)) > sent.index(next((dd, mm) for dd, mm in sent if dd == d
+                                                    and isinstance(mm, wire.AbortTransition)))
+
+
 def test_without_a_budget_commits_free_the_reserve_and_no_reserve_is_sent() -> None:
     h = Harness(num_devices=1, warm=[1])
     actions = _commit_scale(h, 2)

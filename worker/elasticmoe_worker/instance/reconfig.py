@@ -375,6 +375,8 @@ def _abort_scale(state: State, now: float, reason: str) -> tuple[State, list[Act
     sc = state.scale
     actions: list[Action] = [Send(hmm_dest(d), wire.AbortTransition(config_id=sc.new_config, reason=reason))
                              for d in sc.old_devices if d not in sc.lost]
+    # the aborted transition's regions from the reserve were released with it: the configuration kept fills it again
+    actions += [Send(hmm_dest(d), msg) for d, msg in reserve_actions(state) if d not in sc.lost]
     # A worker of a pod fleet outlives RemoveWorkers: it must drop what it half-received.
     actions += [Send(hmm_dest(d), wire.Shutdown(reason=f"scale aborted: {reason}")) for d in sc.added]
     if sc.added:
