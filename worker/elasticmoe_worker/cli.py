@@ -117,7 +117,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                       redundant_expert_bytes=redundant_bytes,
                                       warm_workers=1 if args.warm_workers is None else args.warm_workers,
                                       warm_reserve=args.warm_reserve,
-            scale_down_reserve_bytes=args.scale_down_reserve_bytes, control_port=args.control_port,
+                                      scale_down_reserve_bytes=args.scale_down_reserve_bytes,
+                                      control_port=args.control_port,
                                       worker_secret=_worker_secret(args) if restartable else "",
                                       orphan_timeout_s=args.orphan_timeout_s if restartable else None)
         if not adopts:

@@ -21,11 +21,13 @@ more devices than that uses fewer (the rest is released at commit), to fewer all
 on the spot. The reserve is memory: it counts in the worker's (and the warm pool's) footprint.
 
 A serving device keeps one too when the coordinator has `--scale-down-reserve-mb` (`wire.Reserve`,
-after every commit and at start-up): regions for as many experts as that budget holds (at most
-those a scale to one device would bring it). A scale-down copies into those pages instead of faulting in fresh ones while
-the standbys warm up beside it (session 21's profile of 4 -> 2: a staying device's copies ran at
-0.28 GB/s into fresh pages, 2.4 GB/s into reserved ones); `resize` keeps what it can of the
+after every commit or abort and at start-up): regions for as many experts as that budget holds
+(at most those a scale to one device would bring it). A scale-down copies into those pages
+instead of faulting in fresh ones while the standbys warm up beside it (session 21's profile of
+4 -> 2: a staying device's copies ran at 0.28 GB/s of CPU into fresh pages, 2.4 GB/s into reserved
+ones; session 22: its HMM's CPU in the transition 97 -> 25 ms). `resize` keeps what it can of the
 previous reserve. It is steady memory of the device (its PSS, and `bench scaling`'s steady state).
+NOTE: `resize` stops a fill in progress, which looks at its stop flag between regions only.
 """
 
 from __future__ import annotations

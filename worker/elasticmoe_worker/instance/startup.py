@@ -251,7 +251,7 @@ class StartUp:
         return fleet
 
     def _send_reserves(self) -> None:
-        """Each serving device's reserve for a scale-down by one (`--scale-down-reserve-mb`)."""
+        """Each serving device's reserve for a scale-down (`--scale-down-reserve-mb`)."""
         for d, msg in reconfig.reserve_actions(self.state):
             self.transport.send(reconfig.hmm_dest(d), msg)
 
