@@ -6,6 +6,7 @@ real gloo group in one process."""
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -100,3 +101,16 @@ def gloo_pair():
     for t in threads:
         t.join()
     return groups
+
+
+def reserve_regions(pid: int, device: int) -> int:
+    """How many regions of `device`'s reserve (memfds named dev<d>.reserve<n>) process `pid` holds
+    open: distinct files, as one region may be open under more than one descriptor."""
+    files = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(f"/memfd:dev{device}.reserve"):
+                files.add(os.stat(f"/proc/{pid}/fd/{fd}").st_ino)
+        except OSError:
+            pass
+    return len(files)

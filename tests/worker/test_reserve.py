@@ -15,6 +15,7 @@ from elasticmoe_worker.backends import cpu as cpu_backend
 from elasticmoe_worker.contract import wire
 from elasticmoe_worker.instance import reconfig, reserve
 
+import testprocs
 from reconfigharness import FACTS, Harness
 
 
@@ -206,17 +207,6 @@ def test_the_reserve_is_whole_experts_within_the_budget_and_no_more_than_a_scale
     assert reconfig.scale_down_reserve_bytes(Harness(num_devices=1, facts=f).state, 0) == []
 
 
-def _reserve_fds(pid: int, device: int) -> int:
-    """How many of `pid`'s open files are memfds of `device`'s reserve (named dev<d>.reserve<n>)."""
-    count = 0
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith(f"/memfd:dev{device}.reserve")
-        except OSError:
-            pass
-    return count
-
-
 def test_a_scale_down_copies_into_the_staying_devices_reserve(tiny_models, capfd) -> None:
     """Real workers: with a budget larger than what a scale to one device brings, each of 2 serving
     devices reserves exactly that; the 2 -> 1 scale takes every expert region device 0 receives
@@ -237,8 +227,8 @@ def test_a_scale_down_copies_into_the_staying_devices_reserve(tiny_models, capfd
         # 8 experts in 2 MoE layers: at one device, device 0 would hold the 4 it lacks: w13 and w2 of each
         pids = inst.fleet.pids()
         deadline = time.monotonic() + 60
-        while any(_reserve_fds(pids[d], d) < 16 for d in (0, 1)):
-            assert time.monotonic() < deadline, {d: _reserve_fds(pids[d], d) for d in (0, 1)}
+        while any(testprocs.reserve_regions(pids[d], d) < 16 for d in (0, 1)):
+            assert time.monotonic() < deadline, {d: testprocs.reserve_regions(pids[d], d) for d in (0, 1)}
             time.sleep(0.05)
         record = inst.scale(1, "test")
         assert record.outcome.value == "Succeeded", record

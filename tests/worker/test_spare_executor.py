@@ -16,6 +16,8 @@ import pytest
 
 from elasticmoe_worker.instance import procutil, spares, zygote
 
+import testprocs
+
 
 def _nice_of_threads(pid: int) -> set[int]:
     values = set()
@@ -138,15 +140,10 @@ def test_a_scale_spawns_the_next_spare_only_when_it_ends(tiny_models, capfd):
         _wait_for(lambda: len(_children(hmm_pid)) == 2, what="device 0's executor and its spare")
         # the spares say when they finished importing (heartbeats carry it to the coordinator)
         _wait_for(lambda: inst.spares_ready == {0, 1}, what="both devices' spares ready")
-        err = [""]
-
-        def logged(text: str):
-            def check() -> bool:
-                err[0] += capfd.readouterr().err
-                return text in err[0]
-            return check
-
-        _wait_for(logged("device 1: reserved"), what="the warm worker's reserve")
+        # NOTE: the logs are read once, after shutdown: reading capfd while workers write can lose a line.
+        # The warm worker's reserve: its replicated region and 4 experts' w13 and w2 in each of 2 MoE layers
+        _wait_for(lambda: testprocs.reserve_regions(inst.fleet.pids()[1], 1) == 1 + 4 * 2 * 2,
+                  what="the warm worker's reserve")
         steady = _children(hmm_pid)
         most, done = 0, threading.Event()
 
@@ -165,24 +162,22 @@ def test_a_scale_spawns_the_next_spare_only_when_it_ends(tiny_models, capfd):
             sampler.join()
         assert record.outcome.value == "Succeeded", record
         assert most == 2, f"device 0 held {most} executor processes at once during the scale"
-        # the HMMs commit after the switch (the scale has returned by then): wait for the new device's
-        _wait_for(logged("device 1: configuration 2 committed"), what="device 1's commit")
-        err = err[0]
-        assert "rank 0: tokenizer loaded ahead" in err and "rank 1: tokenizer loaded ahead" in err, err[-3000:]
-        assert "device 1: told the model's files" in err, err[-3000:]
-        # 8 experts on 2 devices: the new one holds 4 of them in each of 2 MoE layers, and its replicated region
-        commit = re.search(r"device 1: configuration 2 committed.*; (\d+) region\(s\) came from its reserve", err)
-        assert commit and int(commit.group(1)) == 1 + 4 * 2 * 2, err[-3000:]
-        # the coordinator told both HMMs each other's locality and mailbox (from their hellos): nothing went
-        # through the store
-        for d in (0, 1):
-            assert re.search(rf"device {d}: transition 2 moved .*peers' locality \(told\).*peers told through their "
-                             "mailboxes", err), err[-3000:]
-        # and the scale's rendezvous keys went with it
+        # the scale's rendezvous keys went with it
         assert not [k for k in inst.transport.store.data if k.startswith("transition-2/")], inst.transport.store.data
         # the old executor exited, the old spare serves as the standby it became, a new spare imports
         _wait_for(lambda: len(_children(hmm_pid)) == 2 and len(_children(hmm_pid) - steady) == 1,
                   what="a new spare beside the new executor")
         _wait_for(lambda: inst.spares_ready == {0, 1}, what="the new spares ready")
     finally:
-        inst.shutdown()
+        inst.shutdown()  # its Shutdown reaches each HMM after the commit, on the same channel
+    err = capfd.readouterr().err
+    assert "rank 0: tokenizer loaded ahead" in err and "rank 1: tokenizer loaded ahead" in err, err[-3000:]
+    assert "device 1: told the model's files" in err, err[-3000:]
+    # 8 experts on 2 devices: the new one holds 4 of them in each of 2 MoE layers, and its replicated region
+    commit = re.search(r"device 1: configuration 2 committed.*; (\d+) region\(s\) came from its reserve", err)
+    assert commit and int(commit.group(1)) == 1 + 4 * 2 * 2, err[-3000:]
+    # the coordinator told both HMMs each other's locality and mailbox (from their hellos): nothing went
+    # through the store
+    for d in (0, 1):
+        assert re.search(rf"device {d}: transition 2 moved .*peers' locality \(told\).*peers told through their "
+                         "mailboxes", err), err[-3000:]
