@@ -273,14 +273,13 @@ class HMM:
             self.spares.join_device(serving[0])  # the standby serves now: the device's quota from here on
         self._replace_spare()
         taken = self.reserve.taken
-        if msg.keep_reserve:  # a `Reserve` follows: it says what of the rest to keep
-            logger.info("device %d: configuration %d committed; %.1f MB of experts released%s", self.device_index,
-                        msg.config_id, freed / 1e6, f"; {taken} region(s) came from its reserve" if taken else "")
-            return
-        unused = self.reserve.release()  # it was for this device's first scale; serving devices keep no reserve
+        # keep_reserve: a `Reserve` follows and says what of the rest to keep; else it was for this
+        # device's first scale (a warm worker's) and serving devices keep none
+        unused = 0 if msg.keep_reserve else self.reserve.release()
+        parts = ([f"{taken} region(s) came from its reserve"] if taken else []) + (
+            [f"{unused / 1e6:.1f} MB of it unused and released"] if unused else [])
         logger.info("device %d: configuration %d committed; %.1f MB of experts released%s", self.device_index,
-                    msg.config_id, freed / 1e6, f"; {taken} region(s) came from its reserve, {unused / 1e6:.1f} MB "
-                    "of it unused and released" if taken or unused else "")
+                    msg.config_id, freed / 1e6, "; " + ", ".join(parts) if parts else "")
 
     def keep_reserve(self, msg: wire.Reserve) -> None:
         """Hold regions for experts a scale-down would bring this device (`wire.Reserve`)."""

@@ -311,6 +311,19 @@ def _adopt_late(state: State, ev: HandedOver, old_devices: tuple[int, ...]) -> t
     return dataclasses.replace(state, adopted=state.adopted | set(ranks)), actions + [Rebind(ranks)]
 
 
+def _hmm_commits(state: State, sc: Scale) -> list[Action]:
+    """The new configuration's HMMs told it is committed; with a scale-down reserve, a `Reserve`
+    follows each (`_reserves`), so the commit keeps what is left of it until then."""
+    keep = state.facts.scale_down_reserve_bytes > 0
+    return [Send(hmm_dest(d), wire.CommitTransition(config_id=sc.new_config, keep_reserve=keep))
+            for d in sc.new_devices]
+
+
+def _reserves(state: State, skip: tuple[int, ...] = ()) -> list[Action]:
+    """Each device of `state`'s configuration (but `skip`) told its scale-down reserve."""
+    return [Send(hmm_dest(d), msg) for d, msg in reserve_actions(state) if d not in skip]
+
+
 def _commit(state: State, now: float, failed_ranks: tuple[int, ...], message: str = "") -> tuple[State, list[Action]]:
     sc = state.scale
     kv = sc.kv
@@ -323,9 +336,7 @@ def _commit(state: State, now: float, failed_ranks: tuple[int, ...], message: st
         actions.append(Release(state.held))
     actions += [Send(exec_dest(sc.old_config, r), wire.Shutdown(reason="replaced by a new configuration"))
                 for r in range(len(sc.old_devices))]
-    keep = state.facts.scale_down_reserve_bytes > 0  # a Reserve follows
-    actions += [Send(hmm_dest(d), wire.CommitTransition(config_id=sc.new_config, keep_reserve=keep))
-                for d in sc.new_devices]
+    actions += _hmm_commits(state, sc)
     actions += [Send(hmm_dest(d), wire.Shutdown(reason="device released")) for d in sc.removed]
     if sc.removed:
         actions.append(RemoveWorkers(sc.removed))
@@ -343,7 +354,7 @@ def _commit(state: State, now: float, failed_ranks: tuple[int, ...], message: st
         state, config_id=sc.new_config, device_ids=sc.new_devices, placement=sc.plan.new_placement,
         hmm_ready=hmm_ready, scale=None, paused=False, held=(), retired=(sc.old_config, sc.old_devices, sc.new_devices),
         adopted=frozenset(ranks))
-    actions += [Send(hmm_dest(d), msg) for d, msg in reserve_actions(state)]
+    actions += _reserves(state)
     if sc.broken:  # the new configuration serves with a dead executor: end its requests, restart them all
         state, more = _degrade(state, sc.broken, hmm_lost=False, recover_at=now + state.facts.recovery_grace_s)
         actions += more
@@ -376,7 +387,7 @@ def _abort_scale(state: State, now: float, reason: str) -> tuple[State, list[Act
     actions: list[Action] = [Send(hmm_dest(d), wire.AbortTransition(config_id=sc.new_config, reason=reason))
                              for d in sc.old_devices if d not in sc.lost]
     # the aborted transition's regions from the reserve were released with it: the configuration kept fills it again
-    actions += [Send(hmm_dest(d), msg) for d, msg in reserve_actions(state) if d not in sc.lost]
+    actions += _reserves(state, skip=sc.lost)
     # A worker of a pod fleet outlives RemoveWorkers: it must drop what it half-received.
     actions += [Send(hmm_dest(d), wire.Shutdown(reason=f"scale aborted: {reason}")) for d in sc.added]
     if sc.added:
@@ -470,9 +481,7 @@ def _commit_recovery(state: State, now: float) -> tuple[State, list[Action]]:
     actions: list[Action] = [Commit(config_id=sc.new_config, num_devices=sc.target, ranks={}), Resume()]
     if state.held:
         actions.append(Release(state.held))
-    keep = state.facts.scale_down_reserve_bytes > 0  # a Reserve follows
-    actions += [Send(hmm_dest(d), wire.CommitTransition(config_id=sc.new_config, keep_reserve=keep))
-                for d in sc.new_devices]
+    actions += _hmm_commits(state, sc)
     sc = _end_stage(sc, now)
     record = msgspec.structs.replace(sc.record, outcome=admin.Outcome.SUCCEEDED, duration_ms=_ms(now - sc.started))
     actions.append(Finished(record, sc.new_config))
@@ -480,7 +489,7 @@ def _commit_recovery(state: State, now: float) -> tuple[State, list[Action]]:
         state, config_id=sc.new_config, device_ids=sc.new_devices, placement=sc.plan.new_placement,
         hmm_ready={d: sc.ready[d].ready for d in sc.new_devices}, scale=None, paused=False, held=(), retired=None,
         adopted=frozenset(), suspended_since=None)
-    actions += [Send(hmm_dest(d), msg) for d, msg in reserve_actions(state)]
+    actions += _reserves(state)
     return state, actions
 
 
