@@ -277,6 +277,18 @@ def test_parked_gets_go_with_their_prefix_and_past_the_limit(bare, monkeypatch):
         == [(False, b"")]
 
 
+def test_older_configurations_group_keys_go(bare):
+    kv = transport.KeyValue()
+    for seq, key in enumerate(["config-1/a", "config-2/a", "config-10/a", "config-3/b", "transition-2/a",
+                               "configx/a", "config-/a", "config-2"], 1):
+        kv.handle(wire.StoreRequest(op="set", seq=seq, key=key, value=b"v"), b"peer")
+    assert kv.handle(wire.StoreRequest(op="get", seq=20, key="config-2/late", wait=True), b"peer") == []
+    assert kv.handle(wire.StoreRequest(op="get", seq=21, key="config-3/late", wait=True), b"peer") == []
+    assert kv.drop_configs_before(3) == 2
+    assert sorted(kv.data) == ["config-/a", "config-10/a", "config-2", "config-3/b", "configx/a", "transition-2/a"]
+    assert list(kv.waiting) == ["config-3/late"]
+
+
 def test_a_store_request_that_cannot_be_served_is_dropped_and_the_loop_lives_on(bare):
     server, _, ctx = bare
     member = transport.connect(ctx, server.address, "exec-1-0", SECRET, linger_ms=0)

@@ -164,6 +164,9 @@ def test_a_scale_spawns_the_next_spare_only_when_it_ends(tiny_models, capfd):
         assert most == 2, f"device 0 held {most} executor processes at once during the scale"
         # the scale's rendezvous keys went with it
         assert not [k for k in inst.transport.store.data if k.startswith("transition-2/")], inst.transport.store.data
+        # and so did the old configuration's executor group's; the serving one's stay
+        groups = {k.partition("/")[0] for k in inst.transport.store.data if k.startswith("config-")}
+        assert groups == {"config-2"}, inst.transport.store.data
         # the old executor exited, the old spare serves as the standby it became, a new spare imports
         _wait_for(lambda: len(_children(hmm_pid)) == 2 and len(_children(hmm_pid) - steady) == 1,
                   what="a new spare beside the new executor")

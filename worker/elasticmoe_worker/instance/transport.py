@@ -165,11 +165,26 @@ class KeyValue:
 
     def drop_prefix(self, prefix: str) -> None:
         """Forget a finished group's keys, and the gets parked on them."""
+        self.drop_where(lambda key: key.startswith(prefix))
+
+    def drop_configs_before(self, config_id: int) -> int:
+        """Forget the keys of every configuration's executor group older than `config_id`
+        (`config-<n>/`, `n < config_id`): their executors have exited or are stopping, and no
+        group of theirs forms again. -> keys dropped."""
+        def older(key: str) -> bool:
+            head, sep, _ = key.partition("/")
+            return bool(sep) and head.startswith("config-") and head[7:].isdigit() and int(head[7:]) < config_id
+        return self.drop_where(older)
+
+    def drop_where(self, match: Callable[[str], bool]) -> int:
+        """Forget the keys `match`es, and the gets parked on them. -> keys dropped."""
         with self._lock:
-            for k in [k for k in self.data if k.startswith(prefix)]:
+            gone = [k for k in self.data if match(k)]
+            for k in gone:
                 del self.data[k]
-            for k in [k for k in self.waiting if k.startswith(prefix)]:
+            for k in [k for k in self.waiting if match(k)]:
                 del self.waiting[k]
+        return len(gone)
 
 
 class Server:
