@@ -48,7 +48,7 @@ from elasticmoe_worker.instance import reconfig_kv, reconfig_loss
 from elasticmoe_worker.instance.reconfig_state import (  # noqa: F401 - re-exported: reconfig.X
     WORKERS, TRANSFER, STANDBY, SWITCH, STAGES, Facts, Scale, State, initial, refuse_scale, owner_list, copies_for,
     expert_load, expert_copies_status, add_heat, warm_reserve_bytes, scale_down_reserve_bytes, reserve_actions,
-    start_message, exec_dest, hmm_dest,
+    start_message, exec_dest, hmm_dest, device_of, adopt_actions, hmm_commits, reserves,
 )
 from elasticmoe_worker.instance.reconfig_events import (  # noqa: F401 - re-exported: reconfig.X
     ScaleRequested, WorkerRegistered, WorkerDied, TransferReady, HMMFailed, ExecutorReady, ExecutorFailed,
@@ -218,7 +218,7 @@ def _on_handed_over(state: State, ev: HandedOver) -> tuple[State, list[Action]]:
         if ev.rank not in sc.waiting:
             return _adopt_late(state, ev, sc.old_devices)
         # merged: a late handover of the configuration before may have put sequences under this device
-        d = _device_of(sc.old_devices, ev.rank)
+        d = device_of(sc.old_devices, ev.rank)
         handed = {**sc.handed, d: tuple(sc.handed.get(d, ())) + tuple(ev.requests)}
         sc = dataclasses.replace(sc, handed=handed, waiting=sc.waiting - {ev.rank})
         state = dataclasses.replace(state, scale=sc)
@@ -230,25 +230,6 @@ def _on_handed_over(state: State, ev: HandedOver) -> tuple[State, list[Action]]:
         ev = dataclasses.replace(ev, requests=tuple(st for st in ev.requests if st.request_id not in state.adopted))
         return _adopt_late(state, ev, state.retired[1])
     return state, []  # a configuration we never switched from
-
-
-def _device_of(devices: tuple[int, ...], rank: int) -> int:
-    """The device rank `rank` ran on; a rank the configuration never had is a departing one."""
-    return devices[rank] if 0 <= rank < len(devices) else -1 - rank
-
-
-def _adopt_actions(config_id: int, kept, moved, new_devices: tuple[int, ...]) -> tuple[list[Action], dict[str, int]]:
-    """`kept`: device -> sequences whose KV is in its pool (in place, or copied there); `moved`:
-    device -> sequences it recomputes."""
-    actions: list[Action] = []
-    ranks: dict[str, int] = {}
-    for r, d in enumerate(new_devices):
-        if kept[d]:
-            actions.append(Send(exec_dest(config_id, r), wire.Adopt(config_id=config_id, requests=kept[d], keep_kv=True)))
-        if moved[d]:
-            actions.append(Send(exec_dest(config_id, r), wire.Adopt(config_id=config_id, requests=moved[d], keep_kv=False)))
-        ranks.update({st.request_id: r for st in kept[d] + moved[d]})
-    return actions, ranks
 
 
 def _move_kv(state: State, now: float) -> tuple[State, list[Action]]:
@@ -300,35 +281,22 @@ def _adopt_late(state: State, ev: HandedOver, old_devices: tuple[int, ...]) -> t
     the pause): they go to the new configuration like the others."""
     if not ev.requests:
         return state, []
-    d = _device_of(old_devices, ev.rank)
+    d = device_of(old_devices, ev.rank)
     if state.scale is not None and state.scale.stage == SWITCH:
         # not committed yet: the commit will bind them
         sc = state.scale
         extra = {**sc.handed, d: tuple(sc.handed.get(d, ())) + tuple(ev.requests)}
         return dataclasses.replace(state, scale=dataclasses.replace(sc, handed=extra)), []
     kept, moved = reconfig_kv.distribute({d: tuple(ev.requests)}, state.devices, {})
-    actions, ranks = _adopt_actions(state.config_id, kept, moved, state.devices)
+    actions, ranks = adopt_actions(state.config_id, kept, moved, state.devices)
     return dataclasses.replace(state, adopted=state.adopted | set(ranks)), actions + [Rebind(ranks)]
-
-
-def _hmm_commits(state: State, sc: Scale) -> list[Action]:
-    """The new configuration's HMMs told it is committed; with a scale-down reserve, a `Reserve`
-    follows each (`_reserves`), so the commit keeps what is left of it until then."""
-    keep = state.facts.scale_down_reserve_bytes > 0
-    return [Send(hmm_dest(d), wire.CommitTransition(config_id=sc.new_config, keep_reserve=keep))
-            for d in sc.new_devices]
-
-
-def _reserves(state: State, skip: tuple[int, ...] = ()) -> list[Action]:
-    """Each device of `state`'s configuration (but `skip`) told its scale-down reserve."""
-    return [Send(hmm_dest(d), msg) for d, msg in reserve_actions(state) if d not in skip]
 
 
 def _commit(state: State, now: float, failed_ranks: tuple[int, ...], message: str = "") -> tuple[State, list[Action]]:
     sc = state.scale
     kv = sc.kv
     kept, moved = reconfig_kv.adoptions(sc.handed, sc.new_devices, kv, copied=not sc.kv_failed)
-    actions, ranks = _adopt_actions(sc.new_config, kept, moved, sc.new_devices)
+    actions, ranks = adopt_actions(sc.new_config, kept, moved, sc.new_devices)
     if failed_ranks:
         actions.append(FailRequests(sc.old_config, failed_ranks, message))
     actions.append(Commit(config_id=sc.new_config, num_devices=sc.target, ranks=ranks))
@@ -336,7 +304,7 @@ def _commit(state: State, now: float, failed_ranks: tuple[int, ...], message: st
         actions.append(Release(state.held))
     actions += [Send(exec_dest(sc.old_config, r), wire.Shutdown(reason="replaced by a new configuration"))
                 for r in range(len(sc.old_devices))]
-    actions += _hmm_commits(state, sc)
+    actions += hmm_commits(state, sc)
     actions += [Send(hmm_dest(d), wire.Shutdown(reason="device released")) for d in sc.removed]
     if sc.removed:
         actions.append(RemoveWorkers(sc.removed))
@@ -354,7 +322,7 @@ def _commit(state: State, now: float, failed_ranks: tuple[int, ...], message: st
         state, config_id=sc.new_config, device_ids=sc.new_devices, placement=sc.plan.new_placement,
         hmm_ready=hmm_ready, scale=None, paused=False, held=(), retired=(sc.old_config, sc.old_devices, sc.new_devices),
         adopted=frozenset(ranks))
-    actions += _reserves(state)
+    actions += reserves(state)
     if sc.broken:  # the new configuration serves with a dead executor: end its requests, restart them all
         state, more = _degrade(state, sc.broken, hmm_lost=False, recover_at=now + state.facts.recovery_grace_s)
         actions += more
@@ -387,7 +355,7 @@ def _abort_scale(state: State, now: float, reason: str) -> tuple[State, list[Act
     actions: list[Action] = [Send(hmm_dest(d), wire.AbortTransition(config_id=sc.new_config, reason=reason))
                              for d in sc.old_devices if d not in sc.lost]
     # the aborted transition's regions from the reserve were released with it: the configuration kept fills it again
-    actions += _reserves(state, skip=sc.lost)
+    actions += reserves(state, skip=sc.lost)
     # A worker of a pod fleet outlives RemoveWorkers: it must drop what it half-received.
     actions += [Send(hmm_dest(d), wire.Shutdown(reason=f"scale aborted: {reason}")) for d in sc.added]
     if sc.added:
@@ -481,7 +449,7 @@ def _commit_recovery(state: State, now: float) -> tuple[State, list[Action]]:
     actions: list[Action] = [Commit(config_id=sc.new_config, num_devices=sc.target, ranks={}), Resume()]
     if state.held:
         actions.append(Release(state.held))
-    actions += _hmm_commits(state, sc)
+    actions += hmm_commits(state, sc)
     sc = _end_stage(sc, now)
     record = msgspec.structs.replace(sc.record, outcome=admin.Outcome.SUCCEEDED, duration_ms=_ms(now - sc.started))
     actions.append(Finished(record, sc.new_config))
@@ -489,7 +457,7 @@ def _commit_recovery(state: State, now: float) -> tuple[State, list[Action]]:
         state, config_id=sc.new_config, device_ids=sc.new_devices, placement=sc.plan.new_placement,
         hmm_ready={d: sc.ready[d].ready for d in sc.new_devices}, scale=None, paused=False, held=(), retired=None,
         adopted=frozenset(), suspended_since=None)
-    actions += _reserves(state)
+    actions += reserves(state)
     return state, actions
 
 

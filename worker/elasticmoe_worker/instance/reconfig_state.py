@@ -18,6 +18,7 @@ from typing import Mapping
 from elasticmoe_worker import hotcopies, planner
 from elasticmoe_worker.contract import admin, wire
 from elasticmoe_worker.instance import reconfig_kv, reconfig_loss
+from elasticmoe_worker.instance.reconfig_events import Send
 
 WORKERS, TRANSFER, STANDBY, SWITCH = "workers", "transfer", "standby_start", "switch"
 STAGES = (WORKERS, TRANSFER, STANDBY, SWITCH)
@@ -223,6 +224,38 @@ def reserve_actions(state: State) -> list[tuple[int, wire.Reserve]]:
         return []
     return [(d, wire.Reserve(config_id=state.config_id, reserve_bytes=scale_down_reserve_bytes(state, d)))
             for d in state.device_ids]
+
+
+def device_of(devices: tuple[int, ...], rank: int) -> int:
+    """The device rank `rank` ran on; a rank the configuration never had is a departing one."""
+    return devices[rank] if 0 <= rank < len(devices) else -1 - rank
+
+
+def adopt_actions(config_id: int, kept, moved, new_devices: tuple[int, ...]) -> tuple[list[Send], dict[str, int]]:
+    """`kept`: device -> sequences whose KV is in its pool (in place, or copied there); `moved`:
+    device -> sequences it recomputes."""
+    actions: list[Send] = []
+    ranks: dict[str, int] = {}
+    for r, d in enumerate(new_devices):
+        if kept[d]:
+            actions.append(Send(exec_dest(config_id, r), wire.Adopt(config_id=config_id, requests=kept[d], keep_kv=True)))
+        if moved[d]:
+            actions.append(Send(exec_dest(config_id, r), wire.Adopt(config_id=config_id, requests=moved[d], keep_kv=False)))
+        ranks.update({st.request_id: r for st in kept[d] + moved[d]})
+    return actions, ranks
+
+
+def hmm_commits(state: State, sc: Scale) -> list[Send]:
+    """The new configuration's HMMs told it is committed; with a scale-down reserve, a `Reserve`
+    follows each (`reserves`), so the commit keeps what is left of it until then."""
+    keep = state.facts.scale_down_reserve_bytes > 0
+    return [Send(hmm_dest(d), wire.CommitTransition(config_id=sc.new_config, keep_reserve=keep))
+            for d in sc.new_devices]
+
+
+def reserves(state: State, skip: tuple[int, ...] = ()) -> list[Send]:
+    """Each device of `state`'s configuration (but `skip`) told its scale-down reserve."""
+    return [Send(hmm_dest(d), msg) for d, msg in reserve_actions(state) if d not in skip]
 
 
 def expert_load(expert_heat: tuple[float, ...]) -> tuple[float, ...] | None:
