@@ -11,10 +11,12 @@ import re
 import sys
 import threading
 import time
+import types
 
 import pytest
 
-from elasticmoe_worker.instance import procutil, spares, zygote
+from elasticmoe_worker.engine import engine
+from elasticmoe_worker.instance import executor, procutil, spares, zygote
 
 import testprocs
 
@@ -99,6 +101,34 @@ def test_a_spec_larger_than_the_pipe_is_written_without_waiting_for_the_reader(t
         reader.wait()
 
 
+def test_an_executor_takes_the_tokenizer_sent_ahead_by_digest_or_loads_the_one_its_spec_carries(monkeypatch):
+    loaded = []
+    monkeypatch.setattr(executor.engine_mod, "tokenizer_from_files", lambda files: loaded.append(files) or "loaded")
+    files, other = {"tokenizer.json": "{1}"}, {"tokenizer.json": "{2}"}
+    digest, other_digest = engine.tokenizer_digest(files), engine.tokenizer_digest(other)
+    assert digest != other_digest and digest == engine.tokenizer_digest(dict(files))
+
+    def spec(tokenizer_files, tokenizer_digest=""):
+        return types.SimpleNamespace(start=types.SimpleNamespace(rank=0), tokenizer_files=tokenizer_files,
+                                     tokenizer_digest=tokenizer_digest)
+
+    ahead = executor.Preloaded(files, digest, "ahead")
+    assert executor._tokenizer(spec({}, digest), ahead) == "ahead" and loaded == []
+    # an older HMM: the files again, no digest
+    assert executor._tokenizer(spec(files), executor.Preloaded(files, "", "ahead")) == "ahead" and loaded == []
+    # loading ahead failed: once more from the files sent ahead
+    assert executor._tokenizer(spec({}, digest), executor.Preloaded(files, digest, None)) == "loaded"
+    assert loaded == [files]
+    # other files ahead than the spec's: the spec's
+    assert executor._tokenizer(spec(other, other_digest), ahead) == "loaded" and loaded[-1] == other
+    assert executor._tokenizer(spec(other), None) == "loaded" and loaded[-1] == other
+    # named by digest, but nothing (or something else) was sent ahead: said, not guessed
+    with pytest.raises(RuntimeError, match="by digest .* sent none ahead"):
+        executor._tokenizer(spec({}, digest), None)
+    with pytest.raises(RuntimeError, match="sent others ahead"):
+        executor._tokenizer(spec({}, other_digest), ahead)
+
+
 def _children(pid: int) -> set[int]:
     """Live executor children of every thread of `pid` (the HMM forks executors from a thread of
     its own); not its zygote."""
@@ -175,6 +205,10 @@ def test_a_scale_spawns_the_next_spare_only_when_it_ends(tiny_models, capfd):
         inst.shutdown()  # its Shutdown reaches each HMM after the commit, on the same channel
     err = capfd.readouterr().err
     assert "rank 0: tokenizer loaded ahead" in err and "rank 1: tokenizer loaded ahead" in err, err[-3000:]
+    # both standbys' spares had been sent the tokenizer: their specs named it by digest only
+    for d in (0, 1):
+        assert re.search(rf"device {d}: executor rank \d of 2 started \(pid \d+, configuration 2, pre-initialised "
+                         r"while its bytes arrive, its tokenizer sent ahead\)", err), err[-3000:]
     assert "device 1: told the model's files" in err, err[-3000:]
     # 8 experts on 2 devices: the new one holds 4 of them in each of 2 MoE layers, and its replicated region
     commit = re.search(r"device 1: configuration 2 committed.*; (\d+) region\(s\) came from its reserve", err)

@@ -57,6 +57,19 @@ def tokenizer_from_files(files: dict[str, str]):
         return load_tokenizer(d)
 
 
+def tokenizer_digest(files: dict[str, str]) -> str:
+    """A digest of tokenizer files (name -> text): equal for equal files. An executor whose spare
+    preloaded files of this digest is sent none (`wire.ExecutorSpec.tokenizer_digest`)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(files):
+        data = files[name].encode()
+        h.update(f"{name}\0{len(data)}\0".encode())
+        h.update(data)
+    return h.hexdigest()
+
+
 def chat_token_ids(tokenizer, messages) -> list[int]:
     """The chat template applied, with the assistant's turn opened; -> token ids."""
     ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)

@@ -87,8 +87,8 @@ def _to_wire(out: types.RequestOutput) -> wire.Output:
 
 
 class Executor:
-    def __init__(self, spec: wire.ExecutorSpec, preloaded: tuple[dict[str, str], object] | None = None) -> None:
-        """`preloaded`: (tokenizer files, tokenizer) loaded while this process waited as a spare."""
+    def __init__(self, spec: wire.ExecutorSpec, preloaded: Preloaded | None = None) -> None:
+        """`preloaded`: the tokenizer sent (and loaded) while this process waited as a spare."""
         started, started_cpu = time.perf_counter(), time.process_time()
         self.spec = spec
         start = spec.start
@@ -145,11 +145,7 @@ class Executor:
                                                      block.w13, block.w2, self.torch_device)
             phase("group")
 
-        if preloaded is not None and preloaded[0] == spec.tokenizer_files:
-            tokenizer = preloaded[1]
-            logger.info("rank %d: tokenizer loaded ahead, while this process waited as a spare", self.rank)
-        else:
-            tokenizer = engine_mod.tokenizer_from_files(spec.tokenizer_files)
+        tokenizer = _tokenizer(spec, preloaded)
         phase("tokenizer")
         self.engine = engine_mod.LLMEngine(model, tokenizer, cfg, spec.model_name, pool=self.device.pool)
         phase("engine")
@@ -338,17 +334,45 @@ def import_ahead() -> None:
     transformers.AutoTokenizer  # noqa: B018  (a lazy module: this imports it)
 
 
-def _preload(msg: wire.ExecutorPreload) -> tuple[dict[str, str], object] | None:
-    """A spare loads what it can before its spec: -> (tokenizer files, tokenizer), or None where
-    that failed (said; the spec's tokenizer is then loaded as it comes, and fails there if bad)."""
+@dataclasses.dataclass
+class Preloaded:
+    """The tokenizer files a spare was sent ahead (`wire.ExecutorPreload`), and the tokenizer
+    loaded from them (None where that failed)."""
+
+    files: dict[str, str]
+    digest: str
+    tokenizer: object | None
+
+
+def _preload(msg: wire.ExecutorPreload) -> Preloaded:
+    """A spare loads what it can before its spec (a failure is said; the executor tries again from
+    the same files once it is given work, and fails there if they are bad)."""
     t0 = time.perf_counter()
     try:
         tokenizer = engine_mod.tokenizer_from_files(msg.tokenizer_files)
-    except Exception as exc:  # noqa: BLE001 - the executor loads it again from its spec
+    except Exception as exc:  # noqa: BLE001 - the executor loads it again
         logger.warning("spare: could not load the tokenizer ahead: %s: %s", type(exc).__name__, exc)
-        return None
-    logger.debug("spare: tokenizer loaded ahead in %.0f ms", 1000 * (time.perf_counter() - t0))
-    return msg.tokenizer_files, tokenizer
+        tokenizer = None
+    else:
+        logger.debug("spare: tokenizer loaded ahead in %.0f ms", 1000 * (time.perf_counter() - t0))
+    return Preloaded(msg.tokenizer_files, msg.digest, tokenizer)
+
+
+def _tokenizer(spec: wire.ExecutorSpec, preloaded: Preloaded | None):
+    """The spec's tokenizer: the one loaded ahead when the files are the same (by digest where both
+    have one: a spec whose spare was sent them ahead carries none), else from the spec's files."""
+    rank = spec.start.rank
+    if preloaded is not None and (spec.tokenizer_digest == preloaded.digest if spec.tokenizer_digest and preloaded.digest
+                                  else spec.tokenizer_files == preloaded.files):
+        if preloaded.tokenizer is not None:
+            logger.info("rank %d: tokenizer loaded ahead, while this process waited as a spare", rank)
+            return preloaded.tokenizer
+        return engine_mod.tokenizer_from_files(preloaded.files)  # it failed ahead (said then): once more
+    if not spec.tokenizer_files:
+        raise RuntimeError(f"rank {rank}: the spec names its tokenizer files by digest {spec.tokenizer_digest[:12]!r} "
+                           f"but this process was sent "
+                           f"{'none ahead' if preloaded is None else f'others ahead ({preloaded.digest[:12]!r})'}")
+    return engine_mod.tokenizer_from_files(spec.tokenizer_files)
 
 
 def main() -> int:

@@ -74,12 +74,14 @@ class HMM:
         self.plan: wire.LoadPlan | None = None
         self.config_json = ""
         self.tokenizer_files: dict[str, str] = {}
+        self.tokenizer_digest = ""  # engine.tokenizer_digest(tokenizer_files); "" while they are unknown
         # config id -> (process, rank): the serving executor, and a standby during a scale
         self.executors: dict[int, tuple[subprocess.Popen, int]] = {}
         # config id -> a pre-initialised standby waiting for its bytes (its stdin still open)
         self.gated: dict[int, spares.StdinFeeder] = {}
         self.exec_lock = threading.RLock()  # the transition thread starts standbys too
-        self.spares = spares.Spares(device_index, lambda: self.tokenizer_files, lambda: self.stop)
+        self.spares = spares.Spares(device_index, lambda: (self.tokenizer_files, self.tokenizer_digest),
+                                    lambda: self.stop)
         self.transition: threading.Thread | None = None
         self.reserve = reserve.Reserve(self.backend, device_index)  # a warm worker's memory for its first scale
         self.cancels: dict[int, transition.Cancel] = {}  # config id -> its transition's cancel switch
@@ -99,18 +101,23 @@ class HMM:
         model_dir = pathlib.Path(plan.model_dir)
         # Read the small text files once, now: executors get them from us, not from disk.
         self.config_json = (model_dir / "config.json").read_text()
-        self.tokenizer_files = {n: (model_dir / n).read_text() for n in engine_mod.TOKENIZER_FILES if (model_dir / n).is_file()}
+        self._know_tokenizer({n: (model_dir / n).read_text() for n in engine_mod.TOKENIZER_FILES
+                              if (model_dir / n).is_file()})
         self.memory = memory.load_device(self.backend, self.device_index, plan)
         self.expert_ids = list(plan.expert_ids)
         self.send(self.memory.ready)
+
+    def _know_tokenizer(self, files: dict[str, str]) -> None:
+        self.tokenizer_files, self.tokenizer_digest = files, engine_mod.tokenizer_digest(files) if files else ""
 
     def learn_model(self, msg: wire.ModelFiles) -> None:
         """A warm worker learns the model before a scale takes it: the spares it has (and those it
         forks from now on) load the tokenizer while they wait."""
         if self.tokenizer_files:
             return  # it knows the model already (its checkpoint, a scale)
-        self.config_json, self.tokenizer_files = msg.config_json, dict(msg.tokenizer_files)
-        waiting = self.spares.preload(self.tokenizer_files)
+        self.config_json = msg.config_json
+        self._know_tokenizer(dict(msg.tokenizer_files))
+        waiting = self.spares.preload(self.tokenizer_files, self.tokenizer_digest)
         logger.info("device %d: told the model's files: its spares load the tokenizer while they wait (%d waiting "
                     "now); reserving %.1f MB in %d regions for the scale that takes it", self.device_index, waiting,
                     sum(msg.reserve_bytes) / 1e6, len(msg.reserve_bytes))
@@ -131,15 +138,17 @@ class HMM:
             if held is None:
                 held = self.pending_expert_ids if self.pending_expert_ids is not None else self.expert_ids
             computed = [e for e in held if start.expert_owner[e] == start.rank]
-            spec = wire.ExecutorSpec(
-                device_index=self.device_index, backend=self.backend_name, coordinator=self.coordinator,
-                config_json=self.config_json, tokenizer_files=self.tokenizer_files,
-                model_name=start.model_name, ready=self.memory.ready_for(computed), start=start, host=self.host,
-                wait_for_weights=wait_for_weights,
-            )
             proc = self.spares.take()
             if proc is None:
                 proc = self.spares.spawn_now()
+            # files the spare was sent ahead are named by their digest, not sent again
+            ahead = self.spares.preloaded(proc.pid) == self.tokenizer_digest != ""
+            spec = wire.ExecutorSpec(
+                device_index=self.device_index, backend=self.backend_name, coordinator=self.coordinator,
+                config_json=self.config_json, tokenizer_files={} if ahead else self.tokenizer_files,
+                model_name=start.model_name, ready=self.memory.ready_for(computed), start=start, host=self.host,
+                wait_for_weights=wait_for_weights, tokenizer_digest=self.tokenizer_digest,
+            )
             feeder = self.spares.give_work(proc, join_device=not wait_for_weights)
             feeder.write(spares.frame(spec))
             if wait_for_weights:
@@ -158,9 +167,10 @@ class HMM:
             # an executor of the memory held now (not a scale's standby, whose memory is still arriving
             # or not yet committed: a coordinator restart must not adopt that configuration)
             self.held_config_id = start.config_id
-        logger.info("device %d: executor rank %d of %d started (pid %d, configuration %d%s)", self.device_index,
+        logger.info("device %d: executor rank %d of %d started (pid %d, configuration %d%s%s)", self.device_index,
                     start.rank, start.world_size, proc.pid, start.config_id,
-                    ", pre-initialised while its bytes arrive" if wait_for_weights else "")
+                    ", pre-initialised while its bytes arrive" if wait_for_weights else "",
+                    ", its tokenizer sent ahead" if ahead else "")
 
     def release_standby(self, config_id: int) -> None:
         """Every byte of `config_id` is here: its pre-initialised standby may say ready."""
@@ -207,7 +217,7 @@ class HMM:
         """Allocate and receive in a thread; the control loop (and the serving executor) go on."""
         if self.memory is None:
             self.config_json = msg.config_json
-            self.tokenizer_files = dict(msg.tokenizer_files)
+            self._know_tokenizer(dict(msg.tokenizer_files))
             self.memory = transition.allocate_new_device(self.backend, self.device_index, msg, self.reserve.take)
 
         cancel = self.cancels[msg.config_id] = transition.Cancel()

@@ -5,10 +5,12 @@ replacement) costs attach + group join, not interpreter start-up. Spares are for
 device's zygote (`zygote`; ELASTICMOE_ZYGOTE=0 or a zygote that failed: each spare is a process
 of its own that imports, ~2.5 CPU-s), always on one long-lived spawner thread, and wait niced in
 the device's spare CPU group (`cgroup.SpareSlot`). A spare whose device knows the model loads its
-tokenizer while it waits (`wire.ExecutorPreload` on its stdin).
+tokenizer while it waits (`wire.ExecutorPreload` on its stdin); its spec then names those files by
+their digest instead of carrying them again (`preloaded`).
 
 Owned here: the spare's future, which spares said they finished importing, the CPU slot each
-waits in, and each executor's stdin writer from its fork until it is given its spec.
+waits in, each executor's stdin writer from its fork until it is given its spec, and the digest of
+the tokenizer files each was sent ahead.
 """
 
 from __future__ import annotations
@@ -76,13 +78,14 @@ def frame(msg: wire.Msg) -> bytes:
 
 
 class Spares:
-    """The spare executor of device `device_index`. `tokenizer_files()`: the model's tokenizer
-    files as the HMM knows them now ({} while it does not); `stopping()`: whether the HMM stops."""
+    """The spare executor of device `device_index`. `tokenizer()`: the model's tokenizer files as
+    the HMM knows them now and their digest (({}, "") while it does not); `stopping()`: whether
+    the HMM stops."""
 
-    def __init__(self, device_index: int, tokenizer_files: Callable[[], dict[str, str]],
+    def __init__(self, device_index: int, tokenizer: Callable[[], tuple[dict[str, str], str]],
                  stopping: Callable[[], bool]) -> None:
         self.device_index = device_index
-        self._tokenizer_files = tokenizer_files
+        self._tokenizer = tokenizer
         self._stopping = stopping
         self._spawner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="spawn")
         # the next spare: forked (or started) on the spawner thread, so that a zygote still
@@ -94,6 +97,7 @@ class Spares:
         self._slots: dict[int, cgroup.SpareSlot] = {}  # spare pid -> the CPU group it waits in
         self._feeders: dict[int, StdinFeeder] = {}  # executor pid -> its stdin, until it is given its spec
         self._ready: set[int] = set()  # pids of spares that said they finished importing
+        self._preloaded: dict[int, str] = {}  # pid -> digest of the tokenizer files it was sent last
 
     # -- the spare ---------------------------------------------------------------------------
 
@@ -187,13 +191,19 @@ class Spares:
         for pid in [p for p in list(self._slots) if p not in pids and (spare is None or p != spare.pid)]:
             del self._slots[pid]
 
-    def preload(self, tokenizer_files: dict[str, str]) -> int:
+    def preload(self, tokenizer_files: dict[str, str], digest: str) -> int:
         """Every waiting spare loads the tokenizer now. -> how many were told."""
-        data = frame(wire.ExecutorPreload(tokenizer_files=tokenizer_files))
-        feeders = list(self._feeders.values())
-        for feeder in feeders:
+        data = frame(wire.ExecutorPreload(tokenizer_files=tokenizer_files, digest=digest))
+        feeders = list(self._feeders.items())
+        for pid, feeder in feeders:
             feeder.write(data)
+            self._preloaded[pid] = digest
         return len(feeders)
+
+    def preloaded(self, pid: int) -> str:
+        """The digest of the tokenizer files executor `pid` was sent ahead, while it was a spare
+        ("" if none): its spec need not carry them. Asked once, when it is given its spec."""
+        return self._preloaded.pop(pid, "")
 
     # -- making spares (on the spawner thread) -----------------------------------------------
 
@@ -220,8 +230,11 @@ class Spares:
         threading.Thread(target=self._await_ready, args=(proc, ready_r, time.monotonic()), name="spare-ready",
                          daemon=True).start()
         feeder = self._feeders[proc.pid] = StdinFeeder(proc)
-        if tokenizer_files := self._tokenizer_files():  # the model is known: loaded while it waits
-            feeder.write(frame(wire.ExecutorPreload(tokenizer_files=tokenizer_files)))
+        self._preloaded.pop(proc.pid, None)  # a process gone before had this pid
+        tokenizer_files, digest = self._tokenizer()
+        if tokenizer_files:  # the model is known: loaded while it waits
+            feeder.write(frame(wire.ExecutorPreload(tokenizer_files=tokenizer_files, digest=digest)))
+            self._preloaded[proc.pid] = digest
         slot = self._wait_in_spare_group(proc.pid, "the spare executor")
         if slot is not None:
             self._slots[proc.pid] = slot
