@@ -187,11 +187,16 @@ def _struct_json_names(struct) -> list[str]:
     return [f.encode_name for f in msgspec.structs.fields(struct)]
 
 
+# the admin API's per-device profile of a scale's transfer is not kept in the resource's status: one
+# entry per device in each of the 11 records there, for what an operator reads in the coordinator's
+NOT_IN_STATUS = {"transferDevices"}
+
+
 def test_scale_record_has_the_coordinators_json_shape():
     """The CRD's record and the admin API's: the same field names and outcome values, so a
-    coordinator record copies into status unchanged."""
+    coordinator record copies into status unchanged (but `NOT_IN_STATUS`)."""
     ours = [f.alias or name for name, f in api.ScaleRecord.model_fields.items()]
-    assert sorted(ours) == sorted(_struct_json_names(admin.ScaleRecord))
+    assert sorted(ours) == sorted(set(_struct_json_names(admin.ScaleRecord)) - NOT_IN_STATUS)
     outcome = crd.build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"][
         "properties"]["lastScale"]["properties"]["outcome"]
     assert set(outcome["enum"]) == {o.value for o in admin.Outcome} == {"Running", "Succeeded", "Aborted", "Failed"}
@@ -199,8 +204,10 @@ def test_scale_record_has_the_coordinators_json_shape():
 
 def test_a_coordinator_record_is_a_valid_status_record():
     rec = admin.ScaleRecord(from_devices=1, to_devices=2, reason="r", scale_id="m-1-2-x", outcome=admin.Outcome.ABORTED,
-                            phases_ms={"transfer": 5}, transfer_data_ms=3)
-    assert api.ScaleRecord.model_validate(admin.to_builtins(rec)).dump() == admin.to_builtins(rec)
+                            phases_ms={"transfer": 5}, transfer_data_ms=3,
+                            transfer_devices=[admin.TransferProfile(device=0, bytes_sent=9, total_ms=4)])
+    kept = {k: v for k, v in admin.to_builtins(rec).items() if k not in NOT_IN_STATUS}
+    assert api.ScaleRecord.model_validate(kept).dump() == kept
 
 
 def test_scaling_status_keeps_the_scale_id():

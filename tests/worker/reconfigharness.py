@@ -127,7 +127,7 @@ class Harness:
     def transfer_ready(self, device: int, config_id: int | None = None, data_s: float = 0.25):
         msg = wire.TransitionReady(device_index=device, config_id=config_id or self.state.scale.new_config,
                                    ready=hmm_ready(device), transfer_seconds=0.5, bytes_received=0, bytes_sent=0,
-                                   data_seconds=data_s + device / 100)
+                                   data_seconds=data_s + device / 100, setup_seconds=0.1, cpu_seconds=0.02)
         return self.step(reconfig.TransferReady(msg, self._at()))
 
     def executor_ready(self, rank: int, config_id: int | None = None):

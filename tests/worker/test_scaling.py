@@ -102,6 +102,12 @@ def test_scale_1_2_3_4_2_1_under_load_fails_nothing_and_changes_no_output(tiny_m
             assert sum(r.phases_ms.values()) == r.duration_ms, "phases are intervals that add up to the total"
             # every device is on this host: bytes move through shared memory, no process group
             assert r.transport == ("shared memory" if r.bytes_transferred else ""), (r.transport, r.bytes_transferred)
+            # each device's part of the transfer as its HMM measured it: every byte sent was received
+            prof = r.transfer_devices
+            assert [p.device for p in prof] == sorted(p.device for p in prof) and prof, r
+            assert sum(p.bytes_received for p in prof) == sum(p.bytes_sent for p in prof) == r.bytes_transferred, r
+            assert all(p.setup_ms + p.bytes_ms + p.peers_ms == p.total_ms and p.hmm_cpu_ms >= 0 for p in prof), r
+            assert max(p.bytes_ms for p in prof) <= r.transfer_data_ms, r
     finally:
         inst.shutdown()
 

@@ -87,6 +87,23 @@ def test_bench_scaling_quick_writes_every_measure(tmp_path):
     assert any(t["target"].startswith("1:2: elastic ÷ physical floor") for t in report["targets"])
     md = (tmp_path / "scaling.md").read_text()
     assert (tmp_path / "scaling.png").stat().st_size > 1000 and "physical floor" in md and "machine busy" in md
+    # each device's part of elastic's transfer, from its HMM, and the summary by role
+    assert {d["device"] for d in by["elastic"]["transfer_devices"]} == {0, 1}
+    assert set(scale["strategies"]["elastic"]["transfer_by_role"]) == {"receives", "sends"}
+    assert "transfer phase by device" in md
+
+
+def test_the_transfer_phase_is_summarised_by_device_role():
+    def dev(sent, got, total, setup, data, cpu, throttled):
+        return {"device": 0, "bytesSent": sent, "bytesReceived": got, "totalMs": total, "setupMs": setup,
+                "bytesMs": data, "peersMs": total - setup - data, "hmmCpuMs": cpu, "throttledMs": throttled}
+    roles = scaling_report.transfer_roles([dev(0, 9, 100, 10, 80, 20, 0), dev(0, 9, 140, 30, 100, 26, 35),
+                                           dev(0, 9, 120, 20, 90, 22, 58), dev(9, 0, 110, 1, 100, 10, -1),
+                                           dev(0, 0, 5, 5, 0, 1, 0)])
+    assert list(roles) == ["moves nothing", "receives", "sends"]
+    assert roles["receives"] == {"transitions": 3, "total_ms": 120, "setup_ms": 20, "bytes_ms": 90, "peers_ms": 10,
+                                 "hmm_cpu_ms": 22, "throttled_ms": 35, "throttled_transitions": 2}
+    assert roles["sends"]["throttled_ms"] is None and roles["sends"]["throttled_transitions"] == 0
 
 
 def test_staying_devices_peak_is_judged_against_their_larger_steady_state():

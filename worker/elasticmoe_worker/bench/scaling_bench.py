@@ -49,6 +49,8 @@ import pathlib
 import random
 import time
 
+import msgspec
+
 from elasticmoe_worker import cliargs
 from elasticmoe_worker.bench import process_meter, scaling_report
 
@@ -245,6 +247,7 @@ def _run_strategy(name: str, args, a: int, b: int, model_dir, cfg, prompts, para
             result["outcome"] = record.outcome.value
             result["bytes_transferred"] = record.bytes_transferred
             result["transfer_data_seconds"] = record.transfer_data_ms / 1000
+            result["transfer_devices"] = msgspec.to_builtins(record.transfer_devices)
             result["transport"] = record.transport
         elif name == "cold":
             active.clear()

@@ -21,6 +21,33 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a is not None and b else None
 
 
+_ROLE_FIELDS = ("total_ms", "setup_ms", "bytes_ms", "peers_ms", "hmm_cpu_ms")
+
+
+def transfer_roles(devices: list[dict]) -> dict:
+    """Each device's part of the transfer phase (the scale record's `transferDevices`, over repeats)
+    by role — receives, sends, both — -> role: {"transitions", median of each `_ROLE_FIELDS`,
+    "throttled_ms" median where known, "throttled_transitions"}."""
+    by: dict[str, list[dict]] = {}
+    for d in devices:
+        got, sent = d.get("bytesReceived", 0), d.get("bytesSent", 0)
+        role = "receives and sends" if got and sent else "receives" if got else "sends" if sent else "moves nothing"
+        by.setdefault(role, []).append(d)
+    out = {}
+    for role, ds in sorted(by.items()):
+        known = [d["throttledMs"] for d in ds if d.get("throttledMs", -1) >= 0]
+        out[role] = {"transitions": len(ds),
+                     **{k: _median([d.get(_camel(k), 0) for d in ds]) for k in _ROLE_FIELDS},
+                     "throttled_ms": _median(known) if known else None,
+                     "throttled_transitions": sum(1 for t in known if t > 0)}
+    return out
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(w.title() for w in rest)
+
+
 def summarise_repeats(runs: list[dict], floors: list[dict], steps: list[dict]) -> dict:
     """Medians over repeats of every figure, the ratios of medians the targets are judged on."""
     out: dict = {"scales": {}, "steps": {}}
@@ -46,6 +73,7 @@ def summarise_repeats(runs: list[dict], floors: list[dict], steps: list[dict]) -
                 "total_peak_bytes": _median([r["memory"]["peak_bytes"] for r in rs]),
                 "phases_s": {p: _median([r["phases"].get(p) for r in rs]) for p in rs[0].get("phases", {})},
                 "cpu_during": _cpu_summary([r["cpu_during"] for r in rs if r.get("cpu_during")]),
+                "transfer_by_role": transfer_roles([d for r in rs for d in r.get("transfer_devices") or []]),
             }
         scale = {"from": a, "to": b, "strategies": strategies}
         el, cold = strategies.get("elastic"), strategies.get("cold")
@@ -211,6 +239,19 @@ def report(report: dict, args) -> str:
                       f"{f(fl['transfer_bytes_per_s'] / 1e6 if fl['transfer_bytes_per_s'] else None, '{:.0f}')} MB/s | "
                       f"{f(fl['decode_step_s'], '{:.3f}')} | "
                       + ", ".join(f"{p} {f(v)}" for p, v in ph.items()) + " |")
+    roles = [(key, role, v) for key, s in summary["scales"].items()
+             for role, v in (s["strategies"].get("elastic", {}).get("transfer_by_role") or {}).items()]
+    if roles:
+        md += ["", "Elastic's transfer phase by device, as each device's HMM measured it (ms, medians over devices "
+               "and repeats; set-up + bytes + peers = total: allocation and set-up, moving bytes — its copies "
+               "and waiting for its peers' into it —, then waiting until its peers were done with its regions; "
+               "throttled: its HMM's CPU group waiting at its quota):", "",
+               "| scale | device | transitions | total | set-up | bytes | peers | HMM CPU | throttled (transitions) |",
+               "|---|---|---|---|---|---|---|---|---|"]
+        for key, role, v in roles:
+            md.append(f"| {key.replace(':', ' → ')} | {role} | {v['transitions']} | "
+                      + " | ".join(f(v[k], '{:.0f}') for k in _ROLE_FIELDS)
+                      + f" | {f(v['throttled_ms'], '{:.0f}')} ({v['throttled_transitions']}) |")
     cpu_rows = [(key, name, st["cpu_during"]) for key, s in summary["scales"].items()
                 for name, st in s["strategies"].items() if st.get("cpu_during")]
     if cpu_rows:

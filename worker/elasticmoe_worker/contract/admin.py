@@ -53,6 +53,21 @@ class ScaleRequest(_Body, kw_only=True, forbid_unknown_fields=True):
     wait: bool = False
 
 
+class TransferProfile(_Body, kw_only=True):
+    """One device's part of a scale's transfer phase, as its HMM measured it; whole milliseconds.
+    `setup_ms + bytes_ms + peers_ms` is the device's whole transition (`total_ms`)."""
+
+    device: int
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    total_ms: int = 0
+    setup_ms: int = 0  # allocation, telling its standby, the transfer's set-up
+    bytes_ms: int = 0  # moving bytes, its own copies and waiting for its peers' into it
+    peers_ms: int = 0  # after its bytes: waiting until its peers were done with its regions
+    hmm_cpu_ms: int = 0  # the HMM's CPU in all of it
+    throttled_ms: int = -1  # of which its CPU group waited at its quota; -1: unknown (no cgroup)
+
+
 class ScaleRecord(_Body, kw_only=True):
     """One scale and what came of it; durations in whole milliseconds."""
 
@@ -67,6 +82,7 @@ class ScaleRecord(_Body, kw_only=True):
     phases_ms: dict[str, int] = {}
     bytes_transferred: int = 0
     transfer_data_ms: int = 0  # of the transfer phase: moving bytes (the rest: allocation, group set-up)
+    transfer_devices: list[TransferProfile] = []  # each device's part of the transfer phase, by device
     # how the bytes moved, over all devices: "shared memory" (devices of one host), the collective
     # backend ("gloo", "nccl", "hccl"), both joined by " + ", or "" (nothing moved)
     transport: str = ""

@@ -240,6 +240,9 @@ class TransitionReady(Msg):
     bytes_sent: int
     data_seconds: float = 0.0  # of transfer_seconds, the time spent moving bytes
     transport: str = ""  # how: "shared memory", the collective backend ("gloo"), both joined by " + ", or ""
+    setup_seconds: float = 0.0  # of transfer_seconds, before the bytes: allocation, the standby told, set-up
+    cpu_seconds: float = 0.0  # the HMM process's CPU during the transition (every thread)
+    throttled_seconds: float = -1.0  # its CPU group's throttled time during the transition; -1: unknown
 
 
 class CommitTransition(Msg):

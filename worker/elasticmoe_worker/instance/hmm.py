@@ -238,7 +238,8 @@ class HMM:
                     device_index=self.device_index, config_id=msg.config_id,
                     ready=result.memory.ready_for(msg.expert_ids), transfer_seconds=result.seconds,
                     bytes_received=result.bytes_received, bytes_sent=result.bytes_sent,
-                    data_seconds=result.data_seconds, transport=result.transport))
+                    data_seconds=result.data_seconds, transport=result.transport, setup_seconds=result.setup_seconds,
+                    cpu_seconds=result.cpu_seconds, throttled_seconds=result.throttled_seconds))
             except Exception as exc:
                 if cancel.reason is not None:  # aborted: nobody waits for this one any more
                     logger.info("device %d: transition %d stopped (%s)", self.device_index, msg.config_id,

@@ -48,7 +48,7 @@ from elasticmoe_worker.instance import reconfig_kv, reconfig_loss
 from elasticmoe_worker.instance.reconfig_state import (  # noqa: F401 - re-exported: reconfig.X
     WORKERS, TRANSFER, STANDBY, SWITCH, STAGES, Facts, Scale, State, initial, refuse_scale, owner_list, copies_for,
     expert_load, expert_copies_status, add_heat, warm_reserve_bytes, scale_down_reserve_bytes, reserve_actions,
-    start_message, exec_dest, hmm_dest, device_of, adopt_actions, hmm_commits, reserves,
+    start_message, exec_dest, hmm_dest, device_of, adopt_actions, hmm_commits, reserves, transfer_profiles,
 )
 from elasticmoe_worker.instance.reconfig_events import (  # noqa: F401 - re-exported: reconfig.X
     ScaleRequested, WorkerRegistered, WorkerDied, TransferReady, HMMFailed, ExecutorReady, ExecutorFailed,
@@ -164,7 +164,7 @@ def _on_transfer_ready(state: State, ev: TransferReady) -> tuple[State, list[Act
         return dataclasses.replace(state, scale=sc), []
     transports = sorted({part for r in ready.values() for part in r.transport.split(" + ") if part})
     record = msgspec.structs.replace(sc.record, transfer_data_ms=_ms(max(r.data_seconds for r in ready.values())),
-                                     transport=" + ".join(transports))
+                                     transport=" + ".join(transports), transfer_devices=transfer_profiles(ready))
     actions: list[Action] = []
     if sc.lost:  # a recovery replaces the broken executors now; a scale's standbys started with the transfer
         owner = owner_list(sc.plan.new_placement, sc.new_devices)

@@ -258,6 +258,24 @@ def reserves(state: State, skip: tuple[int, ...] = ()) -> list[Send]:
     return [Send(hmm_dest(d), msg) for d, msg in reserve_actions(state) if d not in skip]
 
 
+def transfer_profiles(ready: Mapping[int, wire.TransitionReady]) -> list[admin.TransferProfile]:
+    """Each device's part of the transfer phase as its HMM reported it, by device (the scale record's
+    `transfer_devices`)."""
+    def ms(seconds: float) -> int:
+        return round(seconds * 1000)
+
+    out = []
+    for d, r in sorted(ready.items()):
+        total = ms(r.transfer_seconds)
+        setup = min(ms(r.setup_seconds), total)
+        data = min(ms(r.data_seconds), total - setup)
+        out.append(admin.TransferProfile(
+            device=d, bytes_sent=r.bytes_sent, bytes_received=r.bytes_received, total_ms=total, setup_ms=setup,
+            bytes_ms=data, peers_ms=total - setup - data, hmm_cpu_ms=ms(r.cpu_seconds),
+            throttled_ms=ms(r.throttled_seconds) if r.throttled_seconds >= 0 else -1))
+    return out
+
+
 def expert_load(expert_heat: tuple[float, ...]) -> tuple[float, ...] | None:
     """The planner's `expert_load`: None until any token was routed (nothing to steer by)."""
     return expert_heat if any(expert_heat) else None

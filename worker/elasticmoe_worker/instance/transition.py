@@ -44,6 +44,8 @@ class Result:
     allocation_seconds: float = 0.0  # of setup_seconds: allocating, telling the standby, checkpoint reads
     store_seconds: float = 0.0  # of setup_seconds: connecting to the transition's store
     locality_told: bool = False  # the peers' locality keys came with the message (no exchange)
+    cpu_seconds: float = 0.0  # this HMM process's CPU in the transition (every thread)
+    throttled_seconds: float = -1.0  # its CPU group's throttled time in it; -1: unknown
 
 
 # (bytes, name) -> a zero-filled region: `backend.allocate`, or a warm worker's `reserve.Reserve.take`
@@ -158,6 +160,8 @@ def run(backend: backends_base.DeviceBackend, device_index: int, mem: memory.Dev
     throttled1 = cgroup.throttling()
     quota = "" if throttled0 is None or throttled1 is None else (
         f", its CPU group throttled in {throttled1[0] - throttled0[0]} period(s), {(throttled1[1] - throttled0[1]) * 1e3:.0f} ms")
+    result = dataclasses.replace(result, cpu_seconds=_process_cpu() - cpu0, throttled_seconds=-1.0 if not quota
+                                 else throttled1[1] - throttled0[1])
     logger.info("device %d: transition %d moved %.1f MB out, %.1f MB in, in %.3f s (%s; allocation and set-up "
                 "%.3f s: allocation %.3f, store %.3f, peers' locality (%s) and group %.3f; bytes %.3f s (%s); the "
                 "peers' completion %.3f s; this HMM's CPU %.0f ms%s)",
@@ -168,7 +172,7 @@ def run(backend: backends_base.DeviceBackend, device_index: int, mem: memory.Dev
                 result.setup_seconds - result.allocation_seconds - result.store_seconds,
                 result.data_seconds, "peers told through their mailboxes" if msg.mailboxes is not None
                 else "peers told through the store", result.seconds - result.setup_seconds - result.data_seconds,
-                (_process_cpu() - cpu0) * 1e3, quota)
+                result.cpu_seconds * 1e3, quota)
     return result
 
 
