@@ -188,7 +188,7 @@ def _struct_json_names(struct) -> list[str]:
 
 
 # the admin API's per-device profile of a scale's transfer is not kept in the resource's status: one
-# entry per device in each of the 11 records there, for what an operator reads in the coordinator's
+# entry per device in each of the 11 records there, for what an operator can read from the coordinator
 NOT_IN_STATUS = {"transferDevices"}
 
 
