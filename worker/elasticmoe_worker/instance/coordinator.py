@@ -379,14 +379,7 @@ class Instance(startup.StartUp):
                         self.router.config_id, *self._resumed)
         elif isinstance(action, reconfig.Finished):
             self._finished(action.record)
-            # its transfers' and its KV copies' rendezvous keys are done with (`transport.KeyValue`)
-            for prefix in (f"transition-{action.config_id}/", f"kv-{action.config_id}/"):
-                self.transport.store.drop_prefix(prefix)
-            # and the executor groups' of configurations older than the one serving now (the one a
-            # scale replaced, or an aborted scale's younger one below)
-            self.transport.store.drop_configs_before(self.router.config_id)
-            if action.config_id > self.router.config_id:  # it never served: its standbys have exited
-                self.transport.store.drop_prefix(f"config-{action.config_id}/")
+            self.transport.store.drop_scale(action.config_id, self.router.config_id)
         else:
             raise AssertionError(f"unknown action {action!r}")
 

@@ -48,7 +48,8 @@ from elasticmoe_worker.instance import reconfig_kv, reconfig_loss
 from elasticmoe_worker.instance.reconfig_state import (  # noqa: F401 - re-exported: reconfig.X
     WORKERS, TRANSFER, STANDBY, SWITCH, STAGES, Facts, Scale, State, initial, refuse_scale, owner_list, copies_for,
     expert_load, expert_copies_status, add_heat, warm_reserve_bytes, scale_down_reserve_bytes, reserve_actions,
-    start_message, exec_dest, hmm_dest, device_of, adopt_actions, hmm_commits, reserves, transfer_profiles,
+    start_message, exec_dest, hmm_dest, device_of, adopt_actions, hmm_commits, reserves, transfer_profiles, ms,
+    end_stage,
 )
 from elasticmoe_worker.instance.reconfig_events import (  # noqa: F401 - re-exported: reconfig.X
     ScaleRequested, WorkerRegistered, WorkerDied, TransferReady, HMMFailed, ExecutorReady, ExecutorFailed,
@@ -62,18 +63,6 @@ def step(state: State, event: Event) -> tuple[State, list[Action]]:
     """The next state and what to do, for one event. Pure and deterministic."""
     handler = _HANDLERS[type(event)]
     return handler(state, event)
-
-
-def _ms(seconds: float) -> int:
-    return max(0, round(seconds * 1000))
-
-
-def _end_stage(sc: Scale, now: float, **changes) -> Scale:
-    # Rounded on the running total, so the phases add up to duration_ms exactly.
-    phases = {**sc.record.phases_ms}
-    phases[sc.stage] = _ms(now - sc.started) - sum(phases.values())
-    record = msgspec.structs.replace(sc.record, phases_ms=phases)
-    return dataclasses.replace(sc, record=record, stage_started=now, **changes)
 
 
 def _on_scale_requested(state: State, ev: ScaleRequested) -> tuple[State, list[Action]]:
@@ -136,7 +125,7 @@ def _start_transfer(state: State, now: float, recovery: reconfig_loss.Recovery |
             dtype=f.engine.dtype, standby=standby.get(d)))
         for rank, d in enumerate(group)]
     record = msgspec.structs.replace(sc.record, bytes_transferred=plan.bytes_moved)
-    sc = _end_stage(dataclasses.replace(sc, record=record), now, stage=TRANSFER, waiting=frozenset(group), plan=plan)
+    sc = end_stage(dataclasses.replace(sc, record=record), now, stage=TRANSFER, waiting=frozenset(group), plan=plan)
     return dataclasses.replace(state, scale=sc), actions
 
 
@@ -163,7 +152,7 @@ def _on_transfer_ready(state: State, ev: TransferReady) -> tuple[State, list[Act
     if sc.waiting:
         return dataclasses.replace(state, scale=sc), []
     transports = sorted({part for r in ready.values() for part in r.transport.split(" + ") if part})
-    record = msgspec.structs.replace(sc.record, transfer_data_ms=_ms(max(r.data_seconds for r in ready.values())),
+    record = msgspec.structs.replace(sc.record, transfer_data_ms=ms(max(r.data_seconds for r in ready.values())),
                                      transport=" + ".join(transports), transfer_devices=transfer_profiles(ready))
     actions: list[Action] = []
     if sc.lost:  # a recovery replaces the broken executors now; a scale's standbys started with the transfer
@@ -171,7 +160,7 @@ def _on_transfer_ready(state: State, ev: TransferReady) -> tuple[State, list[Act
         actions = [Send(hmm_dest(d), start_message(state.facts, sc.new_config, r, sc.target, owner, replace=True))
                    for r, d in enumerate(sc.new_devices)]
     waiting = frozenset(range(len(sc.new_devices))) - sc.early_ready
-    sc = _end_stage(dataclasses.replace(sc, record=record), ev.now, stage=STANDBY, waiting=waiting)
+    sc = end_stage(dataclasses.replace(sc, record=record), ev.now, stage=STANDBY, waiting=waiting)
     state = dataclasses.replace(state, scale=sc)
     if not waiting:  # every standby was ready before the last byte arrived
         return _standbys_ready(state, ev.now)
@@ -206,7 +195,7 @@ def _standbys_ready(state: State, now: float) -> tuple[State, list[Action]]:
     if sc.lost:
         return _commit_recovery(state, now)
     old_ranks = range(len(sc.old_devices))
-    sc = _end_stage(sc, now, stage=SWITCH, waiting=frozenset(old_ranks))
+    sc = end_stage(sc, now, stage=SWITCH, waiting=frozenset(old_ranks))
     actions: list[Action] = [PauseAdmission()]
     actions += [Send(exec_dest(sc.old_config, r), wire.PauseForSwitch(config_id=sc.old_config)) for r in old_ranks]
     return dataclasses.replace(state, scale=sc, paused=True), actions
@@ -308,11 +297,11 @@ def _commit(state: State, now: float, failed_ranks: tuple[int, ...], message: st
     actions += [Send(hmm_dest(d), wire.Shutdown(reason="device released")) for d in sc.removed]
     if sc.removed:
         actions.append(RemoveWorkers(sc.removed))
-    sc = _end_stage(sc, now)
+    sc = end_stage(sc, now)
     messages = sc.failures + ((message,) if message else ())
     outcome = admin.Outcome.FAILED if messages else admin.Outcome.SUCCEEDED
     record = msgspec.structs.replace(
-        sc.record, outcome=outcome, message="; ".join(messages), duration_ms=_ms(now - sc.started),
+        sc.record, outcome=outcome, message="; ".join(messages), duration_ms=ms(now - sc.started),
         requests_handed_over=len(ranks), tokens_recomputed=sum(st.num_computed for sts in moved.values() for st in sts),
         sequences_kv_moved=0 if kv is None or sc.kv_failed else kv.num_sequences, kv_bytes_moved=sc.kv_bytes,
         kv_fallback=sc.kv_failed)
@@ -360,9 +349,9 @@ def _abort_scale(state: State, now: float, reason: str) -> tuple[State, list[Act
     actions += [Send(hmm_dest(d), wire.Shutdown(reason=f"scale aborted: {reason}")) for d in sc.added]
     if sc.added:
         actions.append(RemoveWorkers(sc.added))
-    sc = _end_stage(sc, now)
+    sc = end_stage(sc, now)
     record = msgspec.structs.replace(sc.record, outcome=admin.Outcome.ABORTED, message=reason,
-                                     duration_ms=_ms(now - sc.started))
+                                     duration_ms=ms(now - sc.started))
     actions.append(Finished(record, sc.new_config))
     return dataclasses.replace(state, scale=None), actions
 
@@ -450,8 +439,8 @@ def _commit_recovery(state: State, now: float) -> tuple[State, list[Action]]:
     if state.held:
         actions.append(Release(state.held))
     actions += hmm_commits(state, sc)
-    sc = _end_stage(sc, now)
-    record = msgspec.structs.replace(sc.record, outcome=admin.Outcome.SUCCEEDED, duration_ms=_ms(now - sc.started))
+    sc = end_stage(sc, now)
+    record = msgspec.structs.replace(sc.record, outcome=admin.Outcome.SUCCEEDED, duration_ms=ms(now - sc.started))
     actions.append(Finished(record, sc.new_config))
     state = dataclasses.replace(
         state, config_id=sc.new_config, device_ids=sc.new_devices, placement=sc.plan.new_placement,

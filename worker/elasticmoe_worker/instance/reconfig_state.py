@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping
 
+import msgspec
+
 from elasticmoe_worker import hotcopies, planner
 from elasticmoe_worker.contract import admin, wire
 from elasticmoe_worker.instance import reconfig_kv, reconfig_loss
@@ -226,6 +228,20 @@ def reserve_actions(state: State) -> list[tuple[int, wire.Reserve]]:
             for d in state.device_ids]
 
 
+def ms(seconds: float) -> int:
+    """Seconds as whole milliseconds, never negative (the scale record's durations)."""
+    return max(0, round(seconds * 1000))
+
+
+def end_stage(sc: Scale, now: float, **changes) -> Scale:
+    """`sc` with its current stage's duration recorded and the next stage's fields (`changes`).
+    Rounded on the running total, so the phases add up to duration_ms exactly."""
+    phases = {**sc.record.phases_ms}
+    phases[sc.stage] = ms(now - sc.started) - sum(phases.values())
+    record = msgspec.structs.replace(sc.record, phases_ms=phases)
+    return dataclasses.replace(sc, record=record, stage_started=now, **changes)
+
+
 def device_of(devices: tuple[int, ...], rank: int) -> int:
     """The device rank `rank` ran on; a rank the configuration never had is a departing one."""
     return devices[rank] if 0 <= rank < len(devices) else -1 - rank
@@ -261,9 +277,6 @@ def reserves(state: State, skip: tuple[int, ...] = ()) -> list[Send]:
 def transfer_profiles(ready: Mapping[int, wire.TransitionReady]) -> list[admin.TransferProfile]:
     """Each device's part of the transfer phase as its HMM reported it, by device (the scale record's
     `transfer_devices`)."""
-    def ms(seconds: float) -> int:
-        return round(seconds * 1000)
-
     out = []
     for d, r in sorted(ready.items()):
         total = ms(r.transfer_seconds)

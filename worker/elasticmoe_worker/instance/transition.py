@@ -158,10 +158,10 @@ def run(backend: backends_base.DeviceBackend, device_index: int, mem: memory.Dev
             store.close()
     result = dataclasses.replace(result, allocation_seconds=allocated - started, store_seconds=connected - allocated)
     throttled1 = cgroup.throttling()
-    quota = "" if throttled0 is None or throttled1 is None else (
-        f", its CPU group throttled in {throttled1[0] - throttled0[0]} period(s), {(throttled1[1] - throttled0[1]) * 1e3:.0f} ms")
-    result = dataclasses.replace(result, cpu_seconds=_process_cpu() - cpu0, throttled_seconds=-1.0 if not quota
-                                 else throttled1[1] - throttled0[1])
+    known = throttled0 is not None and throttled1 is not None
+    periods, waited = (throttled1[0] - throttled0[0], throttled1[1] - throttled0[1]) if known else (0, -1.0)
+    quota = f", its CPU group throttled in {periods} period(s), {waited * 1e3:.0f} ms" if known else ""
+    result = dataclasses.replace(result, cpu_seconds=_process_cpu() - cpu0, throttled_seconds=waited)
     logger.info("device %d: transition %d moved %.1f MB out, %.1f MB in, in %.3f s (%s; allocation and set-up "
                 "%.3f s: allocation %.3f, store %.3f, peers' locality (%s) and group %.3f; bytes %.3f s (%s); the "
                 "peers' completion %.3f s; this HMM's CPU %.0f ms%s)",

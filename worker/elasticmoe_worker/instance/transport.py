@@ -167,6 +167,17 @@ class KeyValue:
         """Forget a finished group's keys, and the gets parked on them."""
         self.drop_where(lambda key: key.startswith(prefix))
 
+    def drop_scale(self, config_id: int, serving: int) -> None:
+        """A scale to `config_id` ended with `serving` serving: its transfers' and KV copies' keys
+        are done with, and so are the executor groups' of every configuration older than `serving`
+        (the one a scale replaced) and of `config_id` if it never served (an aborted scale: its
+        standbys have exited)."""
+        for prefix in (f"transition-{config_id}/", f"kv-{config_id}/"):
+            self.drop_prefix(prefix)
+        self.drop_configs_before(serving)
+        if config_id > serving:
+            self.drop_prefix(f"config-{config_id}/")
+
     def drop_configs_before(self, config_id: int) -> int:
         """Forget the keys of every configuration's executor group older than `config_id`
         (`config-<n>/`, `n < config_id`): their executors have exited or are stopping, and no
