@@ -111,9 +111,9 @@ class LocalFleet:
         while True:
             cmd, done = self._requests.get()
             try:
-                done.append(subprocess.Popen(cmd, start_new_session=True, env=self.env))
+                done.put(subprocess.Popen(cmd, start_new_session=True, env=self.env))
             except BaseException as exc:
-                done.append(exc)
+                done.put(exc)
 
     def add(self, device_index: int) -> None:
         if device_index in self.workers and self.workers[device_index].poll() is None:
@@ -122,24 +122,23 @@ class LocalFleet:
                "--coordinator", self.coordinator_address, "--backend", self.backend, "--host", self.worker_host]
         if self.orphan_timeout_s is not None:
             cmd += ["--orphan-timeout-s", str(self.orphan_timeout_s)]
-        done: list = []
+        done: queue.SimpleQueue = queue.SimpleQueue()
         self._requests.put((cmd, done))
-        while not done:
-            time.sleep(0.001)
-        if isinstance(done[0], BaseException):
-            raise done[0]
-        self.workers[device_index] = done[0]
+        proc = done.get()
+        if isinstance(proc, BaseException):
+            raise proc
+        self.workers[device_index] = proc
         if self.quotas is not None:
             try:
-                group = self.quotas.place(device_index, done[0].pid)
+                group = self.quotas.place(device_index, proc.pid)
             except OSError as exc:
-                done[0].kill()
+                proc.kill()
                 self.workers.pop(device_index)
                 raise RuntimeError(f"device {device_index}: cannot put its worker into a CPU-quota cgroup: {exc}") from exc
             logger.info("device %d: HMM started (pid %d) in %s%s, its executors in %s, %.3g cores each",
-                        device_index, done[0].pid, group, cgroup.HMM_SUFFIX, group.name, self.quotas.cores)
+                        device_index, proc.pid, group, cgroup.HMM_SUFFIX, group.name, self.quotas.cores)
         else:
-            logger.info("device %d: HMM started (pid %d)", device_index, self.workers[device_index].pid)
+            logger.info("device %d: HMM started (pid %d)", device_index, proc.pid)
 
     def adopt(self, device_index: int, pid: int) -> None:
         """Take over the worker a killed coordinator left running (it rejoined on our address)."""
@@ -160,7 +159,7 @@ class LocalFleet:
                     self._silenced[i] = silent_s
                     p.kill()
                     p.wait()
-        return {i: p.returncode for i, p in self.workers.items() if p.poll() is not None}
+        return {i: p.returncode for i, p in list(self.workers.items()) if p.poll() is not None}
 
     def death_reason(self, device_index: int, code: int) -> str:
         if device_index in self._silenced:

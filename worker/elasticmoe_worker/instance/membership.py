@@ -29,6 +29,8 @@ class Membership:
         self.max_devices = max_devices
         self._reported: set[int] = set()
         self._lock = threading.Lock()
+        self._adding = threading.Lock()
+        self._closed = False
 
     @property
     def starts_workers(self) -> bool:
@@ -49,10 +51,24 @@ class Membership:
         self.fleet.seen(device)
 
     def add(self, devices) -> None:
+        """Start these devices' workers (idempotent per device). Starts from different threads
+        (a scale's on the control loop, the warm pool's refill on its own) take turns; after
+        `stop_adding` none starts."""
         for d in devices:
-            with self._lock:
-                self._reported.discard(d)
-            self.fleet.add(d)
+            with self._adding:
+                if self._closed:
+                    logger.info("device %d: its worker is not started: the instance is stopping", d)
+                    return
+                with self._lock:
+                    self._reported.discard(d)
+                self.fleet.add(d)
+
+    def stop_adding(self) -> None:
+        """Start no worker from now on; returns once a start under way has ended (its worker is
+        then in the fleet, for the caller to stop)."""
+        self._closed = True  # (before the lock: a caller starting several must not take it back first)
+        with self._adding:
+            pass
 
     def remove(self, devices) -> None:
         """Stop these workers; never blocks (processes are reaped in the background), and the
