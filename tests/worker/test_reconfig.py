@@ -59,6 +59,8 @@ def test_a_scale_goes_through_every_stage_and_commits(start, target, warm):
         # the standby of each new rank starts with the transfer (pre-initialised), beside the serving one
         assert a.msg.standby == (reconfig.start_message(FACTS, 2, new.index(d), target, owner, replace=False)
                                  if d in new else None)
+        # the tokenizer only to a device that joins: one that stays has it
+        assert a.msg.tokenizer_files == (dict(FACTS.tokenizer_files) if d in added else {})
     assert h.state.scale.stage == TRANSFER and h.state.warm == frozenset(warm) - set(added)
     assert all(h.transfer_ready(d) == [] for d in group[:-1])
     assert h.transfer_ready(group[-1]) == [], "no StartExecutor after the transfer: they started with it"
@@ -114,6 +116,16 @@ def test_a_scale_up_takes_warm_devices_whose_spare_is_ready_first():
     actions = h.step(reconfig.ScaleRequested(2, "s1", "test", TIMEOUT_S, "", h.now + DT, ready=frozenset({0, 2, 7})))
     assert h.state.scale.new_devices == (0, 2) and h.state.warm == frozenset({1})
     assert rh.summary(actions) == ["hmm-0 PrepareTransition", "hmm-2 PrepareTransition"]
+
+
+def test_a_transition_sends_the_tokenizer_only_to_joining_devices_that_did_not_say_they_hold_it():
+    """0.55 MB per device to encode, send and decode (the small preset's tokenizer) is not free on a
+    busy machine; a staying device holds it, and a warm one said so in its heartbeats."""
+    h = rh.Harness(1, warm=(1, 2))
+    h.scales.append("s1")
+    actions = h.step(reconfig.ScaleRequested(3, "s1", "test", TIMEOUT_S, "", h.now + DT, informed=frozenset({0, 1})))
+    files = {a.dest: a.msg.tokenizer_files for a in actions}
+    assert files == {"hmm-0": {}, "hmm-1": {}, "hmm-2": dict(rh.FACTS.tokenizer_files)}
 
 
 def test_standbys_ready_before_the_transfer_ends_switch_as_the_last_byte_arrives():

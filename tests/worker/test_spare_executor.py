@@ -174,6 +174,8 @@ def test_a_scale_spawns_the_next_spare_only_when_it_ends(tiny_models, capfd):
         # The warm worker's reserve: its replicated region and 4 experts' w13 and w2 in each of 2 MoE layers
         _wait_for(lambda: testprocs.reserve_regions(inst.fleet.pids()[1], 1) == 1 + 4 * 2 * 2,
                   what="the warm worker's reserve")
+        # its heartbeats say it holds the model's tokenizer files: the transition sends them no more
+        _wait_for(lambda: inst._informed.get(1), what="the warm worker's heartbeat naming the tokenizer's digest")
         steady = _children(hmm_pid)
         most, done = 0, threading.Event()
 
@@ -210,6 +212,8 @@ def test_a_scale_spawns_the_next_spare_only_when_it_ends(tiny_models, capfd):
         assert re.search(rf"device {d}: executor rank \d of 2 started \(pid \d+, configuration 2, pre-initialised "
                          r"while its bytes arrive, its tokenizer sent ahead\)", err), err[-3000:]
     assert "device 1: told the model's files" in err, err[-3000:]
+    assert "device 1: joins configuration 2; the model's tokenizer files were told before, not sent again" in err, \
+        err[-3000:]
     # 8 experts on 2 devices: the new one holds 4 of them in each of 2 MoE layers, and its replicated region
     commit = re.search(r"device 1: configuration 2 committed.*; (\d+) region\(s\) came from its reserve", err)
     assert commit and int(commit.group(1)) == 1 + 4 * 2 * 2, err[-3000:]

@@ -129,7 +129,7 @@ class Instance(startup.StartUp):
         self.scale_down_reserve_bytes = scale_down_reserve_bytes
         self.spec: config_mod.ModelSpec | None = None
         self.tokenizer = None
-        self.config_json, self.tokenizer_files = "", {}  # until `_set_model`
+        self.config_json, self.tokenizer_files, self.tokenizer_digest = "", {}, ""  # until `_set_model`
         self._max_model_len: int | None = None
         self.max_devices = num_devices
         if self._adopts and not (self.model_dir / "config.json").is_file():
@@ -157,6 +157,7 @@ class Instance(startup.StartUp):
         self.router: routing.Router | None = None
         self.members: membership.Membership | None = None
         self._spare_ready: dict[int, bool] = {}  # device -> its spare had imported, at its last heartbeat
+        self._informed: dict[int, bool] = {}  # device -> its HMM holds this model's tokenizer files (heartbeat)
         # device -> its HMM's locality key and mailbox address (hello, heartbeat; the I/O thread)
         self._locality: dict[int, tuple[str, str]] = {}
         # (message type, configuration) of the last transition told its peers, and what it was told
@@ -183,6 +184,7 @@ class Instance(startup.StartUp):
         self._max_model_len = engine_mod.resolve_max_model_len(self.spec, self.config)
         self.config_json = config_json
         self.tokenizer_files = dict(tokenizer_files)
+        self.tokenizer_digest = engine_mod.tokenizer_digest(self.tokenizer_files) if tokenizer_files else ""
 
     def _check_devices(self, num_devices: object) -> None:
         top = self.spec.num_experts if self.spec is not None else None
@@ -446,9 +448,13 @@ class Instance(startup.StartUp):
         elif isinstance(msg, wire.Heartbeat):
             self.members.seen(msg.device_index)
             self._spare_ready[msg.device_index] = msg.spare_ready
+            self._informed[msg.device_index] = bool(self.tokenizer_digest) and \
+                msg.tokenizer_digest == self.tokenizer_digest
             self._learn_locality(msg.device_index, msg.locality, msg.mailbox)
         elif isinstance(msg, wire.HMMHello):
             self.members.registered(msg.device_index)
+            if not msg.knows_model:  # (a new process; the same one says hello each second until it holds memory)
+                self._informed[msg.device_index] = False
             self._learn_locality(msg.device_index, msg.locality, msg.mailbox)
             state = self.state
             # its spare can load the tokenizer now, and it can reserve memory for the scale that takes it
@@ -520,8 +526,9 @@ class Instance(startup.StartUp):
                 raise (ValueError if kind == "invalid" else ScaleInProgress)(message)
             scale_id = scale_id or uuid.uuid4().hex[:12]
             ready, warm = self.spares_ready, self.state.warm
+            informed = frozenset(d for d in self.registered_devices if self._informed.get(d))
             self._step(reconfig.ScaleRequested(devices, scale_id, reason, timeout_s, startup.now_rfc3339(), time.monotonic(),
-                                               ready=ready))
+                                               ready=ready, informed=informed))
             sc = self.state.scale
             if sc is not None and sc.added:
                 logger.info("scale %d -> %d adds device(s) %s: warm with a spare ready %s, warm %s, started now %s "

@@ -216,8 +216,14 @@ class HMM:
     def prepare_transition(self, msg: wire.PrepareTransition) -> None:
         """Allocate and receive in a thread; the control loop (and the serving executor) go on."""
         if self.memory is None:
+            if not msg.tokenizer_files and not self.tokenizer_files:
+                raise ValueError(f"transition {msg.config_id} makes device {self.device_index} join, but neither it "
+                                 f"nor a ModelFiles message gave this HMM the model's tokenizer files")
             self.config_json = msg.config_json
-            self._know_tokenizer(dict(msg.tokenizer_files))
+            if msg.tokenizer_files:  # (one that stays, or said in its heartbeats it holds them, is sent none)
+                self._know_tokenizer(dict(msg.tokenizer_files))
+            logger.info("device %d: joins configuration %d; the model's tokenizer files %s", self.device_index,
+                        msg.config_id, "came with it" if msg.tokenizer_files else "were told before, not sent again")
             self.memory = transition.allocate_new_device(self.backend, self.device_index, msg, self.reserve.take)
 
         cancel = self.cancels[msg.config_id] = transition.Cancel()
@@ -411,7 +417,7 @@ class HMM:
             while not self.stop:
                 sock.send(wire.encode(wire.Heartbeat(device_index=self.device_index, loaded=self.memory is not None,
                                                      spare_ready=self.spares.ready, locality=self.locality,
-                                                     mailbox=self.mailbox)))
+                                                     mailbox=self.mailbox, tokenizer_digest=self.tokenizer_digest)))
                 time.sleep(HEARTBEAT_INTERVAL_S)
         finally:
             sock.close()

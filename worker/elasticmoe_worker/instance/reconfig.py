@@ -80,7 +80,7 @@ def _on_scale_requested(state: State, ev: ScaleRequested) -> tuple[State, list[A
     sc = Scale(scale_id=ev.scale_id, target=ev.target, old_config=state.config_id, new_config=new_config,
                old_devices=old, new_devices=new, added=added, removed=removed, stage=WORKERS,
                waiting=frozenset(cold), started=ev.now, stage_started=ev.now, deadline=ev.now + ev.timeout_s,
-               timeout_s=ev.timeout_s, record=record)
+               timeout_s=ev.timeout_s, record=record, informed=ev.informed)
     state = dataclasses.replace(state, scale=sc, last_config_id=new_config, warm=state.warm - set(added))
     actions: list[Action] = [AddWorkers(cold)] if cold else []
     if not cold:
@@ -120,7 +120,8 @@ def _start_transfer(state: State, now: float, recovery: reconfig_loss.Recovery |
             transfers=transfers, replicated_layout=list(f.replicated_layout), replicated_bytes=f.replicated_bytes,
             expert_w13_bytes=f.expert_w13_bytes, expert_w2_bytes=f.expert_w2_bytes, moe_layers=list(f.moe_layers),
             num_kv_blocks=f.num_kv_blocks, kv_bytes=f.kv_bytes, config_json=f.config_json,
-            tokenizer_files=dict(f.tokenizer_files), timeout_s=sc.timeout_s,
+            tokenizer_files={} if d in sc.old_devices or d in sc.informed else dict(f.tokenizer_files),
+            timeout_s=sc.timeout_s,
             checkpoint_experts=list(from_checkpoint.get(d, ())), model_dir=f.model_dir if d in from_checkpoint else "",
             dtype=f.engine.dtype, standby=standby.get(d)))
         for rank, d in enumerate(group)]

@@ -26,6 +26,8 @@ class ScaleRequested:
     # warm devices whose spare executor is ready: a scale-up adds them before other unused ids
     # (a warm worker restarted a moment ago still imports: ~12 s at 0.225 cores)
     ready: frozenset[int] = frozenset()
+    # devices whose HMM said it holds the model's tokenizer files: a transition sends them none
+    informed: frozenset[int] = frozenset()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -103,6 +103,7 @@ class Scale:
     kv_failed: str = ""  # why the copy failed: its sequences are recomputed
     kv_bytes: int = 0  # received by the adopters
     kv_gone: frozenset[int] = frozenset()  # departing devices that died or lost their memory after the pause
+    informed: frozenset[int] = frozenset()  # ScaleRequested.informed
 
     @property
     def switched(self) -> bool:
