@@ -196,7 +196,7 @@ class LocalFleet:
             self.quotas.release(device_index, group)
 
     def pids(self) -> dict[int, int]:
-        return {i: p.pid for i, p in self.workers.items()}
+        return {i: p.pid for i, p in list(self.workers.items())}
 
     def seen(self, device_index: int) -> None:
         """A message from this device's worker."""
