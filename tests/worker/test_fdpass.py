@@ -108,3 +108,53 @@ def test_a_connection_the_owner_closed_while_idle_is_replaced(monkeypatch) -> No
         os.close(fdpass.receive(region.handle))
         with b.handles_prefetched([region.handle]):
             pass
+
+
+_OWNER = ("import sys,msgspec,torch\n"
+          "from elasticmoe_worker.backends import cpu,fdpass\n"
+          "r=cpu.CpuBackend().allocate(4096,'owner.'+sys.argv[1]);r.tensor(torch.uint8,(4096,)).fill_(int(sys.argv[1]))\n"
+          "fdpass.server().grant(r.handle.fd_token)\n"
+          "print(msgspec.json.encode(r.handle).decode(),flush=True);sys.stdin.read()\n")
+
+
+def test_a_stalled_owner_does_not_hold_up_requests_to_another() -> None:
+    """Two peers' regions fetched at once (a device that pulls from two sources): while one owner
+    cannot answer (stopped), the other's fds still come (each owner's connection has its own lock)."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    import msgspec
+
+    owners = [subprocess.Popen([sys.executable, "-c", _OWNER, str(i)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               text=True) for i in (1, 2)]
+    got: dict[int, int] = {}
+    try:
+        handles = [msgspec.json.decode(p.stdout.readline().encode(), type=base.MemoryHandle) for p in owners]
+
+        def fetch(i: int) -> None:
+            got[i] = fdpass.receive(handles[i])
+
+        for h in handles:  # both connections exist before the stall
+            os.close(fdpass.receive(h))
+        os.kill(owners[0].pid, signal.SIGSTOP)
+        stalled = threading.Thread(target=fetch, args=(0,), daemon=True)
+        stalled.start()
+        time.sleep(0.2)  # its request is in flight to the stopped owner
+        other = threading.Thread(target=fetch, args=(1,), daemon=True)
+        other.start()
+        other.join(timeout=10)
+        assert not other.is_alive(), "the request to a live owner waited for the stopped one"
+        assert stalled.is_alive() and 0 not in got
+        os.kill(owners[0].pid, signal.SIGCONT)
+        stalled.join(timeout=10)
+        assert not stalled.is_alive()
+        for i, fd in got.items():
+            assert os.pread(fd, 1, 0) == bytes([i + 1])
+    finally:
+        for fd in got.values():
+            os.close(fd)
+        for p in owners:
+            os.kill(p.pid, signal.SIGCONT)
+            p.communicate(timeout=30)

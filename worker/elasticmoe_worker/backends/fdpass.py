@@ -187,7 +187,11 @@ class FdServer:
 _server: FdServer | None = None
 _server_lock = threading.Lock()
 _clients: dict[tuple[int, str], socket.socket] = {}  # (our pid, server name) -> connection
-_clients_lock = threading.Lock()
+# (our pid, server name) -> held while a request to that owner is in flight (its replies carry no request
+# id); requests to different owners run in parallel. NOTE: one lock for all of them made a device that pulls
+# from two peers at once (4 -> 2) wait for the slower peer's reply before asking the other.
+_owner_locks: dict[tuple[int, str], threading.Lock] = {}
+_clients_lock = threading.Lock()  # the two dicts
 
 
 def server() -> FdServer:
@@ -200,8 +204,10 @@ def server() -> FdServer:
 
 
 def _connection(name: str, handle: base.MemoryHandle) -> socket.socket:
+    """The connection to the owner serving at `name` (made on first use); the caller holds its lock."""
     key = (os.getpid(), name)
-    conn = _clients.get(key)
+    with _clients_lock:
+        conn = _clients.get(key)
     if conn is None:
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         conn.settimeout(_CONNECTION_TIMEOUT_S)
@@ -212,7 +218,8 @@ def _connection(name: str, handle: base.MemoryHandle) -> socket.socket:
             raise base.AttachError(
                 f"cannot attach {handle.name!r}: nobody serves memory handles at @{name} ({exc.strerror}; "
                 f"owner pid {handle.owner_pid} exited, or runs in another network namespace)") from None
-        _clients[key] = conn
+        with _clients_lock:
+            _clients[key] = conn
     return conn
 
 
@@ -226,22 +233,27 @@ def _request(handles: list[base.MemoryHandle]) -> list[int]:
     """New fds of `handles` (one owner, at most MAX_BATCH) in one round trip."""
     first = handles[0]
     key = (os.getpid(), first.fd_socket)
-    with _clients_lock:  # NOTE: one request in flight per connection: replies carry no request id
+    with _clients_lock:
+        lock = _owner_locks.setdefault(key, threading.Lock())
+    with lock:
         for attempt in (1, 2):
-            reused = key in _clients
+            with _clients_lock:
+                reused = key in _clients
             conn = _connection(first.fd_socket, first)
             try:
                 conn.sendall(_MAGIC + b"".join(h.fd_token for h in handles))
                 msg, fds, _, _ = socket.recv_fds(conn, 4096, len(handles))
             except OSError as exc:
-                _clients.pop(key, None)
+                with _clients_lock:
+                    _clients.pop(key, None)
                 conn.close()
                 if reused and attempt == 1:
                     continue  # the owner closed an idle connection (_CONNECTION_TIMEOUT_S): a new one
                 raise base.AttachError(f"cannot attach {first.name!r}: the fd server @{first.fd_socket} of pid "
                                        f"{first.owner_pid} failed: {exc}") from None
             if not msg and reused and attempt == 1:
-                _clients.pop(key, None)
+                with _clients_lock:
+                    _clients.pop(key, None)
                 conn.close()
                 continue  # as above, seen as end of file
             break
