@@ -127,8 +127,10 @@ class Harness:
     def transfer_ready(self, device: int, config_id: int | None = None, data_s: float = 0.25):
         msg = wire.TransitionReady(device_index=device, config_id=config_id or self.state.scale.new_config,
                                    ready=hmm_ready(device), transfer_seconds=0.5, bytes_received=0, bytes_sent=0,
-                                   data_seconds=data_s + device / 100, setup_seconds=0.1, cpu_seconds=0.02)
-        return self.step(reconfig.TransferReady(msg, self._at()))
+                                   data_seconds=data_s + device / 100, setup_seconds=0.1, cpu_seconds=0.02,
+                                   told_seconds=0.001)
+        # its report's delivery: known for even devices (ms: 3 + device), not for odd ones (another host)
+        return self.step(reconfig.TransferReady(msg, self._at(), (device + 3) / 1000 if device % 2 == 0 else -1.0))
 
     def executor_ready(self, rank: int, config_id: int | None = None):
         return self.step(reconfig.ExecutorReady(rank, config_id or self.state.scale.new_config, self._at()))

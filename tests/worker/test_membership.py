@@ -9,6 +9,7 @@ import threading
 import time
 
 import reconfigharness
+from elasticmoe_worker.contract import wire
 from elasticmoe_worker.engine import engine as engine_mod
 from elasticmoe_worker.instance import coordinator, fleet, membership
 
@@ -44,6 +45,24 @@ def test_a_released_devices_heartbeats_do_not_make_it_a_worker_again():
     m.seen(1)
     _silent_past(0.05)
     assert m.new_deaths() == {0: -1}
+
+
+def test_what_a_worker_says_of_itself_is_kept_per_device():
+    m = membership.Membership(fleet.ExternalFleet(heartbeat_timeout_s=5), warm_workers=0, max_devices=4)
+    m.hello(wire.HMMHello(device_index=1, pid=11, locality="cpu/boot/ns/uid0", mailbox="@box1"))
+    m.hello(wire.HMMHello(device_index=2, pid=12))  # an older HMM: says no locality key
+    assert (m.locality(1), m.locality(2), m.locality(3)) == (("cpu/boot/ns/uid0", "@box1"), None, None)
+    assert m.spares_ready([1, 2, 3]) == m.informed([1, 2, 3]) == frozenset()
+    m.heartbeat(wire.Heartbeat(device_index=1, loaded=False, spare_ready=True, locality="k", tokenizer_digest="d"), "d")
+    m.heartbeat(wire.Heartbeat(device_index=2, loaded=False, spare_ready=False, tokenizer_digest="other"), "d")
+    assert (m.spares_ready([1, 2]), m.informed([1, 2]), m.locality(1)) == ({1}, {1}, ("k", ""))
+    assert m.informed([1]) == {1} and m.informed([2]) == frozenset()
+    m.heartbeat(wire.Heartbeat(device_index=1, loaded=False, spare_ready=True, tokenizer_digest="d"), "")
+    assert m.informed([1]) == frozenset() and m.locality(1) is None, "no model known: nobody is told it"
+    m.heartbeat(wire.Heartbeat(device_index=1, loaded=False, tokenizer_digest="d"), "d")
+    m.hello(wire.HMMHello(device_index=1, pid=21, knows_model=False))  # a new process under the same id
+    assert m.informed([1]) == frozenset() and m.spares_ready([1]) == frozenset()
+    assert m.new_deaths() == {}, "hellos and heartbeats count as signs of life"
 
 
 class _SlowFleet(fleet.ExternalFleet):

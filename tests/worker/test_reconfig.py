@@ -98,9 +98,12 @@ def test_a_scale_goes_through_every_stage_and_commits(start, target, warm):
     assert (rec.sequences_kv_moved, rec.tokens_recomputed, rec.kv_fallback) == (2 * len(removed), 0, "")
     assert rec.kv_bytes_moved == 1000 * (len(old) if removed else 0)
     assert rec.transfer_data_ms == round((0.25 + group[-1] / 100) * 1000)
-    # each device's part, by device: set-up, bytes, then its peers, adding up to its transition
-    assert [(p.device, p.total_ms, p.setup_ms, p.bytes_ms, p.peers_ms, p.hmm_cpu_ms, p.throttled_ms)
-            for p in rec.transfer_devices] == [(d, 500, 100, 250 + d * 10, 150 - d * 10, 20, -1) for d in sorted(group)]
+    # each device's part, by device: set-up, bytes, then its peers, adding up to its transition; then the
+    # delivery of its PrepareTransition and of its report where the coordinator knows them (one clock)
+    assert [(p.device, p.total_ms, p.setup_ms, p.bytes_ms, p.peers_ms, p.hmm_cpu_ms, p.throttled_ms, p.told_ms,
+             p.delivery_ms) for p in rec.transfer_devices] == [
+        (d, 500, 100, 250 + d * 10, 150 - d * 10, 20, -1, *((1, d + 3) if d % 2 == 0 else (-1, -1)))
+        for d in sorted(group)]
     s = h.state
     assert (s.config_id, s.num_devices, s.placement, s.scale, s.paused, s.held) == (
         2, target, plan.new_placement, None, False, ())

@@ -108,6 +108,10 @@ def test_scale_1_2_3_4_2_1_under_load_fails_nothing_and_changes_no_output(tiny_m
             assert sum(p.bytes_received for p in prof) == sum(p.bytes_sent for p in prof) == r.bytes_transferred, r
             assert all(p.setup_ms + p.bytes_ms + p.peers_ms == p.total_ms and p.hmm_cpu_ms >= 0 for p in prof), r
             assert max(p.bytes_ms for p in prof) <= r.transfer_data_ms, r
+            # ... with its PrepareTransition's and its report's way to and from the coordinator, known here (one
+            # host, one clock): both inside the transfer phase (+1: rounding)
+            assert all(0 <= p.told_ms + p.total_ms + p.delivery_ms <= r.phases_ms["transfer"] + 2 for p in prof), r
+            assert all(p.told_ms >= 0 and p.delivery_ms >= 0 for p in prof), r
     finally:
         inst.shutdown()
 

@@ -94,16 +94,19 @@ def test_bench_scaling_quick_writes_every_measure(tmp_path):
 
 
 def test_the_transfer_phase_is_summarised_by_device_role():
-    def dev(sent, got, total, setup, data, cpu, throttled):
+    def dev(sent, got, total, setup, data, cpu, throttled, delivery=-1):
         return {"device": 0, "bytesSent": sent, "bytesReceived": got, "totalMs": total, "setupMs": setup,
-                "bytesMs": data, "peersMs": total - setup - data, "hmmCpuMs": cpu, "throttledMs": throttled}
-    roles = scaling_report.transfer_roles([dev(0, 9, 100, 10, 80, 20, 0), dev(0, 9, 140, 30, 100, 26, 35),
-                                           dev(0, 9, 120, 20, 90, 22, 58), dev(9, 0, 110, 1, 100, 10, -1),
+                "bytesMs": data, "peersMs": total - setup - data, "hmmCpuMs": cpu, "throttledMs": throttled,
+                "toldMs": delivery // 3 if delivery >= 0 else -1, "deliveryMs": delivery}
+    roles = scaling_report.transfer_roles([dev(0, 9, 100, 10, 80, 20, 0, 3), dev(0, 9, 140, 30, 100, 26, 35, 90),
+                                           dev(0, 9, 120, 20, 90, 22, 58, -1), dev(9, 0, 110, 1, 100, 10, -1),
                                            dev(0, 0, 5, 5, 0, 1, 0)])
     assert list(roles) == ["moves nothing", "receives", "sends"]
     assert roles["receives"] == {"transitions": 3, "total_ms": 120, "setup_ms": 20, "bytes_ms": 90, "peers_ms": 10,
-                                 "hmm_cpu_ms": 22, "throttled_ms": 35, "throttled_transitions": 2}
+                                 "hmm_cpu_ms": 22, "throttled_ms": 35, "throttled_transitions": 2,
+                                 "told_ms": 15.5, "delivery_ms": 46.5, "delivery_max_ms": 90}
     assert roles["sends"]["throttled_ms"] is None and roles["sends"]["throttled_transitions"] == 0
+    assert roles["sends"]["delivery_ms"] is roles["sends"]["told_ms"] is None  # (an HMM on another host)
 
 
 def test_staying_devices_peak_is_judged_against_their_larger_steady_state():

@@ -27,7 +27,9 @@ _ROLE_FIELDS = ("total_ms", "setup_ms", "bytes_ms", "peers_ms", "hmm_cpu_ms")
 def transfer_roles(devices: list[dict]) -> dict:
     """Each device's part of the transfer phase (the scale record's `transferDevices`, over repeats)
     by role — receives, sends, both — -> role: {"transitions", median of each `_ROLE_FIELDS`,
-    "throttled_ms" median where known, "throttled_transitions"}."""
+    "throttled_ms" median where known, "throttled_transitions", "told_ms": the median, where known, of its
+    `PrepareTransition`'s way from the coordinator, "delivery_ms" and "delivery_max_ms": the median and the
+    most of its report's way back}."""
     by: dict[str, list[dict]] = {}
     for d in devices:
         got, sent = d.get("bytesReceived", 0), d.get("bytesSent", 0)
@@ -36,10 +38,15 @@ def transfer_roles(devices: list[dict]) -> dict:
     out = {}
     for role, ds in sorted(by.items()):
         known = [d["throttledMs"] for d in ds if d.get("throttledMs", -1) >= 0]
+        delivered = [d["deliveryMs"] for d in ds if d.get("deliveryMs", -1) >= 0]
+        told = [d["toldMs"] for d in ds if d.get("toldMs", -1) >= 0]
         out[role] = {"transitions": len(ds),
                      **{k: _median([d.get(_camel(k), 0) for d in ds]) for k in _ROLE_FIELDS},
                      "throttled_ms": _median(known) if known else None,
-                     "throttled_transitions": sum(1 for t in known if t > 0)}
+                     "throttled_transitions": sum(1 for t in known if t > 0),
+                     "told_ms": _median(told) if told else None,
+                     "delivery_ms": _median(delivered) if delivered else None,
+                     "delivery_max_ms": max(delivered) if delivered else None}
     return out
 
 
@@ -245,13 +252,17 @@ def report(report: dict, args) -> str:
         md += ["", "Elastic's transfer phase by device, as each device's HMM measured it (ms, medians over devices "
                "and repeats; set-up + bytes + peers = total: allocation and set-up, moving bytes — its copies "
                "and waiting for its peers' into it —, then waiting until its peers were done with its regions; "
-               "throttled: its HMM's CPU group waiting at its quota):", "",
-               "| scale | device | transitions | total | set-up | bytes | peers | HMM CPU | throttled (transitions) |",
-               "|---|---|---|---|---|---|---|---|---|"]
+               "throttled: its HMM's CPU group waiting at its quota; told: before it, from the coordinator "
+               "sending `PrepareTransition` until the HMM took it up; delivery: after it, from the HMM sending "
+               "its report (`TransitionReady`) until the coordinator handled it, median (most)):", "",
+               "| scale | device | transitions | total | set-up | bytes | peers | HMM CPU | throttled (transitions) "
+               "| told | delivery (most) |",
+               "|---|---|---|---|---|---|---|---|---|---|---|"]
         for key, role, v in roles:
             md.append(f"| {key.replace(':', ' → ')} | {role} | {v['transitions']} | "
                       + " | ".join(f(v[k], '{:.0f}') for k in _ROLE_FIELDS)
-                      + f" | {f(v['throttled_ms'], '{:.0f}')} ({v['throttled_transitions']}) |")
+                      + f" | {f(v['throttled_ms'], '{:.0f}')} ({v['throttled_transitions']}) | "
+                      f"{f(v.get('told_ms'), '{:.0f}')} | {f(v.get('delivery_ms'), '{:.0f}')} ({f(v.get('delivery_max_ms'), '{:.0f}')}) |")
     cpu_rows = [(key, name, st["cpu_during"]) for key, s in summary["scales"].items()
                 for name, st in s["strategies"].items() if st.get("cpu_during")]
     if cpu_rows:

@@ -66,6 +66,11 @@ class TransferProfile(_Body, kw_only=True):
     peers_ms: int = 0  # after its bytes: waiting until its peers were done with its regions
     hmm_cpu_ms: int = 0  # the HMM's CPU in all of it
     throttled_ms: int = -1  # of which its CPU group waited at its quota; -1: unknown (no cgroup)
+    # before it: from the coordinator sending `PrepareTransition` until the HMM took it up; after it:
+    # from its HMM sending `TransitionReady` until the coordinator handled it (under the instance's
+    # lock). -1: unknown (an HMM on another host, whose clock is not the coordinator's)
+    told_ms: int = -1
+    delivery_ms: int = -1
 
 
 class ScaleRecord(_Body, kw_only=True):

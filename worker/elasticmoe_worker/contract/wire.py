@@ -233,6 +233,9 @@ class PrepareTransition(Msg):
     # each rank's mailbox address (`HMMHello.mailbox`), when the coordinator knows every one: the HMMs
     # of one host tell each other what they copy straight (`mailbox`); None: through the store
     mailboxes: list[str] | None = None
+    # the coordinator's wall clock (time.time()) as it sent this; 0: not said. The HMM reports how long
+    # it took to arrive (`TransitionReady.told_seconds`)
+    sent_at: float = 0.0
 
 
 class TransitionReady(Msg):
@@ -249,6 +252,12 @@ class TransitionReady(Msg):
     setup_seconds: float = 0.0  # of transfer_seconds, before the bytes: allocation, the standby told, set-up
     cpu_seconds: float = 0.0  # the HMM process's CPU during the transition (every thread)
     throttled_seconds: float = -1.0  # its CPU group's throttled time during the transition; -1: unknown
+    # from the coordinator sending `PrepareTransition` until this HMM took it up, by the HMM's clock
+    # against the message's `sent_at`; -1: unknown (not said). Meaningful where both share a host
+    told_seconds: float = -1.0
+    # the HMM's wall clock (time.time()) as it sent this; 0: not said (an older HMM). The coordinator
+    # takes its delivery (sent -> handled) from it when the HMM runs on its own host (one clock)
+    sent_at: float = 0.0
 
 
 class CommitTransition(Msg):

@@ -46,7 +46,7 @@ import msgspec
 from elasticmoe_worker.contract import admin, wire
 from elasticmoe_worker.engine import engine as engine_mod
 from elasticmoe_worker.engine import types
-from elasticmoe_worker.instance import membership, rayfleet, reconfig, routing, startup, transport
+from elasticmoe_worker.instance import membership, peer_copy, rayfleet, reconfig, routing, startup, transport
 from elasticmoe_worker.models import config as config_mod
 
 logger = logging.getLogger(__name__)
@@ -156,10 +156,6 @@ class Instance(startup.StartUp):
         self.state: reconfig.State | None = None
         self.router: routing.Router | None = None
         self.members: membership.Membership | None = None
-        self._spare_ready: dict[int, bool] = {}  # device -> its spare had imported, at its last heartbeat
-        self._informed: dict[int, bool] = {}  # device -> its HMM holds this model's tokenizer files (heartbeat)
-        # device -> its HMM's locality key and mailbox address (hello, heartbeat; the I/O thread)
-        self._locality: dict[int, tuple[str, str]] = {}
         # (message type, configuration) of the last transition told its peers, and what it was told
         self._locality_sent: tuple[tuple[str, int], dict] = (("", -1), {})
         self.executors: dict[int, wire.ExecutorReady] = {}
@@ -259,7 +255,7 @@ class Instance(startup.StartUp):
         """Registered devices whose spare executor has finished importing, as of their last
         heartbeat (a second old at most): a scale that takes their spare starts a standby
         without interpreter start-up."""
-        return frozenset(d for d in self.registered_devices if self._spare_ready.get(d))
+        return self.members.spares_ready(self.registered_devices) if self.members is not None else frozenset()
 
     @property
     def phase(self) -> admin.Phase:
@@ -319,13 +315,12 @@ class Instance(startup.StartUp):
             for action in actions:
                 self._execute(action)
 
-    def _learn_locality(self, device: int, key: str | None, mailbox: str = "") -> None:
-        """An HMM's locality key (None from an older HMM: unknown, even if a worker of that index said
-        one) and mailbox address ("": none)."""
-        if key is None:
-            self._locality.pop(device, None)
-        else:
-            self._locality[device] = (key, mailbox)
+    def _delivery(self, msg: wire.TransitionReady) -> float:
+        """Seconds from the HMM sending `msg` until now, when its clock is this one (same host); else -1."""
+        heard = self.members.locality(msg.device_index)
+        if not msg.sent_at or heard is None or not peer_copy.same_host(heard[0]):
+            return -1.0
+        return max(0.0, time.time() - msg.sent_at)
 
     def _execute(self, action: reconfig.Action) -> None:
         if isinstance(action, reconfig.Send) and isinstance(action.msg, (wire.PrepareTransition, wire.MoveKV)):
@@ -336,15 +331,18 @@ class Instance(startup.StartUp):
             msg = action.msg
             sent = (type(msg).__name__, msg.config_id)
             if self._locality_sent[0] != sent:  # (a transition's messages are sent one after another)
-                known = [self._locality.get(d) for d in msg.group_ranks]
+                known = [self.members.locality(d) for d in msg.group_ranks]
                 told = {}
                 if None not in known:
                     told["locality"] = [k for k, _ in known]
                     if all(box for _, box in known):
                         told["mailboxes"] = [box for _, box in known]
                 self._locality_sent = (sent, told)
-            if self._locality_sent[1]:
-                action = dataclasses.replace(action, msg=msgspec.structs.replace(msg, **self._locality_sent[1]))
+            told = self._locality_sent[1]
+            if isinstance(msg, wire.PrepareTransition):
+                told = {**told, "sent_at": time.time()}  # (the HMM reports how long it took to arrive)
+            if told:
+                action = dataclasses.replace(action, msg=msgspec.structs.replace(msg, **told))
         if isinstance(action, reconfig.Send):
             if isinstance(action.msg, wire.MoveKV) and action.msg.rank == 0:  # (one line per copy, not per device)
                 logger.info("switch to configuration %d: copying the KV of departing devices' sequences peer to "
@@ -446,16 +444,9 @@ class Instance(startup.StartUp):
             if msg.expert_tokens:
                 self._step(reconfig.ExpertLoadReported(tuple(msg.expert_tokens), now))
         elif isinstance(msg, wire.Heartbeat):
-            self.members.seen(msg.device_index)
-            self._spare_ready[msg.device_index] = msg.spare_ready
-            self._informed[msg.device_index] = bool(self.tokenizer_digest) and \
-                msg.tokenizer_digest == self.tokenizer_digest
-            self._learn_locality(msg.device_index, msg.locality, msg.mailbox)
+            self.members.heartbeat(msg, self.tokenizer_digest)
         elif isinstance(msg, wire.HMMHello):
-            self.members.registered(msg.device_index)
-            if not msg.knows_model:  # (a new process; the same one says hello each second until it holds memory)
-                self._informed[msg.device_index] = False
-            self._learn_locality(msg.device_index, msg.locality, msg.mailbox)
+            self.members.hello(msg)
             state = self.state
             # its spare can load the tokenizer now, and it can reserve memory for the scale that takes it
             # (what it would receive into is known once the instance serves; it says hello every second)
@@ -467,7 +458,8 @@ class Instance(startup.StartUp):
         elif isinstance(msg, wire.HMMRejoin):
             self._on_rejoin(msg, now)
         elif isinstance(msg, wire.TransitionReady):
-            self._step(reconfig.TransferReady(msg, now))
+            with self._lock:  # (reentrant: `_step` takes it again) the delivery and the phase count the wait for it
+                self._step(reconfig.TransferReady(msg, time.monotonic(), self._delivery(msg)))
         elif isinstance(msg, wire.ExecutorReady):
             if msg.config_id >= self.config_id:
                 self.executors[msg.rank] = msg
@@ -526,7 +518,7 @@ class Instance(startup.StartUp):
                 raise (ValueError if kind == "invalid" else ScaleInProgress)(message)
             scale_id = scale_id or uuid.uuid4().hex[:12]
             ready, warm = self.spares_ready, self.state.warm
-            informed = frozenset(d for d in self.registered_devices if self._informed.get(d))
+            informed = self.members.informed(self.registered_devices)
             self._step(reconfig.ScaleRequested(devices, scale_id, reason, timeout_s, startup.now_rfc3339(), time.monotonic(),
                                                ready=ready, informed=informed))
             sc = self.state.scale

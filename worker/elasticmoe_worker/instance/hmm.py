@@ -215,6 +215,7 @@ class HMM:
 
     def prepare_transition(self, msg: wire.PrepareTransition) -> None:
         """Allocate and receive in a thread; the control loop (and the serving executor) go on."""
+        told = time.time() - msg.sent_at if msg.sent_at else -1.0
         if self.memory is None:
             if not msg.tokenizer_files and not self.tokenizer_files:
                 raise ValueError(f"transition {msg.config_id} makes device {self.device_index} join, but neither it "
@@ -245,7 +246,8 @@ class HMM:
                     ready=result.memory.ready_for(msg.expert_ids), transfer_seconds=result.seconds,
                     bytes_received=result.bytes_received, bytes_sent=result.bytes_sent,
                     data_seconds=result.data_seconds, transport=result.transport, setup_seconds=result.setup_seconds,
-                    cpu_seconds=result.cpu_seconds, throttled_seconds=result.throttled_seconds))
+                    cpu_seconds=result.cpu_seconds, throttled_seconds=result.throttled_seconds,
+                    told_seconds=told, sent_at=time.time()))
             except Exception as exc:
                 if cancel.reason is not None:  # aborted: nobody waits for this one any more
                     logger.info("device %d: transition %d stopped (%s)", self.device_index, msg.config_id,

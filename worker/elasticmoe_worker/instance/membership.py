@@ -13,12 +13,24 @@ declared dead even if it still runs (pods); it is then never used again by this 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 
+from elasticmoe_worker.contract import wire
 from elasticmoe_worker.instance import fleet as fleet_mod
 
 logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Heard:
+    """What a device's HMM last said of itself in its hellos and heartbeats (the I/O thread writes,
+    a scale's caller reads: single assignments)."""
+
+    spare_ready: bool = False  # its spare executor had finished importing (heartbeat)
+    informed: bool = False  # it holds this model's tokenizer files, by digest (heartbeat; a new process's hello: no)
+    locality: tuple[str, str] | None = None  # (locality key, mailbox address: "" none); None: unknown (an older HMM)
 
 
 class Membership:
@@ -28,6 +40,7 @@ class Membership:
         self.warm_workers = warm_workers
         self.max_devices = max_devices
         self._reported: set[int] = set()
+        self.heard: dict[int, Heard] = {}  # device -> what its HMM last said of itself
         self._lock = threading.Lock()
         self._adding = threading.Lock()
         self._closed = False
@@ -49,6 +62,35 @@ class Membership:
                 self._reported.discard(device)
             self.fleet.add(device)
         self.fleet.seen(device)
+
+    def heartbeat(self, msg: wire.Heartbeat, tokenizer_digest: str) -> None:
+        """A worker is alive, and what it says of itself (`tokenizer_digest`: the model's, "" unknown)."""
+        self.fleet.seen(msg.device_index)
+        heard = self.heard.setdefault(msg.device_index, Heard())
+        heard.spare_ready = msg.spare_ready
+        heard.informed = bool(tokenizer_digest) and msg.tokenizer_digest == tokenizer_digest
+        heard.locality = _locality(msg)
+
+    def hello(self, msg: wire.HMMHello) -> None:
+        """A worker said hello (`registered`), and what it says of itself."""
+        self.registered(msg.device_index)
+        heard = self.heard.setdefault(msg.device_index, Heard())
+        if not msg.knows_model:  # (a new process; the same one says hello each second until it holds memory)
+            heard.informed = False
+        heard.locality = _locality(msg)
+
+    def spares_ready(self, devices) -> frozenset[int]:
+        """Of `devices`, those whose spare executor had finished importing at their last heartbeat."""
+        return frozenset(d for d in devices if d in self.heard and self.heard[d].spare_ready)
+
+    def informed(self, devices) -> frozenset[int]:
+        """Of `devices`, those whose HMM holds the model's tokenizer files (its last heartbeat said so)."""
+        return frozenset(d for d in devices if d in self.heard and self.heard[d].informed)
+
+    def locality(self, device: int) -> tuple[str, str] | None:
+        """(locality key, mailbox address) of a device's HMM; None: not known."""
+        heard = self.heard.get(device)
+        return heard.locality if heard is not None else None
 
     def add(self, devices) -> None:
         """Start these devices' workers (idempotent per device). Starts from different threads
@@ -99,3 +141,8 @@ class Membership:
         start = sorted(d for d in want if d not in self.fleet.workers)
         stop = sorted(d for d in self.fleet.workers if d not in active and d not in want and d not in busy)
         return start, stop
+
+
+def _locality(msg: wire.Heartbeat | wire.HMMHello) -> tuple[str, str] | None:
+    """An HMM's locality key and mailbox address; None from an older HMM, which says no key."""
+    return None if msg.locality is None else (msg.locality, msg.mailbox)

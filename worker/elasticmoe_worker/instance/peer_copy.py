@@ -42,6 +42,7 @@ Not guaranteed: the handles are capabilities: any process of the owner's uid tha
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import os
 import time
@@ -69,13 +70,28 @@ def locality_key(backend: backends_base.DeviceBackend) -> str:
     if not backend.copies_from_peers or os.environ.get(ENV, "1") == "0":
         return ""
     try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
+        boot = boot_id()
         netns = os.readlink("/proc/self/ns/net")
     except OSError as exc:
         logger.info("peer copies off: cannot tell this host apart (%s)", exc)
         return ""
     return f"{backend.name}/{boot}/{netns}/uid{os.geteuid()}"
+
+
+@functools.lru_cache(maxsize=1)
+def boot_id() -> str:
+    """This host's boot id (the kernel's; equal for processes that share one clock). OSError without one."""
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        return f.read().strip()
+
+
+def same_host(key: str) -> bool:
+    """Whether a `locality_key` was made on this host (its boot id is this one's)."""
+    parts = key.split("/")
+    try:
+        return len(parts) > 2 and parts[1] == boot_id()
+    except OSError:
+        return False
 
 
 def local_transfers(transfers: list[wire.Transfer], keys: dict[int, str]) -> set[int]:

@@ -149,12 +149,13 @@ def _on_transfer_ready(state: State, ev: TransferReady) -> tuple[State, list[Act
     if sc is None or msg.config_id != sc.new_config or sc.stage != TRANSFER or msg.device_index not in sc.waiting:
         return state, []  # stale (an aborted attempt) or duplicate
     ready = {**sc.ready, msg.device_index: msg}
-    sc = dataclasses.replace(sc, ready=ready, waiting=sc.waiting - {msg.device_index})
+    sc = dataclasses.replace(sc, ready=ready, waiting=sc.waiting - {msg.device_index},
+                             delivered={**sc.delivered, msg.device_index: ev.delivery_s})
     if sc.waiting:
         return dataclasses.replace(state, scale=sc), []
     transports = sorted({part for r in ready.values() for part in r.transport.split(" + ") if part})
     record = msgspec.structs.replace(sc.record, transfer_data_ms=ms(max(r.data_seconds for r in ready.values())),
-                                     transport=" + ".join(transports), transfer_devices=transfer_profiles(ready))
+                                     transport=" + ".join(transports), transfer_devices=transfer_profiles(ready, sc.delivered))
     actions: list[Action] = []
     if sc.lost:  # a recovery replaces the broken executors now; a scale's standbys started with the transfer
         owner = owner_list(sc.plan.new_placement, sc.new_devices)

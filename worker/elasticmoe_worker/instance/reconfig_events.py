@@ -47,6 +47,9 @@ class WorkerDied:
 class TransferReady:
     msg: wire.TransitionReady
     now: float = 0.0
+    # from the HMM's send to this event; -1: unknown (`TransferProfile.delivery_ms`): where the HMM is on
+    # another host, whose clock is not the coordinator's (then its `told_seconds` is not read either)
+    delivery_s: float = -1.0
 
 
 @dataclasses.dataclass(frozen=True)

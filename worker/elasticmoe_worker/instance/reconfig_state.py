@@ -87,6 +87,7 @@ class Scale:
     record: admin.ScaleRecord
     plan: planner.Plan | None = None
     ready: Mapping[int, wire.TransitionReady] = dataclasses.field(default_factory=dict)
+    delivered: Mapping[int, float] = dataclasses.field(default_factory=dict)  # device -> TransferReady.delivery_s
     handed: Mapping[int, tuple[wire.SequenceState, ...]] = dataclasses.field(default_factory=dict)
     failures: tuple[str, ...] = ()  # what went wrong after the pause: the record says Failed, whatever ends it
     broken: str = ""  # an executor of the new configuration failed after the pause: restart them after the commit
@@ -275,18 +276,24 @@ def reserves(state: State, skip: tuple[int, ...] = ()) -> list[Send]:
     return [Send(hmm_dest(d), msg) for d, msg in reserve_actions(state) if d not in skip]
 
 
-def transfer_profiles(ready: Mapping[int, wire.TransitionReady]) -> list[admin.TransferProfile]:
+def transfer_profiles(ready: Mapping[int, wire.TransitionReady],
+                      delivered: Mapping[int, float] | None = None) -> list[admin.TransferProfile]:
     """Each device's part of the transfer phase as its HMM reported it, by device (the scale record's
-    `transfer_devices`)."""
+    `transfer_devices`), with how long its `PrepareTransition` and its report took to arrive where its
+    clock is the coordinator's (`delivered`: device -> seconds, -1 where not)."""
+    delivered = delivered or {}
     out = []
     for d, r in sorted(ready.items()):
         total = ms(r.transfer_seconds)
         setup = min(ms(r.setup_seconds), total)
         data = min(ms(r.data_seconds), total - setup)
+        known = delivered.get(d, -1.0) >= 0  # (its clock is the coordinator's)
         out.append(admin.TransferProfile(
             device=d, bytes_sent=r.bytes_sent, bytes_received=r.bytes_received, total_ms=total, setup_ms=setup,
             bytes_ms=data, peers_ms=total - setup - data, hmm_cpu_ms=ms(r.cpu_seconds),
-            throttled_ms=ms(r.throttled_seconds) if r.throttled_seconds >= 0 else -1))
+            throttled_ms=ms(r.throttled_seconds) if r.throttled_seconds >= 0 else -1,
+            told_ms=ms(r.told_seconds) if known and r.told_seconds >= 0 else -1,
+            delivery_ms=ms(delivered[d]) if known else -1))
     return out
 
 
