@@ -462,3 +462,20 @@ def test_any_event_order_keeps_the_invariants(start, warm, ops):
             assert actions == [] and h.state == before, event
 
     rh.play(h, ops, check)
+
+
+def test_a_scales_log_line_names_the_device_whose_transfer_ended_last():
+    p = admin.TransferProfile
+    rec = admin.ScaleRecord(from_devices=4, to_devices=2, bytes_transferred=25_200_000, transport="shared memory",
+                            transfer_devices=[p(device=0, total_ms=40, setup_ms=1, bytes_ms=35, peers_ms=4, told_ms=2,
+                                                delivery_ms=1),
+                                              p(device=3, total_ms=38, setup_ms=1, bytes_ms=20, peers_ms=17, told_ms=9,
+                                                delivery_ms=6)])
+    assert reconfig.transfer_summary(rec) == (
+        "; transfer: 25.2 MB (shared memory), the last device to finish 3 (told after 9 ms, its part 38 ms: set-up 1, "
+        "bytes 20, peers 17, its report handled 6 ms after it was sent)")
+    other_host = admin.ScaleRecord(from_devices=1, to_devices=2, bytes_transferred=1_000_000, transport="gloo",
+                                   transfer_devices=[p(device=1, total_ms=50, setup_ms=5, bytes_ms=40, peers_ms=5)])
+    assert reconfig.transfer_summary(other_host) == (
+        "; transfer: 1.0 MB (gloo), the last device to finish 1 (its part 50 ms: set-up 5, bytes 40, peers 5)")
+    assert reconfig.transfer_summary(admin.ScaleRecord(from_devices=2, to_devices=1)) == ""

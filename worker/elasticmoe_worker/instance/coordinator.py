@@ -413,8 +413,8 @@ class Instance(startup.StartUp):
                            "phases, ms: %s", record.to_devices, record.duration_ms / 1000, record.reason,
                            record.requests_handed_over, record.tokens_recomputed, record.phases_ms)
         elif record.outcome == admin.Outcome.SUCCEEDED:
-            logger.info("scaled %d -> %d devices in %.2f s (phases, ms: %s)", record.from_devices, record.to_devices,
-                        record.duration_ms / 1000, record.phases_ms)
+            logger.info("scaled %d -> %d devices in %.2f s (phases, ms: %s)%s", record.from_devices, record.to_devices,
+                        record.duration_ms / 1000, record.phases_ms, reconfig.transfer_summary(record))
         else:
             logger.error("scale %d -> %d %s: %s; configuration %d serves", record.from_devices, record.to_devices,
                          record.outcome.value.lower(), record.message, self.config_id)

@@ -49,6 +49,7 @@ from elasticmoe_worker.instance.reconfig_state import (  # noqa: F401 - re-expor
     WORKERS, TRANSFER, STANDBY, SWITCH, STAGES, Facts, Scale, State, initial, refuse_scale, owner_list, copies_for,
     expert_load, expert_copies_status, add_heat, warm_reserve_bytes, scale_down_reserve_bytes, reserve_actions,
     start_message, exec_dest, hmm_dest, device_of, adopt_actions, hmm_commits, reserves, transfer_profiles, ms,
+    transfer_summary,
     end_stage,
 )
 from elasticmoe_worker.instance.reconfig_events import (  # noqa: F401 - re-exported: reconfig.X

@@ -297,6 +297,19 @@ def transfer_profiles(ready: Mapping[int, wire.TransitionReady],
     return out
 
 
+def transfer_summary(record: admin.ScaleRecord) -> str:
+    """The scale's transfer in words, for its log line: how much moved and how, and the device whose
+    part ended last (its message's way there, its transition, its report's way back), or ""."""
+    if not record.transfer_devices:
+        return ""
+    last = max(record.transfer_devices, key=lambda p: max(p.told_ms, 0) + p.total_ms + max(p.delivery_ms, 0))
+    told = f"told after {last.told_ms} ms, " if last.told_ms >= 0 else ""
+    back = f", its report handled {last.delivery_ms} ms after it was sent" if last.delivery_ms >= 0 else ""
+    return (f"; transfer: {record.bytes_transferred / 1e6:.1f} MB ({record.transport or 'nothing moved'}), the last "
+            f"device to finish {last.device} ({told}its part {last.total_ms} ms: set-up {last.setup_ms}, bytes "
+            f"{last.bytes_ms}, peers {last.peers_ms}{back})")
+
+
 def expert_load(expert_heat: tuple[float, ...]) -> tuple[float, ...] | None:
     """The planner's `expert_load`: None until any token was routed (nothing to steer by)."""
     return expert_heat if any(expert_heat) else None
