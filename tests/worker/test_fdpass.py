@@ -112,7 +112,8 @@ def test_a_connection_the_owner_closed_while_idle_is_replaced(monkeypatch) -> No
 
 _OWNER = ("import sys,msgspec,torch\n"
           "from elasticmoe_worker.backends import cpu,fdpass\n"
-          "r=cpu.CpuBackend().allocate(4096,'owner.'+sys.argv[1]);r.tensor(torch.uint8,(4096,)).fill_(int(sys.argv[1]))\n"
+          "r=cpu.CpuBackend().allocate(4096,'owner.'+sys.argv[1])\n"
+          "r.tensor(torch.uint8,(4096,)).fill_(int(sys.argv[1]))\n"
           "fdpass.server().grant(r.handle.fd_token)\n"
           "print(msgspec.json.encode(r.handle).decode(),flush=True);sys.stdin.read()\n")
 

@@ -175,7 +175,8 @@ def test_a_scale_spawns_the_next_spare_only_when_it_ends(tiny_models, capfd):
         _wait_for(lambda: testprocs.reserve_regions(inst.fleet.pids()[1], 1) == 1 + 4 * 2 * 2,
                   what="the warm worker's reserve")
         # its heartbeats say it holds the model's tokenizer files: the transition sends them no more
-        _wait_for(lambda: 1 in inst.members.informed([1]), what="the warm worker's heartbeat naming the tokenizer's digest")
+        _wait_for(lambda: 1 in inst.members.informed([1]),
+                  what="the warm worker's heartbeat naming the tokenizer's digest")
         steady = _children(hmm_pid)
         most, done = 0, threading.Event()
 

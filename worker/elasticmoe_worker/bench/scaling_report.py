@@ -262,7 +262,8 @@ def report(report: dict, args) -> str:
             md.append(f"| {key.replace(':', ' → ')} | {role} | {v['transitions']} | "
                       + " | ".join(f(v[k], '{:.0f}') for k in _ROLE_FIELDS)
                       + f" | {f(v['throttled_ms'], '{:.0f}')} ({v['throttled_transitions']}) | "
-                      f"{f(v.get('told_ms'), '{:.0f}')} | {f(v.get('delivery_ms'), '{:.0f}')} ({f(v.get('delivery_max_ms'), '{:.0f}')}) |")
+                      f"{f(v.get('told_ms'), '{:.0f}')} | {f(v.get('delivery_ms'), '{:.0f}')} "
+                      f"({f(v.get('delivery_max_ms'), '{:.0f}')}) |")
     cpu_rows = [(key, name, st["cpu_during"]) for key, s in summary["scales"].items()
                 for name, st in s["strategies"].items() if st.get("cpu_during")]
     if cpu_rows:

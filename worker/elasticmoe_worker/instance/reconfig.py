@@ -156,7 +156,8 @@ def _on_transfer_ready(state: State, ev: TransferReady) -> tuple[State, list[Act
         return dataclasses.replace(state, scale=sc), []
     transports = sorted({part for r in ready.values() for part in r.transport.split(" + ") if part})
     record = msgspec.structs.replace(sc.record, transfer_data_ms=ms(max(r.data_seconds for r in ready.values())),
-                                     transport=" + ".join(transports), transfer_devices=transfer_profiles(ready, sc.delivered))
+                                     transport=" + ".join(transports),
+                                     transfer_devices=transfer_profiles(ready, sc.delivered))
     actions: list[Action] = []
     if sc.lost:  # a recovery replaces the broken executors now; a scale's standbys started with the transfer
         owner = owner_list(sc.plan.new_placement, sc.new_devices)
