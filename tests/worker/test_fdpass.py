@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import threading
 import time
 
+import msgspec
 import pytest
 import torch
 
@@ -121,13 +126,6 @@ _OWNER = ("import sys,msgspec,torch\n"
 def test_a_stalled_owner_does_not_hold_up_requests_to_another() -> None:
     """Two peers' regions fetched at once (a device that pulls from two sources): while one owner
     cannot answer (stopped), the other's fds still come (each owner's connection has its own lock)."""
-    import signal
-    import subprocess
-    import sys
-    import threading
-
-    import msgspec
-
     owners = [subprocess.Popen([sys.executable, "-c", _OWNER, str(i)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                text=True) for i in (1, 2)]
     got: dict[int, int] = {}

@@ -11,7 +11,8 @@ import time
 import reconfigharness
 from elasticmoe_worker.contract import wire
 from elasticmoe_worker.engine import engine as engine_mod
-from elasticmoe_worker.instance import coordinator, fleet, membership
+from elasticmoe_worker import backends
+from elasticmoe_worker.instance import coordinator, fleet, membership, peer_copy
 
 CFG = engine_mod.EngineConfig(dtype="float32", kv_cache_bytes=8 << 20, max_num_batched_tokens=64)
 
@@ -63,6 +64,9 @@ def test_what_a_worker_says_of_itself_is_kept_per_device():
     m.hello(wire.HMMHello(device_index=1, pid=21, knows_model=False))  # a new process under the same id
     assert m.informed([1]) == frozenset() and m.spares_ready([1]) == frozenset()
     assert m.new_deaths() == {}, "hellos and heartbeats count as signs of life"
+    here = peer_copy.locality_key(backends.get_backend("cpu"))
+    m.heartbeat(wire.Heartbeat(device_index=2, loaded=False, locality=here), "d")
+    assert (m.on_this_host(2), m.on_this_host(1), m.on_this_host(3)) == (True, False, False)
 
 
 class _SlowFleet(fleet.ExternalFleet):

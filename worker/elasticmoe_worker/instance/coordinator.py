@@ -46,7 +46,7 @@ import msgspec
 from elasticmoe_worker.contract import admin, wire
 from elasticmoe_worker.engine import engine as engine_mod
 from elasticmoe_worker.engine import types
-from elasticmoe_worker.instance import membership, peer_copy, rayfleet, reconfig, routing, startup, transport
+from elasticmoe_worker.instance import membership, rayfleet, reconfig, routing, startup, transport
 from elasticmoe_worker.models import config as config_mod
 
 logger = logging.getLogger(__name__)
@@ -317,8 +317,7 @@ class Instance(startup.StartUp):
 
     def _delivery(self, msg: wire.TransitionReady) -> float:
         """Seconds from the HMM sending `msg` until now, when its clock is this one (same host); else -1."""
-        heard = self.members.locality(msg.device_index)
-        if not msg.sent_at or heard is None or not peer_copy.same_host(heard[0]):
+        if not msg.sent_at or not self.members.on_this_host(msg.device_index):
             return -1.0
         return max(0.0, time.time() - msg.sent_at)
 

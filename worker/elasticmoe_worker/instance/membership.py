@@ -19,6 +19,7 @@ import threading
 
 from elasticmoe_worker.contract import wire
 from elasticmoe_worker.instance import fleet as fleet_mod
+from elasticmoe_worker.instance import peer_copy
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +87,11 @@ class Membership:
     def informed(self, devices) -> frozenset[int]:
         """Of `devices`, those whose HMM holds the model's tokenizer files (its last heartbeat said so)."""
         return frozenset(d for d in devices if d in self.heard and self.heard[d].informed)
+
+    def on_this_host(self, device: int) -> bool:
+        """Whether a device's HMM runs on this process's host (its locality key names this boot)."""
+        heard = self.locality(device)
+        return heard is not None and peer_copy.same_host(heard[0])
 
     def locality(self, device: int) -> tuple[str, str] | None:
         """(locality key, mailbox address) of a device's HMM; None: not known."""
