@@ -640,20 +640,33 @@ def test_a_peer_copies_only_granted_regions_and_only_until_revoked(tmp_path) -> 
         server.grant(granted.handle.fd_token)  # closed: unregistered
 
 
-def test_copy_from_peer_without_copy_file_range_copies_through_a_mapping(monkeypatch) -> None:
+@pytest.mark.parametrize("into", ["fresh", "populated", "fresh, no copy_file_range"])
+def test_peer_copies_at_unaligned_offsets_and_never_past_the_peers_file(into, monkeypatch) -> None:
     b = backends.get_backend("cpu")
+    if into == "fresh, no copy_file_range":
+        def unsupported(*args):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
 
-    def unsupported(*args):
-        raise OSError(errno.EXDEV, "Invalid cross-device link")
-
-    monkeypatch.setattr(os, "copy_file_range", unsupported)
-    with b.allocate(3 * 4096, "fallback.src") as src, b.allocate(2 * 4096, "fallback.dst") as dst:
+        monkeypatch.setattr(os, "copy_file_range", unsupported)
+    with b.allocate(3 * 4096, "offsets.src") as src, b.allocate(2 * 4096, "offsets.dst") as dst:
+        if into == "populated":
+            b.populate(dst)
+            assert dst.populated
         src.tensor(torch.uint8, (3 * 4096,)).copy_(torch.arange(3 * 4096) % 251)
         b.copy_from_peer(dst, 100, src.handle, 4000, 5000)
         assert torch.equal(dst.tensor(torch.uint8, (5000,), 100), src.tensor(torch.uint8, (5000,), 4000))
+        assert not dst.tensor(torch.uint8, (100,)).any() and not dst.tensor(torch.uint8, (8192 - 5100,), 5100).any()
         with pytest.raises(ValueError, match="do not fit"):
             b.copy_from_peer(dst, 4096, src.handle, 0, 5000)
         b.copy_to_peer(src, 0, dst.handle, 3000, 4000)  # and pushed into a peer's region
         assert torch.equal(dst.tensor(torch.uint8, (4000,), 3000), src.tensor(torch.uint8, (4000,), 0))
         with pytest.raises(ValueError, match="do not fit"):
             b.copy_to_peer(src, 0, dst.handle, 4096, 5000)
+        # a handle that claims more than its owner's file holds: neither a short read nor a write that
+        # grows the peer's file
+        bigger = msgspec.structs.replace(dst.handle, size_bytes=4 * 4096)
+        with pytest.raises(backends.AttachError, match="do not fit in the 8192 bytes"):
+            b.copy_to_peer(src, 0, bigger, 8192, 4096)
+        with pytest.raises(backends.AttachError, match="do not fit in the 8192 bytes"):
+            b.copy_from_peer(src, 0, bigger, 6000, 4096)
+        assert os.fstat(dst.fd).st_size == 8192

@@ -111,6 +111,7 @@ class CpuRegion(base.Region):
         super().__init__(handle, alloc_bytes, owned=owned)
         self._fd = fd
         self._token = handle.fd_token if owned else b""  # registered with this process's fd server
+        self.populated = False  # every page mapped in this process (`CpuBackend.populate`)
         # NOTE: the mmap object is the memory's lifetime. torch.frombuffer keeps a reference
         # to it (not an exported buffer), so mm.close() under a live view would succeed and
         # leave the view dangling; we never call it. Dropping our reference unmaps once the
@@ -129,8 +130,12 @@ class CpuRegion(base.Region):
         return self._fd
 
     def _byte_tensor(self) -> torch.Tensor:
-        assert self._mm is not None
-        return torch.frombuffer(self._mm, dtype=torch.uint8)
+        return torch.frombuffer(self._mapping(), dtype=torch.uint8)
+
+    def _mapping(self) -> mmap.mmap:
+        if self._mm is None:
+            raise ValueError(f"region {self.name!r} is closed")
+        return self._mm
 
     def _close(self) -> None:
         self._mm = None
@@ -185,29 +190,49 @@ class CpuExpertPages(base.ExpertPages):
         self._array = None  # unmaps now, or when the last view dies
 
 
-def _copy_fd(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, nbytes: int, src_name: str) -> None:
-    """`nbytes` from one memfd into another: copy_file_range, or where the kernel cannot (ENOSYS,
-    EXDEV, EINVAL: an old kernel or another file system) through mappings of both."""
+def _peer_file(fd: int, offset: int, nbytes: int, name: str, role: str) -> None:
+    """The peer's file holds `nbytes` at `offset` (a read past its end would come back short, a write
+    past it would grow the peer's file)."""
+    size = os.fstat(fd).st_size
+    if offset + nbytes > size:
+        raise base.AttachError(f"peer copy of {name!r}: {nbytes} bytes at {role} offset {offset} do not fit in the "
+                               f"{size} bytes of the file its owner sent")
+
+
+def _read_from(fd: int, offset: int, into: memoryview, name: str) -> None:
+    """All of `into` from the file at `offset` (preadv: the kernel copies the file's pages into this
+    process's mapping, the GIL released)."""
     done = 0
-    try:
-        while done < nbytes:
+    while done < len(into):
+        n = os.preadv(fd, [into[done:]], offset + done)
+        if n == 0:
+            raise base.AttachError(f"copy from {name!r}: the source ended after {done} of {len(into)} bytes")
+        done += n
+
+
+def _copy_file(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, nbytes: int, src_name: str) -> bool:
+    """`nbytes` from one memfd into another by copy_file_range. -> False where the kernel cannot
+    (ENOSYS, EXDEV, EINVAL, EOPNOTSUPP: an old kernel or another file system) and copied nothing."""
+    done = 0
+    while done < nbytes:
+        try:
             n = os.copy_file_range(src_fd, dst_fd, nbytes - done, src_offset + done, dst_offset + done)
-            if n == 0:
-                raise base.AttachError(f"copy from {src_name!r}: the source ended after {done} of {nbytes} bytes")
-            done += n
-    except OSError as exc:
-        if exc.errno not in (errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP):
-            raise
-        logger.debug("copy_file_range unavailable (%s): copying %s through a mapping", exc, src_name)
-        # NOTE: not closed: the tensors keep the mappings; dropping both unmaps them. The source
-        # private and writable: reads see its pages without a copy, and torch gets the writable
-        # buffer it wants (a read-only one warns; muting that with `warnings.catch_warnings` is
-        # not thread-safe, and sources copy in parallel)
-        src_mm = mmap.mmap(src_fd, src_offset + nbytes, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
-        dst_mm = mmap.mmap(dst_fd, dst_offset + nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        view = torch.frombuffer(src_mm, dtype=torch.uint8)[src_offset + done:src_offset + nbytes]
-        torch.frombuffer(dst_mm, dtype=torch.uint8)[dst_offset + done:dst_offset + nbytes].copy_(view)
-        del view, src_mm, dst_mm
+        except OSError as exc:
+            if done or exc.errno not in (errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            logger.debug("copy_file_range unavailable (%s): copying %s by preadv", exc, src_name)
+            return False
+        if n == 0:
+            raise base.AttachError(f"copy from {src_name!r}: the source ended after {done} of {nbytes} bytes")
+        done += n
+    return True
+
+
+def _write_to(fd: int, offset: int, data: memoryview) -> None:
+    """All of `data` into the file at `offset` (pwrite: the kernel copies into its pages)."""
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
 
 
 class CpuBackend(base.DeviceBackend):
@@ -262,12 +287,14 @@ class CpuBackend(base.DeviceBackend):
         if not isinstance(region, CpuRegion) or not region.owned or region.closed:
             raise ValueError(f"populate: expected an open CPU region this process owns, got {region!r}")
         if _libc.madvise(region.address, region.alloc_bytes, _MADV_POPULATE_WRITE) == 0:
+            region.populated = True
             return
         err = ctypes.get_errno()
         if err != errno.EINVAL:
             raise OSError(err, f"populate {region.name!r}: madvise(MADV_POPULATE_WRITE): {os.strerror(err)}")
         os.posix_fallocate(region.fd, 0, region.alloc_bytes)
         region._byte_tensor()[::mmap.PAGESIZE].sum()  # a read maps each page that exists now
+        region.populated = True
 
     def handles_prefetched(self, handles: list[base.MemoryHandle]):
         return fdpass.prefetched(handles)
@@ -292,27 +319,37 @@ class CpuBackend(base.DeviceBackend):
 
     def copy_from_peer(self, dst: base.Region, dst_offset: int, src: base.MemoryHandle, src_offset: int,
                        nbytes: int) -> None:
-        """The kernel copies the source memfd's pages into the destination's (copy_file_range):
-        one copy, neither region mapped for it, the GIL released (parallel sources copy in
-        parallel). Where the kernel cannot (ENOSYS, EXDEV, EINVAL: an old kernel or another file
-        system), through a mapping of the source instead."""
+        """The kernel copies the source memfd's pages into this region: one copy, the peer's file
+        not mapped here, the GIL released (parallel sources copy in parallel). Into a region whose
+        pages this process has mapped (`populate`: a warm worker's reserve) by `preadv` into the
+        mapping; into one it has not by `copy_file_range` between the files, which allocates the
+        pages without faulting each into the mapping. Measured here, 48 MB: 11 ms (preadv) against 18
+        (copy_file_range) into mapped pages; 27 against 49 into fresh ones."""
         self._check_handle(src)
         self._check_copy("copy_from_peer", dst, dst_offset, src, src_offset, nbytes, "destination", "source")
+        assert isinstance(dst, CpuRegion)
         fd = fdpass.receive(src)
         try:
-            _copy_fd(fd, src_offset, dst.fd, dst_offset, nbytes, src.name)
+            _peer_file(fd, src_offset, nbytes, src.name, "source")
+            if dst.populated or not _copy_file(fd, src_offset, dst.fd, dst_offset, nbytes, src.name):
+                with memoryview(dst._mapping()) as whole, whole[dst_offset:dst_offset + nbytes] as into:
+                    _read_from(fd, src_offset, into, src.name)
         finally:
             os.close(fd)
 
     def copy_to_peer(self, src: base.Region, src_offset: int, dst: base.MemoryHandle, dst_offset: int,
                      nbytes: int) -> None:
-        """`copy_from_peer` the other way: this region's pages into a peer's memfd (its owner
-        granted it), by the kernel, the GIL released."""
+        """`copy_from_peer` the other way: this region's bytes into a peer's memfd (its owner
+        granted it) by `pwrite` from this process's mapping, the GIL released (32 MB: 4.8 ms
+        against 7.4 by `copy_file_range`; about the same as it where this process has not mapped
+        the region's pages)."""
         self._check_handle(dst)
         self._check_copy("copy_to_peer", src, src_offset, dst, dst_offset, nbytes, "source", "destination")
         fd = fdpass.receive(dst)
         try:
-            _copy_fd(src.fd, src_offset, fd, dst_offset, nbytes, src.name)
+            _peer_file(fd, dst_offset, nbytes, dst.name, "destination")
+            with memoryview(src._mapping()) as whole, whole[src_offset:src_offset + nbytes] as data:
+                _write_to(fd, dst_offset, data)
         finally:
             os.close(fd)
 

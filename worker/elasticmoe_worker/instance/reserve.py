@@ -3,9 +3,10 @@ waits, so that the scale which takes it copies bytes into memory that exists alr
 
 Why it exists: a region a scale allocates on the spot has no pages yet; the copy into it pays
 for them. On the CPU backend that is most of the copy's cost: 48 MB by `copy_file_range` took 33 ms
-of CPU into a fresh memfd on this machine, 19 ms into pages that exist and are mapped (as
-`bench scaling`'s idle copy's are), and under a device's CPU quota every CPU-millisecond of it
-is ~4 ms of the scale. An accelerator's HMM reserving HBM ahead is the
+of CPU into a fresh memfd on this machine (session 19), 19 ms into pages that exist and are mapped
+(as `bench scaling`'s idle copy's are); a pull into a reserved region now goes by `preadv` into the
+mapping, 11 ms (`CpuBackend.copy_from_peer`); and under a device's CPU quota every CPU-millisecond
+of it is ~4 ms of the scale. An accelerator's HMM reserving HBM ahead is the
 same idea: `cuMemCreate` and zeroing are off the scale too.
 
 How: the coordinator tells a warm worker (with the model's files, `wire.ModelFiles`) the sizes a
