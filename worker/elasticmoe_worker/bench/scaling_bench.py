@@ -360,13 +360,13 @@ def _p2p_vs_plain(total_bytes: int) -> dict:
 
 def _peer_copy_idle(total_bytes: int) -> dict:
     """The HMMs' shared-memory transport (`copy_from_peer`) between two processes, of as many bytes,
-    into a region whose pages exist already (as the gloo measurement's receive buffer: a floor,
-    where a transition's fresh regions also pay for their pages)."""
+    into a region whose pages exist and are mapped (`populate`, as a warm worker's reserve is; as
+    the gloo measurement's receive buffer: a floor, where a transition's fresh regions also pay
+    for their pages)."""
     import subprocess
     import sys
 
     import msgspec
-    import torch
 
     from elasticmoe_worker.backends import cpu
     from elasticmoe_worker.contract import wire
@@ -382,7 +382,7 @@ def _peer_copy_idle(total_bytes: int) -> dict:
         handle = msgspec.json.decode(proc.stdout.readline().encode(), type=wire.MemoryHandle)
         backend = cpu.CpuBackend()
         with backend.allocate(total_bytes, "idle.dst") as dst:
-            dst.tensor(torch.uint8, (total_bytes,)).fill_(0)
+            backend.populate(dst)
             started = time.perf_counter()
             backend.copy_from_peer(dst, 0, handle, 0, total_bytes)
             seconds = time.perf_counter() - started
