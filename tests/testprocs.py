@@ -2,7 +2,7 @@
 line, a health probe, a parent-death signal so a killed test run takes its processes along,
 and (from `elasticmoe_worker.reference`) `transformers`' greedy outputs and streaming clients
 of a running server; the size of a model's routed expert, for redundancy budgets; two ranks of a
-real gloo group in one process."""
+real gloo group in one process; this process's open fds of named memfds."""
 
 from __future__ import annotations
 
@@ -114,3 +114,24 @@ def reserve_regions(pid: int, device: int) -> int:
         except OSError:
             pass
     return len(files)
+
+
+def open_memfds(prefix: str) -> int:
+    """This process's open fds of memfds named `prefix`* (other tests' threads may open other fds)."""
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            n += os.readlink(f"/proc/self/fd/{fd}").startswith(f"/memfd:{prefix}")
+        except OSError:
+            pass
+    return n
+
+
+def settled_memfds(prefix: str, expected: int, timeout_s: float = 10.0) -> int:
+    """`open_memfds` once it equals `expected`, or as it is after `timeout_s`. Why wait: an fd server
+    or mailbox in this process closes the duplicates it sent just after sending them, in its own
+    thread (a CI run counted 7 of them still open)."""
+    deadline = time.monotonic() + timeout_s
+    while (n := open_memfds(prefix)) != expected and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return n

@@ -11,31 +11,11 @@ import time
 
 import msgspec
 import pytest
+import testprocs
 import torch
 
 from elasticmoe_worker import backends
 from elasticmoe_worker.backends import base, fdpass
-
-
-def _settled_fds(prefix: str, expected: int, timeout_s: float = 10.0) -> int:
-    """`_open_fds` once it equals `expected`, or as it is after `timeout_s`. Why wait: the fd
-    server runs in this process too, and its thread closes the duplicates it sent just after
-    sending them (a CI run counted 7 of them, the second batch's, still open)."""
-    deadline = time.monotonic() + timeout_s
-    while (n := _open_fds(prefix)) != expected and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return n
-
-
-def _open_fds(prefix: str) -> int:
-    """This process's fds of memfds named `prefix`* (other tests' threads may open other fds)."""
-    n = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            n += os.readlink(f"/proc/self/fd/{fd}").startswith(f"/memfd:{prefix}")
-        except OSError:
-            pass
-    return n
 
 
 def test_inside_a_prefetched_block_receives_ask_the_owner_nothing() -> None:
@@ -59,16 +39,44 @@ def test_inside_a_prefetched_block_receives_ask_the_owner_nothing() -> None:
             r.close()
 
 
+def test_fds_given_with_the_handles_are_used_and_closed_and_only_the_others_fetched() -> None:
+    b = backends.get_backend("cpu")
+    regions = [b.allocate(4096, f"given.{i}") for i in range(3)]
+    try:
+        for i, r in enumerate(regions):
+            r.tensor(torch.uint8, (4096,)).fill_(i + 1)
+        own = testprocs.open_memfds("given.")  # the regions' (the fd, and the mapping's own copy of it)
+        server = fdpass.server()
+        given = dict(zip([r.handle.fd_token for r in regions[:2]], server.duplicates([r.handle.fd_token
+                                                                                     for r in regions[:2]])))
+        given[b"x" * fdpass.TOKEN_BYTES] = server.duplicates([regions[2].handle.fd_token])[0]  # of no handle here
+        server.unregister(regions[0].handle.fd_token)  # the owner would refuse these two now: only the
+        server.unregister(regions[1].handle.fd_token)  # given fds can serve them
+        with b.handles_prefetched([r.handle for r in regions], given):
+            # two given, one fetched (the third given is closed)
+            assert testprocs.settled_memfds("given.", own + 3) == own + 3
+            for i, r in enumerate(regions):
+                attached = b.attach(r.handle)
+                assert attached.tensor(torch.uint8, (4096,))[0].item() == i + 1
+                attached.close()
+        assert testprocs.settled_memfds("given.", own) == own
+        with pytest.raises(KeyError, match=r"token\(s\) \[0\] of 2"):
+            server.duplicates([regions[0].handle.fd_token, regions[2].handle.fd_token])
+    finally:
+        for r in regions:
+            r.close()
+
+
 def test_a_batch_larger_than_one_request_is_split_and_nothing_leaks() -> None:
     b = backends.get_backend("cpu")
     regions = [b.allocate(4096, f"many.{i}") for i in range(fdpass.MAX_BATCH + 7)]
     try:
-        own = _open_fds("many.")  # the regions' own
+        own = testprocs.open_memfds("many.")  # the regions' own
         with b.handles_prefetched([r.handle for r in regions]):
-            assert _settled_fds("many.", own + len(regions)) == own + len(regions)
+            assert testprocs.settled_memfds("many.", own + len(regions)) == own + len(regions)
             fd = fdpass.receive(regions[-1].handle)
             os.close(fd)
-        assert _settled_fds("many.", own) == own
+        assert testprocs.settled_memfds("many.", own) == own
     finally:
         for r in regions:
             r.close()
@@ -79,11 +87,11 @@ def test_one_closed_region_fails_the_whole_batch_naming_it() -> None:
     regions = [b.allocate(4096, f"gone.{i}") for i in range(3)]
     try:
         fdpass.server().unregister(regions[1].handle.fd_token)
-        before = _open_fds("gone.")
+        before = testprocs.open_memfds("gone.")
         with pytest.raises(base.AttachError, match=r"token 2 of 3\): the owner closed the region"):
             with b.handles_prefetched([r.handle for r in regions]):
                 pass  # pragma: no cover - the block is never entered
-        assert _settled_fds("gone.", before) == before  # no fd of the first region stays behind
+        assert testprocs.settled_memfds("gone.", before) == before  # no fd of the first region stays behind
         fd = fdpass.receive(regions[0].handle)  # the connection still serves single requests
         os.close(fd)
     finally:

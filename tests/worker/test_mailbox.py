@@ -10,6 +10,7 @@ import threading
 import time
 
 import pytest
+import testprocs
 
 from elasticmoe_worker.instance import mailbox
 
@@ -130,3 +131,35 @@ def test_another_user_is_refused() -> None:
     out = subprocess.run([sys.executable, "-c", code, own.name, box.hex()], capture_output=True, text=True,
                          timeout=60)
     assert "refused: pid" in out.stdout and "not the owner's uid 0" in out.stdout, (out.stdout, out.stderr[-2000:])
+
+
+def test_a_messages_fds_go_to_a_take_that_asks_and_only_until_the_message_is_withdrawn() -> None:
+    own = mailbox.server()
+    box = mailbox.box_id("s", 201)
+    own.open(box)
+    fd = os.memfd_create("mbfds.region")
+    try:
+        os.pwrite(fd, b"weights", 0)
+        own.post(box, "peer-copy/0-1", b"handles", [os.dup(fd)])  # the mailbox owns the duplicate
+        own.post(box, "plain", b"no fds")
+        value, fds = mailbox.take_with_fds(own.name, box, "peer-copy/0-1", 5.0)
+        assert value == b"handles" and len(fds) == 1
+        assert os.pread(fds[0], 7, 0) == b"weights"  # the same file, another fd of it
+        os.close(fds[0])
+        assert mailbox.take(own.name, box, "peer-copy/0-1", 5.0) == b"handles"  # a take that does not ask: none
+        assert mailbox.take_with_fds(own.name, box, "plain", 5.0) == (b"no fds", [])
+        assert testprocs.settled_memfds("mbfds.", 2) == 2  # ours and the mailbox's
+        own.withdraw(box, "peer-copy/0-1")
+        assert testprocs.settled_memfds("mbfds.", 1) == 1
+        with pytest.raises(mailbox.MailboxError, match="nothing posted within 0.2 s"):
+            mailbox.take_with_fds(own.name, box, "peer-copy/0-1", 0.2)
+        # more than one reply can carry: the message goes without them (the taker asks the fd server)
+        own.post(box, "many", b"handles", [os.dup(fd) for _ in range(mailbox.MAX_FDS + 1)])
+        assert mailbox.take_with_fds(own.name, box, "many", 5.0) == (b"handles", [])
+        own.post(box, "many", b"again", [os.dup(fd)])  # a replaced message's fds are closed
+        assert testprocs.settled_memfds("mbfds.", 2) == 2
+        for c in range(202, 202 + mailbox.KEEP):  # and an expired box's
+            own.open(mailbox.box_id("s", c))
+        assert testprocs.settled_memfds("mbfds.", 1) == 1
+    finally:
+        os.close(fd)

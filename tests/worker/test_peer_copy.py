@@ -5,9 +5,11 @@ from __future__ import annotations
 import threading
 
 import pytest
+import testprocs
 import torch
 
 from elasticmoe_worker.backends import cpu as cpu_backend
+from elasticmoe_worker.backends import fdpass
 from elasticmoe_worker.contract import wire
 from elasticmoe_worker.instance import mailbox, peer_copy
 
@@ -91,16 +93,22 @@ class _NoCancel:
 
 
 @pytest.mark.parametrize("through", ["store", "mailboxes"])
-def test_both_sides_of_an_exchange_copy_every_byte_once(through: str) -> None:
+def test_both_sides_of_an_exchange_copy_every_byte_once(through: str, monkeypatch) -> None:
     """Device 0 serves devices 1 and 2, device 1 also serves device 2 (`pair_shares`: a third of the
     bytes 0 -> 1, half of 0 -> 2 and two thirds of 1 -> 2 are the source's to push): each destination
     ends with its sources' bytes, whoever copied them. The devices
     tell each other what they copy through a store (the coordinator's) or their mailboxes (here the
-    three share this process's, over its socket)."""
+    three share this process's, over its socket); through mailboxes the regions' fds come with their
+    handles (no request to an fd server), and none stays open after the sources closed."""
+    if through == "mailboxes":
+        def no_round_trip(handles):
+            raise AssertionError(f"asked an fd server for {len(handles)} fd(s): they should have come with the handles")
+
+        monkeypatch.setattr(fdpass, "_request", no_round_trip)
     backend = cpu_backend.CpuBackend()
     page = 4096
     sizes = [5 * page + 123, 7 * page, 64, 3 * page, 3 * page]
-    regions = {d: [backend.allocate(n, f"dev{d}.b{i}") for i, n in enumerate(sizes)] for d in (0, 1, 2)}
+    regions = {d: [backend.allocate(n, f"xchg{d}.b{i}") for i, n in enumerate(sizes)] for d in (0, 1, 2)}
     for d in (0, 1):
         for i, r in enumerate(regions[d]):
             r.tensor(torch.uint8, (r.size_bytes,)).copy_(torch.randint(0, 256, (r.size_bytes,), dtype=torch.uint8))
@@ -149,23 +157,5 @@ def test_both_sides_of_an_exchange_copy_every_byte_once(through: str) -> None:
     for rs in regions.values():
         for r in rs:
             r.close()
+    assert testprocs.settled_memfds("xchg", 0) == 0  # the mailbox's copies were withdrawn with the grants
 
-
-def test_keys_the_coordinator_told_are_used_as_they_are_and_otherwise_exchanged() -> None:
-    import pytest
-    import torch.distributed as dist
-
-    backend = cpu_backend.CpuBackend()
-    own = peer_copy.locality_key(backend)
-    store = dist.HashStore()
-    # told: no store round trip at all (nothing is published)
-    assert peer_copy.group_keys(store, backend, 1, [4, 7], ["elsewhere", own]) == {4: "elsewhere", 7: own}
-    assert store.num_keys() == 0
-    # not told: every rank publishes its own and reads the others'
-    store.set("locality/0", "elsewhere")
-    assert peer_copy.group_keys(store, backend, 1, [4, 7], None) == {4: "elsewhere", 7: own}
-    # told something that cannot be this rank's: an error naming both, not a silent misroute
-    with pytest.raises(RuntimeError, match="rank 1's 'other' but this HMM's is"):
-        peer_copy.group_keys(store, backend, 1, [4, 7], [own, "other"])
-    with pytest.raises(RuntimeError, match="1 for 2 rank"):
-        peer_copy.group_keys(store, backend, 0, [4, 7], [own])

@@ -223,3 +223,6 @@ def test_a_scale_spawns_the_next_spare_only_when_it_ends(tiny_models, capfd):
     for d in (0, 1):
         assert re.search(rf"device {d}: transition 2 moved .*peers' locality \(told\).*peers told through their "
                          "mailboxes", err), err[-3000:]
+    # each peer copy had the regions' fds with their handles (the source's mailbox sent them)
+    copies = re.findall(r"device \d: peer copy of .* their file descriptors [\d.]+ s \(([^)]*)\)", err)
+    assert copies and set(copies) == {"with the handles"}, err[-3000:]

@@ -30,6 +30,7 @@ import abc
 import contextlib
 import logging
 import math
+import os
 from typing import Sequence
 
 import torch
@@ -328,10 +329,14 @@ class DeviceBackend(abc.ABC):
         Raises AttachError when the owner is gone, closed the region, or denies access.
         """
 
-    def handles_prefetched(self, handles: "list[MemoryHandle]") -> contextlib.AbstractContextManager:
+    def handles_prefetched(self, handles: "list[MemoryHandle]",
+                           given: "dict[bytes, int] | None" = None) -> contextlib.AbstractContextManager:
         """A block inside which `attach` and `copy_from_peer` of `handles` skip the per-handle
         round trip to their owners (backends whose handles pass as fds: one request per owner).
-        Here: no change."""
+        `given`: fds by `fd_token` that came with the handles (`peer_copy`'s mailbox messages);
+        the block owns them. Here: no change (`given` is closed)."""
+        for fd in (given or {}).values():
+            os.close(fd)
         return contextlib.nullcontext()
 
     def copy_from_peer(self, dst: Region, dst_offset: int, src: MemoryHandle, src_offset: int, nbytes: int) -> None:

@@ -296,8 +296,8 @@ class CpuBackend(base.DeviceBackend):
         region._byte_tensor()[::mmap.PAGESIZE].sum()  # a read maps each page that exists now
         region.populated = True
 
-    def handles_prefetched(self, handles: list[base.MemoryHandle]):
-        return fdpass.prefetched(handles)
+    def handles_prefetched(self, handles: list[base.MemoryHandle], given: dict[bytes, int] | None = None):
+        return fdpass.prefetched(handles, given)
 
     def attach(self, handle: base.MemoryHandle) -> CpuRegion:
         self._check_handle(handle)

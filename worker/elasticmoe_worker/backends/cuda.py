@@ -359,8 +359,8 @@ class CudaBackend(base.DeviceBackend):
         logger.debug("allocated %s on cuda:%d: %d bytes", name, self.device_index, size_bytes)
         return region
 
-    def handles_prefetched(self, handles: list[base.MemoryHandle]):
-        return fdpass.prefetched(handles)
+    def handles_prefetched(self, handles: list[base.MemoryHandle], given: dict[bytes, int] | None = None):
+        return fdpass.prefetched(handles, given)
 
     def attach(self, handle: base.MemoryHandle) -> CudaRegion:
         self._check_handle(handle)

@@ -119,6 +119,16 @@ class FdServer:
         with self._lock:
             return token in self._granted
 
+    def duplicates(self, tokens: list[bytes]) -> list[int]:
+        """New fds of the regions registered under `tokens`, for this process to hand on itself
+        (`mailbox`: with the message that names them); the caller closes them. KeyError for a token
+        that is not registered."""
+        with self._lock:
+            missing = [i for i, token in enumerate(tokens) if token not in self._fds]
+            if missing:
+                raise KeyError(f"duplicates: no region is registered under token(s) {missing} of {len(tokens)}")
+            return [os.dup(self._fds[token]) for token in tokens]
+
     def _accept(self) -> None:
         while True:
             try:
@@ -291,11 +301,14 @@ def receive(handle: base.MemoryHandle) -> int:
 
 
 @contextlib.contextmanager
-def prefetched(handles):
+def prefetched(handles, given: dict[bytes, int] | None = None):
     """Inside the block, `receive` of any of `handles` costs no round trip: their fds are fetched
     here, in one request per owner (per MAX_BATCH regions), and closed when the block ends
-    (nested and concurrent blocks share them). Raises AttachError as `receive` does."""
+    (nested and concurrent blocks share them). `given`: fds by token that came another way (the
+    owner sent them with a mailbox message); the block owns and closes them, and fetches only the
+    others. Raises AttachError as `receive` does."""
     keys: list[tuple[str, bytes]] = []
+    given = dict(given or {})
     try:
         wanted: dict[str, dict[bytes, base.MemoryHandle]] = {}
         with _lent_lock:
@@ -307,9 +320,12 @@ def prefetched(handles):
                 keys.append(key)
                 if key in _lent:
                     _lent[key][1] += 1
+                elif h.fd_token in given:
+                    _lent[key] = [given.pop(h.fd_token), 1]
                 else:
                     _lent[key] = [-1, 1]  # fetched below; `receive` asks the owner until then
                     wanted.setdefault(h.fd_socket, {})[h.fd_token] = h
+        _close_given(given)  # not needed: held already, or of no handle of the block's
         for owner in wanted.values():
             batch = list(owner.values())
             for i in range(0, len(batch), MAX_BATCH):
@@ -320,6 +336,7 @@ def prefetched(handles):
                         _lent[(h.fd_socket, h.fd_token)][0] = fd
         yield
     finally:
+        _close_given(given)
         with _lent_lock:
             for key in keys:
                 held = _lent[key]
@@ -328,6 +345,12 @@ def prefetched(handles):
                     del _lent[key]
                     if held[0] >= 0:
                         os.close(held[0])
+
+
+def _close_given(given: dict[bytes, int]) -> None:
+    for fd in given.values():
+        os.close(fd)
+    given.clear()
 
 
 def _forget(name: str) -> None:

@@ -16,6 +16,11 @@ only the instance's workers can name it). An HMM `post`s only into its own mailb
 from it over the socket, and waits until the message is there (or the box opens: peers get the
 transition's message at different moments). A mailbox keeps the last `KEEP` boxes it opened
 (a peer may still take from a box its owner has finished with); a take from an older box fails.
+A message may carry file descriptors (`post(..., fds)`: `peer_copy` posts the fds of the regions
+its handles name): a take that asks for them (`take_with_fds`) gets duplicates in the reply
+(SCM_RIGHTS, with its length header), which saves the round trip to the owner's fd server
+(`fdpass`) that the handles alone would need. The mailbox holds its own copies until the message
+is `withdraw`n, replaced, or its box expires.
 
 Who may take: a process of the owner's effective uid (the kernel's SO_PEERCRED) that names the
 box. Not guaranteed: as `fdpass`, abstract sockets live in the network namespace (peers that are
@@ -42,6 +47,7 @@ import msgspec
 logger = logging.getLogger(__name__)
 
 KEEP = 4  # boxes a mailbox keeps (the transition now running, and a few finished ones)
+MAX_FDS = 253  # fds in one reply (the kernel's SCM_MAX_FD); a message with more sends none (fdpass then)
 MAX_CONNECTIONS = 256
 MAX_REQUEST_BYTES = 4096
 MAX_REPLY_BYTES = 256 << 20
@@ -59,12 +65,19 @@ class _Take(msgspec.Struct, array_like=True):
     box: bytes
     key: str
     timeout_s: float
+    fds: bool = False  # send the message's fds, if it has any
 
 
 class _Reply(msgspec.Struct, array_like=True):
     ok: bool
     value: bytes = b""
     error: str = ""
+    fds: int = 0  # how many came with the reply's length header
+
+
+class _Message(msgspec.Struct):
+    value: bytes
+    fds: list[int]  # owned by the mailbox
 
 
 def box_id(secret: str, config_id: int, what: str = "transition") -> bytes:
@@ -72,8 +85,18 @@ def box_id(secret: str, config_id: int, what: str = "transition") -> bytes:
     return hmac.new(secret.encode(), f"elasticmoe-mailbox/{what}/{config_id}".encode(), hashlib.sha256).digest()[:16]
 
 
-def _send(conn: socket.socket, payload: bytes) -> None:
+def _send(conn: socket.socket, payload: bytes, fds: list[int] = ()) -> None:
+    if fds:  # with the first byte of the header: the receiver's recvmsg of it collects them
+        header = _LEN.pack(len(payload))
+        sent = socket.send_fds(conn, [header], fds)
+        conn.sendall(header[sent:] + payload)
+        return
     conn.sendall(_LEN.pack(len(payload)) + payload)
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 def _recv_exactly(conn: socket.socket, n: int, poll: Callable[[], None] | None) -> bytes:
@@ -100,13 +123,35 @@ def _recv(conn: socket.socket, limit: int, poll: Callable[[], None] | None = Non
     return _recv_exactly(conn, n, poll)
 
 
+def _recv_with_fds(conn: socket.socket, limit: int, poll: Callable[[], None]) -> tuple[bytes, list[int]]:
+    """`_recv`, collecting the fds that came with the header's first byte; the caller closes them."""
+    while True:
+        try:
+            first, fds, flags, _ = socket.recv_fds(conn, _LEN.size, MAX_FDS)
+            break
+        except socket.timeout:
+            poll()
+    try:
+        if flags & socket.MSG_CTRUNC:
+            raise ConnectionError("the reply's file descriptors did not fit (truncated)")
+        if not first:
+            raise ConnectionError("the peer closed the connection before its reply")
+        (n,) = _LEN.unpack(first + _recv_exactly(conn, _LEN.size - len(first), poll))
+        if n > limit:
+            raise ConnectionError(f"a {n}-byte message, more than the {limit} expected")
+        return _recv_exactly(conn, n, poll), fds
+    except BaseException:
+        _close_all(fds)
+        raise
+
+
 class Mailbox:
     """This process's mailbox. Use `server()`."""
 
     def __init__(self) -> None:
         self.pid = os.getpid()
         self.name = f"elasticmoe-mbox-{self.pid}-{secrets.token_hex(8)}"
-        self._boxes: collections.OrderedDict[bytes, dict[str, bytes]] = collections.OrderedDict()
+        self._boxes: collections.OrderedDict[bytes, dict[str, _Message]] = collections.OrderedDict()
         self._expired: collections.deque[bytes] = collections.deque(maxlen=64)
         self._cond = threading.Condition()
         self._connections = 0
@@ -122,28 +167,49 @@ class Mailbox:
             if box not in self._boxes:
                 self._boxes[box] = {}
                 while len(self._boxes) > KEEP:
-                    old, _ = self._boxes.popitem(last=False)
+                    old, messages = self._boxes.popitem(last=False)
                     self._expired.append(old)
+                    for message in messages.values():
+                        _close_all(message.fds)
             self._cond.notify_all()
 
-    def post(self, box: bytes, key: str, value: bytes) -> None:
-        """`value` under `key` in `box` (opened first), for peers to take. KeyError: `box` not open."""
+    def post(self, box: bytes, key: str, value: bytes, fds: list[int] = ()) -> None:
+        """`value` under `key` in `box` (opened first), for peers to take; `fds` go with it to a take
+        that asks for them (the mailbox owns them from here, even on an error). KeyError: `box` not
+        open."""
         with self._cond:
             if box not in self._boxes:
+                _close_all(fds)
                 raise KeyError(f"mailbox {self.name}: post of {key!r} into a box that is not open (or expired)")
-            self._boxes[box][key] = value
+            old = self._boxes[box].get(key)
+            self._boxes[box][key] = _Message(value, list(fds))
             self._cond.notify_all()
+        if old is not None:
+            _close_all(old.fds)
+
+    def withdraw(self, box: bytes, key: str) -> None:
+        """Nothing under `key` in `box` any more (a take waits again); its fds are closed. Idempotent."""
+        with self._cond:
+            message = self._boxes.get(box, {}).pop(key, None)
+        if message is not None:
+            _close_all(message.fds)
 
     def wait(self, box: bytes, key: str, timeout_s: float) -> bytes:
         """What is (or will be, within `timeout_s`) posted under `key` in `box`. MailboxError if not."""
+        return self._wait(box, key, timeout_s, False)[0]
+
+    def _wait(self, box: bytes, key: str, timeout_s: float, fds: bool) -> tuple[bytes, list[int]]:
+        """`wait`, and with `fds` new duplicates of the message's fds (the caller closes them; none
+        when it has more than MAX_FDS)."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
             while True:
                 if box in self._expired:
                     raise MailboxError(f"{key!r}: the box expired (its owner opened {KEEP} newer ones)")
-                value = self._boxes.get(box, {}).get(key)
-                if value is not None:
-                    return value
+                message = self._boxes.get(box, {}).get(key)
+                if message is not None:
+                    send = fds and 0 < len(message.fds) <= MAX_FDS
+                    return message.value, [os.dup(fd) for fd in message.fds] if send else []
                 left = deadline - time.monotonic()
                 if left <= 0:
                     state = "open" if box in self._boxes else "not opened by its owner yet"
@@ -180,12 +246,17 @@ class Mailbox:
                     logger.warning("mailbox: refused pid %d (uid %d, not the owner's %d)", pid, uid, os.geteuid())
                     reply = _Reply(False, error=f"refused: pid {pid} runs as uid {uid}, not the owner's uid "
                                                 f"{os.geteuid()}")
+                    fds: list[int] = []
                 else:
                     try:
-                        reply = _Reply(True, self.wait(take.box, take.key, min(max(take.timeout_s, 0.0), 3600.0)))
+                        value, fds = self._wait(take.box, take.key, min(max(take.timeout_s, 0.0), 3600.0), take.fds)
+                        reply = _Reply(True, value, fds=len(fds))
                     except MailboxError as exc:
-                        reply = _Reply(False, error=str(exc))
-                _send(conn, msgspec.msgpack.encode(reply))
+                        reply, fds = _Reply(False, error=str(exc)), []
+                try:
+                    _send(conn, msgspec.msgpack.encode(reply), fds)
+                finally:
+                    _close_all(fds)
         except OSError as exc:
             logger.debug("mailbox connection ended: %s", exc)
         finally:
@@ -213,10 +284,17 @@ def take(address: str, box: bytes, key: str, timeout_s: float, check: Callable[[
     A mailbox nobody serves (yet, or any more: its HMM exited) or a connection that breaks is asked
     again until `timeout_s`: as with the store, the coordinator, which knows who is missing, decides
     when a transition gives up (and cancels it through `check`)."""
+    return take_with_fds(address, box, key, timeout_s, check, fds=False)[0]
+
+
+def take_with_fds(address: str, box: bytes, key: str, timeout_s: float, check: Callable[[], None] | None = None,
+                  fds: bool = True) -> tuple[bytes, list[int]]:
+    """`take`, and the fds posted with the message (none if it has none, or more than MAX_FDS);
+    the caller closes them."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            return _take_once(address, box, key, timeout_s, deadline, check)
+            return _take_once(address, box, key, timeout_s, deadline, check, fds)
         except _Unreachable as exc:
             if check is not None:
                 check()
@@ -230,7 +308,7 @@ class _Unreachable(Exception):
 
 
 def _take_once(address: str, box: bytes, key: str, timeout_s: float, deadline: float,
-               check: Callable[[], None] | None) -> bytes:
+               check: Callable[[], None] | None, fds: bool) -> tuple[bytes, list[int]]:
     def poll() -> None:
         if check is not None:
             check()
@@ -246,14 +324,23 @@ def _take_once(address: str, box: bytes, key: str, timeout_s: float, deadline: f
             raise _Unreachable(f"nobody serves a mailbox there: {exc.strerror or exc}; its HMM exited, or runs "
                                f"in another network namespace") from None
         try:
-            _send(conn, msgspec.msgpack.encode(_Take(box, key, max(deadline - time.monotonic(), 0.0))))
-            reply = msgspec.msgpack.decode(_recv(conn, MAX_REPLY_BYTES, poll), type=_Reply)
+            _send(conn, msgspec.msgpack.encode(_Take(box, key, max(deadline - time.monotonic(), 0.0), fds)))
+            payload, got = _recv_with_fds(conn, MAX_REPLY_BYTES, poll) if fds else (_recv(conn, MAX_REPLY_BYTES, poll), [])
         except (ConnectionError, OSError) as exc:
             raise _Unreachable(f"the connection broke: {exc}") from None
-        except msgspec.DecodeError as exc:
-            raise MailboxError(f"{key!r}: the mailbox @{address} answered something unreadable: {exc}") from None
     finally:
         conn.close()
-    if not reply.ok:
-        raise MailboxError(f"mailbox @{address}: {reply.error}")
-    return reply.value
+    try:
+        reply = msgspec.msgpack.decode(payload, type=_Reply)
+        if not reply.ok:
+            raise MailboxError(f"mailbox @{address}: {reply.error}")
+        if reply.fds != len(got):
+            raise MailboxError(f"{key!r}: the mailbox @{address} said {reply.fds} fds came with its reply, "
+                               f"{len(got)} did")
+    except msgspec.DecodeError as exc:
+        _close_all(got)
+        raise MailboxError(f"{key!r}: the mailbox @{address} answered something unreadable: {exc}") from None
+    except BaseException:
+        _close_all(got)
+        raise
+    return reply.value, got

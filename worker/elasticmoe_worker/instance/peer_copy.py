@@ -18,7 +18,10 @@ How:
 - Source. For the local transfers it sends, the HMM grants the regions to peers
   (`fdpass.FdServer.grant`) and posts their handles, all of those for one destination under one
   key, `peer-copy/<source>-<destination>` (`publish_for`: one message per peer, not one per
-  transfer; a transition moves each expert as a transfer of its own).
+  transfer; a transition moves each expert as a transfer of its own). Through mailboxes the
+  regions' fds go with the message (`mailbox.take_with_fds`), so the peer has them without a
+  round trip to this HMM's fd server; through the store it asks that server (`fdpass.prefetched`).
+  `Source.close` withdraws those messages and revokes the grants.
 - Both sides copy (`exchange`). A copy costs the CPU of the process that makes it; under a
   device's CPU quota one HMM alone copies at its quota's pace. So the transfers between a source
   and a destination are shared out (`split`): the source pushes whole transfers from the end of
@@ -121,10 +124,12 @@ def group_keys(store, backend: backends_base.DeviceBackend, rank: int, group_ran
 
 
 class Source:
-    """The regions this HMM lets peers copy during one transition; `close` revokes them."""
+    """The regions this HMM lets peers copy during one transition; `close` revokes them (and
+    withdraws the fds posted with their handles)."""
 
     def __init__(self) -> None:
         self._tokens: list[bytes] = []
+        self._posted: list[tuple[object, str]] = []  # (peers, key) of the posts that carried fds
 
     def publish(self, peers, index: int, buffers: list[Buffer]) -> int:
         server = fdpass.server()
@@ -147,14 +152,32 @@ class Source:
                 server.grant(region.handle.fd_token)
                 self._tokens.append(region.handle.fd_token)
                 batch[index].append((region.handle, offset, nbytes))
-        peers.post(key, msgspec.msgpack.encode(batch))
+        # NOTE: the fds go with the handles (a mailbox's take hands them on), so the destination
+        # need not ask this process's fd server for them: one round trip less per pair of devices,
+        # to a process that may be waiting for the cores
+        tokens = handle_tokens(batch)
+        self._posted.append((peers, key))
+        peers.post(key, msgspec.msgpack.encode(batch), server.duplicates(tokens) if tokens else [])
         return sum(n for _, buffers in items for _, _, n in buffers)
 
     def close(self) -> None:
+        for peers, key in self._posted:
+            peers.withdraw(key)
+        self._posted.clear()
         server = fdpass.server()
         for token in self._tokens:
             server.revoke(token)
         self._tokens.clear()
+
+
+def handle_tokens(batch: _Batch) -> list[bytes]:
+    """The fd tokens of a batch's handles, each once, in the batch's order (the order of the fds
+    posted with it, on both sides)."""
+    seen: dict[bytes, None] = {}
+    for published in batch.values():
+        for handle, _, _ in published:
+            seen.setdefault(handle.fd_token, None)
+    return list(seen)
 
 
 def read_published(peers, source: int, index: int) -> _Published:
@@ -229,7 +252,19 @@ def exchange(backend: backends_base.DeviceBackend, peers, source: Source, device
     def one_peer(peer: int, items: _Items, pushing: bool) -> int:
         t0 = time.perf_counter()
         key = f"peer-copy-dst/{device_index}-{peer}" if pushing else f"peer-copy/{peer}-{device_index}"
-        batch = msgspec.msgpack.decode(peers.take(peer, key), type=_Batch) if items else {}
+        value, fds = peers.take_with_fds(peer, key) if items else (b"", [])
+        try:
+            batch = msgspec.msgpack.decode(value, type=_Batch) if items else {}
+            tokens = handle_tokens(batch)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        if len(fds) != len(tokens):  # none came (the store, or too many): the fd server's round trip
+            for fd in fds:
+                os.close(fd)
+            fds = []
+        given = dict(zip(tokens, fds))
         copies = []
         for index, buffers in items:
             theirs = batch.get(index)
@@ -242,7 +277,8 @@ def exchange(backend: backends_base.DeviceBackend, peers, source: Source, device
             copies += [(h, o, n, b) for (h, o, n), b in zip(theirs, buffers)]
         t1 = time.perf_counter()
         copied = 0
-        with backend.handles_prefetched([handle for handle, *_ in copies]):  # one round trip to the peer
+        # the fds came with the handles (or one round trip to the peer's fd server fetches them)
+        with backend.handles_prefetched([handle for handle, *_ in copies], given):
             t2 = time.perf_counter()
             for handle, their_offset, nbytes, (region, offset, _) in copies:
                 cancel.check()
@@ -254,18 +290,25 @@ def exchange(backend: backends_base.DeviceBackend, peers, source: Source, device
         t3 = time.perf_counter()
         if copies:
             logger.info("device %d: peer copy of %.1f MB %s device %d: this side's grants published in %.3f s, then "
-                        "its handles after %.3f s, their file descriptors %.3f s, copies %.3f s (%.2f GB/s)",
+                        "its handles after %.3f s, their file descriptors %.3f s (%s), copies %.3f s (%.2f GB/s)",
                         device_index, copied / 1e6, "into" if pushing else "from", peer, published, t1 - t0, t2 - t1,
-                        t3 - t2, copied / max(t3 - t2, 1e-9) / 1e9)
+                        "with the handles" if given else "from its fd server", t3 - t2,
+                        copied / max(t3 - t2, 1e-9) / 1e9)
         return copied
 
     received = sum(n for _, _, buffers in wanted for _, _, n in buffers)
     jobs = [job for job in jobs if job[1]]
     if not jobs:
         return 0, received
-    with concurrent.futures.ThreadPoolExecutor(len(jobs), thread_name_prefix="peer-copy") as pool:
-        futures = [(pool.submit(one_peer, *job), job[2]) for job in jobs]
-        pushed = sum(f.result() for f, pushing in futures if pushing)
+    # the first peer on this thread, the others on one thread each (a pair of devices, 1 -> 2,
+    # starts no thread: under load each hand-off waits for the cores)
+    if len(jobs) == 1:
+        copied = one_peer(*jobs[0])
+        return (copied if jobs[0][2] else 0), received
+    with concurrent.futures.ThreadPoolExecutor(len(jobs) - 1, thread_name_prefix="peer-copy") as pool:
+        futures = [(pool.submit(one_peer, *job), job[2]) for job in jobs[1:]]
+        first = one_peer(*jobs[0])
+        pushed = (first if jobs[0][2] else 0) + sum(f.result() for f, pushing in futures if pushing)
     return pushed, received
 
 
@@ -292,11 +335,19 @@ class StorePeers:
     def __init__(self, store, rank: int, world: int) -> None:
         self.store, self.rank, self.world = store, rank, world
 
-    def post(self, key: str, value: bytes) -> None:
+    def post(self, key: str, value: bytes, fds: list[int] = ()) -> None:
+        for fd in fds:  # a store carries no fds: the peer asks the owner's fd server
+            os.close(fd)
         self.store.set(key, value)
+
+    def withdraw(self, key: str) -> None:
+        pass  # the store lives as long as the transition
 
     def take(self, peer: int, key: str) -> bytes:
         return self.store.get(key)
+
+    def take_with_fds(self, peer: int, key: str) -> tuple[bytes, list[int]]:
+        return self.store.get(key), []
 
     def done(self, peers: set[int]) -> None:
         """This rank's copies are done; wait for every rank's (`barrier`)."""
@@ -317,11 +368,17 @@ class MailboxPeers:
         self.timeout_s, self.check = timeout_s, check
         own.open(box)
 
-    def post(self, key: str, value: bytes) -> None:
-        self.own.post(self.box, key, value)
+    def post(self, key: str, value: bytes, fds: list[int] = ()) -> None:
+        self.own.post(self.box, key, value, fds)
+
+    def withdraw(self, key: str) -> None:
+        self.own.withdraw(self.box, key)
 
     def take(self, peer: int, key: str) -> bytes:
         return mailbox.take(self.addresses[peer], self.box, key, self.timeout_s, self.check)
+
+    def take_with_fds(self, peer: int, key: str) -> tuple[bytes, list[int]]:
+        return mailbox.take_with_fds(self.addresses[peer], self.box, key, self.timeout_s, self.check)
 
     def done(self, peers: set[int]) -> None:
         """This device's copies are done; wait until each of `peers` says the same of its own (no

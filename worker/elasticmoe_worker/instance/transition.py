@@ -244,7 +244,8 @@ def _move(backend: backends_base.DeviceBackend, mem: memory.DeviceMemory, msg: w
                                         peer_copy.pair_shares(msg.transfers, local), cancel)
         sent += sum(n for items in offered.values() for _, buffers in items for _, _, n in buffers)
         received += brought
-        wait_for(works, cancel, deadline)
+        if works:  # (none when every transfer was local: no waiter thread to start and wake)
+            wait_for(works, cancel, deadline)
         data_seconds = time.perf_counter() - data_started
         if local:  # nobody revokes (or frees) a region a peer still copies from or into, nor is ready before
             # its sources' pushes into it are done
