@@ -159,3 +159,46 @@ def test_both_sides_of_an_exchange_copy_every_byte_once(through: str, monkeypatc
             r.close()
     assert testprocs.settled_memfds("xchg", 0) == 0  # the mailbox's copies were withdrawn with the grants
 
+
+def test_keys_the_coordinator_told_are_used_as_they_are_and_otherwise_exchanged() -> None:
+    import pytest
+    import torch.distributed as dist
+
+    backend = cpu_backend.CpuBackend()
+    own = peer_copy.locality_key(backend)
+    store = dist.HashStore()
+    # told: no store round trip at all (nothing is published)
+    assert peer_copy.group_keys(store, backend, 1, [4, 7], ["elsewhere", own]) == {4: "elsewhere", 7: own}
+    assert store.num_keys() == 0
+    # not told: every rank publishes its own and reads the others'
+    store.set("locality/0", "elsewhere")
+    assert peer_copy.group_keys(store, backend, 1, [4, 7], None) == {4: "elsewhere", 7: own}
+    # told something that cannot be this rank's: an error naming both, not a silent misroute
+    with pytest.raises(RuntimeError, match="rank 1's 'other' but this HMM's is"):
+        peer_copy.group_keys(store, backend, 1, [4, 7], [own, "other"])
+    with pytest.raises(RuntimeError, match="1 for 2 rank"):
+        peer_copy.group_keys(store, backend, 0, [4, 7], [own])
+
+
+def test_a_peer_that_published_something_else_fails_the_copy_and_leaves_no_fd_open() -> None:
+    """The destination gets the fds with the handles; when the batch names other transfers than it
+    expects, it raises, naming them, and closes the fds that came (none stays open once the source
+    closed)."""
+    backend = cpu_backend.CpuBackend()
+    src = backend.allocate(4096, "odd.src")
+    dst = backend.allocate(4096, "odd.dst")
+    own = mailbox.server().name
+    box = mailbox.box_id("secret", 8)
+    peers = {d: peer_copy.MailboxPeers(box, d, {0: own, 1: own}, 5.0, lambda: None) for d in (0, 1)}
+    source = peer_copy.Source()
+    try:
+        source.publish_for(peers[0], "peer-copy/0-1", [(5, [(src, 0, 4096)])])  # transfer 5, not 3
+        with pytest.raises(RuntimeError, match=r"peer copy 3: device 0 published no handles for it \(it published "
+                                               r"transfers \[5\]\)"):
+            peer_copy.exchange(backend, peers[1], peer_copy.Source(), 1, [(3, 0, [(dst, 0, 4096)])], {},
+                               {(0, 1): 0.0}, _NoCancel())
+    finally:
+        source.close()
+        src.close()
+        dst.close()
+    assert testprocs.settled_memfds("odd.", 0) == 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -91,6 +92,12 @@ def test_bench_scaling_quick_writes_every_measure(tmp_path):
     assert {d["device"] for d in by["elastic"]["transfer_devices"]} == {0, 1}
     assert set(scale["strategies"]["elastic"]["transfer_by_role"]) == {"receives", "sends"}
     assert "transfer phase by device" in md
+    # the scale-up steps (--quick: +1) with their phases and the CPU the machine used meanwhile
+    [step] = report["steps"]
+    assert step["added"] == 1 and step["phases"]["transfer"] > 0
+    assert "HMMs" in step["cpu_during"]["by_kind_s"] and step["cpu_during"]["wall_s"] > 0
+    assert report["summary"]["steps"]["1"]["cpu_during"]["wall_s"] > 0
+    assert re.search(r"\| \+1 \| [\d.]+ \([\d.]+–[\d.]+\) \| 1 \| .* % \|", md), md
 
 
 def test_the_transfer_phase_is_summarised_by_device_role():

@@ -499,8 +499,10 @@ def _step(model_dir, cfg, k: int, args) -> dict:
         # NOTE: the pool with its spares ready: a scale right after start-up measured the spares'
         # imports (standby_start 4.6 s of +1's 4.9 s), not a pool as it stands between scales
         _wait_warm(inst, 1, args.warm_workers)
+        cpu = process_meter.cpu_snapshot([inst])
         rec = inst.scale(1 + k, "benchmark step")
+        used = process_meter.cpu_during(cpu, process_meter.cpu_snapshot([inst], also=cpu["procs"]))
         return {"added": k, "seconds": rec.duration_ms / 1000, "outcome": rec.outcome.value,
-                "phases": {n: ms / 1000 for n, ms in rec.phases_ms.items()}}
+                "phases": {n: ms / 1000 for n, ms in rec.phases_ms.items()}, "cpu_during": used}
     finally:
         inst.shutdown()

@@ -104,8 +104,12 @@ def summarise_repeats(runs: list[dict], floors: list[dict], steps: list[dict]) -
                                                                       cold["throughput_window"]["completed_per_s"])
         out["scales"][f"{a}:{b}"] = scale
     for k in sorted({s["added"] for s in steps}):
-        secs = [s["seconds"] for s in steps if s["added"] == k]
-        out["steps"][str(k)] = {"median_s": _median(secs), "spread": _spread(secs), "repeats": len(secs)}
+        mine = [s for s in steps if s["added"] == k]
+        secs = [s["seconds"] for s in mine]
+        phases = sorted({n for s in mine for n in s.get("phases", {})})
+        out["steps"][str(k)] = {"median_s": _median(secs), "spread": _spread(secs), "repeats": len(secs),
+                                "phases_s": {n: _median([s["phases"].get(n, 0.0) for s in mine]) for n in phases},
+                                "cpu_during": _cpu_summary([s["cpu_during"] for s in mine if s.get("cpu_during")])}
     if "1" in out["steps"] and "4" in out["steps"]:
         out["steps_4_over_1"] = _ratio(out["steps"]["4"]["median_s"], out["steps"]["1"]["median_s"])
     return out
@@ -278,11 +282,23 @@ def report(report: dict, args) -> str:
             md.append(f"| {key.replace(':', ' → ')} | {name} | {f(c['wall_s'])} | {c['busy_fraction'] * 100:.0f} % | "
                       + " | ".join(f(c["by_kind_s"].get(k)) for k in kinds) + " |")
     if summary["steps"]:
+        steps = summary["steps"].values()
+        phases = sorted({n for st in steps for n in st.get("phases_s", {})} - {"workers"})
+        kinds = sorted({k for st in steps if st.get("cpu_during") for k in st["cpu_during"]["by_kind_s"]},
+                       key=lambda k: (k == "other", k))
         md.append("")
-        md.append("| elastic scale-up from 1 device | seconds, median (min–max) | repeats |")
-        md.append("|---|---|---|")
+        md.append("Elastic scale-up from 1 device, no load (medians; phases in seconds; the CPU the machine used from "
+                  "the request to new capacity, CPU-seconds by kind of process):")
+        md.append("")
+        md.append("| scale-up | seconds, median (min–max) | repeats | " + " | ".join(phases)
+                  + " | machine busy | " + " | ".join(f"{k} CPU-s" for k in kinds) + " |")
+        md.append("|---|---|---|" + "---|" * (len(phases) + 1 + len(kinds)))
         for k, st in summary["steps"].items():
-            md.append(f"| +{k} | {f(st['median_s'])} ({f(st['spread'][0])}–{f(st['spread'][1])}) | {st['repeats']} |")
+            c = st.get("cpu_during")
+            md.append(f"| +{k} | {f(st['median_s'])} ({f(st['spread'][0])}–{f(st['spread'][1])}) | {st['repeats']} | "
+                      + " | ".join(f(st.get("phases_s", {}).get(n), "{:.3f}") for n in phases)
+                      + f" | {f(c and c['busy_fraction'] * 100, '{:.0f} %')} | "
+                      + " | ".join(f(c and c["by_kind_s"].get(k)) for k in kinds) + " |")
     md.append("")
     md.append("| target | measured | |")
     md.append("|---|---|---|")

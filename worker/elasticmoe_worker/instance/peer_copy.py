@@ -255,26 +255,15 @@ def exchange(backend: backends_base.DeviceBackend, peers, source: Source, device
         value, fds = peers.take_with_fds(peer, key) if items else (b"", [])
         try:
             batch = msgspec.msgpack.decode(value, type=_Batch) if items else {}
+            copies = _pair_copies(peer, batch, items)
             tokens = handle_tokens(batch)
         except BaseException:
-            for fd in fds:
-                os.close(fd)
+            _close(fds)
             raise
         if len(fds) != len(tokens):  # none came (the store, or too many): the fd server's round trip
-            for fd in fds:
-                os.close(fd)
+            _close(fds)
             fds = []
         given = dict(zip(tokens, fds))
-        copies = []
-        for index, buffers in items:
-            theirs = batch.get(index)
-            if theirs is None:
-                raise RuntimeError(f"peer copy {index}: device {peer} published no handles for it (it published "
-                                   f"transfers {sorted(batch)})")
-            if [n for _, _, n in theirs] != [n for _, _, n in buffers]:
-                raise RuntimeError(f"peer copy {index}: device {peer} published buffers of "
-                                   f"{[n for _, _, n in theirs]} bytes, this device has {[n for _, _, n in buffers]}")
-            copies += [(h, o, n, b) for (h, o, n), b in zip(theirs, buffers)]
         t1 = time.perf_counter()
         copied = 0
         # the fds came with the handles (or one round trip to the peer's fd server fetches them)
@@ -312,6 +301,27 @@ def exchange(backend: backends_base.DeviceBackend, peers, source: Source, device
     return pushed, received
 
 
+def _pair_copies(peer: int, batch: _Batch, items: _Items) -> list:
+    """(their handle, their offset, bytes, this side's buffer) of each buffer of `items`, from what
+    `peer` published for them; RuntimeError when it published something else."""
+    copies = []
+    for index, buffers in items:
+        theirs = batch.get(index)
+        if theirs is None:
+            raise RuntimeError(f"peer copy {index}: device {peer} published no handles for it (it published "
+                               f"transfers {sorted(batch)})")
+        if [n for _, _, n in theirs] != [n for _, _, n in buffers]:
+            raise RuntimeError(f"peer copy {index}: device {peer} published buffers of "
+                               f"{[n for _, _, n in theirs]} bytes, this device has {[n for _, _, n in buffers]}")
+        copies += [(h, o, n, b) for (h, o, n), b in zip(theirs, buffers)]
+    return copies
+
+
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
 def needs_store(group_ranks: list[int], transfers: list, locality: list[str] | None,
                 mailboxes: list[str] | None) -> bool:
     """Whether the HMMs of a transition (or KV move) need its rendezvous store: not when the coordinator
@@ -336,8 +346,7 @@ class StorePeers:
         self.store, self.rank, self.world = store, rank, world
 
     def post(self, key: str, value: bytes, fds: list[int] = ()) -> None:
-        for fd in fds:  # a store carries no fds: the peer asks the owner's fd server
-            os.close(fd)
+        _close(fds)  # a store carries no fds: the peer asks the owner's fd server
         self.store.set(key, value)
 
     def withdraw(self, key: str) -> None:
