@@ -347,9 +347,14 @@ def prefetched(handles, given: dict[bytes, int] | None = None):
                         os.close(held[0])
 
 
-def _close_given(given: dict[bytes, int]) -> None:
-    for fd in given.values():
+def close_all(fds) -> None:
+    """Close every fd of `fds` (fds handed on with a message and not used)."""
+    for fd in fds:
         os.close(fd)
+
+
+def _close_given(given: dict[bytes, int]) -> None:
+    close_all(given.values())
     given.clear()
 
 

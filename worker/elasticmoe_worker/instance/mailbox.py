@@ -44,6 +44,8 @@ from typing import Callable
 
 import msgspec
 
+from elasticmoe_worker.backends import fdpass
+
 logger = logging.getLogger(__name__)
 
 KEEP = 4  # boxes a mailbox keeps (the transition now running, and a few finished ones)
@@ -94,11 +96,6 @@ def _send(conn: socket.socket, payload: bytes, fds: list[int] = ()) -> None:
     conn.sendall(_LEN.pack(len(payload)) + payload)
 
 
-def _close_all(fds: list[int]) -> None:
-    for fd in fds:
-        os.close(fd)
-
-
 def _recv_exactly(conn: socket.socket, n: int, poll: Callable[[], None] | None) -> bytes:
     chunks, got = [], 0
     while got < n:
@@ -141,7 +138,7 @@ def _recv_with_fds(conn: socket.socket, limit: int, poll: Callable[[], None]) ->
             raise ConnectionError(f"a {n}-byte message, more than the {limit} expected")
         return _recv_exactly(conn, n, poll), fds
     except BaseException:
-        _close_all(fds)
+        fdpass.close_all(fds)
         raise
 
 
@@ -170,7 +167,7 @@ class Mailbox:
                     old, messages = self._boxes.popitem(last=False)
                     self._expired.append(old)
                     for message in messages.values():
-                        _close_all(message.fds)
+                        fdpass.close_all(message.fds)
             self._cond.notify_all()
 
     def post(self, box: bytes, key: str, value: bytes, fds: list[int] = ()) -> None:
@@ -179,20 +176,20 @@ class Mailbox:
         open."""
         with self._cond:
             if box not in self._boxes:
-                _close_all(fds)
+                fdpass.close_all(fds)
                 raise KeyError(f"mailbox {self.name}: post of {key!r} into a box that is not open (or expired)")
             old = self._boxes[box].get(key)
             self._boxes[box][key] = _Message(value, list(fds))
             self._cond.notify_all()
         if old is not None:
-            _close_all(old.fds)
+            fdpass.close_all(old.fds)
 
     def withdraw(self, box: bytes, key: str) -> None:
         """Nothing under `key` in `box` any more (a take waits again); its fds are closed. Idempotent."""
         with self._cond:
             message = self._boxes.get(box, {}).pop(key, None)
         if message is not None:
-            _close_all(message.fds)
+            fdpass.close_all(message.fds)
 
     def wait(self, box: bytes, key: str, timeout_s: float) -> bytes:
         """What is (or will be, within `timeout_s`) posted under `key` in `box`. MailboxError if not."""
@@ -256,7 +253,7 @@ class Mailbox:
                 try:
                     _send(conn, msgspec.msgpack.encode(reply), fds)
                 finally:
-                    _close_all(fds)
+                    fdpass.close_all(fds)
         except OSError as exc:
             logger.debug("mailbox connection ended: %s", exc)
         finally:
@@ -338,9 +335,9 @@ def _take_once(address: str, box: bytes, key: str, timeout_s: float, deadline: f
             raise MailboxError(f"{key!r}: the mailbox @{address} said {reply.fds} fds came with its reply, "
                                f"{len(got)} did")
     except msgspec.DecodeError as exc:
-        _close_all(got)
+        fdpass.close_all(got)
         raise MailboxError(f"{key!r}: the mailbox @{address} answered something unreadable: {exc}") from None
     except BaseException:
-        _close_all(got)
+        fdpass.close_all(got)
         raise
     return reply.value, got

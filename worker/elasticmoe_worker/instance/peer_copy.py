@@ -258,10 +258,10 @@ def exchange(backend: backends_base.DeviceBackend, peers, source: Source, device
             copies = _pair_copies(peer, batch, items)
             tokens = handle_tokens(batch)
         except BaseException:
-            _close(fds)
+            fdpass.close_all(fds)
             raise
         if len(fds) != len(tokens):  # none came (the store, or too many): the fd server's round trip
-            _close(fds)
+            fdpass.close_all(fds)
             fds = []
         given = dict(zip(tokens, fds))
         t1 = time.perf_counter()
@@ -317,11 +317,6 @@ def _pair_copies(peer: int, batch: _Batch, items: _Items) -> list:
     return copies
 
 
-def _close(fds: list[int]) -> None:
-    for fd in fds:
-        os.close(fd)
-
-
 def needs_store(group_ranks: list[int], transfers: list, locality: list[str] | None,
                 mailboxes: list[str] | None) -> bool:
     """Whether the HMMs of a transition (or KV move) need its rendezvous store: not when the coordinator
@@ -346,7 +341,7 @@ class StorePeers:
         self.store, self.rank, self.world = store, rank, world
 
     def post(self, key: str, value: bytes, fds: list[int] = ()) -> None:
-        _close(fds)  # a store carries no fds: the peer asks the owner's fd server
+        fdpass.close_all(fds)  # a store carries no fds: the peer asks the owner's fd server
         self.store.set(key, value)
 
     def withdraw(self, key: str) -> None:
