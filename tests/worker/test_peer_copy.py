@@ -192,7 +192,7 @@ def test_a_peer_that_published_something_else_fails_the_copy_and_leaves_no_fd_op
     peers = {d: peer_copy.MailboxPeers(box, d, {0: own, 1: own}, 5.0, lambda: None) for d in (0, 1)}
     source = peer_copy.Source()
     try:
-        source.publish_for(peers[0], "peer-copy/0-1", [(5, [(src, 0, 4096)])])  # transfer 5, not 3
+        source.send_for(peers[0], 1, "peer-copy/0-1", [(5, [(src, 0, 4096)])])  # transfer 5, not 3
         with pytest.raises(RuntimeError, match=r"peer copy 3: device 0 published no handles for it \(it published "
                                                r"transfers \[5\]\)"):
             peer_copy.exchange(backend, peers[1], peer_copy.Source(), 1, [(3, 0, [(dst, 0, 4096)])], {},

@@ -20,7 +20,8 @@ A message may carry file descriptors (`post(..., fds)`: `peer_copy` posts the fd
 its handles name): a take that asks for them (`take_with_fds`) gets duplicates in the reply
 (SCM_RIGHTS, with its length header), which saves the round trip to the owner's fd server
 (`fdpass`) that the handles alone would need. The mailbox holds its own copies until the message
-is `withdraw`n, replaced, or its box expires.
+is `withdraw`n, replaced, or its box expires. A message with one reader can instead go straight
+into that reader's inbox (`inbox`, bound beside the mailbox): no round trip to this process.
 
 Who may take: a process of the owner's effective uid (the kernel's SO_PEERCRED) that names the
 box. Not guaranteed: as `fdpass`, abstract sockets live in the network namespace (peers that are
@@ -45,6 +46,7 @@ from typing import Callable
 import msgspec
 
 from elasticmoe_worker.backends import fdpass
+from elasticmoe_worker.instance import inbox
 
 logger = logging.getLogger(__name__)
 
@@ -155,8 +157,9 @@ class Mailbox:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self._sock.bind("\0" + self.name)
         self._sock.listen(64)
+        self.inbox = inbox.Inbox(inbox.address(self.name))  # (bound before anyone can learn the name)
         threading.Thread(target=self._accept, name="mailbox", daemon=True).start()
-        logger.info("peer mailbox on abstract unix socket @%s", self.name)
+        logger.info("peer mailbox on abstract unix socket @%s (its inbox @%s)", self.name, self.inbox.name)
 
     def open(self, box: bytes) -> None:
         """Accept posts (and answer takes) for `box`; the oldest box past `KEEP` expires."""
@@ -166,6 +169,7 @@ class Mailbox:
                 while len(self._boxes) > KEEP:
                     old, messages = self._boxes.popitem(last=False)
                     self._expired.append(old)
+                    self.inbox.expire(old)
                     for message in messages.values():
                         fdpass.close_all(message.fds)
             self._cond.notify_all()

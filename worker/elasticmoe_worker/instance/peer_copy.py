@@ -16,27 +16,29 @@ How:
   computes the same split. A backend without `copies_from_peers` publishes "" (never local), as
   does an HMM with ELASTICMOE_PEER_COPY=0 (force the collective, for comparisons).
 - Source. For the local transfers it sends, the HMM grants the regions to peers
-  (`fdpass.FdServer.grant`) and posts their handles, all of those for one destination under one
-  key, `peer-copy/<source>-<destination>` (`publish_for`: one message per peer, not one per
-  transfer; a transition moves each expert as a transfer of its own). Through mailboxes the
-  regions' fds go with the message (`mailbox.take_with_fds`), so the peer has them without a
-  round trip to this HMM's fd server; through the store it asks that server (`fdpass.prefetched`).
-  `Source.close` withdraws those messages and revokes the grants.
+  (`fdpass.FdServer.grant`) and sends their handles, all of those for one destination under one
+  key, `peer-copy/<source>-<destination>` (`send_for`: one message per peer, not one per
+  transfer; a transition moves each expert as a transfer of its own). Between HMMs the regions'
+  fds go with the message, so the peer has them without a round trip to this HMM's fd server;
+  through the store it asks that server (`fdpass.prefetched`). `Source.close` revokes the grants
+  (and withdraws a message too large to send, which was posted into its mailbox instead).
 - Both sides copy (`exchange`). A copy costs the CPU of the process that makes it; under a
   device's CPU quota one HMM alone copies at its quota's pace. So the transfers between a source
   and a destination are shared out (`split`): the source pushes whole transfers from the end of
   the list, a share of the bytes that evens out every device's copying (`pair_shares`), into the
-  destination's regions (`backend.copy_to_peer`), which the destination grants and publishes under
+  destination's regions (`backend.copy_to_peer`), which the destination grants and sends under
   `peer-copy-dst/<source>-<destination>`; the destination pulls the others
   (`backend.copy_from_peer`). Every peer in parallel, a thread each. ELASTICMOE_PEER_PUSH=0: the
   destinations pull everything (for comparisons).
-- Completion. Each rank posts `peer-copy-done/<rank>` once its copies are done and waits for its
-  peers': no source revokes its grants (or frees a departing region) while a peer copies, and no
+- Completion. Each rank sends `peer-copy-done/<rank>-<peer>` to its peers once its copies are done and
+  waits for theirs: no source revokes its grants (or frees a departing region) while a peer copies, and no
   destination says its bytes are there before its sources' pushes into it are done.
 - Where the handles and completions go (`MailboxPeers`, `StorePeers`): when the coordinator told
-  every rank's mailbox (`PrepareTransition.mailboxes`), straight between the HMMs (`mailbox`: each
-  posts into its own, takes from its peers'; a rank waits only for the devices it copied with);
-  otherwise through the transition's rendezvous store, and completion is a barrier of all ranks.
+  every rank's mailbox (`PrepareTransition.mailboxes`), straight between the HMMs: each message
+  has one reader and goes into its inbox (`inbox`: the reader finds it queued, or wakes once when
+  it comes; no round trip to the sender's process, which a mailbox take needs); a rank waits only
+  for the devices it copied with. Otherwise through the transition's rendezvous store, and
+  completion is a barrier of all ranks.
 
 Not guaranteed: the handles are capabilities: any process of the owner's uid that learns one
 (they travel only over the authenticated channel) can copy the region until it is revoked.
@@ -56,7 +58,7 @@ import msgspec
 from elasticmoe_worker.backends import base as backends_base
 from elasticmoe_worker.backends import fdpass
 from elasticmoe_worker.contract import wire
-from elasticmoe_worker.instance import mailbox
+from elasticmoe_worker.instance import inbox, mailbox
 
 logger = logging.getLogger("elasticmoe.hmm")
 
@@ -141,9 +143,10 @@ class Source:
         peers.post(f"peer-copy/{index}", msgspec.msgpack.encode(published))
         return sum(n for _, _, n in buffers)
 
-    def publish_for(self, peers, key: str, items: list[tuple[int, list[Buffer]]]) -> int:
-        """Grant the buffers of every transfer `(index, buffers)` to peers and post their handles
-        under one key (`peers`: `StorePeers` or `MailboxPeers`). -> bytes published."""
+    def send_for(self, peers, peer: int, key: str, items: list[tuple[int, list[Buffer]]]) -> int:
+        """Grant the buffers of every transfer `(index, buffers)` to peers and send their handles,
+        with their fds, to `peer` under one key (`peers`: `StorePeers` or `MailboxPeers`). -> bytes
+        sent for."""
         server = fdpass.server()
         batch: _Batch = {}
         for index, buffers in items:
@@ -152,12 +155,11 @@ class Source:
                 server.grant(region.handle.fd_token)
                 self._tokens.append(region.handle.fd_token)
                 batch[index].append((region.handle, offset, nbytes))
-        # NOTE: the fds go with the handles (a mailbox's take hands them on), so the destination
-        # need not ask this process's fd server for them: one round trip less per pair of devices,
-        # to a process that may be waiting for the cores
+        # NOTE: the fds go with the handles, so the peer need not ask this process's fd server for
+        # them: one round trip less per pair of devices, to a process that may be waiting for the cores
         tokens = handle_tokens(batch)
-        self._posted.append((peers, key))
-        peers.post(key, msgspec.msgpack.encode(batch), server.duplicates(tokens) if tokens else [])
+        self._posted.append((peers, key))  # (a message too large to send is posted: withdrawn at close)
+        peers.send(peer, key, msgspec.msgpack.encode(batch), server.duplicates(tokens) if tokens else [])
         return sum(n for _, buffers in items for _, _, n in buffers)
 
     def close(self) -> None:
@@ -241,18 +243,18 @@ def exchange(backend: backends_base.DeviceBackend, peers, source: Source, device
     jobs: list[tuple[int, _Items, bool]] = []
     for src, items in by_source.items():
         pulled, pushed = split(items, shares[(src, device_index)])
-        source.publish_for(peers, f"peer-copy-dst/{src}-{device_index}", pushed)
+        source.send_for(peers, src, f"peer-copy-dst/{src}-{device_index}", pushed)
         jobs.append((src, pulled, False))
     for dst, items in offered.items():
         pulled, pushed = split(items, shares[(device_index, dst)])
-        source.publish_for(peers, f"peer-copy/{device_index}-{dst}", pulled)
+        source.send_for(peers, dst, f"peer-copy/{device_index}-{dst}", pulled)
         jobs.append((dst, pushed, True))
     published = time.perf_counter() - started
 
     def one_peer(peer: int, items: _Items, pushing: bool) -> int:
         t0 = time.perf_counter()
         key = f"peer-copy-dst/{device_index}-{peer}" if pushing else f"peer-copy/{peer}-{device_index}"
-        value, fds = peers.take_with_fds(peer, key) if items else (b"", [])
+        value, fds = peers.receive(peer, key) if items else (b"", [])
         try:
             batch = msgspec.msgpack.decode(value, type=_Batch) if items else {}
             copies = _pair_copies(peer, batch, items)
@@ -350,7 +352,10 @@ class StorePeers:
     def take(self, peer: int, key: str) -> bytes:
         return self.store.get(key)
 
-    def take_with_fds(self, peer: int, key: str) -> tuple[bytes, list[int]]:
+    def send(self, peer: int, key: str, value: bytes, fds: list[int] = ()) -> None:
+        self.post(key, value, fds)  # (every rank can read it: the keys name their reader)
+
+    def receive(self, peer: int, key: str) -> tuple[bytes, list[int]]:
         return self.store.get(key), []
 
     def done(self, peers: set[int]) -> None:
@@ -381,6 +386,24 @@ class MailboxPeers:
     def take(self, peer: int, key: str) -> bytes:
         return mailbox.take(self.addresses[peer], self.box, key, self.timeout_s, self.check)
 
+    def send(self, peer: int, key: str, value: bytes, fds: list[int] = ()) -> None:
+        """`value` (and `fds`, owned from here) to `peer` alone, into its inbox (`inbox`): it reads it
+        without a round trip to this process. One too large for a datagram is posted into this
+        mailbox, and a notice sent instead."""
+        to = inbox.address(self.addresses[peer])
+        if inbox.fits(key, value, len(fds)):
+            inbox.send(to, self.box, key, value, fds, self.timeout_s)
+        else:
+            self.own.post(self.box, key, value, fds)
+            inbox.send(to, self.box, key, b"", [], self.timeout_s, posted=True)
+
+    def receive(self, peer: int, key: str) -> tuple[bytes, list[int]]:
+        """What `peer` sent this device under `key` (waits), and its fds (the caller closes them)."""
+        value, fds, posted = self.own.inbox.receive(self.box, key, self.timeout_s, self.check)
+        if posted:
+            return self.take_with_fds(peer, key)
+        return value, fds
+
     def take_with_fds(self, peer: int, key: str) -> tuple[bytes, list[int]]:
         return mailbox.take_with_fds(self.addresses[peer], self.box, key, self.timeout_s, self.check)
 
@@ -388,9 +411,10 @@ class MailboxPeers:
         """This device's copies are done; wait until each of `peers` says the same of its own (no
         source revokes a grant a peer still copies from, no destination is ready before the pushes
         into it are done)."""
-        self.post(f"peer-copy-done/{self.device_index}", b"1")
         for peer in sorted(peers):
-            self.take(peer, f"peer-copy-done/{peer}")
+            self.send(peer, f"peer-copy-done/{self.device_index}-{peer}", b"1")
+        for peer in sorted(peers):
+            fdpass.close_all(self.receive(peer, f"peer-copy-done/{peer}-{self.device_index}")[1])
 
 
 def barrier(store, rank: int, world: int) -> float:
