@@ -226,8 +226,7 @@ def split(items: _Items, share: float) -> tuple[_Items, _Items]:
 
 def exchange(backend: backends_base.DeviceBackend, peers, source: Source, device_index: int,
              wanted: list[tuple[int, int, list[Buffer]]], offered: dict[int, _Items],
-             shares: dict[tuple[int, int], float], cancel,
-             on_sent: Callable[[], None] | None = None) -> tuple[int, int]:
+             shares: dict[tuple[int, int], float], cancel) -> tuple[int, int]:
     """The local transfers of one device, both sides of the copy at once: for each source it
     receives from (`wanted`: index, source device, this device's buffers) it publishes the regions
     of the transfers that source pushes (`peer-copy-dst/<src>-<dst>`) and pulls the others; for
@@ -236,8 +235,7 @@ def exchange(backend: backends_base.DeviceBackend, peers, source: Source, device
     others (`split`). Every peer in parallel: a copy costs the CPU of the process that makes it, and
     under a device's CPU quota two processes copying move bytes about twice as fast as one.
     -> (bytes this device pushed, bytes its transfers brought it, whoever copied them); pushes
-    into it may still run: `barrier` waits for them. `on_sent`: called once this device has sent
-    its peers what they wait for, before its own copies."""
+    into it may still run: `barrier` waits for them."""
     started = time.perf_counter()
     by_source: dict[int, _Items] = {}
     for index, src, buffers in wanted:
@@ -252,8 +250,6 @@ def exchange(backend: backends_base.DeviceBackend, peers, source: Source, device
         source.send_for(peers, dst, f"peer-copy/{device_index}-{dst}", pulled)
         jobs.append((dst, pushed, True))
     published = time.perf_counter() - started
-    if on_sent is not None:
-        on_sent()
 
     def one_peer(peer: int, items: _Items, pushing: bool) -> int:
         t0 = time.perf_counter()

@@ -118,10 +118,7 @@ def run(backend: backends_base.DeviceBackend, device_index: int, mem: memory.Dev
         on_allocated: Callable[[], None] | None = None, allocate: Allocate | None = None) -> Result:
     """Allocate what this device gains (through `allocate`, default `backend.allocate`), call
     `on_allocated` (the regions exist, their bytes do not yet: a standby may attach and prepare),
-    then read and receive the bytes. When the HMMs tell each other what they copy through their
-    inboxes, `on_allocated` comes just after this device has sent its peers their handles: the
-    standby's start (a few ms of this thread, and a process that competes for the cores) is then
-    not in the time its peers wait for them."""
+    then read and receive the bytes."""
     started, cpu0, throttled0 = time.perf_counter(), _process_cpu(), cgroup.throttling()
     deadline = time.monotonic() + msg.timeout_s
     allocate = allocate or backend.allocate
@@ -133,8 +130,7 @@ def run(backend: backends_base.DeviceBackend, device_index: int, mem: memory.Dev
                     allocate(msg.expert_w2_bytes, f"dev{device_index}.l{layer}.e{e}.w2"),
                 )
     cancel.check()
-    defer = msg.mailboxes is not None and not msg.checkpoint_experts and len(msg.group_ranks) > 1
-    if on_allocated is not None and not defer:
+    if on_allocated is not None:
         on_allocated()
     if msg.checkpoint_experts:  # after a lost device: experts no survivor holds
         t0 = time.perf_counter()
@@ -156,8 +152,7 @@ def run(backend: backends_base.DeviceBackend, device_index: int, mem: memory.Dev
             store.cancel(cancel.reason)
     connected = time.perf_counter()
     try:
-        result = _move(backend, mem, msg, device_index, store, secret, cancel, started, deadline, host,
-                       on_allocated if defer else None)
+        result = _move(backend, mem, msg, device_index, store, secret, cancel, started, deadline, host)
     finally:
         if store is not None:
             store.close()
@@ -200,7 +195,7 @@ def _buffers(mem: memory.DeviceMemory, msg: wire.PrepareTransition, t: wire.Tran
 
 def _move(backend: backends_base.DeviceBackend, mem: memory.DeviceMemory, msg: wire.PrepareTransition,
           device_index: int, store, secret: str, cancel: Cancel, started: float, deadline: float,
-          host: str = "", on_sent: Callable[[], None] | None = None) -> Result:
+          host: str = "") -> Result:
     """Sends and receives straight from and into the regions' device memory (no staging copy):
     between devices of one host through shared memory (`peer_copy.exchange`: the destination pulls
     part of each transfer, its source pushes the rest), between hosts over the collective backend,
@@ -211,9 +206,6 @@ def _move(backend: backends_base.DeviceBackend, mem: memory.DeviceMemory, msg: w
     # NOTE: every rank computes the same split from the same keys, so all or none form the group
     pg = None
     if len(local) < len(msg.transfers):
-        if on_sent is not None:  # (forming the group takes longer than a standby's start)
-            on_sent()
-            on_sent = None
         pg = rendezvous.process_group(backend.collective_backend, store, msg.rank, len(msg.group_ranks),
                                       msg.timeout_s, backend.torch_device(), host)
     setup_seconds = time.perf_counter() - started
@@ -249,7 +241,7 @@ def _move(backend: backends_base.DeviceBackend, mem: memory.DeviceMemory, msg: w
         peers = peer_copy.peers_of(msg, device_index, store, mailbox.box_id(secret, msg.config_id),
                                    1.5 * msg.timeout_s + 2, cancel.check)
         _, brought = peer_copy.exchange(backend, peers, source, device_index, wanted, offered,
-                                        peer_copy.pair_shares(msg.transfers, local), cancel, on_sent)
+                                        peer_copy.pair_shares(msg.transfers, local), cancel)
         sent += sum(n for items in offered.values() for _, buffers in items for _, _, n in buffers)
         received += brought
         if works:  # (none when every transfer was local: no waiter thread to start and wake)
