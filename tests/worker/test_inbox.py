@@ -77,8 +77,16 @@ def test_what_cannot_be_sent_is_an_error_that_says_why_and_closes_the_fds() -> N
     box, (_, to) = mailbox.box_id("s", 305), _inbox()
     fd = os.memfd_create("inbox.unsent")
     try:
-        with pytest.raises(inbox.InboxError, match="nobody reads an inbox @elasticmoe-nobody-in"):
-            inbox.send("elasticmoe-nobody-in", box, "k", b"v", [os.dup(fd)])
+        t0 = time.monotonic()
+        with pytest.raises(inbox.InboxError, match=r"nobody read an inbox @elasticmoe-nobody-in for 0.5 s"):
+            inbox.send("elasticmoe-nobody-in", box, "k", b"v", [os.dup(fd)], timeout_s=0.5)
+        assert 0.5 <= time.monotonic() - t0 < 3  # asked again meanwhile, as a mailbox take does
+
+        def gone() -> None:
+            raise RuntimeError("transition cancelled: device 1 died")
+
+        with pytest.raises(RuntimeError, match="device 1 died"):
+            inbox.send("elasticmoe-nobody-in", box, "k", b"v", timeout_s=60.0, check=gone)
         with pytest.raises(ValueError, match=r"'k': 65\d\d\d bytes and 1 fds; one datagram carries at most 65536 "
                                              r"bytes and 253 fds"):
             inbox.send(to, box, "k", b"x" * 65_536, [os.dup(fd)])
@@ -163,3 +171,31 @@ def test_a_message_too_large_for_a_datagram_goes_through_the_senders_mailbox() -
         assert testprocs.settled_memfds("inbox.large", 1) == 1
     finally:
         os.close(fd)
+
+
+def test_two_processes_that_send_each_other_more_than_a_queue_holds_do_not_wait_for_each_other() -> None:
+    """A reader's queue holds net.unix.max_dgram_qlen datagrams (10 by default); a sender to a full
+    one reads its own inbox meanwhile, so two HMMs that send each other many messages before either
+    reads (a transition with many peers) both get through."""
+    a, b = inbox.Inbox(f"test-inbox-a-{os.getpid()}"), inbox.Inbox(f"test-inbox-b-{os.getpid()}")
+    box, n, errors, got = mailbox.box_id("s", 330), 40, [], {}
+
+    def flood(own: inbox.Inbox, to: inbox.Inbox) -> None:  # as an HMM: send all, then read
+        try:
+            for i in range(n):
+                inbox.send(to.name, box, f"m{i}", b"v", timeout_s=10.0, own=own)
+            got[own.name] = [own.receive(box, f"m{i}", 10.0)[0] for i in range(n)]
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    try:
+        senders = [threading.Thread(target=flood, args=pair) for pair in ((a, b), (b, a))]
+        for th in senders:
+            th.start()
+        for th in senders:
+            th.join(30)
+        assert not errors, errors
+        assert got == {a.name: [b"v"] * n, b.name: [b"v"] * n}
+    finally:
+        a.close()
+        b.close()

@@ -24,7 +24,8 @@ are kept (the oldest dropped first).
 Limits: a datagram carries at most `MAX_DATAGRAM` bytes and `MAX_FDS` fds (`send` raises
 ValueError beyond: the caller posts the message into its mailbox and sends a notice instead); a
 receiver's queue holds `/proc/sys/net/unix/max_dgram_qlen` datagrams (10 by default), and a `send`
-to a full one waits for the reader up to its timeout. Not guaranteed: as with the mailbox, any
+to a full one waits for the reader up to its timeout, reading its own process's inbox meanwhile
+(`drain`: two HMMs sending each other more than that would otherwise wait for each other). Not guaranteed: as with the mailbox, any
 process of the owner's uid in the same network namespace can send (it cannot name a box without
 the worker secret; what it sends is kept until evicted).
 """
@@ -184,6 +185,27 @@ class Inbox:
             self._cond.notify_all()
         fdpass.close_all(dropped)
 
+    def drain(self) -> None:
+        """Keep what is queued in the socket now for its readers (unless another thread reads it)."""
+        with self._cond:
+            if self._reading:
+                return
+            self._reading = True
+        try:
+            self._sock.settimeout(0.0)
+            while True:
+                try:
+                    data, ancillary, flags, _ = self._sock.recvmsg(MAX_DATAGRAM, _ANCILLARY)
+                except (BlockingIOError, InterruptedError):
+                    return
+                message = self._accept(data, ancillary, flags)
+                if message is not None:
+                    self._keep(message)
+        finally:
+            with self._cond:
+                self._reading = False
+                self._cond.notify_all()
+
     def expire(self, box: bytes) -> None:
         """`box` is over: drop what is kept for it (closing its fds), and what comes for it later."""
         with self._cond:
@@ -203,25 +225,46 @@ def fits(key: str, value: bytes, nfds: int) -> bool:
 
 
 def send(to: str, box: bytes, key: str, value: bytes, fds: list[int] = (), timeout_s: float = 30.0,
-         posted: bool = False) -> None:
+         posted: bool = False, own: Inbox | None = None, check: Callable[[], None] | None = None) -> None:
     """Send `value` (and `fds`, which this call owns from here and closes, even on an error) under
-    `key` in `box` to the inbox named `to`. ValueError: too large for one datagram (nothing sent);
-    InboxError: nobody reads there, or its queue stayed full for `timeout_s`."""
+    `key` in `box` to the inbox named `to`; while its queue is full, read `own` (this process's
+    inbox) meanwhile; `check` is called while it waits (it raises to give up). ValueError: too large
+    for one datagram (nothing sent); InboxError: nobody read there, or its queue stayed full, for
+    `timeout_s`."""
     try:
         payload = msgspec.msgpack.encode(_Datagram(box, key, value, posted))
         if len(payload) > MAX_DATAGRAM or len(fds) > MAX_FDS:
             raise ValueError(f"{key!r}: {len(payload)} bytes and {len(fds)} fds; one datagram carries at most "
                              f"{MAX_DATAGRAM} bytes and {MAX_FDS} fds")
+        deadline = time.monotonic() + timeout_s
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.settimeout(timeout_s)
+            sock.setblocking(False)
             ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-            try:
-                sock.sendmsg([payload], ancillary, 0, "\0" + to)
-            except (ConnectionRefusedError, FileNotFoundError) as exc:
-                raise InboxError(f"{key!r}: nobody reads an inbox @{to} ({exc.strerror or exc}); its HMM exited, or "
-                                 f"runs in another network namespace") from None
-            except socket.timeout:
-                raise InboxError(f"{key!r}: the inbox @{to} stayed full for {timeout_s:g} s (its reader is not "
-                                 f"reading)") from None
+            while True:
+                try:
+                    sock.sendmsg([payload], ancillary, 0, "\0" + to)
+                    return
+                except (ConnectionRefusedError, FileNotFoundError) as exc:
+                    # as with a mailbox: asked again until `check` gives up (the coordinator, which
+                    # knows who is missing, cancels the transition) or the timeout
+                    if check is not None:
+                        check()
+                    if time.monotonic() > deadline:
+                        raise InboxError(f"{key!r}: nobody read an inbox @{to} for {timeout_s:g} s "
+                                         f"({exc.strerror or exc}); its HMM exited, or runs in another network "
+                                         f"namespace") from None
+                    time.sleep(_POLL_S / 5)
+                    continue
+                except BlockingIOError:  # the reader's queue is full
+                    if check is not None:
+                        check()
+                    if time.monotonic() > deadline:
+                        raise InboxError(f"{key!r}: the inbox @{to} stayed full for {timeout_s:g} s (its reader is "
+                                         f"not reading)") from None
+                # NOTE: meanwhile this process's own inbox is read: two HMMs that send each other more
+                # than a queue holds would otherwise each wait for the other to read
+                if own is not None:
+                    own.drain()
+                time.sleep(0.001)
     finally:
         fdpass.close_all(fds)

@@ -392,10 +392,10 @@ class MailboxPeers:
         mailbox, and a notice sent instead."""
         to = inbox.address(self.addresses[peer])
         if inbox.fits(key, value, len(fds)):
-            inbox.send(to, self.box, key, value, fds, self.timeout_s)
+            inbox.send(to, self.box, key, value, fds, self.timeout_s, own=self.own.inbox, check=self.check)
         else:
             self.own.post(self.box, key, value, fds)
-            inbox.send(to, self.box, key, b"", [], self.timeout_s, posted=True)
+            inbox.send(to, self.box, key, b"", [], self.timeout_s, posted=True, own=self.own.inbox, check=self.check)
 
     def receive(self, peer: int, key: str) -> tuple[bytes, list[int]]:
         """What `peer` sent this device under `key` (waits), and its fds (the caller closes them)."""
