@@ -25,9 +25,9 @@ Limits: a datagram carries at most `MAX_DATAGRAM` bytes and `MAX_FDS` fds (`send
 ValueError beyond: the caller posts the message into its mailbox and sends a notice instead); a
 receiver's queue holds `/proc/sys/net/unix/max_dgram_qlen` datagrams (10 by default), and a `send`
 to a full one waits for the reader up to its timeout, reading its own process's inbox meanwhile
-(`drain`: two HMMs sending each other more than that would otherwise wait for each other). Not guaranteed: as with the mailbox, any
-process of the owner's uid in the same network namespace can send (it cannot name a box without
-the worker secret; what it sends is kept until evicted).
+(`drain`: two HMMs sending each other more than that would otherwise wait for each other). Not
+guaranteed: as with the mailbox, any process of the owner's uid in the same network namespace can
+send (it cannot name a box without the worker secret; what it sends is kept until evicted).
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ class Inbox:
                         break
                     self._wait_turn(deadline, key, timeout_s, check)
             try:
-                got = self._read_until(box, key, deadline, check)
+                got = self._read_until(box, key, deadline)
             finally:
                 with self._cond:
                     self._reading = False
@@ -126,7 +126,7 @@ class Inbox:
         if time.monotonic() >= deadline:
             raise InboxError(f"{key!r}: nothing came within {timeout_s:.3g} s")
 
-    def _read_until(self, box: bytes, key: str, deadline: float, check) -> tuple[_Datagram, list[int]] | None:
+    def _read_until(self, box: bytes, key: str, deadline: float) -> tuple[_Datagram, list[int]] | None:
         """Read datagrams until `(box, key)`'s comes (-> it) or half a second passed (-> None),
         keeping the others'."""
         until = min(deadline, time.monotonic() + _POLL_S)
@@ -149,7 +149,7 @@ class Inbox:
     def _accept(self, data: bytes, ancillary, flags: int) -> tuple[_Datagram, list[int]] | None:
         """A datagram -> (message, fds), or None (dropped, its fds closed, and why logged)."""
         fds: list[int] = []
-        uid = None
+        pid = uid = None
         for level, kind, payload in ancillary:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 usable = len(payload) - len(payload) % 4
@@ -160,7 +160,7 @@ class Inbox:
         if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
             why = "truncated (more than this inbox reads)"
         elif uid != os.geteuid():
-            why = f"from uid {uid}, not the owner's {os.geteuid()}"
+            why = f"from pid {pid}, uid {uid}, not the owner's uid {os.geteuid()}"
         else:
             try:
                 return msgspec.msgpack.decode(data, type=_Datagram), fds
