@@ -30,9 +30,10 @@ How:
   `peer-copy-dst/<source>-<destination>`; the destination pulls the others
   (`backend.copy_from_peer`). Every peer in parallel, a thread each. ELASTICMOE_PEER_PUSH=0: the
   destinations pull everything (for comparisons).
-- Completion. Each rank sends `peer-copy-done/<rank>-<peer>` to its peers once its copies are done and
-  waits for theirs: no source revokes its grants (or frees a departing region) while a peer copies, and no
-  destination says its bytes are there before its sources' pushes into it are done.
+- Completion. Each rank sends `peer-copy-done/<rank>-<peer>` to its peers once its copies are
+  done and waits for theirs: no source revokes its grants (or frees a departing region) while a
+  peer copies, and no destination says its bytes are there before its sources' pushes into it
+  are done.
 - Where the handles and completions go (`MailboxPeers`, `StorePeers`): when the coordinator told
   every rank's mailbox (`PrepareTransition.mailboxes`), straight between the HMMs: each message
   has one reader and goes into its inbox (`inbox`: the reader finds it queued, or wakes once when
@@ -347,7 +348,7 @@ class StorePeers:
         self.store.set(key, value)
 
     def withdraw(self, key: str) -> None:
-        pass  # the store lives as long as the transition
+        """Nothing to do: the store, and what was set in it, ends with the transition."""
 
     def take(self, peer: int, key: str) -> bytes:
         return self.store.get(key)
@@ -390,12 +391,12 @@ class MailboxPeers:
         """`value` (and `fds`, owned from here) to `peer` alone, into its inbox (`inbox`): it reads it
         without a round trip to this process. One too large for a datagram is posted into this
         mailbox, and a notice sent instead."""
-        to = inbox.address(self.addresses[peer])
-        if inbox.fits(key, value, len(fds)):
-            inbox.send(to, self.box, key, value, fds, self.timeout_s, own=self.own.inbox, check=self.check)
-        else:
+        posted = not inbox.fits(key, value, len(fds))
+        if posted:
             self.own.post(self.box, key, value, fds)
-            inbox.send(to, self.box, key, b"", [], self.timeout_s, posted=True, own=self.own.inbox, check=self.check)
+            value, fds = b"", []
+        inbox.send(inbox.address(self.addresses[peer]), self.box, key, value, fds, self.timeout_s, posted=posted,
+                   own=self.own.inbox, check=self.check)
 
     def receive(self, peer: int, key: str) -> tuple[bytes, list[int]]:
         """What `peer` sent this device under `key` (waits), and its fds (the caller closes them)."""
