@@ -173,6 +173,29 @@ def test_a_message_too_large_for_a_datagram_goes_through_the_senders_mailbox() -
         os.close(fd)
 
 
+def test_fits_is_exactly_what_send_can_carry() -> None:
+    own, name = _inbox()
+    box = mailbox.box_id("s", 324)
+    key = "peer-copy/0-1"
+    n = max(k for k in range(inbox.MAX_DATAGRAM - 128, inbox.MAX_DATAGRAM + 1) if inbox.fits(box, key, b"x" * k, 1))
+    assert not inbox.fits(box, key, b"x" * (n + 1), 1)
+    assert not inbox.fits(box, key, b"x", inbox.MAX_FDS + 1)
+    inbox.send(name, box, key, b"x" * n, [os.memfd_create("inbox.edge")], 5.0)  # the largest that fits goes
+    value, fds, posted = own.receive(box, key, 5.0)
+    assert len(value) == n and len(fds) == 1 and not posted
+    os.close(fds[0])
+    fd = os.memfd_create("inbox.edge")
+    with pytest.raises(ValueError, match="one datagram carries at most"):
+        inbox.send(name, box, key, b"x" * (n + 1), [fd], 5.0)  # one byte more does not, and its fd is closed
+    with pytest.raises(OSError):
+        os.fstat(fd)
+    # ... so `MailboxPeers.send` posts it and sends a notice
+    sender = peer_copy.MailboxPeers(box, 0, {0: mailbox.server().name, 1: mailbox.server().name}, 5.0, lambda: None)
+    sender.send(1, key, b"x" * (n + 1))
+    assert own.receive(box, key, 5.0) == (b"", [], True)
+    sender.withdraw(key)
+
+
 def test_two_processes_that_send_each_other_more_than_a_queue_holds_do_not_wait_for_each_other() -> None:
     """A reader's queue holds net.unix.max_dgram_qlen datagrams (10 by default); a sender to a full
     one reads its own inbox meanwhile, so two HMMs that send each other many messages before either

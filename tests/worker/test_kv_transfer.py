@@ -67,6 +67,45 @@ def test_blocks_land_at_their_new_ids_in_every_layer(tiny_models, chunk_bytes):
         r.close()
 
 
+def test_a_local_copy_through_the_hmms_inboxes_brings_the_pools_fd_with_its_handle(tiny_models, monkeypatch):
+    """Devices of one host: the source sends its pool's handle with its fd into the destination's
+    inbox, which maps the pool without asking the source's fd server, copies the blocks, and both
+    wait for each other before the grant is revoked."""
+    from elasticmoe_worker.backends import fdpass
+    from elasticmoe_worker.instance import mailbox, peer_copy
+
+    regions, (dst, src) = _pools(tiny_models["deepseek_v2"])
+    cpu = backends.get_backend("cpu")
+    asked = []
+    real_request = fdpass._request
+    monkeypatch.setattr(fdpass, "_request", lambda handles: asked.append(handles) or real_request(handles))
+    spec = config_mod.spec_from_json((tiny_models["deepseek_v2"] / "config.json").read_text())
+    msg = wire.MoveKV(config_id=9, group_ranks=[0, 1], rank=0, copies=[
+        wire.KVCopy(src=1, dst=0, src_blocks=[2, 5, 6], dst_blocks=[0, 3, 7])],
+        view_block_bytes=memory.kv_block_bytes(spec, BLOCK_SIZE, torch.float32), timeout_s=30.0)
+    own = mailbox.server().name
+    box = mailbox.box_id("secret", 9, "kv")
+    out = {}
+
+    def side(d):
+        peers = peer_copy.MailboxPeers(box, d, {0: own, 1: own}, 10.0, lambda: None)
+        out[d] = kv_transfer.copy_local(cpu, peers, regions[d], NUM_BLOCKS, msg, [0], d, transition.Cancel(),
+                                        time.monotonic() + 30)
+    threads = [threading.Thread(target=side, args=(d,)) for d in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    block_bytes = sum(v.shape[1] for v in dst)
+    assert out == {0: (0, 3 * block_bytes), 1: (3 * block_bytes, 0)}
+    for d, s in zip(dst, src):
+        assert torch.equal(d[[0, 3, 7]], s[[2, 5, 6]])
+        assert not d[[1, 2, 4, 5, 6]].any(), "no other block written"
+    assert asked == [], "the fd came with the handle"
+    for r in regions:
+        r.close()
+
+
 def test_a_copy_that_never_completes_writes_nothing(tiny_models):
     regions, (dst, _) = _pools(tiny_models["deepseek_v2"])
     copies = [wire.KVCopy(src=1, dst=0, src_blocks=[2], dst_blocks=[0])]

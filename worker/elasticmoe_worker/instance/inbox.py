@@ -219,9 +219,13 @@ class Inbox:
         self._sock.close()
 
 
-def fits(key: str, value: bytes, nfds: int) -> bool:
-    """Whether `send` can carry this message in one datagram."""
-    return len(value) + len(key) + 64 <= MAX_DATAGRAM and nfds <= MAX_FDS
+def _payload(box: bytes, key: str, value: bytes, posted: bool = False) -> bytes:
+    return msgspec.msgpack.encode(_Datagram(box, key, value, posted))
+
+
+def fits(box: bytes, key: str, value: bytes, nfds: int) -> bool:
+    """Whether `send` can carry this message in one datagram (the same encoding it sends)."""
+    return len(_payload(box, key, value)) <= MAX_DATAGRAM and nfds <= MAX_FDS
 
 
 def send(to: str, box: bytes, key: str, value: bytes, fds: list[int] = (), timeout_s: float = 30.0,
@@ -232,7 +236,7 @@ def send(to: str, box: bytes, key: str, value: bytes, fds: list[int] = (), timeo
     for one datagram (nothing sent); InboxError: nobody read there, or its queue stayed full, for
     `timeout_s`."""
     try:
-        payload = msgspec.msgpack.encode(_Datagram(box, key, value, posted))
+        payload = _payload(box, key, value, posted)
         if len(payload) > MAX_DATAGRAM or len(fds) > MAX_FDS:
             raise ValueError(f"{key!r}: {len(payload)} bytes and {len(fds)} fds; one datagram carries at most "
                              f"{MAX_DATAGRAM} bytes and {MAX_FDS} fds")

@@ -8,10 +8,11 @@ over (their blocks are final) and before any new executor adopted anything (the 
 blocks are free): nobody else touches these blocks meanwhile.
 
 Devices of one host copy through shared memory instead (`peer_copy`'s locality keys): the
-source grants its pool to peers, the destination maps it and copies the blocks straight from
-the source's pool into its own (no staging buffer, no process group), and a barrier keeps the
-grant until every destination is done (handles and barrier through the HMMs' mailboxes when the
-coordinator told them, else its store: `peer_copy.peers_of`). The others form the group:
+source grants its pool and sends its handle, with its fd, to the destination, which maps it and
+copies the blocks straight from the source's pool into its own (no staging buffer, no process
+group, no round trip to the source's fd server), and a barrier keeps the grant until every
+destination is done (the messages go into the HMMs' inboxes when the coordinator told their
+mailboxes, else through its store: `peer_copy.peers_of`). The others form the group:
 each (source, destination) pair moves its blocks in rounds of messages of at most `CHUNK_BYTES`:
 the source gathers a round's blocks of every layer (keys, then values) into one buffer, the
 destination receives into a buffer of its own and scatters it into its pool once the round
@@ -33,6 +34,7 @@ import time
 import torch
 
 from elasticmoe_worker.backends import base as backends_base
+from elasticmoe_worker.backends import fdpass
 from elasticmoe_worker.contract import wire
 from elasticmoe_worker.instance import mailbox, memory, peer_copy, rendezvous, transition
 
@@ -99,9 +101,9 @@ def copy_local(backend: backends_base.DeviceBackend, peers, kv: backends_base.Re
                msg: wire.MoveKV, indices: list[int], device_index: int,
                cancel: transition.Cancel, deadline: float) -> tuple[int, int]:
     """The copies of `msg.copies` at `indices` (between devices of this host) through shared
-    memory: a source publishes its pool's handle (`peers`: `peer_copy.MailboxPeers` or
-    `StorePeers`), a destination maps it and copies block by block from the source's pool into its
-    own; -> (bytes sent, bytes received)."""
+    memory: a source sends its pool's handle, with its fd, to the destination (`peers`:
+    `peer_copy.MailboxPeers`, into its inbox, or `StorePeers`), which maps it and copies block by
+    block from the source's pool into its own; -> (bytes sent, bytes received)."""
     own = block_views(kv, msg.view_block_bytes, num_blocks)
     block_bytes = sum(v.shape[1] for v in own)
     source = peer_copy.Source()
@@ -109,18 +111,26 @@ def copy_local(backend: backends_base.DeviceBackend, peers, kv: backends_base.Re
     try:
         for i in indices:
             c = msg.copies[i]
-            if c.src == device_index:
-                peers.post(f"kv-blocks/{i}", str(num_blocks).encode())  # its pool's layout follows from it
-                source.publish(peers, i, [(kv, 0, kv.alloc_bytes)])
+            if c.src == device_index:  # to its one destination: the pool's block count (its layout follows
+                # from it), then its handle with its fd
+                peers.send(c.dst, f"kv-blocks/{i}", str(num_blocks).encode())
+                source.send_for(peers, c.dst, f"kv-copy/{i}", [(i, [(kv, 0, kv.alloc_bytes)])])
                 sent += block_bytes * len(c.src_blocks)
         for i in indices:
             c = msg.copies[i]
             if c.dst != device_index:
                 continue
-            [(handle, _, _)] = peer_copy.read_published(peers, c.src, i)
-            peer = backend.attach(handle)
+            value, fds = peers.receive(c.src, f"kv-blocks/{i}")
+            fdpass.close_all(fds)
+            batch, given = peer_copy.receive_batch(peers, c.src, f"kv-copy/{i}")
+            published = batch.get(i, [])
+            with backend.handles_prefetched([h for h, _, _ in published], given):
+                if len(published) != 1:
+                    raise RuntimeError(f"KV copy {i}: device {c.src} sent {len(published)} handle(s), expected its "
+                                       f"pool's one")
+                peer = backend.attach(published[0][0])
             try:
-                theirs = block_views(peer, msg.view_block_bytes, int(peers.take(c.src, f"kv-blocks/{i}")))
+                theirs = block_views(peer, msg.view_block_bytes, int(value))
                 cancel.check()
                 if time.monotonic() > deadline:
                     raise TimeoutError("the KV copy did not complete before its deadline")

@@ -68,7 +68,7 @@ ENV = "ELASTICMOE_PEER_COPY"
 # One buffer of a transfer: the region, the byte offset and length within it.
 Buffer = tuple[backends_base.Region, int, int]
 _Published = list[tuple[wire.MemoryHandle, int, int]]
-_Batch = dict[int, _Published]  # transfer index -> what its source published (`Source.publish_for`)
+_Batch = dict[int, _Published]  # transfer index -> what its source sent (`Source.send_for`)
 
 
 def locality_key(backend: backends_base.DeviceBackend) -> str:
@@ -134,16 +134,6 @@ class Source:
         self._tokens: list[bytes] = []
         self._posted: list[tuple[object, str]] = []  # (peers, key) of the posts that carried fds
 
-    def publish(self, peers, index: int, buffers: list[Buffer]) -> int:
-        server = fdpass.server()
-        published: _Published = []
-        for region, offset, nbytes in buffers:
-            server.grant(region.handle.fd_token)
-            self._tokens.append(region.handle.fd_token)
-            published.append((region.handle, offset, nbytes))
-        peers.post(f"peer-copy/{index}", msgspec.msgpack.encode(published))
-        return sum(n for _, _, n in buffers)
-
     def send_for(self, peers, peer: int, key: str, items: list[tuple[int, list[Buffer]]]) -> int:
         """Grant the buffers of every transfer `(index, buffers)` to peers and send their handles,
         with their fds, to `peer` under one key (`peers`: `StorePeers` or `MailboxPeers`). -> bytes
@@ -183,9 +173,21 @@ def handle_tokens(batch: _Batch) -> list[bytes]:
     return list(seen)
 
 
-def read_published(peers, source: int, index: int) -> _Published:
-    """What `source` published for transfer `index`: (handle, offset, bytes) per buffer (waits)."""
-    return msgspec.msgpack.decode(peers.take(source, f"peer-copy/{index}"), type=_Published)
+def receive_batch(peers, peer: int, key: str) -> tuple[_Batch, dict[bytes, int]]:
+    """What `peer` sent this device under `key` (`Source.send_for`; waits) -> (its handles by
+    transfer, the fds that came with them by token: the caller owns them; none when not all came —
+    the store carries none —, and then a round trip to the peer's fd server fetches them)."""
+    value, fds = peers.receive(peer, key)
+    try:
+        batch = msgspec.msgpack.decode(value, type=_Batch)
+        tokens = handle_tokens(batch)
+    except BaseException:
+        fdpass.close_all(fds)
+        raise
+    if len(fds) != len(tokens):
+        fdpass.close_all(fds)
+        fds = []
+    return batch, dict(zip(tokens, fds))
 
 
 def pair_shares(transfers: list[wire.Transfer], local: set[int]) -> dict[tuple[int, int], float]:
@@ -255,18 +257,12 @@ def exchange(backend: backends_base.DeviceBackend, peers, source: Source, device
     def one_peer(peer: int, items: _Items, pushing: bool) -> int:
         t0 = time.perf_counter()
         key = f"peer-copy-dst/{device_index}-{peer}" if pushing else f"peer-copy/{peer}-{device_index}"
-        value, fds = peers.receive(peer, key) if items else (b"", [])
+        batch, given = receive_batch(peers, peer, key) if items else ({}, {})
         try:
-            batch = msgspec.msgpack.decode(value, type=_Batch) if items else {}
             copies = _pair_copies(peer, batch, items)
-            tokens = handle_tokens(batch)
         except BaseException:
-            fdpass.close_all(fds)
+            fdpass.close_all(list(given.values()))
             raise
-        if len(fds) != len(tokens):  # none came (the store, or too many): the fd server's round trip
-            fdpass.close_all(fds)
-            fds = []
-        given = dict(zip(tokens, fds))
         t1 = time.perf_counter()
         copied = 0
         # the fds came with the handles (or one round trip to the peer's fd server fetches them)
@@ -350,9 +346,6 @@ class StorePeers:
     def withdraw(self, key: str) -> None:
         """Nothing to do: the store, and what was set in it, ends with the transition."""
 
-    def take(self, peer: int, key: str) -> bytes:
-        return self.store.get(key)
-
     def send(self, peer: int, key: str, value: bytes, fds: list[int] = ()) -> None:
         self.post(key, value, fds)  # (every rank can read it: the keys name their reader)
 
@@ -365,8 +358,9 @@ class StorePeers:
 
 
 class MailboxPeers:
-    """A transition's messages straight between its HMMs (`mailbox`): each posts into its own
-    mailbox, takes from its peers'. `done` waits only for the devices this one copied with."""
+    """A transition's messages straight between its HMMs: each sends into its reader's inbox
+    (`inbox`), or, too large for a datagram, posts into its own mailbox (`mailbox`) and sends a
+    notice. `done` waits only for the devices this one copied with."""
 
     def __init__(self, box: bytes, device_index: int, addresses: dict[int, str], timeout_s: float,
                  check: Callable[[], None]) -> None:
@@ -384,14 +378,11 @@ class MailboxPeers:
     def withdraw(self, key: str) -> None:
         self.own.withdraw(self.box, key)
 
-    def take(self, peer: int, key: str) -> bytes:
-        return mailbox.take(self.addresses[peer], self.box, key, self.timeout_s, self.check)
-
     def send(self, peer: int, key: str, value: bytes, fds: list[int] = ()) -> None:
         """`value` (and `fds`, owned from here) to `peer` alone, into its inbox (`inbox`): it reads it
         without a round trip to this process. One too large for a datagram is posted into this
         mailbox, and a notice sent instead."""
-        posted = not inbox.fits(key, value, len(fds))
+        posted = not inbox.fits(self.box, key, value, len(fds))
         if posted:
             self.own.post(self.box, key, value, fds)
             value, fds = b"", []
