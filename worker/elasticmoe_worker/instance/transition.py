@@ -42,6 +42,7 @@ class Result:
     data_seconds: float  # moving the bytes
     transport: str = ""  # how this device's bytes moved: "shared memory", the collective backend, both, or ""
     allocation_seconds: float = 0.0  # of setup_seconds: allocating, telling the standby, checkpoint reads
+    standby_seconds: float = 0.0  # of allocation_seconds: `on_allocated` (telling the standby to start)
     store_seconds: float = 0.0  # of setup_seconds: connecting to the transition's store
     locality_told: bool = False  # the peers' locality keys came with the message (no exchange)
     cpu_seconds: float = 0.0  # this HMM process's CPU in the transition (every thread)
@@ -130,8 +131,10 @@ def run(backend: backends_base.DeviceBackend, device_index: int, mem: memory.Dev
                     allocate(msg.expert_w2_bytes, f"dev{device_index}.l{layer}.e{e}.w2"),
                 )
     cancel.check()
+    regions = time.perf_counter()
     if on_allocated is not None:
         on_allocated()
+    told_standby = time.perf_counter()
     if msg.checkpoint_experts:  # after a lost device: experts no survivor holds
         t0 = time.perf_counter()
         read_bytes = memory.read_experts(mem, msg.model_dir, msg.dtype, list(msg.checkpoint_experts))
@@ -156,18 +159,20 @@ def run(backend: backends_base.DeviceBackend, device_index: int, mem: memory.Dev
     finally:
         if store is not None:
             store.close()
-    result = dataclasses.replace(result, allocation_seconds=allocated - started, store_seconds=connected - allocated)
+    result = dataclasses.replace(result, allocation_seconds=allocated - started, store_seconds=connected - allocated,
+                                 standby_seconds=told_standby - regions)
     throttled1 = cgroup.throttling()
     known = throttled0 is not None and throttled1 is not None
     periods, waited = (throttled1[0] - throttled0[0], throttled1[1] - throttled0[1]) if known else (0, -1.0)
     quota = f", its CPU group throttled in {periods} period(s), {waited * 1e3:.0f} ms" if known else ""
     result = dataclasses.replace(result, cpu_seconds=_process_cpu() - cpu0, throttled_seconds=waited)
     logger.info("device %d: transition %d moved %.1f MB out, %.1f MB in, in %.3f s (%s; allocation and set-up "
-                "%.3f s: allocation %.3f, store %.3f, peers' locality (%s) and group %.3f; bytes %.3f s (%s); the "
+                "%.3f s: allocation %.3f (of it the standby's start %.3f), store %.3f, peers' locality (%s) and group "
+                "%.3f; bytes %.3f s (%s); the "
                 "peers' completion %.3f s; this HMM's CPU %.0f ms%s)",
                 device_index, msg.config_id, result.bytes_sent / 1e6, result.bytes_received / 1e6, result.seconds,
                 result.transport or "nothing to move", result.setup_seconds, result.allocation_seconds,
-                result.store_seconds,
+                result.standby_seconds, result.store_seconds,
                 "told" if result.locality_told else "exchanged",
                 result.setup_seconds - result.allocation_seconds - result.store_seconds,
                 result.data_seconds, "peers told through their mailboxes" if msg.mailboxes is not None
