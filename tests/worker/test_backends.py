@@ -640,35 +640,6 @@ def test_a_peer_copies_only_granted_regions_and_only_until_revoked(tmp_path) -> 
         server.grant(granted.handle.fd_token)  # closed: unregistered
 
 
-def _rss_kb(address: int) -> int:
-    """Resident kB of this process's mapping that holds `address` (/proc/self/smaps)."""
-    inside = False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            first = line.split(" ", 1)[0]
-            if "-" in first and ":" not in first:
-                start, end = (int(x, 16) for x in first.split("-"))
-                inside = start <= address < end
-            elif inside and line.startswith("Rss:"):
-                return int(line.split()[1])
-    raise AssertionError(f"no mapping holds {address:#x}")
-
-
-def test_map_in_maps_a_regions_pages_without_reading_them_and_refuses_a_hole() -> None:
-    b = backends.get_backend("cpu")
-    r = b.allocate(4 << 20, "map-in")
-    try:
-        t = r.tensor(torch.uint8, (4 << 20,), 0)
-        assert _rss_kb(r.address) < 1024, "a fresh region has no pages mapped"
-        # unaligned, overlapping and unsorted ranges: merged and page-aligned
-        assert cpu_backend.map_in([(t.data_ptr() + 4096, (4 << 20) - 4096), (t.data_ptr() + 1, 100)])
-        assert _rss_kb(r.address) >= 4096, "every page mapped"
-        assert not t.any(), "nothing written"
-    finally:
-        r.close()
-    assert not cpu_backend.map_in([(4096, 4096)]), "page 1 is never mapped: the caller reads instead"
-
-
 @pytest.mark.parametrize("into", ["fresh", "populated", "fresh, no copy_file_range"])
 def test_peer_copies_at_unaligned_offsets_and_never_past_the_peers_file(into, monkeypatch) -> None:
     b = backends.get_backend("cpu")

@@ -63,34 +63,7 @@ def _load_libc() -> ctypes.CDLL:
     return libc
 
 
-_MADV_POPULATE_READ = 22  # Linux 5.14+: map every page of a range, readable, in one call (no byte read)
 _MADV_POPULATE_WRITE = 23  # Linux 5.14+: fault every page of a range in, writable, in one call
-
-
-def map_in(ranges: list[tuple[int, int]]) -> bool:
-    """Map the pages of these (address, bytes) ranges of this process into its page tables now,
-    without reading them (madvise MADV_POPULATE_READ; the ranges merged and page-aligned first).
-    -> False where the kernel cannot (before 5.14, or a range not wholly mapped): the caller
-    reads them instead. What it saves: reading every byte of a standby's weights to the same end
-    took ~10 ms of its CPU for the small preset (48 MB), during the transfer it runs beside."""
-    if _libc is None:
-        return False
-    page = mmap.PAGESIZE
-    spans: list[list[int]] = []
-    for addr, nbytes in sorted(ranges):
-        if nbytes <= 0:
-            continue
-        start, end = addr - addr % page, base.round_up(addr + nbytes, page)
-        if spans and start <= spans[-1][1]:
-            spans[-1][1] = max(spans[-1][1], end)
-        else:
-            spans.append([start, end])
-    for start, end in spans:
-        if _libc.madvise(start, end - start, _MADV_POPULATE_READ) != 0:
-            logger.debug("madvise(MADV_POPULATE_READ) of %d bytes at %#x: %s", end - start, start,
-                         os.strerror(ctypes.get_errno()))
-            return False
-    return True
 
 
 _libc = _load_libc() if sys.platform.startswith("linux") else None

@@ -34,7 +34,6 @@ import torch.distributed as dist
 import zmq
 
 from elasticmoe_worker import backends
-from elasticmoe_worker.backends import cpu as cpu_backend
 from elasticmoe_worker.engine import engine as engine_mod
 from elasticmoe_worker.engine import types
 from elasticmoe_worker.contract import wire
@@ -65,19 +64,13 @@ def _weight_tensors(obj, seen: set[int]):
 
 
 def _touch_weights(model) -> int:
-    """Map every weight page into this process now, so the memory measurement covers them and the
-    first step after the switch faults none in; -> bytes seen. In host memory the kernel maps
-    them without reading a byte (`cpu.map_in`); elsewhere, or where it cannot, each is read once."""
-    tensors = list(_weight_tensors(model, set()))
-    host = [t for t in tensors if t.device.type == "cpu"]
-    if host and cpu_backend.map_in([(t.data_ptr(), t.numel() * t.element_size()) for t in host]):
-        unread = [t for t in tensors if t.device.type != "cpu"]
-    else:
-        unread = tensors
-    for t in unread:
+    """Read every weight page once, so the memory measurement covers them; -> bytes seen."""
+    total = 0
+    for t in _weight_tensors(model, set()):
+        total += t.numel() * t.element_size()
         for chunk in t.reshape(-1).split(1 << 20):
             chunk.sum()
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return total
 
 
 def _params(msg: wire.AddRequest) -> types.SamplingParams:
