@@ -339,15 +339,12 @@ class StorePeers:
     def __init__(self, store, rank: int, world: int) -> None:
         self.store, self.rank, self.world = store, rank, world
 
-    def post(self, key: str, value: bytes, fds: list[int] = ()) -> None:
-        fdpass.close_all(fds)  # a store carries no fds: the peer asks the owner's fd server
-        self.store.set(key, value)
-
     def withdraw(self, key: str) -> None:
         """Nothing to do: the store, and what was set in it, ends with the transition."""
 
     def send(self, peer: int, key: str, value: bytes, fds: list[int] = ()) -> None:
-        self.post(key, value, fds)  # (every rank can read it: the keys name their reader)
+        fdpass.close_all(fds)  # a store carries no fds: the peer asks the owner's fd server
+        self.store.set(key, value)  # (every rank can read it: the keys name their reader)
 
     def receive(self, peer: int, key: str) -> tuple[bytes, list[int]]:
         return self.store.get(key), []
@@ -371,9 +368,6 @@ class MailboxPeers:
         self.own, self.box, self.device_index, self.addresses = own, box, device_index, addresses
         self.timeout_s, self.check = timeout_s, check
         own.open(box)
-
-    def post(self, key: str, value: bytes, fds: list[int] = ()) -> None:
-        self.own.post(self.box, key, value, fds)
 
     def withdraw(self, key: str) -> None:
         self.own.withdraw(self.box, key)
