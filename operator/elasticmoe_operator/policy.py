@@ -244,6 +244,12 @@ def learn(state: State, from_devices: int, to_devices: int, seconds: float, weig
     return dataclasses.replace(state, time_to_ready_s={**state.time_to_ready_s, key: new})
 
 
+def _seconds(x: float) -> str:
+    """A duration for a reason: whole seconds from 10 s, two significant digits below (an elastic
+    scale takes a fraction of a second: "0.12 s", not "0 s")."""
+    return f"{x:.0f} s" if x >= 10 else f"{max(x, 0.0):.2g} s"
+
+
 def _fmt(ratios: Mapping[str, float], obs: Observation, cfg: Config) -> str:
     parts = []
     if "ttft" in ratios:
@@ -335,7 +341,7 @@ def decide(obs: Observation, state: State, cfg: Config, now: float) -> tuple[Dec
                         state)
         if pending is not None:
             return hold(f"SLO signal {smoothed:.2f} ({what}): waiting for the scale to {pending[0]} devices to "
-                        f"take effect (about {pending[1] - now:.0f} s more)", True, "ok", "WaitingForScale", smoothed,
+                        f"take effect (about {_seconds(pending[1] - now)} more)", True, "ok", "WaitingForScale", smoothed,
                         raw, values, state)
         if state.last_up_at is not None and now - state.last_up_at < cfg.scale_up_cooldown_s:
             left = cfg.scale_up_cooldown_s - (now - state.last_up_at)
@@ -346,7 +352,7 @@ def decide(obs: Observation, state: State, cfg: Config, now: float) -> tuple[Dec
         ready_at = now + time_to_ready(state, cfg, current, target)
         state = recommend(target, dataclasses.replace(state, last_up_at=now, pending=(target, ready_at)))
         reason = (f"SLO signal {smoothed:.2f} ({what}) above {cfg.up_threshold:.2f} with {obs.active} active + "
-                  f"{obs.warming} warming: {current} -> {target} devices (ready in about {ready_at - now:.0f} s)")
+                  f"{obs.warming} warming: {current} -> {target} devices (ready in about {_seconds(ready_at - now)})")
         return Decision(target, UP, reason, smoothed, raw, True, "ok", values, "SloBreached"), state
 
     if current > cfg.min_devices and pending is None and obs.warming == 0:

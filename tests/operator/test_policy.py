@@ -231,6 +231,16 @@ def test_time_to_ready_is_learned_per_step_and_scaled():
     assert policy.time_to_ready(policy.State(), CFG, 1, 2) == CFG.default_time_to_ready_s
 
 
+def test_a_scale_up_reason_gives_a_sub_second_time_to_ready_as_measured():
+    fast = policy.learn(policy.State(), 1, 2, 0.12)
+    d, state = policy.decide(obs(0, 1, ttft=2.0), fast, CFG, now=0)
+    assert d.action == policy.UP and d.reason.endswith("1 -> 2 devices (ready in about 0.12 s)"), d.reason
+    d, _ = policy.decide(obs(0.05, 1, ttft=2.0), state, CFG, now=0.05)
+    assert d.code == "WaitingForScale" and "(about 0.07 s more)" in d.reason, d.reason
+    d, _ = policy.decide(obs(0, 1, ttft=4.0), policy.State(), CFG, now=0)
+    assert "(ready in about 30 s)" in d.reason, "from 10 s on, whole seconds"
+
+
 def test_the_stabilization_window_follows_the_time_a_scale_back_up_takes():
     cfg = dataclasses.replace(CFG, scale_down_stabilization_s=60, settle_s=6)
     assert policy.stabilization_s(policy.State(), cfg, 3) == 60  # nothing measured: 10 x 30 s, capped

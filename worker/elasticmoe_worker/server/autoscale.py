@@ -253,7 +253,7 @@ class Autoscaler:
             if rec.outcome == admin.Outcome.SUCCEEDED and rec.duration_ms > 0:
                 self._policy_state = policy.learn(self._policy_state, rec.from_devices, rec.to_devices,
                                                   rec.duration_ms / 1000)
-                logger.info("autoscaler: scale %d -> %d took %.1f s; time-to-ready for that step now %.1f s",
+                logger.info("autoscaler: scale %d -> %d took %.3f s; time-to-ready for that step now %.3f s",
                             rec.from_devices, rec.to_devices, rec.duration_ms / 1000,
                             self._policy_state.time_to_ready_s[(rec.from_devices, rec.to_devices)])
             elif rec.scale_id == self._own_scale_id:
