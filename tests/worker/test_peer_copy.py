@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -92,15 +93,30 @@ class _NoCancel:
         pass
 
 
-@pytest.mark.parametrize("through", ["store", "mailboxes"])
+def _pipes_open() -> int:
+    """Pipes this process has open (a pair's claim queue is one)."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("pipe:")
+        except OSError:
+            pass
+    return count
+
+
+@pytest.mark.parametrize("through", ["store", "mailboxes", "mailboxes, claimed"])
 def test_both_sides_of_an_exchange_copy_every_byte_once(through: str, monkeypatch) -> None:
     """Device 0 serves devices 1 and 2, device 1 also serves device 2 (`pair_shares`: a third of the
     bytes 0 -> 1, half of 0 -> 2 and two thirds of 1 -> 2 are the source's to push): each destination
     ends with its sources' bytes, whoever copied them. The devices
     tell each other what they copy through a store (the coordinator's) or their mailboxes (here the
     three share this process's, over its socket); through mailboxes the regions' fds come with their
-    handles (no request to an fd server), and none stays open after the sources closed."""
-    if through == "mailboxes":
+    handles (no request to an fd server), and none stays open after the sources closed. Split ahead
+    (through the store, or ELASTICMOE_PEER_CLAIM=0) or claimed one buffer at a time from each pair's
+    queue (mailboxes): every byte arrives, and no queue stays open."""
+    monkeypatch.setenv(peer_copy.CLAIM_ENV, "1" if through.endswith("claimed") else "0")
+    pipes = _pipes_open()
+    if through.startswith("mailboxes"):
         def no_round_trip(handles):
             raise AssertionError(f"asked an fd server for {len(handles)} fd(s): they should have come with the handles")
 
@@ -119,7 +135,8 @@ def test_both_sides_of_an_exchange_copy_every_byte_once(through: str, monkeypatc
              3: (bufs[0][3:4], bufs[1][4:]), 4: (bufs[1][3:4], bufs[2][3:4])}
     shares = peer_copy.pair_shares(transfers, {0, 1, 2, 3, 4})
     store, results, errors = _Store(), {}, []
-    box = mailbox.box_id("secret", 7)
+    box = mailbox.box_id("secret", 7 if through == "mailboxes" else 10)  # (a box of its own: one variant's
+    # unread messages — a grant of nothing to push is never read — are not the other's)
 
     def device(d: int) -> None:
         wanted = [(i, t.src, moved[i][1]) for i, t in enumerate(transfers) if t.dst == d]
@@ -150,10 +167,16 @@ def test_both_sides_of_an_exchange_copy_every_byte_once(through: str, monkeypatc
     for i in moved:
         for (src, _, n), (dst, _, _) in zip(*moved[i]):
             assert torch.equal(src.tensor(torch.uint8, (n,)), dst.tensor(torch.uint8, (n,))), (i, src.name, dst.name)
-    # device 0 -> 1: transfers 0 (7 pages) and 3 (3 pages); a third of the bytes holds transfer 3: pushed
-    # device 1 -> 2: 64 bytes and 3 pages; the 3 pages are more than its half: device 2 pulls both
-    assert results[0][0] == 3 * page and results[1][0] == 0
-    assert results[2] == (0, sum(n for i in (1, 2, 4) for _, _, n in moved[i][1]))  # it pushed nothing, got all
+    if not through.endswith("claimed"):
+        # device 0 -> 1: transfers 0 (7 pages) and 3 (3 pages); a third of the bytes holds transfer 3: pushed
+        # device 1 -> 2: 64 bytes and 3 pages; the 3 pages are more than its half: device 2 pulls both
+        assert results[0][0] == 3 * page and results[1][0] == 0
+        assert results[2] == (0, sum(n for i in (1, 2, 4) for _, _, n in moved[i][1]))  # it pushed nothing, got all
+    else:  # who copied what is the cores' to decide: each side pushed at most what it sends
+        assert 0 <= results[0][0] <= sum(n for i in (0, 1, 3) for _, _, n in moved[i][0])
+        assert 0 <= results[1][0] <= sum(n for i in (2, 4) for _, _, n in moved[i][0])
+        assert results[2][1] == sum(n for i in (1, 2, 4) for _, _, n in moved[i][1])
+    assert _pipes_open() == pipes, "a claim queue was left open"
     for rs in regions.values():
         for r in rs:
             r.close()
@@ -202,3 +225,81 @@ def test_a_peer_that_published_something_else_fails_the_copy_and_leaves_no_fd_op
         src.close()
         dst.close()
     assert testprocs.settled_memfds("odd.", 0) == 0
+
+
+class _Gated(cpu_backend.CpuBackend):
+    """A CPU backend whose copies wait for `gate` (a source on a busy core) or count themselves."""
+
+    def __init__(self, gate: threading.Event | None = None, counted=None) -> None:
+        super().__init__()
+        self.gate, self.counted, self.made = gate, counted, 0
+
+    def copy_to_peer(self, *args) -> None:
+        if self.gate is not None:
+            assert self.gate.wait(20), "the other side never finished its copies"
+        super().copy_to_peer(*args)
+        self.made += 1
+
+    def copy_from_peer(self, *args) -> None:
+        super().copy_from_peer(*args)
+        self.made += 1
+        if self.counted is not None:
+            self.counted(self.made)
+
+
+@pytest.mark.parametrize("claims", ["1", "0"])
+def test_claimed_copies_go_to_the_side_the_cores_serve(claims: str, monkeypatch) -> None:
+    """One source, one destination, 16 buffers, half of the bytes the source's to push: its first
+    copy stalls (a busy core) until the destination has made 15. Claimed from the pair's queue, the
+    destination takes every buffer but the one the source holds, and the pair ends; split ahead
+    (ELASTICMOE_PEER_CLAIM=0), the destination makes its 8 and the source's other 7 wait for the
+    stall (here: the gate never opens, the source's copies wait for it in vain)."""
+    monkeypatch.setenv(peer_copy.CLAIM_ENV, claims)
+    page, n = 4096, 16
+    gate = threading.Event()
+    src_backend = _Gated(gate=gate)
+    dst_backend = _Gated(counted=lambda made: made == n - 1 and gate.set())
+    srcs = [src_backend.allocate(page, f"claim.s{i}") for i in range(n)]
+    dsts = [dst_backend.allocate(page, f"claim.d{i}") for i in range(n)]
+    for i, r in enumerate(srcs):
+        r.tensor(torch.uint8, (page,)).fill_(i + 1)
+    items = {d: [(i, [(r, 0, page)]) for i, r in enumerate(rs)] for d, rs in ((0, srcs), (1, dsts))}
+    own = mailbox.server().name
+    box = mailbox.box_id("secret", 9 if claims == "1" else 11)
+    results, errors = {}, []
+
+    def device(d: int, backend) -> None:
+        peers = peer_copy.MailboxPeers(box, d, {0: own, 1: own}, 30.0, lambda: None)
+        source = peer_copy.Source()
+        wanted = [(i, 0, bufs) for i, bufs in items[1]] if d == 1 else []
+        offered = {1: items[0]} if d == 0 else {}
+        try:
+            results[d] = peer_copy.exchange(backend, peers, source, d, wanted, offered, {(0, 1): 0.5}, _NoCancel())
+            peers.done({1 - d})
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            source.close()
+
+    if claims == "0":
+        gate.set = lambda: None  # split ahead, the destination never reaches 15: open it after the pair
+    threads = [threading.Thread(target=device, args=(0, src_backend)), threading.Thread(target=device, args=(1, dst_backend))]
+    for th in threads:
+        th.start()
+    if claims == "0":
+        threads[1].join(0.5)
+        assert threads[1].is_alive(), "the destination waits for the source's pushes into it"
+        assert dst_backend.made == n // 2 and src_backend.made == 0
+        threading.Event.set(gate)
+    for th in threads:
+        th.join(30)
+    assert not errors, errors
+    for i, r in enumerate(dsts):
+        assert torch.equal(r.tensor(torch.uint8, (page,)), torch.full((page,), i + 1, dtype=torch.uint8)), i
+    if claims == "1":
+        assert (src_backend.made, dst_backend.made) == (1, n - 1)
+        assert results[0][0] == page, "the source pushed the one buffer it claimed"
+    else:
+        assert (src_backend.made, dst_backend.made) == (n // 2, n // 2)
+    for r in srcs + dsts:
+        r.close()
