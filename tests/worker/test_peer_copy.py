@@ -227,20 +227,47 @@ def test_a_peer_that_published_something_else_fails_the_copy_and_leaves_no_fd_op
     assert testprocs.settled_memfds("odd.", 0) == 0
 
 
-class _Gated(cpu_backend.CpuBackend):
-    """A CPU backend whose copies wait for `gate` (a source on a busy core) or count themselves."""
+def _pair_threads(box: bytes, backends, source_items, destination_items, results: dict, errors: list):
+    """Device 0 serving device 1 (half of the bytes its to push), one thread each, through this
+    process's mailbox; started. `source_items`, `destination_items`: the pair's transfers on each
+    side; `results`: device -> what `exchange` returned; `errors`: what either raised."""
+    own = mailbox.server().name
 
-    def __init__(self, gate: threading.Event | None = None, counted=None) -> None:
+    def device(d: int) -> None:
+        peers = peer_copy.MailboxPeers(box, d, {0: own, 1: own}, 30.0, lambda: None)
+        source = peer_copy.Source()
+        wanted = [(i, 0, bufs) for i, bufs in destination_items] if d == 1 else []
+        offered = {1: source_items} if d == 0 else {}
+        try:
+            results[d] = peer_copy.exchange(backends[d], peers, source, d, wanted, offered, {(0, 1): 0.5}, _NoCancel())
+            peers.done({1 - d})
+        except Exception as exc:  # noqa: BLE001 - reported by the caller
+            errors.append(exc)
+        finally:
+            source.close()
+
+    threads = [threading.Thread(target=device, args=(d,)) for d in (0, 1)]
+    for th in threads:
+        th.start()
+    return threads
+
+
+class _Gated(cpu_backend.CpuBackend):
+    """A CPU backend whose pushes say they started (`started`) and then wait for `gate` (a source on
+    a busy core), and whose pulls wait until a push started and count themselves (`counted`)."""
+
+    def __init__(self, started: threading.Event, gate: threading.Event | None = None, counted=None) -> None:
         super().__init__()
-        self.gate, self.counted, self.made = gate, counted, 0
+        self.started, self.gate, self.counted, self.made = started, gate, counted, 0
 
     def copy_to_peer(self, *args) -> None:
-        if self.gate is not None:
-            assert self.gate.wait(20), "the other side never finished its copies"
+        self.started.set()
+        assert self.gate.wait(20), "the other side never finished its copies"
         super().copy_to_peer(*args)
         self.made += 1
 
     def copy_from_peer(self, *args) -> None:
+        assert self.started.wait(20), "the source never claimed a piece"
         super().copy_from_peer(*args)
         self.made += 1
         if self.counted is not None:
@@ -250,47 +277,28 @@ class _Gated(cpu_backend.CpuBackend):
 @pytest.mark.parametrize("claims", ["1", "0"])
 def test_claimed_copies_go_to_the_side_the_cores_serve(claims: str, monkeypatch) -> None:
     """One source, one destination, 16 buffers, half of the bytes the source's to push: its first
-    copy stalls (a busy core) until the destination has made 15. Claimed from the pair's queue, the
-    destination takes every buffer but the one the source holds, and the pair ends; split ahead
-    (ELASTICMOE_PEER_CLAIM=0), the destination makes its 8 and the source's other 7 wait for the
-    stall (here: the gate never opens, the source's copies wait for it in vain)."""
+    copy stalls (a busy core) until the destination has made 15 (the destination copies only once
+    the source has begun one). Claimed from the pair's queue, the destination takes every buffer
+    but the one the source holds, and the pair ends; split ahead (ELASTICMOE_PEER_CLAIM=0), the
+    destination makes its 8 and waits: the source's 8 wait for the stall (here opened by the test)."""
     monkeypatch.setenv(peer_copy.CLAIM_ENV, claims)
     page, n = 4096, 16
-    gate = threading.Event()
-    src_backend = _Gated(gate=gate)
-    dst_backend = _Gated(counted=lambda made: made == n - 1 and gate.set())
+    started, gate = threading.Event(), threading.Event()
+    src_backend = _Gated(started, gate=gate)
+    dst_backend = _Gated(started, counted=lambda made: made == n - 1 and gate.set())
     srcs = [src_backend.allocate(page, f"claim.s{i}") for i in range(n)]
     dsts = [dst_backend.allocate(page, f"claim.d{i}") for i in range(n)]
     for i, r in enumerate(srcs):
         r.tensor(torch.uint8, (page,)).fill_(i + 1)
     items = {d: [(i, [(r, 0, page)]) for i, r in enumerate(rs)] for d, rs in ((0, srcs), (1, dsts))}
-    own = mailbox.server().name
-    box = mailbox.box_id("secret", 9 if claims == "1" else 11)
     results, errors = {}, []
-
-    def device(d: int, backend) -> None:
-        peers = peer_copy.MailboxPeers(box, d, {0: own, 1: own}, 30.0, lambda: None)
-        source = peer_copy.Source()
-        wanted = [(i, 0, bufs) for i, bufs in items[1]] if d == 1 else []
-        offered = {1: items[0]} if d == 0 else {}
-        try:
-            results[d] = peer_copy.exchange(backend, peers, source, d, wanted, offered, {(0, 1): 0.5}, _NoCancel())
-            peers.done({1 - d})
-        except Exception as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-        finally:
-            source.close()
-
-    if claims == "0":
-        gate.set = lambda: None  # split ahead, the destination never reaches 15: open it after the pair
-    threads = [threading.Thread(target=device, args=(0, src_backend)), threading.Thread(target=device, args=(1, dst_backend))]
-    for th in threads:
-        th.start()
+    threads = _pair_threads(mailbox.box_id("secret", 9 if claims == "1" else 11), [src_backend, dst_backend],
+                            items[0], items[1], results, errors)
     if claims == "0":
         threads[1].join(0.5)
         assert threads[1].is_alive(), "the destination waits for the source's pushes into it"
         assert dst_backend.made == n // 2 and src_backend.made == 0
-        threading.Event.set(gate)
+        gate.set()
     for th in threads:
         th.join(30)
     assert not errors, errors
@@ -303,3 +311,28 @@ def test_claimed_copies_go_to_the_side_the_cores_serve(claims: str, monkeypatch)
         assert (src_backend.made, dst_backend.made) == (n // 2, n // 2)
     for r in srcs + dsts:
         r.close()
+
+
+def test_a_large_buffer_is_claimed_in_pieces_and_arrives_whole(monkeypatch) -> None:
+    """A replicated slice is tens of MB: claimed whole, one side would copy it alone. Pieces of at
+    most CLAIM_BYTES, the same on both sides, land at their offsets inside both regions."""
+    monkeypatch.setenv(peer_copy.CLAIM_ENV, "1")
+    mib = peer_copy.CLAIM_BYTES
+    assert peer_copy.claim_units([2 * mib + 5, 10, mib]) == [(0, 0, mib), (0, mib, mib), (0, 2 * mib, 5),
+                                                            (1, 0, 10), (2, 0, mib)]
+    backend = cpu_backend.CpuBackend()
+    n, at_src, at_dst = 2 * mib + 12345, 4096, 8192
+    src = backend.allocate(at_src + n, "piece.src")
+    dst = backend.allocate(at_dst + n, "piece.dst")
+    src.tensor(torch.uint8, (n,), at_src).copy_(torch.randint(0, 256, (n,), dtype=torch.uint8))
+    results, errors = {}, []
+    threads = _pair_threads(mailbox.box_id("secret", 12), [backend, backend], [(0, [(src, at_src, n)])],
+                            [(0, [(dst, at_dst, n)])], results, errors)
+    for th in threads:
+        th.join(30)
+    assert not errors, errors
+    assert torch.equal(src.tensor(torch.uint8, (n,), at_src), dst.tensor(torch.uint8, (n,), at_dst))
+    assert dst.tensor(torch.uint8, (at_dst,)).count_nonzero() == 0, "nothing landed before its offset"
+    assert results[1][1] == n and 0 <= results[0][0] <= n
+    src.close()
+    dst.close()

@@ -34,9 +34,9 @@ How:
   side ends, and on shared cores the slower side is whichever the scheduler served less (a
   serving device's HMM beside its decode, say: session 28's table run had 2 -> 4's destinations
   waiting 15 ms, median, for their sources' pushes). So each side sends the other the handles of
-  every transfer of the pair, the destination adds a pipe holding one token per buffer
-  (`claim_queue`), and both take tokens until none is left (`claims_from`): each buffer is copied
-  once, by whichever side got to it. ELASTICMOE_PEER_CLAIM=0: split ahead (for comparisons).
+  every transfer of the pair, the destination adds a pipe holding one token per piece of at most
+  1 MiB of a buffer (`claim_queue`, `claim_units`), and both take tokens until none is left
+  (`claims_from`): each piece is copied once, by whichever side got to it. ELASTICMOE_PEER_CLAIM=0: split ahead (for comparisons).
 - Completion. Each rank sends `peer-copy-done/<rank>-<peer>` to its peers once its copies are
   done and waits for theirs: no source revokes its grants (or frees a departing region) while a
   peer copies, and no destination says its bytes are there before its sources' pushes into it
@@ -214,25 +214,33 @@ def _receive(peers, peer: int, key: str, claims: bool) -> tuple[_Batch, dict[byt
 
 
 CLAIM_ENV = "ELASTICMOE_PEER_CLAIM"
-MAX_CLAIMS = 16384  # copies of one pair a queue holds (2-byte tokens in a 64 KiB pipe)
+MAX_CLAIMS = 16384  # claims of one pair a queue holds (2-byte tokens in a 64 KiB pipe)
+CLAIM_BYTES = 1 << 20  # a claim is at most this much of one buffer (a replicated slice is tens of MB)
 _TOKEN = 2
 
 
+def claim_units(sizes: list[int]) -> list[tuple[int, int, int]]:
+    """The claims of a pair's buffers of `sizes` (bytes, in order): (buffer, start, bytes), each at
+    most CLAIM_BYTES. The same list on both sides (the buffers' sizes are)."""
+    return [(i, start, min(CLAIM_BYTES, n - start)) for i, n in enumerate(sizes) for start in range(0, n, CLAIM_BYTES)]
+
+
 def claimed(peers, share: float, items: _Items) -> bool:
-    """Whether the copies between a source and a destination are claimed one by one from a shared
-    queue (`claim_queue`) rather than split ahead (`split`): both copy (0 < share < 1), the queue's
-    fd can travel (between HMMs, not through the store), it holds them all, and
+    """Whether the copies between a source and a destination are claimed piece by piece from a
+    shared queue (`claim_queue`) rather than split ahead (`split`): both copy (0 < share < 1), the
+    queue's fd can travel (between HMMs, not through the store), it holds every claim, and
     ELASTICMOE_PEER_CLAIM is not 0. The same answer on both sides (same share, same buffers)."""
-    count = sum(len(buffers) for _, buffers in items)
+    count = len(claim_units([n for _, buffers in items for _, _, n in buffers]))
     return (isinstance(peers, MailboxPeers) and 0.0 < share < 1.0 and 0 < count <= MAX_CLAIMS
             and os.environ.get(CLAIM_ENV, "1") != "0")
 
 
 def claim_queue(count: int) -> int:
-    """A pipe holding one token per copy of a pair, 0 .. count-1 -> its read end (non-blocking).
-    The destination makes it and sends a duplicate to the source; each side takes the next token,
-    copies that buffer, and takes another until none is left: a pipe read of one token is atomic,
-    so every copy is made once, and whichever side the cores serve faster makes more of them."""
+    """A pipe holding one token per claim of a pair (`claim_units`), 0 .. count-1 -> its read end
+    (non-blocking). The destination makes it and sends a duplicate to the source; each side takes
+    the next token, copies that piece, and takes another until none is left: a pipe read of one
+    token is atomic, so every piece is copied once, and whichever side the cores serve faster
+    copies more of them."""
     if not 0 < count <= MAX_CLAIMS:
         raise ValueError(f"claim_queue: count {count} outside 1..{MAX_CLAIMS}")
     read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -249,7 +257,8 @@ def claim_queue(count: int) -> int:
 
 
 def claims_from(queue: int):
-    """The copy indices this side claims from a pair's queue, one at a time, until it is empty."""
+    """The claims (indices into `claim_units`) this side takes from a pair's queue, one at a time,
+    until it is empty."""
     while True:
         try:
             token = os.read(queue, _TOKEN)
@@ -321,7 +330,7 @@ def exchange(backend: backends_base.DeviceBackend, peers, source: Source, device
         for src, items in by_source.items():
             key = f"peer-copy-dst/{src}-{device_index}"
             if claimed(peers, shares[(src, device_index)], items):
-                queue = claim_queue(sum(len(buffers) for _, buffers in items))
+                queue = claim_queue(len(claim_units([n for _, buffers in items for _, _, n in buffers])))
                 jobs.append((src, items, False, queue, True))
                 source.send_for(peers, src, key, items, claims=os.dup(queue))
                 continue
@@ -357,20 +366,26 @@ def exchange(backend: backends_base.DeviceBackend, peers, source: Source, device
             handing, given = given, {}
             with backend.handles_prefetched([handle for handle, *_ in copies], handing):
                 t2 = time.perf_counter()
-                for i in (claims_from(queue) if queue is not None else range(len(copies))):
-                    handle, their_offset, nbytes, (region, offset, _) = copies[i]
+                if queue is not None:
+                    units = claim_units([n for _, _, n, _ in copies])
+                    pieces = (units[i] for i in claims_from(queue))
+                else:
+                    units = [(i, 0, n) for i, (_, _, n, _) in enumerate(copies)]
+                    pieces = iter(units)
+                for i, start, nbytes in pieces:
+                    handle, their_offset, _, (region, offset, _) = copies[i]
                     cancel.check()
                     if pushing:
-                        backend.copy_to_peer(region, offset, handle, their_offset, nbytes)
+                        backend.copy_to_peer(region, offset + start, handle, their_offset + start, nbytes)
                     else:
-                        backend.copy_from_peer(region, offset, handle, their_offset, nbytes)
+                        backend.copy_from_peer(region, offset + start, handle, their_offset + start, nbytes)
                     copied += nbytes
                     made += 1
             t3 = time.perf_counter()
         finally:
             fdpass.close_all(list(given.values()) + ([queue] if queue is not None else []))
         if copies:
-            how = f", claimed {made} of {len(copies)} buffers" if claiming else ""
+            how = f", claimed {made} of {len(units)} pieces" if claiming else ""
             logger.info("device %d: peer copy of %.1f MB %s device %d: this side's grants published in %.3f s, then "
                         "its handles after %.3f s, their file descriptors %.3f s (%s), copies %.3f s (%.2f GB/s%s)",
                         device_index, copied / 1e6, "into" if pushing else "from", peer, published, t1 - t0, t2 - t1,
