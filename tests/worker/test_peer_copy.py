@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 
 import pytest
@@ -93,30 +92,15 @@ class _NoCancel:
         pass
 
 
-def _pipes_open() -> int:
-    """Pipes this process has open (a pair's claim queue is one)."""
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            count += os.readlink(f"/proc/self/fd/{fd}").startswith("pipe:")
-        except OSError:
-            pass
-    return count
-
-
-@pytest.mark.parametrize("through", ["store", "mailboxes", "mailboxes, claimed"])
+@pytest.mark.parametrize("through", ["store", "mailboxes"])
 def test_both_sides_of_an_exchange_copy_every_byte_once(through: str, monkeypatch) -> None:
     """Device 0 serves devices 1 and 2, device 1 also serves device 2 (`pair_shares`: a third of the
     bytes 0 -> 1, half of 0 -> 2 and two thirds of 1 -> 2 are the source's to push): each destination
     ends with its sources' bytes, whoever copied them. The devices
     tell each other what they copy through a store (the coordinator's) or their mailboxes (here the
     three share this process's, over its socket); through mailboxes the regions' fds come with their
-    handles (no request to an fd server), and none stays open after the sources closed. Split ahead
-    (through the store, or ELASTICMOE_PEER_CLAIM=0) or claimed one buffer at a time from each pair's
-    queue (mailboxes): every byte arrives, and no queue stays open."""
-    monkeypatch.setenv(peer_copy.CLAIM_ENV, "1" if through.endswith("claimed") else "0")
-    pipes = _pipes_open()
-    if through.startswith("mailboxes"):
+    handles (no request to an fd server), and none stays open after the sources closed."""
+    if through == "mailboxes":
         def no_round_trip(handles):
             raise AssertionError(f"asked an fd server for {len(handles)} fd(s): they should have come with the handles")
 
@@ -135,8 +119,7 @@ def test_both_sides_of_an_exchange_copy_every_byte_once(through: str, monkeypatc
              3: (bufs[0][3:4], bufs[1][4:]), 4: (bufs[1][3:4], bufs[2][3:4])}
     shares = peer_copy.pair_shares(transfers, {0, 1, 2, 3, 4})
     store, results, errors = _Store(), {}, []
-    box = mailbox.box_id("secret", 7 if through == "mailboxes" else 10)  # (a box of its own: one variant's
-    # unread messages — a grant of nothing to push is never read — are not the other's)
+    box = mailbox.box_id("secret", 7)
 
     def device(d: int) -> None:
         wanted = [(i, t.src, moved[i][1]) for i, t in enumerate(transfers) if t.dst == d]
@@ -167,16 +150,10 @@ def test_both_sides_of_an_exchange_copy_every_byte_once(through: str, monkeypatc
     for i in moved:
         for (src, _, n), (dst, _, _) in zip(*moved[i]):
             assert torch.equal(src.tensor(torch.uint8, (n,)), dst.tensor(torch.uint8, (n,))), (i, src.name, dst.name)
-    if not through.endswith("claimed"):
-        # device 0 -> 1: transfers 0 (7 pages) and 3 (3 pages); a third of the bytes holds transfer 3: pushed
-        # device 1 -> 2: 64 bytes and 3 pages; the 3 pages are more than its half: device 2 pulls both
-        assert results[0][0] == 3 * page and results[1][0] == 0
-        assert results[2] == (0, sum(n for i in (1, 2, 4) for _, _, n in moved[i][1]))  # it pushed nothing, got all
-    else:  # who copied what is the cores' to decide: each side pushed at most what it sends
-        assert 0 <= results[0][0] <= sum(n for i in (0, 1, 3) for _, _, n in moved[i][0])
-        assert 0 <= results[1][0] <= sum(n for i in (2, 4) for _, _, n in moved[i][0])
-        assert results[2][1] == sum(n for i in (1, 2, 4) for _, _, n in moved[i][1])
-    assert _pipes_open() == pipes, "a claim queue was left open"
+    # device 0 -> 1: transfers 0 (7 pages) and 3 (3 pages); a third of the bytes holds transfer 3: pushed
+    # device 1 -> 2: 64 bytes and 3 pages; the 3 pages are more than its half: device 2 pulls both
+    assert results[0][0] == 3 * page and results[1][0] == 0
+    assert results[2] == (0, sum(n for i in (1, 2, 4) for _, _, n in moved[i][1]))  # it pushed nothing, got all
     for rs in regions.values():
         for r in rs:
             r.close()
@@ -225,114 +202,3 @@ def test_a_peer_that_published_something_else_fails_the_copy_and_leaves_no_fd_op
         src.close()
         dst.close()
     assert testprocs.settled_memfds("odd.", 0) == 0
-
-
-def _pair_threads(box: bytes, backends, source_items, destination_items, results: dict, errors: list):
-    """Device 0 serving device 1 (half of the bytes its to push), one thread each, through this
-    process's mailbox; started. `source_items`, `destination_items`: the pair's transfers on each
-    side; `results`: device -> what `exchange` returned; `errors`: what either raised."""
-    own = mailbox.server().name
-
-    def device(d: int) -> None:
-        peers = peer_copy.MailboxPeers(box, d, {0: own, 1: own}, 30.0, lambda: None)
-        source = peer_copy.Source()
-        wanted = [(i, 0, bufs) for i, bufs in destination_items] if d == 1 else []
-        offered = {1: source_items} if d == 0 else {}
-        try:
-            results[d] = peer_copy.exchange(backends[d], peers, source, d, wanted, offered, {(0, 1): 0.5}, _NoCancel())
-            peers.done({1 - d})
-        except Exception as exc:  # noqa: BLE001 - reported by the caller
-            errors.append(exc)
-        finally:
-            source.close()
-
-    threads = [threading.Thread(target=device, args=(d,)) for d in (0, 1)]
-    for th in threads:
-        th.start()
-    return threads
-
-
-class _Gated(cpu_backend.CpuBackend):
-    """A CPU backend whose pushes say they started (`started`) and then wait for `gate` (a source on
-    a busy core), and whose pulls wait until a push started and count themselves (`counted`)."""
-
-    def __init__(self, started: threading.Event, gate: threading.Event | None = None, counted=None) -> None:
-        super().__init__()
-        self.started, self.gate, self.counted, self.made = started, gate, counted, 0
-
-    def copy_to_peer(self, *args) -> None:
-        self.started.set()
-        assert self.gate.wait(20), "the other side never finished its copies"
-        super().copy_to_peer(*args)
-        self.made += 1
-
-    def copy_from_peer(self, *args) -> None:
-        assert self.started.wait(20), "the source never claimed a piece"
-        super().copy_from_peer(*args)
-        self.made += 1
-        if self.counted is not None:
-            self.counted(self.made)
-
-
-@pytest.mark.parametrize("claims", ["1", "0"])
-def test_claimed_copies_go_to_the_side_the_cores_serve(claims: str, monkeypatch) -> None:
-    """One source, one destination, 16 buffers, half of the bytes the source's to push: its first
-    copy stalls (a busy core) until the destination has made 15 (the destination copies only once
-    the source has begun one). Claimed from the pair's queue, the destination takes every buffer
-    but the one the source holds, and the pair ends; split ahead (ELASTICMOE_PEER_CLAIM=0), the
-    destination makes its 8 and waits: the source's 8 wait for the stall (here opened by the test)."""
-    monkeypatch.setenv(peer_copy.CLAIM_ENV, claims)
-    page, n = 4096, 16
-    started, gate = threading.Event(), threading.Event()
-    src_backend = _Gated(started, gate=gate)
-    dst_backend = _Gated(started, counted=lambda made: made == n - 1 and gate.set())
-    srcs = [src_backend.allocate(page, f"claim.s{i}") for i in range(n)]
-    dsts = [dst_backend.allocate(page, f"claim.d{i}") for i in range(n)]
-    for i, r in enumerate(srcs):
-        r.tensor(torch.uint8, (page,)).fill_(i + 1)
-    items = {d: [(i, [(r, 0, page)]) for i, r in enumerate(rs)] for d, rs in ((0, srcs), (1, dsts))}
-    results, errors = {}, []
-    threads = _pair_threads(mailbox.box_id("secret", 9 if claims == "1" else 11), [src_backend, dst_backend],
-                            items[0], items[1], results, errors)
-    if claims == "0":
-        threads[1].join(0.5)
-        assert threads[1].is_alive(), "the destination waits for the source's pushes into it"
-        assert dst_backend.made == n // 2 and src_backend.made == 0
-        gate.set()
-    for th in threads:
-        th.join(30)
-    assert not errors, errors
-    for i, r in enumerate(dsts):
-        assert torch.equal(r.tensor(torch.uint8, (page,)), torch.full((page,), i + 1, dtype=torch.uint8)), i
-    if claims == "1":
-        assert (src_backend.made, dst_backend.made) == (1, n - 1)
-        assert results[0][0] == page, "the source pushed the one buffer it claimed"
-    else:
-        assert (src_backend.made, dst_backend.made) == (n // 2, n // 2)
-    for r in srcs + dsts:
-        r.close()
-
-
-def test_a_large_buffer_is_claimed_in_pieces_and_arrives_whole(monkeypatch) -> None:
-    """A replicated slice is tens of MB: claimed whole, one side would copy it alone. Pieces of at
-    most CLAIM_BYTES, the same on both sides, land at their offsets inside both regions."""
-    monkeypatch.setenv(peer_copy.CLAIM_ENV, "1")
-    mib = peer_copy.CLAIM_BYTES
-    assert peer_copy.claim_units([2 * mib + 5, 10, mib]) == [(0, 0, mib), (0, mib, mib), (0, 2 * mib, 5),
-                                                            (1, 0, 10), (2, 0, mib)]
-    backend = cpu_backend.CpuBackend()
-    n, at_src, at_dst = 2 * mib + 12345, 4096, 8192
-    src = backend.allocate(at_src + n, "piece.src")
-    dst = backend.allocate(at_dst + n, "piece.dst")
-    src.tensor(torch.uint8, (n,), at_src).copy_(torch.randint(0, 256, (n,), dtype=torch.uint8))
-    results, errors = {}, []
-    threads = _pair_threads(mailbox.box_id("secret", 12), [backend, backend], [(0, [(src, at_src, n)])],
-                            [(0, [(dst, at_dst, n)])], results, errors)
-    for th in threads:
-        th.join(30)
-    assert not errors, errors
-    assert torch.equal(src.tensor(torch.uint8, (n,), at_src), dst.tensor(torch.uint8, (n,), at_dst))
-    assert dst.tensor(torch.uint8, (at_dst,)).count_nonzero() == 0, "nothing landed before its offset"
-    assert results[1][1] == n and 0 <= results[0][0] <= n
-    src.close()
-    dst.close()

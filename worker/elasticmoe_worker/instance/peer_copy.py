@@ -30,13 +30,6 @@ How:
   `peer-copy-dst/<source>-<destination>`; the destination pulls the others
   (`backend.copy_from_peer`). Every peer in parallel, a thread each. ELASTICMOE_PEER_PUSH=0: the
   destinations pull everything (for comparisons).
-- Claimed, not split ahead (between HMMs: `claimed`). A share fixed ahead ends when the slower
-  side ends, and on shared cores the slower side is whichever the scheduler served less (a
-  serving device's HMM beside its decode, say: session 28's table run had 2 -> 4's destinations
-  waiting 15 ms, median, for their sources' pushes). So each side sends the other the handles of
-  every transfer of the pair, the destination adds a pipe holding one token per piece of at most
-  1 MiB of a buffer (`claim_queue`, `claim_units`), and both take tokens until none is left
-  (`claims_from`): each piece is copied once, by whichever side got to it. ELASTICMOE_PEER_CLAIM=0: split ahead (for comparisons).
 - Completion. Each rank sends `peer-copy-done/<rank>-<peer>` to its peers once its copies are
   done and waits for theirs: no source revokes its grants (or frees a departing region) while a
   peer copies, and no destination says its bytes are there before its sources' pushes into it
@@ -141,12 +134,10 @@ class Source:
         self._tokens: list[bytes] = []
         self._posted: list[tuple[object, str]] = []  # (peers, key) of the posts that carried fds
 
-    def send_for(self, peers, peer: int, key: str, items: list[tuple[int, list[Buffer]]],
-                 claims: int | None = None) -> int:
+    def send_for(self, peers, peer: int, key: str, items: list[tuple[int, list[Buffer]]]) -> int:
         """Grant the buffers of every transfer `(index, buffers)` to peers and send their handles,
-        with their fds, to `peer` under one key (`peers`: `StorePeers` or `MailboxPeers`); `claims`:
-        the read end of a pair's claim queue (`claim_queue`; owned from here), sent after them. ->
-        bytes sent for."""
+        with their fds, to `peer` under one key (`peers`: `StorePeers` or `MailboxPeers`). -> bytes
+        sent for."""
         server = fdpass.server()
         batch: _Batch = {}
         for index, buffers in items:
@@ -159,8 +150,7 @@ class Source:
         # them: one round trip less per pair of devices, to a process that may be waiting for the cores
         tokens = handle_tokens(batch)
         self._posted.append((peers, key))  # (a message too large to send is posted: withdrawn at close)
-        fds = server.duplicates(tokens) if tokens else []
-        peers.send(peer, key, msgspec.msgpack.encode(batch), fds + ([claims] if claims is not None else []))
+        peers.send(peer, key, msgspec.msgpack.encode(batch), server.duplicates(tokens) if tokens else [])
         return sum(n for _, buffers in items for _, _, n in buffers)
 
     def close(self) -> None:
@@ -187,86 +177,17 @@ def receive_batch(peers, peer: int, key: str) -> tuple[_Batch, dict[bytes, int]]
     """What `peer` sent this device under `key` (`Source.send_for`; waits) -> (its handles by
     transfer, the fds that came with them by token: the caller owns them; none when not all came —
     the store carries none —, and then a round trip to the peer's fd server fetches them)."""
-    batch, given, _ = _receive(peers, peer, key, claims=False)
-    return batch, given
-
-
-def _receive(peers, peer: int, key: str, claims: bool) -> tuple[_Batch, dict[bytes, int], int | None]:
-    """`receive_batch`, and with `claims` the claim queue's read end sent after the handles' fds
-    (the caller owns it; RuntimeError when none came)."""
     value, fds = peers.receive(peer, key)
     try:
         batch = msgspec.msgpack.decode(value, type=_Batch)
         tokens = handle_tokens(batch)
-        queue = None
-        if claims:
-            if len(fds) != len(tokens) + 1:
-                raise RuntimeError(f"{key}: device {peer} sent {len(fds)} file descriptor(s) for {len(tokens)} "
-                                   f"region(s) and a claim queue; expected {len(tokens) + 1}")
-            queue = fds.pop()
     except BaseException:
         fdpass.close_all(fds)
         raise
     if len(fds) != len(tokens):
         fdpass.close_all(fds)
         fds = []
-    return batch, dict(zip(tokens, fds)), queue
-
-
-CLAIM_ENV = "ELASTICMOE_PEER_CLAIM"
-MAX_CLAIMS = 16384  # claims of one pair a queue holds (2-byte tokens in a 64 KiB pipe)
-CLAIM_BYTES = 1 << 20  # a claim is at most this much of one buffer (a replicated slice is tens of MB)
-_TOKEN = 2
-
-
-def claim_units(sizes: list[int]) -> list[tuple[int, int, int]]:
-    """The claims of a pair's buffers of `sizes` (bytes, in order): (buffer, start, bytes), each at
-    most CLAIM_BYTES. The same list on both sides (the buffers' sizes are)."""
-    return [(i, start, min(CLAIM_BYTES, n - start)) for i, n in enumerate(sizes) for start in range(0, n, CLAIM_BYTES)]
-
-
-def claimed(peers, share: float, items: _Items) -> bool:
-    """Whether the copies between a source and a destination are claimed piece by piece from a
-    shared queue (`claim_queue`) rather than split ahead (`split`): both copy (0 < share < 1), the
-    queue's fd can travel (between HMMs, not through the store), it holds every claim, and
-    ELASTICMOE_PEER_CLAIM is not 0. The same answer on both sides (same share, same buffers)."""
-    count = len(claim_units([n for _, buffers in items for _, _, n in buffers]))
-    return (isinstance(peers, MailboxPeers) and 0.0 < share < 1.0 and 0 < count <= MAX_CLAIMS
-            and os.environ.get(CLAIM_ENV, "1") != "0")
-
-
-def claim_queue(count: int) -> int:
-    """A pipe holding one token per claim of a pair (`claim_units`), 0 .. count-1 -> its read end
-    (non-blocking). The destination makes it and sends a duplicate to the source; each side takes
-    the next token, copies that piece, and takes another until none is left: a pipe read of one
-    token is atomic, so every piece is copied once, and whichever side the cores serve faster
-    copies more of them."""
-    if not 0 < count <= MAX_CLAIMS:
-        raise ValueError(f"claim_queue: count {count} outside 1..{MAX_CLAIMS}")
-    read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        tokens = b"".join(i.to_bytes(_TOKEN, "little") for i in range(count))
-        if os.write(write_end, tokens) != len(tokens):
-            raise OSError(f"claim_queue: the pipe took fewer than {len(tokens)} bytes")
-    except BaseException:
-        os.close(read_end)
-        raise
-    finally:
-        os.close(write_end)
-    return read_end
-
-
-def claims_from(queue: int):
-    """The claims (indices into `claim_units`) this side takes from a pair's queue, one at a time,
-    until it is empty."""
-    while True:
-        try:
-            token = os.read(queue, _TOKEN)
-        except BlockingIOError:
-            return
-        if len(token) != _TOKEN:  # b"": empty, and its write end closed
-            return
-        yield int.from_bytes(token, "little")
+    return batch, dict(zip(tokens, fds))
 
 
 def pair_shares(transfers: list[wire.Transfer], local: set[int]) -> dict[tuple[int, int], float]:
@@ -314,87 +235,57 @@ def exchange(backend: backends_base.DeviceBackend, peers, source: Source, device
     of the transfers that source pushes (`peer-copy-dst/<src>-<dst>`) and pulls the others; for
     each destination it serves (`offered`: destination -> its transfers' buffers here) it publishes
     the regions of the transfers the destination pulls (`peer-copy/<src>-<dst>`) and pushes the
-    others (`split`); or, a pair whose copies are `claimed`, publishes all of them and copies what it
-    claims from the pair's queue. Every peer in parallel: a copy costs the CPU of the process that
-    makes it, and under a device's CPU quota two processes copying move bytes about twice as fast as one.
+    others (`split`). Every peer in parallel: a copy costs the CPU of the process that makes it, and
+    under a device's CPU quota two processes copying move bytes about twice as fast as one.
     -> (bytes this device pushed, bytes its transfers brought it, whoever copied them); pushes
     into it may still run: `barrier` waits for them."""
     started = time.perf_counter()
     by_source: dict[int, _Items] = {}
     for index, src, buffers in wanted:
         by_source.setdefault(src, []).append((index, buffers))
-    # (peer, the items this side copies — all of the pair's when they are claimed —, pushing, the
-    # claim queue: this side's read end, or None; for a source that claims, its destination sends it)
-    jobs: list[tuple[int, _Items, bool, int | None, bool]] = []
-    try:
-        for src, items in by_source.items():
-            key = f"peer-copy-dst/{src}-{device_index}"
-            if claimed(peers, shares[(src, device_index)], items):
-                queue = claim_queue(len(claim_units([n for _, buffers in items for _, _, n in buffers])))
-                jobs.append((src, items, False, queue, True))
-                source.send_for(peers, src, key, items, claims=os.dup(queue))
-                continue
-            pulled, pushed = split(items, shares[(src, device_index)])
-            source.send_for(peers, src, key, pushed)
-            jobs.append((src, pulled, False, None, False))
-        for dst, items in offered.items():
-            key = f"peer-copy/{device_index}-{dst}"
-            if claimed(peers, shares[(device_index, dst)], items):
-                source.send_for(peers, dst, key, items)
-                jobs.append((dst, items, True, None, True))
-                continue
-            pulled, pushed = split(items, shares[(device_index, dst)])
-            source.send_for(peers, dst, key, pulled)
-            jobs.append((dst, pushed, True, None, False))
-    except BaseException:
-        fdpass.close_all([job[3] for job in jobs if job[3] is not None])
-        raise
+    jobs: list[tuple[int, _Items, bool]] = []
+    for src, items in by_source.items():
+        pulled, pushed = split(items, shares[(src, device_index)])
+        source.send_for(peers, src, f"peer-copy-dst/{src}-{device_index}", pushed)
+        jobs.append((src, pulled, False))
+    for dst, items in offered.items():
+        pulled, pushed = split(items, shares[(device_index, dst)])
+        source.send_for(peers, dst, f"peer-copy/{device_index}-{dst}", pulled)
+        jobs.append((dst, pushed, True))
     published = time.perf_counter() - started
 
-    def one_peer(peer: int, items: _Items, pushing: bool, queue: int | None, claiming: bool) -> int:
+    def one_peer(peer: int, items: _Items, pushing: bool) -> int:
         t0 = time.perf_counter()
         key = f"peer-copy-dst/{device_index}-{peer}" if pushing else f"peer-copy/{peer}-{device_index}"
-        given: dict[bytes, int] = {}
+        batch, given = receive_batch(peers, peer, key) if items else ({}, {})
         try:
-            batch, given, theirs = _receive(peers, peer, key, claims=claiming and pushing) if items else ({}, {}, None)
-            queue = theirs if theirs is not None else queue
             copies = _pair_copies(peer, batch, items)
-            t1 = time.perf_counter()
-            copied, made, came = 0, 0, bool(given)
-            # the fds came with the handles (or one round trip to the peer's fd server fetches them);
-            # the block owns them from here
-            handing, given = given, {}
-            with backend.handles_prefetched([handle for handle, *_ in copies], handing):
-                t2 = time.perf_counter()
-                if queue is not None:
-                    units = claim_units([n for _, _, n, _ in copies])
-                    pieces = (units[i] for i in claims_from(queue))
+        except BaseException:
+            fdpass.close_all(list(given.values()))
+            raise
+        t1 = time.perf_counter()
+        copied = 0
+        # the fds came with the handles (or one round trip to the peer's fd server fetches them)
+        with backend.handles_prefetched([handle for handle, *_ in copies], given):
+            t2 = time.perf_counter()
+            for handle, their_offset, nbytes, (region, offset, _) in copies:
+                cancel.check()
+                if pushing:
+                    backend.copy_to_peer(region, offset, handle, their_offset, nbytes)
                 else:
-                    units = [(i, 0, n) for i, (_, _, n, _) in enumerate(copies)]
-                    pieces = iter(units)
-                for i, start, nbytes in pieces:
-                    handle, their_offset, _, (region, offset, _) = copies[i]
-                    cancel.check()
-                    if pushing:
-                        backend.copy_to_peer(region, offset + start, handle, their_offset + start, nbytes)
-                    else:
-                        backend.copy_from_peer(region, offset + start, handle, their_offset + start, nbytes)
-                    copied += nbytes
-                    made += 1
-            t3 = time.perf_counter()
-        finally:
-            fdpass.close_all(list(given.values()) + ([queue] if queue is not None else []))
+                    backend.copy_from_peer(region, offset, handle, their_offset, nbytes)
+                copied += nbytes
+        t3 = time.perf_counter()
         if copies:
-            how = f", claimed {made} of {len(units)} pieces" if claiming else ""
             logger.info("device %d: peer copy of %.1f MB %s device %d: this side's grants published in %.3f s, then "
-                        "its handles after %.3f s, their file descriptors %.3f s (%s), copies %.3f s (%.2f GB/s%s)",
+                        "its handles after %.3f s, their file descriptors %.3f s (%s), copies %.3f s (%.2f GB/s)",
                         device_index, copied / 1e6, "into" if pushing else "from", peer, published, t1 - t0, t2 - t1,
-                        "with the handles" if came else "from its fd server", t3 - t2,
-                        copied / max(t3 - t2, 1e-9) / 1e9, how)
+                        "with the handles" if given else "from its fd server", t3 - t2,
+                        copied / max(t3 - t2, 1e-9) / 1e9)
         return copied
 
     received = sum(n for _, _, buffers in wanted for _, _, n in buffers)
-    jobs = [job for job in jobs if job[1]]  # (a claimed pair has items: its queue is never left out)
+    jobs = [job for job in jobs if job[1]]
     if not jobs:
         return 0, received
     # the first peer on this thread, the others on one thread each (a pair of devices, 1 -> 2,
