@@ -215,7 +215,7 @@ def test_burst_scales_up_learns_the_duration_and_scales_down_after_stabilization
     inst.finish(duration_ms=4200)
     clock.now = 3
     scaler.tick()
-    assert _info(caplog, "scale 1 -> 2 took 4.2 s")
+    assert _info(caplog, "scale 1 -> 2 took 4.200 s")
 
     downs = []
     for t in range(4, 40):
@@ -315,7 +315,7 @@ def test_a_manual_scale_is_the_new_starting_point(caplog):
         actions.append(scaler.tick().action)
         if actions[-1] == "down":
             inst.finish(duration_ms=1000)
-    assert _info(caplog, "scale 1 -> 2 took 5.0 s")
+    assert _info(caplog, "scale 1 -> 2 took 5.000 s")
     assert actions.index("down") + 2 >= 2 + 8, actions
     assert [c[0] for c in inst.calls] == [1]
 
