@@ -216,6 +216,12 @@ def time_to_ready(state: State, cfg: Config, from_devices: int, to_devices: int)
     return cfg.default_time_to_ready_s
 
 
+def _seconds(x: float) -> str:
+    """A duration for a reason: whole seconds from 10 s, two significant digits below (an elastic
+    scale takes a fraction of a second: "0.12 s", not "0 s")."""
+    return f"{x:.0f} s" if x >= 10 else f"{max(x, 0.0):.2g} s"
+
+
 def stabilization_s(state: State, cfg: Config, devices: int) -> float:
     """The scale-down stabilization window at `devices`: `stabilization_ready_multiple` x the
     learned time-to-ready of (devices - 1 -> devices), within [settle_s, scale_down_stabilization_s]."""
@@ -230,7 +236,7 @@ def _stabilization(state: State, cfg: Config, devices: int) -> tuple[float, str]
     window = min(cfg.scale_down_stabilization_s, max(cfg.settle_s, cfg.stabilization_ready_multiple * undo))
     if window >= cfg.scale_down_stabilization_s:
         return window, ""
-    return window, (f" (stabilization {cfg.stabilization_ready_multiple:g} x the {undo:.1f} s a scale {devices - 1} "
+    return window, (f" (stabilization {cfg.stabilization_ready_multiple:g} x the {_seconds(undo)} a scale {devices - 1} "
                     f"-> {devices} takes, at least one {cfg.settle_s:g} s metrics window)")
 
 
@@ -242,12 +248,6 @@ def learn(state: State, from_devices: int, to_devices: int, seconds: float, weig
     old = state.time_to_ready_s.get(key)
     new = seconds if old is None else weight * seconds + (1 - weight) * old
     return dataclasses.replace(state, time_to_ready_s={**state.time_to_ready_s, key: new})
-
-
-def _seconds(x: float) -> str:
-    """A duration for a reason: whole seconds from 10 s, two significant digits below (an elastic
-    scale takes a fraction of a second: "0.12 s", not "0 s")."""
-    return f"{x:.0f} s" if x >= 10 else f"{max(x, 0.0):.2g} s"
 
 
 def _fmt(ratios: Mapping[str, float], obs: Observation, cfg: Config) -> str:
