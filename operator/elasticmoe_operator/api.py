@@ -171,6 +171,10 @@ class AutoscalingSpec(_Model):
         "time of a scale back up (n-1 -> n devices, from status.history), at least metricsWindowSeconds and at most "
         "scaleDownStabilizationSeconds: a device that comes back in seconds is not held idle for minutes. Before a "
         "scale-up was measured, 30 s is assumed. 0: always scaleDownStabilizationSeconds.")
+    learn_tpot: bool = pydantic.Field(
+        True, description="Learn the p90 time per output token seen at each device count and batch per device, "
+        "and act on it: hold a TPOT breach that more devices were seen not to lower (ScaleUpWouldNotHelp), go to "
+        "fewer devices that were seen to step faster (FewerDevicesFaster). false: TPOT is projected x devices/fewer.")
 
 
 class PodSpec(_Model):
@@ -313,8 +317,9 @@ class AutoscaleDecision(_Model):
     to_devices: int = pydantic.Field(alias="to", description="The count it wrote to spec.devices.replicas.")
     action: str = pydantic.Field("", description="up, down or hold.")
     code: str = pydantic.Field("", description="The reason in a word: SloBreached, SurvivorsUnderTarget, "
-                               "OutOfBounds, AtMaximum, WaitingForScale, Cooldown, Stabilizing, WithinDeadBand, "
-                               "MetricsUnavailable, MetricsStale or NoSamples.")
+                               "FewerDevicesFaster, OutOfBounds, AtMaximum, WaitingForScale, Cooldown, "
+                               "ScaleUpWouldNotHelp, Stabilizing, WithinDeadBand, MetricsUnavailable, MetricsStale "
+                               "or NoSamples.")
     reason: str = ""
     signals: dict[str, str] = pydantic.Field(default_factory=dict, description="The inputs: p90 latencies "
                                              "(ms), their ratios to the SLO, the smoothed signal, request rate, "

@@ -112,7 +112,7 @@ def config(spec: api.ElasticMoESpec) -> policy.Config:
                          scale_down_stabilization_s=float(a.scale_down_stabilization_seconds),
                          stabilization_ready_multiple=float(a.stabilization_ready_multiple),
                          stale_after_s=max(60.0, 3.0 * a.evaluation_interval_seconds),
-                         settle_s=float(a.metrics_window_seconds))
+                         settle_s=float(a.metrics_window_seconds), learn_tpot=a.learn_tpot)
 
 
 def _num(v: float) -> str:
@@ -194,7 +194,8 @@ async def tick(t: Tracker, k: kube.Kube, body: dict, spec: api.ElasticMoESpec, c
     else:
         prom = signals.Prometheus(a.prometheus_url, token, transport=transport)
         obs = await signals.observe(prom, selector, a.metrics_window_seconds, at=now_s, active=coord.devices.active,
-                                    desired=desired, waiting_requests=coord.requests.running + coord.requests.waiting)
+                                    desired=desired, waiting_requests=coord.requests.running + coord.requests.waiting,
+                                    decoding=float(coord.requests.running))
     decision, state = policy.decide(obs, t.state, cfg, now_s)
     trig = min(triggers, key=lambda r: r.received_at) if triggers else None
     entry = record(decision, desired, obs, now_s, trig)

@@ -25,6 +25,15 @@ latencies that have samples (llm-d's SLO recipe), smoothed with an exponential m
   The window is `stabilization_ready_multiple` x the learned time to scale back up, within one
   metrics window and `scale_down_stabilization_s`: when a device comes back in a second, holding
   an idle one for the HorizontalPodAutoscaler's minutes only costs device-seconds.
+- TPOT does not always fall with more devices (a decode step has a floor that more devices do
+  not shrink; devices that share cores, or collectives between them, make it slower). The policy
+  learns the p90 TPOT it saw at each device count and batch per device (`tpot_seen`, from
+  settled windows) and uses it where the profile (`decode_step_s`) has no count. On a breach it
+  (a) goes to fewer devices at once when they are projected to see at most `FEWER_BETTER_BY` of
+  the signal now (code FewerDevicesFaster: the last scale-up made TPOT worse), and (b) holds
+  instead of adding devices the model says would not lower the signal, or, where the next
+  count was never seen, when the devices added last did not lower TPOT at this load
+  (ScaleUpWouldNotHelp). TTFT and queueing keep x N/n, so a breach of those still adds devices.
 - Between the two thresholds nothing happens (the dead band): stationary noise does not flap.
 - After the active count changes, nothing is decided until one metrics window (`settle_s`)
   holds only the new count's latencies: the window before mixes in the old count and the
@@ -47,6 +56,13 @@ import math
 from typing import Mapping
 
 UP, DOWN, HOLD = "up", "down", "hold"
+# On a breach, fewer devices are gone to at once when projected to see at most this share of the
+# signal now (a margin over the noise of two measured TPOTs).
+FEWER_BETTER_BY = 0.8
+# Learned TPOT points per device count: one per half-octave of batch per device, at most this many
+# (the newest batch's nearest are kept), used within a half-octave beyond the batches seen.
+LEARNED_POINTS = 12
+LEARNED_REACH = math.sqrt(2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +98,9 @@ class Config:
     # ((batch, seconds) ascending; a profile's decode points): projects the time per output token
     # of fewer devices. Empty: x N/n for every latency. Counts not in it fall back to x N/n.
     decode_step_s: Mapping[int, tuple[tuple[float, float], ...]] = dataclasses.field(default_factory=dict)
+    # Learn the p90 TPOT per device count and batch per device from settled observations
+    # (`State.tpot_seen`) and project TPOT by it where `decode_step_s` lacks a count.
+    learn_tpot: bool = True
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_devices <= self.max_devices:
@@ -139,6 +158,8 @@ class State:
     pending: tuple[int, float] | None = None  # (target, time its effect becomes visible)
     settle_until: float | None = None  # the active count changed: its latencies fill the window until then
     time_to_ready_s: Mapping[tuple[int, int], float] = dataclasses.field(default_factory=dict)
+    # p90 TPOT seen per active device count: ((batch per device, seconds), ...) ascending by batch
+    tpot_seen: Mapping[int, tuple[tuple[float, float], ...]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,8 +173,8 @@ class Decision:
     metrics_reason: str  # why not, or "ok"
     values: Mapping[str, float] = dataclasses.field(default_factory=dict)  # the inputs, for the record
     # A CamelCase word for `reason`, few and fixed (a metric label, an Event reason): SloBreached,
-    # SurvivorsUnderTarget, OutOfBounds, AtMaximum, WaitingForScale, Cooldown, Stabilizing,
-    # WithinDeadBand, MetricsUnavailable, MetricsStale, NoSamples.
+    # SurvivorsUnderTarget, FewerDevicesFaster, OutOfBounds, AtMaximum, WaitingForScale, Cooldown,
+    # ScaleUpWouldNotHelp, Stabilizing, WithinDeadBand, MetricsUnavailable, MetricsStale, NoSamples.
     code: str = ""
 
 
@@ -173,12 +194,7 @@ def raw_signal(obs: Observation, cfg: Config) -> tuple[float | None, dict[str, f
     return None, ratios
 
 
-def decode_step(cfg: Config, devices: int, batch: float) -> float | None:
-    """The model's step seconds of `devices` at `batch` sequences per device (linear between
-    measured batches, the end values beyond them); None when that count was not measured."""
-    points = cfg.decode_step_s.get(devices)
-    if not points:
-        return None
+def _interpolate(points: tuple[tuple[float, float], ...], batch: float) -> float:
     if batch <= points[0][0]:
         return points[0][1]
     for (b0, s0), (b1, s1) in zip(points, points[1:]):
@@ -187,19 +203,71 @@ def decode_step(cfg: Config, devices: int, batch: float) -> float | None:
     return points[-1][1]
 
 
-def projection(ratios: Mapping[str, float], obs: Observation, cfg: Config, current: int, n: int) -> float:
+def decode_step(cfg: Config, devices: int, batch: float) -> float | None:
+    """The model's step seconds of `devices` at `batch` sequences per device (linear between
+    measured batches, the end values beyond them); None when that count was not measured."""
+    points = cfg.decode_step_s.get(devices)
+    return _interpolate(points, batch) if points else None
+
+
+def seen_tpot(state: State, devices: int, batch: float) -> float | None:
+    """The p90 TPOT seen at `devices` and `batch` per device (linear between the batches seen);
+    None when that count was not seen within `LEARNED_REACH` of this batch."""
+    points = state.tpot_seen.get(devices)
+    if not points or not points[0][0] / LEARNED_REACH <= batch <= points[-1][0] * LEARNED_REACH:
+        return None
+    return _interpolate(points, batch)
+
+
+def learn_tpot(state: State, devices: int, batch: float, tpot_s: float, weight: float = 0.5) -> State:
+    """Fold one settled window's p90 TPOT at `devices` and `batch` per device into `tpot_seen`
+    (a moving average per half-octave of batch)."""
+    if devices < 1 or batch <= 0 or tpot_s <= 0:
+        return state
+    key = round(2 * math.log2(batch))
+    points = {round(2 * math.log2(b)): (b, sec) for b, sec in state.tpot_seen.get(devices, ())}
+    if key in points:
+        b0, s0 = points[key]
+        points[key] = (weight * batch + (1 - weight) * b0, weight * tpot_s + (1 - weight) * s0)
+    else:
+        points[key] = (batch, tpot_s)
+    kept = sorted(sorted(points, key=lambda k: abs(k - key))[:LEARNED_POINTS])
+    return dataclasses.replace(state, tpot_seen={**state.tpot_seen,
+                                                 devices: tuple(points[k] for k in kept)})
+
+
+def tpot_factor(cfg: Config, state: State | None, obs: Observation, current: int,
+                n: int) -> tuple[float, str, float, float] | None:
+    """TPOT on `n` devices over TPOT on `current`, for the sequences decoding now: (factor, its
+    source: "profile" or "seen", TPOT-like seconds at current, at n); None when neither the
+    profile nor what was seen has both counts at these batches, or the decoding count is unknown."""
+    if obs.decoding is None:
+        return None
+    c = max(obs.decoding, 1.0)
+    here, there = decode_step(cfg, current, c / current), decode_step(cfg, n, c / n)
+    if here and there:
+        return there / here, "profile", here, there
+    if cfg.learn_tpot and state is not None:
+        here, there = seen_tpot(state, current, c / current), seen_tpot(state, n, c / n)
+        if here and there:
+            return there / here, "seen", here, there
+    return None
+
+
+def projection(ratios: Mapping[str, float], obs: Observation, cfg: Config, current: int, n: int,
+               state: State | None = None) -> float:
     """How much larger the raw signal would be on `n` devices carrying the load of `current`
-    (1 at n == current): TTFT and queueing x current/n; TPOT by the decode model where it has
-    both counts and the decoding count is known, else x current/n too."""
+    (1 at n == current): TTFT and queueing x current/n; TPOT by the decode model (the profile,
+    else the TPOT seen in `state`) where it has both counts and the decoding count is known, else
+    x current/n too."""
     raw = max(ratios.values(), default=0.0)
     if raw <= 0:
         return current / n
     factors = {k: current / n for k in ratios}
-    if "tpot" in ratios and obs.decoding is not None:
-        here = decode_step(cfg, current, max(obs.decoding, 1.0) / current)
-        there = decode_step(cfg, n, max(obs.decoding, 1.0) / n)
-        if here and there:
-            factors["tpot"] = there / here
+    if "tpot" in ratios:
+        f = tpot_factor(cfg, state, obs, current, n)
+        if f is not None:
+            factors["tpot"] = f[0]
     return max(ratios[k] * factors[k] for k in ratios) / raw
 
 
@@ -248,6 +316,42 @@ def learn(state: State, from_devices: int, to_devices: int, seconds: float, weig
     old = state.time_to_ready_s.get(key)
     new = seconds if old is None else weight * seconds + (1 - weight) * old
     return dataclasses.replace(state, time_to_ready_s={**state.time_to_ready_s, key: new})
+
+
+def _tpot_text(f: tuple[float, str, float, float], a: int, b: int) -> str:
+    """"1 device 24 ms, 2 devices 44 ms (seen)" from a `tpot_factor` of a -> b."""
+    _, source, here, there = f
+    how = "the profile's decode step" if source == "profile" else "p90 seen"
+    return f"{_devices(a)} {here * 1000:.0f} ms, {_devices(b)} {there * 1000:.0f} ms ({how})"
+
+
+def _devices(n: int) -> str:
+    return f"{n} device{'' if n == 1 else 's'}"
+
+
+def _futile(ratios: Mapping[str, float], obs: Observation, cfg: Config, state: State, current: int, target: int,
+            smoothed: float, raw: float) -> str:
+    """Why adding devices (current -> target) would not lower the signal, or "" when it may: by
+    the TPOT model at the count nearest `target` it knows above `current` (counts beyond it are
+    assumed no better), or, where none above was seen or profiled, because the largest fewer
+    count known steps as fast as `current` at this load (the devices added since did not help
+    TPOT; more are assumed not to either)."""
+    above = next(((n, f) for n in range(target, current, -1)
+                  if (f := tpot_factor(cfg, state, obs, current, n)) is not None), None)
+    if above is not None:  # the count nearest the target known: what lies beyond is assumed no better
+        n, f = above
+        factor, why = f[0], (f"at {obs.decoding:.0f} sequences decoding, TPOT {_tpot_text(f, current, n)}: "
+                             f"{target} devices would not lower it")
+    else:
+        fewer = next(((m, g) for m in range(current - 1, 0, -1)
+                      if (g := tpot_factor(cfg, state, obs, current, m)) is not None), None)
+        if fewer is None or fewer[1][0] > 1.0:
+            return ""
+        m, g = fewer
+        factor, why = 1.0, (f"at {obs.decoding:.0f} sequences decoding, TPOT {_tpot_text(g, current, m)}: "
+                            f"the devices added since {m} did not lower it, and {target} was never seen")
+    there = max(ratios[k] * (factor if k == "tpot" else current / target) for k in ratios) / raw * smoothed
+    return why if there >= smoothed else ""
 
 
 def _fmt(ratios: Mapping[str, float], obs: Observation, cfg: Config) -> str:
@@ -308,8 +412,13 @@ def decide(obs: Observation, state: State, cfg: Config, now: float) -> tuple[Dec
               "rawSignal": round(raw, 4), "active": obs.active, "warming": obs.warming}
     if obs.requests_per_s is not None:
         values["requestsPerS"] = round(obs.requests_per_s, 4)
+    # the window before was measured at this count too (or this is the first: nothing says otherwise)
+    steady = state.smoothed_active in (None, obs.active)
     state = dataclasses.replace(state, smoothed=smoothed, smoothed_active=obs.active,
                                 settle_until=settle_until if settling else None)
+    if cfg.learn_tpot and steady and not settling and obs.warming == 0 and obs.active > 0 and \
+            obs.tpot_p90_s is not None and obs.decoding is not None and obs.decoding >= 1:
+        state = learn_tpot(state, obs.active, obs.decoding / obs.active, obs.tpot_p90_s)
     what = _fmt(ratios, obs, cfg)
     capacity = obs.active + obs.warming
     # Capacity already on its way takes load off: judge what it will leave.
@@ -333,8 +442,25 @@ def decide(obs: Observation, state: State, cfg: Config, now: float) -> tuple[Dec
         return hold(f"SLO signal {raw:.2f} now ({what}), measured partly before the change to {obs.active} active "
                     f"devices: waiting {settle_until - now:.0f} s more for a whole window of the new count",
                     True, "ok", "WaitingForScale", smoothed, raw, values, state)
+    def seen_by(n: int) -> float:  # the smoothed signal carried over to n devices
+        return smoothed * projection(ratios, obs, cfg, current, n, state)
+
     if projected > cfg.up_threshold:
         state = recommend(max(current, bounded), state)
+        cooling = state.last_up_at is not None and now - state.last_up_at < cfg.scale_up_cooldown_s
+        if "tpot" in ratios and pending is None and obs.warming == 0 and not cooling:
+            # Fewer devices that step faster: go there now (a move for the SLO: it starts a cooldown).
+            known = [(seen_by(n), n) for n in range(max(cfg.min_devices, 1), current)
+                     if tpot_factor(cfg, state, obs, current, n) is not None]
+            if known and min(known)[0] <= FEWER_BETTER_BY * smoothed:
+                there, target = min(known)
+                f = tpot_factor(cfg, state, obs, current, target)
+                state = dataclasses.replace(state, last_up_at=now, recommendations=((now, target),),
+                                            recommended_at=current)
+                reason = (f"SLO signal {smoothed:.2f} ({what}) above {cfg.up_threshold:.2f}, and {target} devices "
+                          f"would see {there:.2f}: at {obs.decoding:.0f} sequences decoding, TPOT "
+                          f"{_tpot_text(f, current, target)}: {current} -> {target} devices")
+                return Decision(target, DOWN, reason, smoothed, raw, True, "ok", values, "FewerDevicesFaster"), state
         if current >= cfg.max_devices:
             return hold(f"SLO signal {smoothed:.2f} ({what}) above {cfg.up_threshold:.2f} but already at the "
                         f"maximum of {cfg.max_devices} devices", True, "ok", "AtMaximum", smoothed, raw, values,
@@ -343,12 +469,16 @@ def decide(obs: Observation, state: State, cfg: Config, now: float) -> tuple[Dec
             return hold(f"SLO signal {smoothed:.2f} ({what}): waiting for the scale to {pending[0]} devices to "
                         f"take effect (about {_seconds(pending[1] - now)} more)", True, "ok", "WaitingForScale", smoothed,
                         raw, values, state)
-        if state.last_up_at is not None and now - state.last_up_at < cfg.scale_up_cooldown_s:
+        if cooling:
             left = cfg.scale_up_cooldown_s - (now - state.last_up_at)
             return hold(f"SLO signal {smoothed:.2f} ({what}): scale-up cooldown, {left:.0f} s left", True, "ok",
                         "Cooldown", smoothed, raw, values, state)
         needed = math.ceil(capacity * projected / cfg.up_threshold)
         target = min(max(needed, current + 1), current + cfg.step, cfg.max_devices)
+        futile = _futile(ratios, obs, cfg, state, current, target, smoothed, raw) if "tpot" in ratios else ""
+        if futile:
+            return hold(f"SLO signal {smoothed:.2f} ({what}) above {cfg.up_threshold:.2f}, but {futile}: holding "
+                        f"{_devices(current)}", True, "ok", "ScaleUpWouldNotHelp", smoothed, raw, values, state)
         ready_at = now + time_to_ready(state, cfg, current, target)
         state = recommend(target, dataclasses.replace(state, last_up_at=now, pending=(target, ready_at)))
         reason = (f"SLO signal {smoothed:.2f} ({what}) above {cfg.up_threshold:.2f} with {obs.active} active + "
@@ -356,9 +486,6 @@ def decide(obs: Observation, state: State, cfg: Config, now: float) -> tuple[Dec
         return Decision(target, UP, reason, smoothed, raw, True, "ok", values, "SloBreached"), state
 
     if current > cfg.min_devices and pending is None and obs.warming == 0:
-        def seen_by(n: int) -> float:  # the smoothed signal carried over to n devices
-            return smoothed * projection(ratios, obs, cfg, current, n)
-
         survivors = seen_by(current - 1)
         values["survivorsSignal"] = round(survivors, 4)
         # The fewest devices n whose projected signal is under down_threshold, within [min, current].

@@ -131,10 +131,11 @@ class Prometheus:
 
 
 async def observe(prometheus: Prometheus, selector: str, window_s: int, *, at: float, active: int, desired: int,
-                  waiting_requests: int = 0) -> policy.Observation:
+                  waiting_requests: int = 0, decoding: float | None = None) -> policy.Observation:
     """The observation the policy decides on. `desired` is the spec's count; devices asked for
     and not yet serving count as warming (their capacity is on its way). `waiting_requests` (the
-    coordinator's running + waiting) tells "no request finished" apart from "idle"."""
+    coordinator's running + waiting) tells "no request finished" apart from "idle"; `decoding`
+    (the coordinator's running requests) places the TPOT seen on the decode model."""
     warming = max(0, desired - active)
     try:
         values = await prometheus.query_all(queries(selector, window_s))
@@ -149,4 +150,4 @@ async def observe(prometheus: Prometheus, selector: str, window_s: int, *, at: f
         rate = None  # requests are in, none finished in the window: busy, not idle
     return policy.Observation(at=at, active=active, warming=warming, desired=desired,
                               ttft_p90_s=values["ttft_p90_s"], tpot_p90_s=values["tpot_p90_s"],
-                              queue_p90_s=values["queue_p90_s"] or None, requests_per_s=rate)
+                              queue_p90_s=values["queue_p90_s"] or None, requests_per_s=rate, decoding=decoding)

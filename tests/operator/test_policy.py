@@ -188,6 +188,79 @@ def test_a_decode_model_projects_tpot_instead_of_scaling_it_by_the_device_ratio(
                              dataclasses.replace(cfg, decode_step_s={3: CPU_LIKE[3]}), 3, 2) == pytest.approx(1.5)
 
 
+def test_tpot_seen_is_averaged_per_half_octave_of_batch_and_used_near_what_was_seen():
+    state = policy.learn_tpot(policy.State(), 2, 24.0, 0.040)
+    state = policy.learn_tpot(state, 2, 25.0, 0.044)  # same half-octave: averaged
+    state = policy.learn_tpot(state, 2, 6.0, 0.020)
+    assert state.tpot_seen[2] == ((6.0, 0.020), (24.5, pytest.approx(0.042)))
+    assert policy.seen_tpot(state, 2, 15.25) == pytest.approx(0.031)
+    assert policy.seen_tpot(state, 2, 34.0) == pytest.approx(0.042), "within a half-octave beyond: the end value"
+    assert policy.seen_tpot(state, 2, 40.0) is None and policy.seen_tpot(state, 2, 4.0) is None
+    assert policy.seen_tpot(state, 1, 24.0) is None
+    for i in range(30):  # at most LEARNED_POINTS, the newest batch's nearest kept
+        state = policy.learn_tpot(state, 3, 2 ** (i / 2), 0.01 + i / 1000)
+    assert len(state.tpot_seen[3]) == policy.LEARNED_POINTS and state.tpot_seen[3][-1][0] == 2 ** 14.5
+
+
+def _run(cfg, tpot_at, decoding, until, start=1, ttft=0.2, every=5.0):
+    """A stand-in instance whose p90 TPOT at n devices is `tpot_at[n]` (seconds): every scale is
+    instant. -> the decisions that changed the count, and the last decision."""
+    state, active, changes, d = policy.State(), start, [], None
+    t = 0.0
+    while t <= until:
+        d, state = policy.decide(obs(t, active, ttft=ttft, tpot=tpot_at[active], decoding=decoding, desired=active),
+                                 state, cfg, now=t)
+        if d.target != active:
+            changes.append((t, active, d.target, d.code))
+            active = d.target
+        t += every
+    return changes, d
+
+
+def test_devices_that_share_cores_are_not_added_once_seen_to_make_tpot_worse():
+    """`serve` on 2 cores without quotas: more devices step slower (48 streams: TPOT 24 ms on 1
+    device, 44 on 2, 52 on 3). Against a 20 ms TPOT target the count used to climb to the maximum;
+    now one scale-up shows 2 devices worse, the policy goes back to 1 and stays there."""
+    cfg = policy.Config(min_devices=1, max_devices=4, ttft_p90_s=2.0, tpot_p90_s=0.020, step=1,
+                        scale_up_cooldown_s=10, scale_down_stabilization_s=60, settle_s=10)
+    changes, d = _run(cfg, {1: 0.024, 2: 0.044, 3: 0.052, 4: 0.060}, decoding=48, until=600)
+    assert [(a, b, code) for _, a, b, code in changes] == [(1, 2, "SloBreached"), (2, 1, "FewerDevicesFaster")], changes
+    assert d.code == "ScaleUpWouldNotHelp" and d.target == 1, d.reason
+    assert ("at 48 sequences decoding, TPOT 1 device 24 ms, 2 devices 44 ms (p90 seen): 2 devices would not "
+            "lower it: holding 1 device") in d.reason, d.reason
+    # learning off: the old climb to the maximum
+    changes, d = _run(dataclasses.replace(cfg, learn_tpot=False), {1: 0.024, 2: 0.044, 3: 0.052, 4: 0.060},
+                      decoding=48, until=600)
+    assert [b for _, _, b, _ in changes] == [2, 3, 4] and d.code == "AtMaximum", changes
+
+
+def test_devices_that_lower_tpot_are_still_added():
+    cfg = policy.Config(min_devices=1, max_devices=4, ttft_p90_s=2.0, tpot_p90_s=0.020, step=1,
+                        scale_up_cooldown_s=10, scale_down_stabilization_s=60, settle_s=10)
+    changes, d = _run(cfg, {1: 0.030, 2: 0.022, 3: 0.015, 4: 0.012}, decoding=16, until=600)
+    assert [(a, b) for _, a, b, _ in changes] == [(1, 2), (2, 3)] and d.code == "WithinDeadBand", changes
+
+
+def test_a_count_never_seen_is_not_added_when_the_devices_added_last_did_not_help():
+    """2 devices about as slow as 1 (not enough slower to go back): a third is not tried."""
+    cfg = policy.Config(min_devices=1, max_devices=4, ttft_p90_s=2.0, tpot_p90_s=0.020, step=1,
+                        scale_up_cooldown_s=10, scale_down_stabilization_s=60, settle_s=10)
+    changes, d = _run(cfg, {1: 0.024, 2: 0.025, 3: 0.020, 4: 0.020}, decoding=48, until=600)
+    assert [(a, b) for _, a, b, _ in changes] == [(1, 2)], changes
+    assert d.code == "ScaleUpWouldNotHelp" and "the devices added since 1 did not lower it, and 3 was never seen" \
+        in d.reason, d.reason
+    # a TTFT breach still adds devices (TTFT and queueing keep x N/n)
+    changes, d = _run(cfg, {1: 0.024, 2: 0.025, 3: 0.020, 4: 0.020}, decoding=48, until=600, ttft=5.0)
+    assert [b for _, _, b, _ in changes] == [2, 3, 4], changes
+
+
+def test_a_profile_that_says_more_devices_step_slower_holds_a_tpot_breach():
+    cfg = dataclasses.replace(CFG, tpot_p90_s=0.015, decode_step_s=CPU_LIKE, max_devices=3, step=1)
+    d, _ = policy.decide(obs(0, 1, ttft=0.2, tpot=0.02, decoding=4.0), policy.State(), cfg, now=0)
+    assert d.code == "ScaleUpWouldNotHelp" and "(the profile's decode step)" in d.reason, d.reason
+    assert "TPOT 1 device 18 ms, 2 devices 36 ms" in d.reason, d.reason
+
+
 def test_decode_step_interpolates_and_holds_the_ends():
     cfg = dataclasses.replace(CFG, decode_step_s=CPU_LIKE)
     assert policy.decode_step(cfg, 1, 0.5) == 0.028 and policy.decode_step(cfg, 1, 64) == 0.034
@@ -216,6 +289,10 @@ def test_every_decision_carries_a_code_for_metrics_and_events():
              (obs(300, 4, ttft=0.6), policy.State(recommendations=((0.0, 3),), recommended_at=4, smoothed=0.3, smoothed_active=4),
               "SurvivorsUnderTarget"),
              (obs(0, 2, ttft=1.6), policy.State(), "WithinDeadBand"),
+             (obs(0, 1, tpot=0.2, decoding=8), policy.State(tpot_seen={1: ((8.0, 0.2),), 2: ((4.0, 0.3),)}),
+              "ScaleUpWouldNotHelp"),
+             (obs(0, 2, tpot=0.3, decoding=8), policy.State(tpot_seen={1: ((8.0, 0.2),), 2: ((4.0, 0.3),)}),
+              "FewerDevicesFaster"),
              (policy.Observation(at=0, active=2, error="refused"), policy.State(), "MetricsUnavailable"),
              (policy.Observation(at=-120, active=2, ttft_p90_s=1.0), policy.State(), "MetricsStale"),
              (policy.Observation(at=0, active=2), policy.State(), "NoSamples")]

@@ -197,8 +197,9 @@ class Autoscaler:
                     f"{c.stabilization_ready_multiple:g} x the measured time of a scale back up, within "
                     f"[{c.settle_s:g}, {c.scale_down_stabilization_s:g}] s" if c.stabilization_ready_multiple > 0
                     else f"{c.scale_down_stabilization_s:g} s",
-                    f"TPOT of fewer devices projected by the measured decode steps of {sorted(c.decode_step_s)} "
-                    f"device(s)" if c.decode_step_s else "every latency of fewer devices projected x devices/fewer")
+                    (f"TPOT of other counts projected by the measured decode steps of {sorted(c.decode_step_s)} "
+                     f"device(s)" if c.decode_step_s else "every latency of fewer devices projected x devices/fewer")
+                    + ("; the TPOT seen at each count is learned and acted on" if c.learn_tpot else ""))
         self._thread = threading.Thread(target=self._run, name="autoscaler", daemon=True)
         self._thread.start()
         return self
@@ -296,7 +297,7 @@ class Autoscaler:
 DEFAULT_MAX_DEVICES = 4  # or the model's routed experts, if fewer
 _OPTIONS = ("min_devices", "max_devices", "slo_ttft_p90_ms", "slo_tpot_p90_ms", "slo_queue_p90_ms", "scale_up_cooldown_s",
             "scale_down_stabilization_s", "stabilization_ready_multiple", "autoscale_interval_s",
-            "autoscale_window_s", "autoscale_profile")
+            "autoscale_window_s", "autoscale_profile", "no_autoscale_tpot_learning")
 _DEFAULTS = {"min_devices": 1, "slo_ttft_p90_ms": 2000.0, "slo_tpot_p90_ms": 100.0, "slo_queue_p90_ms": 1000.0,
              "scale_up_cooldown_s": 30.0,
              "scale_down_stabilization_s": 300.0, "stabilization_ready_multiple": 10.0, "autoscale_interval_s": 5.0,
@@ -369,6 +370,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a profile of this model on this hardware and CPU quota (`elasticmoe bench profile`): "
                         "the time per output token fewer devices would see is projected from its measured decode "
                         "steps at the sequences decoding now, instead of x devices/fewer (default: none)")
+    g.add_argument("--no-autoscale-tpot-learning", action="store_true", default=None,
+                   help="do not learn the p90 time per output token seen at each device count: by default a "
+                        "TPOT breach that more devices were seen not to lower holds (ScaleUpWouldNotHelp), and "
+                        "fewer devices seen to step faster are gone back to (FewerDevicesFaster) — on devices that "
+                        "share cores, more of them step slower")
 
 
 def _flag(name: str) -> str:
@@ -429,6 +435,6 @@ def config_from_args(args: argparse.Namespace, num_experts: int) -> tuple[policy
         scale_up_cooldown_s=v["scale_up_cooldown_s"],
         scale_down_stabilization_s=v["scale_down_stabilization_s"],
         stabilization_ready_multiple=v["stabilization_ready_multiple"], settle_s=v["autoscale_window_s"],
-        decode_step_s=decode_model,
+        decode_step_s=decode_model, learn_tpot=not v["no_autoscale_tpot_learning"],
     )
     return config, v["autoscale_interval_s"], v["autoscale_window_s"]
