@@ -457,7 +457,7 @@ def decide(obs: Observation, state: State, cfg: Config, now: float) -> tuple[Dec
                 f = tpot_factor(cfg, state, obs, current, target)
                 state = dataclasses.replace(state, last_up_at=now, recommendations=((now, target),),
                                             recommended_at=current)
-                reason = (f"SLO signal {smoothed:.2f} ({what}) above {cfg.up_threshold:.2f}, and {target} devices "
+                reason = (f"SLO signal {smoothed:.2f} ({what}) above {cfg.up_threshold:.2f}, and {_devices(target)} "
                           f"would see {there:.2f}: at {obs.decoding:.0f} sequences decoding, TPOT "
                           f"{_tpot_text(f, current, target)}: {current} -> {target} devices")
                 return Decision(target, DOWN, reason, smoothed, raw, True, "ok", values, "FewerDevicesFaster"), state

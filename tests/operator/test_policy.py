@@ -228,6 +228,10 @@ def test_devices_that_share_cores_are_not_added_once_seen_to_make_tpot_worse():
     assert d.code == "ScaleUpWouldNotHelp" and d.target == 1, d.reason
     assert ("at 48 sequences decoding, TPOT 1 device 24 ms, 2 devices 44 ms (p90 seen): 2 devices would not "
             "lower it: holding 1 device") in d.reason, d.reason
+    seen = policy.State(tpot_seen={1: ((40.0, 0.013),), 2: ((20.0, 0.025),)})
+    d, _ = policy.decide(obs(0, 2, ttft=0.05, tpot=0.025, decoding=40), seen, cfg, now=0)
+    assert d.reason.endswith("above 0.80, and 1 device would see 0.65: at 40 sequences decoding, TPOT 2 devices "
+                             "25 ms, 1 device 13 ms (p90 seen): 2 -> 1 devices"), d.reason
     # learning off: the old climb to the maximum
     changes, d = _run(dataclasses.replace(cfg, learn_tpot=False), {1: 0.024, 2: 0.044, 3: 0.052, 4: 0.060},
                       decoding=48, until=600)
