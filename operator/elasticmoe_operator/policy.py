@@ -442,6 +442,7 @@ def decide(obs: Observation, state: State, cfg: Config, now: float) -> tuple[Dec
         return hold(f"SLO signal {raw:.2f} now ({what}), measured partly before the change to {obs.active} active "
                     f"devices: waiting {settle_until - now:.0f} s more for a whole window of the new count",
                     True, "ok", "WaitingForScale", smoothed, raw, values, state)
+
     def seen_by(n: int) -> float:  # the smoothed signal carried over to n devices
         return smoothed * projection(ratios, obs, cfg, current, n, state)
 
