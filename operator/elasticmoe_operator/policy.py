@@ -28,12 +28,14 @@ latencies that have samples (llm-d's SLO recipe), smoothed with an exponential m
 - TPOT does not always fall with more devices (a decode step has a floor that more devices do
   not shrink; devices that share cores, or collectives between them, make it slower). The policy
   learns the p90 TPOT it saw at each device count and batch per device (`tpot_seen`, from
-  settled windows) and uses it where the profile (`decode_step_s`) has no count. On a breach it
-  (a) goes to fewer devices at once when they are projected to see at most `FEWER_BETTER_BY` of
-  the signal now (code FewerDevicesFaster: the last scale-up made TPOT worse), and (b) holds
-  instead of adding devices the model says would not lower the signal, or, where the next
-  count was never seen, when the devices added last did not lower TPOT at this load
-  (ScaleUpWouldNotHelp). TTFT and queueing keep x N/n, so a breach of those still adds devices.
+  settled windows) and projects fewer devices' TPOT by it where the profile (`decode_step_s`)
+  has no count. On a breach, by what was seen only (a profile's decode step leaves out the
+  prefill chunks that share a step under load), it (a) goes to fewer devices at once when they
+  are projected to see at most `FEWER_BETTER_BY` of the signal now (code FewerDevicesFaster:
+  the last scale-up made TPOT worse), and (b) holds instead of adding devices seen not to lower
+  the signal, or, where the next count was never seen, when the devices added last did not
+  lower TPOT at this load (ScaleUpWouldNotHelp). TTFT and queueing keep x N/n, so a breach of
+  those still adds devices.
 - Between the two thresholds nothing happens (the dead band): stationary noise does not flap.
 - After the active count changes, nothing is decided until one metrics window (`settle_s`)
   holds only the new count's latencies: the window before mixes in the old count and the
@@ -56,13 +58,20 @@ import math
 from typing import Mapping
 
 UP, DOWN, HOLD = "up", "down", "hold"
-# On a breach, fewer devices are gone to at once when projected to see at most this share of the
-# signal now (a margin over the noise of two measured TPOTs).
+# On a TPOT breach, fewer devices are gone to at once when projected to see at most this share of
+# the signal now, and devices are added only where not seen to leave more than this share (a
+# margin over the noise of two measured TPOTs, both ways: with none, values seen a minute apart
+# under a changing load sent the simulator 3 -> 2 -> 3 -> 2 on a ramp).
 FEWER_BETTER_BY = 0.8
 # Learned TPOT points per device count: one per half-octave of batch per device, at most this many
 # (the newest batch's nearest are kept), used within a half-octave beyond the batches seen.
 LEARNED_POINTS = 12
 LEARNED_REACH = math.sqrt(2)
+# A TPOT seen is forgotten after this many metrics windows (`settle_s`; 30 s where that is 0; 30
+# minutes with serve's default window): the load's mix (prompt lengths, arrivals) moves TPOT as
+# much as the batch does. A count that was forgotten is tried again on the next breach (one
+# window of its TPOT), so not much sooner.
+TPOT_MEMORY_WINDOWS = 60
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,8 +167,9 @@ class State:
     pending: tuple[int, float] | None = None  # (target, time its effect becomes visible)
     settle_until: float | None = None  # the active count changed: its latencies fill the window until then
     time_to_ready_s: Mapping[tuple[int, int], float] = dataclasses.field(default_factory=dict)
-    # p90 TPOT seen per active device count: ((batch per device, seconds), ...) ascending by batch
-    tpot_seen: Mapping[int, tuple[tuple[float, float], ...]] = dataclasses.field(default_factory=dict)
+    # p90 TPOT seen per active device count: ((batch per device, seconds, when last seen), ...)
+    # ascending by batch
+    tpot_seen: Mapping[int, tuple[tuple[float, float, float], ...]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,35 +226,44 @@ def seen_tpot(state: State, devices: int, batch: float) -> float | None:
     points = state.tpot_seen.get(devices)
     if not points or not points[0][0] / LEARNED_REACH <= batch <= points[-1][0] * LEARNED_REACH:
         return None
-    return _interpolate(points, batch)
+    return _interpolate(tuple((b, sec) for b, sec, _ in points), batch)
 
 
-def learn_tpot(state: State, devices: int, batch: float, tpot_s: float, weight: float = 0.5) -> State:
-    """Fold one settled window's p90 TPOT at `devices` and `batch` per device into `tpot_seen`
-    (a moving average per half-octave of batch)."""
+def learn_tpot(state: State, devices: int, batch: float, tpot_s: float, at: float, weight: float = 0.5) -> State:
+    """Fold one settled window's p90 TPOT at `devices` and `batch` per device, seen at `at`, into
+    `tpot_seen` (a moving average per half-octave of batch)."""
     if devices < 1 or batch <= 0 or tpot_s <= 0:
         return state
     key = round(2 * math.log2(batch))
-    points = {round(2 * math.log2(b)): (b, sec) for b, sec in state.tpot_seen.get(devices, ())}
+    points = {round(2 * math.log2(b)): (b, sec, t) for b, sec, t in state.tpot_seen.get(devices, ())}
     if key in points:
-        b0, s0 = points[key]
-        points[key] = (weight * batch + (1 - weight) * b0, weight * tpot_s + (1 - weight) * s0)
+        b0, s0, _ = points[key]
+        points[key] = (weight * batch + (1 - weight) * b0, weight * tpot_s + (1 - weight) * s0, at)
     else:
-        points[key] = (batch, tpot_s)
+        points[key] = (batch, tpot_s, at)
     kept = sorted(sorted(points, key=lambda k: abs(k - key))[:LEARNED_POINTS])
     return dataclasses.replace(state, tpot_seen={**state.tpot_seen,
                                                  devices: tuple(points[k] for k in kept)})
 
 
-def tpot_factor(cfg: Config, state: State | None, obs: Observation, current: int,
-                n: int) -> tuple[float, str, float, float] | None:
+def forget_tpot(state: State, before: float) -> State:
+    """`tpot_seen` without the points last seen before `before`."""
+    if not any(t < before for points in state.tpot_seen.values() for _, _, t in points):
+        return state
+    kept = {n: tuple(p for p in points if p[2] >= before) for n, points in state.tpot_seen.items()}
+    return dataclasses.replace(state, tpot_seen={n: points for n, points in kept.items() if points})
+
+
+def tpot_factor(cfg: Config, state: State | None, obs: Observation, current: int, n: int,
+                profile: bool = True) -> tuple[float, str, float, float] | None:
     """TPOT on `n` devices over TPOT on `current`, for the sequences decoding now: (factor, its
     source: "profile" or "seen", TPOT-like seconds at current, at n); None when neither the
-    profile nor what was seen has both counts at these batches, or the decoding count is unknown."""
+    profile (unless `profile` is False) nor what was seen has both counts at these batches, or
+    the decoding count is unknown."""
     if obs.decoding is None:
         return None
     c = max(obs.decoding, 1.0)
-    here, there = decode_step(cfg, current, c / current), decode_step(cfg, n, c / n)
+    here, there = (decode_step(cfg, current, c / current), decode_step(cfg, n, c / n)) if profile else (None, None)
     if here and there:
         return there / here, "profile", here, there
     if cfg.learn_tpot and state is not None:
@@ -255,7 +274,7 @@ def tpot_factor(cfg: Config, state: State | None, obs: Observation, current: int
 
 
 def projection(ratios: Mapping[str, float], obs: Observation, cfg: Config, current: int, n: int,
-               state: State | None = None) -> float:
+               state: State | None = None, profile: bool = True) -> float:
     """How much larger the raw signal would be on `n` devices carrying the load of `current`
     (1 at n == current): TTFT and queueing x current/n; TPOT by the decode model (the profile,
     else the TPOT seen in `state`) where it has both counts and the decoding count is known, else
@@ -265,7 +284,7 @@ def projection(ratios: Mapping[str, float], obs: Observation, cfg: Config, curre
         return current / n
     factors = {k: current / n for k in ratios}
     if "tpot" in ratios:
-        f = tpot_factor(cfg, state, obs, current, n)
+        f = tpot_factor(cfg, state, obs, current, n, profile)
         if f is not None:
             factors["tpot"] = f[0]
     return max(ratios[k] * factors[k] for k in ratios) / raw
@@ -319,9 +338,9 @@ def learn(state: State, from_devices: int, to_devices: int, seconds: float, weig
 
 
 def _tpot_text(f: tuple[float, str, float, float], a: int, b: int) -> str:
-    """"1 device 24 ms, 2 devices 44 ms (seen)" from a `tpot_factor` of a -> b."""
+    """"1 device 24 ms, 2 devices 44 ms (p90 seen)" from a `tpot_factor` of a -> b."""
     _, source, here, there = f
-    how = "the profile's decode step" if source == "profile" else "p90 seen"
+    how = "p90 seen" if source == "seen" else "the profile's decode step"
     return f"{_devices(a)} {here * 1000:.0f} ms, {_devices(b)} {there * 1000:.0f} ms ({how})"
 
 
@@ -331,27 +350,30 @@ def _devices(n: int) -> str:
 
 def _futile(ratios: Mapping[str, float], obs: Observation, cfg: Config, state: State, current: int, target: int,
             smoothed: float, raw: float) -> str:
-    """Why adding devices (current -> target) would not lower the signal, or "" when it may: by
-    the TPOT model at the count nearest `target` it knows above `current` (counts beyond it are
-    assumed no better), or, where none above was seen or profiled, because the largest fewer
-    count known steps as fast as `current` at this load (the devices added since did not help
-    TPOT; more are assumed not to either)."""
+    """Why adding devices (current -> target) would not lower the signal to `FEWER_BETTER_BY` of
+    it, or "" when they may: by the TPOT seen at the count nearest `target` seen above `current`
+    (counts beyond it are assumed no better), or, where none above was seen, because the largest
+    fewer count seen stepped almost as fast as `current` at this load (the devices added since
+    did not lower TPOT by the margin; more are assumed not to either). Seen TPOT only, not the profile: a profile's decode step leaves out
+    what else shares the step under load (prefill chunks: `bench autoscale` held a breach at 1
+    device on TPOT p90 246 ms where the profile's steps were 57 ms at 1 device, 60 ms at 2)."""
     above = next(((n, f) for n in range(target, current, -1)
-                  if (f := tpot_factor(cfg, state, obs, current, n)) is not None), None)
+                  if (f := tpot_factor(cfg, state, obs, current, n, profile=False)) is not None), None)
     if above is not None:  # the count nearest the target known: what lies beyond is assumed no better
         n, f = above
         factor, why = f[0], (f"at {obs.decoding:.0f} sequences decoding, TPOT {_tpot_text(f, current, n)}: "
-                             f"{target} devices would not lower it")
+                             f"{target} devices would not lower it by {1 - FEWER_BETTER_BY:.0%}")
     else:
         fewer = next(((m, g) for m in range(current - 1, 0, -1)
-                      if (g := tpot_factor(cfg, state, obs, current, m)) is not None), None)
-        if fewer is None or fewer[1][0] > 1.0:
+                      if (g := tpot_factor(cfg, state, obs, current, m, profile=False)) is not None), None)
+        if fewer is None or fewer[1][0] * FEWER_BETTER_BY > 1.0:
             return ""
         m, g = fewer
         factor, why = 1.0, (f"at {obs.decoding:.0f} sequences decoding, TPOT {_tpot_text(g, current, m)}: "
-                            f"the devices added since {m} did not lower it, and {target} was never seen")
+                            f"the devices added since {m} did not lower it by {1 - FEWER_BETTER_BY:.0%}, and "
+                            f"{target} was never seen")
     there = max(ratios[k] * (factor if k == "tpot" else current / target) for k in ratios) / raw * smoothed
-    return why if there >= smoothed else ""
+    return why if there > FEWER_BETTER_BY * smoothed else ""
 
 
 def _fmt(ratios: Mapping[str, float], obs: Observation, cfg: Config) -> str:
@@ -418,7 +440,8 @@ def decide(obs: Observation, state: State, cfg: Config, now: float) -> tuple[Dec
                                 settle_until=settle_until if settling else None)
     if cfg.learn_tpot and steady and not settling and obs.warming == 0 and obs.active > 0 and \
             obs.tpot_p90_s is not None and obs.decoding is not None and obs.decoding >= 1:
-        state = learn_tpot(state, obs.active, obs.decoding / obs.active, obs.tpot_p90_s)
+        state = learn_tpot(state, obs.active, obs.decoding / obs.active, obs.tpot_p90_s, now)
+    state = forget_tpot(state, now - TPOT_MEMORY_WINDOWS * (cfg.settle_s or 30.0))
     what = _fmt(ratios, obs, cfg)
     capacity = obs.active + obs.warming
     # Capacity already on its way takes load off: judge what it will leave.
@@ -443,19 +466,19 @@ def decide(obs: Observation, state: State, cfg: Config, now: float) -> tuple[Dec
                     f"devices: waiting {settle_until - now:.0f} s more for a whole window of the new count",
                     True, "ok", "WaitingForScale", smoothed, raw, values, state)
 
-    def seen_by(n: int) -> float:  # the smoothed signal carried over to n devices
-        return smoothed * projection(ratios, obs, cfg, current, n, state)
+    def seen_by(n: int, profile: bool = True) -> float:  # the smoothed signal carried over to n devices
+        return smoothed * projection(ratios, obs, cfg, current, n, state, profile)
 
     if projected > cfg.up_threshold:
         state = recommend(max(current, bounded), state)
         cooling = state.last_up_at is not None and now - state.last_up_at < cfg.scale_up_cooldown_s
         if "tpot" in ratios and pending is None and obs.warming == 0 and not cooling:
             # Fewer devices that step faster: go there now (a move for the SLO: it starts a cooldown).
-            known = [(seen_by(n), n) for n in range(max(cfg.min_devices, 1), current)
-                     if tpot_factor(cfg, state, obs, current, n) is not None]
+            known = [(seen_by(n, profile=False), n) for n in range(max(cfg.min_devices, 1), current)
+                     if tpot_factor(cfg, state, obs, current, n, profile=False) is not None]
             if known and min(known)[0] <= FEWER_BETTER_BY * smoothed:
                 there, target = min(known)
-                f = tpot_factor(cfg, state, obs, current, target)
+                f = tpot_factor(cfg, state, obs, current, target, profile=False)
                 state = dataclasses.replace(state, last_up_at=now, recommendations=((now, target),),
                                             recommended_at=current)
                 reason = (f"SLO signal {smoothed:.2f} ({what}) above {cfg.up_threshold:.2f}, and {_devices(target)} "
