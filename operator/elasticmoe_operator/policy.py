@@ -33,9 +33,9 @@ latencies that have samples (llm-d's SLO recipe), smoothed with an exponential m
   prefill chunks that share a step under load), it (a) goes to fewer devices at once when they
   are projected to see at most `FEWER_BETTER_BY` of the signal now (code FewerDevicesFaster:
   the last scale-up made TPOT worse), and (b) holds instead of adding devices seen not to lower
-  the signal, or, where the next count was never seen, when the devices added last did not
-  lower TPOT at this load (ScaleUpWouldNotHelp). TTFT and queueing keep x N/n, so a breach of
-  those still adds devices.
+  the signal to `FEWER_BETTER_BY` of it, or, where the next count was never seen, when the
+  devices added last did not lower TPOT by that margin at this load (ScaleUpWouldNotHelp).
+  TTFT and queueing keep x N/n, so a breach of those still adds devices.
 - Between the two thresholds nothing happens (the dead band): stationary noise does not flap.
 - After the active count changes, nothing is decided until one metrics window (`settle_s`)
   holds only the new count's latencies: the window before mixes in the old count and the
@@ -354,9 +354,10 @@ def _futile(ratios: Mapping[str, float], obs: Observation, cfg: Config, state: S
     it, or "" when they may: by the TPOT seen at the count nearest `target` seen above `current`
     (counts beyond it are assumed no better), or, where none above was seen, because the largest
     fewer count seen stepped almost as fast as `current` at this load (the devices added since
-    did not lower TPOT by the margin; more are assumed not to either). Seen TPOT only, not the profile: a profile's decode step leaves out
-    what else shares the step under load (prefill chunks: `bench autoscale` held a breach at 1
-    device on TPOT p90 246 ms where the profile's steps were 57 ms at 1 device, 60 ms at 2)."""
+    did not lower TPOT by the margin; more are assumed not to either). Seen TPOT only, not the
+    profile: a profile's decode step leaves out what else shares the step under load (prefill
+    chunks: `bench autoscale` held a breach at 1 device on TPOT p90 246 ms where the profile's
+    steps were 57 ms at 1 device, 60 ms at 2)."""
     above = next(((n, f) for n in range(target, current, -1)
                   if (f := tpot_factor(cfg, state, obs, current, n, profile=False)) is not None), None)
     if above is not None:  # the count nearest the target known: what lies beyond is assumed no better
