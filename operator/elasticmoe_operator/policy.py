@@ -30,9 +30,10 @@ latencies that have samples (llm-d's SLO recipe), smoothed with an exponential m
   learns the p90 TPOT it saw at each device count and batch per device (`tpot_seen`, from
   settled windows) and projects fewer devices' TPOT by it where the profile (`decode_step_s`)
   has no count. On a breach, by what was seen only (a profile's decode step leaves out the
-  prefill chunks that share a step under load), it (a) goes to fewer devices at once when they
-  are projected to see at most `FEWER_BETTER_BY` of the signal now (code FewerDevicesFaster:
-  the last scale-up made TPOT worse), and (b) holds instead of adding devices seen not to lower
+  prefill chunks that share a step under load), it (a) goes to fewer devices when every
+  evaluation of one metrics window projected them to see at most `FEWER_BETTER_BY` of the
+  signal (code FewerDevicesFaster: the last scale-up made TPOT worse; without the window the
+  simulator's bursts moved it back and forth 8-10 times where 3-5 scales did), and (b) holds instead of adding devices seen not to lower
   the signal to `FEWER_BETTER_BY` of it, or, where the next count was never seen, when the
   devices added last did not lower TPOT by that margin at this load (ScaleUpWouldNotHelp).
   TTFT and queueing keep x N/n, so a breach of those still adds devices.
@@ -170,6 +171,8 @@ class State:
     # p90 TPOT seen per active device count: ((batch per device, seconds, when last seen), ...)
     # ascending by batch
     tpot_seen: Mapping[int, tuple[tuple[float, float, float], ...]] = dataclasses.field(default_factory=dict)
+    # since when every evaluation found fewer devices faster (FewerDevicesFaster waits one metrics window)
+    fewer_since: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -477,11 +480,14 @@ def decide(obs: Observation, state: State, cfg: Config, now: float) -> tuple[Dec
             # Fewer devices that step faster: go there now (a move for the SLO: it starts a cooldown).
             known = [(seen_by(n, profile=False), n) for n in range(max(cfg.min_devices, 1), current)
                      if tpot_factor(cfg, state, obs, current, n, profile=False) is not None]
-            if known and min(known)[0] <= FEWER_BETTER_BY * smoothed:
+            faster = bool(known) and min(known)[0] <= FEWER_BETTER_BY * smoothed
+            since = (state.fewer_since if state.fewer_since is not None else now) if faster else None
+            state = dataclasses.replace(state, fewer_since=since)
+            if faster and now - since >= cfg.settle_s:
                 there, target = min(known)
                 f = tpot_factor(cfg, state, obs, current, target, profile=False)
                 state = dataclasses.replace(state, last_up_at=now, recommendations=((now, target),),
-                                            recommended_at=current)
+                                            recommended_at=current, fewer_since=None)
                 reason = (f"SLO signal {smoothed:.2f} ({what}) above {cfg.up_threshold:.2f}, and {_devices(target)} "
                           f"would see {there:.2f}: at {obs.decoding:.0f} sequences decoding, TPOT "
                           f"{_tpot_text(f, current, target)}: {current} -> {target} devices")

@@ -232,7 +232,11 @@ def test_devices_that_share_cores_are_not_added_once_seen_to_make_tpot_worse():
     assert ("at 48 sequences decoding, TPOT 1 device 24 ms, 2 devices 44 ms (p90 seen): 2 devices would not "
             "lower it by 20%: holding 1 device") in d.reason, d.reason
     seen = policy.State(tpot_seen={1: ((40.0, 0.013, 0.0),), 2: ((20.0, 0.025, 0.0),)})
-    d, _ = policy.decide(obs(0, 2, ttft=0.05, tpot=0.025, decoding=40), seen, cfg, now=0)
+    d, seen = policy.decide(obs(0, 2, ttft=0.05, tpot=0.025, decoding=40), seen, cfg, now=0)
+    assert d.action == policy.HOLD, "fewer devices are gone to once a whole metrics window agrees"
+    d, seen = policy.decide(obs(5, 2, ttft=0.05, tpot=0.025, decoding=40), seen, cfg, now=5)
+    assert d.action == policy.HOLD, d.reason
+    d, _ = policy.decide(obs(10, 2, ttft=0.05, tpot=0.025, decoding=40), seen, cfg, now=10)
     assert d.reason.endswith("above 0.80, and 1 device would see 0.65: at 40 sequences decoding, TPOT 2 devices "
                              "25 ms, 1 device 13 ms (p90 seen): 2 -> 1 devices"), d.reason
     # learning off: the old climb to the maximum
@@ -245,8 +249,8 @@ def test_what_was_seen_is_forgotten_after_60_windows_and_tried_again():
     cfg = policy.Config(min_devices=1, max_devices=4, ttft_p90_s=2.0, tpot_p90_s=0.020, step=1,
                         scale_up_cooldown_s=10, scale_down_stabilization_s=60, settle_s=10)
     changes, _ = _run(cfg, {1: 0.024, 2: 0.044, 3: 0.052, 4: 0.060}, decoding=48, until=1300)
-    assert [(t, a, b) for t, a, b, _ in changes] == [(0, 1, 2), (15, 2, 1), (620, 1, 2), (635, 2, 1),
-                                                     (1240, 1, 2), (1255, 2, 1)], changes
+    assert [(t, a, b) for t, a, b, _ in changes] == [(0, 1, 2), (25, 2, 1), (630, 1, 2), (655, 2, 1),
+                                                     (1260, 1, 2), (1285, 2, 1)], changes
 
 
 def test_a_device_that_lowers_tpot_by_less_than_the_margin_is_not_added():
