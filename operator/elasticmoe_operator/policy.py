@@ -341,10 +341,10 @@ def learn(state: State, from_devices: int, to_devices: int, seconds: float, weig
 
 
 def _tpot_text(f: tuple[float, str, float, float], a: int, b: int) -> str:
-    """"1 device 24 ms, 2 devices 44 ms (p90 seen)" from a `tpot_factor` of a -> b."""
-    _, source, here, there = f
-    how = "p90 seen" if source == "seen" else "the profile's decode step"
-    return f"{_devices(a)} {here * 1000:.0f} ms, {_devices(b)} {there * 1000:.0f} ms ({how})"
+    """"1 device 24 ms, 2 devices 44 ms (p90 seen)" from a seen `tpot_factor` of a -> b (the
+    breach rules use no other)."""
+    _, _, here, there = f
+    return f"{_devices(a)} {here * 1000:.0f} ms, {_devices(b)} {there * 1000:.0f} ms (p90 seen)"
 
 
 def _devices(n: int) -> str:
@@ -477,15 +477,15 @@ def decide(obs: Observation, state: State, cfg: Config, now: float) -> tuple[Dec
         state = recommend(max(current, bounded), state)
         cooling = state.last_up_at is not None and now - state.last_up_at < cfg.scale_up_cooldown_s
         if "tpot" in ratios and pending is None and obs.warming == 0 and not cooling:
-            # Fewer devices that step faster: go there now (a move for the SLO: it starts a cooldown).
-            known = [(seen_by(n, profile=False), n) for n in range(max(cfg.min_devices, 1), current)
-                     if tpot_factor(cfg, state, obs, current, n, profile=False) is not None]
+            # Fewer devices seen to step faster for a whole metrics window: go there (a move for the
+            # SLO: it starts a cooldown).
+            known = [(seen_by(n, profile=False), n, f) for n in range(max(cfg.min_devices, 1), current)
+                     if (f := tpot_factor(cfg, state, obs, current, n, profile=False)) is not None]
             faster = bool(known) and min(known)[0] <= FEWER_BETTER_BY * smoothed
             since = (state.fewer_since if state.fewer_since is not None else now) if faster else None
             state = dataclasses.replace(state, fewer_since=since)
             if faster and now - since >= cfg.settle_s:
-                there, target = min(known)
-                f = tpot_factor(cfg, state, obs, current, target, profile=False)
+                there, target, f = min(known)
                 state = dataclasses.replace(state, last_up_at=now, recommendations=((now, target),),
                                             recommended_at=current, fewer_since=None)
                 reason = (f"SLO signal {smoothed:.2f} ({what}) above {cfg.up_threshold:.2f}, and {_devices(target)} "

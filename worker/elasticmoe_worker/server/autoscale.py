@@ -197,7 +197,7 @@ class Autoscaler:
                     f"{c.stabilization_ready_multiple:g} x the measured time of a scale back up, within "
                     f"[{c.settle_s:g}, {c.scale_down_stabilization_s:g}] s" if c.stabilization_ready_multiple > 0
                     else f"{c.scale_down_stabilization_s:g} s",
-                    (f"TPOT of other counts projected by the measured decode steps of {sorted(c.decode_step_s)} "
+                    (f"TPOT of fewer devices projected by the measured decode steps of {sorted(c.decode_step_s)} "
                      f"device(s)" if c.decode_step_s else "every latency of fewer devices projected x devices/fewer")
                     + ("; the TPOT seen at each count is learned and acted on" if c.learn_tpot else ""))
         self._thread = threading.Thread(target=self._run, name="autoscaler", daemon=True)
